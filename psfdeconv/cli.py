@@ -1,0 +1,341 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The ``psfdeconv`` command line.
+
+Subcommands: ``simulate`` (GalSim training/test stamps), ``train`` (fit
+and calibrate a network), ``evaluate`` (metrics and baselines on
+simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example)
+and ``info`` (versions and models).
+
+Exit codes: 0 success, 2 usage error, 3 bad input data, 4 model file
+problem, 5 output exists without ``--overwrite``, 6 partial batch failure.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .exceptions import PSFDeconvError
+
+__all__ = ['main']
+
+log = logging.getLogger('psfdeconv')
+
+EXAMPLE_STAMPS = Path(__file__).parent / 'data' / 'example_stamps.h5'
+
+
+def _progress_wanted(args):
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _cmd_simulate(args):
+    from .simulate import SimulationConfig, write_simulation
+
+    config = (SimulationConfig.from_json(args.config) if args.config
+              else SimulationConfig())
+    path = write_simulation(args.out, args.n, config=config, seed=args.seed,
+                            n_workers=args.workers, overwrite=args.overwrite,
+                            progress=_progress_wanted(args))
+    log.info('wrote %d objects (seed %d) to %s', args.n, args.seed, path)
+    return 0
+
+
+def _cmd_train(args):
+    import numpy as np
+
+    from .deconvolve import calibrate_flux_bias
+    from .model import DeconvolutionModel, save_model
+    from .simulate import SimulationFile
+    from .train import TrainConfig, split_indices, train_model
+
+    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    for key in ('epochs', 'batch_size', 'seed', 'max_minutes',
+                'validation_fraction', 'max_train_objects', 'dtype_policy',
+                'patience'):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    if args.kinds:
+        values['kinds'] = args.kinds.split(',')
+    config = TrainConfig.from_dict(values)
+    out = Path(args.out)
+    model_path = out / f'{args.name}.keras'
+    if model_path.exists() and not args.overwrite:
+        from .exceptions import OutputExistsError
+        raise OutputExistsError(f'{model_path} exists; pass --overwrite to '
+                                f'replace it.')
+
+    keras_model, card = train_model(args.sims, out, config=config,
+                                    resume=args.resume,
+                                    verbose=1 if _progress_wanted(args)
+                                    else 2)
+    card['name'] = args.name
+    model = DeconvolutionModel(keras_model, card)
+    # The flux-bias correction and the card's metrics come from the
+    # validation objects, which the weights never trained on.
+    with SimulationFile(args.sims) as sims:
+        _, val_idx = split_indices(len(sims),
+                                   validation_fraction=config.validation_fraction,
+                                   seed=config.seed)
+        val = {key: sims[key][val_idx] for key in
+               ('observed', 'psf', 'pixel_scale', 'truth', 'is_blank')}
+    card['flux_bias'] = calibrate_flux_bias(
+        model, val['observed'], val['psf'], val['pixel_scale'], val['truth'])
+    card['metrics'] = _validation_metrics(model, val)
+    card['pixel_scale_range'] = card['training']['simulation_config'][
+        'pixel_scale_range']
+    card['psf_fwhm_range_arcsec'] = card['training']['simulation_config'][
+        'psf_fwhm_range']
+    card['n_validation_objects'] = int(np.size(val_idx))
+    card = save_model(keras_model, model_path, card,
+                      overwrite=args.overwrite)
+    log.info('wrote %s (weights SHA-256 %s)', model_path,
+             card['weights_sha256'])
+    print(json.dumps(card['metrics'], indent=2))
+    return 0
+
+
+def _validation_metrics(model, val):
+    """Mean and RMS of moment differences on non-blank validation objects."""
+    import numpy as np
+
+    from .deconvolve import deconvolve_stamps
+    from .measure import image_moments
+
+    images = deconvolve_stamps(val['observed'], val['psf'],
+                               pixel_scale=val['pixel_scale'], model=model)
+    source = ~val['is_blank']
+    truth = image_moments(val['truth'][source])
+    pred = image_moments(images[source])
+    metrics = {}
+    for key in ('e1', 'e2', 'e'):
+        diff = pred[key] - truth[key]
+        metrics[key] = _mean_rms(diff)
+    for key in ('flux', 'size'):
+        diff = 100.0 * (pred[key] / truth[key] - 1.0)
+        metrics[f'{key}_percent'] = _mean_rms(diff)
+    metrics['centroid_pixels'] = _mean_rms(np.hypot(pred['x'] - truth['x'],
+                                                    pred['y'] - truth['y']))
+    metrics['n_objects'] = int(source.sum())
+    return metrics
+
+
+def _mean_rms(values):
+    import numpy as np
+
+    values = values[np.isfinite(values)]
+    return {'mean': round(float(values.mean()), 5),
+            'rms': round(float(np.sqrt((values ** 2).mean())), 5)}
+
+
+def _cmd_evaluate(args):
+    from .evaluate import evaluate_simulation
+
+    results = evaluate_simulation(
+        args.sims, model=_load(args.model), n_objects=args.n,
+        baselines=args.baselines.split(',') if args.baselines else (),
+        report_dir=args.report, overwrite=args.overwrite)
+    print(results['summary_text'])
+    return 0
+
+
+def _load(path):
+    from .model import load_model
+
+    return load_model(path)
+
+
+def _cmd_deconvolve(args):
+    import numpy as np
+
+    from .deconvolve import deconvolve_stamps
+    from .io import check_writable
+    from .measure import image_moments
+    from .simulate import read_simulation
+
+    source = EXAMPLE_STAMPS if args.example else args.stamps
+    if source is None:
+        raise PSFDeconvError('give --example or --stamps FILE.')
+    if args.out:
+        check_writable(args.out, overwrite=args.overwrite)
+    sims = read_simulation(source)
+    model = _load(args.model)
+    images, details = deconvolve_stamps(
+        sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+        model=model, return_details=True)
+    n = len(images)
+    print(f'deconvolved {n} stamps of {images.shape[1]} bands with '
+          f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
+    if 'truth' in sims:
+        source = ~sims['is_blank']
+        truth = image_moments(sims['truth'][source])
+        rows = {'observed': image_moments(sims['observed'][source]),
+                'deconvolved': image_moments(images[source])}
+        print(f'{source.sum()} galaxies: RMS of (measured - truth), '
+              f'unweighted moments, all bands')
+        print(f'{"":12s} {"e1":>8s} {"e2":>8s} {"size %":>8s} '
+              f'{"flux %":>8s}')
+        for name, moments in rows.items():
+            values = [np.sqrt(np.nanmean((moments[k] - truth[k]) ** 2))
+                      for k in ('e1', 'e2')]
+            values += [np.sqrt(np.nanmean((100 * (moments[k] / truth[k] - 1))
+                                          ** 2)) for k in ('size', 'flux')]
+            print(f'{name:12s} ' + ' '.join(f'{v:8.3f}' for v in values))
+    if args.out:
+        _write_deconvolved(args.out, images, details, sims,
+                           overwrite=args.overwrite)
+        print(f'wrote {args.out}')
+    return 0
+
+
+def _write_deconvolved(path, images, details, sims, *, overwrite):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from .io import atomic_path
+
+    table = Table()
+    n_bands = images.shape[1]
+    for key in ('flux', 'flux_err', 'flux_corrected', 'amplitude'):
+        for b in range(n_bands):
+            table[f'{key}_{b}'] = details[key][:, b]
+    table['pixel_scale'] = sims['pixel_scale']
+    hdul = fits.HDUList([fits.PrimaryHDU(),
+                         fits.ImageHDU(images, name='DECONVOLVED'),
+                         fits.BinTableHDU(table, name='FLUXES')])
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        hdul.writeto(tmp, overwrite=True)
+
+
+def _cmd_info(args):
+    import importlib.metadata
+
+    from . import __version__
+    from .model import default_model_path, file_sha256, weights_sha256
+
+    print(f'psfdeconv {__version__}')
+    for name in ('numpy', 'astropy', 'photutils', 'galsim', 'keras',
+                 'tensorflow', 'tensorflow-cpu', 'h5py'):
+        try:
+            print(f'  {name} {importlib.metadata.version(name)}')
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    paths = [Path(args.model)] if args.model else sorted(
+        default_model_path().parent.glob('*.keras'))
+    for path in paths:
+        card_path = path.with_suffix('.json')
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        ok = (card.get('weights_sha256') == weights_sha256(path)
+              if card else None)
+        print(f'model {path}')
+        print(f'  weights SHA-256 {card.get("weights_sha256")} '
+              f'({"verified" if ok else "NOT verified" if card else "no card"})')
+        print(f'  file SHA-256 {file_sha256(path)}')
+        for key in ('input_kinds', 'n_bands', 'stamp_size',
+                    'pixel_scale_range', 'psf_fwhm_range_arcsec', 'metrics'):
+            if key in card:
+                print(f'  {key}: {json.dumps(card[key])}')
+    return 0
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog='psfdeconv',
+        description='Deconvolve the PSF from multi-band galaxy stamps with a '
+                    'convolutional autoencoder (arXiv:2310.19605).',
+        epilog='examples:\n'
+               '  psfdeconv deconvolve --example\n'
+               '  psfdeconv simulate --n 20000 --seed 1 --out train.h5\n'
+               '  psfdeconv train train.h5 --out run/ --epochs 20\n'
+               '  psfdeconv evaluate test.h5 --model run/model.keras '
+               '--report report/',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-v', '--verbose', action='store_true',
+                        help='log debugging information')
+    parser.add_argument('-q', '--quiet', action='store_true',
+                        help='only warnings and errors, no progress bars')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('simulate', help='simulate training/test stamps',
+                       description='Simulate GalSim multi-band stamps to an '
+                                   'HDF5 file (config and seed stored in it).')
+    p.add_argument('--n', type=int, required=True, help='number of objects')
+    p.add_argument('--seed', type=int, default=0, help='seed of the run')
+    p.add_argument('--config', help='JSON file of SimulationConfig values')
+    p.add_argument('--workers', type=int, default=None,
+                   help='worker processes (default: all CPUs)')
+    p.add_argument('--out', required=True, help='output .h5 file')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser('train', help='train and calibrate a model',
+                       description='Train the network on a simulation file; '
+                                   'writes OUT/NAME.keras and its card '
+                                   'OUT/NAME.json, checkpoints each epoch.')
+    p.add_argument('sims', help='simulation .h5 file')
+    p.add_argument('--out', required=True, help='output directory')
+    p.add_argument('--name', default='model', help='model file name stem')
+    p.add_argument('--config', help='JSON file of TrainConfig values')
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--batch-size', type=int)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--kinds', help='comma-separated subset of psf,ipsf,ipsf1')
+    p.add_argument('--max-minutes', type=float,
+                   help='stop (after checkpointing) after this many minutes')
+    p.add_argument('--validation-fraction', type=float)
+    p.add_argument('--max-train-objects', type=int)
+    p.add_argument('--patience', type=int)
+    p.add_argument('--dtype-policy', choices=('float32', 'mixed_bfloat16'))
+    p.add_argument('--resume', action='store_true',
+                   help='continue from OUT/checkpoint.keras')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser('evaluate', help='metrics and baselines on simulations',
+                       description='Evaluate a model and classical baselines '
+                                   'on simulated stamps with known truth.')
+    p.add_argument('sims', help='simulation .h5 file (not used in training)')
+    p.add_argument('--model', help='model .keras file (default: shipped)')
+    p.add_argument('--n', type=int, help='use the first N objects')
+    p.add_argument('--baselines', default='observed,wiener,richardson_lucy',
+                   help='comma-separated baselines (empty for none)')
+    p.add_argument('--report', help='directory for the report tables')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser('deconvolve', help='deconvolve stamps',
+                       description='Deconvolve the stamps of a simulation '
+                                   'file (or the bundled example) and print '
+                                   'shape metrics when the truth is known.')
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument('--example', action='store_true',
+                       help='the bundled example stamps')
+    group.add_argument('--stamps', help='simulation .h5 file')
+    p.add_argument('--model', help='model .keras file (default: shipped)')
+    p.add_argument('--out', help='write the images and fluxes to this FITS')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_deconvolve)
+
+    p = sub.add_parser('info', help='versions and models')
+    p.add_argument('--model', help='a model .keras file to describe')
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    level = (logging.DEBUG if args.verbose else
+             logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format='%(levelname)s: %(message)s')
+    try:
+        return args.func(args)
+    except PSFDeconvError as exc:
+        print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)
+        return exc.exit_code or 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

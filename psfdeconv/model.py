@@ -1,0 +1,386 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The deconvolution network, its model card, and safe loading.
+
+The architecture is the convolutional autoencoder of the paper (section
+III.2, Fig. 1): three encoder levels of Conv2D -> LeakyReLU -> 2x2
+max-pooling -> batch normalisation with 64, 128 and 256 filters, a mirror
+decoder of transposed convolutions with 2x2 upsampling, and a softplus
+convolution giving one output channel per band. Only standard Keras layers
+are used, so a saved ``.keras`` file loads with ``safe_mode=True`` on any
+Keras backend.
+
+A model ships as two files: ``<name>.keras`` and ``<name>.json``, the
+model card (architecture, input kinds, bands, stamp size, training data
+and seed, metrics, the flux-bias correction and SHA-256 checksums). Keras
+reports corrupt files as "file not found", so `load_model` checks the
+file itself (existence, zip structure, checksums, architecture) before
+Keras sees it and raises `~psfdeconv.exceptions.ModelFileError` with the
+real reason.
+
+Keras and TensorFlow are imported only when a model is built or loaded.
+"""
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .exceptions import BandCountError, ConfigError, ModelFileError
+
+__all__ = ['build_cae', 'DeconvolutionModel', 'load_model', 'save_model',
+           'default_model_path', 'weights_sha256', 'file_sha256',
+           'MODEL_CARD_VERSION']
+
+MODEL_CARD_VERSION = 1
+DEFAULT_MODEL_NAME = 'cae_psf_ipsf_ipsf1'
+_WEIGHTS_MEMBER = 'model.weights.h5'
+
+
+def _keras():
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    import keras
+
+    return keras
+
+
+def build_cae(input_shape=(64, 64, 9), *, n_outputs=3,
+              filters=(64, 128, 256), kernel_size=3, negative_slope=0.2):
+    """Build the paper's convolutional autoencoder (uncompiled).
+
+    Parameters
+    ----------
+    input_shape : tuple of int, optional
+        ``(ny, nx, n_channels)``; ny and nx must be divisible by
+        ``2 ** len(filters)``.
+    n_outputs : int, optional
+        Output channels (bands).
+    filters : tuple of int, optional
+        Filters per encoder level (the decoder mirrors them).
+    kernel_size : int, optional
+        Convolution kernel size (3x3 in psfdeconv; stripped in the paper).
+    negative_slope : float, optional
+        LeakyReLU slope for negative inputs.
+
+    Returns
+    -------
+    `keras.Model`
+
+    Examples
+    --------
+    >>> from psfdeconv.model import build_cae
+    >>> model = build_cae((64, 64, 9))  # doctest: +IGNORE_OUTPUT
+    >>> model.count_params()
+    1338499
+    """
+    keras = _keras()
+    layers = keras.layers
+    ny, nx = input_shape[:2]
+    factor = 2 ** len(filters)
+    if ny % factor or nx % factor:
+        raise ConfigError(f'stamp shape {(ny, nx)} must be divisible by '
+                          f'{factor} for {len(filters)} pooling levels.')
+    inputs = keras.Input(shape=tuple(input_shape), name='cube')
+    x = inputs
+    for level, f in enumerate(filters):
+        x = layers.Conv2D(f, kernel_size, padding='same',
+                          name=f'encoder{level}_conv')(x)
+        x = layers.LeakyReLU(negative_slope=negative_slope,
+                             name=f'encoder{level}_act')(x)
+        x = layers.MaxPooling2D(2, padding='same',
+                                name=f'encoder{level}_pool')(x)
+        x = layers.BatchNormalization(name=f'encoder{level}_bn')(x)
+    for level, f in enumerate(reversed(filters)):
+        x = layers.Conv2DTranspose(f, kernel_size, padding='same',
+                                   name=f'decoder{level}_conv')(x)
+        x = layers.LeakyReLU(negative_slope=negative_slope,
+                             name=f'decoder{level}_act')(x)
+        x = layers.UpSampling2D(2, name=f'decoder{level}_up')(x)
+        x = layers.BatchNormalization(name=f'decoder{level}_bn')(x)
+    outputs = layers.Conv2D(n_outputs, kernel_size, padding='same',
+                            activation='softplus', dtype='float32',
+                            name='output')(x)
+    return keras.Model(inputs, outputs, name='cae')
+
+
+def file_sha256(path):
+    """SHA-256 hex digest of a whole file."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path):
+    """SHA-256 of the weights member of a ``.keras`` file.
+
+    The whole file's digest changes at every save (its metadata holds the
+    date), so the weights member is the model's identity.
+    """
+    with zipfile.ZipFile(path) as archive:
+        return hashlib.sha256(archive.read(_WEIGHTS_MEMBER)).hexdigest()
+
+
+def default_model_path():
+    """Path of the shipped default model (``psfdeconv/data/``)."""
+    return Path(__file__).parent / 'data' / f'{DEFAULT_MODEL_NAME}.keras'
+
+
+def _card_path(model_path):
+    return Path(model_path).with_suffix('.json')
+
+
+def _check_model_file(path, card):
+    """Everything Keras would misreport, checked before it sees the file."""
+    if not path.exists():
+        raise ModelFileError(f'model file {path} does not exist; give the '
+                             f'path of a .keras file made by `psfdeconv '
+                             f'train`, or omit it to use the shipped model.')
+    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+        raise ModelFileError(f'model file {path} is not a .keras (zip) '
+                             f'archive: it is truncated or corrupt; '
+                             f'download or retrain it.')
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f'model file {path} is corrupt ({exc}); '
+                             f'download or retrain it.') from None
+    if bad is not None:
+        raise ModelFileError(f'model file {path} is corrupt: member {bad!r} '
+                             f'fails its CRC check; download or retrain it.')
+    missing = {'config.json', _WEIGHTS_MEMBER} - names
+    if missing:
+        raise ModelFileError(f'model file {path} lacks {sorted(missing)}; it '
+                             f'is not a Keras 3 .keras model.')
+    expected = card.get('weights_sha256')
+    if expected:
+        actual = weights_sha256(path)
+        if actual != expected:
+            raise ModelFileError(
+                f'model weights in {path} have SHA-256 {actual}, but its '
+                f'card {_card_path(path)} records {expected}: the file was '
+                f'modified or belongs to another card.')
+
+
+class DeconvolutionModel:
+    """A trained network together with its model card.
+
+    Use `load_model` to get one. The Keras model is loaded on first use.
+
+    Parameters
+    ----------
+    keras_model : `keras.Model`
+        The network.
+    card : dict
+        The model card (see `save_model`).
+    path : `~pathlib.Path`, optional
+        Where it was loaded from.
+    """
+
+    def __init__(self, keras_model, card, path=None):
+        self.keras_model = keras_model
+        self.card = card
+        self.path = path
+
+    @property
+    def kinds(self):
+        """Input channel kinds, e.g. ``('psf', 'ipsf', 'ipsf1')``."""
+        return tuple(self.card['input_kinds'])
+
+    @property
+    def n_bands(self):
+        """Number of bands the model was trained for."""
+        return int(self.card['n_bands'])
+
+    @property
+    def stamp_size(self):
+        """Stamp side in pixels."""
+        return int(self.card['stamp_size'])
+
+    @property
+    def feature_options(self):
+        """Keyword arguments of `~psfdeconv.features.make_cube`."""
+        return dict(self.card.get('features', {}))
+
+    @property
+    def sha256(self):
+        """SHA-256 of the weights (the model's identity)."""
+        return self.card.get('weights_sha256')
+
+    def check_bands(self, n_bands):
+        """Raise `~psfdeconv.exceptions.BandCountError` unless ``n_bands``
+        matches the model."""
+        if n_bands != self.n_bands:
+            raise BandCountError(
+                f'the data have {n_bands} band(s) but the model '
+                f'{self.path or ""} was trained for {self.n_bands}; give '
+                f'{self.n_bands} bands or a model trained for {n_bands}.')
+
+    def predict(self, cubes, *, batch_size=128):
+        """Run the network on input cubes.
+
+        Parameters
+        ----------
+        cubes : `~numpy.ndarray`
+            Shape (n, ny, nx, n_channels) from `~psfdeconv.features.make_cube`.
+        batch_size : int, optional
+            Objects per forward pass.
+
+        Returns
+        -------
+        `~numpy.ndarray`
+            Shape (n, n_bands, ny, nx), float32, in the scaled units.
+        """
+        out = np.empty((cubes.shape[0], self.n_bands) + cubes.shape[1:3],
+                       dtype=np.float32)
+        for start in range(0, cubes.shape[0], batch_size):
+            batch = cubes[start:start + batch_size]
+            pred = np.asarray(self.keras_model(batch, training=False))
+            out[start:start + batch_size] = pred.transpose(0, 3, 1, 2)
+        return out
+
+    def __repr__(self):
+        return (f'<DeconvolutionModel {self.card.get("name", "?")} '
+                f'kinds={self.kinds} bands={self.n_bands} '
+                f'sha256={str(self.sha256)[:12]}>')
+
+
+def load_model(path=None, *, verify=True):
+    """Load a deconvolution model and its card, checking the file first.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`, optional
+        A ``.keras`` file with its ``.json`` card beside it; the shipped
+        default model if `None`.
+    verify : bool, optional
+        Check the weights' SHA-256 against the card.
+
+    Returns
+    -------
+    `DeconvolutionModel`
+
+    Raises
+    ------
+    `~psfdeconv.exceptions.ModelFileError`
+        If the file is missing, not a zip archive, corrupt, modified
+        (checksum), unsafe (e.g. a ``Lambda`` layer) or not a psfdeconv
+        network.
+
+    Examples
+    --------
+    >>> import psfdeconv
+    >>> model = psfdeconv.load_model()
+    >>> model.kinds, model.n_bands, model.stamp_size
+    (('psf', 'ipsf', 'ipsf1'), 3, 64)
+    """
+    path = default_model_path() if path is None else Path(path)
+    card_path = _card_path(path)
+    card = {}
+    if card_path.exists():
+        try:
+            card = json.loads(card_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f'model card {card_path} is not valid JSON '
+                                 f'({exc}); restore it from the model '
+                                 f'release.') from None
+    elif path == default_model_path():
+        raise ModelFileError(f'the shipped model card {card_path} is missing;'
+                             f' reinstall psfdeconv.')
+    _check_model_file(path, card if verify else {})
+
+    keras = _keras()
+    try:
+        keras_model = keras.saving.load_model(path, compile=False,
+                                              safe_mode=True)
+    except ValueError as exc:
+        if 'safe_mode' in str(exc) or 'Lambda' in str(exc):
+            raise ModelFileError(
+                f'model file {path} contains code (e.g. a Lambda layer) '
+                f'that is refused for safety: {exc}') from None
+        raise ModelFileError(f'model file {path} cannot be loaded by Keras: '
+                             f'{exc}') from None
+    except Exception as exc:  # Keras raises many types on bad configs
+        raise ModelFileError(f'model file {path} cannot be loaded by Keras '
+                             f'({type(exc).__name__}: {exc}).') from None
+
+    if not card:
+        card = _card_from_keras(keras_model)
+    _check_architecture(keras_model, card, path)
+    card.setdefault('weights_sha256', weights_sha256(path))
+    return DeconvolutionModel(keras_model, card, path=path)
+
+
+def _card_from_keras(keras_model):
+    """A minimal card for a bare .keras file without one (9 channels are
+    taken as the three kinds of the paper's full cube)."""
+    from .features import KINDS
+
+    _, ny, nx, n_channels = keras_model.input_shape
+    n_bands = keras_model.output_shape[-1]
+    n_kinds = n_channels // n_bands
+    return {'name': 'unnamed', 'input_kinds': list(KINDS[-n_kinds:]) if
+            n_kinds < 3 else list(KINDS), 'n_bands': n_bands,
+            'stamp_size': ny, 'flux_bias': None}
+
+
+def _check_architecture(keras_model, card, path):
+    try:
+        _, ny, nx, n_channels = keras_model.input_shape
+        n_out = keras_model.output_shape[-1]
+    except (TypeError, ValueError):
+        raise ModelFileError(f'model file {path} is not an image-to-image '
+                             f'network (input {keras_model.input_shape}).'
+                             ) from None
+    expected_channels = len(card['input_kinds']) * int(card['n_bands'])
+    if (n_channels != expected_channels or n_out != int(card['n_bands'])
+            or ny != int(card['stamp_size'])):
+        raise ModelFileError(
+            f'model file {path} has input {keras_model.input_shape} and '
+            f'output {keras_model.output_shape}, but its card describes '
+            f'{card["n_bands"]} bands x kinds {card["input_kinds"]} on '
+            f'{card["stamp_size"]}-pixel stamps: wrong architecture for '
+            f'this card.')
+
+
+def save_model(keras_model, path, card, *, overwrite=False):
+    """Save a network and its card atomically; fill in the checksums.
+
+    Parameters
+    ----------
+    keras_model : `keras.Model`
+        The network.
+    path : str or `~pathlib.Path`
+        Output ``.keras`` file; the card goes to the same name with
+        ``.json``.
+    card : dict
+        The model card; ``weights_sha256``, ``file_sha256`` and
+        ``card_version`` are set here.
+    overwrite : bool, optional
+        Replace existing files.
+
+    Returns
+    -------
+    dict
+        The card as written.
+    """
+    from .io import atomic_path
+
+    path = Path(path)
+    card = dict(card)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        keras_path = tmp.with_suffix('.keras')
+        keras_model.save(keras_path)
+        os.replace(keras_path, tmp)
+        card['card_version'] = MODEL_CARD_VERSION
+        card['weights_sha256'] = weights_sha256(tmp)
+        card['file_sha256'] = file_sha256(tmp)
+    with atomic_path(_card_path(path), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
+    return card
