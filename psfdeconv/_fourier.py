@@ -20,7 +20,7 @@ __all__ = []
 def padded_shape(image_shape, kernel_shape):
     """Fast FFT grid holding a linear convolution of the two shapes."""
     return tuple(scipy.fft.next_fast_len(int(n + k - 1), real=True)
-                 for n, k in zip(image_shape, kernel_shape))
+                 for n, k in zip(image_shape, kernel_shape, strict=True))
 
 
 def image_fft(images, fft_shape):

@@ -29,11 +29,11 @@ survey's units.
 import numpy as np
 
 from ._fourier import convolve_same
-from .exceptions import InvalidPixelsError, InvalidPSFError, \
-    PixelScaleError, ShapeMismatchError
+from .exceptions import InvalidPixelsError, InvalidPSFError, PixelScaleError, ShapeMismatchError
 
 __all__ = ['deconvolve_stamps', 'refit_amplitude', 'fit_flux_bias',
-           'correct_flux_bias', 'calibrate_flux_bias', 'validate_stamps', 'normalize_psfs',
+           'correct_flux_bias', 'calibrate_flux_bias', 'validate_stamps',
+           'normalize_psfs',
            'estimate_noise_sigma']
 
 
@@ -51,14 +51,20 @@ def validate_stamps(stamps, psfs, pixel_scale):
 
     Raises
     ------
-    `~psfdeconv.exceptions.ShapeMismatchError`, `~psfdeconv.exceptions.InvalidPixelsError`, `~psfdeconv.exceptions.InvalidPSFError`, `~psfdeconv.exceptions.PixelScaleError`
-        With the offending index and value.
+    `~psfdeconv.exceptions.InvalidInputError`
+        The subclass for the problem (`~psfdeconv.exceptions.ShapeMismatchError`,
+        `~psfdeconv.exceptions.InvalidPixelsError`,
+        `~psfdeconv.exceptions.InvalidPSFError`,
+        `~psfdeconv.exceptions.PixelScaleError`), with the offending index
+        and value in its message.
     """
-    stamps = np.asarray(stamps)
+    if np.ma.isMaskedArray(stamps) and np.ma.getmaskarray(stamps).any():
+        raise InvalidPixelsError(
+            f'stamps has {int(np.ma.getmaskarray(stamps).sum())} masked '
+            f'pixel(s); fill them (e.g. with the local background) and flag '
+            f'those objects before deconvolution.')
+    stamps = np.asarray(np.ma.getdata(stamps))
     psfs = np.asarray(psfs)
-    if np.ma.isMaskedArray(stamps):
-        raise InvalidPixelsError('stamps is a masked array; fill or flag '
-                                 'masked pixels before deconvolution.')
     if stamps.ndim != 4:
         raise ShapeMismatchError(f'stamps must have shape (n, n_bands, ny, '
                                  f'nx), got {stamps.shape}.')
@@ -429,4 +435,4 @@ def _warn_outside_training_range(model, pixel_scale):
             f'{int(outside.sum())} stamp(s) have pixel scales outside the '
             f'trained range [{low}, {high}] arcsec/pixel (e.g. '
             f'{pixel_scale[outside][0]:.3f}); results there are '
-            f'extrapolations.', OutsideTrainingRangeWarning)
+            f'extrapolations.', OutsideTrainingRangeWarning, stacklevel=3)

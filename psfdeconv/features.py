@@ -27,8 +27,7 @@ zero-padded FFTs, so a whole batch costs a few FFTs.
 
 import numpy as np
 
-from ._fourier import gaussian_fft, image_fft, inverse_fft, kernel_fft, \
-    padded_shape
+from ._fourier import gaussian_fft, image_fft, inverse_fft, kernel_fft, padded_shape
 
 __all__ = ['KINDS', 'make_channels', 'make_cube', 'cube_scale',
            'inverse_filter_fft']

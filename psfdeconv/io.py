@@ -61,6 +61,9 @@ def atomic_path(path, *, overwrite=False):
         yield tmp_path
         # Check again: another process may have written it meanwhile.
         check_writable(path, overwrite=overwrite)
+        # mkstemp makes owner-only files; give the usual permissions.
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -90,7 +90,7 @@ class SimulationConfig:
     half_light_radius_range: tuple = (0.15, 0.8)
     #: Largest disk half-light radius in pixels (keeps galaxies on the stamp).
     max_half_light_radius_pixels: float = 7.0
-    #: Disk ellipticity |e| range (distortion, (a^2-b^2)/(a^2+b^2)).
+    #: Disk ellipticity ``|e|`` range (distortion, (a^2-b^2)/(a^2+b^2)).
     ellipticity_range: tuple = (0.0, 0.7)
     #: Bulge flux fraction range.
     bulge_fraction_range: tuple = (0.0, 0.6)
@@ -244,7 +244,7 @@ def _galaxy_profile(rng, config, half_light_radius):
     phi = rng.uniform(0.0, 2.0 * np.pi, n_knots)
     weights = rng.dirichlet(np.ones(n_knots)) * knots_flux
     knot_sigma = config.knot_size_ratio * half_light_radius
-    for r, p, w in zip(radius, phi, weights):
+    for r, p, w in zip(radius, phi, weights, strict=True):
         parts.append(galsim.Gaussian(sigma=knot_sigma, flux=w).shift(
             r * np.cos(p), r * np.sin(p)))
     disk = galsim.Add(parts).shear(e=disk_e, beta=angle)
@@ -332,7 +332,7 @@ def _chunk_plan(n_objects, seed):
     if n_objects % _CHUNK_SIZE:
         sizes.append(n_objects % _CHUNK_SIZE)
     children = np.random.SeedSequence(seed).spawn(len(sizes))
-    return list(zip(sizes, children))
+    return list(zip(sizes, children, strict=True))
 
 
 def _iter_chunks(n_objects, config, seed, n_workers):
@@ -387,7 +387,7 @@ def simulate_stamps(n_objects, *, config=None, seed=0, n_workers=1):
 
 
 def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
-                     overwrite=False, progress=False):
+                     overwrite=False, progress=False, compression=None):
     """Simulate stamps and write them to an HDF5 file, chunk by chunk.
 
     The file holds one dataset per field of ``SIMULATION_FIELDS`` (chunked
@@ -412,6 +412,9 @@ def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
         Replace an existing file.
     progress : bool, optional
         Show a progress bar.
+    compression : {None, 'gzip', 'lzf'}, optional
+        HDF5 compression of the datasets (noise compresses poorly; worth
+        it for small shipped files only).
 
     Returns
     -------
@@ -455,7 +458,8 @@ def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
                         h5.create_dataset(
                             key, shape=(n_objects,) + value.shape[1:],
                             dtype=value.dtype,
-                            chunks=(min(64, n_objects),) + value.shape[1:])
+                            chunks=(min(64, n_objects),) + value.shape[1:],
+                            compression=compression)
                         h5[key].attrs['description'] = SIMULATION_FIELDS[key]
                     h5[key][start:stop] = value
                 start = stop

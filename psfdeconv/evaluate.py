@@ -1,0 +1,1346 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Metrics, classical baselines and the paper's evaluation tables.
+
+* Image quality: `image_quality` (PSNR and SSIM of Table 1, paper-spec
+  5.4).
+* Moments: `moment_differences` and `summarize_differences` (Table 2,
+  paper-spec 5.1-5.2).
+* Shear response: `ellipticity_correlation` (C_PSF and C_true of Fig. 7,
+  paper-spec 5.3).
+* Detection: `flux_bin_edges`, `flux_classes`, `confusion_matrix` and
+  `classification_summary` (Table 3, paper-spec 5.5).
+* Baselines: `wiener_deconvolve` and `richardson_lucy_deconvolve`.
+* Everything at once: `evaluate_predictions` and `write_report`.
+
+Images are arrays of shape ``(n, n_bands, ny, nx)`` (channel first); PSFs
+are odd-sized, centred arrays of shape ``(n, n_bands, py, px)``.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.table import QTable
+
+from ._fourier import convolve_same, kernel_fft
+from .exceptions import (
+    ConfigError,
+    InvalidInputError,
+    InvalidPSFError,
+    OutputExistsError,
+    ShapeMismatchError,
+)
+from .measure import _as_image_array, _band_names, _object_pixel_scale, image_moments, snr
+
+__all__ = [
+    'image_quality',
+    'moment_differences',
+    'summarize_differences',
+    'ellipticity_correlation',
+    'flux_bin_edges',
+    'flux_classes',
+    'confusion_matrix',
+    'classification_summary',
+    'wiener_deconvolve',
+    'richardson_lucy_deconvolve',
+    'evaluate_predictions',
+    'write_report',
+    'baseline_predictions',
+    'evaluate_simulation',
+]
+
+# Table 2 row order (paper-spec 5.2) and the unit of each difference.
+_QUANTITIES = ('flux', 'x', 'y', 'e1', 'e2', 'e', 'size')
+_DIFFERENCE_UNITS = {'flux': u.percent, 'x': u.pix, 'y': u.pix,
+                     'e1': u.one, 'e2': u.one, 'e': u.one, 'size': u.percent}
+_DIFFERENCE_DESCRIPTIONS = {
+    'flux': '100 (M0_pred - M0_true) / M0_true',
+    'x': 'x_pred - x_true (centroid, pixels)',
+    'y': 'y_pred - y_true (centroid, pixels)',
+    'e1': 'e1_pred - e1_true',
+    'e2': 'e2_pred - e2_true',
+    'e': '|e|_pred - |e|_true',
+    'size': '100 (size_pred - size_true) / size_true',
+}
+_CLASS_NAMES = ('blank', 'low', 'medium', 'high')
+
+# Stamps per FFT block: bounds the memory of the padded transforms
+# (~70 MB per complex array for 64x64 stamps).
+_FFT_BLOCK = 512
+
+# Richardson-Lucy works on stamps scaled to unit peak; the pedestal added
+# after lifting the minimum to zero keeps every pixel strictly positive.
+_RL_PEDESTAL = 1e-4
+
+
+def _check_4d(images, name):
+    data, _ = _as_image_array(images, name)
+    if data.ndim != 4:
+        msg = (f'{name} must have shape (n, n_bands, ny, nx), got '
+               f'{data.shape}; add a band axis with {name}[:, None] for '
+               f'single-band stamps.')
+        raise ShapeMismatchError(msg)
+    return data
+
+
+def image_quality(truth, prediction):
+    """PSNR and SSIM of each object, on images scaled by the truth peak.
+
+    Both images of an object are divided by the maximum of its truth
+    (over bands and pixels), so that the truth lies in [0, 1], and
+    compared with `skimage.metrics.peak_signal_noise_ratio` and
+    `skimage.metrics.structural_similarity` with ``data_range=1.0``
+    (paper-spec 5.4; the SSIM treats the bands as channels and uses the
+    default 7x7 window). The absolute PSNR depends on this
+    normalisation: compare methods, not papers.
+
+    Parameters
+    ----------
+    truth : array_like
+        Truth images, shape ``(n, n_bands, ny, nx)``, ``ny, nx >= 7``.
+    prediction : array_like
+        Predicted images in the same flux units, same shape.
+
+    Returns
+    -------
+    quality : dict of `~numpy.ndarray`
+        ``'psnr'`` (dB; ``inf`` for identical images) and ``'ssim'``,
+        each of shape ``(n,)``, NaN for blank truths (maximum <= 0).
+
+    Raises
+    ------
+    psfdeconv.exceptions.ShapeMismatchError
+        If the shapes differ, are not 4-D or the images are smaller than
+        7x7.
+    psfdeconv.exceptions.InvalidPixelsError
+        If either array has NaN or inf pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import image_quality
+    >>> rng = np.random.default_rng(0)
+    >>> truth = rng.uniform(size=(2, 3, 16, 16))
+    >>> truth[1] = 0.0  # a blank
+    >>> q = image_quality(truth, truth + rng.normal(0, 0.1, truth.shape))
+    >>> print(np.round(q['psnr'], 1), np.round(q['ssim'], 3))
+    [19.7  nan] [0.936   nan]
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    truth = _check_4d(truth, 'truth')
+    prediction = _check_4d(prediction, 'prediction')
+    if truth.shape != prediction.shape:
+        msg = (f'truth has shape {truth.shape} but prediction has shape '
+               f'{prediction.shape}; they must match.')
+        raise ShapeMismatchError(msg)
+    if min(truth.shape[-2:]) < 7:
+        msg = (f'images of {truth.shape[-2:]} pixels are smaller than the '
+               f'7x7 SSIM window; use stamps at least 7 pixels on a side.')
+        raise ShapeMismatchError(msg)
+
+    n = truth.shape[0]
+    psnr = np.full(n, np.nan)
+    ssim = np.full(n, np.nan)
+    peak = truth.max(axis=(1, 2, 3))
+    for i in np.flatnonzero(peak > 0):
+        scaled_truth = truth[i] / peak[i]
+        scaled_prediction = prediction[i] / peak[i]
+        # Identical images have zero error: PSNR = inf without a warning.
+        with np.errstate(divide='ignore'):
+            psnr[i] = peak_signal_noise_ratio(scaled_truth, scaled_prediction,
+                                              data_range=1.0)
+        ssim[i] = structural_similarity(scaled_truth, scaled_prediction,
+                                        data_range=1.0, channel_axis=0)
+    return {'psnr': psnr, 'ssim': ssim}
+
+
+def _check_moment_dict(moments, name):
+    if not isinstance(moments, dict):
+        msg = (f'{name} must be a dict as returned by image_moments, got '
+               f'{type(moments).__name__}.')
+        raise InvalidInputError(msg)
+    missing = [key for key in _QUANTITIES if key not in moments]
+    if missing:
+        msg = (f'{name} lacks the key(s) {missing}; pass the dict returned '
+               f'by psfdeconv.measure.image_moments.')
+        raise InvalidInputError(msg)
+    return {key: np.asarray(moments[key], dtype=float) for key in _QUANTITIES}
+
+
+def moment_differences(truth_moments, pred_moments):
+    """Per-object differences between predicted and true moments.
+
+    Parameters
+    ----------
+    truth_moments, pred_moments : dict
+        Outputs of `~psfdeconv.measure.image_moments` for the truth and
+        the prediction, with arrays of equal shapes (and sizes in the same
+        unit).
+
+    Returns
+    -------
+    differences : dict of `~numpy.ndarray`
+        Same shapes. ``'flux'``: relative difference
+        ``100 (pred - true) / true`` in percent; ``'x'``, ``'y'``:
+        ``pred - true`` in pixels; ``'e1'``, ``'e2'``, ``'e'``:
+        ``pred - true``; ``'size'``: relative difference in percent.
+        Relative differences are NaN where the true value is not
+        positive (blanks).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If a dict lacks one of the keys.
+    psfdeconv.exceptions.ShapeMismatchError
+        If the arrays of the two dicts have different shapes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.measure import image_moments
+    >>> from psfdeconv.evaluate import moment_differences
+    >>> y, x = np.mgrid[0:32, 0:32]
+    >>> truth = np.exp(-0.5 * ((x - 15)**2 + (y - 16)**2) / 4.0)
+    >>> d = moment_differences(image_moments(truth), image_moments(1.1 * truth))
+    >>> print(f"{d['flux']:.1f} {d['x']:.1f} {d['size']:.1f}")
+    10.0 0.0 0.0
+    """
+    truth = _check_moment_dict(truth_moments, 'truth_moments')
+    pred = _check_moment_dict(pred_moments, 'pred_moments')
+    for key in _QUANTITIES:
+        if truth[key].shape != pred[key].shape:
+            msg = (f"truth_moments['{key}'] has shape {truth[key].shape} "
+                   f"but pred_moments['{key}'] has shape "
+                   f'{pred[key].shape}; measure the same objects.')
+            raise ShapeMismatchError(msg)
+    out = {}
+    with np.errstate(divide='ignore', invalid='ignore'):
+        for key in _QUANTITIES:
+            if key in ('flux', 'size'):
+                positive = truth[key] > 0
+                ratio = 100.0 * (pred[key] - truth[key]) / np.where(positive, truth[key], 1.0)
+                out[key] = np.where(positive, ratio, np.nan)
+            else:
+                out[key] = pred[key] - truth[key]
+    return out
+
+
+def _object_mask(mask, shape, name='mask'):
+    """Boolean mask broadcast to ``shape``; 1-D masks select objects."""
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        msg = f'{name} must be a boolean array, got dtype {mask.dtype}.'
+        raise InvalidInputError(msg)
+    if mask.ndim == 1 and len(shape) > 1 and mask.shape[0] == shape[0]:
+        mask = mask.reshape((-1,) + (1,) * (len(shape) - 1))
+    try:
+        return np.broadcast_to(mask, shape)
+    except ValueError as exc:
+        msg = (f'{name} of shape {mask.shape} does not match the objects '
+               f'of shape {shape}; give one value per object (n,) or per '
+               f'entry.')
+        raise ShapeMismatchError(msg) from exc
+
+
+def summarize_differences(differences, *, mask=None):
+    """Mean and RMS of moment differences (the layout of Table 2).
+
+    For each quantity the statistics run over all finite entries
+    selected by ``mask``, objects and bands pooled (the paper's averages
+    over the three bands). The RMS is :math:`\\sqrt{\\langle d^2
+    \\rangle}`, the scatter including the mean.
+
+    Parameters
+    ----------
+    differences : dict of array_like
+        Output of `moment_differences`; the rows follow the keys present,
+        in the order flux, x, y, e1, e2, e, size.
+    mask : array_like of bool, optional
+        True for the entries to use: shape ``(n,)`` (objects, e.g.
+        ``~is_blank``) or the shape of the differences.
+
+    Returns
+    -------
+    table : `~astropy.table.QTable`
+        Columns ``quantity``, ``unit`` (of mean and rms: percent, pix or
+        blank), ``mean``, ``rms``, ``n`` (entries used). Rows with no
+        finite entry give NaN and ``n = 0``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If ``differences`` has no known key or an unknown one, or
+        ``mask`` is not boolean.
+    psfdeconv.exceptions.ShapeMismatchError
+        If ``mask`` does not broadcast to the differences.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import summarize_differences
+    >>> d = {'e1': np.array([0.1, -0.1, 0.3, np.nan])}
+    >>> t = summarize_differences(d, mask=np.array([True, True, False, True]))
+    >>> print(t['quantity'][0], f"{t['mean'][0]:.2f} {t['rms'][0]:.2f}", t['n'][0])
+    e1 0.00 0.10 2
+    """
+    if not isinstance(differences, dict) or not differences:
+        msg = ('differences must be a non-empty dict as returned by '
+               'moment_differences.')
+        raise InvalidInputError(msg)
+    unknown = [key for key in differences if key not in _QUANTITIES]
+    if unknown:
+        msg = (f'differences has unknown key(s) {unknown}; the known '
+               f'quantities are {list(_QUANTITIES)}.')
+        raise InvalidInputError(msg)
+    rows = {'quantity': [], 'unit': [], 'mean': [], 'rms': [], 'n': []}
+    for key in _QUANTITIES:
+        if key not in differences:
+            continue
+        values = np.asarray(differences[key], dtype=float)
+        use = np.isfinite(values)
+        if mask is not None:
+            use &= _object_mask(mask, values.shape)
+        selected = values[use]
+        rows['quantity'].append(key)
+        rows['unit'].append(_DIFFERENCE_UNITS[key].to_string())
+        rows['n'].append(selected.size)
+        if selected.size:
+            rows['mean'].append(selected.mean())
+            rows['rms'].append(np.sqrt(np.mean(selected**2)))
+        else:
+            rows['mean'].append(np.nan)
+            rows['rms'].append(np.nan)
+    table = QTable(rows)
+    table['n'] = np.asarray(rows['n'], dtype=int)
+    table['quantity'].info.description = 'Moment quantity (paper-spec 5.2 row order)'
+    table['unit'].info.description = 'Unit of mean and rms'
+    table['mean'].info.description = 'Mean of prediction - truth'
+    table['rms'].info.description = 'Root mean square of prediction - truth'
+    table['n'].info.description = 'Number of finite entries used'
+    return table
+
+
+def ellipticity_correlation(e1, e2, ref_e1, ref_e2, *, n_bootstrap=200, seed=0):
+    r"""Spin-2 correlation of ellipticities with reference ellipticities.
+
+    .. math::
+
+        C = \frac{\sum_i \mathbf{e}_i \cdot \mathbf{r}_i}
+                 {\sum_i \mathbf{r}_i \cdot \mathbf{r}_i}, \qquad
+        \mathbf{a} \cdot \mathbf{b} = a_1 b_1 + a_2 b_2,
+
+    the least-squares slope of :math:`\mathbf{e}` on :math:`\mathbf{r}`
+    (paper-spec 5.3, the project's reading of HW23 Eqs. 29-30). With
+    :math:`\mathbf{r}` the PSF ellipticity it is the PSF leakage
+    :math:`C_{\rm PSF}` (ideal 0; the truth's value is the null level);
+    with :math:`\mathbf{r}` the true ellipticity it is the response
+    :math:`C_{\rm true}` (ideal 1). The error is the standard deviation
+    over bootstrap resamplings of the entries.
+
+    Parameters
+    ----------
+    e1, e2, ref_e1, ref_e2 : array_like
+        Arrays of one shape (e.g. ``(n, n_bands)``, the entries pooled).
+        Entries where any of the four is NaN are dropped.
+    n_bootstrap : int, optional
+        Number of bootstrap resamplings, at least 2.
+    seed : int or `~numpy.random.Generator`, optional
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    value : float
+        :math:`C`; NaN if no entry is finite or the references are all
+        zero.
+    error : float
+        Bootstrap standard deviation of :math:`C`; NaN with fewer than
+        two entries.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ShapeMismatchError
+        If the four arrays differ in shape.
+    psfdeconv.exceptions.ConfigError
+        If ``n_bootstrap`` is not an integer >= 2.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import ellipticity_correlation
+    >>> rng = np.random.default_rng(1)
+    >>> r1, r2 = rng.normal(0, 0.2, (2, 1000))
+    >>> value, error = ellipticity_correlation(0.5 * r1, 0.5 * r2, r1, r2)
+    >>> print(f'{value:.3f} {error:.3f}')
+    0.500 0.000
+    """
+    arrays = [np.asarray(a, dtype=float) for a in (e1, e2, ref_e1, ref_e2)]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        msg = (f'e1, e2, ref_e1, ref_e2 must have one shape, got '
+               f'{[a.shape for a in arrays]}.')
+        raise ShapeMismatchError(msg)
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 2:
+        msg = f'n_bootstrap must be an integer >= 2, got {n_bootstrap!r}.'
+        raise ConfigError(msg)
+    a1, a2, b1, b2 = (a.ravel() for a in arrays)
+    finite = np.isfinite(a1) & np.isfinite(a2) & np.isfinite(b1) & np.isfinite(b2)
+    dot = (a1 * b1 + a2 * b2)[finite]
+    norm = (b1 * b1 + b2 * b2)[finite]
+    if norm.sum() <= 0:
+        return np.nan, np.nan
+    value = dot.sum() / norm.sum()
+    if dot.size < 2:
+        return float(value), np.nan
+    rng = np.random.default_rng(seed)
+    numerators = np.empty(int(n_bootstrap))
+    denominators = np.empty(int(n_bootstrap))
+    for k in range(int(n_bootstrap)):
+        index = rng.integers(0, dot.size, dot.size)
+        numerators[k] = dot[index].sum()
+        denominators[k] = norm[index].sum()
+    with np.errstate(divide='ignore', invalid='ignore'):
+        samples = numerators / denominators
+    samples = samples[np.isfinite(samples)]
+    error = samples.std(ddof=1) if samples.size >= 2 else np.nan
+    return float(value), float(error)
+
+
+def flux_bin_edges(truth_flux, *, is_blank=None, blank_threshold=None):
+    """Flux bin edges of the four classes blank / low / medium / high.
+
+    The paper uses the truth flux :math:`M_0` as the SNR proxy and splits
+    the non-blank test objects into tertiles (paper-spec 5.5). A flux
+    below the lower edge of the low bin counts as blank ("the threshold
+    ... defined as the boundary values for the low, medium and high SNR
+    bins").
+
+    Parameters
+    ----------
+    truth_flux : array_like
+        True flux of each object, shape ``(n,)`` (for multi-band stamps
+        e.g. the sum over bands).
+    is_blank : array_like of bool, optional
+        Shape ``(n,)``, True for blank objects. Default: objects with
+        ``truth_flux <= 0``.
+    blank_threshold : float, optional
+        Lower edge of the low bin. Default: the smallest non-blank truth
+        flux (so every true source is at least "low").
+
+    Returns
+    -------
+    edges : `~numpy.ndarray`
+        Shape ``(3,)``: ``[blank_threshold, low/medium, medium/high]``,
+        the latter two the 1/3 and 2/3 quantiles of the non-blank truth
+        flux.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If ``truth_flux`` is not 1-D and finite or has fewer than 3
+        non-blank objects.
+    psfdeconv.exceptions.ConfigError
+        If ``blank_threshold`` is not finite or exceeds the low/medium
+        edge.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import flux_bin_edges
+    >>> flux = np.array([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    >>> print(flux_bin_edges(flux))
+    [1. 3. 5.]
+    """
+    flux = np.asarray(truth_flux, dtype=float)
+    if flux.ndim != 1 or not np.all(np.isfinite(flux)):
+        msg = (f'truth_flux must be a finite 1-D array (one flux per '
+               f'object), got shape {flux.shape} with '
+               f'{int(np.sum(~np.isfinite(flux)))} non-finite value(s).')
+        raise InvalidInputError(msg)
+    if is_blank is None:
+        source = flux > 0
+    else:
+        source = ~_object_mask(is_blank, flux.shape, 'is_blank')
+    source_flux = flux[source]
+    if source_flux.size < 3:
+        msg = (f'flux_bin_edges needs at least 3 non-blank objects to form '
+               f'tertiles, got {source_flux.size}.')
+        raise InvalidInputError(msg)
+    low_medium, medium_high = np.quantile(source_flux, [1.0 / 3.0, 2.0 / 3.0])
+    lower = source_flux.min() if blank_threshold is None else blank_threshold
+    if not np.isfinite(lower) or lower > low_medium:
+        msg = (f'blank_threshold must be finite and at most the low/medium '
+               f'edge {low_medium:.6g}, got {blank_threshold!r}.')
+        raise ConfigError(msg)
+    return np.array([lower, low_medium, medium_high], dtype=float)
+
+
+def flux_classes(flux, edges):
+    """Classify fluxes as 0 blank, 1 low, 2 medium, 3 high.
+
+    Parameters
+    ----------
+    flux : array_like
+        Fluxes, any shape.
+    edges : array_like
+        The three non-decreasing edges from `flux_bin_edges`. A flux
+        below ``edges[0]`` is blank, ``edges[0] <= flux < edges[1]`` low,
+        ``edges[1] <= flux < edges[2]`` medium, above high. Non-finite
+        fluxes count as blank.
+
+    Returns
+    -------
+    classes : `~numpy.ndarray` of int
+        Shape of ``flux``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If ``edges`` are not three finite non-decreasing numbers.
+
+    Examples
+    --------
+    >>> from psfdeconv.evaluate import flux_classes
+    >>> print(flux_classes([0.0, 1.0, 2.5, 9.0, float('nan')], [1.0, 2.0, 3.0]))
+    [0 1 2 3 0]
+    """
+    edges = np.asarray(edges, dtype=float)
+    if edges.shape != (3,) or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) < 0):
+        msg = (f'edges must be three finite non-decreasing numbers '
+               f'[blank/low, low/medium, medium/high] as returned by '
+               f'flux_bin_edges, got {edges.tolist()}.')
+        raise InvalidInputError(msg)
+    flux = np.asarray(flux, dtype=float)
+    classes = np.searchsorted(edges, np.where(np.isfinite(flux), flux, -np.inf), side='right')
+    return classes.astype(int)
+
+
+def confusion_matrix(true_class, pred_class):
+    """Confusion matrix of the classes blank / low / medium / high.
+
+    Parameters
+    ----------
+    true_class, pred_class : array_like of int
+        Classes 0-3 from `flux_classes`, one shape.
+
+    Returns
+    -------
+    matrix : `~numpy.ndarray` of int
+        Shape ``(4, 4)``; rows are the true class, columns the predicted
+        class.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ShapeMismatchError
+        If the shapes differ.
+    psfdeconv.exceptions.InvalidInputError
+        If a class is not an integer in 0-3.
+
+    Examples
+    --------
+    >>> from psfdeconv.evaluate import confusion_matrix
+    >>> print(confusion_matrix([0, 0, 1, 3], [0, 1, 1, 3]))
+    [[1 1 0 0]
+     [0 1 0 0]
+     [0 0 0 0]
+     [0 0 0 1]]
+    """
+    true_class = np.asarray(true_class)
+    pred_class = np.asarray(pred_class)
+    if true_class.shape != pred_class.shape:
+        msg = (f'true_class has shape {true_class.shape} but pred_class '
+               f'has shape {pred_class.shape}; they must match.')
+        raise ShapeMismatchError(msg)
+    for name, classes in (('true_class', true_class), ('pred_class', pred_class)):
+        valid = np.isin(classes, np.arange(4))
+        if not np.all(valid):
+            bad = classes[~valid].ravel()[0].item()
+            msg = (f'{name} must hold classes 0 (blank) to 3 (high), got '
+                   f'{bad!r}; use flux_classes to make them.')
+            raise InvalidInputError(msg)
+    index = 4 * true_class.astype(int).ravel() + pred_class.astype(int).ravel()
+    return np.bincount(index, minlength=16).reshape(4, 4)
+
+
+def classification_summary(matrix):
+    """Blank-detection statistics from a 4x4 confusion matrix.
+
+    Parameters
+    ----------
+    matrix : array_like of int
+        Shape ``(4, 4)``, rows truth, columns prediction (classes blank,
+        low, medium, high), from `confusion_matrix`.
+
+    Returns
+    -------
+    summary : dict
+        ``'n_true_blank'``, ``'n_true_sources'``, ``'n_predicted_blank'``,
+        ``'n_predicted_sources'`` (int, the Table 3 layout);
+        ``'blank_recall'`` (true blanks called blank / true blanks);
+        ``'blank_precision'`` (true blanks among those called blank);
+        ``'sources_called_blank'`` (fraction of true sources called
+        blank); ``'predicted_blank_ratio'`` (called blank / true blanks,
+        the paper-spec 5.5 column); ``'accuracy'`` (diagonal fraction);
+        ``'recall_low'``, ``'recall_medium'``, ``'recall_high'``. Ratios
+        with an empty denominator are NaN.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If ``matrix`` is not a 4x4 array of non-negative integers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import classification_summary
+    >>> cm = np.array([[8, 2, 0, 0], [1, 9, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
+    >>> s = classification_summary(cm)
+    >>> print(s['blank_recall'], s['sources_called_blank'], s['n_predicted_blank'])
+    0.8 0.03333333333333333 9
+    """
+    cm = np.asarray(matrix)
+    if (cm.shape != (4, 4) or not np.issubdtype(cm.dtype, np.integer)
+            or np.any(cm < 0)):
+        msg = (f'matrix must be a 4x4 array of non-negative integers from '
+               f'confusion_matrix, got shape {cm.shape} and dtype '
+               f'{cm.dtype}.')
+        raise InvalidInputError(msg)
+
+    def ratio(a, b):
+        return float(a) / float(b) if b > 0 else np.nan
+
+    n_true_blank = int(cm[0].sum())
+    n_predicted_blank = int(cm[:, 0].sum())
+    summary = {
+        'n_true_blank': n_true_blank,
+        'n_true_sources': int(cm[1:].sum()),
+        'n_predicted_blank': n_predicted_blank,
+        'n_predicted_sources': int(cm[:, 1:].sum()),
+        'blank_recall': ratio(cm[0, 0], n_true_blank),
+        'blank_precision': ratio(cm[0, 0], n_predicted_blank),
+        'sources_called_blank': ratio(cm[1:, 0].sum(), cm[1:].sum()),
+        'predicted_blank_ratio': ratio(n_predicted_blank, n_true_blank),
+        'accuracy': ratio(np.trace(cm), cm.sum()),
+    }
+    for k, name in enumerate(_CLASS_NAMES[1:], start=1):
+        summary[f'recall_{name}'] = ratio(cm[k, k], cm[k].sum())
+    return summary
+
+
+def _check_stamps_psfs(stamps, psfs):
+    """Validate stamps ``(..., ny, nx)`` and odd, centred PSFs; return
+    float arrays with the PSFs normalised to unit sum."""
+    stamps, _ = _as_image_array(stamps, 'stamps')
+    psfs, _ = _as_image_array(psfs, 'psfs')
+    try:
+        leading = np.broadcast_shapes(stamps.shape[:-2], psfs.shape[:-2])
+    except ValueError:
+        leading = None
+    if leading != stamps.shape[:-2]:
+        msg = (f'psfs of shape {psfs.shape} do not match stamps of shape '
+               f'{stamps.shape}; give one PSF per stamp, (..., py, px) with '
+               f'the stamps\' leading shape.')
+        raise ShapeMismatchError(msg)
+    py, px = psfs.shape[-2:]
+    ny, nx = stamps.shape[-2:]
+    if py % 2 == 0 or px % 2 == 0:
+        msg = (f'psfs must have odd dimensions with the centre on the '
+               f'middle pixel, got {py}x{px}; crop or pad them by one '
+               f'pixel.')
+        raise InvalidPSFError(msg)
+    if py > ny or px > nx:
+        msg = (f'psfs of {py}x{px} pixels are larger than the {ny}x{nx} '
+               f'stamps; crop the PSFs.')
+        raise InvalidPSFError(msg)
+    sums = psfs.sum(axis=(-2, -1))
+    if not np.all(sums > 0):
+        index = tuple(int(i) for i in np.argwhere(~(sums > 0))[0])
+        msg = (f'psfs{list(index)} sums to {sums[index]:.6g}; a PSF must '
+               f'have a positive sum.')
+        raise InvalidPSFError(msg)
+    return stamps, psfs / sums[..., None, None]
+
+
+def _per_stamp(value, leading, name):
+    value = np.asarray(value, dtype=float)
+    if not np.all(np.isfinite(value) & (value >= 0)):
+        msg = f'{name} must be finite and >= 0, got {value.tolist()!r}.'
+        raise ConfigError(msg)
+    try:
+        return np.broadcast_to(value, leading)
+    except ValueError as exc:
+        msg = (f'{name} of shape {value.shape} does not broadcast to the '
+               f'stamps\' leading shape {leading}.')
+        raise ShapeMismatchError(msg) from exc
+
+
+def wiener_deconvolve(stamps, psfs, *, noise_sigma=None, balance=None):
+    r"""Deconvolve stamps with a Fourier Wiener filter (a baseline).
+
+    .. math::
+
+        \hat T = \mathcal{F}^{-1}\left[\frac{P^*}{|P|^2 + K}
+        \mathcal{F}(N)\right],
+
+    with :math:`P` the PSF transform and :math:`K` the noise-to-signal
+    power ratio, taken constant over frequency (a flat-spectrum Wiener,
+    or Tikhonov, filter). The stamps are zero-padded to twice their size
+    to avoid wrap-around and cropped back; where :math:`|P|^2 + K = 0`
+    the filter is set to 0.
+
+    With ``noise_sigma`` :math:`\sigma` the ratio is estimated per stamp
+    from Parseval's theorem: white noise has power
+    :math:`n_{\rm pix}\sigma^2` at every frequency and a flat signal
+    spectrum has power :math:`\sum T^2`, estimated as
+    :math:`\sum N^2 - n_{\rm pix}\sigma^2` (the observed power minus the
+    noise), so :math:`K = n_{\rm pix}\sigma^2 / (\sum N^2 -
+    n_{\rm pix}\sigma^2)`. The observed power is that of the convolved
+    image, a lower bound of the true image's, so :math:`K` errs towards
+    more regularisation; a stamp consistent with pure noise is capped at
+    :math:`K = 10^3` (it is returned nearly zeroed). A flat :math:`K`
+    also damps the zero frequency, so the total flux is multiplied by
+    :math:`1 / (1 + K)`: the baseline is biased low at low SNR, as the
+    Wiener filter should be.
+
+    Parameters
+    ----------
+    stamps : array_like
+        Observed images, shape ``(..., ny, nx)``, e.g.
+        ``(n, n_bands, ny, nx)``, background-subtracted.
+    psfs : array_like
+        Odd-sized centred PSFs, shape ``(..., py, px)`` with ``py <= ny``,
+        ``px <= nx`` and leading axes broadcasting to the stamps'. They
+        are normalised to unit sum, so the flux units are kept.
+    noise_sigma : float or array_like, optional
+        Per-pixel noise standard deviation, broadcastable to the leading
+        shape, in the units of the stamps (>= 0; 0 gives the plain
+        inverse filter).
+    balance : float or array_like, optional
+        A fixed :math:`K` (>= 0), broadcastable to the leading shape; the
+        ``balance`` of `skimage.restoration.wiener` with a unit
+        regulariser. Give exactly one of ``noise_sigma`` and ``balance``.
+
+    Returns
+    -------
+    deconvolved : `~numpy.ndarray`
+        Shape of ``stamps``, same flux units.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ConfigError
+        If neither or both of ``noise_sigma`` and ``balance`` are given,
+        or one is negative or not finite.
+    psfdeconv.exceptions.InvalidPSFError
+        If a PSF has even dimensions, is larger than the stamp or has a
+        non-positive sum.
+    psfdeconv.exceptions.ShapeMismatchError
+        If the PSFs do not match the stamps.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import wiener_deconvolve
+    >>> stamp = np.zeros((1, 1, 16, 16)); stamp[0, 0, 8, 7] = 5.0
+    >>> delta = np.zeros((1, 1, 3, 3)); delta[0, 0, 1, 1] = 1.0
+    >>> out = wiener_deconvolve(stamp, delta, balance=0.0)
+    >>> print(f'{out[0, 0, 8, 7]:.3f} {abs(out).sum():.3f}')
+    5.000 5.000
+    """
+    if (noise_sigma is None) == (balance is None):
+        msg = ('give exactly one of noise_sigma (K estimated per stamp) '
+               'and balance (fixed K), got '
+               f'noise_sigma={noise_sigma!r}, balance={balance!r}.')
+        raise ConfigError(msg)
+    stamps, psfs = _check_stamps_psfs(stamps, psfs)
+    leading = stamps.shape[:-2]
+    ny, nx = stamps.shape[-2:]
+    fft_shape = (2 * ny, 2 * nx)
+    if balance is not None:
+        k = _per_stamp(balance, leading, 'balance')
+    else:
+        sigma = _per_stamp(noise_sigma, leading, 'noise_sigma')
+        noise_power = ny * nx * sigma**2
+        signal_power = np.sum(stamps**2, axis=(-2, -1)) - noise_power
+        with np.errstate(divide='ignore', invalid='ignore'):
+            k = np.where(noise_power > 0,
+                         np.minimum(noise_power / np.maximum(signal_power, 0.0), 1e3),
+                         0.0)
+
+    flat_stamps = stamps.reshape((-1, ny, nx))
+    flat_psfs = np.broadcast_to(psfs, leading + psfs.shape[-2:]).reshape(
+        (-1,) + psfs.shape[-2:])
+    flat_k = np.asarray(k, dtype=float).reshape(-1)
+    out = np.empty_like(flat_stamps)
+    for start in range(0, flat_stamps.shape[0], _FFT_BLOCK):
+        block = slice(start, start + _FFT_BLOCK)
+        stamp_ft = np.fft.rfft2(flat_stamps[block], s=fft_shape, axes=(-2, -1))
+        psf_ft = kernel_fft(flat_psfs[block], fft_shape)
+        denominator = np.abs(psf_ft)**2 + flat_k[block, None, None]
+        with np.errstate(divide='ignore', invalid='ignore'):
+            wiener = np.where(denominator > 0, np.conj(psf_ft) / denominator, 0.0)
+        deconvolved = np.fft.irfft2(wiener * stamp_ft, s=fft_shape, axes=(-2, -1))
+        out[block] = deconvolved[:, :ny, :nx]
+    return out.reshape(stamps.shape)
+
+
+def richardson_lucy_deconvolve(stamps, psfs, *, num_iter=50):
+    """Deconvolve stamps with Richardson-Lucy iterations (a baseline).
+
+    Runs `skimage.restoration.richardson_lucy` with ``clip=False`` on each
+    2-D stamp. Richardson-Lucy assumes non-negative data, while
+    background-subtracted stamps have negative noise, so each stamp is
+
+    1. divided by its largest absolute value (skimage starts from 0.5 and
+       adds 1e-12 to denominators, which assumes values of order 1);
+    2. lifted by a pedestal ``-min + 1e-4`` so that every pixel is
+       strictly positive (a constant is a fixed point of the iteration
+       for a unit-sum PSF);
+    3. zero-padded by the PSF size and filled with the pedestal there
+       too, because skimage convolves with zero boundaries: without the
+       padding the constant pedestal would fall off at the stamp edges and
+       leave artefacts that bias the unweighted sizes;
+
+    and after the iterations the padding is cropped, the pedestal
+    subtracted and the scale restored. All-zero stamps are returned as
+    zeros. The pedestal slows the convergence of faint structure and the
+    non-negativity of the iteration biases noise slightly positive.
+
+    Parameters
+    ----------
+    stamps : array_like
+        Observed images, shape ``(..., ny, nx)``, e.g.
+        ``(n, n_bands, ny, nx)``.
+    psfs : array_like
+        Odd-sized centred PSFs ``(..., py, px)`` matching the stamps,
+        normalised to unit sum internally.
+    num_iter : int, optional
+        Number of iterations (>= 1).
+
+    Returns
+    -------
+    deconvolved : `~numpy.ndarray`
+        Shape of ``stamps``, same flux units; finite.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ConfigError
+        If ``num_iter`` is not a positive integer.
+    psfdeconv.exceptions.InvalidPSFError
+        If a PSF has even dimensions, is larger than the stamp or has a
+        non-positive sum.
+    psfdeconv.exceptions.ShapeMismatchError
+        If the PSFs do not match the stamps.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import richardson_lucy_deconvolve
+    >>> stamp = np.zeros((1, 1, 16, 16)); stamp[0, 0, 8, 7] = 5.0
+    >>> delta = np.zeros((1, 1, 3, 3)); delta[0, 0, 1, 1] = 1.0
+    >>> out = richardson_lucy_deconvolve(stamp, delta, num_iter=10)
+    >>> print(f'{out[0, 0, 8, 7]:.3f} {out.sum():.3f}')
+    5.000 5.000
+    """
+    from skimage.restoration import richardson_lucy
+
+    if isinstance(num_iter, bool) or int(num_iter) != num_iter or num_iter < 1:
+        msg = f'num_iter must be a positive integer, got {num_iter!r}.'
+        raise ConfigError(msg)
+    stamps, psfs = _check_stamps_psfs(stamps, psfs)
+    psfs = np.broadcast_to(psfs, stamps.shape[:-2] + psfs.shape[-2:])
+    ny, nx = stamps.shape[-2:]
+    pad = max(psfs.shape[-2:])
+    flat_stamps = stamps.reshape((-1, ny, nx))
+    flat_psfs = psfs.reshape((-1,) + psfs.shape[-2:])
+    out = np.zeros_like(flat_stamps)
+    for i, (stamp, psf) in enumerate(zip(flat_stamps, flat_psfs, strict=True)):
+        scale = np.abs(stamp).max()
+        if scale == 0:
+            continue
+        scaled = stamp / scale
+        pedestal = max(0.0, -scaled.min()) + _RL_PEDESTAL
+        lifted = np.pad(scaled, pad) + pedestal
+        estimate = richardson_lucy(lifted, psf, num_iter=int(num_iter), clip=False)
+        out[i] = (estimate[pad:pad + ny, pad:pad + nx] - pedestal) * scale
+    return out.reshape(stamps.shape)
+
+
+def _noiseless_observed(truth, psfs):
+    """Truth convolved with the PSFs (linear, zero-padded FFT)."""
+    return convolve_same(truth, psfs)
+
+
+def _finite_stats(values):
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return np.nan, np.nan
+    return float(np.mean(values)), float(np.median(values))
+
+
+def evaluate_predictions(truth, predictions, *, psfs, pixel_scale, is_blank,
+                         noise_sigma=None, bands=None, n_bootstrap=200, seed=0):
+    """Evaluate deconvolved images against the truth: the paper's tables.
+
+    Every method in ``predictions`` is measured with the same unweighted
+    moments as the truth (`~psfdeconv.measure.image_moments`).
+
+    * Table 1: PSNR and 1 - SSIM over non-blank objects
+      (`image_quality`).
+    * Table 2: mean and RMS of the moment differences over non-blank
+      objects, bands pooled (`moment_differences`,
+      `summarize_differences`).
+    * Correlations: :math:`C_{\\rm PSF}` (prediction vs PSF ellipticity,
+      ideal 0) and :math:`C_{\\rm true}` (prediction vs truth, ideal 1)
+      per SNR (truth flux) bin, with the truth's :math:`C_{\\rm PSF}` as the null
+      level (`ellipticity_correlation`).
+    * Table 3: blank / low / medium / high classification of all objects.
+      The per-object flux is the sum of :math:`M_0` over bands (a project
+      choice); the edges are the tertiles of the non-blank truth flux
+      with the smallest one as the blank threshold (`flux_bin_edges`).
+
+    Parameters
+    ----------
+    truth : array_like
+        True images, shape ``(n, n_bands, ny, nx)``; blanks are all zero.
+    predictions : dict
+        Method name -> images of the truth's shape in the same flux
+        units, e.g. ``{'model': ..., 'observed': ..., 'wiener': ...,
+        'richardson_lucy': ...}``.
+    psfs : array_like
+        PSFs ``(n, n_bands, py, px)``, odd, centred.
+    pixel_scale : float, array_like or `~astropy.units.Quantity`
+        Arcsec/pixel: scalar, per object ``(n,)`` or ``(n, n_bands)``.
+    is_blank : array_like of bool
+        Shape ``(n,)``, True for blank objects (at least 3 non-blank).
+    noise_sigma : float or array_like, optional
+        Per-pixel noise, broadcastable to ``(n, n_bands)``; if given, the
+        objects table gets ``snr_<band>`` (`~psfdeconv.measure.snr` of
+        the truth convolved with its PSF).
+    bands : sequence of str, optional
+        Band names for column suffixes; default ``('b0', 'b1', ...)``.
+    n_bootstrap : int, optional
+        Bootstrap resamplings of the correlation errors.
+    seed : int, optional
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    results : dict
+        ``'objects'`` (QTable, one row per method and object: classes,
+        PSNR, SSIM and the differences per band), ``'table1'``,
+        ``'table2'`` (rows flux, x, y, e1, e2, e, size; columns
+        ``<method>_mean``, ``<method>_rms``), ``'table3'``
+        (classification counts and rates), ``'correlations'`` (method,
+        SNR bin ``snr_bin``, C_PSF and C_true with bootstrap errors; the first rows
+        are the truth), ``'confusion'`` (dict method -> 4x4 int array,
+        rows truth) and ``'edges'`` (the three flux edges).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If ``predictions`` is empty, not a dict or has a method named
+        ``'truth'``, or fewer than 3 objects are non-blank.
+    psfdeconv.exceptions.ShapeMismatchError
+        If a prediction, ``psfs`` or ``is_blank`` does not match
+        ``truth``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import evaluate_predictions
+    >>> rng = np.random.default_rng(0)
+    >>> y, x = np.mgrid[0:16, 0:16]
+    >>> widths = rng.uniform(1.5, 3.0, 9)
+    >>> truth = np.exp(-0.5 * ((x - 8)**2 + (y - 8)**2) / widths[:, None, None, None]**2)
+    >>> truth = truth * rng.uniform(1, 10, (9, 1, 1, 1)); truth[0] = 0.0
+    >>> psfs = np.zeros((9, 1, 3, 3)); psfs[:, :, 1, 1] = 1.0
+    >>> res = evaluate_predictions(truth, {'copy': truth.copy()}, psfs=psfs,
+    ...                            pixel_scale=0.2, is_blank=np.arange(9) == 0,
+    ...                            n_bootstrap=10)
+    >>> print(res['table2']['quantity'].tolist())
+    ['flux', 'x', 'y', 'e1', 'e2', 'e', 'size']
+    >>> print(res['confusion']['copy'].trace())
+    9
+    """
+    truth = _check_4d(truth, 'truth')
+    n, n_bands = truth.shape[:2]
+    if not isinstance(predictions, dict) or not predictions:
+        msg = ('predictions must be a non-empty dict of method name -> '
+               f'images, got {type(predictions).__name__}.')
+        raise InvalidInputError(msg)
+    if 'truth' in predictions:
+        msg = ("predictions may not use the name 'truth', which labels the "
+               "truth's own rows in the correlation table; rename it, e.g. "
+               "to 'reference'.")
+        raise InvalidInputError(msg)
+    preds = {}
+    for name, images in predictions.items():
+        data = _check_4d(images, f'predictions[{name!r}]')
+        if data.shape != truth.shape:
+            msg = (f'predictions[{name!r}] has shape {data.shape}, '
+                   f'but truth has shape {truth.shape}; they must match.')
+            raise ShapeMismatchError(msg)
+        preds[str(name)] = data
+    psf_data = _check_4d(psfs, 'psfs')
+    if psf_data.shape[:2] != (n, n_bands):
+        msg = (f'psfs must have shape ({n}, {n_bands}, py, px) to match '
+               f'truth, got {psf_data.shape}.')
+        raise ShapeMismatchError(msg)
+    blank = np.asarray(is_blank)
+    if blank.dtype != bool or blank.shape != (n,):
+        msg = (f'is_blank must be a boolean array of shape ({n},), got '
+               f'shape {blank.shape} and dtype {blank.dtype}.')
+        raise ShapeMismatchError(msg)
+    band_names = _band_names(bands, n_bands)
+    scale = _object_pixel_scale(pixel_scale, n, n_bands)
+
+    truth_m = image_moments(truth, pixel_scale=scale)
+    psf_m = image_moments(psf_data)
+    truth_flux = truth_m['flux'].sum(axis=1)
+    edges = flux_bin_edges(truth_flux, is_blank=blank)
+    true_class = np.where(blank, 0, flux_classes(truth_flux, edges))
+    source = ~blank
+    snr_values = None
+    if noise_sigma is not None:
+        _, unit_psfs = _check_stamps_psfs(truth, psf_data)
+        observed = _noiseless_observed(truth, unit_psfs)
+        sigma = np.asarray(noise_sigma, dtype=float)
+        if sigma.ndim == 1 and sigma.shape[0] == n:
+            sigma = sigma[:, None]
+        snr_values = snr(observed, sigma)
+
+    object_tables = []
+    table1_rows = []
+    table2 = QTable()
+    table3_rows = []
+    confusion = {}
+    corr_rows = []
+    bins = (('all', source),) + tuple(
+        (name, source & (true_class == k)) for k, name in enumerate(_CLASS_NAMES) if k > 0)
+
+    def correlation_rows(method, moments):
+        for bin_name, select in bins:
+            c_psf = ellipticity_correlation(
+                moments['e1'][select], moments['e2'][select],
+                psf_m['e1'][select], psf_m['e2'][select],
+                n_bootstrap=n_bootstrap, seed=seed)
+            c_true = ellipticity_correlation(
+                moments['e1'][select], moments['e2'][select],
+                truth_m['e1'][select], truth_m['e2'][select],
+                n_bootstrap=n_bootstrap, seed=seed)
+            corr_rows.append((method, bin_name, int(select.sum()), *c_psf, *c_true))
+
+    correlation_rows('truth', truth_m)
+    for method, images in preds.items():
+        pred_m = image_moments(images, pixel_scale=scale)
+        diffs = moment_differences(truth_m, pred_m)
+        quality = image_quality(truth, images)
+        pred_flux = pred_m['flux'].sum(axis=1)
+        pred_class = flux_classes(pred_flux, edges)
+        cm = confusion_matrix(true_class, pred_class)
+        confusion[method] = cm
+
+        objects = QTable()
+        objects['method'] = np.full(n, method)
+        objects['id'] = np.arange(n)
+        objects['is_blank'] = blank
+        objects['true_class'] = true_class
+        objects['pred_class'] = pred_class
+        objects['psnr'] = quality['psnr'] * u.dB
+        objects['ssim'] = quality['ssim']
+        for j, band in enumerate(band_names):
+            for key in _QUANTITIES:
+                column = f'd_{key}_{band}'
+                objects[column] = diffs[key][:, j] * _DIFFERENCE_UNITS[key]
+                objects[column].info.description = _DIFFERENCE_DESCRIPTIONS[key]
+            if snr_values is not None:
+                objects[f'snr_{band}'] = snr_values[:, j]
+                objects[f'snr_{band}'].info.description = (
+                    'Matched-filter SNR of the noiseless observed truth')
+        object_tables.append(objects)
+
+        psnr_mean, psnr_median = _finite_stats(quality['psnr'][source])
+        dssim_mean, dssim_median = _finite_stats(1.0 - quality['ssim'][source])
+        table1_rows.append((method, psnr_mean, psnr_median, dssim_mean, dssim_median,
+                            int(np.sum(~np.isnan(quality['ssim'][source])))))
+
+        summary = summarize_differences(diffs, mask=source)
+        if 'quantity' not in table2.colnames:
+            table2['quantity'] = summary['quantity']
+            table2['unit'] = summary['unit']
+        table2[f'{method}_mean'] = summary['mean']
+        table2[f'{method}_rms'] = summary['rms']
+
+        stats = classification_summary(cm)
+        table3_rows.append((method, stats['n_predicted_sources'], stats['n_predicted_blank'],
+                            stats['blank_recall'], stats['sources_called_blank'],
+                            stats['predicted_blank_ratio'], stats['accuracy']))
+        correlation_rows(method, pred_m)
+
+    from astropy.table import vstack
+    objects = vstack(object_tables, metadata_conflicts='silent')
+    objects.meta = {'bands': list(band_names), 'edges': edges.tolist()}
+
+    table1 = QTable(rows=table1_rows, names=('method', 'psnr_mean', 'psnr_median',
+                                             'one_minus_ssim_mean',
+                                             'one_minus_ssim_median', 'n'))
+    table1['psnr_mean'].unit = u.dB
+    table1['psnr_median'].unit = u.dB
+    table1.meta['description'] = ('Table 1: PSNR and 1 - SSIM on images scaled by the '
+                                  'truth peak, non-blank objects')
+    table2.meta['description'] = ('Table 2: mean and RMS of prediction - truth over '
+                                  'non-blank objects, bands pooled')
+    table3 = QTable(rows=table3_rows, names=('method', 'n_pred_sources', 'n_pred_blank',
+                                             'blank_recall', 'sources_called_blank',
+                                             'predicted_blank_ratio', 'accuracy'))
+    table3.meta['description'] = 'Table 3: blank / low / medium / high classification'
+    table3.meta['edges'] = edges.tolist()
+    correlations = QTable(rows=corr_rows, names=('method', 'snr_bin', 'n', 'c_psf',
+                                                 'c_psf_err', 'c_true', 'c_true_err'))
+    correlations.meta['description'] = (
+        'C_PSF = sum(e.e_psf)/sum(e_psf.e_psf) (ideal 0; the truth rows are the null '
+        'level); C_true = sum(e.e_true)/sum(e_true.e_true) (ideal 1); bootstrap errors')
+    return {'objects': objects, 'table1': table1, 'table2': table2, 'table3': table3,
+            'correlations': correlations, 'confusion': confusion, 'edges': edges}
+
+
+def _markdown_table(table):
+    """A QTable as a GitHub Markdown table, floats to 4 significant digits."""
+    header = []
+    for name in table.colnames:
+        unit = getattr(table[name], 'unit', None)
+        header.append(f'{name} [{unit}]' if unit not in (None, u.one) else name)
+    lines = ['| ' + ' | '.join(header) + ' |',
+             '|' + '|'.join('---' for _ in header) + '|']
+    for row in table:
+        cells = []
+        for name in table.colnames:
+            value = row[name]
+            if isinstance(value, u.Quantity):
+                value = value.value
+            if isinstance(value, (float, np.floating)):
+                cells.append(f'{value:.4g}')
+            else:
+                cells.append(str(value))
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def _confusion_table(confusion):
+    rows = []
+    for method, cm in confusion.items():
+        for k, name in enumerate(_CLASS_NAMES):
+            rows.append((method, name, *(int(v) for v in cm[k])))
+    return QTable(rows=rows, names=('method', 'true_class',
+                                    *(f'pred_{name}' for name in _CLASS_NAMES)))
+
+
+def write_report(results, directory, *, overwrite=False):
+    """Write the results of `evaluate_predictions` to a directory.
+
+    Each table becomes ``<name>.ecsv`` (``objects``, ``table1``,
+    ``table2``, ``table3``, ``correlations``, and ``confusion`` from the
+    confusion matrices) and a Markdown summary ``report.md`` collects the
+    small tables. Every file is written to a temporary name in the same
+    directory and moved into place with `os.replace`, so a crash never
+    leaves half a file. Nothing is written if any target exists and
+    ``overwrite`` is False.
+
+    Parameters
+    ----------
+    results : dict
+        Output of `evaluate_predictions` (any subset of its keys with at
+        least one table).
+    directory : str or `~pathlib.Path`
+        Output directory, created if missing.
+    overwrite : bool, optional
+        Replace existing files.
+
+    Returns
+    -------
+    paths : list of `~pathlib.Path`
+        The files written, ``report.md`` last.
+
+    Raises
+    ------
+    psfdeconv.exceptions.OutputExistsError
+        If a target file exists and ``overwrite`` is False.
+    psfdeconv.exceptions.InvalidInputError
+        If ``results`` holds no table.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from astropy.table import QTable
+    >>> from psfdeconv.evaluate import write_report
+    >>> table1 = QTable({'method': ['model'], 'psnr_mean': [75.2]})
+    >>> paths = write_report({'table1': table1}, tempfile.mkdtemp())
+    >>> print([p.name for p in paths])
+    ['table1.ecsv', 'report.md']
+    """
+    from pathlib import Path
+
+    from .io import atomic_path, check_writable
+
+    if not isinstance(results, dict):
+        msg = (f'results must be the dict returned by evaluate_predictions, '
+               f'got {type(results).__name__}.')
+        raise InvalidInputError(msg)
+    tables = {name: value for name, value in results.items() if isinstance(value, QTable)}
+    if results.get('confusion'):
+        tables['confusion'] = _confusion_table(results['confusion'])
+    if not tables:
+        msg = ('results holds no table to write; pass the dict returned by '
+               'evaluate_predictions.')
+        raise InvalidInputError(msg)
+
+    directory = Path(directory)
+    targets = {name: directory / f'{name}.ecsv' for name in tables}
+    report_path = directory / 'report.md'
+    for path in (*targets.values(), report_path):
+        try:
+            check_writable(path, overwrite=overwrite)
+        except OutputExistsError as exc:
+            msg = (f'{path} exists; pass overwrite=True to replace the '
+                   f'report in {directory}, or choose another directory.')
+            raise OutputExistsError(msg) from exc
+
+    written = []
+    for name, table in tables.items():
+        with atomic_path(targets[name], overwrite=overwrite) as tmp:
+            table.write(tmp, format='ascii.ecsv', overwrite=True)
+        written.append(targets[name])
+
+    lines = ['# psfdeconv evaluation report', '']
+    if 'edges' in results:
+        edges = np.asarray(results['edges'], dtype=float)
+        lines += [f'Flux bin edges (blank/low, low/medium, medium/high): '
+                  f'{", ".join(f"{e:.6g}" for e in edges)}', '']
+    for name, table in tables.items():
+        if name == 'objects':
+            lines += ['## objects', '', f'{len(table)} rows in `objects.ecsv`.', '']
+            continue
+        lines += [f'## {name}', '']
+        if 'description' in table.meta:
+            lines += [str(table.meta['description']), '']
+        lines += [_markdown_table(table), '']
+    with atomic_path(report_path, overwrite=overwrite) as tmp:
+        tmp.write_text('\n'.join(lines))
+    written.append(report_path)
+    return written
+
+
+#: Baselines `baseline_predictions` knows, by name.
+BASELINES = ('observed', 'wiener', 'richardson_lucy', 'ipsf', 'ipsf1')
+
+
+def baseline_predictions(observed, psfs, *, pixel_scale, noise_sigma,
+                         baselines=BASELINES):
+    """Classical deconvolutions of the same stamps, for comparison.
+
+    Parameters
+    ----------
+    observed : `~numpy.ndarray`
+        Stamps (n, n_bands, ny, nx).
+    psfs : `~numpy.ndarray`
+        Unit-sum PSFs (n, n_bands, py, px).
+    pixel_scale : `~numpy.ndarray`
+        Arcsec/pixel, (n,).
+    noise_sigma : `~numpy.ndarray`
+        Per-pixel noise (n, n_bands), for the Wiener filter.
+    baselines : sequence of str, optional
+        Any of ``'observed'`` (no deconvolution), ``'wiener'``
+        (`wiener_deconvolve`), ``'richardson_lucy'`` (50 iterations of
+        `richardson_lucy_deconvolve`), ``'ipsf'`` and ``'ipsf1'`` (the
+        network's regularised-inverse input channels alone; iPSF1 is
+        matched to a 1-arcsec Gaussian, not PSF-free).
+
+    Returns
+    -------
+    dict
+        Name -> images (n, n_bands, ny, nx) in the input's flux units.
+    """
+    from .features import make_channels
+
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f'unknown baselines {unknown}; choose among '
+                          f'{list(BASELINES)}.')
+    out = {}
+    for name in baselines:
+        if name == 'observed':
+            out[name] = np.asarray(observed)
+        elif name == 'wiener':
+            out[name] = wiener_deconvolve(observed, psfs,
+                                          noise_sigma=noise_sigma)
+        elif name == 'richardson_lucy':
+            out[name] = richardson_lucy_deconvolve(observed, psfs,
+                                                   num_iter=50)
+        else:
+            out[name] = make_channels(observed, psfs, pixel_scale=pixel_scale,
+                                      kinds=(name,))[:, 0]
+    return out
+
+
+def evaluate_simulation(path, *, model=None, n_objects=None,
+                        baselines=('observed', 'wiener', 'richardson_lucy'),
+                        report_dir=None, overwrite=False):
+    """Evaluate a model and baselines on a simulation file with truth.
+
+    Deconvolves the stamps with the model (`~psfdeconv.deconvolve_stamps`,
+    amplitude refit included), runs the baselines on the same stamps
+    (`baseline_predictions`) and computes the paper's tables
+    (`evaluate_predictions`); optionally writes them (`write_report`).
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        Simulation file (`~psfdeconv.simulate.write_simulation`) that the
+        model was not trained on.
+    model : `~psfdeconv.model.DeconvolutionModel`, optional
+        The shipped default if `None`.
+    n_objects : int, optional
+        Use the first ``n_objects`` objects only.
+    baselines : sequence of str, optional
+        See `baseline_predictions`.
+    report_dir : str or `~pathlib.Path`, optional
+        Write the report there.
+    overwrite : bool, optional
+        Replace an existing report.
+
+    Returns
+    -------
+    dict
+        `evaluate_predictions` results plus ``'summary_text'`` (Tables 1
+        and 2 as Markdown) and ``'report_files'`` if written.
+    """
+    from .deconvolve import deconvolve_stamps
+    from .model import load_model
+    from .simulate import read_simulation
+
+    if report_dir is not None:
+        for name in ('report.md', 'table1.ecsv'):
+            check_writable_report = Path(report_dir) / name
+            if check_writable_report.exists() and not overwrite:
+                raise OutputExistsError(
+                    f'{check_writable_report} exists; pass overwrite=True '
+                    f'(--overwrite) or choose another report directory.')
+    model = load_model() if model is None else model
+    sims = read_simulation(path, 0, n_objects)
+    predictions = {'model': deconvolve_stamps(
+        sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+        model=model)}
+    predictions.update(baseline_predictions(
+        sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+        noise_sigma=sims['noise_sigma'], baselines=baselines))
+    results = evaluate_predictions(
+        sims['truth'], predictions, psfs=sims['psf'],
+        pixel_scale=sims['pixel_scale'], is_blank=sims['is_blank'],
+        noise_sigma=sims['noise_sigma'])
+    results['summary_text'] = '\n\n'.join(
+        _markdown_table(results[name]) for name in ('table1', 'table2'))
+    if report_dir is not None:
+        results['report_files'] = write_report(results, report_dir,
+                                               overwrite=overwrite)
+    return results

@@ -1,0 +1,130 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Test configuration shared by the whole suite.
+
+The environment is set here, at import, because pytest imports this file before it imports
+any test module (and so before anything imports keras): Keras reads ``KERAS_BACKEND`` and
+``KERAS_HOME`` once, on its first import, and writes ``$KERAS_HOME/keras.json`` then.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# A throw-away Keras home, so the suite never writes to ~/.keras (it may be read-only on CI).
+# An explicit KERAS_HOME from the caller wins.
+if 'KERAS_HOME' not in os.environ:
+    _keras_home = tempfile.mkdtemp(prefix='psfdeconv-keras-home-')
+    os.environ['KERAS_HOME'] = _keras_home
+    atexit.register(shutil.rmtree, _keras_home, ignore_errors=True)
+os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+# Hides TensorFlow's C++ INFO and WARNING lines (not the absl ones printed at import).
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Tests never open a window.
+os.environ['MPLBACKEND'] = 'agg'
+
+try:
+    from pytest_astropy_header.display import PYTEST_HEADER_MODULES, TESTED_VERSIONS
+except ImportError:  # the header plugin is optional
+    PYTEST_HEADER_MODULES = {}
+    TESTED_VERSIONS = {}
+
+
+def pytest_configure(config):
+    """Fill the astropy test header with the versions that matter for psfdeconv."""
+    PYTEST_HEADER_MODULES.clear()
+    PYTEST_HEADER_MODULES.update(
+        {
+            'Numpy': 'numpy',
+            'Scipy': 'scipy',
+            'Astropy': 'astropy',
+            'photutils': 'photutils',
+            'GalSim': 'galsim',
+            'Keras': 'keras',
+            'h5py': 'h5py',
+            'scikit-image': 'skimage',
+        }
+    )
+
+    try:
+        from psfdeconv import __version__ as version
+    except ImportError:
+        try:
+            from importlib.metadata import version as _dist_version
+
+            version = _dist_version('psfdeconv')
+        except Exception:
+            version = 'unknown'
+    TESTED_VERSIONS['psfdeconv'] = version
+
+
+# --- Shared tiny data and model ---------------------------------------------------------------
+# Session-scoped so that the simulation and the (2-epoch, ~1.5k-parameter-per-level) training run
+# once for the whole suite. Nothing here is a real model: it only has to be a valid, loadable
+# psfdeconv network with a card.
+
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+#: Seeds of the shared fixtures (fixed so that failures reproduce).
+TINY_SIMULATION_SEED = 20231030
+TINY_TRAIN_SEED = 7
+
+
+def tiny_train_config(**overrides):
+    """The tiny float32 training configuration used by the fixtures and the tests."""
+    from psfdeconv.train import TrainConfig
+
+    values = dict(epochs=2, batch_size=16, filters=(4, 8, 16), dtype_policy='float32',
+                  validation_fraction=0.25, seed=TINY_TRAIN_SEED)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope='session')
+def tiny_simulation_path(tmp_path_factory):
+    """160 default-config objects (64x64, 3 bands, 41x41 PSFs) in an HDF5 file."""
+    from psfdeconv.simulate import write_simulation
+
+    path = tmp_path_factory.mktemp('tiny_sims') / 'sims.h5'
+    return write_simulation(path, 160, seed=TINY_SIMULATION_SEED, n_workers=1)
+
+
+@pytest.fixture(scope='session')
+def tiny_training(tiny_simulation_path, tmp_path_factory):
+    """A 2-epoch training of a (4, 8, 16)-filter network on the tiny simulation, saved with a
+    card as ``tiny.keras`` + ``tiny.json``.
+
+    Returns a namespace with ``path`` (the .keras file), ``card`` (as written), ``keras_model``
+    (the in-memory network that was saved), ``run_dir`` (checkpoints and state.json) and
+    ``config`` (the `~psfdeconv.train.TrainConfig`).
+    """
+    from psfdeconv.model import save_model
+    from psfdeconv.train import train_model
+
+    base = tmp_path_factory.mktemp('tiny_model')
+    config = tiny_train_config()
+    keras_model, card = train_model(tiny_simulation_path, base / 'run', config=config,
+                                    verbose=0)
+    card['name'] = 'tiny'
+    card['flux_bias'] = None
+    path = base / 'tiny.keras'
+    card = save_model(keras_model, path, card)
+    return types.SimpleNamespace(path=path, card=card, keras_model=keras_model,
+                                 run_dir=base / 'run', config=config)
+
+
+@pytest.fixture(scope='session')
+def tiny_model_path(tiny_training):
+    """Path of the tiny model's .keras file (its card is beside it)."""
+    return tiny_training.path
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tiny_model_path):
+    """The tiny model loaded with `psfdeconv.model.load_model`."""
+    from psfdeconv.model import load_model
+
+    return load_model(tiny_model_path)
