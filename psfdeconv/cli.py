@@ -69,8 +69,8 @@ def _cmd_train(args):
 
     keras_model, card = train_model(args.sims, out, config=config,
                                     resume=args.resume,
-                                    verbose=1 if _progress_wanted(args)
-                                    else 2)
+                                    verbose=0 if args.quiet else
+                                    1 if _progress_wanted(args) else 2)
     card['name'] = args.name
     model = DeconvolutionModel(keras_model, card)
     # The flux-bias correction and the card's metrics come from the
@@ -148,16 +148,11 @@ def _load(path):
 
 
 def _cmd_deconvolve(args):
-    import numpy as np
-
     from .deconvolve import deconvolve_stamps
     from .io import check_writable
-    from .measure import image_moments
     from .simulate import read_simulation
 
     source = EXAMPLE_STAMPS if args.example else args.stamps
-    if source is None:
-        raise PSFDeconvError('give --example or --stamps FILE.')
     if args.out:
         check_writable(args.out, overwrite=args.overwrite)
     sims = read_simulation(source)
@@ -169,25 +164,38 @@ def _cmd_deconvolve(args):
     print(f'deconvolved {n} stamps of {images.shape[1]} bands with '
           f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
     if 'truth' in sims:
-        source = ~sims['is_blank']
-        truth = image_moments(sims['truth'][source])
-        rows = {'observed': image_moments(sims['observed'][source]),
-                'deconvolved': image_moments(images[source])}
-        print(f'{source.sum()} galaxies: RMS of (measured - truth), '
-              f'unweighted moments, all bands')
-        print(f'{"":12s} {"e1":>8s} {"e2":>8s} {"size %":>8s} '
-              f'{"flux %":>8s}')
-        for name, moments in rows.items():
-            values = [np.sqrt(np.nanmean((moments[k] - truth[k]) ** 2))
-                      for k in ('e1', 'e2')]
-            values += [np.sqrt(np.nanmean((100 * (moments[k] / truth[k] - 1))
-                                          ** 2)) for k in ('size', 'flux')]
-            print(f'{name:12s} ' + ' '.join(f'{v:8.3f}' for v in values))
+        _print_truth_comparison(sims, images)
     if args.out:
         _write_deconvolved(args.out, images, details, sims,
                            overwrite=args.overwrite)
         print(f'wrote {args.out}')
     return 0
+
+
+def _print_truth_comparison(sims, images):
+    """RMS shape, size and flux errors of the input and the output."""
+    import numpy as np
+
+    from .measure import hsm_moments
+
+    source = ~sims['is_blank']
+    scale = sims['pixel_scale'][source, None]
+    truth = hsm_moments(sims['truth'][source], pixel_scale=scale)
+    true_flux = sims['truth'][source].sum(axis=(-2, -1))
+    print(f'{int(source.sum())} galaxies, RMS of (measured - truth) over '
+          f'bands, HSM adaptive moments:')
+    print(f'{"":12s} {"e1":>7s} {"e2":>7s} {"size %":>7s} {"flux %":>7s}')
+    for name, data in (('observed', sims['observed'][source]),
+                       ('deconvolved', images[source])):
+        measured = hsm_moments(data, pixel_scale=scale)
+        ok = (measured['hsm_status'] == 0) & (truth['hsm_status'] == 0)
+        values = [measured[k][ok] - truth[k][ok] for k in ('hsm_e1',
+                                                           'hsm_e2')]
+        values.append(100 * (measured['hsm_sigma'][ok] /
+                             truth['hsm_sigma'][ok] - 1))
+        values.append(100 * (data.sum(axis=(-2, -1)) / true_flux - 1)[ok])
+        print(f'{name:12s} ' + ' '.join(
+            f'{np.sqrt(np.mean(v ** 2)):7.3f}' for v in values))
 
 
 def _write_deconvolved(path, images, details, sims, *, overwrite):

@@ -29,7 +29,13 @@ survey's units.
 import numpy as np
 
 from ._fourier import convolve_same
-from .exceptions import InvalidPixelsError, InvalidPSFError, PixelScaleError, ShapeMismatchError
+from .exceptions import (
+    InvalidInputError,
+    InvalidPixelsError,
+    InvalidPSFError,
+    PixelScaleError,
+    ShapeMismatchError,
+)
 
 __all__ = ['deconvolve_stamps', 'refit_amplitude', 'fit_flux_bias',
            'correct_flux_bias', 'calibrate_flux_bias', 'validate_stamps',
@@ -246,11 +252,17 @@ def fit_flux_bias(flux, flux_err, true_flux, *, snr_range=(1.0, 3.0)):
     log_snr = _log_snr(flux, flux_err)
     use = (np.isfinite(log_snr) & (flux > 0) & (true_flux > 0)
            & (log_snr >= snr_range[0]) & (log_snr <= snr_range[1]))
+    if use.sum() < 10:
+        raise InvalidInputError(
+            f'only {int(use.sum())} object(s) have positive fluxes and '
+            f'log10(SNR) within {tuple(snr_range)}; the flux-bias fit needs '
+            f'at least 10: simulate more validation objects.')
     ratio = true_flux[use] / flux[use]
-    # A robust fit: outliers (confused blends of noise) are clipped once.
+    # A robust fit: outliers (noise peaks fitted as faint sources) are
+    # clipped once at 5 sigma (MAD).
     coeffs = np.polyfit(log_snr[use], ratio, 2)
     resid = ratio - np.polyval(coeffs, log_snr[use])
-    keep = np.abs(resid) < 5 * 1.4826 * np.median(np.abs(resid))
+    keep = np.abs(resid) <= 5 * 1.4826 * np.median(np.abs(resid))
     coeffs = np.polyfit(log_snr[use][keep], ratio[keep], 2)
     return {'coefficients': [float(c) for c in coeffs[::-1]],
             'log_snr_range': [float(v) for v in snr_range],

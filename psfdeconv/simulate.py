@@ -149,6 +149,28 @@ class SimulationConfig:
             if not 0 < low <= high:
                 raise ConfigError(f'{name} must satisfy 0 < low <= high, got '
                                   f'{(low, high)}.')
+        low, high = self.ellipticity_range
+        if not 0 <= low <= high < 1:
+            raise ConfigError(f'ellipticity_range must satisfy 0 <= low <= '
+                              f'high < 1, got {self.ellipticity_range}.')
+        for name in ('bulge_fraction_range', 'knot_fraction_range'):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high <= 1:
+                raise ConfigError(f'{name} must satisfy 0 <= low <= high <= '
+                                  f'1, got {(low, high)}.')
+        low, high = self.n_knots_range
+        if int(low) != low or int(high) != high or not 1 <= low <= high:
+            raise ConfigError(f'n_knots_range must be integers with 1 <= low '
+                              f'<= high, got {self.n_knots_range}.')
+        low, high = self.psf_shear_range
+        if not -1 < low <= high < 1:
+            raise ConfigError(f'psf_shear_range must lie within (-1, 1) with '
+                              f'low <= high, got {self.psf_shear_range}.')
+        low, high = self.bulge_size_ratio_range
+        if not 0 < low <= high or self.knot_size_ratio <= 0:
+            raise ConfigError(f'bulge_size_ratio_range and knot_size_ratio '
+                              f'must be positive, got {(low, high)} and '
+                              f'{self.knot_size_ratio}.')
         if self.psf_beta_range[0] <= 1.1:
             raise ConfigError(f'Moffat beta must exceed 1.1, got '
                               f'psf_beta_range={self.psf_beta_range}.')

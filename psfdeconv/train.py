@@ -282,7 +282,10 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
                 verbose = 1 if os.isatty(1) else 2
             model.fit(train_seq, validation_data=val_seq,
                       epochs=config.epochs, initial_epoch=state['epoch'],
-                      callbacks=[callback.keras_callback], verbose=verbose)
+                      callbacks=[callback.keras_callback], verbose=verbose,
+                      # StampSequence shuffles with (seed, epoch); Keras'
+                      # own shuffle would break exact resumption.
+                      shuffle=False)
         best = out_dir / 'best.keras'
         if best.exists():
             model = keras.saving.load_model(best, safe_mode=True)

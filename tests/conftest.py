@@ -60,9 +60,9 @@ def pytest_configure(config):
 
 
 # --- Shared tiny data and model ---------------------------------------------------------------
-# Session-scoped so that the simulation and the (2-epoch, ~1.5k-parameter-per-level) training run
-# once for the whole suite. Nothing here is a real model: it only has to be a valid, loadable
-# psfdeconv network with a card.
+# Session-scoped so that the simulation and the training (2 epochs of a (4, 8, 16)-filter
+# network) run once for the whole suite. Nothing here is a real model: it only has to be a
+# valid, loadable psfdeconv network with a card.
 
 import types  # noqa: E402
 
@@ -81,6 +81,12 @@ def tiny_train_config(**overrides):
                   validation_fraction=0.25, seed=TINY_TRAIN_SEED)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.fixture(scope='session')
+def make_tiny_train_config():
+    """The `tiny_train_config` factory, for tests that train their own tiny networks."""
+    return tiny_train_config
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,393 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of psfdeconv.deconvolve: input checks, amplitude refit, flux bias, the stamp API."""
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy import units as u
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy.signal import fftconvolve
+
+from psfdeconv.deconvolve import (
+    correct_flux_bias,
+    deconvolve_stamps,
+    estimate_noise_sigma,
+    fit_flux_bias,
+    normalize_psfs,
+    refit_amplitude,
+    validate_stamps,
+)
+from psfdeconv.exceptions import (
+    BandCountError,
+    InvalidInputError,
+    InvalidPixelsError,
+    InvalidPSFError,
+    OutsideTrainingRangeWarning,
+    PixelScaleError,
+    ShapeMismatchError,
+)
+from psfdeconv.simulate import read_simulation
+
+
+def gaussian(shape, sigma_x, sigma_y, theta, x0, y0, flux=1.0):
+    """Elliptical Gaussian sampled at pixel centres, normalised to ``flux``."""
+    y, x = np.mgrid[0:shape[0], 0:shape[1]]
+    dx, dy = x - x0, y - y0
+    c, s = np.cos(theta), np.sin(theta)
+    major = c * dx + s * dy
+    minor = -s * dx + c * dy
+    image = np.exp(-0.5 * ((major / sigma_x)**2 + (minor / sigma_y)**2))
+    return flux * image / image.sum()
+
+
+@pytest.fixture(scope='module')
+def valid_inputs():
+    """2 objects x 3 bands of 32x32 noise stamps and 9x9 Gaussian PSFs."""
+    rng = np.random.default_rng(0)
+    stamps = rng.normal(size=(2, 3, 32, 32))
+    psfs = np.broadcast_to(gaussian((9, 9), 1.5, 1.2, 0.3, 4, 4), (2, 3, 9, 9)).copy()
+    return stamps, psfs
+
+
+@pytest.fixture(scope='module')
+def test_stamps(tiny_simulation_path):
+    """The first 12 objects of the shared simulation (inside the tiny model's training range)."""
+    return read_simulation(tiny_simulation_path, 0, 12)
+
+
+# --- amplitude refit -------------------------------------------------------------------------
+
+
+def test_refit_amplitude_exact_on_noiseless_stamps():
+    n, n_bands = 2, 3
+    model = np.stack([[gaussian((32, 32), 2.0 + b, 1.5, 0.2 * i, 15.2, 16.7)
+                       for b in range(n_bands)] for i in range(n)])
+    psfs = np.stack([[gaussian((9, 9), 1.0 + 0.2 * b, 1.3, 0.5, 4, 4) for b in range(n_bands)]
+                     for i in range(n)])
+    scales = np.array([[2.5, 0.3, 17.0], [1e-3, 1.0, 400.0]])
+    # Independent forward model: scipy's 'same' convolution (odd kernels are centred).
+    reconvolved = np.stack([[fftconvolve(model[i, b], psfs[i, b], mode='same')
+                             for b in range(n_bands)] for i in range(n)])
+    observed = scales[..., None, None] * reconvolved
+    sigma = np.array([[0.5, 1.0, 2.0], [0.1, 0.2, 0.3]])
+    amplitude, amplitude_err, noise_sigma = refit_amplitude(model, observed, psfs,
+                                                            noise_sigma=sigma)
+    # Noiseless: the least-squares amplitude is the scale exactly, up to float64 rounding.
+    assert_allclose(amplitude, scales, rtol=1e-10)
+    # Eq. 2: sigma_A = sigma / sqrt(sum P~^2), P~ = model convolved with the PSF.
+    assert_allclose(amplitude_err, sigma / np.sqrt((reconvolved**2).sum(axis=(-2, -1))),
+                    rtol=1e-10)
+    assert_array_equal(noise_sigma, sigma)
+
+
+def test_refit_amplitude_estimates_noise_and_handles_zero_models():
+    rng = np.random.default_rng(1)
+    model = gaussian((64, 64), 3.0, 2.0, 0.0, 32, 32, flux=1000.0)
+    psf = gaussian((15, 15), 1.5, 1.5, 0.0, 7, 7)
+    observed = 2.0 * fftconvolve(model, psf, mode='same') + rng.normal(0, 0.7, (64, 64))
+    amplitude, amplitude_err, noise_sigma = refit_amplitude(model, observed, psf)
+    # Estimated from the residuals (MAD of 4096 pixels: ~2% error); 5% bound.
+    assert_allclose(noise_sigma, 0.7, rtol=0.05)
+    # The amplitude is within a few of its own errors of the truth (seeded: 4 sigma).
+    assert abs(amplitude - 2.0) < 4 * amplitude_err
+
+    # A zero model image has no amplitude: 0 with an infinite error, no warning.
+    zero = np.zeros((1, 2, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        amplitude, amplitude_err, _ = refit_amplitude(
+            zero, rng.normal(size=(1, 2, 16, 16)), np.ones((1, 2, 3, 3)) / 9, noise_sigma=1.0)
+    assert_array_equal(amplitude, 0.0)
+    assert np.isinf(amplitude_err).all()
+
+
+def test_estimate_noise_sigma():
+    rng = np.random.default_rng(2)
+    sigma = np.array([0.5, 2.5, 10.0])
+    noise = rng.normal(size=(3, 128, 128)) * sigma[:, None, None] + 7.0
+    # 1.4826 MAD of 16384 pixels has a relative error of ~1.2%: 5% is a 4-sigma bound;
+    # a constant background does not bias it.
+    assert_allclose(estimate_noise_sigma(noise), sigma, rtol=0.05)
+    assert estimate_noise_sigma(noise).shape == (3,)
+
+
+# --- input validation ------------------------------------------------------------------------
+
+
+def check_error(error, match, stamps, psfs, pixel_scale=0.2):
+    with pytest.raises(error, match=match) as info:
+        validate_stamps(stamps, psfs, pixel_scale)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, InvalidInputError)
+    assert info.value.exit_code == 3
+    return str(info.value)
+
+
+def test_validate_stamps_valid(valid_inputs):
+    stamps, psfs = valid_inputs
+    out_stamps, out_psfs, scale = validate_stamps(stamps.astype(np.float32), 3 * psfs, 0.2)
+    assert out_stamps.dtype == np.float64
+    assert_allclose(out_psfs.sum(axis=(-2, -1)), 1.0, rtol=1e-12)
+    assert_allclose(out_psfs, psfs / psfs.sum(axis=(-2, -1), keepdims=True), rtol=1e-12)
+    assert_array_equal(scale, [0.2, 0.2])
+    # An unmasked masked array is fine.
+    validate_stamps(np.ma.masked_array(stamps), psfs, [0.2, 0.3])
+
+
+def test_nan_pixel(valid_inputs):
+    stamps, psfs = valid_inputs
+    bad = stamps.copy()
+    bad[1, 2, 3, 4] = np.nan
+    message = check_error(InvalidPixelsError, 'non-finite', bad, psfs)
+    assert '(1, 2, 3, 4)' in message
+    bad[1, 2, 3, 4] = np.inf
+    check_error(InvalidPixelsError, r'\(1, 2, 3, 4\)', bad, psfs)
+
+
+def test_masked_array(valid_inputs):
+    stamps, psfs = valid_inputs
+    mask = np.zeros(stamps.shape, dtype=bool)
+    mask[0, 1, 5, 5] = True
+    check_error(InvalidPixelsError, 'masked', np.ma.masked_array(stamps, mask=mask), psfs)
+
+
+def test_complex_stamps(valid_inputs):
+    stamps, psfs = valid_inputs
+    check_error(InvalidPixelsError, 'real numbers', stamps + 1j, psfs)
+
+
+@pytest.mark.parametrize('value, shown', [(0.0, '0.0'), (-1.0, '-1.0'), (np.nan, 'nan')])
+def test_psf_with_bad_sum(valid_inputs, value, shown):
+    stamps, psfs = valid_inputs
+    bad = psfs.copy()
+    if np.isnan(value):
+        bad[1, 2, 0, 0] = np.nan
+    else:
+        bad[1, 2] *= value  # zero or negative sum
+    message = check_error(InvalidPSFError, r'psfs\[1, 2\] sums to', stamps, bad)
+    assert shown in message
+    assert 'positive, finite sum' in message
+
+
+def test_psf_even_size(valid_inputs):
+    stamps, _ = valid_inputs
+    psfs = np.ones((2, 3, 8, 8)) / 64
+    check_error(InvalidPSFError, 'odd sizes', stamps, psfs)
+
+
+def test_psf_larger_than_stamp():
+    stamps = np.zeros((1, 1, 8, 8))
+    psfs = np.zeros((1, 1, 9, 9))
+    psfs[..., 4, 4] = 1.0
+    check_error(InvalidPSFError, 'larger than the stamps', stamps, psfs)
+
+
+def test_psf_off_centre(valid_inputs):
+    stamps, psfs = valid_inputs
+    bad = psfs.copy()
+    bad[0, 1] = gaussian((9, 9), 1.0, 1.0, 0.0, 7, 1)
+    message = check_error(InvalidPSFError, r'psfs\[0, 1\] peaks at pixel', stamps, bad)
+    assert '(4, 4)' in message  # the centre it should peak at
+    # A peak one pixel off (a centring convention) is accepted.
+    ok = psfs.copy()
+    ok[0, 1] = gaussian((9, 9), 1.0, 1.0, 0.0, 5, 3)
+    validate_stamps(stamps, ok, 0.2)
+
+
+def test_shape_mismatches(valid_inputs):
+    stamps, psfs = valid_inputs
+    check_error(ShapeMismatchError, r'psfs must have shape', stamps, psfs[:1])
+    check_error(ShapeMismatchError, r'psfs must have shape', stamps, psfs[:, :2])
+    check_error(ShapeMismatchError, r'psfs must have shape', stamps, psfs[0])
+    check_error(ShapeMismatchError, r'stamps must have shape \(n, n_bands, ny, nx\)',
+                stamps[0], psfs)
+
+
+@pytest.mark.parametrize('pixel_scale', [0.0, -0.2, np.nan, np.inf, [0.2, 0.0]])
+def test_bad_pixel_scale(valid_inputs, pixel_scale):
+    stamps, psfs = valid_inputs
+    check_error(PixelScaleError, 'positive and finite', stamps, psfs, pixel_scale)
+
+
+def test_pixel_scale_of_wrong_shape(valid_inputs):
+    stamps, psfs = valid_inputs
+    check_error(ShapeMismatchError, r'pixel_scale must be a scalar or have shape \(2,\)',
+                stamps, psfs, [0.2, 0.2, 0.2])
+
+
+@pytest.mark.parametrize('pixel_scale', [0.2 * u.arcsec / u.pix, 0.2 * u.arcsec,
+                                         (0.2 / 3600) * u.deg / u.pix,
+                                         [0.2, 0.2] * u.arcsec / u.pix])
+def test_pixel_scale_quantity(valid_inputs, pixel_scale):
+    stamps, psfs = valid_inputs
+    _, _, scale = validate_stamps(stamps, psfs, pixel_scale)
+    assert type(scale) is np.ndarray
+    assert_allclose(scale, [0.2, 0.2], rtol=1e-12)
+
+
+def test_normalize_psfs():
+    psfs = np.arange(1, 19, dtype=float).reshape(2, 1, 3, 3)
+    assert_allclose(normalize_psfs(psfs).sum(axis=(-2, -1)), 1.0)
+    assert_allclose(normalize_psfs(5 * psfs), normalize_psfs(psfs))
+
+
+# --- the stamp API with the tiny model -------------------------------------------------------
+
+
+def test_deconvolve_stamps_shapes_and_fluxes(tiny_model, test_stamps):
+    sims = test_stamps
+    images, details = deconvolve_stamps(sims['observed'], sims['psf'],
+                                        pixel_scale=sims['pixel_scale'], model=tiny_model,
+                                        return_details=True)
+    assert images.shape == (12, 3, 64, 64)
+    for key in ('amplitude', 'amplitude_err', 'flux', 'flux_err', 'flux_corrected',
+                'noise_sigma'):
+        assert details[key].shape == (12, 3), key
+    assert details['network_output'].shape == (12, 3, 64, 64)
+    # The image is amplitude x network output, so its sum is the flux (float32 images).
+    assert_allclose(images.sum(axis=(-2, -1), dtype=np.float64), details['flux'], rtol=1e-5)
+    assert_allclose(images, details['network_output'] * details['amplitude'][..., None, None],
+                    rtol=1e-6)
+    # The card has no flux-bias correction: corrected == measured.
+    assert_array_equal(details['flux_corrected'], details['flux'])
+    # Without return_details: the same images.
+    only = deconvolve_stamps(sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+                             model=tiny_model)
+    assert_array_equal(only, images)
+    # A known noise is passed through (and used for the errors).
+    _, known = deconvolve_stamps(sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+                                 model=tiny_model, noise_sigma=sims['noise_sigma'],
+                                 return_details=True)
+    assert_allclose(known['noise_sigma'], sims['noise_sigma'])
+    assert_allclose(known['flux'], details['flux'], rtol=1e-10)
+
+
+def test_deconvolve_psfs_of_any_positive_sum(tiny_model, test_stamps):
+    sims = test_stamps
+    reference = deconvolve_stamps(sims['observed'], sims['psf'],
+                                  pixel_scale=sims['pixel_scale'], model=tiny_model)
+    scaled = deconvolve_stamps(sims['observed'], 7 * sims['psf'],
+                               pixel_scale=sims['pixel_scale'], model=tiny_model)
+    # Normalising psf and 7 psf differs by float rounding only.
+    assert_allclose(scaled, reference, rtol=1e-4, atol=1e-6 * np.abs(reference).max())
+
+
+def test_deconvolve_pixel_scale_quantity(tiny_model, test_stamps):
+    sims = test_stamps
+    reference = deconvolve_stamps(sims['observed'], sims['psf'],
+                                  pixel_scale=sims['pixel_scale'], model=tiny_model)
+    with_units = deconvolve_stamps(sims['observed'], sims['psf'],
+                                   pixel_scale=sims['pixel_scale'] * u.arcsec / u.pix,
+                                   model=tiny_model)
+    assert_array_equal(with_units, reference)
+
+
+def test_deconvolve_band_count_mismatch(tiny_model, test_stamps):
+    sims = test_stamps
+    with pytest.raises(BandCountError, match='2 band'):
+        deconvolve_stamps(sims['observed'][:, :2], sims['psf'][:, :2],
+                          pixel_scale=sims['pixel_scale'], model=tiny_model)
+
+
+def test_deconvolve_wrong_stamp_size(tiny_model, test_stamps):
+    sims = test_stamps
+    with pytest.raises(ShapeMismatchError, match='trained on 64x64'):
+        deconvolve_stamps(sims['observed'][..., 8:40, 8:40], sims['psf'][..., 5:36, 5:36],
+                          pixel_scale=sims['pixel_scale'], model=tiny_model)
+
+
+def test_deconvolve_rejects_bad_input_before_running(tiny_model, test_stamps):
+    sims = test_stamps
+    observed = sims['observed'].copy()
+    observed[3, 1, 10, 10] = np.nan
+    with pytest.raises(InvalidPixelsError, match=r'\(3, 1, 10, 10\)'):
+        deconvolve_stamps(observed, sims['psf'], pixel_scale=sims['pixel_scale'],
+                          model=tiny_model)
+
+
+def test_outside_training_range_warning(tiny_model, test_stamps):
+    sims = test_stamps
+    low, high = tiny_model.card['training']['simulation_config']['pixel_scale_range']
+    scale = sims['pixel_scale'].copy()
+    scale[[2, 5]] = [low / 2, 2 * high]
+    with pytest.warns(OutsideTrainingRangeWarning, match='2 stamp'):
+        deconvolve_stamps(sims['observed'], sims['psf'], pixel_scale=scale, model=tiny_model)
+    # Inside the range: no warning at all.
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        deconvolve_stamps(sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+                          model=tiny_model)
+
+
+# --- flux bias -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def flux_bias_data():
+    """Fluxes whose true/measured ratio is exactly c0 + c1 L + c2 L^2 for L in (1, 3), plus
+    outliers outside the fitted SNR range (L < 1 and L > 3) with an absurd ratio."""
+    rng = np.random.default_rng(3)
+    coefficients = np.array([1.08, -0.04, 0.006])
+    log_snr = rng.uniform(1.05, 2.95, 300)
+    flux_err = rng.uniform(0.5, 5.0, 300)
+    flux = 10**log_snr * flux_err
+    ratio = coefficients[0] + coefficients[1] * log_snr + coefficients[2] * log_snr**2
+    true_flux = ratio * flux
+    outside_err = np.ones(20)
+    outside_flux = np.concatenate([np.full(10, 3.0), np.full(10, 5000.0)])  # L=0.48, 3.7
+    return (np.concatenate([flux, outside_flux]), np.concatenate([flux_err, outside_err]),
+            np.concatenate([true_flux, 10 * outside_flux]), coefficients)
+
+
+def test_fit_flux_bias_recovers_coefficients(flux_bias_data):
+    flux, flux_err, true_flux, coefficients = flux_bias_data
+    fit = fit_flux_bias(flux, flux_err, true_flux)
+    # Exact quadratic data: least squares recovers it to rounding.
+    assert_allclose(fit['coefficients'], coefficients, rtol=1e-8, atol=1e-10)
+    assert fit['log_snr_range'] == [1.0, 3.0]
+    assert 250 <= fit['n_objects'] <= 300  # the 20 out-of-range objects are not used
+    # 2-d input (objects x bands) is pooled.
+    fit2 = fit_flux_bias(flux.reshape(-1, 2), flux_err.reshape(-1, 2), true_flux.reshape(-1, 2))
+    assert_allclose(fit2['coefficients'], coefficients, rtol=1e-8, atol=1e-10)
+
+
+def test_fit_flux_bias_constant_ratio():
+    # A perfectly unbiased model (ratio exactly 1): c = (1, 0, 0).
+    flux = np.logspace(1.1, 2.9, 50)
+    fit = fit_flux_bias(flux, np.ones(50), flux)
+    assert_allclose(fit['coefficients'], [1.0, 0.0, 0.0], atol=1e-10)
+
+
+def test_fit_flux_bias_needs_enough_objects():
+    # Two objects cannot fix a quadratic: refuse with a clear message rather than return an
+    # ill-conditioned fit (numpy's RankWarning is an error in this suite).
+    flux = np.array([100.0, 300.0, 1e6])
+    with pytest.raises(InvalidInputError):
+        fit_flux_bias(flux, np.ones(3), 1.1 * flux)
+
+
+def test_correct_flux_bias(flux_bias_data):
+    flux, flux_err, true_flux, coefficients = flux_bias_data
+    bias = fit_flux_bias(flux, flux_err, true_flux)
+    corrected = correct_flux_bias(flux, flux_err, bias)
+    log_snr = np.clip(np.log10(flux / flux_err), 1.0, 3.0)
+    factor = coefficients[0] + coefficients[1] * log_snr + coefficients[2] * log_snr**2
+    assert_allclose(corrected, flux * factor, rtol=1e-9)
+    # Inside the range the correction gives back the truth.
+    inside = slice(0, 300)
+    assert_allclose(corrected[inside], true_flux[inside], rtol=1e-9)
+    # None or an empty correction: unchanged (the same object).
+    assert correct_flux_bias(flux, flux_err, None) is flux
+    # Non-positive fluxes are left alone.
+    assert_array_equal(correct_flux_bias(np.array([-5.0, 0.0]), np.ones(2), bias), [-5.0, 0.0])
+
+
+def test_correct_flux_bias_quantity():
+    bias = {'coefficients': [1.05, 0.01, 0.0], 'log_snr_range': [1.0, 3.0]}
+    flux = [100.0, 1e5] * u.nJy
+    flux_err = [10.0, 1.0] * u.nJy  # L = 1 and 5 (clipped to 3)
+    corrected = correct_flux_bias(flux, flux_err, bias)
+    assert isinstance(corrected, u.Quantity)
+    assert corrected.unit == u.nJy
+    assert_allclose(corrected.value, [100.0 * 1.06, 1e5 * 1.08], rtol=1e-12)
