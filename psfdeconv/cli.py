@@ -7,13 +7,16 @@ and calibrate a network), ``evaluate`` (metrics and baselines on
 simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example)
 and ``info`` (versions and models).
 
-Exit codes: 0 success, 2 usage error, 3 bad input data, 4 model file
-problem, 5 output exists without ``--overwrite``, 6 partial batch failure.
+Exit codes: 0 success, 1 other failure (e.g. an I/O error writing an
+output), 2 usage error, 3 bad input data, 4 model file problem, 5 output
+exists without ``--overwrite``, 6 partial batch failure, 128 + N killed by
+signal N (SIGTERM: 143, after removing temporary files).
 """
 
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -338,11 +341,21 @@ def main(argv=None):
     level = (logging.DEBUG if args.verbose else
              logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format='%(levelname)s: %(message)s')
+    # SIGTERM unwinds like Ctrl-C, so temporary files are removed.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except PSFDeconvError as exc:
         print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)
         return exc.exit_code or 1
+    except OSError as exc:
+        # Disk full, permissions, ...: the system's message, no traceback.
+        print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)
+        return 1
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == '__main__':

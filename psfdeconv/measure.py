@@ -207,7 +207,11 @@ def image_moments(images, *, pixel_scale=None):
         # sum_ij I_ij dy_i dx_j as a matrix product: no image-sized temporary.
         mxy = np.sum(dy * (data @ dx[..., None])[..., 0], axis=-1) / safe_flux
         trace = mxx + myy
-        valid = positive & (trace > 0)
+        # Round-off leaves a trace of ~eps^2 (not 0) for a single-pixel
+        # image; below this floor there is no measurable shape.
+        ny, nx = data.shape[-2:]
+        floor = 16 * np.finfo(float).eps ** 2 * (nx ** 2 + ny ** 2)
+        valid = positive & (trace > floor)
         safe_trace = np.where(valid, trace, 1.0)
         e1 = np.where(valid, (mxx - myy) / safe_trace, np.nan)
         e2 = np.where(valid, 2.0 * mxy / safe_trace, np.nan)

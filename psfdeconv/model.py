@@ -31,7 +31,8 @@ import numpy as np
 
 from .exceptions import BandCountError, ConfigError, ModelFileError
 
-__all__ = ['build_cae', 'DeconvolutionModel', 'load_model', 'save_model',
+__all__ = ['build_cae', 'build_network', 'ARCHITECTURES',
+           'DeconvolutionModel', 'load_model', 'save_model',
            'default_model_path', 'weights_sha256', 'file_sha256',
            'MODEL_CARD_VERSION']
 
@@ -48,7 +49,8 @@ def _keras():
 
 
 def build_cae(input_shape=(64, 64, 9), *, n_outputs=3,
-              filters=(64, 128, 256), kernel_size=3, negative_slope=0.2):
+              filters=(64, 128, 256), kernel_size=3, negative_slope=0.2,
+              skip_connections=False):
     """Build the paper's convolutional autoencoder (uncompiled).
 
     Parameters
@@ -64,6 +66,10 @@ def build_cae(input_shape=(64, 64, 9), *, n_outputs=3,
         Convolution kernel size (3x3 in psfdeconv; stripped in the paper).
     negative_slope : float, optional
         LeakyReLU slope for negative inputs.
+    skip_connections : bool, optional
+        Concatenate each encoder level's activations to the decoder level
+        of the same size (a U-Net; ``architecture='unet'``). The paper's
+        CAE has none: everything passes through the 8x8 bottleneck.
 
     Returns
     -------
@@ -85,11 +91,13 @@ def build_cae(input_shape=(64, 64, 9), *, n_outputs=3,
                           f'{factor} for {len(filters)} pooling levels.')
     inputs = keras.Input(shape=tuple(input_shape), name='cube')
     x = inputs
+    skips = []
     for level, f in enumerate(filters):
         x = layers.Conv2D(f, kernel_size, padding='same',
                           name=f'encoder{level}_conv')(x)
         x = layers.LeakyReLU(negative_slope=negative_slope,
                              name=f'encoder{level}_act')(x)
+        skips.append(x)
         x = layers.MaxPooling2D(2, padding='same',
                                 name=f'encoder{level}_pool')(x)
         x = layers.BatchNormalization(name=f'encoder{level}_bn')(x)
@@ -100,10 +108,28 @@ def build_cae(input_shape=(64, 64, 9), *, n_outputs=3,
                              name=f'decoder{level}_act')(x)
         x = layers.UpSampling2D(2, name=f'decoder{level}_up')(x)
         x = layers.BatchNormalization(name=f'decoder{level}_bn')(x)
+        if skip_connections:
+            x = layers.Concatenate(name=f'decoder{level}_skip')(
+                [x, skips[-1 - level]])
     outputs = layers.Conv2D(n_outputs, kernel_size, padding='same',
                             activation='softplus', dtype='float32',
                             name='output')(x)
-    return keras.Model(inputs, outputs, name='cae')
+    return keras.Model(inputs, outputs,
+                       name='unet' if skip_connections else 'cae')
+
+
+#: Architectures `build_network` knows.
+ARCHITECTURES = ('cae', 'unet')
+
+
+def build_network(architecture, input_shape, **kwargs):
+    """Build a network by name: ``'cae'`` (the paper's autoencoder) or
+    ``'unet'`` (the same with skip connections); see `build_cae`."""
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f'architecture must be one of {ARCHITECTURES}, '
+                          f'got {architecture!r}.')
+    return build_cae(input_shape, skip_connections=architecture == 'unet',
+                     **kwargs)
 
 
 def file_sha256(path):
@@ -375,9 +401,13 @@ def save_model(keras_model, path, card, *, overwrite=False):
     path = Path(path)
     card = dict(card)
     with atomic_path(path, overwrite=overwrite) as tmp:
+        # Keras insists on a .keras suffix: save beside the temporary file.
         keras_path = tmp.with_suffix('.keras')
-        keras_model.save(keras_path)
-        os.replace(keras_path, tmp)
+        try:
+            keras_model.save(keras_path)
+            os.replace(keras_path, tmp)
+        finally:
+            keras_path.unlink(missing_ok=True)
         card['card_version'] = MODEL_CARD_VERSION
         card['weights_sha256'] = weights_sha256(tmp)
         card['file_sha256'] = file_sha256(tmp)

@@ -24,6 +24,7 @@ the paper's Eq. 1 and ~30x faster than drawing each band through GalSim's
 convolution.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -462,7 +463,7 @@ def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
         raise OutputExistsError(f'{path} exists; pass overwrite=True '
                                 f'(--overwrite) to replace it.')
     with atomic_path(path, overwrite=overwrite) as tmp_path:
-        with h5py.File(tmp_path, 'w') as h5:
+        with _hdf5_writer(h5py, tmp_path, path) as h5:
             h5.attrs['config'] = json.dumps(config.to_dict())
             h5.attrs['seed'] = seed
             h5.attrs['n_objects'] = n_objects
@@ -486,6 +487,26 @@ def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
                     h5[key][start:stop] = value
                 start = stop
     return path
+
+
+@contextlib.contextmanager
+def _hdf5_writer(h5py, tmp_path, path):
+    """An HDF5 file open for writing whose close cannot mask the error.
+
+    After a failed write (full disk, size limit) h5py's close fails too,
+    with an obscure RuntimeError; the original error is the one to report.
+    """
+    h5 = h5py.File(tmp_path, 'w')
+    try:
+        yield h5
+    except BaseException:
+        with contextlib.suppress(Exception):
+            h5.close()
+        raise
+    try:
+        h5.close()
+    except RuntimeError as exc:
+        raise OSError(f'cannot finish writing {path}: {exc}') from exc
 
 
 class SimulationFile:

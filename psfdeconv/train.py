@@ -60,6 +60,8 @@ class TrainConfig:
     patience: int = 5
     #: Stop (after checkpointing) once this many minutes are spent.
     max_minutes: float = None
+    #: Network: 'cae' (the paper's) or 'unet' (with skip connections).
+    architecture: str = 'cae'
     #: Encoder filters per level.
     filters: tuple = (64, 128, 256)
     #: LeakyReLU negative slope.
@@ -79,6 +81,9 @@ class TrainConfig:
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f'validation_fraction must be in (0, 1), got '
                               f'{self.validation_fraction}.')
+        if self.architecture not in ('cae', 'unet'):
+            raise ConfigError(f"architecture must be 'cae' or 'unet', got "
+                              f"{self.architecture!r}.")
         if self.dtype_policy not in ('float32', 'mixed_bfloat16'):
             raise ConfigError(f"dtype_policy must be 'float32' or "
                               f"'mixed_bfloat16', got {self.dtype_policy!r}.")
@@ -264,12 +269,13 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             train_seq.epoch = state['epoch']
             train_seq.order = train_seq._order()
         else:
-            from .model import build_cae
+            from .model import build_network
 
-            model = build_cae((stamp_size, stamp_size,
-                               n_bands * len(config.kinds)),
-                              n_outputs=n_bands, filters=config.filters,
-                              negative_slope=config.negative_slope)
+            model = build_network(config.architecture,
+                                  (stamp_size, stamp_size,
+                                   n_bands * len(config.kinds)),
+                                  n_outputs=n_bands, filters=config.filters,
+                                  negative_slope=config.negative_slope)
             schedule = keras.optimizers.schedules.ExponentialDecay(
                 config.learning_rate, decay_steps=config.decay_steps,
                 decay_rate=config.decay_rate)
@@ -295,7 +301,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
     model = _as_float32(keras, model)
 
     card = {
-        'architecture': 'cae',
+        'architecture': config.architecture,
         'architecture_config': {'filters': list(config.filters),
                                 'kernel_size': 3,
                                 'negative_slope': config.negative_slope},

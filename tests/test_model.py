@@ -72,6 +72,27 @@ def test_build_cae_options():
         build_cae((60, 60, 9))
 
 
+def test_unet_adds_skip_connections():
+    from psfdeconv.model import build_network
+
+    unet = build_network('unet', (64, 64, 9))
+    cae = build_network('cae', (64, 64, 9))
+    concatenations = [layer for layer in unet.layers
+                      if type(layer).__name__ == 'Concatenate']
+    # One skip per level: 256 + 256 channels at 16x16, 128 + 128 at 32x32,
+    # 64 + 64 at 64x64 feed the next decoder convolution / the output.
+    assert [tuple(layer.output.shape[1:]) for layer in concatenations] == [
+        (16, 16, 512), (32, 32, 256), (64, 64, 128)]
+    # The extra input channels of the decoder convolutions and the output are
+    # the only new weights: (512-256)*128*9 + (256-128)*64*9 + (128-64)*3*9.
+    assert unet.count_params() - cae.count_params() == (
+        256 * 128 * 9 + 128 * 64 * 9 + 64 * 3 * 9)
+    types = {type(layer).__name__ for layer in unet.layers}
+    assert types <= STANDARD_LAYERS | {'Concatenate'}
+    with pytest.raises(ConfigError, match="architecture must be one of"):
+        build_network('resnet', (64, 64, 9))
+
+
 # --- save / load -----------------------------------------------------------------------------
 
 

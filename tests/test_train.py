@@ -72,6 +72,7 @@ def test_train_config_from_dict_round_trip():
     ({'validation_fraction': 1.0}, r'validation_fraction must be in \(0, 1\)'),
     ({'validation_fraction': 0.0}, r'validation_fraction must be in \(0, 1\)'),
     ({'kinds': ['psf', 'bogus']}, 'kinds must be distinct values'),
+    ({'architecture': 'resnet'}, "architecture must be 'cae' or 'unet'"),
 ])
 def test_train_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -225,3 +226,23 @@ def test_train_on_missing_simulation(tmp_path, make_tiny_train_config):
     with pytest.raises(InvalidInputError, match='cannot read simulation file'):
         train_model(tmp_path / 'missing.h5', tmp_path / 'run', config=make_tiny_train_config(),
                     verbose=0)
+
+
+def test_tiny_unet_mixed_precision_trains_saves_and_loads(tiny_simulation_path, tmp_path,
+                                                          make_tiny_train_config):
+    # The shipped recipe: U-Net, mixed bfloat16 training, float32 inference model.
+    from psfdeconv.model import load_model, save_model
+
+    config = make_tiny_train_config(epochs=1, architecture='unet',
+                                    dtype_policy='mixed_bfloat16')
+    keras_model, card = train_model(tiny_simulation_path, tmp_path / 'run', config=config,
+                                    verbose=0)
+    assert card['architecture'] == 'unet'
+    assert keras_model.dtype_policy.name == 'float32'
+    assert any(type(layer).__name__ == 'Concatenate' for layer in keras_model.layers)
+    card.update(name='tiny-unet', flux_bias=None)
+    save_model(keras_model, tmp_path / 'unet.keras', card)
+    model = load_model(tmp_path / 'unet.keras')
+    cubes = np.zeros((2, 64, 64, 9), np.float32)
+    assert_allclose(model.predict(cubes), np.asarray(keras_model(cubes)).transpose(0, 3, 1, 2),
+                    rtol=1e-6)
