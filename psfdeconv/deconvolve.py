@@ -408,6 +408,12 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                             kinds=model.kinds, **model.feature_options)
         output[sl] = model.predict(cube, batch_size=batch_size)
 
+    if model.card.get('output_floor') == 'median':
+        # Softplus never reaches 0: the model's card may ask to remove the
+        # output's floor (its per-band median, i.e. the empty sky of the
+        # stamp) before the refit, so it adds neither flux nor size.
+        floor = np.median(output, axis=(-2, -1), keepdims=True)
+        output = np.clip(output - floor, 0.0, None)
     if noise_sigma is not None:
         noise_sigma = np.broadcast_to(np.asarray(noise_sigma, float),
                                       stamps.shape[:2])
