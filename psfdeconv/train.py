@@ -33,6 +33,10 @@ from .features import KINDS, _check_kinds, make_cube
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch']
 
+#: Targets are the truth over this many times the inputs' scale (see
+#: `scaled_batch`).
+DEFAULT_TARGET_HEADROOM = 4.0
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -71,6 +75,12 @@ class TrainConfig:
     dtype_policy: str = 'mixed_bfloat16'
     #: Options of `~psfdeconv.features.make_channels`.
     features: dict = dataclasses.field(default_factory=dict)
+    #: Targets are truth / (target_headroom x the inputs' scale).
+    target_headroom: float = DEFAULT_TARGET_HEADROOM
+    #: Post-processing of the network output recorded in the card: None, or
+    #: 'median' to remove the softplus floor before the amplitude refit
+    #: (see `~psfdeconv.deconvolve.deconvolve_stamps`).
+    output_floor: str = None
 
     def __post_init__(self):
         self.kinds = _check_kinds(self.kinds)
@@ -81,6 +91,12 @@ class TrainConfig:
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f'validation_fraction must be in (0, 1), got '
                               f'{self.validation_fraction}.')
+        if self.output_floor not in (None, 'median'):
+            raise ConfigError(f"output_floor must be None or 'median', got "
+                              f"{self.output_floor!r}.")
+        if not self.target_headroom >= 1:
+            raise ConfigError(f'target_headroom must be >= 1, got '
+                              f'{self.target_headroom}.')
         if self.architecture not in ('cae', 'unet'):
             raise ConfigError(f"architecture must be 'cae' or 'unet', got "
                               f"{self.architecture!r}.")
@@ -114,20 +130,23 @@ def split_indices(n_objects, *, validation_fraction, seed):
 
 
 def scaled_batch(observed, psfs, pixel_scale, truth, *, kinds=KINDS,
-                 **feature_options):
+                 target_headroom=DEFAULT_TARGET_HEADROOM, **feature_options):
     """Input cubes and targets of one batch.
 
     The inputs are scaled by their own per-object maximum
-    (`~psfdeconv.features.cube_scale`), as they are at inference. The
-    targets are the truth divided by its per-object maximum over bands
-    (blanks stay zero), so that they lie in [0, 1] as binary
-    cross-entropy requires. The paper instead divides inputs and truth by
-    one common maximum that includes the truth, which is unknown at
-    inference; with input-only scaling the truth peaks above 1 for most
-    galaxies (the PSF-filtered and regularised channels peak lower than
-    the truth). The network therefore learns the deconvolved image up to
-    a factor, and the amplitude refit
-    (`~psfdeconv.deconvolve.refit_amplitude`, paper Eq. 2) sets the flux.
+    (`~psfdeconv.features.cube_scale`), as they are at inference, and the
+    targets are the truth divided by the same factor times
+    ``target_headroom``, clipped to [0, 1] as binary cross-entropy
+    requires. The paper divides inputs and truth by one common maximum
+    that includes the truth; the truth is unknown at inference, so
+    psfdeconv scales by the inputs alone. The truth then peaks above the
+    inputs for most galaxies (the PSF-filtered and regularised channels
+    peak lower; up to ~4.7 times in the default simulations), hence the
+    headroom. The target stays proportional to the inputs, so the network
+    learns a map that scales with its input, as a deconvolution does (a
+    target normalised to its own peak does not, and trains far worse);
+    the amplitude refit (`~psfdeconv.deconvolve.refit_amplitude`, paper
+    Eq. 2) sets the flux afterwards.
 
     Returns
     -------
@@ -138,9 +157,8 @@ def scaled_batch(observed, psfs, pixel_scale, truth, *, kinds=KINDS,
     """
     cube, scale = make_cube(observed, psfs, pixel_scale=pixel_scale,
                             kinds=kinds, **feature_options)
-    peak = truth.reshape(truth.shape[0], -1).max(axis=1)
-    peak = np.where(peak > 0, peak, 1.0).astype(np.float32)
-    target = np.clip(truth / peak[:, None, None, None], 0.0, 1.0)
+    factor = (target_headroom * scale).astype(np.float32)
+    target = np.clip(truth / factor[:, None, None, None], 0.0, 1.0)
     return cube, np.ascontiguousarray(target.transpose(0, 2, 3, 1),
                                       dtype=np.float32)
 
@@ -151,7 +169,7 @@ def _load_split(sims, indices):
 
 
 def _make_sequence(keras, data, *, batch_size, kinds, feature_options, seed,
-                   shuffle):
+                   shuffle, target_headroom):
     class StampSequence(keras.utils.PyDataset):
         """Batches of (cube, target) built on the fly from stamps."""
 
@@ -174,7 +192,8 @@ def _make_sequence(keras, data, *, batch_size, kinds, feature_options, seed,
             idx = self.order[index * batch_size:(index + 1) * batch_size]
             return scaled_batch(data['observed'][idx], data['psf'][idx],
                                 data['pixel_scale'][idx], data['truth'][idx],
-                                kinds=kinds, **feature_options)
+                                kinds=kinds, target_headroom=target_headroom,
+                                **feature_options)
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -255,11 +274,13 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         train_seq = _make_sequence(
             keras, train_data, batch_size=config.batch_size,
             kinds=config.kinds, feature_options=config.features,
-            seed=config.seed, shuffle=True)
+            seed=config.seed, shuffle=True,
+            target_headroom=config.target_headroom)
         val_seq = _make_sequence(
             keras, val_data, batch_size=max(config.batch_size, 64),
             kinds=config.kinds, feature_options=config.features,
-            seed=config.seed, shuffle=False)
+            seed=config.seed, shuffle=False,
+            target_headroom=config.target_headroom)
 
         state = {'epoch': 0, 'history': [], 'best_val_loss': None,
                  'best_epoch': None, 'elapsed_seconds': 0.0}
@@ -309,6 +330,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         'n_bands': n_bands,
         'stamp_size': stamp_size,
         'features': dict(config.features),
+        'output_floor': config.output_floor,
         'training': {
             'config': config.to_dict(),
             'simulation_file': Path(simulation_path).name,

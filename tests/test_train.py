@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from psfdeconv.exceptions import ConfigError, InvalidInputError, OutputExistsError
 from psfdeconv.simulate import SimulationFile, read_simulation
+from psfdeconv.features import make_cube
 from psfdeconv.train import TrainConfig, scaled_batch, split_indices, train_model
 
 
@@ -73,6 +74,7 @@ def test_train_config_from_dict_round_trip():
     ({'validation_fraction': 0.0}, r'validation_fraction must be in \(0, 1\)'),
     ({'kinds': ['psf', 'bogus']}, 'kinds must be distinct values'),
     ({'architecture': 'resnet'}, "architecture must be 'cae' or 'unet'"),
+    ({'target_headroom': 0.5}, 'target_headroom must be >= 1'),
 ])
 def test_train_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -109,12 +111,22 @@ def test_scaled_batch(tiny_simulation_path):
     assert target.min() >= 0 and target.max() <= 1
     blank = data['is_blank']
     assert_array_equal(target[blank], 0.0)
-    # Each galaxy's target peaks at exactly 1 (divided by its own maximum over bands).
-    assert_allclose(target[~blank].reshape((~blank).sum(), -1).max(axis=1), 1.0, rtol=1e-6)
-    # ... and is the truth up to that one factor per object.
-    truth = data['truth'][~blank].transpose(0, 2, 3, 1)
-    peak = truth.reshape(len(truth), -1).max(axis=1)
-    assert_allclose(target[~blank], truth / peak[:, None, None, None], rtol=1e-6, atol=1e-7)
+    # The target is the truth over target_headroom times the inputs' own scale (the
+    # factor the cube was divided by), clipped to 1: proportional to the inputs.
+    _, scale = make_cube(data['observed'], data['psf'], pixel_scale=data['pixel_scale'])
+    truth = data['truth'].transpose(0, 2, 3, 1)
+    expected = np.clip(truth / (4.0 * scale[:, None, None, None]), 0, 1)
+    assert_allclose(target, expected, rtol=1e-6, atol=1e-7)
+    # Doubling the stamps and the truth leaves inputs and targets unchanged.
+    cube2, target2 = scaled_batch(2 * data['observed'], data['psf'], data['pixel_scale'],
+                                  2 * data['truth'])
+    assert_allclose(cube2, cube, rtol=1e-5, atol=1e-6)
+    assert_allclose(target2, target, rtol=1e-5, atol=1e-7)
+    # A larger headroom divides the (unclipped) targets.
+    _, target8 = scaled_batch(data['observed'], data['psf'], data['pixel_scale'],
+                              data['truth'], target_headroom=8.0)
+    assert_allclose(target8, np.clip(truth / (8.0 * scale[:, None, None, None]), 0, 1),
+                    rtol=1e-6, atol=1e-7)
     # Kinds subsets give n_kinds * n_bands channels.
     cube_psf, _ = scaled_batch(data['observed'], data['psf'], data['pixel_scale'],
                                data['truth'], kinds=['psf'])
