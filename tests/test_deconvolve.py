@@ -409,6 +409,7 @@ def test_output_floor_removal(tiny_model, tiny_simulation_path):
     raw = plain['network_output']
     expected = np.clip(raw - np.median(raw, axis=(-2, -1), keepdims=True), 0, None)
     assert_allclose(floored['network_output'], expected, rtol=1e-6, atol=1e-8)
-    assert_array_equal(np.median(floored['network_output'], axis=(-2, -1)), 0.0)
+    # Every pixel below the median (half of them, 64x64 being even) is now zero.
+    assert np.all((floored['network_output'] == 0).mean(axis=(-2, -1)) >= 0.5)
     # The refit then scales the floored output, so the image sums are still the fluxes.
     assert_allclose(images.sum(axis=(-2, -1)), floored['flux'], rtol=1e-5)

@@ -12,8 +12,8 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from psfdeconv.exceptions import ConfigError, InvalidInputError, OutputExistsError
-from psfdeconv.simulate import SimulationFile, read_simulation
 from psfdeconv.features import make_cube
+from psfdeconv.simulate import SimulationFile, read_simulation
 from psfdeconv.train import TrainConfig, scaled_batch, split_indices, train_model
 
 
