@@ -31,6 +31,9 @@ _LAZY = {
     'TrainConfig': 'train',
     'image_moments': 'measure',
     'measure_table': 'measure',
+    'deconvolve_catalog': 'pipeline',
+    'simulate_exposure': 'simulate',
+    'read_exposure': 'io',
 }
 
 __all__ = ['__version__', *_LAZY]

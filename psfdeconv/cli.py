@@ -4,8 +4,10 @@ The ``psfdeconv`` command line.
 
 Subcommands: ``simulate`` (GalSim training/test stamps), ``train`` (fit
 and calibrate a network), ``evaluate`` (metrics and baselines on
-simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example)
-and ``info`` (versions and models).
+simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example),
+``info`` (versions and models), ``run`` (exposures to a deconvolved,
+measured catalog) and ``simulate-exposure`` (multi-band exposures with
+known truth).
 
 Exit codes: 0 success, 1 other failure (e.g. an I/O error writing an
 output), 2 usage error, 3 bad input data, 4 model file problem, 5 output
@@ -251,6 +253,105 @@ def _cmd_info(args):
     return 0
 
 
+def _cmd_run(args):
+    """Deconvolve the galaxies of one set of multi-band exposures."""
+    from astropy.table import Table
+
+    from .exceptions import ConfigError, InvalidInputError
+    from .io import check_writable, read_exposure
+    from .pipeline import build_psfs, deconvolve_catalog, write_catalog, write_stamps
+    from .psf import render_psf, write_psf_image
+
+    exposures_paths = {}
+    for item in args.band:
+        band, sep, path = item.partition('=')
+        band, path = band.strip(), path.strip()
+        if not sep or not band or not path:
+            raise ConfigError(f'--band {item!r}: write NAME=FILE, e.g. --band '
+                              f'r=r.fits (one --band per band, in the order the '
+                              f'model was trained on).')
+        if band in exposures_paths:
+            raise ConfigError(f'--band {band} is given twice; give each band once.')
+        exposures_paths[band] = path
+    out = Path(args.out)
+    targets = {'catalog': out / 'catalog.fits', 'stamps': out / 'stamps.fits'}
+    targets.update({band: out / f'psf_{band}.fits' for band in exposures_paths})
+    # Refuse before any work rather than after it.
+    for path in targets.values():
+        check_writable(path, overwrite=args.overwrite)
+
+    model = _load(args.model)
+    model.check_bands(len(exposures_paths))
+    exposures = {band: read_exposure(path) for band, path in exposures_paths.items()}
+    positions = None
+    if args.catalog:
+        catalog_path = Path(args.catalog)
+        if not catalog_path.is_file():
+            raise InvalidInputError(f'--catalog {catalog_path} does not exist; give '
+                                    f'a table file (.ecsv, .fits, .csv) with ra/dec '
+                                    f'or x/y columns, or use --detect.')
+        try:
+            positions = Table.read(catalog_path)
+        except Exception as exc:  # astropy raises many types for unreadable files
+            raise InvalidInputError(f'--catalog {catalog_path} cannot be read as a '
+                                    f'table ({type(exc).__name__}: {exc}); give an '
+                                    f'ECSV, FITS or CSV table.') from None
+    psf_models, _ = build_psfs(exposures, args.psf)
+    catalog, stamps = deconvolve_catalog(
+        exposures, positions, psf_models, model=model,
+        reference_band=args.reference_band, batch_size=args.batch_size)
+    write_catalog(catalog, targets['catalog'], overwrite=args.overwrite)
+    write_stamps(stamps, targets['stamps'], overwrite=args.overwrite)
+    for band, psf_model in psf_models.items():
+        if not (hasattr(psf_model, 'data') and hasattr(psf_model, 'oversampling')
+                and getattr(psf_model.data, 'ndim', 0) == 2):
+            # A gridded PSF is written as its PSF at the image centre.
+            ny, nx = exposures[band].shape
+            psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
+                                   size=catalog.meta['psf_size'])
+        write_psf_image(psf_model, targets[band], overwrite=args.overwrite)
+    n_flagged = int((catalog['flags'] != 0).sum())
+    print(f'deconvolved {len(catalog)} sources in {len(exposures)} bands '
+          f'({n_flagged} flagged) with {Path(str(model.path)).name} (weights '
+          f'SHA-256 {str(model.sha256)[:12]}); wrote {targets["catalog"]}, '
+          f'{targets["stamps"]} and {len(psf_models)} PSF files')
+    return 0
+
+
+def _cmd_simulate_exposure(args):
+    """Simulate a multi-band exposure set with its truth."""
+    from .exceptions import ConfigError
+    from .io import check_writable
+    from .simulate import simulate_exposure, write_exposure_set
+
+    bands = tuple(band.strip() for band in args.bands.split(','))
+    # Refuse before simulating rather than after.
+    for name in (*(f'{band}.fits' for band in bands), 'truth.ecsv'):
+        check_writable(Path(args.out) / name, overwrite=args.overwrite)
+    seeing = None
+    if args.seeing:
+        try:
+            if '=' in args.seeing:
+                seeing = {}
+                for item in args.seeing.split(','):
+                    band, _, value = item.partition('=')
+                    seeing[band.strip()] = float(value)
+            else:
+                seeing = float(args.seeing)
+        except ValueError:
+            raise ConfigError(f'--seeing {args.seeing!r}: give one FWHM in arcsec '
+                              f'(0.8) or one per band (g=0.9,r=0.8,i=0.75).') from None
+    exposures, truth = simulate_exposure(
+        (args.size, args.size), bands=bands, n_galaxies=args.n_galaxies,
+        n_stars=args.n_stars, pixel_scale=args.pixel_scale, seeing_fwhm=seeing,
+        sky_sigma=args.sky_sigma, seed=args.seed,
+        wcs_offsets=not args.no_wcs_offsets)
+    paths = write_exposure_set(args.out, exposures, truth, overwrite=args.overwrite)
+    log.info('wrote %d galaxies and %d stars (seed %d) to %s', args.n_galaxies,
+             args.n_stars, args.seed, ', '.join(str(path) for path in paths.values()))
+    return 0
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog='psfdeconv',
@@ -261,7 +362,10 @@ def _parser():
                '  psfdeconv simulate --n 20000 --seed 1 --out train.h5\n'
                '  psfdeconv train train.h5 --out run/ --epochs 20\n'
                '  psfdeconv evaluate test.h5 --model run/model.keras '
-               '--report report/',
+               '--report report/\n'
+               '  psfdeconv simulate-exposure --out field/ --seed 3\n'
+               '  psfdeconv run --band g=field/g.fits --band r=field/r.fits '
+               '--band i=field/i.fits --detect --out out/',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log debugging information')
@@ -332,6 +436,66 @@ def _parser():
     p = sub.add_parser('info', help='versions and models')
     p.add_argument('--model', help='a model .keras file to describe')
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        'run', help='deconvolve the galaxies of multi-band exposures',
+        description='Detect (or read) the galaxies of one set of multi-band '
+                    'exposures, build the PSF of each band, deconvolve them and '
+                    'write OUT/catalog.fits (one row per source, with units and '
+                    'sky_centroid), OUT/stamps.fits (the deconvolved stamps with '
+                    'their WCS) and OUT/psf_<band>.fits.',
+        epilog='example:\n'
+               '  psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
+               '--detect --out run1/\n'
+               '  psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
+               '--catalog sources.ecsv --psf moffat:fwhm=0.8arcsec,beta=3 '
+               '--out run2/',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--band', action='append', required=True, metavar='NAME=FILE',
+                   help='a band and its FITS exposure (with a celestial WCS); '
+                        'repeat, in the order the model was trained on')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--catalog', metavar='FILE',
+                       help='table of sources (ECSV/FITS/CSV) with a SkyCoord '
+                            'column, ra/dec (deg) or x/y (pixels of the reference '
+                            'band) columns')
+    group.add_argument('--detect', action='store_true',
+                       help='detect the galaxies on the reference band (the '
+                            'default without --catalog)')
+    p.add_argument('--psf', default='epsf',
+                   help="PSF of every band: 'epsf' (from the stars, default), "
+                        "'epsf:grid=NYxNX', 'moffat:fwhm=0.8arcsec,beta=3' or "
+                        "'psf=FILE'")
+    p.add_argument('--model', help='model .keras file (default: shipped)')
+    p.add_argument('--reference-band', metavar='NAME',
+                   help='band whose pixel grid the stamps are cut on (default: '
+                        'the first --band)')
+    p.add_argument('--batch-size', type=int, default=128,
+                   help='objects per network call')
+    p.add_argument('--out', required=True, help='output directory')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        'simulate-exposure', help='simulate a multi-band exposure set',
+        description='Simulate GalSim exposures of galaxies and stars with a TAN '
+                    'WCS per band; writes OUT/<band>.fits and OUT/truth.ecsv.')
+    p.add_argument('--out', required=True, help='output directory')
+    p.add_argument('--seed', type=int, default=0, help='seed of the run')
+    p.add_argument('--size', type=int, default=512, help='image side in pixels')
+    p.add_argument('--bands', default='g,r,i', help='comma-separated band names')
+    p.add_argument('--n-galaxies', type=int, default=60)
+    p.add_argument('--n-stars', type=int, default=40)
+    p.add_argument('--pixel-scale', type=float, default=0.2,
+                   help='arcsec per pixel')
+    p.add_argument('--seeing', help='Moffat FWHM in arcsec, one value or per band '
+                                    '(g=0.9,r=0.8,i=0.75, the default)')
+    p.add_argument('--sky-sigma', type=float, default=1.0,
+                   help='sky noise standard deviation per pixel (0: none)')
+    p.add_argument('--no-wcs-offsets', action='store_true',
+                   help='give every band the same pixel grid')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_simulate_exposure)
     return parser
 
 

@@ -111,12 +111,21 @@ def build_cae(input_shape=(64, 64, 9), *, n_outputs=3,
         if skip_connections:
             x = layers.Concatenate(name=f'decoder{level}_skip')(
                 [x, skips[-1 - level]])
+    # Start the softplus output near zero (softplus(-3) = 0.049), where the
+    # truth is for almost every pixel. From Keras' default zero bias the
+    # output starts near 0.7, many pixels above 1, where the clipped binary
+    # cross-entropy has no gradient, and training stalls.
     outputs = layers.Conv2D(n_outputs, kernel_size, padding='same',
                             activation='softplus', dtype='float32',
+                            bias_initializer=keras.initializers.Constant(
+                                OUTPUT_BIAS_INIT),
                             name='output')(x)
     return keras.Model(inputs, outputs,
                        name='unet' if skip_connections else 'cae')
 
+
+#: Initial bias of the output convolution (see `build_cae`).
+OUTPUT_BIAS_INIT = -3.0
 
 #: Architectures `build_network` knows.
 ARCHITECTURES = ('cae', 'unet')

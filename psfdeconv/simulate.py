@@ -580,3 +580,479 @@ def read_simulation(path, start=0, stop=None, *, fields=None):
     """
     with SimulationFile(path) as sims:
         return sims.read(start, stop, fields=fields)
+
+
+# --- Simulated exposures ------------------------------------------------------------
+
+__all__ += ['simulate_exposure', 'write_exposure_set']
+
+#: Default seeing FWHM per band, arcsec (`simulate_exposure`).
+_EXPOSURE_SEEING = {'g': 0.9, 'r': 0.8, 'i': 0.75}
+#: Sky position of the centre of a simulated exposure (RA, Dec in degrees): the
+#: COSMOS field.
+_EXPOSURE_CENTRE = (150.0, 2.0)
+#: Largest shift (pixels, each axis) of a band's CRPIX with ``wcs_offsets``.
+_EXPOSURE_MAX_WCS_OFFSET = 0.5
+#: Half-side of the box a galaxy (or a star, in units of its FWHM) is drawn into.
+_GALAXY_DRAW_HALF_SIZE = 40
+_STAR_DRAW_HALF_SIZE_FWHM = 6.0
+#: Random candidate positions tried per object when placing the sources.
+_PLACEMENT_CANDIDATES = 400
+
+
+def _exposure_seeing(seeing_fwhm, bands):
+    """Seeing FWHM (arcsec) per band from a mapping, a scalar or a sequence."""
+    if seeing_fwhm is None:
+        seeing_fwhm = {b: _EXPOSURE_SEEING.get(b, 0.8) for b in bands}
+    elif not hasattr(seeing_fwhm, 'items'):
+        import astropy.units as u
+
+        if isinstance(seeing_fwhm, u.Quantity):
+            seeing_fwhm = _as_float_array(seeing_fwhm, 'seeing_fwhm')
+        values = np.atleast_1d(np.asarray(seeing_fwhm, dtype=float))
+        if values.size == 1:
+            values = np.repeat(values, len(bands))
+        if values.size != len(bands):
+            raise ConfigError(f'seeing_fwhm = {seeing_fwhm!r} has {values.size} '
+                              f'values for {len(bands)} bands {list(bands)}; give '
+                              f'one value, one per band, or a dict band -> FWHM.')
+        seeing_fwhm = dict(zip(bands, values.tolist(), strict=True))
+    missing = [b for b in bands if b not in seeing_fwhm]
+    if missing:
+        raise ConfigError(f'seeing_fwhm has no value for band(s) {missing}; give '
+                          f'one FWHM in arcsec per band, e.g. {{"g": 0.9, ...}}.')
+    out = {}
+    for band in bands:
+        value = _as_float(seeing_fwhm[band], 'arcsec', f'seeing_fwhm[{band!r}]')
+        if not np.isfinite(value) or value <= 0:
+            raise ConfigError(f'seeing_fwhm[{band!r}] = {value}; give a positive '
+                              f'FWHM in arcsec.')
+        out[band] = value
+    return out
+
+
+def _as_float(value, unit, name):
+    """A float from a number or a Quantity convertible to ``unit``."""
+    import astropy.units as u
+
+    try:
+        if isinstance(value, u.Quantity):
+            return float(value.to_value(unit, equivalencies=[
+                (u.arcsec, u.arcsec / u.pix)]))
+        return float(value)
+    except (TypeError, ValueError, u.UnitsError):
+        raise ConfigError(f'{name} = {value!r}; give a number or a Quantity in '
+                          f'{unit}.') from None
+
+
+def _as_float_array(quantity, name):
+    import astropy.units as u
+
+    try:
+        return quantity.to_value(u.arcsec)
+    except u.UnitsError:
+        raise ConfigError(f'{name} = {quantity!r}; give angles, e.g. 0.8 * '
+                          f'u.arcsec.') from None
+
+
+def _check_range(name, value_range, *, low_bound=0.0):
+    try:
+        low, high = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{name} = {value_range!r}; give (low, high).') from None
+    if not (np.isfinite(low) and np.isfinite(high) and low_bound < low <= high):
+        raise ConfigError(f'{name} = {value_range!r}; give (low, high) with '
+                          f'{low_bound} < low <= high.')
+    return low, high
+
+
+def _place_sources(rng, shape, n_galaxies, n_stars, *, min_separation,
+                   star_separation, galaxy_margin, star_margin):
+    """Random positions (x, y), galaxies first: every galaxy at least
+    ``min_separation`` pixels from every other source, stars at least
+    ``star_separation`` from each other. Sequential random placement (random
+    candidates, the first that fits is kept)."""
+    ny, nx = shape
+    placed = np.empty((0, 2))
+    # Per group: count, margin, distance to galaxies, distance to stars.
+    groups = ((n_galaxies, galaxy_margin, min_separation, min_separation),
+              (n_stars, star_margin, min_separation, star_separation))
+    for count, margin, to_galaxy, to_star in groups:
+        low = np.array([margin, margin], dtype=float)
+        high = np.array([nx - 1 - margin, ny - 1 - margin], dtype=float)
+        if count and np.any(high <= low):
+            raise ConfigError(f'the {nx}x{ny} image is too small for sources '
+                              f'{margin} pixels from its edges; give a larger '
+                              f'shape.')
+        for _ in range(count):
+            candidates = rng.uniform(low, high, (_PLACEMENT_CANDIDATES, 2))
+            limit = np.where(np.arange(len(placed)) < n_galaxies, to_galaxy,
+                             to_star)
+            distance = np.hypot(candidates[:, None, 0] - placed[None, :, 0],
+                                candidates[:, None, 1] - placed[None, :, 1])
+            fits = np.all(distance >= limit[None, :], axis=1)
+            if not fits.any():
+                raise ConfigError(
+                    f'cannot place {n_galaxies} galaxies and {n_stars} stars on a '
+                    f'{nx}x{ny} image with galaxies {min_separation} pixels and '
+                    f'stars {star_separation} pixels apart (placed '
+                    f'{min(len(placed), n_galaxies)} galaxies and '
+                    f'{max(len(placed) - n_galaxies, 0)} stars); give a larger '
+                    f'shape, fewer sources or smaller separations.')
+            placed = np.vstack([placed, candidates[np.argmax(fits)]])
+    return placed
+
+
+def _exposure_wcs(shape, pixel_scale, centre, offset):
+    """A TAN WCS with north up, east left, the reference pixel at the image
+    centre shifted by ``offset`` (x, y) pixels."""
+    from astropy.wcs import WCS
+
+    ny, nx = shape
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    wcs.wcs.cunit = ['deg', 'deg']
+    wcs.wcs.crval = list(centre)
+    wcs.wcs.crpix = [(nx + 1) / 2 + offset[0], (ny + 1) / 2 + offset[1]]
+    wcs.wcs.cdelt = [-pixel_scale / 3600.0, pixel_scale / 3600.0]
+    wcs.wcs.radesys = 'ICRS'
+    wcs.pixel_shape = (nx, ny)
+    return wcs
+
+
+def _draw_at(profile, image, x, y, half_size):
+    """Add ``profile`` (pixel-integrated) into the GalSim ``image`` with its
+    centre at 0-based pixel (x, y), drawn on the box of ``half_size`` pixels
+    around the nearest pixel."""
+    import galsim
+
+    ix, iy = int(np.floor(x + 0.5)) + 1, int(np.floor(y + 0.5)) + 1  # 1-based
+    bounds = galsim.BoundsI(ix - half_size, ix + half_size, iy - half_size,
+                            iy + half_size) & image.bounds
+    if not bounds.isDefined():
+        return
+    # GalSim pixel centres are at integers starting from 1.
+    profile.drawImage(image=image[bounds], add_to_image=True, method='auto',
+                      center=galsim.PositionD(x + 1.0, y + 1.0))
+
+
+def simulate_exposure(shape=(512, 512), *, bands=('g', 'r', 'i'), n_galaxies=60,
+                      n_stars=40, pixel_scale=0.2, seeing_fwhm=None, psf_beta=3.5,
+                      sky_sigma=1.0, galaxy_flux_range=(1500.0, 15000.0),
+                      star_flux_range=(5000.0, 50000.0),
+                      half_light_radius_range=(0.8, 1.6), min_separation=40.0,
+                      star_separation=25.0, config=None, unit='adu', seed=0,
+                      wcs_offsets=True):
+    """Simulate multi-band exposures of a field of galaxies and stars.
+
+    Each band is an image with a TAN WCS (north up, east left, centred on
+    RA 150, Dec 2) in which every galaxy is drawn by GalSim as its profile
+    convolved with the band's Moffat PSF (``galsim.Convolve``, pixel-integrated
+    with ``method='auto'``), every star as the PSF itself, plus Gaussian sky
+    noise. Galaxies are the bulge + disk + knots profiles of the stamp
+    simulations (`simulate_stamps`, drawn with the morphology ranges of
+    ``config``), shifted so that their light centroid is the catalogued
+    position. A galaxy's shape is the same in every band; its colour is a flux
+    ratio drawn per galaxy (``config.band_beta`` times a log-normal scatter of
+    ``config.band_color_scatter_dex``, as in the stamp simulations) -- the
+    stamp simulations' non-linear band transforms act on pixels and have no
+    counterpart for a profile drawn through GalSim's convolution. Stars get a
+    colour the same way.
+
+    Sources are placed at random: galaxies at least ``min_separation`` pixels
+    from every other source and 32 pixels from the edges (so that 64x64 stamps
+    around them hold one source and lie on the image), stars at least
+    ``star_separation`` pixels from each other and 13 pixels from the edges
+    (isolated in the 25x25 boxes of `psfdeconv.psf.find_stars`). Nothing is
+    saturated and the sky level is 0 (a background-subtracted exposure).
+
+    Parameters
+    ----------
+    shape : tuple of int, optional
+        (ny, nx) of every band.
+    bands : sequence of str, optional
+        Band names; the first band's pixels give the truth's ``x``, ``y``.
+    n_galaxies, n_stars : int, optional
+        Numbers of sources.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel, the same in every band.
+    seeing_fwhm : dict, float or sequence, optional
+        Moffat FWHM per band in arcsec (or angle Quantities). Default
+        ``{'g': 0.9, 'r': 0.8, 'i': 0.75}`` (0.8 for other band names).
+    psf_beta : float, optional
+        Moffat power index of every band's PSF.
+    sky_sigma : float, optional
+        Standard deviation of the Gaussian sky noise per pixel, in ``unit``;
+        0 for noise-free images.
+    galaxy_flux_range, star_flux_range : tuple of float, optional
+        Log-uniform range of the first band's total flux, in ``unit``.
+    half_light_radius_range : tuple of float, optional
+        Log-uniform range of the galaxies' disk half-light radius, arcsec.
+        Its lower end keeps galaxies resolved (wider than the stars by more
+        than the 25 percent of `~psfdeconv.psf.find_stars`).
+    min_separation, star_separation : float, optional
+        Smallest distances in pixels (see above).
+    config : `SimulationConfig`, optional
+        Morphology ranges (bulge fraction, knots, ellipticity) and colours.
+    unit : str or `~astropy.units.Unit`, optional
+        Unit of the pixel values (``BUNIT``).
+    seed : int, optional
+        Seed: the same seed gives identical exposures and truth.
+    wcs_offsets : bool, optional
+        Shift the reference pixel (CRPIX) of each band after the first by a
+        random amount in [-0.5, 0.5] pixel per axis, so that the bands' pixel
+        grids differ slightly (as in real, separately registered exposures).
+
+    Returns
+    -------
+    exposures : dict of str to `~astropy.nddata.CCDData`
+        Per band: float64 (ny, nx) data in ``unit``, the celestial ``wcs``,
+        a `~astropy.nddata.StdDevUncertainty` of ``sky_sigma`` (None when it
+        is 0), and ``meta`` with ``BAND``, ``SEEING`` (arcsec), ``PSFBETA``,
+        ``SKYSIG``, ``PIXSCALE`` and ``SEED``.
+    truth : `~astropy.table.QTable`
+        One row per source, galaxies first: ``id``, ``kind`` ('galaxy' or
+        'star'), ``ra``, ``dec`` (deg; the light centroid), ``x``, ``y``
+        (0-based pixels of the first band), ``x_<band>``, ``y_<band>`` per
+        band, ``flux_<band>`` (the profile's total flux in ``unit``; the
+        drawn image holds that minus the wings beyond the drawing box, a few
+        tenths of a percent at most) and ``half_light_radius`` (arcsec, 0
+        for stars). ``meta`` records the parameters.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ConfigError
+        For a parameter out of range, or sources that cannot be placed
+        with the requested separations.
+
+    Examples
+    --------
+    >>> from psfdeconv.simulate import simulate_exposure
+    >>> exposures, truth = simulate_exposure((128, 128), n_galaxies=2, n_stars=3,
+    ...                                      seed=1)
+    >>> print(list(exposures), exposures['r'].shape, exposures['r'].unit)
+    ['g', 'r', 'i'] (128, 128) adu
+    >>> print(len(truth), truth['kind'].tolist())
+    5 ['galaxy', 'galaxy', 'star', 'star', 'star']
+    """
+    import astropy.units as u
+    import galsim
+    from astropy.nddata import CCDData, StdDevUncertainty
+    from astropy.table import QTable
+
+    config = SimulationConfig() if config is None else config
+    try:
+        ny, nx = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ConfigError(f'shape = {shape!r}; give (ny, nx) in pixels.') from None
+    if ny < 16 or nx < 16:
+        raise ConfigError(f'shape = {shape!r}; give at least 16x16 pixels.')
+    if isinstance(bands, str):
+        bands = (bands,)
+    bands = tuple(str(b) for b in bands)
+    if not bands or len(set(bands)) != len(bands) or \
+            not all(b.isidentifier() for b in bands):
+        raise ConfigError(f'bands = {bands!r}; give distinct band names made of '
+                          f'letters, digits and underscores, e.g. ("g", "r", "i").')
+    for name, value in (('n_galaxies', n_galaxies), ('n_stars', n_stars)):
+        if isinstance(value, bool) or int(value) != value or value < 0:
+            raise ConfigError(f'{name} = {value!r}; give an integer >= 0.')
+    n_galaxies, n_stars = int(n_galaxies), int(n_stars)
+    if n_galaxies + n_stars == 0:
+        raise ConfigError('n_galaxies = n_stars = 0; give at least one source.')
+    scale = _as_float(pixel_scale, u.arcsec / u.pix, 'pixel_scale')
+    if not np.isfinite(scale) or scale <= 0:
+        raise ConfigError(f'pixel_scale = {pixel_scale!r}; give a positive '
+                          f'number of arcsec per pixel.')
+    seeing = _exposure_seeing(seeing_fwhm, bands)
+    psf_beta = float(psf_beta)
+    if not np.isfinite(psf_beta) or psf_beta <= 1.1:
+        raise ConfigError(f'psf_beta = {psf_beta}; the Moffat index must exceed '
+                          f'1.1.')
+    sky_sigma = float(sky_sigma)
+    if not np.isfinite(sky_sigma) or sky_sigma < 0:
+        raise ConfigError(f'sky_sigma = {sky_sigma}; give a noise standard '
+                          f'deviation >= 0.')
+    galaxy_flux_range = _check_range('galaxy_flux_range', galaxy_flux_range)
+    star_flux_range = _check_range('star_flux_range', star_flux_range)
+    half_light_radius_range = _check_range('half_light_radius_range',
+                                           half_light_radius_range)
+    for name, value in (('min_separation', min_separation),
+                        ('star_separation', star_separation)):
+        if not np.isfinite(value) or value < 0:
+            raise ConfigError(f'{name} = {value!r}; give a distance >= 0 in '
+                              f'pixels.')
+    try:
+        unit = u.Unit(unit)
+    except (TypeError, ValueError):
+        raise ConfigError(f'unit = {unit!r} is not an astropy unit; give e.g. '
+                          f'"adu" or "electron".') from None
+
+    rng = np.random.default_rng(seed)
+    offsets = np.zeros((len(bands), 2))
+    if wcs_offsets:
+        offsets[1:] = rng.uniform(-_EXPOSURE_MAX_WCS_OFFSET,
+                                  _EXPOSURE_MAX_WCS_OFFSET, (len(bands) - 1, 2))
+    wcs = {band: _exposure_wcs((ny, nx), scale, _EXPOSURE_CENTRE, offsets[b])
+           for b, band in enumerate(bands)}
+    positions = _place_sources(rng, (ny, nx), n_galaxies, n_stars,
+                               min_separation=float(min_separation),
+                               star_separation=float(star_separation),
+                               galaxy_margin=32, star_margin=13)
+    n = n_galaxies + n_stars
+    is_galaxy = np.arange(n) < n_galaxies
+    sky = wcs[bands[0]].pixel_to_world(positions[:, 0], positions[:, 1])
+    pixels = {band: np.transpose(wcs[band].world_to_pixel(sky)) for band in bands}
+    pixels[bands[0]] = positions  # exact, not round-tripped through the sky
+
+    flux = np.empty((n, len(bands)))
+    flux[:, 0] = np.where(is_galaxy, _draw_log_uniform(rng, galaxy_flux_range, n),
+                          _draw_log_uniform(rng, star_flux_range, n))
+    for b in range(1, len(bands)):
+        beta = config.band_beta[b] if b < len(config.band_beta) else 1.0
+        flux[:, b] = flux[:, 0] * beta * 10.0 ** rng.normal(
+            0.0, config.band_color_scatter_dex, n)
+    half_light_radius = np.where(
+        is_galaxy, _draw_log_uniform(rng, half_light_radius_range, n), 0.0)
+    # Unit-flux galaxy profiles, their light centroid moved to the origin
+    # (random knots and bulge shifts move it off the nominal centre).
+    profiles = []
+    for i in np.flatnonzero(is_galaxy):
+        profile = _galaxy_profile(rng, config, half_light_radius[i])
+        centroid = profile.centroid
+        profiles.append(profile.shift(-centroid.x, -centroid.y))
+
+    exposures = {}
+    for b, band in enumerate(bands):
+        psf = galsim.Moffat(beta=psf_beta, fwhm=seeing[band])
+        image = galsim.ImageD(nx, ny, scale=scale)
+        star_half = int(np.ceil(_STAR_DRAW_HALF_SIZE_FWHM * seeing[band] / scale))
+        for i in range(n):
+            x, y = pixels[band][i]
+            if is_galaxy[i]:
+                source = galsim.Convolve(profiles[i].withFlux(flux[i, b]), psf)
+                _draw_at(source, image, x, y, _GALAXY_DRAW_HALF_SIZE)
+            else:
+                _draw_at(psf.withFlux(flux[i, b]), image, x, y, star_half)
+        data = image.array.astype(np.float64)
+        uncertainty = None
+        if sky_sigma > 0:
+            data += rng.normal(0.0, sky_sigma, data.shape)
+            uncertainty = StdDevUncertainty(np.full(data.shape, sky_sigma))
+        meta = {'BAND': band, 'SEEING': seeing[band], 'PSFBETA': psf_beta,
+                'SKYSIG': sky_sigma, 'PIXSCALE': scale, 'SEED': seed}
+        exposures[band] = CCDData(data, unit=unit, wcs=wcs[band],
+                                  uncertainty=uncertainty, meta=meta)
+
+    truth = QTable()
+    truth['id'] = np.arange(n)
+    truth['kind'] = np.where(is_galaxy, 'galaxy', 'star')
+    truth['ra'] = sky.ra.to(u.deg)
+    truth['dec'] = sky.dec.to(u.deg)
+    truth['x'] = positions[:, 0] * u.pix
+    truth['y'] = positions[:, 1] * u.pix
+    for band in bands:
+        truth[f'x_{band}'] = pixels[band][:, 0] * u.pix
+        truth[f'y_{band}'] = pixels[band][:, 1] * u.pix
+    for b, band in enumerate(bands):
+        truth[f'flux_{band}'] = flux[:, b] * unit
+    truth['half_light_radius'] = half_light_radius * u.arcsec
+    descriptions = {
+        'id': 'Source index', 'kind': "'galaxy' or 'star'",
+        'ra': 'Right ascension of the light centroid (ICRS)',
+        'dec': 'Declination of the light centroid (ICRS)',
+        'x': f'Column of the light centroid in band {bands[0]}, 0-based',
+        'y': f'Row of the light centroid in band {bands[0]}, 0-based',
+        'half_light_radius': 'Disk half-light radius (0 for stars)'}
+    for band in bands:
+        descriptions[f'x_{band}'] = f'Column in band {band}, 0-based'
+        descriptions[f'y_{band}'] = f'Row in band {band}, 0-based'
+        descriptions[f'flux_{band}'] = f'Total flux of the profile, band {band}'
+    for name, text in descriptions.items():
+        truth[name].info.description = text
+    truth.meta.update({
+        'bands': list(bands), 'shape': [ny, nx], 'pixel_scale': scale,
+        'seeing_fwhm': dict(seeing), 'psf_beta': psf_beta, 'sky_sigma': sky_sigma,
+        'seed': seed, 'unit': unit.to_string(),
+        'crpix_offsets': {band: offsets[b].tolist() for b, band in enumerate(bands)},
+    })
+    return exposures, truth
+
+
+def write_exposure_set(directory, exposures, truth=None, *, overwrite=False):
+    """Write simulated exposures as ``<band>.fits`` and the truth as
+    ``truth.ecsv``.
+
+    Each FITS file holds the image (float32) with its WCS, ``BUNIT`` and the
+    exposure's ``meta`` as header keywords in the primary HDU and, when the
+    exposure has an uncertainty, the inverse variance in an extension
+    ``WEIGHT`` (read it with ``psfdeconv.io.read_exposure(path,
+    weight_hdu='WEIGHT')``). Every file is written atomically
+    (`psfdeconv.io.atomic_path`), and nothing is written when one of them
+    exists and ``overwrite`` is False.
+
+    Parameters
+    ----------
+    directory : str or `~pathlib.Path`
+        Output directory (created if needed).
+    exposures : dict of str to `~astropy.nddata.CCDData`
+        From `simulate_exposure`.
+    truth : `~astropy.table.Table`, optional
+        The truth table, written as ECSV.
+    overwrite : bool, optional
+        Replace existing files.
+
+    Returns
+    -------
+    paths : dict of str to `~pathlib.Path`
+        Band name (and ``'truth'``) to the written file.
+
+    Raises
+    ------
+    psfdeconv.exceptions.OutputExistsError
+        If a file exists and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from psfdeconv.simulate import simulate_exposure, write_exposure_set
+    >>> exposures, truth = simulate_exposure((96, 96), n_galaxies=1, n_stars=2)
+    >>> paths = write_exposure_set(tempfile.mkdtemp(), exposures, truth)
+    >>> print(sorted(path.name for path in paths.values()))
+    ['g.fits', 'i.fits', 'r.fits', 'truth.ecsv']
+    """
+    from astropy.io import fits
+    from astropy.nddata import InverseVariance
+
+    from .io import atomic_path, check_writable, write_table
+
+    if not hasattr(exposures, 'items') or not exposures:
+        raise ConfigError('exposures must be a non-empty dict of band name to '
+                          'CCDData (from simulate_exposure).')
+    directory = Path(directory)
+    targets = {band: directory / f'{band}.fits' for band in exposures}
+    if truth is not None:
+        targets['truth'] = directory / 'truth.ecsv'
+    for path in targets.values():
+        check_writable(path, overwrite=overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    for band, exposure in exposures.items():
+        header = exposure.wcs.to_header() if exposure.wcs is not None \
+            else fits.Header()
+        unit = getattr(exposure, 'unit', None)
+        if unit is not None:
+            header['BUNIT'] = unit.to_string('fits')
+        for key, value in dict(exposure.meta or {}).items():
+            if isinstance(value, str | int | float | bool) and len(key) <= 8:
+                header[key.upper()] = value
+        hdus = [fits.PrimaryHDU(np.asarray(exposure.data, dtype=np.float32),
+                                header=header)]
+        if exposure.uncertainty is not None:
+            weight = exposure.uncertainty.represent_as(InverseVariance).array
+            hdus.append(fits.ImageHDU(np.asarray(weight, dtype=np.float32),
+                                      name='WEIGHT'))
+        with atomic_path(targets[band], overwrite=overwrite) as tmp:
+            fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    if truth is not None:
+        write_table(truth, targets['truth'], overwrite=overwrite)
+    return targets

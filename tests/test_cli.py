@@ -29,7 +29,8 @@ def test_help_in_subprocess():
     result = subprocess.run([sys.executable, '-m', 'psfdeconv.cli', '--help'],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for command in ('simulate', 'train', 'evaluate', 'deconvolve', 'info'):
+    for command in ('simulate', 'train', 'evaluate', 'deconvolve', 'info', 'run',
+                    'simulate-exposure'):
         assert command in result.stdout
 
 

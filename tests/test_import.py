@@ -12,8 +12,8 @@ import psfdeconv
 
 HEAVY = ('tensorflow', 'keras', 'galsim', 'photutils', 'reproject')
 
-MODULES = ('_fourier', 'cli', 'cutouts', 'deconvolve', 'evaluate', 'exceptions', 'features', 'io',
-           'measure', 'model', 'psf', 'simulate', 'train')
+MODULES = ('_fourier', 'cli', 'cutouts', 'deconvolve', 'evaluate', 'exceptions', 'features',
+           'io', 'pipeline', 'measure', 'model', 'psf', 'simulate', 'train')
 
 
 def run_python(code):

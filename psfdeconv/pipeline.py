@@ -1,0 +1,1141 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Exposure-level orchestration: from multi-band exposures to a catalogue of
+deconvolved galaxies.
+
+`deconvolve_catalog` runs every stage for one set of exposures (one image
+per band of the same field):
+
+1. read the bands (`psfdeconv.io.read_exposure`; paths or NDData);
+2. a PSF model per band (`build_psfs`): an ePSF from the band's own stars
+   (`psfdeconv.psf.build_epsf`) unless a model, an array or a ``--psf``
+   string is given;
+3. the source positions: given (sky or reference-band pixels), or detected
+   on the reference band with stars removed (`detect_galaxies`);
+4. background subtraction (the photutils mesh of `psfdeconv.psf`);
+5. band alignment: bands whose pixel grid differs from the reference
+   band's are reprojected onto it (`psfdeconv.cutouts.align_bands`), and
+   their PSFs pushed through the same resampling
+   (`psfdeconv.cutouts.resample_psf`);
+6. stamps of the model's size around each source in every band
+   (`psfdeconv.cutouts.make_cutouts`; masked and off-image pixels are 0 and
+   flagged) and the PSF of each source rendered at its position
+   (`psfdeconv.psf.render_psf`);
+7. deconvolution with the amplitude refit and flux-bias correction
+   (`psfdeconv.deconvolve.deconvolve_stamps`);
+8. measurements of the deconvolved images (`psfdeconv.measure`).
+
+It returns a `~astropy.table.QTable` with one row per source and a list of
+`~astropy.nddata.NDData`, the deconvolved stamps with their WCS.
+`write_catalog` and `write_stamps` write them to FITS (`read_catalog` and
+`read_stamps` read them back).
+
+**Flags** (bits of the catalogue's ``flags`` column): the cutout flags of
+`psfdeconv.cutouts` (`~psfdeconv.cutouts.FLAG_EDGE` 1,
+`~psfdeconv.cutouts.FLAG_MASKED` 2, `~psfdeconv.cutouts.FLAG_OFF_IMAGE` 4,
+each set when it holds in any band), `FLAG_HSM_FAILED` (8),
+`FLAG_PSF_EXTRAPOLATED` (16) and `FLAG_CENTROID_FALLBACK` (32).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .cutouts import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
+from .exceptions import (
+    InvalidInputError,
+    InvalidPSFError,
+    ModelFileError,
+    ShapeMismatchError,
+)
+
+__all__ = [
+    'FLAG_HSM_FAILED',
+    'FLAG_PSF_EXTRAPOLATED',
+    'FLAG_CENTROID_FALLBACK',
+    'FLAGS',
+    'deconvolve_catalog',
+    'detect_galaxies',
+    'build_psfs',
+    'write_catalog',
+    'read_catalog',
+    'write_stamps',
+    'read_stamps',
+]
+
+#: The adaptive-moment (HSM) measurement failed on the deconvolved image of
+#: at least one band.
+FLAG_HSM_FAILED = 8
+#: The PSF at the source was extrapolated: the source lies outside the grid
+#: of PSFs of a `~photutils.psf.GriddedPSFModel` in at least one band (the
+#: nearest grid PSFs are used there).
+FLAG_PSF_EXTRAPOLATED = 16
+#: The deconvolved image of the reference band has no positive flux, so it
+#: has no centroid: ``x``, ``y`` and ``sky_centroid`` are the input position.
+FLAG_CENTROID_FALLBACK = 32
+
+#: Every flag bit with its name, as recorded in the catalogue's meta.
+FLAGS = {
+    'EDGE': FLAG_EDGE,
+    'MASKED': FLAG_MASKED,
+    'OFF_IMAGE': FLAG_OFF_IMAGE,
+    'HSM_FAILED': FLAG_HSM_FAILED,
+    'PSF_EXTRAPOLATED': FLAG_PSF_EXTRAPOLATED,
+    'CENTROID_FALLBACK': FLAG_CENTROID_FALLBACK,
+}
+
+#: Detection threshold (background sigma) and minimum connected pixels of
+#: `detect_galaxies`, as for `psfdeconv.psf.find_stars`.
+_DETECTION_SIGMA = 3.0
+_DETECTION_NPIXELS = 5
+#: A detection is a star when a point-like source of
+#: `psfdeconv.psf.find_stars` lies within this many pixels (or a quarter of
+#: the stellar FWHM, if larger) of its centroid.
+_STAR_MATCH_RADIUS = 1.0
+#: Largest difference (pixels) between two bands' pixel coordinates of the
+#: same sky positions for the bands to count as sharing a pixel grid.
+_SAME_GRID_TOLERANCE = 1e-3
+#: PSF stamp side used when the model card does not record one.
+_DEFAULT_PSF_SIZE = 41
+#: Header keyword holding the catalogue's full meta as JSON.
+_META_KEYWORD = 'PSFDMETA'
+
+
+# --- Inputs ------------------------------------------------------------------------
+
+def _read_exposures(exposures):
+    """Band name -> CCDData (read and checked), and band name -> input path."""
+    from astropy.nddata import NDData
+
+    from .io import read_exposure
+
+    if not hasattr(exposures, 'items') or not exposures:
+        raise InvalidInputError(f'exposures must be a non-empty mapping of band '
+                                f'name to a FITS path or NDData, e.g. {{"g": '
+                                f'"g.fits", "r": "r.fits"}}; got '
+                                f'{type(exposures).__name__}.')
+    bands = [str(band) for band in exposures]
+    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
+        raise InvalidInputError(f'band names {bands} must be distinct identifiers '
+                                f'(letters, digits, underscores): they become '
+                                f'column names such as flux_<band>.')
+    read, paths = {}, {}
+    for band, exposure in exposures.items():
+        read[str(band)] = read_exposure(exposure)
+        # An exposure read by read_exposure knows its file.
+        paths[str(band)] = (dict(exposure.meta or {}).get('path')
+                            if isinstance(exposure, NDData) else str(exposure))
+    return read, paths
+
+
+def _as_model(model):
+    from .model import DeconvolutionModel, load_model
+
+    if model is None or isinstance(model, str | Path):
+        return load_model(model)
+    if isinstance(model, DeconvolutionModel):
+        return model
+    raise ModelFileError(f'model is a {type(model).__name__}; give a '
+                         f'DeconvolutionModel (psfdeconv.load_model), the path of '
+                         f'a .keras file, or None for the shipped model.')
+
+
+def _psf_size(psf_size, model, stamp_size):
+    if psf_size is None:
+        sim = model.card.get('training', {}).get('simulation_config', {}) or {}
+        psf_size = int(sim.get('psf_size', min(_DEFAULT_PSF_SIZE, stamp_size - 1)))
+    if isinstance(psf_size, bool) or not isinstance(psf_size, int | np.integer) \
+            or psf_size < 3 or psf_size % 2 == 0 or psf_size > stamp_size:
+        raise InvalidPSFError(f'psf_size = {psf_size!r}; give an odd number of '
+                              f'pixels >= 3 and at most the stamp size '
+                              f'{stamp_size} (the model was trained with the '
+                              f'psf_size of its card).')
+    return int(psf_size)
+
+
+def _pixels_of(table_column):
+    return np.asarray(getattr(table_column, 'value', table_column), dtype=np.float64)
+
+
+def _positions(positions, reference, reference_band, detect_options):
+    """(x, y) reference-band pixels, ids, and a description of the source."""
+    from astropy.coordinates import SkyCoord
+    from astropy.table import Table
+    from astropy.wcs.utils import skycoord_to_pixel
+
+    def from_sky(sky):
+        sky = sky.reshape(-1) if not sky.isscalar else sky.reshape(1)
+        # mode='all' includes distortions (SIP, TPV), as the cutouts do.
+        x, y = skycoord_to_pixel(sky, reference.wcs, origin=0, mode='all')
+        return np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+
+    if positions is None:
+        galaxies = detect_galaxies(reference, **(detect_options or {}))
+        if len(galaxies) == 0:
+            raise InvalidInputError(
+                f'no galaxies were detected on the reference band '
+                f'{reference_band!r} ({galaxies.meta["n_detected"]} detections, '
+                f'{galaxies.meta["n_stars"]} of them stars); give positions (a '
+                f'catalogue) or check the image.')
+        x, y = _pixels_of(galaxies['x']), _pixels_of(galaxies['y'])
+        return x, y, np.asarray(galaxies['id']), 'detected'
+    if isinstance(positions, SkyCoord):
+        x, y = from_sky(positions)
+        return x, y, np.arange(x.size), 'SkyCoord'
+    if isinstance(positions, Table):
+        table = positions
+        ids = np.asarray(table['id']) if 'id' in table.colnames else \
+            np.arange(len(table))
+        sky_columns = [name for name in table.colnames
+                       if isinstance(table[name], SkyCoord)]
+        if sky_columns:
+            name = 'sky_centroid' if 'sky_centroid' in sky_columns else sky_columns[0]
+            x, y = from_sky(table[name])
+            return x, y, ids, f'table column {name!r}'
+        if 'ra' in table.colnames and 'dec' in table.colnames:
+            import astropy.units as u
+
+            ra, dec = table['ra'], table['dec']
+            ra = ra.to(u.deg) if getattr(ra, 'unit', None) is not None else \
+                np.asarray(ra, float) * u.deg
+            dec = dec.to(u.deg) if getattr(dec, 'unit', None) is not None else \
+                np.asarray(dec, float) * u.deg
+            x, y = from_sky(SkyCoord(u.Quantity(ra), u.Quantity(dec), frame='icrs'))
+            return x, y, ids, 'table columns ra, dec'
+        if 'x' in table.colnames and 'y' in table.colnames:
+            return (_pixels_of(table['x']), _pixels_of(table['y']), ids,
+                    f'table columns x, y (pixels of band {reference_band!r})')
+        raise InvalidInputError(f'the positions table has columns {table.colnames}; '
+                                f'give a SkyCoord column, ra and dec (deg), or x '
+                                f'and y (0-based pixels of the reference band '
+                                f'{reference_band!r}).')
+    try:
+        array = np.array(positions, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 2 or array.shape[1] != 2:
+        raise InvalidInputError(f'positions of type {type(positions).__name__} cannot '
+                                f'be read; give a SkyCoord, a table (SkyCoord, '
+                                f'ra/dec or x/y columns) or an (n, 2) array of '
+                                f'(x, y) pixels of the reference band.')
+    return array[:, 0].copy(), array[:, 1].copy(), np.arange(len(array)), \
+        f'(x, y) pixels of band {reference_band!r}'
+
+
+# --- Detection -----------------------------------------------------------------------
+
+def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
+                    n_pixels=_DETECTION_NPIXELS, star_threshold_sigma=10.0):
+    """Detect the sources of an exposure and keep those that are not stars.
+
+    The background (the mesh of `psfdeconv.psf.find_stars`) is subtracted and
+    sources are segmented with `~photutils.segmentation.detect_sources`
+    (``threshold_sigma`` times the background rms, ``n_pixels`` connected
+    pixels) *without* deblending, so that a galaxy's star-forming knots stay
+    part of it (close pairs stay one source, too). Stars are found with
+    `psfdeconv.psf.find_stars` (``all_sources=True``): a segment is a star
+    when a point-like source of it (bright, round, with the stellar FWHM,
+    isophotal and windowed centroids agreeing) lies within 1 pixel (or a
+    quarter of the stellar FWHM) of the segment's centroid. Stars fainter
+    than ``star_threshold_sigma`` (peak signal-to-noise) cannot be told from
+    compact galaxies by this test and are kept, as are galaxies as compact as
+    the stars; give positions from a catalogue to control the selection.
+
+    Parameters
+    ----------
+    exposure : `~astropy.nddata.NDData`, `~astropy.nddata.CCDData` or `~numpy.ndarray`
+        One band (2-D); its mask and non-finite pixels are ignored.
+    threshold_sigma : float, optional
+        Detection threshold in units of the background rms.
+    n_pixels : int, optional
+        Minimum number of connected pixels of a detection.
+    star_threshold_sigma : float, optional
+        Minimum peak signal-to-noise of a star (``threshold_sigma`` of
+        `~psfdeconv.psf.find_stars`).
+
+    Returns
+    -------
+    galaxies : `~astropy.table.QTable`
+        One row per non-stellar detection: ``id`` (segment label), ``x``,
+        ``y`` (isophotal centroid, 0-based pixels), ``sky_centroid`` (with
+        a WCS), ``segment_flux`` and ``area`` (pixels). ``meta`` holds
+        ``n_detected``, ``n_stars``, ``background_rms`` and ``fwhm_locus``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        For an image that is not 2-D or entirely masked.
+
+    Examples
+    --------
+    >>> from psfdeconv.pipeline import detect_galaxies
+    >>> from psfdeconv.simulate import simulate_exposure
+    >>> exposures, truth = simulate_exposure((160, 160), n_galaxies=3, n_stars=8,
+    ...                                      seed=1)
+    >>> galaxies = detect_galaxies(exposures['r'])
+    >>> print(len(galaxies), galaxies.meta['n_stars'])
+    3 8
+    """
+    import warnings
+
+    import astropy.units as u
+    from astropy.table import QTable
+    from photutils.segmentation import SourceCatalog, detect_sources
+    from photutils.utils.exceptions import NoDetectionsWarning
+
+    from .psf import _as_image, _background, find_stars
+
+    if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
+        raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give a '
+                                f'positive number of sigma (e.g. 3).')
+    if isinstance(n_pixels, bool) or int(n_pixels) != n_pixels or n_pixels < 1:
+        raise InvalidInputError(f'n_pixels = {n_pixels!r}; give an integer >= 1.')
+    image, bad, _ = _as_image(exposure)
+    background, rms = _background(image, bad)
+    subtracted = image - background
+    subtracted[bad] = 0.0
+    with warnings.catch_warnings():
+        # An empty field gives an empty table, not an error.
+        warnings.filterwarnings('ignore', category=NoDetectionsWarning)
+        segm = detect_sources(subtracted, threshold_sigma * rms, int(n_pixels),
+                              mask=bad)
+    stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
+                       all_sources=True)
+    wcs = getattr(exposure, 'wcs', None)
+    table = QTable()
+    meta = {'n_detected': 0, 'n_stars': 0, 'background_rms': float(rms),
+            'fwhm_locus': float(stars.meta['fwhm_locus']),
+            'threshold_sigma': float(threshold_sigma), 'n_pixels': int(n_pixels)}
+    if segm is None:
+        for name in ('id', 'x', 'y', 'segment_flux', 'area'):
+            table[name] = np.zeros(0, dtype=int if name == 'id' else float)
+        table.meta.update(meta)
+        return table
+    catalog = SourceCatalog(subtracted, segm, mask=bad)
+    x = np.asarray(catalog.x_centroid, dtype=float)
+    y = np.asarray(catalog.y_centroid, dtype=float)
+    point_like = np.asarray(stars['point_like'], dtype=bool)
+    star_x = np.asarray(stars['x'].value)[point_like]
+    star_y = np.asarray(stars['y'].value)[point_like]
+    radius = _STAR_MATCH_RADIUS
+    if np.isfinite(meta['fwhm_locus']):
+        radius = max(radius, 0.25 * meta['fwhm_locus'])
+    is_star = np.zeros(len(x), dtype=bool)
+    if star_x.size:
+        distance = np.hypot(x[:, None] - star_x[None], y[:, None] - star_y[None])
+        is_star = distance.min(axis=1) <= radius
+    keep = ~is_star
+    table['id'] = np.asarray(segm.labels)[keep]
+    table['x'] = x[keep] * u.pix
+    table['y'] = y[keep] * u.pix
+    if wcs is not None:
+        table['sky_centroid'] = wcs.pixel_to_world(x[keep], y[keep])
+    table['segment_flux'] = np.asarray(catalog.segment_flux, dtype=float)[keep]
+    table['area'] = np.asarray(catalog.area.value, dtype=float)[keep] * u.pix ** 2
+    meta.update(n_detected=len(x), n_stars=int(is_star.sum()))
+    table.meta.update(meta)
+    return table
+
+
+# --- PSFs ----------------------------------------------------------------------------
+
+def _psf_description(model):
+    from photutils.psf import GriddedPSFModel
+
+    meta = dict(getattr(model, 'meta', None) or {})
+    if meta.get('psf_source'):  # set by build_psfs
+        return str(meta['psf_source'])
+    if isinstance(model, np.ndarray):
+        return f'array {model.shape}'
+    if isinstance(model, GriddedPSFModel):
+        return f'gridded ({len(model.grid_xypos)} PSFs)'
+    if meta.get('model') == 'moffat':
+        return (f'moffat:fwhm={meta["fwhm_arcsec"]:g}arcsec,beta={meta["beta"]:g},'
+                f'e1={meta["e1"]:g},e2={meta["e2"]:g}')
+    if 'path' in meta:
+        return f'psf={meta["path"]}'
+    return type(model).__name__
+
+
+def build_psfs(exposures, psfs=None, *, epsf_options=None):
+    """A PSF model per band, in each band's own pixels.
+
+    Parameters
+    ----------
+    exposures : mapping of str to `~astropy.nddata.NDData`, str or `~pathlib.Path`
+        Band name to exposure (as from `psfdeconv.io.read_exposure`), or
+        to a FITS file read with it.
+    psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
+        Per band (a mapping with one entry per band) or for every band (any
+        other value): a photutils PSF model (`~photutils.psf.ImagePSF`,
+        `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
+        (odd, centred), or a command-line specification
+        (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
+        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
+        from each band's stars (`psfdeconv.psf.build_epsf`).
+    epsf_options : dict, optional
+        Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
+        ``size``, ``threshold_sigma``, ...) for the default ePSF.
+
+    Returns
+    -------
+    models : dict of str to PSF model or `~numpy.ndarray`
+        Band name to the PSF.
+    sources : dict of str to str
+        Band name to a description of where the PSF came from
+        (``'epsf (40 stars)'``, a Moffat specification, a file, ...).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        Naming the band, if its ePSF cannot be built (too few stars) or a
+        PSF is unusable.
+    psfdeconv.exceptions.InvalidInputError
+        If a mapping lacks a band or names one that is not an exposure.
+    psfdeconv.exceptions.ConfigError
+        For a malformed specification string.
+
+    Examples
+    --------
+    >>> from psfdeconv.pipeline import build_psfs
+    >>> from psfdeconv.simulate import simulate_exposure
+    >>> exposures, _ = simulate_exposure((96, 96), n_galaxies=1, n_stars=2)
+    >>> models, sources = build_psfs(exposures, 'moffat:fwhm=0.8arcsec,beta=3.5')
+    >>> print(sources['r'], models['r'].meta['fwhm_arcsec'])
+    moffat:fwhm=0.8arcsec,beta=3.5 0.8
+    """
+    from astropy.nddata import NDData
+
+    from .exceptions import ConfigError
+    from .io import pixel_scale_of
+    from .psf import build_epsf, psf_from_spec
+
+    if not hasattr(exposures, 'items') or \
+            not all(isinstance(e, NDData) for e in exposures.values()):
+        exposures, _ = _read_exposures(exposures)
+    bands = list(exposures)
+    if hasattr(psfs, 'items'):
+        unknown = [band for band in psfs if band not in exposures]
+        missing = [band for band in bands if band not in psfs]
+        if unknown or missing:
+            raise InvalidInputError(f'psfs has entries for {list(psfs)} but the '
+                                    f'bands are {bands}; give one PSF per band '
+                                    f'(or one value for all bands).')
+        per_band = dict(psfs)
+    else:
+        per_band = dict.fromkeys(bands, psfs)
+    models, sources = {}, {}
+    for band in bands:
+        value = per_band[band]
+        exposure = exposures[band]
+        created = True
+        try:
+            if value is None or (isinstance(value, str) and
+                                 value.strip().lower() == 'epsf'):
+                model = build_epsf(exposure, **(epsf_options or {}))
+                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
+            elif isinstance(value, str):
+                scale = pixel_scale_of(exposure.wcs) if getattr(
+                    exposure, 'wcs', None) is not None else None
+                model = psf_from_spec(value, data=exposure, pixel_scale=scale)
+                sources[band] = value.strip()
+                if 'n_stars' in (getattr(model, 'meta', None) or {}):
+                    sources[band] += f' ({model.meta["n_stars"]} stars)'
+            else:
+                created = False
+                model = np.asarray(value, dtype=np.float64) \
+                    if isinstance(value, np.ndarray | list) else value
+                sources[band] = _psf_description(model)
+        except (InvalidPSFError, ConfigError) as error:
+            raise type(error)(f'band {band!r}: {error}') from error
+        if created and getattr(model, 'meta', None) is not None:
+            # Later descriptions of this model (deconvolve_catalog) reuse it.
+            model.meta['psf_source'] = sources[band]
+        models[band] = model
+    return models, sources
+
+
+def _grid_extrapolated(model, x, y):
+    """Whether positions lie outside the grid of a GriddedPSFModel."""
+    from photutils.psf import GriddedPSFModel
+
+    if not isinstance(model, GriddedPSFModel):
+        return np.zeros(np.shape(x), dtype=bool)
+    grid = np.asarray(model.grid_xypos, dtype=float)
+    return ((x < grid[:, 0].min()) | (x > grid[:, 0].max())
+            | (y < grid[:, 1].min()) | (y > grid[:, 1].max()))
+
+
+def _stamp_psfs(model, x, y, *, psf_size, aligned_meta):
+    """(n, psf_size, psf_size) unit-sum PSFs at band pixels (x, y), on the
+    reference grid: rendered in the band's pixels and, for a reprojected
+    band, resampled as its image was."""
+    from photutils.psf import GriddedPSFModel
+
+    from .cutouts import resample_psf
+    from .psf import render_psf
+
+    reprojected = bool(aligned_meta.get('reprojected', False))
+    if reprojected:
+        ratio = aligned_meta['reference_pixel_scale'] / aligned_meta['pixel_scale']
+        # The band-pixel PSF must cover the reference-pixel PSF, plus a margin
+        # for the resampling kernel.
+        native_size = 2 * int(np.ceil((psf_size // 2) * ratio)) + 3
+    else:
+        native_size = psf_size
+
+    def one(position):
+        psf = render_psf(model, position, size=native_size)
+        if not reprojected:
+            return psf
+        if aligned_meta.get('parity_flip'):
+            psf = psf[:, ::-1]
+        return resample_psf(psf, from_scale=aligned_meta['pixel_scale'],
+                            to_scale=aligned_meta['reference_pixel_scale'],
+                            rotation=aligned_meta['rotation'], size=psf_size,
+                            kernel=aligned_meta['kernel'])
+
+    n = len(x)
+    if not isinstance(model, GriddedPSFModel):
+        return np.broadcast_to(one(None), (n, psf_size, psf_size))
+    out = np.empty((n, psf_size, psf_size))
+    for i in range(n):
+        # Off-image sources (NaN positions) get the PSF at the image centre.
+        position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
+            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+        out[i] = one(position)
+    return out
+
+
+# --- Background and alignment ---------------------------------------------------------
+
+def _subtract_background(exposure):
+    """A copy of the exposure minus its background (the photutils mesh of
+    `psfdeconv.psf`), and the background rms."""
+    from astropy.nddata import CCDData
+
+    from .psf import _background
+
+    data = np.array(exposure.data, dtype=np.float64)
+    bad = ~np.isfinite(data)
+    if exposure.mask is not None:
+        bad |= np.asarray(exposure.mask, dtype=bool)
+    filled = np.where(bad, 0.0, data)
+    background, rms = _background(filled, bad)
+    meta = dict(exposure.meta or {})
+    meta['background_rms'] = rms
+    return CCDData(data - background, unit=exposure.unit, mask=bad,
+                   uncertainty=exposure.uncertainty, wcs=exposure.wcs,
+                   meta=meta), rms
+
+
+def _same_grid(wcs, shape, reference_wcs, reference_shape):
+    """Whether an exposure shares the reference band's pixel grid."""
+    if tuple(shape) != tuple(reference_shape):
+        return False
+    ny, nx = reference_shape
+    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
+    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
+    with np.errstate(invalid='ignore'):
+        bx, by = wcs.world_to_pixel(reference_wcs.pixel_to_world(x, y))
+    offset = np.hypot(np.asarray(bx) - x, np.asarray(by) - y)
+    return bool(np.all(np.isfinite(offset)) and
+                offset.max() <= _SAME_GRID_TOLERANCE)
+
+
+def _align(exposures, reference_band):
+    """Bands on the reference grid: bands that share it unchanged, the others
+    reprojected with `psfdeconv.cutouts.align_bands`."""
+    from .cutouts import align_bands
+
+    reference = exposures[reference_band]
+    differing = [band for band, exposure in exposures.items()
+                 if band != reference_band and not _same_grid(
+                     exposure.wcs, exposure.shape, reference.wcs, reference.shape)]
+    aligned = dict(exposures)
+    if differing:
+        subset = {reference_band: reference}
+        subset.update({band: exposures[band] for band in differing})
+        result, _ = align_bands(subset, reference=reference_band)
+        for band in differing:
+            aligned[band] = result[band]
+    return aligned, {band: band in differing for band in exposures}
+
+
+# --- The catalogue ---------------------------------------------------------------------
+
+def _stamp_noise(uncertainty, mask):
+    """Per-stamp median of the finite uncertainties on unmasked pixels
+    (NaN where there are none)."""
+    values = np.where(mask | ~np.isfinite(uncertainty), np.nan, uncertainty)
+    flat = values.reshape(len(values), -1)
+    out = np.full(len(values), np.nan)
+    has = np.isfinite(flat).any(axis=1)
+    out[has] = np.nanmedian(flat[has], axis=1)
+    return out
+
+
+def _stamp_mad(stamps, mask):
+    """Robust (1.4826 MAD) noise of each stamp's unmasked pixels."""
+    values = np.where(mask, np.nan, stamps).reshape(len(stamps), -1)
+    out = np.full(len(stamps), np.nan)
+    has = np.isfinite(values).any(axis=1)
+    median = np.nanmedian(values[has], axis=1, keepdims=True)
+    out[has] = 1.4826 * np.nanmedian(np.abs(values[has] - median), axis=1)
+    return out
+
+
+def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
+                       reference_band=None, psf_size=None, subtract_background=True,
+                       epsf_options=None, detect_options=None, batch_size=128):
+    """Deconvolve the PSF from every galaxy of a multi-band exposure set.
+
+    See the module docstring for the stages. The bands are given in the
+    order the model was trained on (the mapping's order); all stamps are cut
+    on the reference band's pixel grid.
+
+    Parameters
+    ----------
+    exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
+        Band name (a column-name suffix) to the band's exposure: a FITS file
+        or an NDData/CCDData with a celestial WCS, read with
+        `psfdeconv.io.read_exposure`. The data must be in flux per pixel
+        (e.g. adu, electron/s, nanomaggy).
+    positions : `~astropy.coordinates.SkyCoord`, `~astropy.table.Table` or array-like, optional
+        The sources: sky coordinates; a table with a SkyCoord column (e.g.
+        ``sky_centroid``), ``ra`` and ``dec`` columns (degrees, ICRS), or
+        ``x`` and ``y`` columns (0-based pixels of the reference band), used
+        in that order of preference, its ``id`` column kept; or an (n, 2)
+        array of reference-band pixels. Default: the galaxies detected on the
+        reference band (`detect_galaxies`).
+    psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
+        Per band or for all bands, as for `build_psfs`. Default: an ePSF from
+        each band's stars.
+    model : `~psfdeconv.model.DeconvolutionModel`, str or `~pathlib.Path`, optional
+        The network, or the path of a ``.keras`` file; the shipped default
+        if None.
+    size : int, optional
+        Stamp side in pixels; must equal the model's ``stamp_size`` (the
+        default).
+    reference_band : str, optional
+        The band whose pixel grid, WCS and pixel scale are used (positions in
+        pixels refer to it, detection runs on it, and the centroid is measured
+        on its deconvolved image). Default: the first band.
+    psf_size : int, optional
+        Odd side of the stamp PSFs; default: the ``psf_size`` of the model's
+        training simulations (from its card), else 41.
+    subtract_background : bool, optional
+        Subtract a `~photutils.background.Background2D` mesh from each band
+        first; give False for exposures whose sky is already subtracted.
+    epsf_options : dict, optional
+        Keyword arguments of `psfdeconv.psf.build_epsf` (e.g.
+        ``{'maxiters': 5}``).
+    detect_options : dict, optional
+        Keyword arguments of `detect_galaxies`.
+    batch_size : int, optional
+        Objects per network call.
+
+    Returns
+    -------
+    catalog : `~astropy.table.QTable`
+        One row per source, in the order of ``positions``: ``id``,
+        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the centroid of
+        the reference band's deconvolved image), ``x``, ``y`` (that centroid
+        in reference-band pixels), ``x_input``, ``y_input`` (the given or
+        detected position), ``flags`` (see the module docstring), and per
+        band ``flux_<band>``, ``flux_err_<band>``, ``flux_corrected_<band>``
+        (in the band's unit; the flux after the model's flux-bias correction),
+        ``snr_<band>`` (flux / flux_err), ``noise_sigma_<band>`` (per-pixel
+        noise used by the amplitude refit), ``e1_<band>``, ``e2_<band>``,
+        ``e_<band>``, ``size_<band>`` (arcsec; unweighted moments,
+        `psfdeconv.measure.image_moments`), ``hsm_e1_<band>``,
+        ``hsm_e2_<band>``, ``hsm_sigma_<band>`` (arcsec) and
+        ``hsm_status_<band>`` (`psfdeconv.measure.hsm_moments`), each with a
+        description. Measurements of a band whose stamp is off the image or
+        entirely masked are NaN. ``meta`` holds ``bands``, ``reference_band``,
+        ``psf_source`` (per band), ``model`` (name, path,
+        ``weights_sha256``), ``psfdeconv_version``, ``inputs`` (paths),
+        ``positions``, ``pixel_scale`` (arcsec/pixel), ``stamp_size``,
+        ``psf_size``, ``reprojected`` and ``noise_source`` (per band),
+        ``background_subtracted`` and ``flag_bits``.
+    stamps : list of `~astropy.nddata.NDData`
+        Per source, the deconvolved images: ``data`` (n_bands, size, size) in
+        the exposures' unit, ``wcs`` the stamp's celestial WCS (pixel (0, 0)
+        of the stamp is exposure pixel ``meta['origin']``), ``mask`` (n_bands,
+        size, size) the masked or off-image input pixels, and ``meta`` with
+        ``id``, ``bands``, ``flags``, ``origin``, ``psf_source`` and
+        ``model_weights_sha256``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.BandCountError
+        If the number of bands is not the model's.
+    psfdeconv.exceptions.InvalidPSFError
+        If a band's ePSF cannot be built (too few stars), naming the band.
+    psfdeconv.exceptions.InvalidInputError
+        For unreadable exposures, positions or options (every position off
+        the image, no galaxy detected, ...).
+    psfdeconv.exceptions.ModelFileError
+        If the model cannot be loaded.
+
+    Examples
+    --------
+    >>> from psfdeconv.pipeline import deconvolve_catalog
+    >>> from psfdeconv.simulate import simulate_exposure
+    >>> exposures, truth = simulate_exposure((256, 256), n_galaxies=8, n_stars=25)
+    >>> catalog, stamps = deconvolve_catalog(exposures)  # doctest: +SKIP
+    >>> catalog['flux_r', 'e1_r', 'size_r', 'flags'][:2]  # doctest: +SKIP
+    >>> stamps[0].data.shape  # doctest: +SKIP
+    (3, 64, 64)
+    """
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.nddata import NDData
+    from astropy.table import QTable
+    from astropy.wcs.utils import wcs_to_celestial_frame
+
+    from . import __version__
+    from .cutouts import make_cutouts
+    from .deconvolve import deconvolve_stamps
+    from .io import pixel_scale_of
+    from .measure import hsm_moments, image_moments
+
+    exposures, paths = _read_exposures(exposures)
+    bands = list(exposures)
+    model = _as_model(model)
+    model.check_bands(len(bands))
+    stamp_size = model.stamp_size
+    if size is not None and size != stamp_size:
+        raise ShapeMismatchError(f'size = {size!r}, but the model was trained on '
+                                 f'{stamp_size}x{stamp_size} stamps; omit size or '
+                                 f'give {stamp_size}.')
+    psf_size = _psf_size(psf_size, model, stamp_size)
+    if reference_band is None:
+        reference_band = bands[0]
+    if reference_band not in exposures:
+        raise InvalidInputError(f'reference_band = {reference_band!r} is not one of '
+                                f'the bands {bands}; give one of them.')
+    reference = exposures[reference_band]
+    pixel_scale = pixel_scale_of(reference.wcs)
+
+    psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options)
+    x_in, y_in, ids, positions_source = _positions(positions, reference,
+                                                   reference_band, detect_options)
+    n = x_in.size
+    if n == 0:
+        raise InvalidInputError('no positions given; give at least one source '
+                                '(or positions=None to detect them).')
+
+    if subtract_background:
+        work = {band: _subtract_background(exposure)[0]
+                for band, exposure in exposures.items()}
+    else:
+        work = exposures
+    aligned, reprojected = _align(work, reference_band)
+
+    sky_in = reference.wcs.pixel_to_world(x_in, y_in)
+    flags = np.zeros(n, dtype=np.int32)
+    stamps = np.empty((n, len(bands), stamp_size, stamp_size))
+    masks = np.empty(stamps.shape, dtype=bool)
+    stamp_psfs = np.empty((n, len(bands), psf_size, psf_size))
+    noise = np.full((n, len(bands)), np.nan)
+    noise_source = {}
+    empty = np.zeros((n, len(bands)), dtype=bool)
+    cutouts = {}
+    xy = np.column_stack([x_in, y_in])
+    for b, band in enumerate(bands):
+        cut = make_cutouts(aligned[band], xy, size=stamp_size)
+        cutouts[band] = cut
+        flags |= cut['flags']
+        masks[:, b] = cut['mask']
+        stamps[:, b] = np.where(cut['mask'], 0.0, cut['data'])
+        empty[:, b] = cut['mask'].all(axis=(-2, -1))
+        # The PSF where the source is in the band's own pixels.
+        if band == reference_band:
+            bx, by = x_in, y_in
+        else:
+            with np.errstate(invalid='ignore'):
+                bx, by = (np.asarray(v, float) for v in
+                          exposures[band].wcs.world_to_pixel(sky_in))
+        extrapolated = _grid_extrapolated(psf_models[band], bx, by)
+        flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
+        meta = aligned[band].meta if reprojected[band] else {}
+        stamp_psfs[:, b] = _stamp_psfs(psf_models[band], bx, by, psf_size=psf_size,
+                                       aligned_meta=meta)
+        if cut['uncertainty'] is not None:
+            noise[:, b] = _stamp_noise(cut['uncertainty'], cut['mask'])
+            noise_source[band] = 'uncertainty (median over the stamp)'
+    have_noise = [band in noise_source for band in bands]
+    if not any(have_noise):
+        noise_sigma = None
+        noise_source = dict.fromkeys(bands, 'refit residuals (1.4826 MAD)')
+    else:
+        for b, band in enumerate(bands):
+            if not have_noise[b]:
+                noise[:, b] = _stamp_mad(stamps[:, b], masks[:, b])
+                noise_source[band] = 'stamp pixels (1.4826 MAD)'
+        # Empty stamps have no noise estimate; any positive value will do
+        # (their measurements are set to NaN below).
+        noise_sigma = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
+
+    images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=pixel_scale,
+                                        model=model, noise_sigma=noise_sigma,
+                                        batch_size=batch_size, return_details=True)
+    scale = pixel_scale.to_value(u.arcsec / u.pix)
+    moments = image_moments(images, pixel_scale=scale)
+    shapes = hsm_moments(images, pixel_scale=scale)
+    hsm_failed = (shapes['hsm_status'] != 0) & ~empty
+    flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
+
+    # The centroid of the reference band's deconvolved image.
+    ref_index = bands.index(reference_band)
+    ref_cut = cutouts[reference_band]
+    x_stamp, y_stamp = moments['x'][:, ref_index], moments['y'][:, ref_index]
+    fallback = ~(np.isfinite(x_stamp) & np.isfinite(y_stamp))
+    flags[fallback] |= FLAG_CENTROID_FALLBACK
+    x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)
+    y_stamp = np.where(fallback, ref_cut['y_stamp'], y_stamp)
+    frame = wcs_to_celestial_frame(reference.wcs)
+    lon, lat = np.full(n, np.nan), np.full(n, np.nan)
+    for i in range(n):
+        lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i], y_stamp[i])
+    sky_centroid = SkyCoord(lon * u.deg, lat * u.deg, frame=frame)
+
+    catalog = QTable()
+    columns = []  # (name, values, description)
+    columns += [
+        ('id', np.asarray(ids), 'Source identifier (the input id or detection label)'),
+        ('sky_centroid', sky_centroid,
+         f'Centroid of the deconvolved {reference_band} image'),
+        ('x', (ref_cut['origin'][:, 0] + x_stamp) * u.pix,
+         f'Column of the deconvolved {reference_band} centroid in the '
+         f'{reference_band} exposure, 0-based'),
+        ('y', (ref_cut['origin'][:, 1] + y_stamp) * u.pix,
+         f'Row of the deconvolved {reference_band} centroid in the '
+         f'{reference_band} exposure, 0-based'),
+        ('x_input', x_in * u.pix, 'Input (given or detected) column, 0-based'),
+        ('y_input', y_in * u.pix, 'Input (given or detected) row, 0-based'),
+        ('flags', flags,
+         'Bitmask: ' + ', '.join(f'{bit} {name}' for name, bit in FLAGS.items())),
+    ]
+    for b, band in enumerate(bands):
+        unit = aligned[band].unit or u.dimensionless_unscaled
+        nan = empty[:, b]
+
+        def band_values(values, nan=nan):
+            return np.where(nan, np.nan, np.asarray(values, dtype=float))
+
+        flux = band_values(details['flux'][:, b])
+        flux_err = band_values(details['flux_err'][:, b])
+        with np.errstate(divide='ignore', invalid='ignore'):
+            snr = flux / flux_err
+        columns += [
+            (f'flux_{band}', flux * unit, f'Flux of the deconvolved {band} image '
+             f'(refitted amplitude times the network output sum)'),
+            (f'flux_err_{band}', flux_err * unit, f'1-sigma error of flux_{band}'),
+            (f'flux_corrected_{band}',
+             band_values(details['flux_corrected'][:, b]) * unit,
+             f'flux_{band} after the flux-bias correction of the model card'),
+            (f'snr_{band}', snr, f'flux_{band} / flux_err_{band}'),
+            (f'noise_sigma_{band}', band_values(details['noise_sigma'][:, b]) * unit,
+             f'Per-pixel noise of the {band} stamp used by the amplitude refit'),
+            (f'e1_{band}', band_values(moments['e1'][:, b]),
+             f'Unweighted ellipticity (Mxx-Myy)/(Mxx+Myy), deconvolved {band}'),
+            (f'e2_{band}', band_values(moments['e2'][:, b]),
+             f'Unweighted ellipticity 2Mxy/(Mxx+Myy), deconvolved {band}'),
+            (f'e_{band}', band_values(moments['e'][:, b]),
+             f'Unweighted |e|, deconvolved {band}'),
+            (f'size_{band}', band_values(moments['size'][:, b]) * u.arcsec,
+             f'Unweighted size sqrt(Mxx+Myy), deconvolved {band}'),
+            (f'hsm_e1_{band}', band_values(shapes['hsm_e1'][:, b]),
+             f'HSM adaptive-moment distortion e1, deconvolved {band}'),
+            (f'hsm_e2_{band}', band_values(shapes['hsm_e2'][:, b]),
+             f'HSM adaptive-moment distortion e2, deconvolved {band}'),
+            (f'hsm_sigma_{band}', band_values(shapes['hsm_sigma'][:, b]) * u.arcsec,
+             f'HSM adaptive-moment width det(M)^(1/4), deconvolved {band}'),
+            (f'hsm_status_{band}', np.asarray(shapes['hsm_status'][:, b], dtype=np.int32),
+             'HSM status: 0 ok, -1 failed, -2 non-positive fit'),
+        ]
+    for name, values, description in columns:
+        catalog[name] = values
+        catalog[name].info.description = description
+
+    model_info = {'name': model.card.get('name'), 'path': str(model.path)
+                  if model.path is not None else None,
+                  'weights_sha256': model.sha256}
+    catalog.meta.update({
+        'bands': bands,
+        'reference_band': reference_band,
+        'psf_source': psf_sources,
+        'model': model_info,
+        'psfdeconv_version': __version__,
+        'inputs': paths,
+        'positions': positions_source,
+        'pixel_scale': float(scale),
+        'stamp_size': stamp_size,
+        'psf_size': psf_size,
+        'reprojected': reprojected,
+        'noise_source': noise_source,
+        'background_subtracted': bool(subtract_background),
+        'flag_bits': dict(FLAGS),
+    })
+
+    units = {aligned[band].unit for band in bands}
+    stamp_unit = units.pop() if len(units) == 1 else None
+    nddata = []
+    for i in range(n):
+        nddata.append(NDData(
+            images[i].astype(np.float64), unit=stamp_unit, mask=masks[i].copy(),
+            wcs=ref_cut['wcs'][i],
+            meta={'id': ids[i].item() if hasattr(ids[i], 'item') else ids[i],
+                  'bands': list(bands), 'flags': int(flags[i]),
+                  'origin': [int(v) for v in ref_cut['origin'][i]],
+                  'psf_source': dict(psf_sources),
+                  'model_weights_sha256': model.sha256,
+                  'units': {band: str(aligned[band].unit) for band in bands}}))
+    return catalog, nddata
+
+
+# --- Files -----------------------------------------------------------------------------
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def write_catalog(table, path, *, overwrite=False):
+    """Write a `deconvolve_catalog` table to FITS, atomically.
+
+    Units, descriptions and the ``sky_centroid`` column (stored as
+    ``sky_centroid.ra`` and ``sky_centroid.dec`` with astropy's mixin
+    serialisation) come back with `~astropy.table.QTable.read`. The
+    catalogue's nested ``meta`` is stored as JSON in the header keyword
+    ``PSFDMETA`` (restored by `read_catalog`), with the bands, reference
+    band, model hash and version also as plain keywords.
+
+    Parameters
+    ----------
+    table : `~astropy.table.QTable`
+        The catalogue.
+    path : str or `~pathlib.Path`
+        Output FITS file.
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Returns
+    -------
+    `~pathlib.Path`
+        The written file.
+
+    Raises
+    ------
+    psfdeconv.exceptions.OutputExistsError
+        If ``path`` exists and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import astropy.units as u
+    >>> from astropy.coordinates import SkyCoord
+    >>> from astropy.table import QTable
+    >>> from psfdeconv.pipeline import read_catalog, write_catalog
+    >>> table = QTable({'id': [1], 'flux_r': [2.5] * u.adu,
+    ...                 'sky_centroid': SkyCoord([150.0], [2.0], unit='deg')},
+    ...                meta={'bands': ['r'], 'model': {'weights_sha256': 'abc'}})
+    >>> path = write_catalog(table, pathlib.Path(tempfile.mkdtemp()) / 'cat.fits')
+    >>> again = read_catalog(path)
+    >>> print(again['flux_r'].unit, type(again['sky_centroid']).__name__,
+    ...       again.meta['model'])
+    adu SkyCoord {'weights_sha256': 'abc'}
+    """
+    from .io import write_table
+
+    out = table.copy(copy_data=False)
+    meta = dict(table.meta)
+    out.meta.clear()
+    bands = meta.get('bands')
+    if bands:
+        out.meta['BANDS'] = ','.join(str(band) for band in bands)
+    if meta.get('reference_band'):
+        out.meta['REFBAND'] = str(meta['reference_band'])
+    model = meta.get('model') or {}
+    if model.get('weights_sha256'):
+        out.meta['MODELSHA'] = str(model['weights_sha256'])
+    if meta.get('psfdeconv_version'):
+        out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
+    out.meta[_META_KEYWORD] = json.dumps(meta, default=_json_default,
+                                         separators=(',', ':'))
+    return write_table(out, path, overwrite=overwrite, format='fits')
+
+
+def read_catalog(path):
+    """Read a catalogue written by `write_catalog` (units, SkyCoord column
+    and the full ``meta``).
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The FITS file.
+
+    Returns
+    -------
+    `~astropy.table.QTable`
+    """
+    from astropy.table import QTable
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f'catalogue {path} does not exist; give the path '
+                                f'of a file written by write_catalog (psfdeconv '
+                                f'run).')
+    table = QTable.read(path, format='fits')
+    text = table.meta.get(_META_KEYWORD)
+    if text is not None:
+        table.meta.clear()
+        table.meta.update(json.loads(text))
+    return table
+
+
+def write_stamps(images, path, *, overwrite=False):
+    """Write deconvolved stamps to one FITS file, atomically.
+
+    The file holds an empty primary HDU (with ``NSTAMPS`` and ``BANDS``),
+    one image HDU per source (``EXTNAME = 'STAMP'``, ``EXTVER`` = 1, 2, ...;
+    data (n_bands, size, size) float32 with the stamp's celestial WCS, whose
+    two axes are the image axes, and ``ID``, ``FLAGS``, ``BUNIT``, ``BANDS``,
+    ``ORIGINX``, ``ORIGINY``), an image HDU ``MASKS`` with every stamp's mask
+    (n, n_bands, size, size) uint8, and a binary table ``INDEX`` (``id``,
+    ``extver``, ``flags``, ``origin_x``, ``origin_y``).
+
+    Parameters
+    ----------
+    images : list of `~astropy.nddata.NDData`
+        The stamps of `deconvolve_catalog`.
+    path : str or `~pathlib.Path`
+        Output FITS file.
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Returns
+    -------
+    `~pathlib.Path`
+        The written file.
+
+    Raises
+    ------
+    psfdeconv.exceptions.OutputExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    psfdeconv.exceptions.InvalidInputError
+        If there are no stamps or they differ in shape.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from astropy.nddata import NDData
+    >>> from psfdeconv.pipeline import read_stamps, write_stamps
+    >>> stamps = [NDData(np.ones((3, 8, 8)), unit='adu',
+    ...                  meta={'id': 7, 'bands': ['g', 'r', 'i']})]
+    >>> path = write_stamps(stamps, pathlib.Path(tempfile.mkdtemp()) / 's.fits')
+    >>> again = read_stamps(path)
+    >>> print(len(again), again[0].data.shape, again[0].unit, again[0].meta['id'])
+    1 (3, 8, 8) adu 7
+    """
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from .io import atomic_path, check_writable
+
+    path = check_writable(path, overwrite=overwrite)
+    images = list(images)
+    if not images:
+        raise InvalidInputError('no stamps to write; give the list returned by '
+                                'deconvolve_catalog.')
+    shapes = {np.shape(image.data) for image in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise InvalidInputError(f'stamps must all have one shape (n_bands, size, '
+                                f'size), got {sorted(shapes)}.')
+    first_meta = dict(images[0].meta or {})
+    primary = fits.PrimaryHDU()
+    primary.header['NSTAMPS'] = (len(images), 'number of stamp HDUs')
+    if first_meta.get('bands'):
+        primary.header['BANDS'] = ','.join(first_meta['bands'])
+    if first_meta.get('model_weights_sha256'):
+        primary.header['MODELSHA'] = first_meta['model_weights_sha256']
+    hdus = [primary]
+    index = {'id': [], 'extver': [], 'flags': [], 'origin_x': [], 'origin_y': []}
+    masks = np.zeros((len(images),) + next(iter(shapes)), dtype=np.uint8)
+    for k, image in enumerate(images):
+        meta = dict(image.meta or {})
+        wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
+        header = wcs.to_header() if wcs is not None else fits.Header()
+        header['EXTNAME'] = 'STAMP'
+        header['EXTVER'] = k + 1
+        identifier = meta.get('id', k)
+        header['ID'] = identifier.item() if hasattr(identifier, 'item') else identifier
+        header['FLAGS'] = int(meta.get('flags', 0))
+        if image.unit is not None:
+            header['BUNIT'] = image.unit.to_string('fits')
+        if meta.get('bands'):
+            header['BANDS'] = ','.join(meta['bands'])
+        origin = meta.get('origin', (0, 0))
+        header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
+        header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
+        hdus.append(fits.ImageHDU(np.asarray(image.data, dtype=np.float32),
+                                  header=header))
+        if image.mask is not None:
+            masks[k] = np.asarray(image.mask, dtype=bool)
+        index['id'].append(header['ID'])
+        index['extver'].append(k + 1)
+        index['flags'].append(header['FLAGS'])
+        index['origin_x'].append(header['ORIGINX'])
+        index['origin_y'].append(header['ORIGINY'])
+    hdus.append(fits.ImageHDU(masks, name='MASKS'))
+    hdus.append(fits.BinTableHDU(Table(index), name='INDEX'))
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    return path
+
+
+def read_stamps(path):
+    """Read stamps written by `write_stamps` as a list of
+    `~astropy.nddata.NDData` (data, unit, WCS, mask and meta ``id``,
+    ``flags``, ``bands``, ``origin``).
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The FITS file.
+
+    Returns
+    -------
+    list of `~astropy.nddata.NDData`
+    """
+    import astropy.units as u
+    from astropy.io import fits
+    from astropy.nddata import NDData
+    from astropy.wcs import WCS
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f'stamp file {path} does not exist; give the path '
+                                f'of a file written by write_stamps (psfdeconv '
+                                f'run).')
+    out = []
+    with fits.open(path) as hdulist:
+        masks = hdulist['MASKS'].data.astype(bool)
+        for k in range(int(hdulist[0].header['NSTAMPS'])):
+            hdu = hdulist['STAMP', k + 1]
+            header = hdu.header
+            wcs = WCS(header, naxis=2) if 'CTYPE1' in header else None
+            unit = u.Unit(header['BUNIT']) if 'BUNIT' in header else None
+            meta = {'id': header['ID'], 'flags': header['FLAGS'],
+                    'bands': header['BANDS'].split(',') if 'BANDS' in header else None,
+                    'origin': [header['ORIGINX'], header['ORIGINY']]}
+            out.append(NDData(np.array(hdu.data, dtype=np.float64), unit=unit,
+                              wcs=wcs, mask=masks[k].copy(), meta=meta))
+    return out
