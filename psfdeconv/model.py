@@ -37,7 +37,7 @@ __all__ = ['build_cae', 'build_network', 'ARCHITECTURES',
            'MODEL_CARD_VERSION']
 
 MODEL_CARD_VERSION = 1
-DEFAULT_MODEL_NAME = 'cae_psf_ipsf_ipsf1'
+DEFAULT_MODEL_NAME = 'unet_psf_ipsf_ipsf1'
 _WEIGHTS_MEMBER = 'model.weights.h5'
 
 
