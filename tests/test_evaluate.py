@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from _images import elliptical_gaussian as gaussian
 from astropy import units as u
 from astropy.table import QTable
 from numpy.testing import assert_allclose, assert_array_equal
@@ -20,17 +21,6 @@ from psfdeconv.exceptions import (
     ShapeMismatchError,
 )
 from psfdeconv.measure import image_moments
-
-
-def gaussian(shape, sigma_x, sigma_y, theta, x0, y0, flux=1.0):
-    """Elliptical Gaussian sampled at pixel centres, normalised to flux."""
-    y, x = np.mgrid[0:shape[0], 0:shape[1]]
-    dx, dy = x - x0, y - y0
-    c, s = np.cos(theta), np.sin(theta)
-    major = c * dx + s * dy
-    minor = -s * dx + c * dy
-    image = np.exp(-0.5 * ((major / sigma_x)**2 + (minor / sigma_y)**2))
-    return flux * image / image.sum()
 
 
 @pytest.fixture(scope='module')

@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+from _images import elliptical_gaussian as gaussian
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy import ndimage
 
@@ -15,17 +16,6 @@ from psfdeconv.features import (
     make_channels,
     make_cube,
 )
-
-
-def gaussian(shape, sigma_x, sigma_y, theta, x0, y0, flux=1.0):
-    """Elliptical Gaussian sampled at pixel centres, normalised to ``flux``."""
-    y, x = np.mgrid[0:shape[0], 0:shape[1]]
-    dx, dy = x - x0, y - y0
-    c, s = np.cos(theta), np.sin(theta)
-    major = c * dx + s * dy
-    minor = -s * dx + c * dy
-    image = np.exp(-0.5 * ((major / sigma_x)**2 + (minor / sigma_y)**2))
-    return flux * image / image.sum()
 
 
 def moffat(size, fwhm, beta):

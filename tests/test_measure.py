@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from _images import elliptical_gaussian
 from astropy import units as u
 from astropy.table import QTable
 from numpy.testing import assert_allclose, assert_array_equal
@@ -30,13 +31,7 @@ def gaussian(shape=(64, 64), sigma_x=SIGMA_X, sigma_y=SIGMA_Y, theta=0.0, x0=31.
     order exp(-2 pi^2 sigma^2) and 8 sigma of margin makes truncation
     negligible, so the moments match the continuous ones to ~1e-12.
     """
-    y, x = np.mgrid[0:shape[0], 0:shape[1]]
-    dx, dy = x - x0, y - y0
-    c, s = np.cos(theta), np.sin(theta)
-    major = c * dx + s * dy
-    minor = -s * dx + c * dy
-    image = np.exp(-0.5 * ((major / sigma_x)**2 + (minor / sigma_y)**2))
-    return flux * image / image.sum()
+    return elliptical_gaussian(shape, sigma_x, sigma_y, theta, x0, y0, flux)
 
 
 def expected_shape(theta, sigma_x=SIGMA_X, sigma_y=SIGMA_Y):
