@@ -6,8 +6,8 @@ Subcommands: ``simulate`` (GalSim training/test stamps), ``train`` (fit
 and calibrate a network), ``evaluate`` (metrics and baselines on
 simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example),
 ``info`` (versions and models), ``run`` (exposures to a deconvolved,
-measured catalog) and ``simulate-exposure`` (multi-band exposures with
-known truth).
+measured catalog), ``simulate-exposure`` (multi-band exposures with
+known truth) and ``batch`` (many exposure groups on dask).
 
 Exit codes: 0 success, 1 other failure (e.g. an I/O error writing an
 output), 2 usage error, 3 bad input data, 4 model file problem, 5 output
@@ -53,7 +53,7 @@ def _cmd_train(args):
     from .deconvolve import calibrate_flux_bias
     from .model import DeconvolutionModel, save_model
     from .simulate import SimulationFile
-    from .train import TrainConfig, split_indices, train_model
+    from .train import TrainConfig, _load_split, split_indices, train_model
 
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ('epochs', 'batch_size', 'seed', 'max_minutes',
@@ -84,8 +84,9 @@ def _cmd_train(args):
         _, val_idx = split_indices(len(sims),
                                    validation_fraction=config.validation_fraction,
                                    seed=config.seed)
-        val = {key: sims[key][val_idx] for key in
-               ('observed', 'psf', 'pixel_scale', 'truth', 'is_blank')}
+        val = _load_split(sims, val_idx, ('observed', 'psf', 'pixel_scale',
+                                          'truth', 'is_blank'),
+                          single_band=config.split_bands)
     card['flux_bias'] = calibrate_flux_bias(
         model, val['observed'], val['psf'], val['pixel_scale'], val['truth'])
     card['metrics'] = _validation_metrics(model, val)
@@ -98,6 +99,11 @@ def _cmd_train(args):
                       overwrite=args.overwrite)
     log.info('wrote %s (weights SHA-256 %s)', model_path,
              card['weights_sha256'])
+    if args.plots:
+        from .plotting import write_training_plots
+
+        for path in write_training_plots(out, card, overwrite=args.overwrite):
+            log.info('wrote %s', path)
     print(json.dumps(card['metrics'], indent=2))
     return 0
 
@@ -138,18 +144,29 @@ def _mean_rms(values):
 def _cmd_evaluate(args):
     from .evaluate import evaluate_simulation
 
+    if args.plots and not args.report:
+        from .exceptions import ConfigError
+
+        raise ConfigError('--plots writes the figures into the report '
+                          'directory: give --report DIR too.')
     results = evaluate_simulation(
-        args.sims, model=_load(args.model), n_objects=args.n,
+        args.sims, model=_load(args.model) if args.model else None, n_objects=args.n,
         baselines=args.baselines.split(',') if args.baselines else (),
         report_dir=args.report, overwrite=args.overwrite)
     print(results['summary_text'])
+    if args.plots:
+        from .plotting import write_evaluation_plots
+
+        for path in write_evaluation_plots(args.report, results,
+                                           overwrite=args.overwrite):
+            log.info('wrote %s', path)
     return 0
 
 
-def _load(path):
+def _load(path, n_bands=None):
     from .model import load_model
 
-    return load_model(path)
+    return load_model(path, n_bands=n_bands)
 
 
 def _cmd_deconvolve(args):
@@ -161,10 +178,10 @@ def _cmd_deconvolve(args):
     if args.out:
         check_writable(args.out, overwrite=args.overwrite)
     sims = read_simulation(source)
-    model = _load(args.model)
+    model = _load(args.model, n_bands=sims['observed'].shape[1])
     images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
-        model=model, return_details=True)
+        model=model, return_details=True, strict=args.strict)
     n = len(images)
     print(f'deconvolved {n} stamps of {images.shape[1]} bands with '
           f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
@@ -255,67 +272,72 @@ def _cmd_info(args):
 
 def _cmd_run(args):
     """Deconvolve the galaxies of one set of multi-band exposures."""
-    from astropy.table import Table
+    from .exceptions import ConfigError
+    from .io import example_exposures
+    from .pipeline import run_exposure_set
 
-    from .exceptions import ConfigError, InvalidInputError
-    from .io import check_writable, read_exposure
-    from .pipeline import build_psfs, deconvolve_catalog, write_catalog, write_stamps
-    from .psf import render_psf, write_psf_image
-
-    exposures_paths = {}
-    for item in args.band:
-        band, sep, path = item.partition('=')
-        band, path = band.strip(), path.strip()
-        if not sep or not band or not path:
-            raise ConfigError(f'--band {item!r}: write NAME=FILE, e.g. --band '
-                              f'r=r.fits (one --band per band, in the order the '
-                              f'model was trained on).')
-        if band in exposures_paths:
-            raise ConfigError(f'--band {band} is given twice; give each band once.')
-        exposures_paths[band] = path
-    out = Path(args.out)
-    targets = {'catalog': out / 'catalog.fits', 'stamps': out / 'stamps.fits'}
-    targets.update({band: out / f'psf_{band}.fits' for band in exposures_paths})
-    # Refuse before any work rather than after it.
-    for path in targets.values():
-        check_writable(path, overwrite=args.overwrite)
-
-    model = _load(args.model)
-    model.check_bands(len(exposures_paths))
-    exposures = {band: read_exposure(path) for band, path in exposures_paths.items()}
-    positions = None
-    if args.catalog:
-        catalog_path = Path(args.catalog)
-        if not catalog_path.is_file():
-            raise InvalidInputError(f'--catalog {catalog_path} does not exist; give '
-                                    f'a table file (.ecsv, .fits, .csv) with ra/dec '
-                                    f'or x/y columns, or use --detect.')
-        try:
-            positions = Table.read(catalog_path)
-        except Exception as exc:  # astropy raises many types for unreadable files
-            raise InvalidInputError(f'--catalog {catalog_path} cannot be read as a '
-                                    f'table ({type(exc).__name__}: {exc}); give an '
-                                    f'ECSV, FITS or CSV table.') from None
-    psf_models, _ = build_psfs(exposures, args.psf)
-    catalog, stamps = deconvolve_catalog(
-        exposures, positions, psf_models, model=model,
-        reference_band=args.reference_band, batch_size=args.batch_size)
-    write_catalog(catalog, targets['catalog'], overwrite=args.overwrite)
-    write_stamps(stamps, targets['stamps'], overwrite=args.overwrite)
-    for band, psf_model in psf_models.items():
-        if not (hasattr(psf_model, 'data') and hasattr(psf_model, 'oversampling')
-                and getattr(psf_model.data, 'ndim', 0) == 2):
-            # A gridded PSF is written as its PSF at the image centre.
-            ny, nx = exposures[band].shape
-            psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
-                                   size=catalog.meta['psf_size'])
-        write_psf_image(psf_model, targets[band], overwrite=args.overwrite)
+    if args.example:
+        if args.band or args.catalog:
+            raise ConfigError('--example runs on the bundled exposures; give '
+                              'either --example or --band/--catalog.')
+        exposures, truth_path = example_exposures()
+    elif not args.band:
+        raise ConfigError('give the exposures with --band NAME=FILE (one per '
+                          'band), or --example for the bundled ones.')
+    else:
+        exposures = {}
+        for item in args.band:
+            band, sep, path = item.partition('=')
+            band, path = band.strip(), path.strip()
+            if not sep or not band or not path:
+                raise ConfigError(f'--band {item!r}: write NAME=FILE, e.g. --band '
+                                  f'r=r.fits (one --band per band, in the order '
+                                  f'the model was trained on).')
+            if band in exposures:
+                raise ConfigError(f'--band {band} is given twice; give each band '
+                                  f'once.')
+            exposures[band] = path
+    catalog, paths = run_exposure_set(
+        exposures, args.out, args.catalog, args.psf, model=args.model,
+        reference_band=args.reference_band, batch_size=args.batch_size,
+        overwrite=args.overwrite, strict=args.strict)
     n_flagged = int((catalog['flags'] != 0).sum())
+    model = catalog.meta['model']
     print(f'deconvolved {len(catalog)} sources in {len(exposures)} bands '
-          f'({n_flagged} flagged) with {Path(str(model.path)).name} (weights '
-          f'SHA-256 {str(model.sha256)[:12]}); wrote {targets["catalog"]}, '
-          f'{targets["stamps"]} and {len(psf_models)} PSF files')
+          f'({n_flagged} flagged) with {Path(str(model["path"])).name} (weights '
+          f'SHA-256 {str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
+          f'{paths["stamps"]} and {len(exposures)} PSF files')
+    if args.plots:
+        from .pipeline import read_stamps
+        from .plotting import write_run_plots
+
+        for path in write_run_plots(args.out, catalog,
+                                    stamps=read_stamps(paths['stamps']),
+                                    exposure=exposures, overwrite=args.overwrite):
+            log.info('wrote %s', path)
+    if args.example:
+        _print_exposure_truth_comparison(catalog, truth_path)
     return 0
+
+
+def _print_exposure_truth_comparison(catalog, truth_path):
+    """Accuracy of a catalogue of the bundled example against its truth."""
+    from astropy.table import QTable
+
+    from .evaluate import exposure_accuracy
+
+    accuracy = exposure_accuracy(catalog, QTable.read(truth_path))
+    position = accuracy['position_arcsec']
+    print(f'against the truth ({truth_path.name}): {accuracy["n_matched"]} of '
+          f'{accuracy["n_truth"]} galaxies matched ({accuracy["n_unflagged"]} '
+          f'unflagged), median position error {position["median"]:.3f} arcsec')
+    for band in catalog.meta['bands']:
+        entry = accuracy[band]
+        flux, e1, e2 = entry['flux'], entry['hsm_e1'], entry['hsm_e2']
+        if flux['n']:
+            print(f'  {band}: median |flux_corrected/true - 1| {flux["median_abs"]:.3f} '
+                  f'(SNR > 20, {flux["n"]} galaxies); HSM e1, e2 RMS error '
+                  f'{e1["rms"]:.3f}, {e2["rms"]:.3f}')
 
 
 def _cmd_simulate_exposure(args):
@@ -405,6 +427,8 @@ def _parser():
     p.add_argument('--dtype-policy', choices=('float32', 'mixed_bfloat16'))
     p.add_argument('--resume', action='store_true',
                    help='continue from OUT/checkpoint.keras')
+    p.add_argument('--plots', action='store_true',
+                   help='also write OUT/training_history.png')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_train)
 
@@ -417,6 +441,9 @@ def _parser():
     p.add_argument('--baselines', default='observed,wiener,richardson_lucy',
                    help='comma-separated baselines (empty for none)')
     p.add_argument('--report', help='directory for the report tables')
+    p.add_argument('--plots', action='store_true',
+                   help='also write the flux, ellipticity-correlation and '
+                        'confusion-matrix PNGs into the --report directory')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
 
@@ -430,6 +457,9 @@ def _parser():
     group.add_argument('--stamps', help='simulation .h5 file')
     p.add_argument('--model', help='model .keras file (default: shipped)')
     p.add_argument('--out', help='write the images and fluxes to this FITS')
+    p.add_argument('--strict', action='store_true',
+                   help='refuse (exit 3) stamps whose pixel scale or PSF the model '
+                        'was not trained on, instead of warning')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)
 
@@ -451,7 +481,10 @@ def _parser():
                '--catalog sources.ecsv --psf moffat:fwhm=0.8arcsec,beta=3 '
                '--out run2/',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--band', action='append', required=True, metavar='NAME=FILE',
+    p.add_argument('--example', action='store_true',
+                   help='run on the bundled example exposures (g, r, i) and '
+                        'compare with their truth')
+    p.add_argument('--band', action='append', metavar='NAME=FILE',
                    help='a band and its FITS exposure (with a celestial WCS); '
                         'repeat, in the order the model was trained on')
     group = p.add_mutually_exclusive_group()
@@ -473,6 +506,11 @@ def _parser():
     p.add_argument('--batch-size', type=int, default=128,
                    help='objects per network call')
     p.add_argument('--out', required=True, help='output directory')
+    p.add_argument('--plots', action='store_true',
+                   help='also write OUT/catalog_overview.png and OUT/stamps.png')
+    p.add_argument('--strict', action='store_true',
+                   help='refuse (exit 3) exposures whose pixel scale or PSF the model '
+                        'was not trained on, instead of warning and flagging them')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 
@@ -496,6 +534,8 @@ def _parser():
                    help='give every band the same pixel grid')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate_exposure)
+    from .batch import add_batch_parser
+    add_batch_parser(sub)
     return parser
 
 

@@ -39,6 +39,7 @@ from .exceptions import (
 
 __all__ = ['deconvolve_stamps', 'refit_amplitude', 'fit_flux_bias',
            'correct_flux_bias', 'calibrate_flux_bias', 'validate_stamps',
+           'outside_training_range', 'psf_fwhm',
            'normalize_psfs',
            'estimate_noise_sigma']
 
@@ -336,7 +337,7 @@ def correct_flux_bias(flux, flux_err, flux_bias):
 
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128,
-                      return_details=False):
+                      return_details=False, strict=False):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -360,7 +361,14 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     return_details : bool, optional
         Also return a dict with ``'amplitude'``, ``'amplitude_err'``,
         ``'flux'``, ``'flux_err'``, ``'flux_corrected'`` and
-        ``'noise_sigma'`` (each (n, n_bands)) and ``'network_output'``.
+        ``'noise_sigma'`` (each (n, n_bands)), ``'network_output'`` and
+        ``'outside_training'`` (n,), True where the pixel scale or a PSF's
+        FWHM lies outside the model's training range
+        (`outside_training_range`).
+    strict : bool, optional
+        Refuse stamps outside the training range
+        (`~psfdeconv.exceptions.PixelScaleError`) instead of warning
+        (`~psfdeconv.exceptions.OutsideTrainingRangeWarning`).
 
     Returns
     -------
@@ -374,7 +382,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     ------
     `~psfdeconv.exceptions.InvalidInputError`
         Subclasses for non-finite pixels, bad PSFs, shape or band-count
-        mismatches and invalid pixel scales.
+        mismatches and invalid pixel scales (and, with ``strict``, pixel
+        scales or PSFs outside the training range).
 
     Examples
     --------
@@ -389,15 +398,16 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     from .features import make_cube
     from .model import load_model
 
-    model = load_model() if model is None else model
     stamps, psfs, pixel_scale = validate_stamps(stamps, psfs, pixel_scale)
+    if model is None:
+        model = load_model(n_bands=stamps.shape[1])
     model.check_bands(stamps.shape[1])
     if stamps.shape[-2:] != (model.stamp_size, model.stamp_size):
         raise ShapeMismatchError(
             f'stamps are {stamps.shape[-2:]} pixels but the model was trained '
             f'on {model.stamp_size}x{model.stamp_size}; cut stamps of that '
             f'size.')
-    _warn_outside_training_range(model, pixel_scale)
+    outside = _check_training_range(model, pixel_scale, psfs, strict=strict)
 
     n = stamps.shape[0]
     output = np.empty(stamps.shape, dtype=np.float32)
@@ -434,23 +444,104 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         'flux_corrected': correct_flux_bias(flux, flux_err,
                                             model.card.get('flux_bias')),
         'network_output': output,
+        'outside_training': outside,
     }
     return images, details
 
 
-def _warn_outside_training_range(model, pixel_scale):
+def psf_fwhm(psfs, pixel_scale):
+    """FWHM of PSF images in arcsec, from the area above half the peak.
+
+    ``2 sqrt(A / pi)`` for the area A of the pixels above half the maximum:
+    exact for a circular, well-sampled profile, and robust to the wings
+    (Moffat) that make second moments diverge. Below ~3 pixels of FWHM the
+    pixelisation makes it uncertain by ~0.5 pixel.
+
+    Parameters
+    ----------
+    psfs : array-like
+        Shape (..., py, px).
+    pixel_scale : float or array-like
+        arcsec/pixel, broadcastable to ``psfs.shape[:-2]``.
+
+    Examples
+    --------
+    >>> import galsim
+    >>> from psfdeconv.deconvolve import psf_fwhm
+    >>> image = galsim.Moffat(beta=3, fwhm=0.8).drawImage(nx=41, ny=41, scale=0.1)
+    >>> print(f'{psf_fwhm(image.array, 0.1):.2f}')
+    0.80
+    """
+    psfs = np.asarray(psfs, dtype=np.float64)
+    peak = psfs.max(axis=(-2, -1), keepdims=True)
+    area = (psfs > 0.5 * peak).sum(axis=(-2, -1))
+    return 2.0 * np.sqrt(area / np.pi) * np.asarray(pixel_scale, dtype=np.float64)
+
+
+def outside_training_range(model, pixel_scale, psfs=None):
+    """Which stamps lie outside the model's training range.
+
+    Parameters
+    ----------
+    model : `~psfdeconv.model.DeconvolutionModel`
+        Its card's ``training.simulation_config`` gives the ranges of the
+        pixel scale and of the PSF FWHM.
+    pixel_scale : array-like
+        arcsec/pixel, shape (n,).
+    psfs : array-like, optional
+        PSF images (n, n_bands, py, px); their FWHM (`psf_fwhm`) is checked
+        too, with a leeway for the error of the estimate (15 %, or a pixel
+        for PSFs only a few pixels wide).
+
+    Returns
+    -------
+    outside : `~numpy.ndarray` of bool
+        Shape (n,).
+    reasons : list of str
+        One sentence per range that is left, naming a value and the range.
+    """
+    sim = model.card.get('training', {}).get('simulation_config', {}) or {}
+    pixel_scale = np.atleast_1d(np.asarray(pixel_scale, dtype=np.float64))
+    outside = np.zeros(pixel_scale.shape, dtype=bool)
+    reasons = []
+    low, high = sim.get('pixel_scale_range', (None, None))
+    if low is not None:
+        bad = (pixel_scale < low) | (pixel_scale > high)
+        if bad.any():
+            outside |= bad
+            reasons.append(f'{int(bad.sum())} stamp(s) have pixel scales outside '
+                           f'the trained range [{low}, {high}] arcsec/pixel (e.g. '
+                           f'{pixel_scale[bad][0]:.3f})')
+    low, high = sim.get('psf_fwhm_range', (None, None))
+    if low is not None and psfs is not None:
+        scale = pixel_scale[:, None]
+        fwhm = psf_fwhm(psfs, scale)
+        # The estimate is good to ~15 % when the FWHM spans a few pixels
+        # (sheared PSFs included) and to ~a pixel below that (pixelisation
+        # of the half-maximum area).
+        bad_band = ((fwhm < low - np.maximum(0.15 * low, scale)) |
+                    (fwhm > high + np.maximum(0.15 * high, scale)))
+        bad = bad_band.any(axis=1)
+        if bad.any():
+            outside |= bad
+            reasons.append(f'{int(bad.sum())} stamp(s) have PSFs with FWHM outside '
+                           f'the trained range [{low}, {high}] arcsec (e.g. '
+                           f'{fwhm[bad_band][0]:.2f})')
+    return outside, reasons
+
+
+def _check_training_range(model, pixel_scale, psfs, *, strict):
     import warnings
 
     from .exceptions import OutsideTrainingRangeWarning
 
-    sim = model.card.get('training', {}).get('simulation_config', {})
-    low, high = sim.get('pixel_scale_range', (None, None))
-    if low is None:
-        return
-    outside = (pixel_scale < low) | (pixel_scale > high)
-    if outside.any():
-        warnings.warn(
-            f'{int(outside.sum())} stamp(s) have pixel scales outside the '
-            f'trained range [{low}, {high}] arcsec/pixel (e.g. '
-            f'{pixel_scale[outside][0]:.3f}); results there are '
-            f'extrapolations.', OutsideTrainingRangeWarning, stacklevel=3)
+    outside, reasons = outside_training_range(model, pixel_scale, psfs)
+    if reasons and strict:
+        raise PixelScaleError('; '.join(reasons) + '. Use a model trained on '
+                              'such data (psfdeconv train), or drop strict '
+                              '(--strict) to deconvolve them with a warning and '
+                              'a flag.')
+    if reasons:
+        warnings.warn('; '.join(reasons) + '; results there are extrapolations.',
+                      OutsideTrainingRangeWarning, stacklevel=3)
+    return outside

@@ -34,7 +34,36 @@ from .exceptions import (
 )
 
 __all__ = ['atomic_path', 'check_writable', 'write_table', 'read_exposure',
-           'pixel_scale_of']
+           'pixel_scale_of', 'fits_unit_string', 'example_exposures']
+
+#: The bundled exposure set (``psfdeconv run --example``; see data/README.md).
+EXAMPLE_EXPOSURES = Path(__file__).parent / 'data' / 'example_exposures'
+EXAMPLE_BANDS = ('g', 'r', 'i')
+
+
+def example_exposures():
+    """Paths of the bundled example exposure set.
+
+    Three simulated 384x384 exposures (g, r, i; 0.2 arcsec/pixel, a TAN WCS
+    each, 30 galaxies and 30 stars) made by
+    `psfdeconv.simulate.simulate_exposure`, and their truth table.
+
+    Returns
+    -------
+    exposures : dict
+        Band name to the gzip-compressed FITS file, in the order g, r, i.
+    truth : `~pathlib.Path`
+        The ECSV truth table (positions, fluxes, PSF-free shapes).
+
+    Examples
+    --------
+    >>> from psfdeconv.io import example_exposures
+    >>> exposures, truth = example_exposures()
+    >>> list(exposures), truth.name
+    (['g', 'r', 'i'], 'truth.ecsv')
+    """
+    return ({band: EXAMPLE_EXPOSURES / f'{band}.fits.gz' for band in EXAMPLE_BANDS},
+            EXAMPLE_EXPOSURES / 'truth.ecsv')
 
 
 def check_writable(path, *, overwrite=False):
@@ -175,6 +204,26 @@ def _header_warnings_into(store):
                 warnings.warn_explicit(message.message, message.category,
                                        message.filename, message.lineno,
                                        source=message.source)
+
+
+def fits_unit_string(unit):
+    """The ``BUNIT``/``TUNIT`` string of an astropy unit.
+
+    The FITS standard's spelling where it has one, else astropy's generic
+    one (e.g. ``nmgy`` for SDSS nanomaggies, which FITS lacks), which
+    `read_exposure` and astropy's table readers parse back.
+
+    Examples
+    --------
+    >>> import astropy.units as u
+    >>> from psfdeconv.io import fits_unit_string
+    >>> fits_unit_string(u.electron / u.s), fits_unit_string(u.nanomaggy)
+    ('electron s-1', 'nmgy')
+    """
+    try:
+        return unit.to_string('fits')
+    except ValueError:
+        return unit.to_string()
 
 
 def _parse_unit(text):

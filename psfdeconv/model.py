@@ -38,6 +38,8 @@ __all__ = ['build_cae', 'build_network', 'ARCHITECTURES',
 
 MODEL_CARD_VERSION = 1
 DEFAULT_MODEL_NAME = 'unet_psf_ipsf_ipsf1'
+#: The shipped model for each number of bands (``psfdeconv/data/``).
+DEFAULT_MODELS = {3: DEFAULT_MODEL_NAME, 1: 'unet1_psf_ipsf_ipsf1'}
 _WEIGHTS_MEMBER = 'model.weights.h5'
 
 
@@ -160,9 +162,19 @@ def weights_sha256(path):
         return hashlib.sha256(archive.read(_WEIGHTS_MEMBER)).hexdigest()
 
 
-def default_model_path():
-    """Path of the shipped default model (``psfdeconv/data/``)."""
-    return Path(__file__).parent / 'data' / f'{DEFAULT_MODEL_NAME}.keras'
+def default_model_path(n_bands=3):
+    """Path of the shipped model for ``n_bands`` bands (``psfdeconv/data/``).
+
+    Raises `~psfdeconv.exceptions.BandCountError` if no model for that many
+    bands ships.
+    """
+    if n_bands not in DEFAULT_MODELS:
+        raise BandCountError(
+            f'psfdeconv ships models for {sorted(DEFAULT_MODELS)} band(s), not '
+            f'{n_bands}; give that many bands, or train a model for {n_bands} '
+            f'bands (psfdeconv simulate with n_bands={n_bands} in its config, '
+            f'then psfdeconv train) and pass it as the model.')
+    return Path(__file__).parent / 'data' / f'{DEFAULT_MODELS[n_bands]}.keras'
 
 
 def _card_path(model_path):
@@ -286,14 +298,17 @@ class DeconvolutionModel:
                 f'sha256={str(self.sha256)[:12]}>')
 
 
-def load_model(path=None, *, verify=True):
+def load_model(path=None, *, n_bands=None, verify=True):
     """Load a deconvolution model and its card, checking the file first.
 
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
         A ``.keras`` file with its ``.json`` card beside it; the shipped
-        default model if `None`.
+        model for ``n_bands`` bands if `None`.
+    n_bands : int, optional
+        Number of bands of the data, which picks the shipped model when
+        ``path`` is None (default 3: g, r, i; 1 for single-band data).
     verify : bool, optional
         Check the weights' SHA-256 against the card.
 
@@ -315,7 +330,8 @@ def load_model(path=None, *, verify=True):
     >>> model.kinds, model.n_bands, model.stamp_size
     (('psf', 'ipsf', 'ipsf1'), 3, 64)
     """
-    path = default_model_path() if path is None else Path(path)
+    path = (default_model_path(3 if n_bands is None else n_bands)
+            if path is None else Path(path))
     card_path = _card_path(path)
     card = {}
     if card_path.exists():
@@ -325,7 +341,7 @@ def load_model(path=None, *, verify=True):
             raise ModelFileError(f'model card {card_path} is not valid JSON '
                                  f'({exc}); restore it from the model '
                                  f'release.') from None
-    elif path == default_model_path():
+    elif path.parent == default_model_path().parent:
         raise ModelFileError(f'the shipped model card {card_path} is missing;'
                              f' reinstall psfdeconv.')
     _check_model_file(path, card if verify else {})

@@ -34,10 +34,13 @@ It returns a `~astropy.table.QTable` with one row per source and a list of
 `psfdeconv.cutouts` (`~psfdeconv.cutouts.FLAG_EDGE` 1,
 `~psfdeconv.cutouts.FLAG_MASKED` 2, `~psfdeconv.cutouts.FLAG_OFF_IMAGE` 4,
 each set when it holds in any band), `FLAG_HSM_FAILED` (8),
-`FLAG_PSF_EXTRAPOLATED` (16) and `FLAG_CENTROID_FALLBACK` (32).
+`FLAG_PSF_EXTRAPOLATED` (16), `FLAG_CENTROID_FALLBACK` (32) and
+`FLAG_OUTSIDE_TRAINING` (64).
 """
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +57,13 @@ __all__ = [
     'FLAG_HSM_FAILED',
     'FLAG_PSF_EXTRAPOLATED',
     'FLAG_CENTROID_FALLBACK',
+    'FLAG_OUTSIDE_TRAINING',
     'FLAGS',
     'deconvolve_catalog',
     'detect_galaxies',
     'build_psfs',
+    'run_exposure_set',
+    'read_positions',
     'write_catalog',
     'read_catalog',
     'write_stamps',
@@ -74,6 +80,10 @@ FLAG_PSF_EXTRAPOLATED = 16
 #: The deconvolved image of the reference band has no positive flux, so it
 #: has no centroid: ``x``, ``y`` and ``sky_centroid`` are the input position.
 FLAG_CENTROID_FALLBACK = 32
+#: The source's pixel scale or PSF lies outside the range the model was
+#: trained on (`psfdeconv.deconvolve.outside_training_range`): its
+#: measurements are extrapolations.
+FLAG_OUTSIDE_TRAINING = 64
 
 #: Every flag bit with its name, as recorded in the catalogue's meta.
 FLAGS = {
@@ -83,6 +93,7 @@ FLAGS = {
     'HSM_FAILED': FLAG_HSM_FAILED,
     'PSF_EXTRAPOLATED': FLAG_PSF_EXTRAPOLATED,
     'CENTROID_FALLBACK': FLAG_CENTROID_FALLBACK,
+    'OUTSIDE_TRAINING': FLAG_OUTSIDE_TRAINING,
 }
 
 #: Detection threshold (background sigma) and minimum connected pixels of
@@ -98,8 +109,14 @@ _STAR_MATCH_RADIUS = 1.0
 _SAME_GRID_TOLERANCE = 1e-3
 #: PSF stamp side used when the model card does not record one.
 _DEFAULT_PSF_SIZE = 41
+#: Radius, in adaptive-moment widths, of the window of the centroid.
+_CENTROID_WINDOW = 6.0
 #: Header keyword holding the catalogue's full meta as JSON.
 _META_KEYWORD = 'PSFDMETA'
+#: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
+#: working memory of cutting, deconvolving and measuring is bounded by the
+#: chunk (about 1.5 MB per source), not by the number of sources.
+_CHUNK_SIZE = 512
 
 
 # --- Inputs ------------------------------------------------------------------------
@@ -129,11 +146,11 @@ def _read_exposures(exposures):
     return read, paths
 
 
-def _as_model(model):
+def _as_model(model, *, n_bands=None):
     from .model import DeconvolutionModel, load_model
 
     if model is None or isinstance(model, str | Path):
-        return load_model(model)
+        return load_model(model, n_bands=n_bands)
     if isinstance(model, DeconvolutionModel):
         return model
     raise ModelFileError(f'model is a {type(model).__name__}; give a '
@@ -522,7 +539,7 @@ def _subtract_background(exposure):
     if exposure.mask is not None:
         bad |= np.asarray(exposure.mask, dtype=bool)
     filled = np.where(bad, 0.0, data)
-    background, rms = _background(filled, bad)
+    background, rms = _background(filled, bad, mask_sources=True)
     meta = dict(exposure.meta or {})
     meta['background_rms'] = rms
     return CCDData(data - background, unit=exposure.unit, mask=bad,
@@ -588,7 +605,8 @@ def _stamp_mad(stamps, mask):
 
 def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
                        reference_band=None, psf_size=None, subtract_background=True,
-                       epsf_options=None, detect_options=None, batch_size=128):
+                       epsf_options=None, detect_options=None, batch_size=128,
+                       chunk_size=_CHUNK_SIZE, strict=False):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -635,13 +653,25 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         Keyword arguments of `detect_galaxies`.
     batch_size : int, optional
         Objects per network call.
+    chunk_size : int, optional
+        Sources cut out, deconvolved and measured together. The working
+        memory of those stages grows with it (about 1.5 MB per source of a
+        chunk), not with the number of sources; the returned stamps do grow
+        with it (use `run_exposure_set`, which writes them chunk by chunk,
+        for very many sources). The results do not depend on it.
+    strict : bool, optional
+        Refuse (`~psfdeconv.exceptions.PixelScaleError`) an exposure whose
+        pixel scale, or a source whose PSF FWHM, lies outside the model's
+        training range, instead of warning and setting
+        `FLAG_OUTSIDE_TRAINING`.
 
     Returns
     -------
     catalog : `~astropy.table.QTable`
         One row per source, in the order of ``positions``: ``id``,
-        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the centroid of
-        the reference band's deconvolved image), ``x``, ``y`` (that centroid
+        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the
+        adaptive-moment centroid of the reference band's deconvolved image,
+        the unweighted centroid where HSM fails), ``x``, ``y`` (that centroid
         in reference-band pixels), ``x_input``, ``y_input`` (the given or
         detected position), ``flags`` (see the module docstring), and per
         band ``flux_<band>``, ``flux_err_<band>``, ``flux_corrected_<band>``
@@ -689,21 +719,48 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     >>> stamps[0].data.shape  # doctest: +SKIP
     (3, 64, 64)
     """
+    _check_chunk_size(chunk_size)
+    setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
+                           reference_band=reference_band, psf_size=psf_size,
+                           subtract_background=subtract_background,
+                           epsf_options=epsf_options, detect_options=detect_options)
+    _check_strict(setup, strict)
+    parts, nddata = [], []
+    for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
+                                        batch_size=batch_size):
+        parts.append(part)
+        nddata.extend(stamps)
+    return _catalog_table(setup, parts), nddata
+
+
+def _check_strict(setup, strict):
+    """With ``strict``, refuse an exposure set whose pixel scale the model
+    was not trained on before any source is deconvolved (PSFs outside the
+    trained FWHM range are refused chunk by chunk)."""
+    from .deconvolve import _check_training_range
+
+    setup.strict = bool(strict)
+    if strict:
+        _check_training_range(setup.model, np.array([setup.scale]), None, strict=True)
+
+
+def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
+                   subtract_background, epsf_options, detect_options):
+    """Everything `deconvolve_catalog` does once per exposure set: the
+    checked inputs, the PSF models, the positions and the background-
+    subtracted, aligned bands (a namespace)."""
+    import types
+
     import astropy.units as u
-    from astropy.coordinates import SkyCoord
-    from astropy.nddata import NDData
-    from astropy.table import QTable
     from astropy.wcs.utils import wcs_to_celestial_frame
 
     from . import __version__
     from .cutouts import make_cutouts
-    from .deconvolve import deconvolve_stamps
     from .io import pixel_scale_of
-    from .measure import hsm_moments, image_moments
 
     exposures, paths = _read_exposures(exposures)
     bands = list(exposures)
-    model = _as_model(model)
+    model = _as_model(model, n_bands=len(bands))
     model.check_bands(len(bands))
     stamp_size = model.stamp_size
     if size is not None and size != stamp_size:
@@ -734,19 +791,116 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         work = exposures
     aligned, reprojected = _align(work, reference_band)
 
-    sky_in = reference.wcs.pixel_to_world(x_in, y_in)
+    # Every band is on the reference grid now, so a source is off the image
+    # in all bands or in none. make_cutouts refuses a call whose positions
+    # are all off the image: with all of them, that is the user's error
+    # (raised here, before any work, with make_cutouts' own message); a
+    # chunk of them that happens to be all off gets an on-image anchor.
+    off_image = _off_image(x_in, y_in, reference.shape)
+    if off_image.all():
+        make_cutouts(aligned[reference_band], np.column_stack([x_in, y_in]),
+                     size=stamp_size)
+    anchor = int(np.argmin(off_image))
+
+    has_uncertainty = {band: getattr(aligned[band], 'uncertainty', None) is not None
+                       for band in bands}
+    if not any(has_uncertainty.values()):
+        noise_source = dict.fromkeys(bands, 'refit residuals (1.4826 MAD)')
+    else:
+        noise_source = {band: 'uncertainty (median over the stamp)'
+                        if has_uncertainty[band] else 'stamp pixels (1.4826 MAD)'
+                        for band in bands}
+    units = {aligned[band].unit for band in bands}
+    scale = pixel_scale.to_value(u.arcsec / u.pix)
+    model_info = {'name': model.card.get('name'), 'path': str(model.path)
+                  if model.path is not None else None,
+                  'weights_sha256': model.sha256}
+    meta = {
+        'bands': bands,
+        'reference_band': reference_band,
+        'psf_source': psf_sources,
+        'model': model_info,
+        'psfdeconv_version': __version__,
+        'inputs': paths,
+        'positions': positions_source,
+        'pixel_scale': float(scale),
+        'stamp_size': stamp_size,
+        'psf_size': psf_size,
+        'reprojected': reprojected,
+        'noise_source': noise_source,
+        'background_subtracted': bool(subtract_background),
+        'flag_bits': dict(FLAGS),
+    }
+    return types.SimpleNamespace(
+        exposures=exposures, bands=bands, model=model, stamp_size=stamp_size,
+        psf_size=psf_size, reference_band=reference_band, reference=reference,
+        scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
+        y_in=y_in, ids=ids, n=n, off_image=off_image, anchor=anchor, aligned=aligned,
+        reprojected=reprojected, has_uncertainty=has_uncertainty,
+        frame=wcs_to_celestial_frame(reference.wcs),
+        stamp_unit=units.pop() if len(units) == 1 else None, meta=meta)
+
+
+def _off_image(x, y, shape):
+    """Whether each position's nearest pixel lies off an image of ``shape``
+    (the rule of `psfdeconv.cutouts.make_cutouts`)."""
+    ny, nx = shape
+    finite = np.isfinite(x) & np.isfinite(y)
+    with np.errstate(invalid='ignore'):
+        centre_x = np.floor(np.where(finite, x, 0) + 0.5)
+        centre_y = np.floor(np.where(finite, y, 0) + 0.5)
+    return ~finite | (centre_x < 0) | (centre_x >= nx) | (centre_y < 0) | \
+        (centre_y >= ny)
+
+
+def _check_chunk_size(chunk_size):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) \
+            or chunk_size < 1:
+        raise InvalidInputError(f'chunk_size = {chunk_size!r}; give a number of '
+                                f'sources >= 1 (e.g. {_CHUNK_SIZE}).')
+
+
+def _catalog_chunks(setup, *, chunk_size, batch_size):
+    """Deconvolve and measure the sources of a `_catalog_setup` in chunks of
+    ``chunk_size``: yields, per chunk, the catalogue columns (a dict of name
+    to (values, description)) and the stamps (a list of NDData)."""
+    for start in range(0, setup.n, int(chunk_size)):
+        index = np.arange(start, min(start + int(chunk_size), setup.n))
+        yield _deconvolve_chunk(setup, index, batch_size=batch_size)
+
+
+def _deconvolve_chunk(setup, index, *, batch_size):
+    """The catalogue columns and the stamps of the sources ``index``."""
+    import astropy.units as u
+    from astropy.nddata import NDData
+
+    from .cutouts import make_cutouts
+    from .deconvolve import deconvolve_stamps
+    from .measure import hsm_moments, image_moments, windowed_centroid
+
+    bands, reference_band = setup.bands, setup.reference_band
+    stamp_size, psf_size = setup.stamp_size, setup.psf_size
+    x_in, y_in, ids = setup.x_in[index], setup.y_in[index], setup.ids[index]
+    n = index.size
+    # A chunk entirely off the image gets the anchor as an extra last source,
+    # dropped from make_cutouts' results (see _catalog_setup).
+    cut_index = index if not setup.off_image[index].all() else \
+        np.append(index, setup.anchor)
+    xy = np.column_stack([setup.x_in[cut_index], setup.y_in[cut_index]])
+
+    sky_in = setup.reference.wcs.pixel_to_world(x_in, y_in)
     flags = np.zeros(n, dtype=np.int32)
     stamps = np.empty((n, len(bands), stamp_size, stamp_size))
     masks = np.empty(stamps.shape, dtype=bool)
     stamp_psfs = np.empty((n, len(bands), psf_size, psf_size))
     noise = np.full((n, len(bands)), np.nan)
-    noise_source = {}
     empty = np.zeros((n, len(bands)), dtype=bool)
-    cutouts = {}
-    xy = np.column_stack([x_in, y_in])
     for b, band in enumerate(bands):
-        cut = make_cutouts(aligned[band], xy, size=stamp_size)
-        cutouts[band] = cut
+        cut = make_cutouts(setup.aligned[band], xy, size=stamp_size)
+        cut = {key: value[:n] if isinstance(value, np.ndarray | list) else value
+               for key, value in cut.items()}
+        if band == reference_band:
+            ref_cut = cut
         flags |= cut['flags']
         masks[:, b] = cut['mask']
         stamps[:, b] = np.where(cut['mask'], 0.0, cut['data'])
@@ -757,57 +911,63 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         else:
             with np.errstate(invalid='ignore'):
                 bx, by = (np.asarray(v, float) for v in
-                          exposures[band].wcs.world_to_pixel(sky_in))
-        extrapolated = _grid_extrapolated(psf_models[band], bx, by)
+                          setup.exposures[band].wcs.world_to_pixel(sky_in))
+        extrapolated = _grid_extrapolated(setup.psf_models[band], bx, by)
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
-        meta = aligned[band].meta if reprojected[band] else {}
-        stamp_psfs[:, b] = _stamp_psfs(psf_models[band], bx, by, psf_size=psf_size,
-                                       aligned_meta=meta)
+        meta = setup.aligned[band].meta if setup.reprojected[band] else {}
+        stamp_psfs[:, b] = _stamp_psfs(setup.psf_models[band], bx, by,
+                                       psf_size=psf_size, aligned_meta=meta)
         if cut['uncertainty'] is not None:
             noise[:, b] = _stamp_noise(cut['uncertainty'], cut['mask'])
-            noise_source[band] = 'uncertainty (median over the stamp)'
-    have_noise = [band in noise_source for band in bands]
-    if not any(have_noise):
+    if not any(setup.has_uncertainty.values()):
         noise_sigma = None
-        noise_source = dict.fromkeys(bands, 'refit residuals (1.4826 MAD)')
     else:
         for b, band in enumerate(bands):
-            if not have_noise[b]:
+            if not setup.has_uncertainty[band]:
                 noise[:, b] = _stamp_mad(stamps[:, b], masks[:, b])
-                noise_source[band] = 'stamp pixels (1.4826 MAD)'
         # Empty stamps have no noise estimate; any positive value will do
         # (their measurements are set to NaN below).
         noise_sigma = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
 
-    images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=pixel_scale,
-                                        model=model, noise_sigma=noise_sigma,
-                                        batch_size=batch_size, return_details=True)
-    scale = pixel_scale.to_value(u.arcsec / u.pix)
-    moments = image_moments(images, pixel_scale=scale)
-    shapes = hsm_moments(images, pixel_scale=scale)
+    images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=setup.scale,
+                                        model=setup.model, noise_sigma=noise_sigma,
+                                        batch_size=batch_size, return_details=True,
+                                        strict=getattr(setup, 'strict', False))
+    flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
+    del stamps, stamp_psfs
+    moments = image_moments(images, pixel_scale=setup.scale)
+    shapes = hsm_moments(images, pixel_scale=setup.scale)
     hsm_failed = (shapes['hsm_status'] != 0) & ~empty
     flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
 
     # The centroid of the reference band's deconvolved image.
     ref_index = bands.index(reference_band)
-    ref_cut = cutouts[reference_band]
-    x_stamp, y_stamp = moments['x'][:, ref_index], moments['y'][:, ref_index]
+    # The light centroid within _CENTROID_WINDOW adaptive-moment widths of
+    # the adaptive-moment centroid: the stamp-wide centroid takes in every
+    # neighbour and noise peak, and the adaptive one is pulled towards the
+    # peak of an asymmetric galaxy. Unweighted where HSM fails.
+    hsm_ok = shapes['hsm_status'][:, ref_index] == 0
+    x_stamp, y_stamp = windowed_centroid(
+        images[:, ref_index], shapes['hsm_x'][:, ref_index],
+        shapes['hsm_y'][:, ref_index],
+        _CENTROID_WINDOW * shapes['hsm_sigma'][:, ref_index] / setup.scale)
+    x_stamp = np.where(hsm_ok, x_stamp, moments['x'][:, ref_index])
+    y_stamp = np.where(hsm_ok, y_stamp, moments['y'][:, ref_index])
     fallback = ~(np.isfinite(x_stamp) & np.isfinite(y_stamp))
     flags[fallback] |= FLAG_CENTROID_FALLBACK
     x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)
     y_stamp = np.where(fallback, ref_cut['y_stamp'], y_stamp)
-    frame = wcs_to_celestial_frame(reference.wcs)
     lon, lat = np.full(n, np.nan), np.full(n, np.nan)
     for i in range(n):
         lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i], y_stamp[i])
-    sky_centroid = SkyCoord(lon * u.deg, lat * u.deg, frame=frame)
 
-    catalog = QTable()
     columns = []  # (name, values, description)
     columns += [
         ('id', np.asarray(ids), 'Source identifier (the input id or detection label)'),
-        ('sky_centroid', sky_centroid,
-         f'Centroid of the deconvolved {reference_band} image'),
+        # (lon, lat) in degrees: the SkyCoord is made once, by _catalog_table.
+        ('sky_centroid', (lon, lat),
+         f'Adaptive-moment (HSM) centroid of the deconvolved {reference_band} '
+         f'image (unweighted where HSM fails)'),
         ('x', (ref_cut['origin'][:, 0] + x_stamp) * u.pix,
          f'Column of the deconvolved {reference_band} centroid in the '
          f'{reference_band} exposure, 0-based'),
@@ -820,7 +980,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
          'Bitmask: ' + ', '.join(f'{bit} {name}' for name, bit in FLAGS.items())),
     ]
     for b, band in enumerate(bands):
-        unit = aligned[band].unit or u.dimensionless_unscaled
+        unit = setup.aligned[band].unit or u.dimensionless_unscaled
         nan = empty[:, b]
 
         def band_values(values, nan=nan):
@@ -857,44 +1017,141 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
             (f'hsm_status_{band}', np.asarray(shapes['hsm_status'][:, b], dtype=np.int32),
              'HSM status: 0 ok, -1 failed, -2 non-positive fit'),
         ]
-    for name, values, description in columns:
-        catalog[name] = values
-        catalog[name].info.description = description
 
-    model_info = {'name': model.card.get('name'), 'path': str(model.path)
-                  if model.path is not None else None,
-                  'weights_sha256': model.sha256}
-    catalog.meta.update({
-        'bands': bands,
-        'reference_band': reference_band,
-        'psf_source': psf_sources,
-        'model': model_info,
-        'psfdeconv_version': __version__,
-        'inputs': paths,
-        'positions': positions_source,
-        'pixel_scale': float(scale),
-        'stamp_size': stamp_size,
-        'psf_size': psf_size,
-        'reprojected': reprojected,
-        'noise_source': noise_source,
-        'background_subtracted': bool(subtract_background),
-        'flag_bits': dict(FLAGS),
-    })
-
-    units = {aligned[band].unit for band in bands}
-    stamp_unit = units.pop() if len(units) == 1 else None
     nddata = []
     for i in range(n):
         nddata.append(NDData(
-            images[i].astype(np.float64), unit=stamp_unit, mask=masks[i].copy(),
+            images[i].astype(np.float64), unit=setup.stamp_unit, mask=masks[i].copy(),
             wcs=ref_cut['wcs'][i],
             meta={'id': ids[i].item() if hasattr(ids[i], 'item') else ids[i],
                   'bands': list(bands), 'flags': int(flags[i]),
                   'origin': [int(v) for v in ref_cut['origin'][i]],
-                  'psf_source': dict(psf_sources),
-                  'model_weights_sha256': model.sha256,
-                  'units': {band: str(aligned[band].unit) for band in bands}}))
-    return catalog, nddata
+                  'psf_source': dict(setup.psf_sources),
+                  'model_weights_sha256': setup.model.sha256,
+                  'units': {band: str(setup.aligned[band].unit) for band in bands}}))
+    return {name: (values, description) for name, values, description in columns}, nddata
+
+
+def _catalog_table(setup, parts):
+    """The `deconvolve_catalog` table from the columns of its chunks."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.table import QTable
+
+    catalog = QTable()
+    for name, (_, description) in parts[0].items():
+        chunks = [part[name][0] for part in parts]
+        if name == 'sky_centroid':
+            lon, lat = (np.concatenate(values) for values in zip(*chunks, strict=True))
+            values = SkyCoord(lon * u.deg, lat * u.deg, frame=setup.frame)
+        else:
+            values = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        catalog[name] = values
+        catalog[name].info.description = description
+    catalog.meta.update(setup.meta)
+    return catalog
+
+
+def read_positions(path):
+    """Read a source table (ECSV, FITS or CSV) for `deconvolve_catalog`.
+
+    Raises `~psfdeconv.exceptions.InvalidInputError` naming the file if it is
+    missing or not a table; its columns are checked by `deconvolve_catalog`.
+    """
+    from astropy.table import Table
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f'source catalog {path} does not exist; give a '
+                                f'table file (.ecsv, .fits, .csv) with ra/dec or '
+                                f'x/y columns, or detect the sources.')
+    try:
+        return Table.read(path)
+    except Exception as exc:  # astropy raises many types for unreadable files
+        raise InvalidInputError(f'source catalog {path} cannot be read as a table '
+                                f'({type(exc).__name__}: {exc}); give an ECSV, '
+                                f'FITS or CSV table.') from None
+
+
+def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
+                     reference_band=None, batch_size=128, overwrite=False,
+                     chunk_size=_CHUNK_SIZE, strict=False):
+    """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
+
+    Writes ``OUT/catalog.fits`` (`write_catalog`), ``OUT/stamps.fits``
+    (`write_stamps`) and ``OUT/psf_<band>.fits`` (the PSF model of each band;
+    a spatially varying one as its PSF at the image centre), each through a
+    temporary file and a rename, so an interrupted run leaves complete files
+    or none. Existing outputs are refused before any work unless
+    ``overwrite``.
+
+    The sources are cut out, deconvolved and measured ``chunk_size`` at a
+    time (as `deconvolve_catalog`), and each chunk's stamps are written to
+    the stamp file before the next chunk starts, so memory does not grow
+    with the number of sources beyond the catalogue's rows (a few hundred
+    bytes each).
+
+    Parameters
+    ----------
+    exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
+        Band name to exposure, as for `deconvolve_catalog`.
+    out_dir : str or `~pathlib.Path`
+        Output directory (created if needed).
+    positions : str, `~pathlib.Path` or as for `deconvolve_catalog`, optional
+        The sources, or the path of a table of them (`read_positions`);
+        detected if None.
+    psfs : optional
+        As for `build_psfs`; default ``'epsf'``.
+    model, reference_band, batch_size, chunk_size, strict
+        As for `deconvolve_catalog`.
+    overwrite : bool, optional
+        Replace existing outputs.
+
+    Returns
+    -------
+    catalog : `~astropy.table.QTable`
+        The catalogue written.
+    paths : dict
+        ``'catalog'``, ``'stamps'`` and each band name to the file written.
+    """
+    from .io import check_writable, read_exposure
+    from .psf import render_psf, write_psf_image
+
+    _check_chunk_size(chunk_size)
+    out_dir = Path(out_dir)
+    paths = {'catalog': out_dir / 'catalog.fits', 'stamps': out_dir / 'stamps.fits'}
+    paths.update({str(band): out_dir / f'psf_{band}.fits' for band in exposures})
+    # Refuse before any work rather than after it.
+    for path in paths.values():
+        check_writable(path, overwrite=overwrite)
+    model = _as_model(model, n_bands=len(exposures))
+    model.check_bands(len(exposures))
+    exposures = {band: read_exposure(exposure) for band, exposure in exposures.items()}
+    if isinstance(positions, str | Path):
+        positions = read_positions(positions)
+    psf_models, _ = build_psfs(exposures, psfs)
+    setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
+                           reference_band=reference_band, psf_size=None,
+                           subtract_background=True, epsf_options=None,
+                           detect_options=None)
+    _check_strict(setup, strict)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    with _stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
+        for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
+                                            batch_size=batch_size):
+            parts.append(part)
+            writer.write(stamps)
+    catalog = _catalog_table(setup, parts)
+    write_catalog(catalog, paths['catalog'], overwrite=overwrite)
+    for band, psf_model in psf_models.items():
+        if not (hasattr(psf_model, 'data') and hasattr(psf_model, 'oversampling')
+                and getattr(psf_model.data, 'ndim', 0) == 2):
+            ny, nx = exposures[band].shape
+            psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
+                                   size=catalog.meta['psf_size'])
+        write_psf_image(psf_model, paths[band], overwrite=overwrite)
+    return catalog, paths
 
 
 # --- Files -----------------------------------------------------------------------------
@@ -952,6 +1209,8 @@ def write_catalog(table, path, *, overwrite=False):
     ...       again.meta['model'])
     adu SkyCoord {'weights_sha256': 'abc'}
     """
+    from astropy.utils.exceptions import AstropyUserWarning
+
     from .io import write_table
 
     out = table.copy(copy_data=False)
@@ -969,7 +1228,12 @@ def write_catalog(table, path, *, overwrite=False):
         out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
     out.meta[_META_KEYWORD] = json.dumps(meta, default=_json_default,
                                          separators=(',', ':'))
-    return write_table(out, path, overwrite=overwrite, format='fits')
+    with warnings.catch_warnings():
+        # Units outside the FITS standard (e.g. SDSS nanomaggies) lose their
+        # TUNIT keyword but round-trip through astropy's serialised meta.
+        warnings.filterwarnings('ignore', message='.*could not be saved in native '
+                                'FITS format', category=AstropyUserWarning)
+        return write_table(out, path, overwrite=overwrite, format='fits')
 
 
 def read_catalog(path):
@@ -1045,10 +1309,7 @@ def write_stamps(images, path, *, overwrite=False):
     >>> print(len(again), again[0].data.shape, again[0].unit, again[0].meta['id'])
     1 (3, 8, 8) adu 7
     """
-    from astropy.io import fits
-    from astropy.table import Table
-
-    from .io import atomic_path, check_writable
+    from .io import check_writable
 
     path = check_writable(path, overwrite=overwrite)
     images = list(images)
@@ -1059,46 +1320,150 @@ def write_stamps(images, path, *, overwrite=False):
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise InvalidInputError(f'stamps must all have one shape (n_bands, size, '
                                 f'size), got {sorted(shapes)}.')
-    first_meta = dict(images[0].meta or {})
-    primary = fits.PrimaryHDU()
-    primary.header['NSTAMPS'] = (len(images), 'number of stamp HDUs')
-    if first_meta.get('bands'):
-        primary.header['BANDS'] = ','.join(first_meta['bands'])
-    if first_meta.get('model_weights_sha256'):
-        primary.header['MODELSHA'] = first_meta['model_weights_sha256']
-    hdus = [primary]
-    index = {'id': [], 'extver': [], 'flags': [], 'origin_x': [], 'origin_y': []}
-    masks = np.zeros((len(images),) + next(iter(shapes)), dtype=np.uint8)
-    for k, image in enumerate(images):
-        meta = dict(image.meta or {})
-        wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
-        header = wcs.to_header() if wcs is not None else fits.Header()
-        header['EXTNAME'] = 'STAMP'
-        header['EXTVER'] = k + 1
-        identifier = meta.get('id', k)
-        header['ID'] = identifier.item() if hasattr(identifier, 'item') else identifier
-        header['FLAGS'] = int(meta.get('flags', 0))
-        if image.unit is not None:
-            header['BUNIT'] = image.unit.to_string('fits')
-        if meta.get('bands'):
-            header['BANDS'] = ','.join(meta['bands'])
-        origin = meta.get('origin', (0, 0))
-        header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
-        header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
-        hdus.append(fits.ImageHDU(np.asarray(image.data, dtype=np.float32),
-                                  header=header))
-        if image.mask is not None:
-            masks[k] = np.asarray(image.mask, dtype=bool)
-        index['id'].append(header['ID'])
-        index['extver'].append(k + 1)
-        index['flags'].append(header['FLAGS'])
-        index['origin_x'].append(header['ORIGINX'])
-        index['origin_y'].append(header['ORIGINY'])
-    hdus.append(fits.ImageHDU(masks, name='MASKS'))
-    hdus.append(fits.BinTableHDU(Table(index), name='INDEX'))
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    with _stamp_writer(path, len(images), overwrite=overwrite) as writer:
+        writer.write(images)
     return path
+
+
+@contextlib.contextmanager
+def _stamp_writer(path, n_stamps, *, overwrite=False):
+    """Context manager yielding a `_StampFile` that writes the file of
+    `write_stamps` chunk by chunk, atomically (`psfdeconv.io.atomic_path`):
+    memory does not grow with the number of stamps."""
+    import tempfile
+
+    from .io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp, \
+            tempfile.TemporaryFile(dir=path.parent, prefix=f'.{path.name}.') as spill:
+        writer = _StampFile(tmp, n_stamps, spill)
+        yield writer
+        writer.finish()
+
+
+class _StampFile:
+    """The FITS file of `write_stamps`, written one stamp at a time.
+
+    Each stamp HDU is appended to the file as it comes (`_append_image`); the
+    masks, whose HDU follows all the stamps, wait in the ``spill`` file and
+    are streamed into place by `finish` (`astropy.io.fits.StreamingHDU`),
+    which also appends the ``INDEX`` table. Only the index grows with the
+    number of stamps.
+    """
+
+    def __init__(self, path, n_stamps, spill):
+        # A str: astropy's StreamingHDU takes a Path for its bare file name.
+        self.path, self.n_stamps, self.spill = str(path), int(n_stamps), spill
+        self.count = 0
+        self.shape = None
+        self.index = {'id': [], 'extver': [], 'flags': [], 'origin_x': [],
+                      'origin_y': []}
+
+    def _start(self, image):
+        from astropy.io import fits
+
+        first_meta = dict(image.meta or {})
+        primary = fits.PrimaryHDU()
+        primary.header['NSTAMPS'] = (self.n_stamps, 'number of stamp HDUs')
+        if first_meta.get('bands'):
+            primary.header['BANDS'] = ','.join(first_meta['bands'])
+        if first_meta.get('model_weights_sha256'):
+            primary.header['MODELSHA'] = first_meta['model_weights_sha256']
+        # EXTEND = T, as HDUList.writeto sets it for a file with extensions.
+        primary.header['EXTEND'] = True
+        primary.writeto(self.path, overwrite=True)
+
+    def _append_image(self, data, header):
+        """Append a float32 image HDU: the bytes `astropy.io.fits.ImageHDU`
+        writes (the same structural cards first), without building one, which
+        took most of the time of writing many stamps."""
+        from astropy.io import fits
+
+        full = fits.Header([('XTENSION', 'IMAGE', 'Image extension'),
+                            ('BITPIX', -32, 'array data type'),
+                            ('NAXIS', data.ndim, 'number of array dimensions')]
+                           + [(f'NAXIS{k + 1}', n) for k, n in enumerate(data.shape[::-1])]
+                           + [('PCOUNT', 0, 'number of parameters'),
+                              ('GCOUNT', 1, 'number of groups')])
+        full.extend(header)
+        raw = np.ascontiguousarray(data, dtype='>f4').tobytes()
+        with open(self.path, 'ab') as stream:
+            stream.write(full.tostring().encode('ascii'))
+            stream.write(raw)
+            stream.write(bytes(-len(raw) % 2880))
+
+    def write(self, images):
+        """Append stamps (an iterable of `~astropy.nddata.NDData`)."""
+        from astropy.io import fits
+
+        for image in images:
+            data = np.asarray(image.data, dtype=np.float32)
+            if self.shape is None:
+                if data.ndim != 3:
+                    raise InvalidInputError(f'stamps must have the shape (n_bands, '
+                                            f'size, size), got {data.shape}.')
+                self.shape = data.shape
+                self._start(image)
+            elif data.shape != self.shape:
+                raise InvalidInputError(f'stamps must all have one shape (n_bands, '
+                                        f'size, size), got {self.shape} and '
+                                        f'{data.shape}.')
+            if self.count >= self.n_stamps:
+                raise InvalidInputError(f'more than the {self.n_stamps} stamps '
+                                        f'announced for {self.path}.')
+            k = self.count
+            meta = dict(image.meta or {})
+            wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
+            header = wcs.to_header() if wcs is not None else fits.Header()
+            header['EXTNAME'] = 'STAMP'
+            header['EXTVER'] = k + 1
+            identifier = meta.get('id', k)
+            header['ID'] = identifier.item() if hasattr(identifier, 'item') else identifier
+            header['FLAGS'] = int(meta.get('flags', 0))
+            if image.unit is not None:
+                from .io import fits_unit_string
+
+                header['BUNIT'] = fits_unit_string(image.unit)
+            if meta.get('bands'):
+                header['BANDS'] = ','.join(meta['bands'])
+            origin = meta.get('origin', (0, 0))
+            header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
+            header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
+            self._append_image(data, header)
+            mask = np.zeros(self.shape, dtype=np.uint8)
+            if image.mask is not None:
+                mask[...] = np.asarray(image.mask, dtype=bool)
+            self.spill.write(mask.tobytes())
+            self.index['id'].append(header['ID'])
+            self.index['extver'].append(k + 1)
+            self.index['flags'].append(header['FLAGS'])
+            self.index['origin_x'].append(header['ORIGINX'])
+            self.index['origin_y'].append(header['ORIGINY'])
+            self.count += 1
+
+    def finish(self):
+        """Write the ``MASKS`` and ``INDEX`` HDUs after the last stamp."""
+        from astropy.io import fits
+        from astropy.table import Table
+
+        if self.count != self.n_stamps:
+            raise InvalidInputError(f'{self.count} stamps were written to '
+                                    f'{self.path}, not the {self.n_stamps} '
+                                    f'announced.')
+        header = fits.ImageHDU(np.zeros((1,) + self.shape, dtype=np.uint8),
+                               name='MASKS').header
+        header['NAXIS4'] = self.n_stamps
+        stream = fits.StreamingHDU(self.path, header)
+        stamp_bytes = int(np.prod(self.shape))
+        per_block = max(1, 2 ** 24 // stamp_bytes)
+        self.spill.seek(0)
+        while block := self.spill.read(per_block * stamp_bytes):
+            stream.write(np.frombuffer(block, dtype=np.uint8).reshape(
+                (-1,) + self.shape))
+        stream.close()
+        index = fits.BinTableHDU(Table(self.index), name='INDEX')
+        fits.append(self.path, index.data, index.header, verify=False)
 
 
 def read_stamps(path):

@@ -112,6 +112,13 @@ class SimulationConfig:
     #: Exponents alpha_b of the band transforms I_b = beta_b I_max
     #: (I_1 / I_max)^alpha_b (paper-spec section 1); one per band.
     band_alpha: tuple = (1.0, 0.9, 1.1)
+    #: Per-object scatter (standard deviation) of alpha_b for the bands
+    #: after the first. With 0 (the paper) every band has a fixed profile
+    #: transform, which a network learns as a prior: fed the same galaxy in
+    #: every band, it then returns band 2 wider than band 3. Real galaxies
+    #: have similar shapes in neighbouring bands with varying colour
+    #: gradients: alphas of 1 with a scatter model that.
+    band_alpha_scatter: float = 0.0
     #: Flux factors beta_b of the band transforms; one per band.
     band_beta: tuple = (1.0, 1.0, 1.0)
     #: Per-object colour scatter of beta_b in dex (bands after the first).
@@ -140,6 +147,9 @@ class SimulationConfig:
             if len(getattr(self, name)) < self.n_bands:
                 raise ConfigError(f'{name} needs one value per band '
                                   f'({self.n_bands}), got {getattr(self, name)}.')
+        if not 0 <= self.band_alpha_scatter < 0.5:
+            raise ConfigError(f'band_alpha_scatter must be in [0, 0.5), got '
+                              f'{self.band_alpha_scatter}.')
         if not 0 <= self.blank_fraction < 1:
             raise ConfigError(f'blank_fraction must be in [0, 1), got '
                               f'{self.blank_fraction}.')
@@ -312,10 +322,14 @@ def _band_transforms(rng, config, band1):
     normalised = np.clip(band1, 0.0, None) / safe_peak
     for b in range(nb):
         beta = config.band_beta[b]
+        alpha = config.band_alpha[b]
         if b > 0:
             beta = beta * 10.0 ** rng.normal(0.0, config.band_color_scatter_dex,
                                              (n, 1, 1))
-        out[:, b] = beta * peak * normalised ** config.band_alpha[b]
+            if config.band_alpha_scatter > 0:
+                alpha = np.clip(alpha + rng.normal(0.0, config.band_alpha_scatter,
+                                                   (n, 1, 1)), 0.5, 2.0)
+        out[:, b] = beta * peak * normalised ** alpha
     return out
 
 
@@ -957,13 +971,22 @@ def simulate_exposure(shape=(512, 512), *, bands=('g', 'r', 'i'), n_galaxies=60,
     for b, band in enumerate(bands):
         truth[f'flux_{band}'] = flux[:, b] * unit
     truth['half_light_radius'] = half_light_radius * u.arcsec
+    for name, values in _truth_shapes(profiles, is_galaxy, scale).items():
+        truth[name] = values
     descriptions = {
         'id': 'Source index', 'kind': "'galaxy' or 'star'",
         'ra': 'Right ascension of the light centroid (ICRS)',
         'dec': 'Declination of the light centroid (ICRS)',
         'x': f'Column of the light centroid in band {bands[0]}, 0-based',
         'y': f'Row of the light centroid in band {bands[0]}, 0-based',
-        'half_light_radius': 'Disk half-light radius (0 for stars)'}
+        'half_light_radius': 'Disk half-light radius (0 for stars)',
+        'e1_true': 'Unweighted e1 of the PSF-free, pixel-integrated profile '
+                   '(NaN for stars)',
+        'e2_true': 'Unweighted e2 of the PSF-free, pixel-integrated profile',
+        'size_true': 'Unweighted size sqrt(Mxx+Myy) of the PSF-free profile',
+        'hsm_e1_true': 'HSM adaptive-moment e1 of the PSF-free profile',
+        'hsm_e2_true': 'HSM adaptive-moment e2 of the PSF-free profile',
+        'hsm_sigma_true': 'HSM adaptive-moment width of the PSF-free profile'}
     for band in bands:
         descriptions[f'x_{band}'] = f'Column in band {band}, 0-based'
         descriptions[f'y_{band}'] = f'Row in band {band}, 0-based'
@@ -977,6 +1000,34 @@ def simulate_exposure(shape=(512, 512), *, bands=('g', 'r', 'i'), n_galaxies=60,
         'crpix_offsets': {band: offsets[b].tolist() for b, band in enumerate(bands)},
     })
     return exposures, truth
+
+
+def _truth_shapes(profiles, is_galaxy, scale, size=64):
+    """Moments of each galaxy's PSF-free profile drawn on a ``size`` stamp at
+    the exposure's pixel scale, as `psfdeconv.measure` measures a
+    deconvolved stamp (NaN for stars)."""
+    import astropy.units as u
+
+    from .measure import hsm_moments, image_moments
+
+    n = is_galaxy.size
+    columns = {name: np.full(n, np.nan) for name in
+               ('e1_true', 'e2_true', 'size_true', 'hsm_e1_true', 'hsm_e2_true',
+                'hsm_sigma_true')}
+    index = np.flatnonzero(is_galaxy)
+    if index.size:
+        images = np.stack([profile.drawImage(nx=size, ny=size, scale=scale).array
+                           for profile in profiles])[:, None]
+        moments = image_moments(images, pixel_scale=scale)
+        shapes = hsm_moments(images, pixel_scale=scale)
+        for name, values in (('e1', moments['e1']), ('e2', moments['e2']),
+                             ('size', moments['size']), ('hsm_e1', shapes['hsm_e1']),
+                             ('hsm_e2', shapes['hsm_e2']),
+                             ('hsm_sigma', shapes['hsm_sigma'])):
+            columns[f'{name}_true'][index] = np.asarray(values, float)[:, 0]
+    for name in ('size_true', 'hsm_sigma_true'):
+        columns[name] = columns[name] * u.arcsec
+    return columns
 
 
 def write_exposure_set(directory, exposures, truth=None, *, overwrite=False):
@@ -1024,7 +1075,7 @@ def write_exposure_set(directory, exposures, truth=None, *, overwrite=False):
     from astropy.io import fits
     from astropy.nddata import InverseVariance
 
-    from .io import atomic_path, check_writable, write_table
+    from .io import atomic_path, check_writable, fits_unit_string, write_table
 
     if not hasattr(exposures, 'items') or not exposures:
         raise ConfigError('exposures must be a non-empty dict of band name to '
@@ -1041,7 +1092,7 @@ def write_exposure_set(directory, exposures, truth=None, *, overwrite=False):
             else fits.Header()
         unit = getattr(exposure, 'unit', None)
         if unit is not None:
-            header['BUNIT'] = unit.to_string('fits')
+            header['BUNIT'] = fits_unit_string(unit)
         for key, value in dict(exposure.meta or {}).items():
             if isinstance(value, str | int | float | bool) and len(key) <= 8:
                 header[key.upper()] = value

@@ -31,7 +31,8 @@ import numpy as np
 from .exceptions import ConfigError, InvalidInputError
 from .features import KINDS, _check_kinds, make_cube
 
-__all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch']
+__all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
+           'split_bands']
 
 #: Targets are the truth over this many times the inputs' scale (see
 #: `scaled_batch`).
@@ -81,6 +82,12 @@ class TrainConfig:
     #: 'median' to remove the softplus floor before the amplitude refit
     #: (see `~psfdeconv.deconvolve.deconvolve_stamps`).
     output_floor: str = None
+    #: Train a single-band model: every band of every simulated object
+    #: becomes a 1-band object of its own (`split_bands`).
+    split_bands: bool = False
+    #: A ``.keras`` file of the same network whose weights start the run
+    #: (fine-tuning on new simulations); None: seeded random weights.
+    initial_weights: str = None
 
     def __post_init__(self):
         self.kinds = _check_kinds(self.kinds)
@@ -163,9 +170,43 @@ def scaled_batch(observed, psfs, pixel_scale, truth, *, kinds=KINDS,
                                       dtype=np.float32)
 
 
-def _load_split(sims, indices):
-    fields = ('observed', 'psf', 'pixel_scale', 'truth')
-    return {key: sims[key][indices] for key in fields}
+def split_bands(data):
+    """Turn every band of every object into a 1-band object.
+
+    ``data`` maps field names to arrays of a simulation file's layout
+    (``observed``, ``truth`` and ``psf`` of shape (n, n_bands, ...);
+    ``pixel_scale`` and ``is_blank`` of shape (n,); per-band scalars such
+    as ``noise_sigma`` of shape (n, n_bands)). The result has n x n_bands
+    objects of one band, object-major (object i band b is row
+    ``i * n_bands + b``), so a split by object stays a split by object.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> data = {'observed': np.zeros((2, 3, 8, 8)),
+    ...         'pixel_scale': np.array([0.2, 0.1])}
+    >>> out = split_bands(data)
+    >>> out['observed'].shape, out['pixel_scale'].tolist()
+    ((6, 1, 8, 8), [0.2, 0.2, 0.2, 0.1, 0.1, 0.1])
+    """
+    n_bands = data['observed'].shape[1]
+    out = {}
+    for key, value in data.items():
+        value = np.asarray(value)
+        if value.ndim >= 2 and value.shape[1] == n_bands:
+            shape = (value.shape[0] * n_bands, 1) + value.shape[2:]
+            out[key] = value.reshape(shape)
+            if value.ndim == 2:
+                out[key] = out[key][:, 0]
+        else:
+            out[key] = np.repeat(value, n_bands, axis=0)
+    return out
+
+
+def _load_split(sims, indices, fields=('observed', 'psf', 'pixel_scale',
+                                       'truth'), *, single_band=False):
+    data = {key: sims[key][indices] for key in fields}
+    return split_bands(data) if single_band else data
 
 
 def _make_sequence(keras, data, *, batch_size, kinds, feature_options, seed,
@@ -260,8 +301,9 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             seed=config.seed)
         if config.max_train_objects is not None:
             train_idx = train_idx[:config.max_train_objects]
-        train_data = _load_split(sims, train_idx)
-        val_data = _load_split(sims, val_idx)
+        train_data = _load_split(sims, train_idx,
+                                 single_band=config.split_bands)
+        val_data = _load_split(sims, val_idx, single_band=config.split_bands)
     n_bands = train_data['observed'].shape[1]
     stamp_size = train_data['observed'].shape[-1]
 
@@ -297,6 +339,8 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
                                    n_bands * len(config.kinds)),
                                   n_outputs=n_bands, filters=config.filters,
                                   negative_slope=config.negative_slope)
+            if config.initial_weights is not None:
+                _load_initial_weights(keras, model, config.initial_weights)
             schedule = keras.optimizers.schedules.ExponentialDecay(
                 config.learning_rate, decay_steps=config.decay_steps,
                 decay_rate=config.decay_rate)
@@ -320,6 +364,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         keras.config.set_dtype_policy('float32')
     # Inference runs in float32 whatever the training policy was.
     model = _as_float32(keras, model)
+    from .model import file_sha256
 
     card = {
         'architecture': config.architecture,
@@ -338,16 +383,39 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             'simulation_seed': sim_seed,
             'n_train': len(train_idx),
             'n_validation': len(val_idx),
+            # With split_bands every object gives n_bands 1-band stamps.
+            'n_train_stamps': len(train_data['pixel_scale']),
             'epochs_run': callback.state['epoch'],
             'best_epoch': callback.state['best_epoch'],
             'best_val_loss': callback.state['best_val_loss'],
             'history': callback.state['history'],
             'elapsed_seconds': round(callback.state['elapsed_seconds'], 1),
-            'train_stamps_per_second': callback.throughput(len(train_idx)),
+            'train_stamps_per_second': callback.throughput(len(train_data['pixel_scale'])),
             'keras_version': keras.__version__,
+            'initial_weights_sha256': (
+                None if config.initial_weights is None else
+                file_sha256(config.initial_weights)),
         },
     }
     return model, card
+
+
+def _load_initial_weights(keras, model, path):
+    """Copy the weights of the network in ``path`` into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'initial_weights = {str(path)!r} does not exist; give '
+                          f'the .keras file of a network with the same '
+                          f'architecture, or None.')
+    source = keras.saving.load_model(path, compile=False, safe_mode=True)
+    shapes = [w.shape for w in source.get_weights()]
+    if shapes != [w.shape for w in model.get_weights()]:
+        raise ConfigError(f'initial_weights {path} holds a different network '
+                          f'(input {source.input_shape}, output '
+                          f'{source.output_shape}) than this run builds (input '
+                          f'{model.input_shape}, output {model.output_shape}); '
+                          f'match architecture, filters, kinds and bands.')
+    model.set_weights(source.get_weights())
 
 
 def _as_float32(keras, model):
@@ -375,6 +443,7 @@ class _Checkpointer:
 
         class Callback(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
+                outer.state['steps'] = outer.state.get('steps', 0) + 1
                 if outer.out_of_time():
                     self.model.stop_training = True
 
@@ -396,9 +465,15 @@ class _Checkpointer:
                 state['epoch'] - state['best_epoch'] >= self.config.patience))
 
     def throughput(self, n_train):
+        """Training stamps per second over the steps run (an epoch cut
+        short by ``max_minutes`` counts for its steps only)."""
         seconds = self.state['elapsed_seconds']
-        epochs = self.state['epoch']
-        return round(n_train * epochs / seconds, 1) if seconds > 0 else None
+        steps = self.state.get('steps')
+        if steps is None:  # a state written before steps were counted
+            steps = self.state['epoch'] * math.ceil(n_train / self.config.batch_size)
+        objects = min(steps * self.config.batch_size,
+                      self.state['epoch'] * n_train)
+        return round(objects / seconds, 1) if seconds > 0 else None
 
     def epoch_end(self, model, epoch, logs):
         state = self.state

@@ -275,3 +275,21 @@ def test_bare_keras_file_without_card(tiny_training, tmp_path):
     cubes = random_cubes(2, seed=3)
     assert_array_equal(model.predict(cubes), DeconvolutionModel(
         tiny_training.keras_model, tiny_training.card).predict(cubes))
+
+
+def test_default_model_per_band_count():
+    from psfdeconv.model import DEFAULT_MODELS, default_model_path
+
+    assert default_model_path().name == f'{DEFAULT_MODELS[3]}.keras'
+    assert default_model_path(1).name == f'{DEFAULT_MODELS[1]}.keras'
+    for n_bands in DEFAULT_MODELS:
+        assert default_model_path(n_bands).is_file()
+        assert default_model_path(n_bands).with_suffix('.json').is_file()
+    with pytest.raises(BandCountError, match=r'not 5.*train a model for 5'):
+        default_model_path(5)
+
+
+def test_shipped_single_band_model_loads_and_verifies():
+    model = load_model(n_bands=1)
+    assert model.n_bands == 1 and model.kinds == ('psf', 'ipsf', 'ipsf1')
+    assert model.card['training']['config']['split_bands'] is True

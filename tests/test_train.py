@@ -259,3 +259,88 @@ def test_tiny_unet_mixed_precision_trains_saves_and_loads(tiny_simulation_path, 
     cubes = np.zeros((2, 64, 64, 9), np.float32)
     assert_allclose(model.predict(cubes), np.asarray(keras_model(cubes)).transpose(0, 3, 1, 2),
                     rtol=1e-6)
+
+
+# --- single-band models ----------------------------------------------------------------------
+
+
+def test_split_bands_layout():
+    from psfdeconv.train import split_bands
+
+    rng = np.random.default_rng(3)
+    data = {'observed': rng.normal(size=(4, 3, 8, 8)), 'psf': rng.normal(size=(4, 3, 5, 5)),
+            'pixel_scale': np.array([0.1, 0.2, 0.3, 0.4]),
+            'is_blank': np.array([0, 1, 0, 0], bool),
+            'noise_sigma': rng.normal(size=(4, 3))}
+    out = split_bands(data)
+    assert out['observed'].shape == (12, 1, 8, 8) and out['psf'].shape == (12, 1, 5, 5)
+    assert out['noise_sigma'].shape == (12,)
+    # Object i, band b is row 3 i + b, with the object's own scalars.
+    assert_array_equal(out['observed'][3 * 2 + 1, 0], data['observed'][2, 1])
+    assert_array_equal(out['psf'][3 * 3 + 2, 0], data['psf'][3, 2])
+    assert out['noise_sigma'][3 * 1 + 2] == data['noise_sigma'][1, 2]
+    assert_array_equal(out['pixel_scale'], np.repeat(data['pixel_scale'], 3))
+    assert_array_equal(out['is_blank'], np.repeat(data['is_blank'], 3))
+
+
+def test_single_band_training_from_a_three_band_simulation(tiny_simulation_path, tmp_path,
+                                                           make_tiny_train_config):
+    from psfdeconv.deconvolve import deconvolve_stamps
+    from psfdeconv.model import load_model, save_model
+
+    config = make_tiny_train_config(epochs=1, split_bands=True, max_train_objects=40)
+    keras_model, card = train_model(tiny_simulation_path, tmp_path / 'run', config=config,
+                                    verbose=0)
+    assert card['n_bands'] == 1
+    # 3 channels in (psf, ipsf, ipsf1 of one band), one band out.
+    assert keras_model.input_shape[-1] == 3 and keras_model.output_shape[-1] == 1
+    # Every band of the 40 training objects is a training object of its own.
+    assert card['training']['n_train'] == 40
+    state = json.loads((tmp_path / 'run' / 'state.json').read_text())
+    assert state['epoch'] == 1
+    card.update(name='tiny-1band', flux_bias=None)
+    save_model(keras_model, tmp_path / 'one.keras', card)
+    model = load_model(tmp_path / 'one.keras')
+    sims = read_simulation(tiny_simulation_path, 0, 3)
+    images = deconvolve_stamps(sims['observed'][:, 1:2], sims['psf'][:, 1:2],
+                               pixel_scale=sims['pixel_scale'], model=model)
+    assert images.shape == (3, 1, 64, 64) and np.isfinite(images).all()
+
+
+def test_initial_weights_start_the_run(tiny_training, tiny_simulation_path, tmp_path,
+                                       make_tiny_train_config):
+    # Fine-tuning: the run starts from the given network (with a vanishing learning rate
+    # its convolution kernels stay that network's), and the card records the file's hash.
+    import keras
+
+    from psfdeconv.model import file_sha256
+
+    start = tiny_training.run_dir / 'best.keras'
+    config = make_tiny_train_config(epochs=1, max_train_objects=16, learning_rate=1e-12,
+                                    initial_weights=str(start))
+    model, card = train_model(tiny_simulation_path, tmp_path / 'run', config=config,
+                              verbose=0)
+    assert card['training']['initial_weights_sha256'] == file_sha256(start)
+    source = keras.saving.load_model(start, safe_mode=True)
+    kernels = [(layer.name, layer.kernel) for layer in model.layers if hasattr(layer, 'kernel')]
+    assert kernels
+    for name, kernel in kernels:
+        assert_allclose(np.asarray(kernel), np.asarray(source.get_layer(name).kernel),
+                        atol=1e-7)
+    # A fresh run with the same seed starts elsewhere.
+    fresh, _ = train_model(tiny_simulation_path, tmp_path / 'fresh', verbose=0,
+                           config=make_tiny_train_config(epochs=1, max_train_objects=16,
+                                                         learning_rate=1e-12))
+    name, kernel = kernels[0]
+    assert not np.allclose(np.asarray(fresh.get_layer(name).kernel), np.asarray(kernel))
+
+
+def test_initial_weights_of_another_network_refused(tiny_training, tiny_simulation_path,
+                                                    tmp_path, make_tiny_train_config):
+    config = make_tiny_train_config(epochs=1, filters=(4, 8, 8),
+                                    initial_weights=str(tiny_training.path))
+    with pytest.raises(ConfigError, match='different network'):
+        train_model(tiny_simulation_path, tmp_path / 'run', config=config, verbose=0)
+    config = make_tiny_train_config(initial_weights=str(tmp_path / 'none.keras'))
+    with pytest.raises(ConfigError, match='does not exist'):
+        train_model(tiny_simulation_path, tmp_path / 'run2', config=config, verbose=0)

@@ -1,0 +1,952 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Batches of exposure groups on dask: a manifest in, one output directory per
+group and a summary table out, resumable after a crash.
+
+A **manifest** (CSV or ECSV, `read_manifest`) lists the exposure groups, one
+row each: an ``id`` (the name of the group's output directory), one column
+per band holding the path of that band's FITS exposure (the columns' order
+is the bands' order, the order the model was trained on), an optional
+``catalog`` column (a table of source positions; empty: detect them) and
+optional ``psf_<band>`` columns (a PSF specification as for ``psfdeconv run
+--psf``, or the path of a PSF FITS file; empty: the batch's default).
+Relative paths are relative to the manifest's directory::
+
+    id,g,r,i,catalog,psf_r
+    field001,field001/g.fits,field001/r.fits,field001/i.fits,,
+    field002,field002/g.fits,field002/r.fits,field002/i.fits,field002/sources.ecsv,psf_r.fits
+
+`run_batch` runs each group as one dask task (`dask.delayed`), on local
+threads (the default), a local process pool or a ``dask.distributed``
+cluster, through `psfdeconv.pipeline.run_exposure_set`, which writes the
+group's ``catalog.fits``, ``stamps.fits`` and ``psf_<band>.fits`` into
+``OUT/<id>/`` (each atomically) and keeps memory bounded by deconvolving
+the sources in chunks. The group's completion marker ``OUT/<id>/done.json``
+is written last, atomically: a group is finished exactly when its marker
+exists. ``OUT/summary.fits`` (`read_summary`) has one row per group with its
+status, counts, time and error; it is rewritten (atomically) each time a
+group finishes, so a batch killed at any moment leaves a valid summary.
+
+**Failures.** A group that raises is recorded as ``failed`` with its error
+and the others go on; when every group has run, `run_batch` raises
+`~psfdeconv.exceptions.BatchFailureError` (exit code 6) if any failed.
+
+**Resuming.** ``resume=True`` (``--resume``) skips the groups whose marker
+exists (status ``skipped``, their counts taken from the marker) and runs the
+others again, failed or interrupted ones included, replacing whatever
+partial outputs they left. Without it, an existing summary (or group
+outputs) is refused unless ``overwrite=True``, which redoes every group.
+
+**The model** is loaded once per worker process and kept in a per-process
+cache; the network is called under a per-process lock, so threads that share
+it take turns for the forward pass (which TensorFlow already spreads over
+the CPU's cores) while the other threads cut, refit and measure.
+"""
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from .exceptions import (
+    BatchFailureError,
+    ConfigError,
+    InvalidInputError,
+    ModelFileError,
+    OutputExistsError,
+)
+
+__all__ = ['read_manifest', 'run_batch', 'read_summary', 'MARKER_NAME',
+           'SUMMARY_NAME']
+
+log = logging.getLogger('psfdeconv')
+
+#: Name of a group's completion marker in ``OUT/<id>/``, written last.
+MARKER_NAME = 'done.json'
+#: Name of the batch's summary table in ``OUT/``.
+SUMMARY_NAME = 'summary.fits'
+#: The schedulers that run on this machine (anything else is the address of
+#: a ``dask.distributed`` scheduler).
+LOCAL_SCHEDULERS = ('threads', 'processes', 'synchronous')
+
+#: A group id: the name of its output directory, portable to every file
+#: system (letters, digits, '.', '_' and '-', starting with a letter or digit).
+_SAFE_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
+#: Columns of a manifest that are not bands.
+_RESERVED_COLUMNS = ('id', 'catalog')
+#: PSF specifications understood by `psfdeconv.psf.psf_from_spec` (anything
+#: else in a ``psf_<band>`` cell is the path of a PSF file).
+_PSF_SPEC_KINDS = ('epsf', 'moffat')
+#: Header keyword holding the summary's meta as JSON.
+_META_KEYWORD = 'PSFDMETA'
+#: Outputs a finished group must still have for its marker to count.
+_GROUP_OUTPUTS = ('catalog.fits', 'stamps.fits')
+
+
+# --- Manifests ---------------------------------------------------------------------
+
+def _cell(column, row):
+    """A manifest cell as a stripped str ('' when empty or masked)."""
+    value = column[row]
+    if getattr(column, 'mask', None) is not None and column.mask[row]:
+        return ''
+    return str(value).strip()
+
+
+def _resolve(base, text):
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def read_manifest(path):
+    """Read and check a batch manifest.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        A CSV file (header line, comma-separated; every value read as text)
+        or an ECSV file (recognised by its ``# %ECSV`` first line) with the
+        columns ``id``, one per band (the band's FITS exposure), and
+        optionally ``catalog`` and ``psf_<band>`` (see the module docstring).
+
+    Returns
+    -------
+    manifest : `~astropy.table.Table`
+        One row per group, in the file's order: ``id`` (str), one column
+        per band with the absolute path of the exposure, ``catalog`` (the
+        absolute path, or '' to detect the sources) and ``psf_<band>`` for
+        every band (a PSF specification with any file made absolute,
+        ``'psf=/abs/path.fits'``, or '' for the batch's default). ``meta``
+        holds ``bands`` (in column order) and ``manifest`` (the path read).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If the manifest, or a file it names, does not exist or cannot be
+        read (exit code 3); the message names the row's id and the column.
+    psfdeconv.exceptions.ConfigError
+        For a manifest without ``id`` or band columns, a ``psf_<band>``
+        column of no band, an empty cell where a path is needed, or an id
+        that is repeated (case-insensitively, as on macOS and Windows file
+        systems) or is not a safe directory name (exit code 2).
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from psfdeconv.batch import read_manifest
+    >>> directory = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ('g.fits', 'r.fits'):
+    ...     _ = (directory / name).write_bytes(b'')
+    >>> _ = (directory / 'batch.csv').write_text('id,g,r\\nfield1,g.fits,r.fits\\n')
+    >>> manifest = read_manifest(directory / 'batch.csv')
+    >>> manifest.meta['bands'], manifest['r'][0] == str(directory / 'r.fits')
+    (['g', 'r'], True)
+    """
+    from astropy.io import ascii
+    from astropy.table import Table
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f'manifest {path} does not exist; give a CSV or ECSV '
+                                f'table with the columns id, one per band (e.g. g, '
+                                f'r, i) and optionally catalog and psf_<band>.')
+    try:
+        with path.open(encoding='utf-8') as stream:
+            is_ecsv = stream.readline().startswith('# %ECSV')
+        if is_ecsv:
+            table = Table.read(path, format='ascii.ecsv')
+        else:
+            # Every value as text: ids such as 007 keep their zeros.
+            table = Table.read(path, format='ascii.csv',
+                               converters={'*': [ascii.convert_numpy(str)]})
+    except Exception as exc:  # astropy raises many types for unreadable tables
+        raise InvalidInputError(f'manifest {path} cannot be read as a CSV or ECSV '
+                                f'table ({type(exc).__name__}: {exc}); write a '
+                                f'header line (id,g,r,i,...) and one line per '
+                                f'group.') from None
+    columns = {name.strip(): table[name] for name in table.colnames}
+    where = f'manifest {path}'
+    if 'id' not in columns:
+        raise ConfigError(f'{where} has no id column (its columns are '
+                          f'{list(columns)}); add one naming each group (the name '
+                          f'of its output directory).')
+    bands = [name for name in columns
+             if name not in _RESERVED_COLUMNS and not name.startswith('psf_')]
+    if not bands:
+        raise ConfigError(f'{where} has no band columns (its columns are '
+                          f'{list(columns)}); add one column per band, named by the '
+                          f'band (e.g. g, r, i), holding the FITS paths.')
+    bad = [band for band in bands if not band.isidentifier()]
+    if bad:
+        raise ConfigError(f'{where}: band column(s) {bad} are not identifiers; name '
+                          f'bands with letters, digits and underscores (they become '
+                          f'catalogue columns such as flux_<band>).')
+    orphans = [name for name in columns
+               if name.startswith('psf_') and name[4:] not in bands]
+    if orphans:
+        raise ConfigError(f'{where} has column(s) {orphans} but no band column(s) '
+                          f'{[name[4:] for name in orphans]}; the bands are {bands}: '
+                          f'add the band column or rename the PSF column.')
+    if len(table) == 0:
+        raise ConfigError(f'{where} has no rows; add one line per exposure group.')
+
+    base = path.resolve().parent
+    out = {'id': []}
+    out.update({band: [] for band in bands})
+    out['catalog'] = []
+    out.update({f'psf_{band}': [] for band in bands})
+    seen = {}
+    for row in range(len(table)):
+        line = f'{where}, row {row + 1}'
+        group = _cell(columns['id'], row)
+        if not _SAFE_ID.fullmatch(group) or group.lower() == SUMMARY_NAME:
+            raise ConfigError(f'{line}: id {group!r} is not a safe directory name; '
+                              f'use letters, digits, ".", "_" and "-" (up to 128, '
+                              f'starting with a letter or digit, not '
+                              f'{SUMMARY_NAME!r}).')
+        if group.lower() in seen:
+            raise ConfigError(f'{line}: id {group!r} repeats the id of row '
+                              f'{seen[group.lower()] + 1} (ids are compared '
+                              f'ignoring case); give each group its own id.')
+        seen[group.lower()] = row
+        out['id'].append(group)
+        line = f'{where}, row {row + 1} (id {group!r})'
+        for band in bands:
+            text = _cell(columns[band], row)
+            if not text:
+                raise ConfigError(f'{line}: column {band!r} is empty; give the path '
+                                  f'of the group\'s {band} exposure.')
+            exposure = _resolve(base, text)
+            if not exposure.is_file():
+                raise InvalidInputError(f'{line}, column {band!r}: exposure '
+                                        f'{exposure} does not exist; fix the path '
+                                        f'(relative paths are relative to the '
+                                        f'manifest\'s directory {base}).')
+            out[band].append(str(exposure))
+        text = _cell(columns['catalog'], row) if 'catalog' in columns else ''
+        if text:
+            catalog = _resolve(base, text)
+            if not catalog.is_file():
+                raise InvalidInputError(f'{line}, column \'catalog\': source table '
+                                        f'{catalog} does not exist; fix the path or '
+                                        f'leave the cell empty to detect the '
+                                        f'sources.')
+            text = str(catalog)
+        out['catalog'].append(text)
+        for band in bands:
+            name = f'psf_{band}'
+            text = _cell(columns[name], row) if name in columns else ''
+            out[name].append(_psf_cell(text, base, f'{line}, column {name!r}'))
+    return Table(out, meta={'bands': bands, 'manifest': str(path)})
+
+
+def _psf_cell(text, base, where):
+    """A ``psf_<band>`` cell as a specification with any file made absolute."""
+    if not text:
+        return ''
+    kind = text.split(':', 1)[0].strip().lower()
+    if kind in _PSF_SPEC_KINDS:
+        return text
+    file_text = text[4:] if text.lower().startswith('psf=') else text
+    psf_path = _resolve(base, file_text.strip())
+    if not psf_path.is_file():
+        raise InvalidInputError(f'{where}: PSF file {psf_path} does not exist; give '
+                                f'an existing PSF FITS file, a specification '
+                                f'(epsf, moffat:fwhm=0.8arcsec,beta=3) or leave it '
+                                f'empty for the default.')
+    return f'psf={psf_path}'
+
+
+# --- Summaries ---------------------------------------------------------------------
+
+#: Summary columns: name -> (numpy kind, unit, description).
+_SUMMARY_COLUMNS = {
+    'id': (str, None, 'Group id (its output directory is OUT/<id>/)'),
+    'status': (str, None, 'ok (done in this run), skipped (done by an earlier run), '
+                          'failed, or pending (not finished yet)'),
+    'n_sources': (int, None, 'Rows of the group\'s catalog.fits (-1: none written)'),
+    'n_flagged': (int, None, 'Rows with any flag set (-1: none written)'),
+    'seconds': (float, 's', 'Wall-clock time of the group on its worker'),
+    'error': (str, None, 'The error of a failed group (type: message)'),
+    'worker': (str, None, 'host:pid of the process that ran the group'),
+    'finished': (str, None, 'UTC time the group finished (ISO 8601)'),
+}
+
+
+def _row(group, status='pending', **values):
+    row = {'id': group, 'status': status, 'n_sources': -1, 'n_flagged': -1,
+           'seconds': float('nan'), 'error': '', 'worker': '', 'finished': ''}
+    row.update(values)
+    return row
+
+
+def _summary_table(rows, meta):
+    import astropy.units as u
+    import numpy as np
+    from astropy.table import QTable
+
+    table = QTable(meta=dict(meta))
+    for name, (kind, unit, description) in _SUMMARY_COLUMNS.items():
+        values = np.array([row[name] for row in rows], dtype=kind)
+        table[name] = values * u.Unit(unit) if unit else values
+        table[name].info.description = description
+    counts = {status: sum(row['status'] == status for row in rows)
+              for status in ('ok', 'skipped', 'failed', 'pending')}
+    table.meta['counts'] = counts
+    return table
+
+
+def _write_summary(table, path):
+    """Write the summary atomically, its meta as JSON in ``PSFDMETA``."""
+    from .io import write_table
+
+    out = table.copy(copy_data=False)
+    out.meta.clear()
+    meta = dict(table.meta)
+    if (meta.get('model') or {}).get('weights_sha256'):
+        out.meta['MODELSHA'] = str(meta['model']['weights_sha256'])
+    if meta.get('psfdeconv_version'):
+        out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
+    out.meta[_META_KEYWORD] = json.dumps(meta, default=str, separators=(',', ':'))
+    return write_table(out, path, overwrite=True, format='fits')
+
+
+def read_summary(path):
+    """Read a batch's ``summary.fits`` (`run_batch`) with its ``meta``.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The summary file, or the batch's output directory.
+
+    Returns
+    -------
+    `~astropy.table.QTable`
+        One row per group: ``id``, ``status`` (``ok``, ``skipped``,
+        ``failed`` or, in the summary of a batch still running or killed,
+        ``pending``), ``n_sources``, ``n_flagged``, ``seconds``, ``error``,
+        ``worker`` and ``finished``. ``meta`` holds ``counts`` (per status),
+        ``model`` (name, path, ``weights_sha256``), ``versions``,
+        ``psfdeconv_version``, ``manifest``, ``bands``, ``scheduler``,
+        ``workers``, ``started`` and ``updated``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If the file does not exist or is not a summary.
+    """
+    import numpy as np
+    from astropy.table import QTable
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / SUMMARY_NAME
+    if not path.is_file():
+        raise InvalidInputError(f'batch summary {path} does not exist; give the '
+                                f'summary.fits of a psfdeconv batch (or its output '
+                                f'directory).')
+    try:
+        table = QTable.read(path, format='fits')
+        meta = json.loads(table.meta[_META_KEYWORD])
+    except Exception as exc:  # astropy raises many types for unreadable files
+        raise InvalidInputError(f'{path} is not a psfdeconv batch summary '
+                                f'({type(exc).__name__}: {exc}).') from None
+    table.meta.clear()
+    table.meta.update(meta)
+    for name in ('id', 'status', 'error', 'worker', 'finished'):
+        # FITS stores '' as a null string, which astropy reads as masked.
+        column = table[name]
+        if getattr(column, 'mask', None) is not None:
+            column = column.filled('')
+        table[name] = np.asarray(column, dtype=str)
+        table[name].info.description = _SUMMARY_COLUMNS[name][2]
+    return table
+
+
+def _read_marker(group_dir):
+    """The summary row saved in a finished group's marker, or None (no
+    marker, or outputs that were removed since)."""
+    if not all((group_dir / name).is_file() for name in _GROUP_OUTPUTS):
+        return None
+    try:
+        return json.loads((group_dir / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --- Workers ---------------------------------------------------------------------
+
+#: Models loaded in this process: (path, weights SHA-256) -> `_SerialModel`.
+_MODELS = {}
+_MODELS_LOCK = threading.Lock()
+#: Serialises the network calls of the threads of one process (re-entrant,
+#: so a model wrapped twice cannot deadlock).
+_NETWORK_LOCK = threading.RLock()
+_THREADS_CONFIGURED = []
+#: Model class -> its `_serial_model` subclass.
+_SERIAL_CLASSES = {}
+
+
+def _serial_model(model):
+    """A shallow copy of a `~psfdeconv.model.DeconvolutionModel` whose
+    ``predict`` holds this process's network lock.
+
+    A Keras model may be called from several threads (TensorFlow's eager
+    kernels are thread-safe), but concurrent forward passes only compete for
+    the cores that TensorFlow's own thread pool already spreads each pass
+    over, and hold their activations at the same time; taking turns keeps
+    each pass fast and one batch of activations in memory.
+    """
+    base = type(model)
+    if base not in _SERIAL_CLASSES:
+        def predict(self, *args, **kwargs):
+            with _NETWORK_LOCK:
+                return base.predict(self, *args, **kwargs)
+
+        _SERIAL_CLASSES[base] = type(f'Serial{base.__name__}', (base,),
+                                     {'predict': predict, '__doc__': base.__doc__})
+    serial = object.__new__(_SERIAL_CLASSES[base])
+    serial.__dict__.update(model.__dict__)
+    return serial
+
+
+def _worker_model(path, sha256, n_bands, threads=None):
+    """The model of a batch in this process, loaded on first use (after
+    `_configure_threads`, under a lock: TensorFlow's import is not safe in
+    two threads at once)."""
+    from .model import load_model
+
+    key = (path, sha256)
+    with _MODELS_LOCK:
+        _configure_threads(threads)
+        model = _MODELS.get(key)
+        if model is None:
+            if path is None:
+                raise ModelFileError('the batch\'s model exists only in the memory of '
+                                     'the process that started the batch; give it as '
+                                     'a .keras file to run on processes or a cluster.')
+            model = load_model(path, n_bands=n_bands)
+            if sha256 and model.sha256 != sha256:
+                raise ModelFileError(f'model {path} has weights SHA-256 '
+                                     f'{model.sha256} in this worker but '
+                                     f'{sha256} when the batch started: the file '
+                                     f'changed; restore it and resume the batch.')
+            model = _serial_model(model)
+            if len(_MODELS) >= 4:
+                _MODELS.clear()
+            _MODELS[key] = model
+    return model
+
+
+def _configure_threads(threads):
+    """Limit this worker process's TensorFlow and OpenMP/BLAS threads.
+
+    ``threads`` is an int, ``'worker'`` (the threads of this dask.distributed
+    worker) or None (leave them). Effective only before TensorFlow starts,
+    that is in a fresh worker process; done once per process.
+    """
+    if threads is None or _THREADS_CONFIGURED:
+        return
+    _THREADS_CONFIGURED.append(threads)
+    if threads == 'worker':
+        try:
+            from distributed import get_worker
+
+            threads = int(get_worker().state.nthreads)
+        except (ImportError, ValueError, AttributeError):
+            return
+    threads = max(1, int(threads))
+    for name in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ[name] = str(threads)
+    try:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except (ImportError, RuntimeError):
+        pass  # another backend, or TensorFlow already running in this process
+
+
+#: The hidden temporary files of `psfdeconv.io.atomic_path` (``.NAME.XXXXXXXX.tmp``).
+_TEMPORARY = re.compile(r'\..+\.[A-Za-z0-9_]{8}\.tmp')
+
+
+def _remove_temporaries(directory, prefix='.'):
+    """Remove the temporary files whose names start with ``prefix`` that a
+    killed run left in ``directory`` (about to be written again)."""
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(prefix) and _TEMPORARY.fullmatch(path.name) \
+                    and path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def _error_text(exc):
+    """'Type: message' of an exception, on one line (a summary cell)."""
+    return f'{type(exc).__name__}: {" ".join(str(exc).split())}'
+
+
+def _utc_now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec='seconds')
+
+
+def _run_group(group, out_dir, model_ref, options):
+    """Run one group (a dask task): its outputs, then its marker; never
+    raises, the summary row says what happened."""
+    import socket
+
+    from .io import atomic_path
+    from .pipeline import run_exposure_set
+
+    start = time.perf_counter()
+    row = _row(group['id'], worker=f'{socket.gethostname()}:{os.getpid()}')
+    group_dir = Path(out_dir) / group['id']
+    try:
+        model = _worker_model(*model_ref, threads=options['threads'])
+        catalog, _ = run_exposure_set(
+            group['exposures'], group_dir, group['catalog'] or None, group['psfs'],
+            model=model, reference_band=options['reference_band'],
+            batch_size=options['batch_size'], chunk_size=options['chunk_size'],
+            overwrite=options['overwrite'])
+        row.update(status='ok', n_sources=len(catalog),
+                   n_flagged=int((catalog['flags'] != 0).sum()),
+                   seconds=time.perf_counter() - start, finished=_utc_now())
+        marker = dict(row, weights_sha256=model.sha256)
+        # Last, and atomically: the group is finished exactly when this exists.
+        with atomic_path(group_dir / MARKER_NAME, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(marker, indent=1))
+    except Exception as exc:  # one group's failure must not stop the batch
+        row.update(status='failed', error=_error_text(exc),
+                   seconds=time.perf_counter() - start, finished=_utc_now())
+    return row
+
+
+# --- The batch -------------------------------------------------------------------
+
+def _versions():
+    import importlib.metadata
+
+    from . import __version__
+
+    versions = {'psfdeconv': __version__}
+    for name in ('numpy', 'astropy', 'photutils', 'galsim', 'dask', 'distributed',
+                 'keras', 'tensorflow', 'tensorflow-cpu'):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _check_options(scheduler, workers, resume, overwrite):
+    if resume and overwrite:
+        raise ConfigError('resume and overwrite exclude each other: resume keeps '
+                          'the finished groups, overwrite redoes them all; give '
+                          'one.')
+    if workers is not None and (isinstance(workers, bool) or
+                                not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f'workers = {workers!r}; give a number of threads or '
+                          f'processes >= 1, or None for one per CPU.')
+    if isinstance(scheduler, str):
+        if scheduler in LOCAL_SCHEDULERS:
+            return
+        if '://' not in scheduler:
+            raise ConfigError(f'scheduler = {scheduler!r}; give one of '
+                              f'{list(LOCAL_SCHEDULERS)} or the address of a '
+                              f'dask.distributed scheduler, e.g. '
+                              f'tcp://127.0.0.1:8786.')
+    elif not hasattr(scheduler, 'compute'):
+        raise ConfigError(f'scheduler is a {type(scheduler).__name__}; give one of '
+                          f'{list(LOCAL_SCHEDULERS)}, a scheduler address or a '
+                          f'distributed.Client.')
+    if workers is not None:
+        raise ConfigError(f'workers = {workers} cannot be set for a dask.distributed '
+                          f'cluster ({scheduler}): start the cluster with the '
+                          f'workers and threads you want.')
+
+
+def _load_batch_model(model, n_bands):
+    from .model import DeconvolutionModel, default_model_path, load_model
+
+    if isinstance(model, DeconvolutionModel):
+        loaded = model
+    elif model is None or isinstance(model, str | Path):
+        path = default_model_path(n_bands) if model is None else Path(model)
+        loaded = load_model(path, n_bands=n_bands)
+    else:
+        raise ModelFileError(f'model is a {type(model).__name__}; give a '
+                             f'DeconvolutionModel (psfdeconv.load_model), the path '
+                             f'of a .keras file, or None for the shipped model.')
+    loaded.check_bands(n_bands)
+    return loaded
+
+
+def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads',
+              workers=None, resume=False, overwrite=False, reference_band=None,
+              batch_size=128, chunk_size=None):
+    """Deconvolve every exposure group of a manifest, one dask task per group.
+
+    Each group runs `psfdeconv.pipeline.run_exposure_set` into
+    ``out_dir/<id>/`` and then writes its marker ``out_dir/<id>/done.json``;
+    ``out_dir/summary.fits`` is written before the first group starts and
+    rewritten as each group finishes (see the module docstring).
+
+    Parameters
+    ----------
+    manifest : str, `~pathlib.Path` or `~astropy.table.Table`
+        The manifest file, or a table returned by `read_manifest`.
+    out_dir : str or `~pathlib.Path`
+        The batch's output directory (created if needed).
+    psfs : str, optional
+        PSF specification of the bands without a ``psf_<band>`` value (as
+        ``psfdeconv run --psf``): ``'epsf'`` (default),
+        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``, ...
+    model : `~psfdeconv.model.DeconvolutionModel`, str or `~pathlib.Path`, optional
+        The network or its ``.keras`` file; the shipped model for the
+        manifest's number of bands if None. It is checked (file, SHA-256,
+        bands) before any group starts. Processes and cluster workers load
+        it from its file, once per process; an in-memory model without a
+        file works with the ``threads`` and ``synchronous`` schedulers only.
+    scheduler : str or `distributed.Client`, optional
+        ``'threads'`` (default: a thread pool in this process),
+        ``'processes'`` (a local process pool), ``'synchronous'`` (one group
+        after the other, for debugging), the address of a running
+        ``dask.distributed`` scheduler (``'tcp://host:8786'``; needs the
+        ``dask`` extra, and the inputs, outputs and model must be on file
+        systems the workers share) or a connected ``distributed.Client``.
+    workers : int, optional
+        Threads or processes of a local scheduler; default one per CPU, at
+        most one per group. Each process of the ``processes`` scheduler
+        limits TensorFlow (and OpenMP/BLAS libraries it loads later) to
+        CPUs / workers threads, so the processes do not oversubscribe the
+        CPU. A cluster's workers are set where the cluster is started.
+    resume : bool, optional
+        Keep the groups finished by an earlier run into ``out_dir`` and run
+        the others (failed and interrupted ones included).
+    overwrite : bool, optional
+        Redo every group, replacing an earlier run's outputs and summary.
+    reference_band, batch_size, chunk_size
+        As for `psfdeconv.pipeline.run_exposure_set` (``chunk_size`` None:
+        its default).
+
+    Returns
+    -------
+    summary : `~astropy.table.QTable`
+        The summary written to ``out_dir/summary.fits`` (see
+        `read_summary`).
+
+    Raises
+    ------
+    psfdeconv.exceptions.BatchFailureError
+        After every group has run and the summary is written, if any group
+        failed (exit code 6); its ``summary`` attribute holds the summary.
+    psfdeconv.exceptions.OutputExistsError
+        Before any work, if ``out_dir`` holds a summary or group outputs and
+        neither ``resume`` nor ``overwrite`` is given.
+    psfdeconv.exceptions.ConfigError
+        For invalid options, or resuming with another model than the one
+        that made the finished groups.
+    psfdeconv.exceptions.InvalidInputError, psfdeconv.exceptions.ModelFileError
+        For a bad manifest (`read_manifest`), or a model that cannot be
+        loaded or has the wrong number of bands.
+
+    Examples
+    --------
+    >>> from psfdeconv.batch import run_batch
+    >>> summary = run_batch('groups.csv', 'out/')  # doctest: +SKIP
+    >>> summary['id', 'status', 'n_sources', 'seconds']  # doctest: +SKIP
+    """
+    import dask
+    from astropy.table import Table
+
+    _check_options(scheduler, workers, resume, overwrite)
+    if not isinstance(manifest, Table):
+        manifest = read_manifest(manifest)
+    bands = list(manifest.meta['bands'])
+    out_dir = Path(out_dir)
+    summary_path = out_dir / SUMMARY_NAME
+    ids = [str(group) for group in manifest['id']]
+
+    if not resume and not overwrite:
+        if summary_path.exists():
+            raise OutputExistsError(f'{summary_path} exists: {out_dir} holds an '
+                                    f'earlier batch; pass --resume to finish it or '
+                                    f'--overwrite to redo every group.')
+        for group in ids:
+            group_dir = out_dir / group
+            if group_dir.is_dir() and any(group_dir.iterdir()):
+                raise OutputExistsError(f'{group_dir} exists and is not empty; pass '
+                                        f'--resume to keep finished groups or '
+                                        f'--overwrite to redo them, or choose '
+                                        f'another --out.')
+
+    loaded = _load_batch_model(model, len(bands))
+    model_path = None if loaded.path is None else str(Path(loaded.path).resolve())
+    if model_path is None and not (isinstance(scheduler, str) and
+                                   scheduler in ('threads', 'synchronous')):
+        raise ConfigError('the model has no file, so workers in other processes '
+                          'cannot load it; save it (psfdeconv.model.save_model) and '
+                          'give its path, or use scheduler="threads".')
+    with _MODELS_LOCK:
+        _MODELS[(model_path, loaded.sha256)] = _serial_model(loaded)
+
+    rows = {}
+    if resume:
+        mismatched = []
+        for group in ids:
+            marker = _read_marker(out_dir / group)
+            if marker is None:
+                continue
+            if marker.get('weights_sha256') != loaded.sha256:
+                mismatched.append(group)
+                continue
+            fields = {name: marker[name] for name in _SUMMARY_COLUMNS
+                      if name in marker and name not in ('id', 'status')}
+            rows[group] = _row(group, 'skipped', **fields)
+        if mismatched:
+            raise ConfigError(f'groups {mismatched} of {out_dir} were made with another '
+                              f'model (weights SHA-256 in their done.json); resume '
+                              f'with that model, or pass --overwrite to redo every '
+                              f'group with this one.')
+    todo = [row for row in range(len(manifest)) if ids[row] not in rows]
+    for row in todo:
+        rows[ids[row]] = _row(ids[row])
+    local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
+    if workers is None and local:
+        workers = max(1, min(os.cpu_count() or 1, len(todo)))
+    versions = _versions()
+    meta = {
+        'psfdeconv_version': versions['psfdeconv'],
+        'versions': versions,
+        'model': {'name': loaded.card.get('name'), 'path': model_path,
+                  'weights_sha256': loaded.sha256},
+        'manifest': manifest.meta.get('manifest'),
+        'bands': bands,
+        'default_psf': psfs,
+        'scheduler': scheduler if isinstance(scheduler, str) else repr(scheduler),
+        'workers': workers,
+        'resumed': bool(resume),
+        'started': _utc_now(),
+    }
+
+    threads = None
+    if scheduler == 'processes':
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    elif not local:
+        threads = 'worker'
+    if chunk_size is None:
+        from .pipeline import _CHUNK_SIZE as chunk_size
+    options = {'reference_band': reference_band, 'batch_size': batch_size,
+               'chunk_size': chunk_size, 'threads': threads,
+               # Groups that run have no marker: whatever they hold is the
+               # partial output of an interrupted or failed run.
+               'overwrite': bool(resume or overwrite)}
+    model_ref = (model_path, loaded.sha256, len(bands))
+    tasks, keys = [], {}
+    for row in todo:
+        group = {'id': ids[row],
+                 'exposures': {band: str(manifest[band][row]) for band in bands},
+                 'catalog': str(manifest['catalog'][row]),
+                 'psfs': {band: str(manifest[f'psf_{band}'][row]) or psfs
+                          for band in bands}}
+        key = f'psfdeconv-group-{ids[row]}'
+        keys[key] = ids[row]
+        tasks.append(dask.delayed(_run_group, pure=False)(
+            group, str(out_dir), model_ref, options, dask_key_name=key))
+
+    def write_summary():
+        table = _summary_table([rows[group] for group in ids],
+                               dict(meta, updated=_utc_now()))
+        _write_summary(table, summary_path)
+        return table
+
+    def finished(result):
+        rows[result['id']] = result
+        nonlocal summary
+        summary = write_summary()
+        if result['status'] == 'failed':
+            log.warning('group %s failed: %s', result['id'], result['error'])
+        else:
+            log.info('group %s: %d sources (%d flagged) in %.1f s', result['id'],
+                     result['n_sources'], result['n_flagged'], result['seconds'])
+
+    # Connect before anything in out_dir changes: a wrong address changes nothing.
+    client = None if local else _connect(scheduler)
+    try:
+        if overwrite:
+            for group in ids:
+                (out_dir / group / MARKER_NAME).unlink(missing_ok=True)
+        if resume or overwrite:
+            _remove_temporaries(out_dir, prefix=f'.{SUMMARY_NAME}.')
+            for row in todo:
+                _remove_temporaries(out_dir / ids[row])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = write_summary()
+        log.info('batch of %d groups: %d to run, %d finished earlier', len(ids),
+                 len(todo), len(ids) - len(todo))
+        try:
+            if tasks and client is None:
+                _compute_locally(tasks, keys, finished, scheduler, workers)
+            elif tasks:
+                _compute_on_cluster(tasks, keys, finished, client)
+        except Exception as exc:  # e.g. a worker process that died
+            for group in ids:
+                if rows[group]['status'] == 'pending':
+                    rows[group] = _row(group, 'failed', finished=_utc_now(),
+                                       error=f'the batch stopped: {_error_text(exc)}')
+            summary = write_summary()
+    finally:
+        if client is not None and client is not scheduler:
+            client.close()
+
+    failed = [group for group in ids if rows[group]['status'] == 'failed']
+    if failed:
+        shown = ', '.join(failed[:5]) + (', ...' if len(failed) > 5 else '')
+        error = BatchFailureError(
+            f'{len(failed)} of {len(ids)} groups failed ({shown}); their errors are '
+            f'in {summary_path}. The other groups are written; rerun with --resume '
+            f'(resume=True) to retry the failed ones.')
+        error.summary = summary
+        raise error
+    return summary
+
+
+def _compute_locally(tasks, keys, finished, scheduler, workers):
+    """Run the group tasks on a local dask scheduler, calling ``finished``
+    with each group's row as it completes."""
+    import dask
+    from dask.callbacks import Callback
+
+    def posttask(key, result, dsk, state, worker_id):
+        if key in keys:
+            finished(result)
+
+    options = {'scheduler': scheduler, 'optimize_graph': False}
+    if scheduler != 'synchronous':
+        options['num_workers'] = workers
+    if scheduler == 'processes':
+        # One group per dispatch (dask's default sends 6 to one process).
+        options['chunksize'] = 1
+    with Callback(posttask=posttask):
+        dask.compute(*tasks, **options)
+
+
+def _connect(scheduler):
+    """A ``distributed.Client`` of a scheduler address (or the given client)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ConfigError(f'scheduler {scheduler!r} is a dask.distributed address, '
+                          f'but distributed is not installed; pip install '
+                          f'"psfdeconv[dask]", or use threads or processes.') from None
+    if not isinstance(scheduler, str):
+        return scheduler
+    try:
+        # dask's own connect timeout (distributed.comm.timeouts.connect).
+        return Client(scheduler, set_as_default=False)
+    except OSError as exc:
+        raise ConfigError(f'cannot connect to the dask scheduler {scheduler} ({exc}); '
+                          f'start one (dask scheduler; dask worker {scheduler}) or use '
+                          f'threads or processes.') from None
+
+
+def _compute_on_cluster(tasks, keys, finished, client):
+    """Run the group tasks on a dask.distributed cluster."""
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    # The loop of this client: it need not be the default client.
+    for future in as_completed(futures, loop=client.loop):
+        try:
+            result = future.result()
+        except Exception as exc:  # the task or its worker died
+            result = _row(keys[future.key], 'failed', error=_error_text(exc),
+                          finished=_utc_now())
+        finished(result)
+
+
+# --- Command line ------------------------------------------------------------------
+
+def _cmd_batch(args):
+    """``psfdeconv batch``: run a manifest of exposure groups."""
+    summary = run_batch(args.manifest, args.out, psfs=args.psf, model=args.model,
+                        scheduler=args.scheduler, workers=args.workers,
+                        resume=args.resume, overwrite=args.overwrite,
+                        reference_band=args.reference_band,
+                        batch_size=args.batch_size)
+    counts = summary.meta['counts']
+    print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
+          f'finished earlier, {counts["failed"]} failed; '
+          f'{int(summary["n_sources"][summary["n_sources"] > 0].sum())} sources; '
+          f'wrote {Path(args.out) / SUMMARY_NAME}')
+    return 0
+
+
+def add_batch_parser(subparsers):
+    """Add the ``batch`` subcommand to the ``psfdeconv`` command line.
+
+    Parameters
+    ----------
+    subparsers : `argparse._SubParsersAction`
+        From ``ArgumentParser.add_subparsers`` (`psfdeconv.cli`).
+
+    Returns
+    -------
+    `argparse.ArgumentParser`
+        The subcommand's parser.
+    """
+    import argparse
+
+    p = subparsers.add_parser(
+        'batch', help='deconvolve many exposure groups (a manifest) on dask',
+        description='Run "psfdeconv run" on every exposure group of a manifest (CSV\n'
+                    'or ECSV: id, one column per band with the FITS paths, optional\n'
+                    'catalog and psf_<band>), one dask task per group, into OUT/<id>/,\n'
+                    'and write OUT/summary.fits (status, counts, time and error per\n'
+                    'group). A failed group does not stop the others (exit code 6 at\n'
+                    'the end); a killed batch continues with --resume.',
+        epilog='examples:\n'
+               '  psfdeconv batch groups.csv --out night1/\n'
+               '  psfdeconv batch groups.csv --out night1/ --scheduler processes '
+               '--workers 2\n'
+               '  psfdeconv batch groups.csv --out night1/ --scheduler '
+               'tcp://10.0.0.5:8786\n'
+               '  psfdeconv batch groups.csv --out night1/ --resume\n\n'
+               'manifest (groups.csv):\n'
+               '  id,g,r,i,catalog\n'
+               '  f001,f001/g.fits,f001/r.fits,f001/i.fits,\n'
+               '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('manifest', help='CSV or ECSV table of exposure groups (relative '
+                                    'paths are relative to its directory)')
+    p.add_argument('--out', required=True,
+                   help='output directory: OUT/<id>/ per group and OUT/summary.fits')
+    p.add_argument('--scheduler', default='threads',
+                   help="'threads' (default), 'processes', 'synchronous' or the "
+                        "address of a dask.distributed scheduler (tcp://host:8786; "
+                        "pip install 'psfdeconv[dask]')")
+    p.add_argument('--workers', type=int,
+                   help='threads or processes of a local scheduler (default: one '
+                        'per CPU)')
+    p.add_argument('--psf', default='epsf',
+                   help="PSF of the bands without a psf_<band> value: 'epsf' "
+                        "(default), 'moffat:fwhm=0.8arcsec,beta=3', 'psf=FILE'")
+    p.add_argument('--model', help='model .keras file (default: shipped)')
+    p.add_argument('--reference-band', metavar='NAME',
+                   help='band whose pixel grid the stamps are cut on (default: the '
+                        'first band column)')
+    p.add_argument('--batch-size', type=int, default=128,
+                   help='objects per network call')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--resume', action='store_true',
+                       help='keep the groups finished by an earlier run into OUT '
+                            '(OUT/<id>/done.json) and run the others')
+    group.add_argument('--overwrite', action='store_true',
+                       help='redo every group, replacing an earlier run in OUT')
+    p.set_defaults(func=_cmd_batch)
+    return p
