@@ -469,8 +469,8 @@ def psf_fwhm(psfs, pixel_scale):
     >>> import galsim
     >>> from psfdeconv.deconvolve import psf_fwhm
     >>> image = galsim.Moffat(beta=3, fwhm=0.8).drawImage(nx=41, ny=41, scale=0.1)
-    >>> print(f'{psf_fwhm(image.array, 0.1):.2f}')
-    0.80
+    >>> print(f'{psf_fwhm(image.array, 0.1):.1f}')
+    0.8
     """
     psfs = np.asarray(psfs, dtype=np.float64)
     peak = psfs.max(axis=(-2, -1), keepdims=True)

@@ -218,7 +218,7 @@ def fits_unit_string(unit):
     >>> import astropy.units as u
     >>> from psfdeconv.io import fits_unit_string
     >>> fits_unit_string(u.electron / u.s), fits_unit_string(u.nanomaggy)
-    ('electron s-1', 'nmgy')
+    ('electron / s', 'nmgy')
     """
     try:
         return unit.to_string('fits')

@@ -26,6 +26,7 @@ from psfdeconv.exceptions import (
 from psfdeconv.pipeline import (
     FLAG_CENTROID_FALLBACK,
     FLAG_HSM_FAILED,
+    FLAG_OUTSIDE_TRAINING,
     build_psfs,
     deconvolve_catalog,
     detect_galaxies,
@@ -37,6 +38,12 @@ from psfdeconv.pipeline import (
 from psfdeconv.simulate import simulate_exposure
 
 BANDS = ['g', 'r', 'i']
+
+# The tiny model of these tests was trained on the default simulations (Moffat FWHM 0.3-0.8
+# arcsec) and the fields here have 0.75-0.9 arcsec seeing: the outside-training warning is
+# expected (it is tested in test_exposure_accuracy.py).
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::psfdeconv.exceptions.OutsideTrainingRangeWarning')
 
 
 @pytest.fixture(scope='module')
@@ -171,7 +178,8 @@ def test_positions_from_skycoord_table_and_pixels_agree(field, moffat_psfs, tiny
         assert_allclose(other['x_input'], from_sky['x_input'], atol=1e-6)
         for name in ('x', 'y', 'flux_g', 'flux_i', 'e1_r', 'size_i'):
             assert_allclose(other[name], from_sky[name], rtol=1e-6, atol=1e-9)
-    assert_array_equal(from_sky['flags'], 0)
+    # Only OUTSIDE_TRAINING (the tiny model's FWHM range, see pytestmark) may be set.
+    assert_array_equal(from_sky['flags'] & ~FLAG_OUTSIDE_TRAINING, 0)
 
 
 def test_edge_and_off_image_sources_are_kept_and_flagged(field, moffat_psfs, tiny_model):
