@@ -31,8 +31,20 @@ log = logging.getLogger('psfdeconv')
 EXAMPLE_STAMPS = Path(__file__).parent / 'data' / 'example_stamps.h5'
 
 
-def _progress_wanted(args):
-    return not args.quiet and sys.stderr.isatty()
+def _progress_wanted(args, stream=None):
+    """Whether to draw progress bars on ``stream`` (default standard error).
+
+    Never with ``--quiet``, and never when the stream is not a terminal (a
+    pipe, a file, a batch system's log), where a bar's redraws would only
+    fill the log.
+    """
+    if args.quiet:
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # None, or a closed/replaced stream
+        return False
 
 
 def _cmd_simulate(args):
@@ -74,8 +86,10 @@ def _cmd_train(args):
 
     keras_model, card = train_model(args.sims, out, config=config,
                                     resume=args.resume,
+                                    # Keras draws its bar on standard output.
                                     verbose=0 if args.quiet else
-                                    1 if _progress_wanted(args) else 2)
+                                    1 if _progress_wanted(args, sys.stdout)
+                                    else 2)
     card['name'] = args.name
     model = DeconvolutionModel(keras_model, card)
     # The flux-bias correction and the card's metrics come from the
@@ -239,34 +253,195 @@ def _write_deconvolved(path, images, details, sims, *, overwrite):
         hdul.writeto(tmp, overwrite=True)
 
 
-def _cmd_info(args):
+#: Distributions whose versions ``psfdeconv info`` reports (when installed).
+_INFO_PACKAGES = ('numpy', 'scipy', 'astropy', 'photutils', 'galsim', 'scikit-image',
+                 'h5py', 'keras', 'tensorflow', 'tensorflow-cpu', 'matplotlib', 'dask',
+                 'distributed')
+
+
+def _versions():
     import importlib.metadata
+    import platform
 
     from . import __version__
-    from .model import default_model_path, file_sha256, weights_sha256
 
-    print(f'psfdeconv {__version__}')
-    for name in ('numpy', 'astropy', 'photutils', 'galsim', 'keras',
-                 'tensorflow', 'tensorflow-cpu', 'h5py'):
+    versions = {'psfdeconv': __version__, 'python': platform.python_version()}
+    for name in _INFO_PACKAGES:
         try:
-            print(f'  {name} {importlib.metadata.version(name)}')
+            versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def _model_info(path):
+    """What ``psfdeconv info`` reports of one model file (a JSON-able dict).
+
+    ``check`` is 'verified' (the weights' SHA-256 matches the card),
+    'MISMATCH' (it does not), 'no card' (no NAME.json beside the file) or
+    'error' (the file is missing or corrupt, or the card unreadable:
+    ``error`` says why).
+    """
+    from .exceptions import ModelFileError
+    from .model import _check_model_file, file_sha256, weights_sha256
+
+    path = Path(path)
+    card_path = path.with_suffix('.json')
+    info = {'name': path.stem, 'path': str(path),
+            'card': str(card_path) if card_path.exists() else None,
+            'check': None, 'error': None, 'weights_sha256': None, 'file_sha256': None}
+    card = {}
+    try:
+        if card_path.exists():
+            log.debug('reading the model card %s', card_path)
+            try:
+                card = json.loads(card_path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelFileError(f'model card {card_path} is not valid JSON '
+                                     f'({exc}); download or retrain the model.') from None
+        log.debug('checking the model file %s', path)
+        _check_model_file(path, {})  # exists, zip, CRCs, Keras members
+        info['weights_sha256'] = weights_sha256(path)
+        info['file_sha256'] = file_sha256(path)
+    except ModelFileError as exc:
+        info['check'], info['error'] = 'error', str(exc)
+    info['name'] = card.get('name', info['name'])
+    for key in ('n_bands', 'input_kinds', 'stamp_size', 'pixel_scale_range',
+                'psf_fwhm_range_arcsec'):
+        info[key] = card.get(key)
+    training = card.get('training') or {}
+    # Cards written by `psfdeconv train` repeat the simulation's ranges at
+    # the top; others have them only in training.simulation_config, which
+    # is where the deconvolution's training-range check reads them.
+    simulation = training.get('simulation_config') or {}
+    for key, sim_key in (('pixel_scale_range', 'pixel_scale_range'),
+                         ('psf_fwhm_range_arcsec', 'psf_fwhm_range')):
+        if info[key] is None:
+            info[key] = simulation.get(sim_key)
+    info['training'] = {key: training[key] for key in (
+        'epochs_run', 'best_epoch', 'n_train_stamps', 'n_train', 'elapsed_seconds',
+        'keras_backend', 'compute_device', 'keras_version') if key in training}
+    info['metrics'] = card.get('metrics')
+    info['card_weights_sha256'] = card.get('weights_sha256')
+    if info['check'] is None:
+        info['check'] = ('no card' if not card else
+                         'verified' if card.get('weights_sha256') == info['weights_sha256']
+                         else 'MISMATCH')
+    return info
+
+
+def _range_text(values, unit):
+    if not values:
+        return 'not recorded in the card'
+    low, high = values
+    return f'{low:g} to {high:g} {unit} (training range)'
+
+
+def _training_text(training):
+    if not training:
+        return 'not recorded in the card'
+    parts = []
+    if 'epochs_run' in training:
+        epochs = training['epochs_run']
+        text = f'{epochs} epoch{"" if epochs == 1 else "s"}'
+        if 'best_epoch' in training:
+            text += f' (best {training["best_epoch"]})'
+        parts.append(text)
+    stamps = training.get('n_train_stamps', training.get('n_train'))
+    if stamps is not None:
+        parts.append(f'{stamps} training stamps')
+    if training.get('elapsed_seconds') is not None:
+        parts.append(f'{training["elapsed_seconds"] / 60:.0f} min')
+    text = ', '.join(parts)
+    if training.get('keras_backend'):
+        text += f'; keras backend {training["keras_backend"]}'
+        if training.get('compute_device'):
+            text += f' on {training["compute_device"]}'
+    elif training.get('compute_device'):
+        text += f'; on {training["compute_device"]}'
+    return text
+
+
+def _metric_lines(metrics):
+    """The card's headline metrics (deconvolved - truth on the validation
+    objects) as short aligned lines."""
+    def value(key, field):
+        entry = metrics.get(key)
+        return entry.get(field) if isinstance(entry, dict) else None
+
+    lines = []
+    for key, label in (('e1', 'e1'), ('e2', 'e2')):
+        rms = value(key, 'rms')
+        if rms is not None:
+            lines.append(f'    {label:<13s}RMS {rms:6.3f}')
+    for key, label in (('size_percent', 'size'), ('flux_percent', 'flux')):
+        mean, rms = value(key, 'mean'), value(key, 'rms')
+        if mean is not None and rms is not None:
+            lines.append(f'    {label:<13s}RMS {rms:6.1f} %   mean {mean:+6.1f} %')
+    return lines
+
+
+def _print_model_info(info):
+    label = '  {:<17s}'.format
+    print(f'model {info["name"]} ({info["path"]})')
+    if info['error']:
+        print(label('check') + f'ERROR: {info["error"]}')
+    if info['card'] is None:
+        print(label('card') + f'none ({Path(info["path"]).with_suffix(".json").name} '
+              f'not found beside the model): nothing to check it against')
+    else:
+        if info['n_bands'] is not None:
+            kinds = ', '.join(info['input_kinds'] or ())
+            print(label('bands') + f'{info["n_bands"]} (inputs {kinds} per band; '
+                  f'{info["stamp_size"]}x{info["stamp_size"]}-pixel stamps)')
+        print(label('pixel scale') + _range_text(info['pixel_scale_range'],
+                                                 'arcsec/pixel'))
+        print(label('PSF FWHM') + _range_text(info['psf_fwhm_range_arcsec'], 'arcsec'))
+        print(label('training') + _training_text(info['training']))
+        metrics = info['metrics']
+        if metrics:
+            count = (f'{metrics["n_objects"]} validation objects, '
+                     if 'n_objects' in metrics else '')
+            print(label('metrics') + f'({count}deconvolved - truth)')
+            for line in _metric_lines(metrics):
+                print(line)
+    if info.get('weights_sha256'):
+        check = info['check']
+        text = f'{info["weights_sha256"]} '
+        if check == 'verified':
+            text += '(verified)'
+        elif check == 'MISMATCH':
+            text += (f'MISMATCH (NOT verified): the card records '
+                     f'{info["card_weights_sha256"]}')
+        else:
+            text += f'({check})'
+        print(label('weights SHA-256') + text)
+        print(label('file SHA-256') + info['file_sha256'])
+
+
+def _cmd_info(args):
+    from .exceptions import ModelFileError
+    from .model import default_model_path
+
+    versions = _versions()
     paths = [Path(args.model)] if args.model else sorted(
         default_model_path().parent.glob('*.keras'))
-    for path in paths:
-        card_path = path.with_suffix('.json')
-        card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        ok = (card.get('weights_sha256') == weights_sha256(path)
-              if card else None)
-        print(f'model {path}')
-        print(f'  weights SHA-256 {card.get("weights_sha256")} '
-              f'({"verified" if ok else "NOT verified" if card else "no card"})')
-        print(f'  file SHA-256 {file_sha256(path)}')
-        for key in ('input_kinds', 'n_bands', 'stamp_size',
-                    'pixel_scale_range', 'psf_fwhm_range_arcsec', 'metrics'):
-            if key in card:
-                print(f'  {key}: {json.dumps(card[key])}')
+    models = [_model_info(path) for path in paths]
+    if args.json:
+        print(json.dumps({'versions': versions, 'models': models}, indent=2))
+    else:
+        print(f'psfdeconv {versions["psfdeconv"]}')
+        width = max(len(name) for name in versions)
+        for name, version in versions.items():
+            if name != 'psfdeconv':
+                print(f'  {name:<{width}s}  {version}')
+        for info in models:
+            print()
+            _print_model_info(info)
+    errors = [info['error'] for info in models if info['error']]
+    if errors:
+        # Exit status 4, as for any command given a broken model file.
+        raise ModelFileError('; '.join(errors))
     return 0
 
 
@@ -378,26 +553,35 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog='psfdeconv',
         description='Deconvolve the PSF from multi-band galaxy stamps with a '
-                    'convolutional autoencoder (arXiv:2310.19605).',
+                    'convolutional autoencoder\n(arXiv:2310.19605).',
         epilog='examples:\n'
+               '  psfdeconv run --example --out example_run\n'
+               '  psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
+               '--out my_run --plots\n'
                '  psfdeconv deconvolve --example\n'
+               '  psfdeconv info\n'
                '  psfdeconv simulate --n 20000 --seed 1 --out train.h5\n'
                '  psfdeconv train train.h5 --out run/ --epochs 20\n'
                '  psfdeconv evaluate test.h5 --model run/model.keras '
-               '--report report/\n'
-               '  psfdeconv simulate-exposure --out field/ --seed 3\n'
-               '  psfdeconv run --band g=field/g.fits --band r=field/r.fits '
-               '--band i=field/i.fits --detect --out out/',
+               '--report report/\n\n'
+               '"psfdeconv COMMAND --help" shows the options and examples of a '
+               'command;\n'
+               '-v/--verbose and -q/--quiet go before or after COMMAND.',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('-v', '--verbose', action='store_true',
-                        help='log debugging information')
-    parser.add_argument('-q', '--quiet', action='store_true',
-                        help='only warnings and errors, no progress bars')
-    sub = parser.add_subparsers(dest='command', required=True)
+    _add_output_options(parser)
+    sub = parser.add_subparsers(dest='command', required=True,
+                                metavar='COMMAND')
 
-    p = sub.add_parser('simulate', help='simulate training/test stamps',
-                       description='Simulate GalSim multi-band stamps to an '
-                                   'HDF5 file (config and seed stored in it).')
+    p = _add_command(
+        sub, 'simulate', help='simulate training/test stamps',
+        description='Simulate GalSim multi-band stamps to an HDF5 file (config and '
+                    'seed stored in it).',
+        examples=('psfdeconv simulate --n 64000 --seed 1 --out train.h5',
+                  'psfdeconv simulate --n 3000 --seed 2 --out test.h5 --workers 2',
+                  'psfdeconv simulate --n 20000 --seed 3 --config my_ranges.json '
+                  '--out my_survey.h5'),
+        notes='my_ranges.json holds SimulationConfig values, e.g.\n'
+              '  {"pixel_scale_range": [0.2, 0.27], "psf_fwhm_range": [0.6, 1.2]}')
     p.add_argument('--n', type=int, required=True, help='number of objects')
     p.add_argument('--seed', type=int, default=0, help='seed of the run')
     p.add_argument('--config', help='JSON file of SimulationConfig values')
@@ -407,10 +591,18 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser('train', help='train and calibrate a model',
-                       description='Train the network on a simulation file; '
-                                   'writes OUT/NAME.keras and its card '
-                                   'OUT/NAME.json, checkpoints each epoch.')
+    p = _add_command(
+        sub, 'train', help='train and calibrate a model',
+        description='Train the network on a simulation file; writes OUT/NAME.keras '
+                    'and its card OUT/NAME.json, checkpoints each epoch.',
+        examples=('psfdeconv train train.h5 --out run/ --name my_model --epochs 30 '
+                  '--max-minutes 120',
+                  'psfdeconv train train.h5 --out run/ --name my_model --resume',
+                  'psfdeconv train train.h5 --out run/ --name my_model '
+                  '--config train.json --plots'),
+        notes='--resume continues an interrupted run from OUT/checkpoint.keras; '
+              'train.json holds\nTrainConfig values, e.g. {"filters": [32, 64, 128], '
+              '"patience": 5}.')
     p.add_argument('sims', help='simulation .h5 file')
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--name', default='model', help='model file name stem')
@@ -432,9 +624,14 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser('evaluate', help='metrics and baselines on simulations',
-                       description='Evaluate a model and classical baselines '
-                                   'on simulated stamps with known truth.')
+    p = _add_command(
+        sub, 'evaluate', help='metrics and baselines on simulations',
+        description='Evaluate a model and classical baselines on simulated stamps '
+                    'with known truth.',
+        examples=('psfdeconv evaluate test.h5 --report report/',
+                  'psfdeconv evaluate test.h5 --model run/my_model.keras '
+                  '--report report/ --plots',
+                  'psfdeconv evaluate test.h5 --n 500 --baselines observed,wiener'))
     p.add_argument('sims', help='simulation .h5 file (not used in training)')
     p.add_argument('--model', help='model .keras file (default: shipped)')
     p.add_argument('--n', type=int, help='use the first N objects')
@@ -447,10 +644,14 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser('deconvolve', help='deconvolve stamps',
-                       description='Deconvolve the stamps of a simulation '
-                                   'file (or the bundled example) and print '
-                                   'shape metrics when the truth is known.')
+    p = _add_command(
+        sub, 'deconvolve', help='deconvolve stamps',
+        description='Deconvolve the stamps of a simulation file (or the bundled '
+                    'example) and print shape metrics when the truth is known.',
+        examples=('psfdeconv deconvolve --example',
+                  'psfdeconv deconvolve --stamps test.h5 --out deconvolved.fits',
+                  'psfdeconv deconvolve --stamps test.h5 --model run/my_model.keras '
+                  '--strict'))
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument('--example', action='store_true',
                        help='the bundled example stamps')
@@ -463,24 +664,37 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)
 
-    p = sub.add_parser('info', help='versions and models')
-    p.add_argument('--model', help='a model .keras file to describe')
+    p = _add_command(
+        sub, 'info', help='versions, models and their checks',
+        description='Print the versions of psfdeconv and its dependencies and, for '
+                    'each shipped model (or --model), its bands, training ranges, '
+                    'training summary, headline metrics and whether its weights '
+                    'match the SHA-256 of its card. Exit status 4 if a model file '
+                    'is missing or corrupt.',
+        examples=('psfdeconv info',
+                  'psfdeconv info --model run/my_model.keras',
+                  'psfdeconv info --json > psfdeconv_info.json'))
+    p.add_argument('--model', help='a model .keras file to describe (its card '
+                                   'NAME.json beside it)')
+    p.add_argument('--json', action='store_true',
+                   help='print one JSON document (versions and models) instead')
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser(
-        'run', help='deconvolve the galaxies of multi-band exposures',
+    p = _add_command(
+        sub, 'run', help='deconvolve the galaxies of multi-band exposures',
         description='Detect (or read) the galaxies of one set of multi-band '
                     'exposures, build the PSF of each band, deconvolve them and '
                     'write OUT/catalog.fits (one row per source, with units and '
                     'sky_centroid), OUT/stamps.fits (the deconvolved stamps with '
                     'their WCS) and OUT/psf_<band>.fits.',
-        epilog='example:\n'
-               '  psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
-               '--detect --out run1/\n'
-               '  psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
-               '--catalog sources.ecsv --psf moffat:fwhm=0.8arcsec,beta=3 '
-               '--out run2/',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=('psfdeconv run --example --out example_run --plots',
+                  'psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
+                  '--out run1/',
+                  'psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
+                  '--catalog sources.ecsv --psf moffat:fwhm=0.8arcsec,beta=3 '
+                  '--out run2/',
+                  'psfdeconv run --band r=r.fits --out run3/   # one band: the '
+                  'single-band model'))
     p.add_argument('--example', action='store_true',
                    help='run on the bundled example exposures (g, r, i) and '
                         'compare with their truth')
@@ -514,10 +728,17 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser(
-        'simulate-exposure', help='simulate a multi-band exposure set',
+    p = _add_command(
+        sub, 'simulate-exposure', help='simulate a multi-band exposure set',
         description='Simulate GalSim exposures of galaxies and stars with a TAN '
-                    'WCS per band; writes OUT/<band>.fits and OUT/truth.ecsv.')
+                    'WCS per band; writes OUT/<band>.fits and OUT/truth.ecsv.',
+        examples=('psfdeconv simulate-exposure --out field/ --seed 3',
+                  'psfdeconv simulate-exposure --out big_field/ --seed 4 --size 1024 '
+                  '--n-galaxies 300 --n-stars 80',
+                  'psfdeconv simulate-exposure --out field_r/ --bands r --seeing 0.7 '
+                  '--pixel-scale 0.2'),
+        notes='then: psfdeconv run --band g=field/g.fits --band r=field/r.fits '
+              '--band i=field/i.fits --out field_run/')
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--seed', type=int, default=0, help='seed of the run')
     p.add_argument('--size', type=int, default=512, help='image side in pixels')
@@ -535,16 +756,42 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate_exposure)
     from .batch import add_batch_parser
-    add_batch_parser(sub)
+    _add_output_options(add_batch_parser(sub), subcommand=True)
+    return parser
+
+
+def _add_output_options(parser, subcommand=False):
+    """``-v``/``-q``, on the main parser and (so that they may also follow the
+    command) on each subcommand, where they leave the main parser's value
+    alone unless given."""
+    default = argparse.SUPPRESS if subcommand else False
+    group = parser.add_argument_group('output')
+    group.add_argument('-v', '--verbose', action='store_true', default=default,
+                       help="log psfdeconv's debugging messages (other libraries "
+                            "stay at warnings)")
+    group.add_argument('-q', '--quiet', action='store_true', default=default,
+                       help='only warnings and errors, no progress bars')
+
+
+def _add_command(sub, name, *, help, description, examples, notes=None):
+    """A subcommand parser with an ``examples:`` epilog and ``-v``/``-q``."""
+    epilog = 'examples:\n' + ''.join(f'  {line}\n' for line in examples)
+    if notes:
+        epilog += '\n' + notes
+    import textwrap
+
+    parser = sub.add_parser(name, help=help,
+                            description=textwrap.fill(description, 79),
+                            epilog=epilog.rstrip('\n'),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_output_options(parser, subcommand=True)
     return parser
 
 
 def main(argv=None):
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
-    level = (logging.DEBUG if args.verbose else
-             logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, format='%(levelname)s: %(message)s')
+    restore_logging = _configure_logging(verbose=args.verbose, quiet=args.quiet)
     # SIGTERM unwinds like Ctrl-C, so temporary files are removed.
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -556,6 +803,54 @@ def main(argv=None):
         # Disk full, permissions, ...: the system's message, no traceback.
         print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)
         return 1
+    finally:
+        restore_logging()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes
+    (tests and notebooks replace it)."""
+
+    def __init__(self):
+        super().__init__(stream=None)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _configure_logging(*, verbose=False, quiet=False):
+    """Send the 'psfdeconv' logger to standard error at the level of the flags.
+
+    Only the 'psfdeconv' logger is configured: DEBUG with ``verbose``, WARNING
+    with ``quiet``, INFO otherwise. The root logger, and with it the loggers
+    of TensorFlow, JAX, absl, astropy, ..., is left alone (WARNING unless the
+    caller set it), so ``-v`` does not flood the output with other libraries'
+    debugging lines. The 'psfdeconv' records do not propagate to the root
+    logger either, so no message is printed twice. Returns a function that
+    puts the logger back as it was (``main`` calls it on the way out).
+    """
+    logger = logging.getLogger('psfdeconv')
+    saved = logger.level, logger.propagate, list(logger.handlers)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(
+        '%(levelname)s %(name)s: %(message)s' if verbose else
+        '%(levelname)s: %(message)s'))
+    logger.handlers = [handler]
+    logger.setLevel(logging.DEBUG if verbose else
+                    logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+    def restore():
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers = saved[2]
+
+    return restore
 
 
 def _terminate(signum, frame):

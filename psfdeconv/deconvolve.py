@@ -290,13 +290,24 @@ def calibrate_flux_bias(model, observed, psfs, pixel_scale, truth, *,
     Returns
     -------
     dict
-        As `fit_flux_bias`, pooled over bands and non-blank objects.
+        As `fit_flux_bias`, pooled over bands and non-blank objects, plus
+        for a multi-band model ``'per_band_coefficients'``: one fit per
+        output band ([c0, c1, c2] each), which `correct_flux_bias` uses.
+        The network's flux bias can differ between its output bands by a
+        few per cent, which a pooled fit leaves in.
     """
     _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
                                    model=model, noise_sigma=noise_sigma,
                                    batch_size=batch_size, return_details=True)
     true_flux = truth.sum(axis=(-2, -1), dtype=np.float64)
-    return fit_flux_bias(details['flux'], details['flux_err'], true_flux)
+    result = fit_flux_bias(details['flux'], details['flux_err'], true_flux)
+    n_bands = true_flux.shape[-1]
+    if n_bands > 1:
+        result['per_band_coefficients'] = [
+            fit_flux_bias(details['flux'][:, b], details['flux_err'][:, b],
+                          true_flux[:, b])['coefficients']
+            for b in range(n_bands)]
+    return result
 
 
 def correct_flux_bias(flux, flux_err, flux_bias):
@@ -307,8 +318,10 @@ def correct_flux_bias(flux, flux_err, flux_bias):
     flux, flux_err : `~numpy.ndarray` or `~astropy.units.Quantity`
         Recovered fluxes and errors.
     flux_bias : dict or None
-        From `fit_flux_bias` (a model card's ``flux_bias``); `None`
-        returns the flux unchanged.
+        From `fit_flux_bias` or `calibrate_flux_bias` (a model card's
+        ``flux_bias``); `None` returns the flux unchanged. With
+        ``'per_band_coefficients'`` and a last axis of that many bands,
+        each band gets its own correction.
 
     Returns
     -------
@@ -317,14 +330,24 @@ def correct_flux_bias(flux, flux_err, flux_bias):
 
     Examples
     --------
+    >>> import numpy as np
     >>> from psfdeconv.deconvolve import correct_flux_bias
     >>> bias = {'coefficients': [1.05, 0.0, 0.0], 'log_snr_range': [1, 3]}
     >>> print(f'{correct_flux_bias(100.0, 5.0, bias):.1f}')
     105.0
+    >>> bias['per_band_coefficients'] = [[1.0, 0, 0], [1.1, 0, 0]]
+    >>> np.round(correct_flux_bias(np.array([[100.0, 100.0]]), 5.0, bias),
+    ...          6).tolist()
+    [[100.0, 110.0]]
     """
     if not flux_bias:
         return flux
     c0, c1, c2 = flux_bias['coefficients']
+    per_band = flux_bias.get('per_band_coefficients')
+    if per_band is not None and np.ndim(flux) >= 1 and \
+            np.shape(flux)[-1] == len(per_band):
+        # Along the last (band) axis, one fit per band.
+        c0, c1, c2 = np.asarray(per_band, dtype=float).T
     low, high = flux_bias['log_snr_range']
     ratio_values = np.asarray(getattr(flux, 'value', flux), dtype=float)
     err_values = np.asarray(getattr(flux_err, 'value', flux_err),

@@ -1348,7 +1348,9 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
         Simulation file (`~psfdeconv.simulate.write_simulation`) that the
         model was not trained on.
     model : `~psfdeconv.model.DeconvolutionModel`, optional
-        The shipped default if `None`.
+        The shipped default if `None`. A single-band model given
+        multi-band simulations is evaluated on each band of each object
+        as a 1-band object.
     n_objects : int, optional
         Use the first ``n_objects`` objects only.
     baselines : sequence of str, optional
@@ -1376,6 +1378,11 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
                     f'{check_writable_report} exists; pass overwrite=True '
                     f'(--overwrite) or choose another report directory.')
     sims = read_simulation(path, 0, n_objects)
+    if model is not None and model.n_bands == 1 < sims['observed'].shape[1]:
+        # A single-band model is evaluated on every band of every object.
+        from .train import split_bands
+
+        sims = split_bands(sims)
     model = load_model(n_bands=sims['observed'].shape[1]) if model is None else model
     predictions = {'model': deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],

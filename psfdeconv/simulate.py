@@ -39,6 +39,9 @@ from .exceptions import ConfigError, OutputExistsError
 __all__ = ['SimulationConfig', 'simulate_stamps', 'write_simulation',
            'read_simulation', 'SimulationFile']
 
+#: PSF families `SimulationConfig.psf_families` can draw from.
+PSF_FAMILIES = ('moffat', 'kolmogorov', 'optical')
+
 #: Arrays of a simulation, their per-object shape and meaning.
 SIMULATION_FIELDS = {
     'truth': 'noiseless, PSF-free images (n, n_bands, ny, nx)',
@@ -49,7 +52,8 @@ SIMULATION_FIELDS = {
     'is_blank': 'True where the truth is empty (n,)',
     'snr': 'matched-filter SNR sqrt(sum I^2)/sigma per band (n, n_bands)',
     'psf_fwhm': 'PSF FWHM in arcsec (n, n_bands)',
-    'psf_beta': 'Moffat beta (n, n_bands)',
+    'psf_beta': 'Moffat beta, NaN for other PSF families (n, n_bands)',
+    'psf_family': 'index into the config\'s psf_families (n,)',
     'psf_g1': 'PSF reduced shear, first component (n, n_bands)',
     'psf_g2': 'PSF reduced shear, second component (n, n_bands)',
     'offset': 'galaxy centre minus stamp centre (x, y) in pixels (n, 2)',
@@ -81,7 +85,16 @@ class SimulationConfig:
     pixel_scale_range: tuple = (0.088, 0.255)
     #: Galaxy centre offset range in pixels, x and y independently.
     offset_range: tuple = (-5.0, 5.0)
-    #: Moffat FWHM range in arcsec, per band and object.
+    #: PSF families, one drawn per object with equal probability (all its
+    #: bands share it): 'moffat' (beta from psf_beta_range), 'kolmogorov'
+    #: (a turbulent atmosphere alone) or 'optical' (a Kolmogorov
+    #: atmosphere convolved with an obscured, strutted telescope pupil with
+    #: defocus, astigmatism and coma of up to 0.15 waves each;
+    #: `galsim.OpticalPSF`, 10x slower to draw than the others).
+    psf_families: tuple = ('moffat',)
+    #: PSF FWHM range in arcsec, per band and object (for 'optical', the
+    #: atmosphere's FWHM is 0.85 of the drawn value and lambda/D 0.2 of
+    #: it; the total FWHM is then ~1.1 times the drawn value).
     psf_fwhm_range: tuple = (0.3, 0.8)
     #: Moffat beta range.
     psf_beta_range: tuple = (2.0, 5.0)
@@ -182,6 +195,10 @@ class SimulationConfig:
             raise ConfigError(f'bulge_size_ratio_range and knot_size_ratio '
                               f'must be positive, got {(low, high)} and '
                               f'{self.knot_size_ratio}.')
+        unknown = sorted(set(self.psf_families) - set(PSF_FAMILIES))
+        if not self.psf_families or unknown:
+            raise ConfigError(f'psf_families must be a non-empty subset of '
+                              f'{PSF_FAMILIES}, got {self.psf_families}.')
         if self.psf_beta_range[0] <= 1.1:
             raise ConfigError(f'Moffat beta must exceed 1.1, got '
                               f'psf_beta_range={self.psf_beta_range}.')
@@ -231,8 +248,24 @@ def _bin(image, factor):
         axis=(1, 3))
 
 
+def _psf_profile(galsim, family, fwhm, beta, aberrations):
+    """One PSF profile of the given family (before shear)."""
+    if family == 'moffat':
+        return galsim.Moffat(beta=beta, fwhm=fwhm)
+    if family == 'kolmogorov':
+        return galsim.Kolmogorov(fwhm=fwhm)
+    defocus, astig1, astig2, coma1, coma2 = aberrations
+    # pad_factor 1 is 7x faster than GalSim's 1.5; the aliasing it allows
+    # is far below the pixel-binned PSF's precision here.
+    optics = galsim.OpticalPSF(lam_over_diam=0.2 * fwhm, obscuration=0.3,
+                               nstruts=4, defocus=defocus, astig1=astig1,
+                               astig2=astig2, coma1=coma1, coma2=coma2,
+                               pad_factor=1.0)
+    return galsim.Convolve(galsim.Kolmogorov(fwhm=0.85 * fwhm), optics)
+
+
 def _draw_psfs(rng, config, pixel_scale, n):
-    """Truncated-to-the-stamp, pixel-integrated, unit-sum Moffat PSFs."""
+    """Truncated-to-the-stamp, pixel-integrated, unit-sum PSFs."""
     import galsim
 
     nb, size, ov = config.n_bands, config.psf_size, config.oversampling
@@ -240,10 +273,19 @@ def _draw_psfs(rng, config, pixel_scale, n):
     beta = _draw_uniform(rng, config.psf_beta_range, (n, nb))
     g1 = _draw_uniform(rng, config.psf_shear_range, (n, nb))
     g2 = _draw_uniform(rng, config.psf_shear_range, (n, nb))
+    # Drawn only when there is a choice, so that Moffat-only simulations
+    # keep the random stream (and the files) of earlier versions.
+    family = (rng.integers(0, len(config.psf_families), n)
+              if len(config.psf_families) > 1 else np.zeros(n, dtype=int))
+    # Defocus, astigmatism and coma in waves, for 'optical' only.
+    aberrations = (rng.uniform(-0.15, 0.15, (n, nb, 5))
+                   if 'optical' in config.psf_families else np.zeros((n, nb, 5)))
     psfs = np.empty((n, nb, size, size), dtype=np.float32)
     for i in range(n):
+        name = config.psf_families[family[i]]
         for b in range(nb):
-            profile = galsim.Moffat(beta=beta[i, b], fwhm=fwhm[i, b]).shear(
+            profile = _psf_profile(galsim, name, fwhm[i, b], beta[i, b],
+                                   aberrations[i, b]).shear(
                 g1=g1[i, b], g2=g2[i, b])
             # An odd oversampled grid keeps the centre on the middle pixel.
             image = profile.drawImage(nx=size * ov, ny=size * ov,
@@ -251,8 +293,10 @@ def _draw_psfs(rng, config, pixel_scale, n):
                                       method='no_pixel')
             psf = _bin(image.array, ov)
             psfs[i, b] = psf / psf.sum()
+    is_moffat = np.array([config.psf_families[f] == 'moffat' for f in family])
+    beta = np.where(is_moffat[:, None], beta, np.nan)
     return psfs, {'psf_fwhm': fwhm, 'psf_beta': beta, 'psf_g1': g1,
-                  'psf_g2': g2}
+                  'psf_g2': g2, 'psf_family': family}
 
 
 def _galaxy_profile(rng, config, half_light_radius):

@@ -32,7 +32,7 @@ from .exceptions import ConfigError, InvalidInputError
 from .features import KINDS, _check_kinds, make_cube
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
-           'split_bands']
+           'split_bands', 'augment_batch', 'build_cache']
 
 #: Targets are the truth over this many times the inputs' scale (see
 #: `scaled_batch`).
@@ -88,13 +88,26 @@ class TrainConfig:
     #: A ``.keras`` file of the same network whose weights start the run
     #: (fine-tuning on new simulations); None: seeded random weights.
     initial_weights: str = None
+    #: Build every object's input cube and target once, before training,
+    #: and keep them in memory (150 kB per 3-band object) instead of per
+    #: batch: the same arrays, built once. Pays where the network runs on
+    #: an accelerator that the per-batch FFTs would starve.
+    cache_cubes: bool = False
+    #: Apply one of the 8 symmetries of the square (flips and quarter
+    #: turns), drawn per training batch with the seed, to cube and target
+    #: alike. Exact: the channels are convolutions with centred kernels,
+    #: which commute with these symmetries.
+    augment: bool = False
+    #: Threads preparing training batches (Keras ``PyDataset`` workers).
+    data_workers: int = 1
 
     def __post_init__(self):
         self.kinds = _check_kinds(self.kinds)
         self.filters = tuple(self.filters)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f'epochs and batch_size must be >= 1, got '
-                              f'{self.epochs} and {self.batch_size}.')
+        if self.epochs < 1 or self.batch_size < 1 or self.data_workers < 1:
+            raise ConfigError(f'epochs, batch_size and data_workers must be '
+                              f'>= 1, got {self.epochs}, {self.batch_size} and '
+                              f'{self.data_workers}.')
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f'validation_fraction must be in (0, 1), got '
                               f'{self.validation_fraction}.')
@@ -193,7 +206,8 @@ def split_bands(data):
     out = {}
     for key, value in data.items():
         value = np.asarray(value)
-        if value.ndim >= 2 and value.shape[1] == n_bands:
+        # 'offset' is (n, 2) x/y, not per band, even with two bands.
+        if key != 'offset' and value.ndim >= 2 and value.shape[1] == n_bands:
             shape = (value.shape[0] * n_bands, 1) + value.shape[2:]
             out[key] = value.reshape(shape)
             if value.ndim == 2:
@@ -203,19 +217,115 @@ def split_bands(data):
     return out
 
 
+def _take(dataset, indices):
+    """``dataset[indices]`` for sorted indices into an HDF5 dataset."""
+    if len(indices) > 0.2 * len(dataset):
+        # A whole read and an in-memory take: h5py's point selections of
+        # ~1e5 indices are far slower.
+        return dataset[()][indices]
+    return dataset[indices]
+
+
 def _load_split(sims, indices, fields=('observed', 'psf', 'pixel_scale',
                                        'truth'), *, single_band=False):
-    data = {key: sims[key][indices] for key in fields}
+    data = {key: _take(sims[key], indices) for key in fields}
     return split_bands(data) if single_band else data
 
 
+def augment_batch(cube, target, transform):
+    """Apply symmetry ``transform`` of the square to a batch.
+
+    Transform t in 0..7 is ``t % 4`` quarter turns followed, for t >= 4,
+    by a left-right flip, on the (ny, nx) axes of channels-last arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cube = np.arange(2 * 4 * 4 * 1.0).reshape(2, 4, 4, 1)
+    >>> out, _ = augment_batch(cube, cube, 4)
+    >>> bool(np.array_equal(out, cube[:, :, ::-1]))
+    True
+    """
+    def apply(array):
+        array = np.rot90(array, k=transform % 4, axes=(1, 2))
+        if transform >= 4:
+            array = array[:, :, ::-1]
+        return np.ascontiguousarray(array)
+
+    return apply(cube), apply(target)
+
+
+#: The arrays `_cache_chunk` reads, inherited by forked workers.
+_CACHE_SOURCE = {}
+
+
+def _cache_chunk(task):
+    start, stop, options = task
+    data = _CACHE_SOURCE
+    return start, scaled_batch(data['observed'][start:stop],
+                               data['psf'][start:stop],
+                               data['pixel_scale'][start:stop],
+                               data['truth'][start:stop], **options)
+
+
+def build_cache(data, *, n_workers=1, chunk=1024, **options):
+    """Input cubes and targets of every object (`scaled_batch`), built in
+    ``n_workers`` forked processes.
+
+    Call it before Keras is imported: forking a process that runs a
+    backend's threads is unsafe.
+
+    Returns
+    -------
+    cubes, targets : `~numpy.ndarray`
+        As `scaled_batch` returns for all objects at once.
+    """
+    import multiprocessing
+
+    n = len(data['pixel_scale'])
+    tasks = [(start, min(n, start + chunk), options)
+             for start in range(0, n, chunk)]
+    _CACHE_SOURCE.update(data)
+    pool = None
+    try:
+        if (n_workers > 1 and len(tasks) > 1 and
+                'fork' in multiprocessing.get_all_start_methods()):
+            pool = multiprocessing.get_context('fork').Pool(
+                min(n_workers, len(tasks)))
+            results = pool.imap_unordered(_cache_chunk, tasks)
+        else:
+            results = map(_cache_chunk, tasks)
+        cubes = targets = None
+        for start, (cube, target) in results:
+            if cubes is None:
+                cubes = np.empty((n,) + cube.shape[1:], np.float32)
+                targets = np.empty((n,) + target.shape[1:], np.float32)
+            cubes[start:start + len(cube)] = cube
+            targets[start:start + len(cube)] = target
+    finally:
+        _CACHE_SOURCE.clear()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return cubes, targets
+
+
 def _make_sequence(keras, data, *, batch_size, kinds, feature_options, seed,
-                   shuffle, target_headroom):
+                   shuffle, target_headroom, cached=None, augment=False,
+                   workers=1):
+    def build(idx):
+        return scaled_batch(data['observed'][idx], data['psf'][idx],
+                            data['pixel_scale'][idx], data['truth'][idx],
+                            kinds=kinds, target_headroom=target_headroom,
+                            **feature_options)
+
     class StampSequence(keras.utils.PyDataset):
-        """Batches of (cube, target) built on the fly from stamps."""
+        """Batches of (cube, target), built on the fly from stamps or
+        taken from the cache."""
 
         def __init__(self):
-            super().__init__()
+            super().__init__(workers=workers, use_multiprocessing=False,
+                             max_queue_size=max(10, 2 * workers))
             self.n = len(data['pixel_scale'])
             self.epoch = 0
             self.order = self._order()
@@ -230,11 +340,20 @@ def _make_sequence(keras, data, *, batch_size, kinds, feature_options, seed,
             return math.ceil(self.n / batch_size)
 
         def __getitem__(self, index):
-            idx = self.order[index * batch_size:(index + 1) * batch_size]
-            return scaled_batch(data['observed'][idx], data['psf'][idx],
-                                data['pixel_scale'][idx], data['truth'][idx],
-                                kinds=kinds, target_headroom=target_headroom,
-                                **feature_options)
+            # Sorted within the batch: the same batch, faster to gather.
+            idx = np.sort(self.order[index * batch_size:
+                                     (index + 1) * batch_size])
+            if cached is None:
+                cube, target = build(idx)
+            else:
+                cube, target = cached[0][idx], cached[1][idx]
+            if augment:
+                # One symmetry per batch: a single copy, and over the
+                # epochs every object meets all eight.
+                transform = np.random.default_rng(
+                    [seed, self.epoch, index, 8]).integers(0, 8)
+                cube, target = augment_batch(cube, target, transform)
+            return cube, target
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -293,6 +412,14 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         raise InvalidInputError(f'cannot resume: no checkpoint in {out_dir};'
                                 f' start without --resume.')
 
+    state = {'epoch': 0, 'history': [], 'best_val_loss': None,
+             'best_epoch': None, 'elapsed_seconds': 0.0}
+    if resume:
+        state = json.loads(state_path.read_text())
+    # A run cut off after its last checkpoint but before its model was
+    # written has nothing left to train: finish it without the arrays.
+    nothing_left = resume and _run_finished(state, config)
+
     with SimulationFile(simulation_path) as sims:
         sim_config = sims.config.to_dict()
         sim_seed = sims.seed
@@ -301,11 +428,25 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             seed=config.seed)
         if config.max_train_objects is not None:
             train_idx = train_idx[:config.max_train_objects]
-        train_data = _load_split(sims, train_idx,
-                                 single_band=config.split_bands)
-        val_data = _load_split(sims, val_idx, single_band=config.split_bands)
-    n_bands = train_data['observed'].shape[1]
-    stamp_size = train_data['observed'].shape[-1]
+        _, n_bands, _, stamp_size = sims['observed'].shape
+        n_train_stamps = len(train_idx) * (n_bands if config.split_bands
+                                           else 1)
+        n_bands = 1 if config.split_bands else n_bands
+        train_data = val_data = None
+        if not nothing_left:
+            train_data = _load_split(sims, train_idx,
+                                     single_band=config.split_bands)
+            val_data = _load_split(sims, val_idx,
+                                   single_band=config.split_bands)
+    caches = {}
+    if config.cache_cubes and not nothing_left:
+        for name, data in (('train', train_data), ('validation', val_data)):
+            caches[name] = build_cache(
+                data, n_workers=os.cpu_count() or 1, kinds=config.kinds,
+                target_headroom=config.target_headroom, **config.features)
+            # Only the cubes are used from here on.
+            for key in ('observed', 'truth', 'psf'):
+                data.pop(key)
 
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import keras
@@ -313,24 +454,26 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.dtype_policy)
     try:
-        train_seq = _make_sequence(
-            keras, train_data, batch_size=config.batch_size,
-            kinds=config.kinds, feature_options=config.features,
-            seed=config.seed, shuffle=True,
-            target_headroom=config.target_headroom)
-        val_seq = _make_sequence(
-            keras, val_data, batch_size=max(config.batch_size, 64),
-            kinds=config.kinds, feature_options=config.features,
-            seed=config.seed, shuffle=False,
-            target_headroom=config.target_headroom)
+        if not nothing_left:
+            train_seq = _make_sequence(
+                keras, train_data, batch_size=config.batch_size,
+                kinds=config.kinds, feature_options=config.features,
+                seed=config.seed, shuffle=True,
+                target_headroom=config.target_headroom,
+                cached=caches.get('train'), augment=config.augment,
+                workers=config.data_workers)
+            val_seq = _make_sequence(
+                keras, val_data, batch_size=max(config.batch_size, 64),
+                kinds=config.kinds, feature_options=config.features,
+                seed=config.seed, shuffle=False,
+                target_headroom=config.target_headroom,
+                cached=caches.get('validation'), workers=config.data_workers)
 
-        state = {'epoch': 0, 'history': [], 'best_val_loss': None,
-                 'best_epoch': None, 'elapsed_seconds': 0.0}
         if resume:
-            state = json.loads(state_path.read_text())
             model = keras.saving.load_model(checkpoint, safe_mode=True)
-            train_seq.epoch = state['epoch']
-            train_seq.order = train_seq._order()
+            if not nothing_left:
+                train_seq.epoch = state['epoch']
+                train_seq.order = train_seq._order()
         else:
             from .model import build_network
 
@@ -348,7 +491,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
                           loss=keras.losses.BinaryCrossentropy())
 
         callback = _Checkpointer(keras, out_dir, state, config)
-        if state['epoch'] < config.epochs and not callback.finished():
+        if not nothing_left and not callback.finished():
             if verbose == 'auto':
                 verbose = 1 if os.isatty(1) else 2
             model.fit(train_seq, validation_data=val_seq,
@@ -384,20 +527,36 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             'n_train': len(train_idx),
             'n_validation': len(val_idx),
             # With split_bands every object gives n_bands 1-band stamps.
-            'n_train_stamps': len(train_data['pixel_scale']),
+            'n_train_stamps': n_train_stamps,
             'epochs_run': callback.state['epoch'],
             'best_epoch': callback.state['best_epoch'],
             'best_val_loss': callback.state['best_val_loss'],
             'history': callback.state['history'],
             'elapsed_seconds': round(callback.state['elapsed_seconds'], 1),
-            'train_stamps_per_second': callback.throughput(len(train_data['pixel_scale'])),
+            'train_stamps_per_second': callback.throughput(n_train_stamps),
             'keras_version': keras.__version__,
+            # Where the epochs ran (recorded in the state by the run that
+            # trained; a finished run may be finalised elsewhere).
+            'keras_backend': callback.state.get('keras_backend',
+                                                keras.backend.backend()),
+            'compute_device': callback.state.get('compute_device',
+                                                 _compute_device(keras)),
             'initial_weights_sha256': (
                 None if config.initial_weights is None else
                 file_sha256(config.initial_weights)),
         },
     }
     return model, card
+
+
+def _run_finished(state, config):
+    """Whether a run's state leaves nothing to train: all epochs run, the
+    patience spent, or the time budget used."""
+    best = state.get('best_epoch')
+    return (state['epoch'] >= config.epochs or
+            (best is not None and state['epoch'] - best >= config.patience) or
+            (config.max_minutes is not None and
+             state['elapsed_seconds'] > 60 * config.max_minutes))
 
 
 def _load_initial_weights(keras, model, path):
@@ -418,6 +577,27 @@ def _load_initial_weights(keras, model, path):
     model.set_weights(source.get_weights())
 
 
+def _compute_device(keras):
+    """The device Keras trained on, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'
+    (None if the backend cannot say)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == 'jax':
+            import jax
+            return str(jax.devices()[0].device_kind)
+        if backend == 'torch':
+            import torch
+            return (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                    else 'cpu')
+        if backend == 'tensorflow':
+            import tensorflow as tf
+            gpus = tf.config.list_physical_devices('GPU')
+            return gpus[0].name if gpus else 'cpu'
+    except Exception:  # the record is informative; never fail a run on it
+        return None
+    return None
+
+
 def _as_float32(keras, model):
     """A float32 copy of a (possibly mixed-precision) model."""
     if model.dtype_policy.name == 'float32':
@@ -434,6 +614,7 @@ class _Checkpointer:
     """Per-epoch checkpoint, best-model tracking, patience and time budget."""
 
     def __init__(self, keras, out_dir, state, config):
+        self.keras = keras
         self.out_dir = out_dir
         self.state = state
         self.config = config
@@ -478,6 +659,8 @@ class _Checkpointer:
     def epoch_end(self, model, epoch, logs):
         state = self.state
         val_loss = logs.get('val_loss')
+        state['keras_backend'] = self.keras.backend.backend()
+        state['compute_device'] = _compute_device(self.keras)
         state['epoch'] = epoch + 1
         state['elapsed_seconds'] = self.elapsed()
         state['history'].append({

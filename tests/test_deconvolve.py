@@ -403,3 +403,28 @@ def test_output_floor_removal(tiny_model, tiny_simulation_path):
     assert np.all((floored['network_output'] == 0).mean(axis=(-2, -1)) >= 0.5)
     # The refit then scales the floored output, so the image sums are still the fluxes.
     assert_allclose(images.sum(axis=(-2, -1)), floored['flux'], rtol=1e-5)
+
+
+def test_correct_flux_bias_per_band():
+    bias = {'coefficients': [1.0, 0.0, 0.0], 'log_snr_range': [1.0, 3.0],
+            'per_band_coefficients': [[0.97, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.02, 0.0]]}
+    flux = np.full((4, 3), 100.0)
+    flux_err = np.full((4, 3), 1.0)  # log10 SNR = 2
+    corrected = correct_flux_bias(flux, flux_err, bias)
+    np.testing.assert_allclose(corrected, [[97.0, 100.0, 104.0]] * 4)
+    # Another band count than the fits: the pooled correction.
+    np.testing.assert_allclose(correct_flux_bias(flux[:, :2], flux_err[:, :2], bias), 100.0)
+
+
+def test_calibrate_flux_bias_fits_each_band(tiny_model_path, tiny_simulation_path):
+    from psfdeconv.deconvolve import calibrate_flux_bias
+    from psfdeconv.model import load_model
+    from psfdeconv.simulate import read_simulation
+
+    sims = read_simulation(tiny_simulation_path)
+    fit = calibrate_flux_bias(load_model(tiny_model_path), sims['observed'], sims['psf'],
+                              sims['pixel_scale'], sims['truth'])
+    per_band = np.asarray(fit['per_band_coefficients'])
+    assert per_band.shape == (3, 3) and np.all(np.isfinite(per_band))
+    # Each band's fit is its own: not the pooled coefficients repeated.
+    assert not np.allclose(per_band, np.asarray(fit['coefficients'])[None])

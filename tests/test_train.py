@@ -68,8 +68,8 @@ def test_train_config_from_dict_round_trip():
 @pytest.mark.parametrize('values, match', [
     ({'bogus': 1}, r"unknown training config keys \['bogus'\]"),
     ({'dtype_policy': 'float16'}, "dtype_policy must be 'float32' or 'mixed_bfloat16'"),
-    ({'epochs': 0}, 'epochs and batch_size must be >= 1'),
-    ({'batch_size': 0}, 'epochs and batch_size must be >= 1'),
+    ({'epochs': 0}, 'epochs, batch_size and data_workers must be'),
+    ({'batch_size': 0}, 'epochs, batch_size and data_workers must be'),
     ({'validation_fraction': 1.0}, r'validation_fraction must be in \(0, 1\)'),
     ({'validation_fraction': 0.0}, r'validation_fraction must be in \(0, 1\)'),
     ({'kinds': ['psf', 'bogus']}, 'kinds must be distinct values'),
@@ -223,10 +223,22 @@ def test_resume(tiny_training, tiny_simulation_path, tmp_path, make_tiny_train_c
     assert [h['val_loss'] for h in history] == \
         [h['val_loss'] for h in tiny_training.card['training']['history']]
 
-    # Resuming a finished run does no more epochs.
-    _, card = train_model(tiny_simulation_path, run, config=make_tiny_train_config(epochs=2),
-                          resume=True, verbose=0)
+    # Resuming a finished run does no more epochs, and reads no training arrays (a run cut
+    # off after its last checkpoint is finished this way without the memory of its data).
+    import psfdeconv.train as train_module
+
+    def no_arrays(*args, **kwargs):
+        raise AssertionError('a finished run loaded its training arrays')
+
+    original = train_module._load_split
+    train_module._load_split = no_arrays
+    try:
+        _, card = train_model(tiny_simulation_path, run,
+                              config=make_tiny_train_config(epochs=2), resume=True, verbose=0)
+    finally:
+        train_module._load_split = original
     assert card['training']['epochs_run'] == 2
+    assert card['training']['n_train_stamps'] == card['training']['n_train']
 
 
 def test_resume_without_checkpoint(tiny_simulation_path, tmp_path, make_tiny_train_config):
@@ -305,6 +317,20 @@ def test_single_band_training_from_a_three_band_simulation(tiny_simulation_path,
     images = deconvolve_stamps(sims['observed'][:, 1:2], sims['psf'][:, 1:2],
                                pixel_scale=sims['pixel_scale'], model=model)
     assert images.shape == (3, 1, 64, 64) and np.isfinite(images).all()
+    assert card['training']['n_train_stamps'] == 120
+
+    # Evaluated on a 3-band simulation: every band of every object is a 1-band object.
+    from psfdeconv.evaluate import evaluate_simulation
+
+    results = evaluate_simulation(tiny_simulation_path, model=model, n_objects=24,
+                                  baselines=('observed',))
+    assert results['table1']['n'][0] == 3 * (24 - sims_blanks(tiny_simulation_path, 24))
+
+
+def sims_blanks(path, n):
+    from psfdeconv.simulate import read_simulation
+
+    return int(read_simulation(path, 0, n)['is_blank'].sum())
 
 
 def test_initial_weights_start_the_run(tiny_training, tiny_simulation_path, tmp_path,
@@ -344,3 +370,55 @@ def test_initial_weights_of_another_network_refused(tiny_training, tiny_simulati
     config = make_tiny_train_config(initial_weights=str(tmp_path / 'none.keras'))
     with pytest.raises(ConfigError, match='does not exist'):
         train_model(tiny_simulation_path, tmp_path / 'run2', config=config, verbose=0)
+
+
+def test_augment_batch_matches_the_cube_of_transformed_stamps(tiny_simulation_path):
+    # The symmetries commute with the channels' convolutions: the cube of flipped / turned
+    # stamps and PSFs equals the flipped / turned cube (up to float32 rounding).
+    from psfdeconv.simulate import read_simulation
+    from psfdeconv.train import augment_batch
+
+    sims = read_simulation(tiny_simulation_path, 0, 4)
+    cube, target = scaled_batch(sims['observed'], sims['psf'], sims['pixel_scale'],
+                                sims['truth'])
+    for transform in range(8):
+        def on_stamps(images):
+            images = np.rot90(images, k=transform % 4, axes=(-2, -1))
+            return images[..., ::-1] if transform >= 4 else images
+
+        expected_cube, expected_target = scaled_batch(
+            on_stamps(sims['observed']), on_stamps(sims['psf']), sims['pixel_scale'],
+            on_stamps(sims['truth']))
+        got_cube, got_target = augment_batch(cube, target, transform)
+        np.testing.assert_allclose(got_cube, expected_cube, atol=2e-6)
+        np.testing.assert_allclose(got_target, expected_target, atol=2e-6)
+    # Transform 0 is the identity and every other one changes an asymmetric batch.
+    assert np.array_equal(augment_batch(cube, target, 0)[0], cube)
+    assert all(not np.allclose(augment_batch(cube, target, t)[0], cube) for t in range(1, 8))
+
+
+def test_build_cache_equals_per_batch_cubes(tiny_simulation_path):
+    from psfdeconv.simulate import read_simulation
+    from psfdeconv.train import build_cache
+
+    sims = read_simulation(tiny_simulation_path, 0, 40)
+    data = {key: sims[key] for key in ('observed', 'psf', 'pixel_scale', 'truth')}
+    expected = scaled_batch(data['observed'], data['psf'], data['pixel_scale'],
+                            data['truth'])
+    # Forked workers and chunks that do not divide the objects evenly.
+    cubes, targets = build_cache(data, n_workers=2, chunk=16)
+    np.testing.assert_array_equal(cubes, expected[0])
+    np.testing.assert_array_equal(targets, expected[1])
+
+
+def test_cached_augmented_training_runs_and_is_recorded(tiny_simulation_path, tmp_path,
+                                                        make_tiny_train_config):
+    config = make_tiny_train_config(epochs=1, cache_cubes=True, augment=True,
+                                    data_workers=2)
+    model, card = train_model(tiny_simulation_path, tmp_path / 'run', config=config,
+                              verbose=0)
+    training = card['training']
+    assert training['config']['cache_cubes'] and training['config']['augment']
+    assert training['keras_backend'] == 'tensorflow'
+    assert training['compute_device'] == 'cpu'
+    assert np.isfinite(training['best_val_loss'])
