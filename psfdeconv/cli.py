@@ -799,6 +799,14 @@ def main(argv=None):
     except PSFDeconvError as exc:
         print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)
         return exc.exit_code or 1
+    except BrokenPipeError:
+        # The reader went away (`psfdeconv info | head`): not an error of
+        # ours. Point stdout at devnull so the interpreter's final flush
+        # does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         # Disk full, permissions, ...: the system's message, no traceback.
         print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)

@@ -1450,6 +1450,17 @@ def match_truth(catalog, truth, *, max_separation=0.5 * u.arcsec, kind='galaxy')
     return matches
 
 
+def _noise_median_abs(relative_error, n_draws=1000, seed=0):
+    """The median |dF/F| that the catalogue's own flux errors alone give:
+    the median over objects of |N(0, relative_error)|, averaged over seeded
+    draws (None for no objects)."""
+    relative_error = np.asarray(relative_error, float)
+    if relative_error.size == 0:
+        return None
+    draws = np.random.default_rng(seed).normal(size=(n_draws, relative_error.size))
+    return float(np.mean(np.median(np.abs(draws * relative_error), axis=1)))
+
+
 def exposure_accuracy(catalog, truth, *, min_snr=20.0,
                       max_separation=0.5 * u.arcsec):
     """Accuracy of an exposure catalogue against its simulated truth.
@@ -1473,7 +1484,9 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         ``position_arcsec`` (median and max separation), and per band
         ``flux`` (the median of ``|flux_corrected / true - 1|`` and the bias,
         the median of ``flux_corrected / true - 1``, over matches above
-        ``min_snr``, with their count), ``e1``, ``e2`` (RMS and mean of the unweighted
+        ``min_snr``, with their count, and ``noise_median_abs``: the median
+        that the catalogue's flux errors alone would give, the floor set by
+        the photometric noise), ``e1``, ``e2`` (RMS and mean of the unweighted
         ellipticity difference), ``hsm_e1``, ``hsm_e2`` (same, adaptive
         moments, finite values only) and ``size_percent`` (mean and RMS of
         100 (size / size_true - 1)). Statistics use the matches without a
@@ -1512,7 +1525,10 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         entry = {'flux': {'n': int(ratio.size),
                           'median_abs': float(np.median(np.abs(ratio)))
                           if ratio.size else None,
-                          'median': float(np.median(ratio)) if ratio.size else None}}
+                          'median': float(np.median(ratio)) if ratio.size else None,
+                          'noise_median_abs': _noise_median_abs(
+                              np.asarray(u.Quantity(cat[f'flux_err_{band}']).value)[snr_ok]
+                              / true_flux[snr_ok])}}
         for name in ('e1', 'e2', 'hsm_e1', 'hsm_e2'):
             if f'{name}_true' in tru.colnames:
                 entry[name] = stats(np.asarray(cat[f'{name}_{band}'])[good]

@@ -111,6 +111,8 @@ _SAME_GRID_TOLERANCE = 1e-3
 _DEFAULT_PSF_SIZE = 41
 #: Radius, in adaptive-moment widths, of the window of the centroid.
 _CENTROID_WINDOW = 6.0
+#: Radius in pixels of the centroid window where the adaptive moments fail.
+_FALLBACK_WINDOW = 8.0
 #: Header keyword holding the catalogue's full meta as JSON.
 _META_KEYWORD = 'PSFDMETA'
 #: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
@@ -945,14 +947,15 @@ def _deconvolve_chunk(setup, index, *, batch_size):
     # The light centroid within _CENTROID_WINDOW adaptive-moment widths of
     # the adaptive-moment centroid: the stamp-wide centroid takes in every
     # neighbour and noise peak, and the adaptive one is pulled towards the
-    # peak of an asymmetric galaxy. Unweighted where HSM fails.
+    # peak of an asymmetric galaxy. Where HSM fails, the light centroid in
+    # a window of _FALLBACK_WINDOW pixels around the input position: the
+    # stamp-wide one follows the brightest neighbour.
     hsm_ok = shapes['hsm_status'][:, ref_index] == 0
-    x_stamp, y_stamp = windowed_centroid(
-        images[:, ref_index], shapes['hsm_x'][:, ref_index],
-        shapes['hsm_y'][:, ref_index],
-        _CENTROID_WINDOW * shapes['hsm_sigma'][:, ref_index] / setup.scale)
-    x_stamp = np.where(hsm_ok, x_stamp, moments['x'][:, ref_index])
-    y_stamp = np.where(hsm_ok, y_stamp, moments['y'][:, ref_index])
+    x_start = np.where(hsm_ok, shapes['hsm_x'][:, ref_index], ref_cut['x_stamp'])
+    y_start = np.where(hsm_ok, shapes['hsm_y'][:, ref_index], ref_cut['y_stamp'])
+    radius = np.where(hsm_ok, _CENTROID_WINDOW * shapes['hsm_sigma'][:, ref_index]
+                      / setup.scale, _FALLBACK_WINDOW)
+    x_stamp, y_stamp = windowed_centroid(images[:, ref_index], x_start, y_start, radius)
     fallback = ~(np.isfinite(x_stamp) & np.isfinite(y_stamp))
     flags[fallback] |= FLAG_CENTROID_FALLBACK
     x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)

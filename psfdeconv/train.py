@@ -191,7 +191,9 @@ def split_bands(data):
     ``pixel_scale`` and ``is_blank`` of shape (n,); per-band scalars such
     as ``noise_sigma`` of shape (n, n_bands)). The result has n x n_bands
     objects of one band, object-major (object i band b is row
-    ``i * n_bands + b``), so a split by object stays a split by object.
+    ``i * n_bands + b``), so a split by object stays a split by object;
+    per-band arrays keep a band axis of length 1, as in a 1-band
+    simulation (``noise_sigma`` becomes (n x n_bands, 1)).
 
     Examples
     --------
@@ -208,10 +210,10 @@ def split_bands(data):
         value = np.asarray(value)
         # 'offset' is (n, 2) x/y, not per band, even with two bands.
         if key != 'offset' and value.ndim >= 2 and value.shape[1] == n_bands:
+            # Per-band arrays keep a band axis of length 1: (n, n_bands, ...)
+            # becomes (n * n_bands, 1, ...), as a 1-band simulation has them.
             shape = (value.shape[0] * n_bands, 1) + value.shape[2:]
             out[key] = value.reshape(shape)
-            if value.ndim == 2:
-                out[key] = out[key][:, 0]
         else:
             out[key] = np.repeat(value, n_bands, axis=0)
     return out

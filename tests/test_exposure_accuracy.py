@@ -83,6 +83,7 @@ def test_match_truth_and_accuracy_of_a_perfect_catalog(small_field):
     reverse = galaxies[::-1]
     catalog['flux_corrected_g'] = 1.02 * reverse['flux_g']
     catalog['snr_g'] = np.full(len(galaxies), 100.0)
+    catalog['flux_err_g'] = 0.04 * reverse['flux_g']
     for name in ('e1', 'e2', 'hsm_e1', 'hsm_e2'):
         catalog[f'{name}_g'] = reverse[f'{name}_true'] + 0.01
     catalog['size_g'] = reverse['size_true'] * 1.1
@@ -94,6 +95,9 @@ def test_match_truth_and_accuracy_of_a_perfect_catalog(small_field):
     assert accuracy['n_matched'] == accuracy['n_truth'] == len(galaxies)
     assert accuracy['position_arcsec']['max'] < 1e-6
     assert accuracy['g']['flux']['median'] == pytest.approx(0.02)
+    # Errors of 4 %: the median |dF/F| that noise alone gives is 0.674 x 4 % (its
+    # sampling spread over the few galaxies allows 10 %).
+    assert accuracy['g']['flux']['noise_median_abs'] == pytest.approx(0.6745 * 0.04, rel=0.1)
     assert accuracy['g']['hsm_e1']['mean'] == pytest.approx(0.01)
     assert accuracy['g']['size_percent']['mean'] == pytest.approx(10.0)
     # Moved by 1 arcsec: nothing matches within 0.5 arcsec.

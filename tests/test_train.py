@@ -286,11 +286,11 @@ def test_split_bands_layout():
             'noise_sigma': rng.normal(size=(4, 3))}
     out = split_bands(data)
     assert out['observed'].shape == (12, 1, 8, 8) and out['psf'].shape == (12, 1, 5, 5)
-    assert out['noise_sigma'].shape == (12,)
+    assert out['noise_sigma'].shape == (12, 1)
     # Object i, band b is row 3 i + b, with the object's own scalars.
     assert_array_equal(out['observed'][3 * 2 + 1, 0], data['observed'][2, 1])
     assert_array_equal(out['psf'][3 * 3 + 2, 0], data['psf'][3, 2])
-    assert out['noise_sigma'][3 * 1 + 2] == data['noise_sigma'][1, 2]
+    assert out['noise_sigma'][3 * 1 + 2, 0] == data['noise_sigma'][1, 2]
     assert_array_equal(out['pixel_scale'], np.repeat(data['pixel_scale'], 3))
     assert_array_equal(out['is_blank'], np.repeat(data['is_blank'], 3))
 
@@ -323,7 +323,7 @@ def test_single_band_training_from_a_three_band_simulation(tiny_simulation_path,
     from psfdeconv.evaluate import evaluate_simulation
 
     results = evaluate_simulation(tiny_simulation_path, model=model, n_objects=24,
-                                  baselines=('observed',))
+                                  baselines=('observed', 'wiener'))
     assert results['table1']['n'][0] == 3 * (24 - sims_blanks(tiny_simulation_path, 24))
 
 

@@ -64,13 +64,14 @@ def main(argv=None):
           f"{true['n_unflagged']}; PSFs {epsf['psf_source']}")
     print(f"median position error: {epsf['position_arcsec']['median']:.3f} arcsec (ePSF), "
           f"{true['position_arcsec']['median']:.3f} (true PSF)")
-    print('band  median|dF/F| (SNR>20)  bias      HSM e1 RMS  HSM e2 RMS  (true PSF)'
-          '      ratio e1, e2')
+    print('band  median|dF/F| (SNR>20)  noise floor  bias      HSM e1 RMS  HSM e2 RMS  '
+          '(true PSF)        ratio e1, e2')
     for band in truth.meta['bands']:
         e, t = epsf[band], true[band]
         r1 = e['hsm_e1']['rms'] / t['hsm_e1']['rms']
         r2 = e['hsm_e2']['rms'] / t['hsm_e2']['rms']
         print(f"{band:4s}  {e['flux']['median_abs']:.4f} (n={e['flux']['n']:3d})     "
+              f"{e['flux']['noise_median_abs']:.4f}       "
               f"{e['flux']['median']:+.4f}   {e['hsm_e1']['rms']:.4f}      "
               f"{e['hsm_e2']['rms']:.4f}      ({t['hsm_e1']['rms']:.4f}, "
               f"{t['hsm_e2']['rms']:.4f})  {r1:.2f}, {r2:.2f}")
