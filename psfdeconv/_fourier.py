@@ -38,8 +38,15 @@ def kernel_fft(kernels, fft_shape):
     ky, kx = kernels.shape[-2:]
     padded = np.zeros(kernels.shape[:-2] + tuple(fft_shape),
                       dtype=np.result_type(kernels.dtype, np.float32))
-    padded[..., :ky, :kx] = kernels
-    padded = np.roll(padded, (-(ky // 2), -(kx // 2)), axis=(-2, -1))
+    # The four quadrants around the centre go to the four corners: the
+    # same as placing the kernel at [:ky, :kx] and rolling it by its centre,
+    # without the roll's copy of the whole padded stack.
+    fy, fx = padded.shape[-2:]
+    cy, cx = ky // 2, kx // 2
+    padded[..., :ky - cy, :kx - cx] = kernels[..., cy:, cx:]
+    padded[..., :ky - cy, fx - cx:] = kernels[..., cy:, :cx]
+    padded[..., fy - cy:, :kx - cx] = kernels[..., :cy, cx:]
+    padded[..., fy - cy:, fx - cx:] = kernels[..., :cy, :cx]
     return scipy.fft.rfft2(padded, axes=(-2, -1), workers=-1)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .exceptions import ConfigError, InvalidInputError
+from .deconvolve import OUTPUT_FLOORS
 from .features import KINDS, _check_kinds, make_cube
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
@@ -78,9 +79,9 @@ class TrainConfig:
     features: dict = dataclasses.field(default_factory=dict)
     #: Targets are truth / (target_headroom x the inputs' scale).
     target_headroom: float = DEFAULT_TARGET_HEADROOM
-    #: Post-processing of the network output recorded in the card: None, or
-    #: 'median' to remove the softplus floor before the amplitude refit
-    #: (see `~psfdeconv.deconvolve.deconvolve_stamps`).
+    #: Post-processing of the network output recorded in the card: None,
+    #: 'median' or 'outer', how the softplus floor is removed before the
+    #: amplitude refit (`~psfdeconv.deconvolve.remove_output_floor`).
     output_floor: str = None
     #: Train a single-band model: every band of every simulated object
     #: becomes a 1-band object of its own (`split_bands`).
@@ -111,8 +112,8 @@ class TrainConfig:
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f'validation_fraction must be in (0, 1), got '
                               f'{self.validation_fraction}.')
-        if self.output_floor not in (None, 'median'):
-            raise ConfigError(f"output_floor must be None or 'median', got "
+        if self.output_floor not in OUTPUT_FLOORS:
+            raise ConfigError(f"output_floor must be one of {OUTPUT_FLOORS}, got "
                               f"{self.output_floor!r}.")
         if not self.target_headroom >= 1:
             raise ConfigError(f'target_headroom must be >= 1, got '

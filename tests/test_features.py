@@ -236,3 +236,18 @@ def test_pixel_scale_broadcast_per_object():
     assert_array_equal(per_object[0], first[0])
     assert_array_equal(per_object[1], second[1])
     assert not np.allclose(first[1], second[1])
+
+
+@pytest.mark.parametrize('kernel_size', [1, 3, 7])
+def test_kernel_fft_puts_the_centre_at_the_origin(kernel_size):
+    # The reference: the kernel at [:k, :k] rolled by its centre (ifftshift-like).
+    import scipy.fft
+
+    rng = np.random.default_rng(kernel_size)
+    kernels = rng.normal(size=(2, 3, kernel_size, kernel_size))
+    for fft_shape in [(12, 12), (15, 10)]:
+        padded = np.zeros((2, 3) + fft_shape)
+        padded[..., :kernel_size, :kernel_size] = kernels
+        padded = np.roll(padded, (-(kernel_size // 2), -(kernel_size // 2)), axis=(-2, -1))
+        np.testing.assert_allclose(kernel_fft(kernels, fft_shape),
+                                   scipy.fft.rfft2(padded, axes=(-2, -1)), atol=1e-12)
