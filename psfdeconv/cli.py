@@ -60,12 +60,9 @@ def _cmd_simulate(args):
 
 
 def _cmd_train(args):
-    import numpy as np
-
     from .deconvolve import calibrate_flux_bias
     from .model import DeconvolutionModel, save_model
-    from .simulate import SimulationFile
-    from .train import TrainConfig, _load_split, split_indices, train_model
+    from .train import TrainConfig, train_model, validation_objects
 
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ('epochs', 'batch_size', 'seed', 'max_minutes',
@@ -94,13 +91,7 @@ def _cmd_train(args):
     model = DeconvolutionModel(keras_model, card)
     # The flux-bias correction and the card's metrics come from the
     # validation objects, which the weights never trained on.
-    with SimulationFile(args.sims) as sims:
-        _, val_idx = split_indices(len(sims),
-                                   validation_fraction=config.validation_fraction,
-                                   seed=config.seed)
-        val = _load_split(sims, val_idx, ('observed', 'psf', 'pixel_scale',
-                                          'truth', 'is_blank'),
-                          single_band=config.split_bands)
+    val = validation_objects(args.sims, config)
     card['flux_bias'] = calibrate_flux_bias(
         model, val['observed'], val['psf'], val['pixel_scale'], val['truth'])
     card['metrics'] = _validation_metrics(model, val)
@@ -108,7 +99,7 @@ def _cmd_train(args):
         'pixel_scale_range']
     card['psf_fwhm_range_arcsec'] = card['training']['simulation_config'][
         'psf_fwhm_range']
-    card['n_validation_objects'] = int(np.size(val_idx))
+    card['n_validation_objects'] = card['training']['n_validation']
     card = save_model(keras_model, model_path, card,
                       overwrite=args.overwrite)
     log.info('wrote %s (weights SHA-256 %s)', model_path,

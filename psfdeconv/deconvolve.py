@@ -132,12 +132,9 @@ def normalize_psfs(psfs):
 
 
 def _pixel_scale_array(pixel_scale, n):
-    from astropy import units as u
+    from .measure import _pixel_scale_arcsec
 
-    if isinstance(pixel_scale, u.Quantity):
-        pixel_scale = pixel_scale.to_value(
-            u.arcsec / u.pix, equivalencies=[(u.arcsec, u.arcsec / u.pix)])
-    scale = np.asarray(pixel_scale, dtype=np.float64)
+    scale = _pixel_scale_arcsec(pixel_scale)
     if scale.ndim == 0:
         scale = np.full(n, float(scale))
     if scale.shape != (n,):

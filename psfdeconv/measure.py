@@ -80,10 +80,12 @@ def _as_image_array(images, name, *, min_ndim=2):
     return array, unit
 
 
-def _pixel_scale_value(pixel_scale, leading_shape, name='pixel_scale'):
-    """Pixel scale in arcsec/pixel as floats broadcast to ``leading_shape``.
+def _pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
+    """Pixel scales as a float array in arcsec/pixel (no shape checks).
 
-    Accepts floats (arcsec/pixel) or a Quantity in angle/pixel or angle.
+    Accepts floats (arcsec/pixel) or a Quantity in angle/pixel or angle;
+    anything else is a `~psfdeconv.exceptions.PixelScaleError` naming the
+    value and the units to use.
     """
     if isinstance(pixel_scale, u.Quantity):
         try:
@@ -97,13 +99,21 @@ def _pixel_scale_value(pixel_scale, leading_shape, name='pixel_scale'):
                        f'a plain float in arcsec/pixel.')
                 raise PixelScaleError(msg) from exc
     else:
-        try:
-            value = np.asarray(pixel_scale, dtype=float)
-        except (TypeError, ValueError) as exc:
-            msg = (f'{name} must be a number in arcsec/pixel, got '
-                   f'{pixel_scale!r}.')
-            raise PixelScaleError(msg) from exc
-    value = np.asarray(value, dtype=float)
+        value = pixel_scale
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as exc:
+        msg = (f'{name} must be a number in arcsec/pixel, got '
+               f'{pixel_scale!r}.')
+        raise PixelScaleError(msg) from exc
+
+
+def _pixel_scale_value(pixel_scale, leading_shape, name='pixel_scale'):
+    """Pixel scale in arcsec/pixel as floats broadcast to ``leading_shape``.
+
+    Accepts floats (arcsec/pixel) or a Quantity in angle/pixel or angle.
+    """
+    value = _pixel_scale_arcsec(pixel_scale, name)
     if not np.all(np.isfinite(value) & (value > 0)):
         msg = (f'{name} must be positive and finite (arcsec/pixel), got '
                f'{pixel_scale!r}.')

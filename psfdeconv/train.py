@@ -33,7 +33,7 @@ from .deconvolve import OUTPUT_FLOORS
 from .features import KINDS, _check_kinds, make_cube
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
-           'split_bands', 'augment_batch', 'build_cache']
+           'split_bands', 'augment_batch', 'build_cache', 'validation_objects']
 
 #: Targets are the truth over this many times the inputs' scale (see
 #: `scaled_batch`).
@@ -233,6 +233,29 @@ def _load_split(sims, indices, fields=('observed', 'psf', 'pixel_scale',
                                        'truth'), *, single_band=False):
     data = {key: _take(sims[key], indices) for key in fields}
     return split_bands(data) if single_band else data
+
+
+def validation_objects(simulation_path, config, fields=(
+        'observed', 'psf', 'pixel_scale', 'truth', 'is_blank')):
+    """The validation objects of a training run on a simulation file.
+
+    The same seeded split as `train_model` (and, with
+    ``config.split_bands``, the same 1-band objects), so the weights never
+    trained on them: ``psfdeconv train`` calibrates the flux-bias
+    correction and measures the card's metrics on them.
+
+    Returns
+    -------
+    dict
+        ``fields`` of the validation objects, arrays in memory.
+    """
+    from .simulate import SimulationFile
+
+    with SimulationFile(simulation_path) as sims:
+        _, val_idx = split_indices(len(sims),
+                                   validation_fraction=config.validation_fraction,
+                                   seed=config.seed)
+        return _load_split(sims, val_idx, fields, single_band=config.split_bands)
 
 
 def augment_batch(cube, target, transform):

@@ -200,6 +200,15 @@ def test_bad_pixel_scale(valid_inputs, pixel_scale):
     check_error(PixelScaleError, 'positive and finite', stamps, psfs, pixel_scale)
 
 
+@pytest.mark.parametrize('pixel_scale, message', [
+    (0.2 * u.m, r'has unit m; give it in arcsec/pixel'),
+    ('fine', r"must be a number in arcsec/pixel, got 'fine'")])
+def test_pixel_scale_of_wrong_kind(valid_inputs, pixel_scale, message):
+    # The same conversion and messages as the measurements (measure._pixel_scale_arcsec).
+    stamps, psfs = valid_inputs
+    check_error(PixelScaleError, message, stamps, psfs, pixel_scale)
+
+
 def test_pixel_scale_of_wrong_shape(valid_inputs):
     stamps, psfs = valid_inputs
     check_error(ShapeMismatchError, r'pixel_scale must be a scalar or have shape \(2,\)',

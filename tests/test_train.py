@@ -422,3 +422,18 @@ def test_cached_augmented_training_runs_and_is_recorded(tiny_simulation_path, tm
     assert training['keras_backend'] == 'tensorflow'
     assert training['compute_device'] == 'cpu'
     assert np.isfinite(training['best_val_loss'])
+
+
+def test_validation_objects_are_the_runs_held_out_split(tiny_simulation_path,
+                                                        make_tiny_train_config):
+    from psfdeconv.simulate import read_simulation
+    from psfdeconv.train import validation_objects
+
+    config = make_tiny_train_config()
+    val = validation_objects(tiny_simulation_path, config)
+    sims = read_simulation(tiny_simulation_path)
+    _, val_idx = split_indices(160, validation_fraction=config.validation_fraction,
+                               seed=config.seed)
+    assert_array_equal(val['observed'], sims['observed'][val_idx])
+    single = validation_objects(tiny_simulation_path, make_tiny_train_config(split_bands=True))
+    assert single['observed'].shape == (3 * len(val_idx), 1, 64, 64)
