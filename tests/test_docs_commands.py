@@ -28,7 +28,7 @@ def console_commands(path):
     lines = path.read_text().splitlines()
     i = 0
     while i < len(lines):
-        match = re.match(r'\s+\$ (psfdeconv .*)', lines[i])
+        match = re.match(r'\s+\$ (?:[A-Z_]+=\S+ )*(psfdeconv .*)', lines[i])
         i += 1
         if not match:
             continue
@@ -87,3 +87,24 @@ def test_tutorial_command(command, output, tmp_path, monkeypatch, capsys):
     else:
         out_dir = Path(argv[argv.index('--out') + 1])
         assert (out_dir / 'catalog.fits').stat().st_size > 0
+
+
+ALL_COMMANDS = [(path.name, command) for path in sorted((REPO / 'docs').glob('*.rst'))
+                for command, _ in console_commands(path)]
+
+
+def test_the_docs_show_commands():
+    assert len(ALL_COMMANDS) >= 15
+
+
+@pytest.mark.parametrize('page, command', ALL_COMMANDS,
+                         ids=[f'{page}: {command}' for page, command in ALL_COMMANDS])
+def test_every_documented_command_parses(page, command):
+    # The other pages' commands train or simulate for minutes to hours on the reader's data:
+    # they are parsed (every option exists, every value has the right type), and the
+    # commands themselves are tested at small sizes in test_cli.py.
+    try:
+        _parser().parse_args(shlex.split(command)[1:])
+    except SystemExit as exc:  # argparse's way of refusing (or of ending --help: 0)
+        if exc.code != 0:
+            pytest.fail(f'{page}: `{command}` does not parse (exit {exc.code})')
