@@ -31,6 +31,11 @@ log = logging.getLogger('psfdeconv')
 EXAMPLE_STAMPS = Path(__file__).parent / 'data' / 'example_stamps.h5'
 
 
+def _plural(count, noun):
+    """'1 band', '3 bands'."""
+    return f'{count} {noun}' + ('' if count == 1 else 's')
+
+
 def _progress_wanted(args, stream=None):
     """Whether to draw progress bars on ``stream`` (default standard error).
 
@@ -188,7 +193,7 @@ def _cmd_deconvolve(args):
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
         model=model, return_details=True, strict=args.strict)
     n = len(images)
-    print(f'deconvolved {n} stamps of {images.shape[1]} bands with '
+    print(f'deconvolved {n} stamps of {_plural(images.shape[1], "band")} with '
           f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
     if 'truth' in sims:
         _print_truth_comparison(sims, images)
@@ -469,10 +474,11 @@ def _cmd_run(args):
         overwrite=args.overwrite, strict=args.strict)
     n_flagged = int((catalog['flags'] != 0).sum())
     model = catalog.meta['model']
-    print(f'deconvolved {len(catalog)} sources in {len(exposures)} bands '
+    n_bands = len(exposures)
+    print(f'deconvolved {len(catalog)} sources in {_plural(n_bands, "band")} '
           f'({n_flagged} flagged) with {Path(str(model["path"])).name} (weights '
           f'SHA-256 {str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
-          f'{paths["stamps"]} and {len(exposures)} PSF files')
+          f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')
     if args.plots:
         from .pipeline import read_stamps
         from .plotting import write_run_plots

@@ -196,12 +196,14 @@ def test_run_strict_refuses_an_untrained_pixel_scale(tmp_path, capsys):
     assert len(catalog) and (np.asarray(catalog['flags']) & FLAG_OUTSIDE_TRAINING).all()
 
 
-def test_run_one_band_picks_the_single_band_model(tmp_path):
+def test_run_one_band_picks_the_single_band_model(tmp_path, capsys):
     from psfdeconv.model import DEFAULT_MODELS
 
     out = tmp_path / 'r_only'
     assert main(['run', '--band', f'r={EXAMPLE_EXPOSURES / "r.fits.gz"}', '--psf',
                  'moffat:fwhm=0.8arcsec,beta=3.5', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ' in 1 band (' in printed and printed.rstrip().endswith('and 1 PSF file')
     catalog = read_catalog(out / 'catalog.fits')
     assert catalog.meta['bands'] == ['r']
     assert catalog.meta['model']['name'] == DEFAULT_MODELS[1]
