@@ -564,9 +564,9 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             # Where the epochs ran (recorded in the state by the run that
             # trained; a finished run may be finalised elsewhere).
             'keras_backend': callback.state.get('keras_backend',
-                                                keras.backend.backend()),
+                                                callback.where['keras_backend']),
             'compute_device': callback.state.get('compute_device',
-                                                 _compute_device(keras)),
+                                                 callback.where['compute_device']),
             'initial_weights_sha256': (
                 None if config.initial_weights is None else
                 file_sha256(config.initial_weights)),
@@ -640,7 +640,10 @@ class _Checkpointer:
     """Per-epoch checkpoint, best-model tracking, patience and time budget."""
 
     def __init__(self, keras, out_dir, state, config):
-        self.keras = keras
+        # Where this run's epochs execute, recorded in the state with each
+        # epoch (queried once: the device does not change within a run).
+        self.where = {'keras_backend': keras.backend.backend(),
+                      'compute_device': _compute_device(keras)}
         self.out_dir = out_dir
         self.state = state
         self.config = config
@@ -685,8 +688,7 @@ class _Checkpointer:
     def epoch_end(self, model, epoch, logs):
         state = self.state
         val_loss = logs.get('val_loss')
-        state['keras_backend'] = self.keras.backend.backend()
-        state['compute_device'] = _compute_device(self.keras)
+        state.update(self.where)
         state['epoch'] = epoch + 1
         state['elapsed_seconds'] = self.elapsed()
         state['history'].append({
