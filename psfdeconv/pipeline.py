@@ -671,9 +671,10 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     -------
     catalog : `~astropy.table.QTable`
         One row per source, in the order of ``positions``: ``id``,
-        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the
-        adaptive-moment centroid of the reference band's deconvolved image,
-        the unweighted centroid where HSM fails), ``x``, ``y`` (that centroid
+        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the light
+        centroid of the reference band's deconvolved image in a window
+        around its adaptive-moment centroid, or around the input position
+        where HSM fails), ``x``, ``y`` (that centroid
         in reference-band pixels), ``x_input``, ``y_input`` (the given or
         detected position), ``flags`` (see the module docstring), and per
         band ``flux_<band>``, ``flux_err_<band>``, ``flux_corrected_<band>``
@@ -969,8 +970,9 @@ def _deconvolve_chunk(setup, index, *, batch_size):
         ('id', np.asarray(ids), 'Source identifier (the input id or detection label)'),
         # (lon, lat) in degrees: the SkyCoord is made once, by _catalog_table.
         ('sky_centroid', (lon, lat),
-         f'Adaptive-moment (HSM) centroid of the deconvolved {reference_band} '
-         f'image (unweighted where HSM fails)'),
+         f'Light centroid of the deconvolved {reference_band} image in a '
+         f'window around its HSM centroid (around the input position where '
+         f'HSM fails)'),
         ('x', (ref_cut['origin'][:, 0] + x_stamp) * u.pix,
          f'Column of the deconvolved {reference_band} centroid in the '
          f'{reference_band} exposure, 0-based'),
