@@ -268,7 +268,8 @@ _SUMMARY_COLUMNS = {
     'status': (str, None, 'ok (done in this run), skipped (done by an earlier run), '
                           'failed, or pending (not finished yet)'),
     'n_sources': (int, None, 'Rows of the group\'s catalog.fits (-1: none written)'),
-    'n_flagged': (int, None, 'Rows with any flag set (-1: none written)'),
+    'n_flagged': (int, None, 'Rows with any flag set but NEIGHBOURS (-1: none '
+                             'written)'),
     'seconds': (float, 's', 'Wall-clock time of the group on its worker'),
     'error': (str, None, 'The error of a failed group (type: message)'),
     'worker': (str, None, 'host:pid of the process that ran the group'),
@@ -500,8 +501,10 @@ def _run_group(group, out_dir, model_ref, options):
     raises, the summary row says what happened."""
     import socket
 
+    import numpy as np
+
     from .io import atomic_path
-    from .pipeline import run_exposure_set
+    from .pipeline import FLAG_NEIGHBOURS, run_exposure_set
 
     start = time.perf_counter()
     row = _row(group['id'], worker=f'{socket.gethostname()}:{os.getpid()}')
@@ -514,7 +517,8 @@ def _run_group(group, out_dir, model_ref, options):
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'])
         row.update(status='ok', n_sources=len(catalog),
-                   n_flagged=int((catalog['flags'] != 0).sum()),
+                   n_flagged=int(((np.asarray(catalog['flags'])
+                                   & ~FLAG_NEIGHBOURS) != 0).sum()),
                    seconds=time.perf_counter() - start, finished=_utc_now())
         marker = dict(row, weights_sha256=model.sha256)
         # Last, and atomically: the group is finished exactly when this exists.

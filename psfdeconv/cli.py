@@ -443,9 +443,11 @@ def _cmd_info(args):
 
 def _cmd_run(args):
     """Deconvolve the galaxies of one set of multi-band exposures."""
+    import numpy as np
+
     from .exceptions import ConfigError
     from .io import example_exposures
-    from .pipeline import run_exposure_set
+    from .pipeline import FLAG_NEIGHBOURS, run_exposure_set
 
     if args.example:
         if args.band or args.catalog:
@@ -471,13 +473,18 @@ def _cmd_run(args):
     catalog, paths = run_exposure_set(
         exposures, args.out, args.catalog, args.psf, model=args.model,
         reference_band=args.reference_band, batch_size=args.batch_size,
-        overwrite=args.overwrite, strict=args.strict)
-    n_flagged = int((catalog['flags'] != 0).sum())
+        overwrite=args.overwrite, strict=args.strict,
+        neighbours='keep' if args.keep_neighbours else 'replace')
+    flags = np.asarray(catalog['flags'])
+    # NEIGHBOURS is informational: those measurements are the better ones.
+    n_flagged = int(((flags & ~FLAG_NEIGHBOURS) != 0).sum())
+    n_neighbours = int(((flags & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
     n_bands = len(exposures)
     print(f'deconvolved {len(catalog)} sources in {_plural(n_bands, "band")} '
-          f'({n_flagged} flagged) with {Path(str(model["path"])).name} (weights '
-          f'SHA-256 {str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
+          f'({n_flagged} flagged; neighbours replaced in {n_neighbours}) with '
+          f'{Path(str(model["path"])).name} (weights SHA-256 '
+          f'{str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
           f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')
     if args.plots:
         from .pipeline import read_stamps
@@ -722,6 +729,10 @@ def _parser():
     p.add_argument('--strict', action='store_true',
                    help='refuse (exit 3) exposures whose pixel scale or PSF the model '
                         'was not trained on, instead of warning and flagging them')
+    p.add_argument('--keep-neighbours', action='store_true',
+                   help='deconvolve the stamps as cut; by default the pixels of other '
+                        'sources in a stamp are replaced by noise (flag NEIGHBOURS) '
+                        'so that their light does not enter the flux and shape')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 

@@ -19,8 +19,9 @@ per band of the same field):
    (`psfdeconv.cutouts.resample_psf`);
 6. stamps of the model's size around each source in every band
    (`psfdeconv.cutouts.make_cutouts`; masked and off-image pixels are 0 and
-   flagged) and the PSF of each source rendered at its position
-   (`psfdeconv.psf.render_psf`);
+   flagged), the pixels of other sources replaced by noise
+   (`neighbour_segments`, `replace_neighbours`), and the PSF of each source
+   rendered at its position (`psfdeconv.psf.render_psf`);
 7. deconvolution with the amplitude refit and flux-bias correction
    (`psfdeconv.deconvolve.deconvolve_stamps`);
 8. measurements of the deconvolved images (`psfdeconv.measure`).
@@ -34,8 +35,8 @@ It returns a `~astropy.table.QTable` with one row per source and a list of
 `psfdeconv.cutouts` (`~psfdeconv.cutouts.FLAG_EDGE` 1,
 `~psfdeconv.cutouts.FLAG_MASKED` 2, `~psfdeconv.cutouts.FLAG_OFF_IMAGE` 4,
 each set when it holds in any band), `FLAG_HSM_FAILED` (8),
-`FLAG_PSF_EXTRAPOLATED` (16), `FLAG_CENTROID_FALLBACK` (32) and
-`FLAG_OUTSIDE_TRAINING` (64).
+`FLAG_PSF_EXTRAPOLATED` (16), `FLAG_CENTROID_FALLBACK` (32),
+`FLAG_OUTSIDE_TRAINING` (64) and `FLAG_NEIGHBOURS` (128).
 """
 
 import contextlib
@@ -58,9 +59,12 @@ __all__ = [
     'FLAG_PSF_EXTRAPOLATED',
     'FLAG_CENTROID_FALLBACK',
     'FLAG_OUTSIDE_TRAINING',
+    'FLAG_NEIGHBOURS',
     'FLAGS',
     'deconvolve_catalog',
     'detect_galaxies',
+    'neighbour_segments',
+    'replace_neighbours',
     'build_psfs',
     'run_exposure_set',
     'read_positions',
@@ -84,6 +88,10 @@ FLAG_CENTROID_FALLBACK = 32
 #: trained on (`psfdeconv.deconvolve.outside_training_range`): its
 #: measurements are extrapolations.
 FLAG_OUTSIDE_TRAINING = 64
+#: Pixels of other sources (their detection segments, dilated) lay in the
+#: stamp and were replaced by noise before deconvolution
+#: (`replace_neighbours`); informational, the measurement is usable.
+FLAG_NEIGHBOURS = 128
 
 #: Every flag bit with its name, as recorded in the catalogue's meta.
 FLAGS = {
@@ -94,6 +102,7 @@ FLAGS = {
     'PSF_EXTRAPOLATED': FLAG_PSF_EXTRAPOLATED,
     'CENTROID_FALLBACK': FLAG_CENTROID_FALLBACK,
     'OUTSIDE_TRAINING': FLAG_OUTSIDE_TRAINING,
+    'NEIGHBOURS': FLAG_NEIGHBOURS,
 }
 
 #: Detection threshold (background sigma) and minimum connected pixels of
@@ -527,6 +536,197 @@ def _stamp_psfs(model, x, y, *, psf_size, aligned_meta):
     return out
 
 
+# --- Neighbours -----------------------------------------------------------------------
+
+#: Detection threshold (sigma of the bands' combined signal-to-noise image),
+#: minimum connected pixels and dilation (pixels) of the segments whose pixels
+#: `replace_neighbours` replaces: 2 sigma reaches into the wings, and the
+#: dilation takes the faint rim beyond it.
+_NEIGHBOUR_SIGMA = 2.0
+_NEIGHBOUR_NPIXELS = 5
+_NEIGHBOUR_DILATION = 2
+#: A source without a segment at its own pixel takes the largest segment
+#: within this many pixels of it (catalogue positions need not fall on the
+#: detection's peak).
+_TARGET_RADIUS = 3
+#: Seed of the replacement noise (combined with each source's index).
+_NEIGHBOUR_SEED = 20231030
+#: The ``neighbours`` options of `deconvolve_catalog`.
+NEIGHBOUR_OPTIONS = ('replace', 'keep')
+
+
+def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
+                       n_pixels=_NEIGHBOUR_NPIXELS):
+    """Segmentation map of the sources in aligned, background-subtracted bands.
+
+    The bands are combined into one signal-to-noise image (each divided by
+    its sigma-clipped standard deviation, summed over the bands valid at a
+    pixel, divided by the square root of their number) and segmented with
+    `~photutils.segmentation.detect_sources`, so that a neighbour bright in
+    any band is found. Touching sources are not deblended: the watershed
+    splits galaxies with bright knots into pieces, and a piece of the
+    source itself replaced by noise costs more than a touching neighbour
+    kept (on the bundled example, deblending took 10-27 % of the flux of
+    three knotty galaxies and doubled the ellipticity errors).
+
+    Parameters
+    ----------
+    images : sequence of `~numpy.ndarray`
+        The bands on one pixel grid, background subtracted, shape (ny, nx)
+        each.
+    masks : sequence of `~numpy.ndarray` or None, optional
+        True on bad pixels, one per band (or None entries).
+    threshold_sigma : float, optional
+        Detection threshold in units of the combined image's noise.
+    n_pixels : int, optional
+        Minimum connected pixels of a segment.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        int32 labels, shape (ny, nx); 0 where there is no source.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.pipeline import neighbour_segments
+    >>> rng = np.random.default_rng(0)
+    >>> yy, xx = np.mgrid[:64, :64]
+    >>> image = rng.normal(0, 1, (64, 64)) + 50 * np.exp(
+    ...     -((xx - 20)**2 + (yy - 20)**2) / 8) + 50 * np.exp(
+    ...     -((xx - 45)**2 + (yy - 40)**2) / 8)
+    >>> labels = neighbour_segments([image])
+    >>> int(labels.max()), labels[20, 20] != labels[40, 45]
+    (2, np.True_)
+    """
+    from astropy.stats import sigma_clipped_stats
+    from photutils.segmentation import detect_sources
+    from photutils.utils.exceptions import NoDetectionsWarning
+
+    images = [np.asarray(image, dtype=float) for image in images]
+    if masks is None:
+        masks = [None] * len(images)
+    combined = np.zeros(images[0].shape)
+    count = np.zeros(images[0].shape, dtype=int)
+    for image, mask in zip(images, masks, strict=True):
+        valid = np.isfinite(image)
+        if mask is not None:
+            valid &= ~np.asarray(mask, dtype=bool)
+        if not valid.any():
+            continue
+        _, _, std = sigma_clipped_stats(image, mask=~valid, sigma=3.0)
+        if std > 0:
+            combined += np.where(valid, image, 0.0) / std
+            count += valid
+    # Each pixel's sum of unit-noise images over the bands valid there.
+    bad = count == 0
+    if bad.all():
+        return np.zeros(combined.shape, dtype=np.int32)
+    combined /= np.sqrt(np.maximum(count, 1))
+    with warnings.catch_warnings():
+        # An empty field is an answer here (no neighbours), not a problem.
+        warnings.simplefilter('ignore', NoDetectionsWarning)
+        segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels, mask=bad)
+    if segments is None:
+        return np.zeros(combined.shape, dtype=np.int32)
+    return segments.data.astype(np.int32)
+
+
+def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None,
+                       dilation=_NEIGHBOUR_DILATION, seed=_NEIGHBOUR_SEED):
+    """Replace the pixels of other sources in stamps by Gaussian noise.
+
+    The source's own segment is the one at its pixel (or the largest within
+    3 pixels of it); every other segment of the stamp, dilated by
+    ``dilation`` pixels but never into the source's own segment, is a
+    neighbour. Its pixels become draws of N(0, ``noise_sigma``), seeded by
+    the source's ``index`` so that a source gets the same stamps whatever
+    else is processed with it. Without this, a neighbour's light is
+    deconvolved with the source and counted in its flux (1-2 % on the
+    simulated exposures of `psfdeconv.simulate.simulate_exposure`).
+
+    Parameters
+    ----------
+    stamps : `~numpy.ndarray`
+        Background-subtracted stamps, shape (n, n_bands, ny, nx).
+    segments : `~numpy.ndarray`
+        Segment labels cut like the stamps, shape (n, ny, nx).
+    x, y : `~numpy.ndarray`
+        The sources' positions in the stamps (pixels, 0-based), shape (n,).
+    noise_sigma : `~numpy.ndarray`
+        Per-pixel noise standard deviation, shape (n, n_bands); non-finite
+        entries leave that stamp unchanged.
+    index : `~numpy.ndarray`
+        Integer identity of each source (e.g. its row), shape (n,).
+    masks : `~numpy.ndarray`, optional
+        True on bad pixels, shape of ``stamps``; left unchanged.
+    dilation : int, optional
+        Pixels by which neighbour segments grow.
+    seed : int, optional
+        Seed of the noise, combined with ``index``.
+
+    Returns
+    -------
+    stamps : `~numpy.ndarray`
+        A copy with the neighbours' pixels replaced.
+    neighbour : `~numpy.ndarray`
+        bool (n, ny, nx), the replaced pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.pipeline import replace_neighbours
+    >>> stamps = np.zeros((1, 1, 16, 16))
+    >>> stamps[0, 0, 6:10, 6:10] = 10.0    # the source
+    >>> stamps[0, 0, 0:3, 12:15] = 50.0    # a neighbour
+    >>> segments = np.zeros((1, 16, 16), dtype=int)
+    >>> segments[0, 6:10, 6:10] = 1
+    >>> segments[0, 0:3, 12:15] = 2
+    >>> out, replaced = replace_neighbours(stamps, segments, np.array([7.5]),
+    ...                                    np.array([7.5]), np.array([[1.0]]),
+    ...                                    index=np.array([0]), dilation=1)
+    >>> bool(out[0, 0, 6:10, 6:10].sum() == 160), float(abs(out[0, 0, 1, 13])) < 10
+    (True, True)
+    >>> int(replaced.sum())  # the 3x3 neighbour grown by one pixel, cut by the edge
+    18
+    """
+    from scipy import ndimage
+
+    stamps = np.array(stamps, dtype=float)
+    segments = np.asarray(segments)
+    n, n_bands, ny, nx = stamps.shape
+    noise_sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (n, n_bands))
+    yy, xx = np.mgrid[:ny, :nx]
+    structure = np.hypot(*np.mgrid[-dilation:dilation + 1, -dilation:dilation + 1]) \
+        <= dilation if dilation > 0 else None
+    neighbour = np.zeros((n, ny, nx), dtype=bool)
+    for i in range(n):
+        labels = segments[i]
+        if not labels.any():
+            continue
+        with np.errstate(invalid='ignore'):
+            near = np.hypot(xx - x[i], yy - y[i]) <= _TARGET_RADIUS
+        cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
+        target = labels[cy, cx] if 0 <= cy < ny and 0 <= cx < nx else 0
+        if target == 0 and (labels[near] > 0).any():
+            found, counts = np.unique(labels[near][labels[near] > 0], return_counts=True)
+            target = found[np.argmax(counts)]
+        others = (labels > 0) & (labels != target)
+        if not others.any():
+            continue
+        if structure is not None:
+            others = ndimage.binary_dilation(others, structure=structure)
+        if target:
+            others &= labels != target
+        neighbour[i] = others
+        rng = np.random.default_rng([seed, int(index[i])])
+        for b in range(n_bands):
+            replace = others if masks is None else others & ~masks[i, b]
+            if np.isfinite(noise_sigma[i, b]) and noise_sigma[i, b] > 0:
+                stamps[i, b][replace] = rng.normal(0.0, noise_sigma[i, b], replace.sum())
+    return stamps, neighbour
+
+
 # --- Background and alignment ---------------------------------------------------------
 
 def _subtract_background(exposure):
@@ -607,8 +807,8 @@ def _stamp_mad(stamps, mask):
 
 def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
                        reference_band=None, psf_size=None, subtract_background=True,
-                       epsf_options=None, detect_options=None, batch_size=128,
-                       chunk_size=_CHUNK_SIZE, strict=False):
+                       epsf_options=None, detect_options=None, neighbours='replace',
+                       batch_size=128, chunk_size=_CHUNK_SIZE, strict=False):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -653,6 +853,13 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``{'maxiters': 5}``).
     detect_options : dict, optional
         Keyword arguments of `detect_galaxies`.
+    neighbours : {'replace', 'keep'}, optional
+        'replace' (default): the pixels of other sources in each stamp
+        (segments of the bands' combined signal-to-noise image,
+        `neighbour_segments`) are replaced by noise before deconvolution
+        (`replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
+        not counted in the source's flux and shape. 'keep' deconvolves the
+        stamps as cut.
     batch_size : int, optional
         Objects per network call.
     chunk_size : int, optional
@@ -691,7 +898,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``weights_sha256``), ``psfdeconv_version``, ``inputs`` (paths),
         ``positions``, ``pixel_scale`` (arcsec/pixel), ``stamp_size``,
         ``psf_size``, ``reprojected`` and ``noise_source`` (per band),
-        ``background_subtracted`` and ``flag_bits``.
+        ``background_subtracted``, ``neighbours`` and ``flag_bits``.
     stamps : list of `~astropy.nddata.NDData`
         Per source, the deconvolved images: ``data`` (n_bands, size, size) in
         the exposures' unit, ``wcs`` the stamp's celestial WCS (pixel (0, 0)
@@ -726,7 +933,8 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
                            reference_band=reference_band, psf_size=psf_size,
                            subtract_background=subtract_background,
-                           epsf_options=epsf_options, detect_options=detect_options)
+                           epsf_options=epsf_options, detect_options=detect_options,
+                           neighbours=neighbours)
     _check_strict(setup, strict)
     parts, nddata = [], []
     for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
@@ -748,7 +956,8 @@ def _check_strict(setup, strict):
 
 
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
-                   subtract_background, epsf_options, detect_options):
+                   subtract_background, epsf_options, detect_options,
+                   neighbours='replace'):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
     subtracted, aligned bands (a namespace)."""
@@ -793,6 +1002,16 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     else:
         work = exposures
     aligned, reprojected = _align(work, reference_band)
+    if neighbours not in NEIGHBOUR_OPTIONS:
+        raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
+                                f'{NEIGHBOUR_OPTIONS}.')
+    segments = None
+    if neighbours == 'replace':
+        from astropy.nddata import NDData
+
+        labels = neighbour_segments([aligned[band].data for band in bands],
+                                    masks=[aligned[band].mask for band in bands])
+        segments = NDData(labels.astype(float), wcs=aligned[reference_band].wcs)
 
     # Every band is on the reference grid now, so a source is off the image
     # in all bands or in none. make_cutouts refuses a call whose positions
@@ -832,6 +1051,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'reprojected': reprojected,
         'noise_source': noise_source,
         'background_subtracted': bool(subtract_background),
+        'neighbours': neighbours,
         'flag_bits': dict(FLAGS),
     }
     return types.SimpleNamespace(
@@ -839,7 +1059,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         psf_size=psf_size, reference_band=reference_band, reference=reference,
         scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
         y_in=y_in, ids=ids, n=n, off_image=off_image, anchor=anchor, aligned=aligned,
-        reprojected=reprojected, has_uncertainty=has_uncertainty,
+        reprojected=reprojected, has_uncertainty=has_uncertainty, segments=segments,
         frame=wcs_to_celestial_frame(reference.wcs),
         stamp_unit=units.pop() if len(units) == 1 else None, meta=meta)
 
@@ -931,6 +1151,17 @@ def _deconvolve_chunk(setup, index, *, batch_size):
         # Empty stamps have no noise estimate; any positive value will do
         # (their measurements are set to NaN below).
         noise_sigma = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
+    if setup.segments is not None:
+        labels = make_cutouts(setup.segments, xy, size=stamp_size)['data'][:n]
+        sigma = noise.copy()
+        for b in range(len(bands)):
+            missing = ~np.isfinite(sigma[:, b])
+            if missing.any():
+                sigma[missing, b] = _stamp_mad(stamps[missing, b], masks[missing, b])
+        stamps, replaced = replace_neighbours(
+            stamps, np.rint(labels).astype(np.int64), ref_cut['x_stamp'],
+            ref_cut['y_stamp'], sigma, index=index, masks=masks)
+        flags[replaced.any(axis=(-2, -1))] |= FLAG_NEIGHBOURS
 
     images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=setup.scale,
                                         model=setup.model, noise_sigma=noise_sigma,
@@ -1080,7 +1311,7 @@ def read_positions(path):
 
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
-                     chunk_size=_CHUNK_SIZE, strict=False):
+                     chunk_size=_CHUNK_SIZE, strict=False, neighbours='replace'):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`write_catalog`), ``OUT/stamps.fits``
@@ -1107,7 +1338,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         detected if None.
     psfs : optional
         As for `build_psfs`; default ``'epsf'``.
-    model, reference_band, batch_size, chunk_size, strict
+    model, reference_band, batch_size, chunk_size, strict, neighbours
         As for `deconvolve_catalog`.
     overwrite : bool, optional
         Replace existing outputs.
@@ -1138,7 +1369,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
                            reference_band=reference_band, psf_size=None,
                            subtract_background=True, epsf_options=None,
-                           detect_options=None)
+                           detect_options=None, neighbours=neighbours)
     _check_strict(setup, strict)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .exceptions import ConfigError, InvalidInputError
 from .deconvolve import OUTPUT_FLOORS
+from .exceptions import ConfigError, InvalidInputError
 from .features import KINDS, _check_kinds, make_cube
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',

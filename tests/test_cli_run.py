@@ -17,7 +17,7 @@ from astropy.table import QTable
 from astropy.wcs import WCS
 
 from psfdeconv.cli import main
-from psfdeconv.pipeline import read_catalog, read_stamps
+from psfdeconv.pipeline import FLAG_NEIGHBOURS, read_catalog, read_stamps
 from psfdeconv.psf import read_psf_image
 
 BANDS = ('g', 'r', 'i')
@@ -118,6 +118,16 @@ def test_run_detect(exposure_set, tiny_model_path, tmp_path):
     assert catalog.meta['positions'] == 'detected' and catalog.meta['reference_band'] == 'r'
     assert 8 <= len(catalog) <= 10
     assert len(read_stamps(out / 'stamps.fits')) == len(catalog)
+    assert catalog.meta['neighbours'] == 'replace'
+    # --keep-neighbours deconvolves the stamps as cut: no NEIGHBOURS flag.
+    kept = tmp_path / 'kept'
+    assert main(['run', *band_arguments(directory), '--detect', '--psf', MOFFAT,
+                 '--model', str(tiny_model_path), '--reference-band', 'r',
+                 '--keep-neighbours', '--out', str(kept)]) == 0
+    kept = read_catalog(kept / 'catalog.fits')
+    assert kept.meta['neighbours'] == 'keep'
+    assert not (np.asarray(kept['flags']) & FLAG_NEIGHBOURS).any()
+    assert (np.asarray(catalog['flags']) & FLAG_NEIGHBOURS).any()
 
 
 def run_arguments(directory, model, out, bands=BANDS):

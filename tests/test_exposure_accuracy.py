@@ -216,3 +216,103 @@ def test_run_one_band_picks_the_single_band_model(tmp_path, capsys):
 def test_evaluate_plots_need_a_report_directory(capsys):
     assert main(['evaluate', 'missing.h5', '--plots']) == 2
     assert '--report' in capsys.readouterr().err
+
+
+# --- Neighbour replacement --------------------------------------------------------------
+
+def test_replace_neighbours_noise_seed_and_target():
+    from psfdeconv.pipeline import replace_neighbours
+
+    stamps = np.zeros((2, 2, 64, 64))
+    stamps[:, :, 28:36, 28:36] = 5.0           # the source
+    stamps[:, :, 2:14, 44:60] = 80.0           # a neighbour
+    segments = np.zeros((2, 64, 64), dtype=int)
+    segments[:, 28:36, 28:36] = 7
+    segments[:, 2:14, 44:60] = 3
+    masks = np.zeros(stamps.shape, dtype=bool)
+    masks[1, 0, 5, 50] = True                  # a masked pixel stays as it is
+    sigma = np.array([[1.0, 2.0], [1.0, 2.0]])
+    # The second source sits 2 pixels off its segment: it is still its own.
+    x, y = np.array([31.5, 37.0]), np.array([31.5, 31.5])
+    out, replaced = replace_neighbours(stamps, segments, x, y, sigma, index=np.array([4, 4]),
+                                       masks=masks, dilation=2)
+    # The source is untouched, the neighbour (12 x 16 pixels + the dilation rim) is noise.
+    assert (out[:, :, 28:36, 28:36] == 5.0).all()
+    assert replaced[0].sum() > 12 * 16 and not replaced[:, 28:36, 28:36].any()
+    for b, s in enumerate((1.0, 2.0)):
+        values = out[0, b][replaced[0]]
+        assert abs(values.mean()) < 0.3 * s and 0.8 * s < values.std() < 1.2 * s
+    # Seeded by the index: the same source gets the same noise.
+    again, _ = replace_neighbours(stamps[:1], segments[:1], x[:1], y[:1], sigma[:1],
+                                  index=np.array([4]))
+    assert_allclose(again[0], out[0])
+    other, _ = replace_neighbours(stamps[:1], segments[:1], x[:1], y[:1], sigma[:1],
+                                  index=np.array([5]))
+    assert not np.allclose(other[0], out[0])
+    assert out[1, 0, 5, 50] == 80.0
+    # The input is not modified; a stamp without other segments is unchanged.
+    assert stamps[0, 0, 5, 50] == 80.0
+    alone = segments.copy()
+    alone[:, 2:14, 44:60] = 0
+    same, none = replace_neighbours(stamps, alone, x, y, sigma, index=np.array([1, 2]))
+    assert_allclose(same, stamps) and not none.any()
+
+
+def test_neighbour_segments_combine_the_bands():
+    from psfdeconv.pipeline import neighbour_segments
+
+    rng = np.random.default_rng(3)
+    shape = (96, 96)
+    g = rng.normal(0, 1, shape) + elliptical_gaussian(shape, 2.0, 2.0, 0.0, 30.0, 30.0, 1000.0)
+    r = rng.normal(0, 1, shape) + elliptical_gaussian(shape, 2.0, 2.0, 0.0, 70.0, 60.0, 1000.0)
+    labels = neighbour_segments([g, r])
+    # A source bright in one band only is found; the two are separate segments.
+    assert labels[30, 30] > 0 and labels[60, 70] > 0 and labels[30, 30] != labels[60, 70]
+    assert labels.dtype == np.int32 and labels[5, 90] == 0
+    # A band masked everywhere drops out; all bands masked: no segments.
+    one = neighbour_segments([g, r], masks=[np.ones(g.shape, bool), None])
+    assert one[30, 30] == 0 and one[60, 70] > 0
+    assert not neighbour_segments([g], masks=[np.ones(g.shape, bool)]).any()
+
+
+def test_neighbour_light_is_not_counted_in_the_flux():
+    """A galaxy with a 5x brighter galaxy 36 pixels away, inside its stamp: the
+    replaced stamps recover the flux, the kept ones take in the neighbour's."""
+    import galsim
+    from astropy.nddata import CCDData, StdDevUncertainty
+    from astropy.wcs import WCS
+
+    from psfdeconv.pipeline import FLAG_NEIGHBOURS, deconvolve_catalog
+
+    scale, size = 0.2, 200
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [100.0, 100.0]
+    wcs.wcs.cdelt = [-scale / 3600, scale / 3600]
+    psf = galsim.Moffat(beta=3.0, fwhm=0.8)
+    galaxy = galsim.Convolve(galsim.Exponential(half_light_radius=0.6, flux=2000.0)
+                             .shear(e1=0.2, e2=0.0), psf)
+    neighbour = galsim.Convolve(galsim.Sersic(n=1.5, half_light_radius=0.8, flux=10000.0),
+                                psf)
+    rng = np.random.default_rng(8)
+    exposures = {}
+    for band in ('g', 'r', 'i'):
+        image = galsim.ImageD(size, size, scale=scale)
+        galaxy.drawImage(image=image, add_to_image=True, center=galsim.PositionD(81, 101))
+        neighbour.drawImage(image=image, add_to_image=True,
+                            center=galsim.PositionD(81 + 30, 101 + 20))
+        data = image.array + rng.normal(0, 1.0, (size, size))
+        exposures[band] = CCDData(data, unit='adu', wcs=wcs,
+                                  uncertainty=StdDevUncertainty(np.ones((size, size))))
+    position = np.array([[80.0, 100.0]])
+    fluxes = {}
+    for mode in ('replace', 'keep'):
+        catalog, _ = deconvolve_catalog(exposures, position, 'moffat:fwhm=0.8arcsec,beta=3',
+                                        neighbours=mode)
+        fluxes[mode] = np.array([catalog[f'flux_corrected_{b}'][0].value for b in 'gri'])
+        assert catalog.meta['neighbours'] == mode
+        assert bool(catalog['flags'][0] & FLAG_NEIGHBOURS) == (mode == 'replace')
+    error = {mode: np.abs(flux / 2000.0 - 1) for mode, flux in fluxes.items()}
+    assert (error['replace'] < 0.05).all(), fluxes
+    assert (fluxes['keep'] > fluxes['replace']).all() and error['keep'].min() > 0.05, fluxes

@@ -26,6 +26,7 @@ from psfdeconv.exceptions import (
 from psfdeconv.pipeline import (
     FLAG_CENTROID_FALLBACK,
     FLAG_HSM_FAILED,
+    FLAG_NEIGHBOURS,
     FLAG_OUTSIDE_TRAINING,
     build_psfs,
     deconvolve_catalog,
@@ -178,8 +179,9 @@ def test_positions_from_skycoord_table_and_pixels_agree(field, moffat_psfs, tiny
         assert_allclose(other['x_input'], from_sky['x_input'], atol=1e-6)
         for name in ('x', 'y', 'flux_g', 'flux_i', 'e1_r', 'size_i'):
             assert_allclose(other[name], from_sky[name], rtol=1e-6, atol=1e-9)
-    # Only OUTSIDE_TRAINING (the tiny model's FWHM range, see pytestmark) may be set.
-    assert_array_equal(from_sky['flags'] & ~FLAG_OUTSIDE_TRAINING, 0)
+    # Only OUTSIDE_TRAINING (the tiny model's FWHM range, see pytestmark) and
+    # NEIGHBOURS (informational) may be set.
+    assert_array_equal(from_sky['flags'] & ~(FLAG_OUTSIDE_TRAINING | FLAG_NEIGHBOURS), 0)
 
 
 def test_edge_and_off_image_sources_are_kept_and_flagged(field, moffat_psfs, tiny_model):

@@ -382,7 +382,7 @@ def test_augment_batch_matches_the_cube_of_transformed_stamps(tiny_simulation_pa
     cube, target = scaled_batch(sims['observed'], sims['psf'], sims['pixel_scale'],
                                 sims['truth'])
     for transform in range(8):
-        def on_stamps(images):
+        def on_stamps(images, transform=transform):
             images = np.rot90(images, k=transform % 4, axes=(-2, -1))
             return images[..., ::-1] if transform >= 4 else images
 
