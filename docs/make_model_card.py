@@ -88,8 +88,20 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
     lines += ['Flux-bias correction', '====================', '',
               f'``{bias.get("form")}``, coefficients (c0, c1, c2) = '
               f'{[round(c, 5) for c in bias.get("coefficients", [])]}, fitted on '
-              f'{bias.get("n_objects")} validation object-bands.', '',
-              'Validation metrics (unweighted moments, bands pooled)',
+              f'{bias.get("n_objects")} validation object-bands.', '']
+    detection = card.get('detection')
+    lines += ['Detection threshold', '===================', '']
+    if detection:
+        lines += [f'A stamp whose detection SNR (sum of the band fluxes over the root sum of '
+                  f'their squared errors) is below {detection["snr_threshold"]:.2f} has no '
+                  f'significant source: its deconvolved images are 0. Placed on the '
+                  f'{detection["n_blank"]} validation blanks so that '
+                  f'{100 * detection["blank_recall"]:.1f} % of them fall below it; '
+                  f'{100 * detection["sources_below"]:.2f} % of the '
+                  f'{detection["n_sources"]} validation sources do too.', '']
+    else:
+        lines += ['None (no detection gate).', '']
+    lines += ['Validation metrics (unweighted moments, bands pooled)',
               '=====================================================', '',
               '.. code-block:: json', '']
     lines += ['    ' + line for line in json.dumps(card.get('metrics'), indent=2).splitlines()]

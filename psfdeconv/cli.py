@@ -65,7 +65,7 @@ def _cmd_simulate(args):
 
 
 def _cmd_train(args):
-    from .deconvolve import calibrate_flux_bias
+    from .deconvolve import calibrate_card
     from .model import DeconvolutionModel, save_model
     from .train import TrainConfig, train_model, validation_objects
 
@@ -94,11 +94,12 @@ def _cmd_train(args):
                                     else 2)
     card['name'] = args.name
     model = DeconvolutionModel(keras_model, card)
-    # The flux-bias correction and the card's metrics come from the
-    # validation objects, which the weights never trained on.
+    # The flux-bias correction, the detection threshold and the card's
+    # metrics come from the validation objects, which the weights never
+    # trained on.
     val = validation_objects(args.sims, config)
-    card['flux_bias'] = calibrate_flux_bias(
-        model, val['observed'], val['psf'], val['pixel_scale'], val['truth'])
+    card.update(calibrate_card(model, val['observed'], val['psf'],
+                               val['pixel_scale'], val['truth'], val['is_blank']))
     card['metrics'] = _validation_metrics(model, val)
     card['pixel_scale_range'] = card['training']['simulation_config'][
         'pixel_scale_range']
@@ -303,7 +304,7 @@ def _model_info(path):
         info['check'], info['error'] = 'error', str(exc)
     info['name'] = card.get('name', info['name'])
     for key in ('n_bands', 'input_kinds', 'stamp_size', 'pixel_scale_range',
-                'psf_fwhm_range_arcsec'):
+                'psf_fwhm_range_arcsec', 'detection'):
         info[key] = card.get(key)
     training = card.get('training') or {}
     # Cards written by `psfdeconv train` repeat the simulation's ranges at
@@ -394,6 +395,12 @@ def _print_model_info(info):
                                                  'arcsec/pixel'))
         print(label('PSF FWHM') + _range_text(info['psf_fwhm_range_arcsec'], 'arcsec'))
         print(label('training') + _training_text(info['training']))
+        detection = info.get('detection')
+        print(label('detection') + (
+            f'images set to 0 below SNR {detection["snr_threshold"]:.2f} (validation: '
+            f'{100 * detection["blank_recall"]:.1f} % of blanks, '
+            f'{100 * detection["sources_below"]:.2f} % of sources below)'
+            if detection else 'no threshold (every stamp is deconvolved)'))
         metrics = info['metrics']
         if metrics:
             count = (f'{metrics["n_objects"]} validation objects, '

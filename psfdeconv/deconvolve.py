@@ -40,6 +40,7 @@ from .exceptions import (
 
 __all__ = ['deconvolve_stamps', 'refit_amplitude', 'fit_flux_bias',
            'correct_flux_bias', 'calibrate_flux_bias', 'validate_stamps',
+           'detection_snr', 'fit_detection_threshold', 'calibrate_card',
            'remove_output_floor',
            'outside_training_range', 'psf_fwhm',
            'normalize_psfs',
@@ -298,15 +299,167 @@ def calibrate_flux_bias(model, observed, psfs, pixel_scale, truth, *,
     _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
                                    model=model, noise_sigma=noise_sigma,
                                    batch_size=batch_size, return_details=True)
-    true_flux = truth.sum(axis=(-2, -1), dtype=np.float64)
-    result = fit_flux_bias(details['flux'], details['flux_err'], true_flux)
+    return _fit_band_flux_bias(details['flux'], details['flux_err'],
+                               truth.sum(axis=(-2, -1), dtype=np.float64))
+
+
+def _fit_band_flux_bias(flux, flux_err, true_flux):
+    """`fit_flux_bias` pooled over the bands, plus one fit per band."""
+    result = fit_flux_bias(flux, flux_err, true_flux)
     n_bands = true_flux.shape[-1]
     if n_bands > 1:
         result['per_band_coefficients'] = [
-            fit_flux_bias(details['flux'][:, b], details['flux_err'][:, b],
-                          true_flux[:, b])['coefficients']
+            fit_flux_bias(flux[:, b], flux_err[:, b], true_flux[:, b])['coefficients']
             for b in range(n_bands)]
     return result
+
+
+#: Fraction of the validation blanks that the detection threshold of
+#: `fit_detection_threshold` keeps below it by default.
+DETECTION_BLANK_RECALL = 0.995
+#: Fewest blanks a detection threshold is fitted on.
+_MIN_BLANKS = 100
+
+
+def detection_snr(flux, flux_err):
+    """Signal-to-noise ratio of a stamp's source, all bands together.
+
+    ``sum(flux) / sqrt(sum(flux_err**2))`` over the last (band) axis: the
+    significance of the amplitude refit. On a blank stamp the network
+    still draws something from the noise, and its refit is biased
+    positive (the template was made from that noise), so the threshold
+    that separates blanks is calibrated on simulations
+    (`fit_detection_threshold`), not taken from a normal distribution.
+
+    Parameters
+    ----------
+    flux, flux_err : `~numpy.ndarray`
+        Shape (..., n_bands).
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        Shape (...); NaN where the errors are not finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.deconvolve import detection_snr
+    >>> float(detection_snr(np.array([30.0, 40.0]), np.array([3.0, 4.0])))
+    14.0
+    """
+    flux = np.asarray(flux, dtype=float)
+    flux_err = np.asarray(flux_err, dtype=float)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        snr = flux.sum(axis=-1) / np.sqrt((flux_err ** 2).sum(axis=-1))
+    return np.where(np.isfinite(snr), snr, np.nan)
+
+
+def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECALL):
+    """The detection threshold that calls ``blank_recall`` of blanks blank.
+
+    Parameters
+    ----------
+    snr : `~numpy.ndarray`
+        `detection_snr` of simulated objects the weights never trained on,
+        shape (n,).
+    is_blank : `~numpy.ndarray`
+        bool (n,), True for the blank stamps.
+    blank_recall : float, optional
+        Fraction of the blanks whose SNR must fall below the threshold.
+
+    Returns
+    -------
+    dict
+        ``{'snr_threshold', 'blank_recall', 'sources_below', 'n_blank',
+        'n_sources'}``, ready for a model card: the threshold, and the
+        fractions of blanks and of sources below it on these objects.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        With fewer than 100 blanks (the quantile would be noise).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.deconvolve import fit_detection_threshold
+    >>> rng = np.random.default_rng(0)
+    >>> snr = np.concatenate([rng.normal(1, 1.5, 1000), rng.uniform(8, 300, 3000)])
+    >>> is_blank = np.arange(4000) < 1000
+    >>> fit = fit_detection_threshold(snr, is_blank, blank_recall=0.99)
+    >>> 4 < fit['snr_threshold'] < 6, fit['sources_below']
+    (True, 0.0)
+    """
+    snr = np.ravel(np.asarray(snr, dtype=float))
+    is_blank = np.ravel(np.asarray(is_blank, dtype=bool))
+    if snr.shape != is_blank.shape:
+        raise ShapeMismatchError(f'snr and is_blank must have one shape, got '
+                                 f'{snr.shape} and {is_blank.shape}.')
+    if not 0 < blank_recall < 1:
+        raise ConfigError(f'blank_recall must be in (0, 1), got {blank_recall!r}.')
+    # A blank whose refit has no finite SNR (zero output) is blank anyway.
+    blank_snr = np.where(np.isfinite(snr[is_blank]), snr[is_blank], -np.inf)
+    if blank_snr.size < _MIN_BLANKS:
+        raise InvalidInputError(
+            f'only {blank_snr.size} blank object(s); the detection threshold '
+            f'needs at least {_MIN_BLANKS}: simulate more validation objects (or '
+            f'a larger blank_fraction).')
+    threshold = float(np.quantile(blank_snr, blank_recall, method='higher'))
+    threshold = np.nextafter(threshold, np.inf)  # the quantile itself is blank
+    source_snr = snr[~is_blank]
+    return {'snr_threshold': float(threshold),
+            'blank_recall': float(np.mean(blank_snr < threshold)),
+            'sources_below': float(np.mean(~(source_snr >= threshold)))
+            if source_snr.size else None,
+            'n_blank': int(blank_snr.size), 'n_sources': int(source_snr.size),
+            'form': 'images set to 0 where sum(flux) / sqrt(sum(flux_err^2)) '
+                    '< snr_threshold'}
+
+
+def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
+                   noise_sigma=None, batch_size=128,
+                   blank_recall=DETECTION_BLANK_RECALL):
+    """Fit a model card's flux-bias correction and detection threshold.
+
+    One deconvolution of simulated objects the weights never trained on
+    (the validation split), then `calibrate_flux_bias`'s fits (on the
+    sources) and `fit_detection_threshold` (on the blanks and sources).
+
+    Parameters
+    ----------
+    model : `~psfdeconv.model.DeconvolutionModel`
+        The trained model (its card's ``flux_bias`` and ``detection`` are
+        not used).
+    observed, psfs, pixel_scale, truth, noise_sigma, batch_size
+        As for `calibrate_flux_bias`.
+    is_blank : `~numpy.ndarray`
+        bool (n,), True for blank stamps.
+    blank_recall : float, optional
+        As for `fit_detection_threshold`.
+
+    Returns
+    -------
+    dict
+        ``{'flux_bias': ..., 'detection': ...}``; ``detection`` is None
+        (no detection gate) with fewer than 100 blanks.
+    """
+    card = dict(model.card)
+    card.pop('detection', None)
+    ungated = type(model)(model.keras_model, card, path=model.path)
+    _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
+                                   model=ungated, noise_sigma=noise_sigma,
+                                   batch_size=batch_size, return_details=True)
+    flux_bias = _fit_band_flux_bias(details['flux'], details['flux_err'],
+                                    truth.sum(axis=(-2, -1), dtype=np.float64))
+    is_blank = np.asarray(is_blank, dtype=bool)
+    if is_blank.sum() < _MIN_BLANKS:
+        # Too few blanks to place the threshold: no gate (the card says so).
+        detection = None
+    else:
+        detection = fit_detection_threshold(details['detection_snr'], is_blank,
+                                            blank_recall=blank_recall)
+    return {'flux_bias': flux_bias, 'detection': detection}
 
 
 def correct_flux_bias(flux, flux_err, flux_bias):
@@ -433,10 +586,13 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     return_details : bool, optional
         Also return a dict with ``'amplitude'``, ``'amplitude_err'``,
         ``'flux'``, ``'flux_err'``, ``'flux_corrected'`` and
-        ``'noise_sigma'`` (each (n, n_bands)), ``'network_output'`` and
+        ``'noise_sigma'`` (each (n, n_bands)), ``'network_output'``,
         ``'outside_training'`` (n,), True where the pixel scale or a PSF's
         FWHM lies outside the model's training range
-        (`outside_training_range`).
+        (`outside_training_range`), ``'detection_snr'`` (n,) (`detection_snr`)
+        and ``'detected'`` (n,): False where it is below the card's
+        ``detection`` threshold, whose images are set to 0 (fluxes are
+        still reported).
     strict : bool, optional
         Refuse stamps outside the training range
         (`~psfdeconv.exceptions.PixelScaleError`) instead of warning
@@ -446,7 +602,10 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     -------
     images : `~numpy.ndarray`
         Deconvolved images (n, n_bands, ny, nx) in the input's flux units,
-        after the amplitude refit: the sum of an image is its flux.
+        after the amplitude refit: the sum of an image is its flux. Where
+        the model's card has a ``detection`` threshold and a stamp's
+        `detection_snr` lies below it, the images are 0 (no significant
+        source).
     details : dict
         Only if ``return_details``.
 
@@ -497,11 +656,20 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     amplitude, amplitude_err, noise_sigma = refit_amplitude(
         output, stamps, psfs, noise_sigma=noise_sigma)
     images = output * amplitude[..., None, None]
-    if not return_details:
-        return images
     total = output.sum(axis=(-2, -1), dtype=np.float64)
     flux = amplitude * total
     flux_err = amplitude_err * total
+    snr = detection_snr(flux, flux_err)
+    detection = model.card.get('detection')
+    if detection:
+        # No significant source: the deconvolved image is empty, not the
+        # network's rendering of the noise.
+        detected = snr >= detection['snr_threshold']
+        images[~detected] = 0.0
+    else:
+        detected = np.ones(snr.shape, dtype=bool)
+    if not return_details:
+        return images
     details = {
         'amplitude': amplitude,
         'amplitude_err': amplitude_err,
@@ -512,6 +680,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                                             model.card.get('flux_bias')),
         'network_output': output,
         'outside_training': outside,
+        'detection_snr': snr,
+        'detected': detected,
     }
     return images, details
 

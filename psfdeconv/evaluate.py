@@ -1491,7 +1491,8 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         moments, finite values only) and ``size_percent`` (mean and RMS of
         100 (size / size_true - 1)). Statistics use the matches without a
         flag that makes the measurement unusable (edge, masked, off image,
-        HSM failure, centroid fallback); ``n_unflagged`` counts them.
+        HSM failure, centroid fallback, undetected); ``n_unflagged`` counts
+        them.
     """
     matches = match_truth(catalog, truth, max_separation=max_separation)
     n_truth = int(np.sum(np.asarray(truth['kind']) == 'galaxy'))
@@ -1501,7 +1502,8 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
     # PSF_EXTRAPOLATED, which only qualify it).
     bits = catalog.meta.get('flag_bits', {})
     unusable = sum(bits.get(name, 0) for name in
-                   ('EDGE', 'MASKED', 'OFF_IMAGE', 'HSM_FAILED', 'CENTROID_FALLBACK'))
+                   ('EDGE', 'MASKED', 'OFF_IMAGE', 'HSM_FAILED', 'CENTROID_FALLBACK',
+                    'UNDETECTED'))
     good = (np.asarray(cat['flags']) & (unusable or ~0)) == 0
     sep = matches['separation'].to_value(u.arcsec)
     result = {'n_truth': n_truth, 'n_matched': len(matches),

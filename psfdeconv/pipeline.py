@@ -36,7 +36,8 @@ It returns a `~astropy.table.QTable` with one row per source and a list of
 `~psfdeconv.cutouts.FLAG_MASKED` 2, `~psfdeconv.cutouts.FLAG_OFF_IMAGE` 4,
 each set when it holds in any band), `FLAG_HSM_FAILED` (8),
 `FLAG_PSF_EXTRAPOLATED` (16), `FLAG_CENTROID_FALLBACK` (32),
-`FLAG_OUTSIDE_TRAINING` (64) and `FLAG_NEIGHBOURS` (128).
+`FLAG_OUTSIDE_TRAINING` (64), `FLAG_NEIGHBOURS` (128) and `FLAG_UNDETECTED`
+(256).
 """
 
 import contextlib
@@ -60,6 +61,7 @@ __all__ = [
     'FLAG_CENTROID_FALLBACK',
     'FLAG_OUTSIDE_TRAINING',
     'FLAG_NEIGHBOURS',
+    'FLAG_UNDETECTED',
     'FLAGS',
     'deconvolve_catalog',
     'detect_galaxies',
@@ -92,6 +94,10 @@ FLAG_OUTSIDE_TRAINING = 64
 #: stamp and were replaced by noise before deconvolution
 #: (`replace_neighbours`); informational, the measurement is usable.
 FLAG_NEIGHBOURS = 128
+#: The stamp holds no significant source: its detection SNR lies below the
+#: model card's detection threshold, so the deconvolved images are 0
+#: (`psfdeconv.deconvolve.deconvolve_stamps`); the fluxes are still reported.
+FLAG_UNDETECTED = 256
 
 #: Every flag bit with its name, as recorded in the catalogue's meta.
 FLAGS = {
@@ -103,6 +109,7 @@ FLAGS = {
     'CENTROID_FALLBACK': FLAG_CENTROID_FALLBACK,
     'OUTSIDE_TRAINING': FLAG_OUTSIDE_TRAINING,
     'NEIGHBOURS': FLAG_NEIGHBOURS,
+    'UNDETECTED': FLAG_UNDETECTED,
 }
 
 #: Detection threshold (background sigma) and minimum connected pixels of
@@ -1168,6 +1175,7 @@ def _deconvolve_chunk(setup, index, *, batch_size):
                                         batch_size=batch_size, return_details=True,
                                         strict=getattr(setup, 'strict', False))
     flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
+    flags[~details['detected']] |= FLAG_UNDETECTED
     del stamps, stamp_psfs
     moments = image_moments(images, pixel_scale=setup.scale)
     shapes = hsm_moments(images, pixel_scale=setup.scale)

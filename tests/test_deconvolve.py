@@ -437,3 +437,68 @@ def test_calibrate_flux_bias_fits_each_band(tiny_model_path, tiny_simulation_pat
     assert per_band.shape == (3, 3) and np.all(np.isfinite(per_band))
     # Each band's fit is its own: not the pooled coefficients repeated.
     assert not np.allclose(per_band, np.asarray(fit['coefficients'])[None])
+
+
+# --- Detection gate -------------------------------------------------------------------
+
+def test_fit_detection_threshold_and_its_errors():
+    from psfdeconv.deconvolve import detection_snr, fit_detection_threshold
+    from psfdeconv.exceptions import ConfigError, InvalidInputError, ShapeMismatchError
+
+    rng = np.random.default_rng(5)
+    blank = rng.normal(1.0, 2.0, 2000)
+    source = rng.uniform(3.0, 200.0, 2000)
+    snr = np.concatenate([blank, source, [np.nan]])
+    is_blank = np.arange(snr.size) < 2000
+    is_blank[-1] = True   # a blank with no finite SNR counts as blank
+    fit = fit_detection_threshold(snr, is_blank, blank_recall=0.99)
+    assert fit['blank_recall'] >= 0.99 and fit['n_blank'] == 2001
+    assert_allclose(fit['snr_threshold'], np.quantile(blank, 0.99), atol=0.2)
+    assert fit['sources_below'] == pytest.approx(np.mean(source < fit['snr_threshold']))
+    # Bands: sum of fluxes over the root sum of squared errors.
+    assert_allclose(detection_snr([[3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]),
+                    [7 / np.sqrt(2), 0.0])
+    with pytest.raises(InvalidInputError, match='at least 100'):
+        fit_detection_threshold(snr[1990:], is_blank[1990:])
+    with pytest.raises(ShapeMismatchError):
+        fit_detection_threshold(snr, is_blank[:-1])
+    with pytest.raises(ConfigError, match='blank_recall'):
+        fit_detection_threshold(snr, is_blank, blank_recall=1.0)
+
+
+def test_detection_gate_empties_the_images_below_the_threshold(tiny_model):
+    from psfdeconv.model import DeconvolutionModel
+    from psfdeconv.simulate import simulate_stamps
+
+    sims = simulate_stamps(12, seed=21)
+    kwargs = {'pixel_scale': sims['pixel_scale']}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ungated, details = deconvolve_stamps(sims['observed'], sims['psf'], model=tiny_model,
+                                             return_details=True, **kwargs)
+        assert details['detected'].all() and details['detection_snr'].shape == (12,)
+        threshold = float(np.median(details['detection_snr']))
+        card = dict(tiny_model.card, detection={'snr_threshold': threshold})
+        gated_model = DeconvolutionModel(tiny_model.keras_model, card, path=tiny_model.path)
+        gated, gated_details = deconvolve_stamps(sims['observed'], sims['psf'],
+                                                 model=gated_model, return_details=True,
+                                                 **kwargs)
+    below = details['detection_snr'] < threshold
+    assert below.any() and not below.all()
+    assert_array_equal(gated_details['detected'], ~below)
+    assert (gated[below] == 0).all()
+    assert_allclose(gated[~below], ungated[~below])
+    # The fluxes are still measured (forced photometry of the stamp).
+    assert_allclose(gated_details['flux'], details['flux'])
+
+
+def test_calibrate_card_skips_the_gate_without_enough_blanks(tiny_model, tiny_simulation_path):
+    from psfdeconv.deconvolve import calibrate_card
+
+    sims = read_simulation(tiny_simulation_path, 0, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        fit = calibrate_card(tiny_model, sims['observed'], sims['psf'], sims['pixel_scale'],
+                             sims['truth'], sims['is_blank'])
+    assert fit['detection'] is None and sims['is_blank'].sum() < 100
+    assert len(fit['flux_bias']['coefficients']) == 3

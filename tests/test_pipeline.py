@@ -360,3 +360,32 @@ def test_files_from_paths_and_round_trips(field, moffat_psfs, tiny_model, tmp_pa
         write_stamps(stamps, stamp_path)
     with pytest.raises(InvalidInputError, match='no stamps to write'):
         write_stamps([], tmp_path / 'empty.fits', overwrite=True)
+
+
+def test_undetected_sources_are_flagged_with_empty_stamps(field, moffat_psfs, tiny_model):
+    from psfdeconv.deconvolve import detection_snr
+    from psfdeconv.model import DeconvolutionModel
+    from psfdeconv.pipeline import FLAG_UNDETECTED
+
+    exposures, truth = field
+    galaxies = galaxies_of(truth)[:3]
+    # Three galaxies and an empty sky position; a gate between the second and third
+    # smallest detection SNRs empties exactly the two stamps below it.
+    positions = np.column_stack([np.append(galaxies['x'].value, 128.0),
+                                 np.append(galaxies['y'].value, 3.0)])
+    catalog, _ = deconvolve_catalog(exposures, positions, moffat_psfs, model=tiny_model)
+    flux = np.column_stack([catalog[f'flux_{b}'].value for b in BANDS])
+    flux_err = np.column_stack([catalog[f'flux_err_{b}'].value for b in BANDS])
+    snr = detection_snr(flux, flux_err)
+    threshold = float(np.mean(np.sort(snr)[1:3]))
+    card = dict(tiny_model.card, detection={'snr_threshold': threshold})
+    gated = DeconvolutionModel(tiny_model.keras_model, card, path=tiny_model.path)
+    catalog, stamps = deconvolve_catalog(exposures, positions, moffat_psfs, model=gated)
+    undetected = (np.asarray(catalog['flags']) & FLAG_UNDETECTED) != 0
+    assert_array_equal(undetected, snr < threshold)
+    assert undetected.sum() == 2
+    for k in np.flatnonzero(undetected):
+        assert (stamps[k].data == 0).all()
+        assert np.isfinite(catalog['flux_r'][k])
+    for k in np.flatnonzero(~undetected):
+        assert (stamps[k].data != 0).any()

@@ -5,8 +5,9 @@
 Trains the paper's network (``architecture='cae'``) once per non-empty subset of the input
 kinds (PSF, iPSF, iPSF1), each with the same seed, the same training objects, the same number
 of steps and the same optimiser, then evaluates every model on the same held-out objects
-and writes one table (ECSV + reStructuredText) of Table 1/2-style figures. Resumable: a
-configuration whose model and metrics exist is not redone.
+and writes one table of Table 1/2-style figures (``ablation.ecsv`` and the reStructuredText
+``ablation_table.txt`` that ``docs/validation.rst`` includes). Resumable: a configuration
+whose model and metrics exist is not redone.
 
     python validation/ablation.py TRAIN.h5 TEST.h5 --out docs/ablation
 
@@ -118,7 +119,7 @@ def write_table(results, args, out):
     text = [rule, ' '.join(h.ljust(w) for h, w in zip(header, widths, strict=True)), rule]
     text += [' '.join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     text.append(rule)
-    (out / 'ablation.rst').write_text('\n'.join(text) + '\n')
+    (out / 'ablation_table.txt').write_text('\n'.join(text) + '\n')
     (out / 'command.txt').write_text(args.command + '\n')
     return table
 
@@ -177,7 +178,7 @@ def main(argv=None):
     table = write_table(results, args, out)
     ranked = np.argsort([r['hsm_e1_rms'] + r['hsm_e2_rms'] for r in results])
     print('ranked by HSM e1 + e2 RMS:', ', '.join(results[k]['inputs'] for k in ranked))
-    print((out / 'ablation.rst').read_text())
+    print((out / 'ablation_table.txt').read_text())
     return table
 
 
