@@ -977,6 +977,9 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     from .cutouts import make_cutouts
     from .io import pixel_scale_of
 
+    if neighbours not in NEIGHBOUR_OPTIONS:
+        raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
+                                f'{NEIGHBOUR_OPTIONS}.')
     exposures, paths = _read_exposures(exposures)
     bands = list(exposures)
     model = _as_model(model, n_bands=len(bands))
@@ -1009,9 +1012,6 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     else:
         work = exposures
     aligned, reprojected = _align(work, reference_band)
-    if neighbours not in NEIGHBOUR_OPTIONS:
-        raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
-                                f'{NEIGHBOUR_OPTIONS}.')
     segments = None
     if neighbours == 'replace':
         from astropy.nddata import NDData

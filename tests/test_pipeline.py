@@ -289,6 +289,8 @@ def test_errors(field, moffat_psfs, tiny_model, tmp_path):
     two = {'g': exposures['g'], 'r': exposures['r']}
     with pytest.raises(BandCountError, match=r'the data have 2 band\(s\) but the model'):
         deconvolve_catalog(two, model=tiny_model)
+    with pytest.raises(InvalidInputError, match=r"neighbours = 'drop'; give one of"):
+        deconvolve_catalog(exposures, None, moffat_psfs, model=tiny_model, neighbours='drop')
     with pytest.raises(InvalidInputError, match=r"reference_band = 'z' is not one of"):
         deconvolve_catalog(exposures, model=tiny_model, reference_band='z')
     with pytest.raises(ShapeMismatchError, match='size = 32, but the model was trained'):
