@@ -94,11 +94,15 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
     if detection:
         lines += [f'A stamp whose detection SNR (sum of the band fluxes over the root sum of '
                   f'their squared errors) is below {detection["snr_threshold"]:.2f} has no '
-                  f'significant source: its deconvolved images are 0. Placed on the '
-                  f'{detection["n_blank"]} validation blanks so that '
-                  f'{100 * detection["blank_recall"]:.1f} % of them fall below it; '
-                  f'{100 * detection["sources_below"]:.2f} % of the '
-                  f'{detection["n_sources"]} validation sources do too.', '']
+                  f'significant source: its deconvolved images are 0. Fitted on the '
+                  f'validation objects (`~psfdeconv.deconvolve.fit_detection_threshold`): '
+                  f'{100 * detection["blank_recall"]:.1f} % of the {detection["n_blank"]} '
+                  f'blanks and {100 * detection["sources_below"]:.2f} % of the '
+                  f'{detection["n_sources"]} sources fall below it (targets: '
+                  f'{100 * detection.get("target_blank_recall", 0.995):.1f} % of the '
+                  f'blanks unless that takes more than '
+                  f'{100 * detection.get("max_sources_below", 0.01):.0f} % of the '
+                  f'sources).', '']
     else:
         lines += ['None (no detection gate).', '']
     lines += ['Validation metrics (unweighted moments, bands pooled)',

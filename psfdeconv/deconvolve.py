@@ -317,6 +317,8 @@ def _fit_band_flux_bias(flux, flux_err, true_flux):
 #: Fraction of the validation blanks that the detection threshold of
 #: `fit_detection_threshold` keeps below it by default.
 DETECTION_BLANK_RECALL = 0.995
+#: Largest fraction of the validation sources it may put below it.
+DETECTION_MAX_SOURCES_BELOW = 0.01
 #: Fewest blanks a detection threshold is fitted on.
 _MIN_BLANKS = 100
 
@@ -355,8 +357,15 @@ def detection_snr(flux, flux_err):
     return np.where(np.isfinite(snr), snr, np.nan)
 
 
-def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECALL):
-    """The detection threshold that calls ``blank_recall`` of blanks blank.
+def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECALL,
+                            max_sources_below=DETECTION_MAX_SOURCES_BELOW):
+    """The detection threshold that calls ``blank_recall`` of blanks blank,
+    unless that calls more than ``max_sources_below`` of sources blank.
+
+    The threshold is the lower of two quantiles: the ``blank_recall``
+    quantile of the blanks' SNR and the ``max_sources_below`` quantile of
+    the sources'. Where blanks and faint sources overlap (a single band
+    holds less signal than three), the sources win.
 
     Parameters
     ----------
@@ -366,14 +375,17 @@ def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECAL
     is_blank : `~numpy.ndarray`
         bool (n,), True for the blank stamps.
     blank_recall : float, optional
-        Fraction of the blanks whose SNR must fall below the threshold.
+        Fraction of the blanks whose SNR should fall below the threshold.
+    max_sources_below : float, optional
+        Largest fraction of the sources whose SNR may fall below it.
 
     Returns
     -------
     dict
         ``{'snr_threshold', 'blank_recall', 'sources_below', 'n_blank',
-        'n_sources'}``, ready for a model card: the threshold, and the
-        fractions of blanks and of sources below it on these objects.
+        'n_sources', 'target_blank_recall', 'max_sources_below'}``, ready
+        for a model card: the threshold, the fractions of blanks and of
+        sources below it on these objects, and the two targets.
 
     Raises
     ------
@@ -405,21 +417,31 @@ def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECAL
             f'only {blank_snr.size} blank object(s); the detection threshold '
             f'needs at least {_MIN_BLANKS}: simulate more validation objects (or '
             f'a larger blank_fraction).')
+    if not 0 <= max_sources_below < 1:
+        raise ConfigError(f'max_sources_below must be in [0, 1), got '
+                          f'{max_sources_below!r}.')
     threshold = float(np.quantile(blank_snr, blank_recall, method='higher'))
     threshold = np.nextafter(threshold, np.inf)  # the quantile itself is blank
     source_snr = snr[~is_blank]
+    source_snr = np.where(np.isfinite(source_snr), source_snr, -np.inf)
+    if source_snr.size:
+        threshold = min(threshold, float(np.quantile(source_snr, max_sources_below,
+                                                     method='lower')))
     return {'snr_threshold': float(threshold),
             'blank_recall': float(np.mean(blank_snr < threshold)),
             'sources_below': float(np.mean(~(source_snr >= threshold)))
             if source_snr.size else None,
             'n_blank': int(blank_snr.size), 'n_sources': int(source_snr.size),
+            'target_blank_recall': float(blank_recall),
+            'max_sources_below': float(max_sources_below),
             'form': 'images set to 0 where sum(flux) / sqrt(sum(flux_err^2)) '
                     '< snr_threshold'}
 
 
 def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                    noise_sigma=None, batch_size=128,
-                   blank_recall=DETECTION_BLANK_RECALL):
+                   blank_recall=DETECTION_BLANK_RECALL,
+                   max_sources_below=DETECTION_MAX_SOURCES_BELOW):
     """Fit a model card's flux-bias correction and detection threshold.
 
     One deconvolution of simulated objects the weights never trained on
@@ -435,7 +457,7 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         As for `calibrate_flux_bias`.
     is_blank : `~numpy.ndarray`
         bool (n,), True for blank stamps.
-    blank_recall : float, optional
+    blank_recall, max_sources_below : float, optional
         As for `fit_detection_threshold`.
 
     Returns
@@ -458,7 +480,8 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         detection = None
     else:
         detection = fit_detection_threshold(details['detection_snr'], is_blank,
-                                            blank_recall=blank_recall)
+                                            blank_recall=blank_recall,
+                                            max_sources_below=max_sources_below)
     return {'flux_bias': flux_bias, 'detection': detection}
 
 

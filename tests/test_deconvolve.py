@@ -447,7 +447,7 @@ def test_fit_detection_threshold_and_its_errors():
 
     rng = np.random.default_rng(5)
     blank = rng.normal(1.0, 2.0, 2000)
-    source = rng.uniform(3.0, 200.0, 2000)
+    source = rng.uniform(8.0, 200.0, 2000)
     snr = np.concatenate([blank, source, [np.nan]])
     is_blank = np.arange(snr.size) < 2000
     is_blank[-1] = True   # a blank with no finite SNR counts as blank
@@ -455,6 +455,14 @@ def test_fit_detection_threshold_and_its_errors():
     assert fit['blank_recall'] >= 0.99 and fit['n_blank'] == 2001
     assert_allclose(fit['snr_threshold'], np.quantile(blank, 0.99), atol=0.2)
     assert fit['sources_below'] == pytest.approx(np.mean(source < fit['snr_threshold']))
+    # Where blanks and sources overlap, at most max_sources_below of the sources
+    # fall below: the sources' quantile wins over the blanks'.
+    faint = np.concatenate([blank, rng.uniform(0.0, 10.0, 2000)])
+    overlap = fit_detection_threshold(faint, np.arange(4000) < 2000, blank_recall=0.99,
+                                      max_sources_below=0.02)
+    assert overlap['sources_below'] <= 0.02 and overlap['blank_recall'] < 0.99
+    assert overlap['snr_threshold'] < fit['snr_threshold']
+    assert overlap['max_sources_below'] == 0.02 and overlap['target_blank_recall'] == 0.99
     # Bands: sum of fluxes over the root sum of squared errors.
     assert_allclose(detection_snr([[3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]),
                     [7 / np.sqrt(2), 0.0])
@@ -464,6 +472,8 @@ def test_fit_detection_threshold_and_its_errors():
         fit_detection_threshold(snr, is_blank[:-1])
     with pytest.raises(ConfigError, match='blank_recall'):
         fit_detection_threshold(snr, is_blank, blank_recall=1.0)
+    with pytest.raises(ConfigError, match='max_sources_below'):
+        fit_detection_threshold(snr, is_blank, max_sources_below=-0.1)
 
 
 def test_detection_gate_empties_the_images_below_the_threshold(tiny_model):
