@@ -13,7 +13,6 @@ from pathlib import Path
 from astropy.table import QTable
 
 
-
 def _device(training):
     """Where the card says the epochs ran (older cards: the development CPU)."""
     device = training.get('compute_device')
@@ -32,8 +31,8 @@ def rst_table(table, floatfmt='{:.4g}'):
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = '  '.join('=' * w for w in widths)
-    out = [line, '  '.join(c.ljust(w) for c, w in zip(rows[0], widths)), line]
-    out += ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
+    out = [line, '  '.join(c.ljust(w) for c, w in zip(rows[0], widths, strict=True)), line]
+    out += ['  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows[1:]]
     out.append(line)
     return '\n'.join(out)
 
