@@ -501,10 +501,8 @@ def _run_group(group, out_dir, model_ref, options):
     raises, the summary row says what happened."""
     import socket
 
-    import numpy as np
-
     from .io import atomic_path
-    from .pipeline import FLAG_NEIGHBOURS, run_exposure_set
+    from .pipeline import _n_flagged, run_exposure_set
 
     start = time.perf_counter()
     row = _row(group['id'], worker=f'{socket.gethostname()}:{os.getpid()}')
@@ -517,8 +515,7 @@ def _run_group(group, out_dir, model_ref, options):
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'])
         row.update(status='ok', n_sources=len(catalog),
-                   n_flagged=int(((np.asarray(catalog['flags'])
-                                   & ~FLAG_NEIGHBOURS) != 0).sum()),
+                   n_flagged=_n_flagged(catalog),
                    seconds=time.perf_counter() - start, finished=_utc_now())
         marker = dict(row, weights_sha256=model.sha256)
         # Last, and atomically: the group is finished exactly when this exists.

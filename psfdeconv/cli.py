@@ -98,9 +98,11 @@ def _cmd_train(args):
     # metrics come from the validation objects, which the weights never
     # trained on.
     val = validation_objects(args.sims, config)
-    card.update(calibrate_card(model, val['observed'], val['psf'],
-                               val['pixel_scale'], val['truth'], val['is_blank']))
-    card['metrics'] = _validation_metrics(model, val)
+    calibration, images = calibrate_card(
+        model, val['observed'], val['psf'], val['pixel_scale'], val['truth'],
+        val['is_blank'], return_images=True)
+    card.update(calibration)
+    card['metrics'] = _validation_metrics(images, val)
     card['pixel_scale_range'] = card['training']['simulation_config'][
         'pixel_scale_range']
     card['psf_fwhm_range_arcsec'] = card['training']['simulation_config'][
@@ -119,15 +121,13 @@ def _cmd_train(args):
     return 0
 
 
-def _validation_metrics(model, val):
-    """Mean and RMS of moment differences on non-blank validation objects."""
+def _validation_metrics(images, val):
+    """Mean and RMS of moment differences on non-blank validation objects,
+    from their deconvolved ``images``."""
     import numpy as np
 
-    from .deconvolve import deconvolve_stamps
     from .measure import image_moments
 
-    images = deconvolve_stamps(val['observed'], val['psf'],
-                               pixel_scale=val['pixel_scale'], model=model)
     source = ~val['is_blank']
     truth = image_moments(val['truth'][source])
     pred = image_moments(images[source])
@@ -454,7 +454,7 @@ def _cmd_run(args):
 
     from .exceptions import ConfigError
     from .io import example_exposures
-    from .pipeline import FLAG_NEIGHBOURS, run_exposure_set
+    from .pipeline import FLAG_NEIGHBOURS, _n_flagged, run_exposure_set
 
     if args.example:
         if args.band or args.catalog:
@@ -482,10 +482,8 @@ def _cmd_run(args):
         reference_band=args.reference_band, batch_size=args.batch_size,
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace')
-    flags = np.asarray(catalog['flags'])
-    # NEIGHBOURS is informational: those measurements are the better ones.
-    n_flagged = int(((flags & ~FLAG_NEIGHBOURS) != 0).sum())
-    n_neighbours = int(((flags & FLAG_NEIGHBOURS) != 0).sum())
+    n_flagged = _n_flagged(catalog)
+    n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
     n_bands = len(exposures)
     print(f'deconvolved {len(catalog)} sources in {_plural(n_bands, "band")} '

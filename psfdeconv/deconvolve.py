@@ -438,10 +438,24 @@ def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECAL
                     '< snr_threshold'}
 
 
+def _apply_detection(images, snr, detection):
+    """Empty (in place) the images of stamps whose `detection_snr` is below
+    the threshold of a card's ``detection`` (None: no gate); returns which
+    were detected."""
+    if not detection:
+        return np.ones(snr.shape, dtype=bool)
+    # No significant source: the deconvolved image is empty, not the
+    # network's rendering of the noise.
+    detected = snr >= detection['snr_threshold']
+    images[~detected] = 0.0
+    return detected
+
+
 def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                    noise_sigma=None, batch_size=128,
                    blank_recall=DETECTION_BLANK_RECALL,
-                   max_sources_below=DETECTION_MAX_SOURCES_BELOW):
+                   max_sources_below=DETECTION_MAX_SOURCES_BELOW,
+                   return_images=False):
     """Fit a model card's flux-bias correction and detection threshold.
 
     One deconvolution of simulated objects the weights never trained on
@@ -459,19 +473,25 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         bool (n,), True for blank stamps.
     blank_recall, max_sources_below : float, optional
         As for `fit_detection_threshold`.
+    return_images : bool, optional
+        Also return the deconvolved images as the calibrated card gives
+        them (the fitted threshold applied), e.g. to measure the card's
+        metrics without deconvolving the objects again.
 
     Returns
     -------
     dict
         ``{'flux_bias': ..., 'detection': ...}``; ``detection`` is None
         (no detection gate) with fewer than 100 blanks.
+    images : `~numpy.ndarray`
+        Only if ``return_images``.
     """
     card = dict(model.card)
     card.pop('detection', None)
     ungated = type(model)(model.keras_model, card, path=model.path)
-    _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
-                                   model=ungated, noise_sigma=noise_sigma,
-                                   batch_size=batch_size, return_details=True)
+    images, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
+                                        model=ungated, noise_sigma=noise_sigma,
+                                        batch_size=batch_size, return_details=True)
     flux_bias = _fit_band_flux_bias(details['flux'], details['flux_err'],
                                     truth.sum(axis=(-2, -1), dtype=np.float64))
     is_blank = np.asarray(is_blank, dtype=bool)
@@ -482,7 +502,11 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         detection = fit_detection_threshold(details['detection_snr'], is_blank,
                                             blank_recall=blank_recall,
                                             max_sources_below=max_sources_below)
-    return {'flux_bias': flux_bias, 'detection': detection}
+    calibration = {'flux_bias': flux_bias, 'detection': detection}
+    if not return_images:
+        return calibration
+    _apply_detection(images, details['detection_snr'], detection)
+    return calibration, images
 
 
 def correct_flux_bias(flux, flux_err, flux_bias):
@@ -683,14 +707,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     flux = amplitude * total
     flux_err = amplitude_err * total
     snr = detection_snr(flux, flux_err)
-    detection = model.card.get('detection')
-    if detection:
-        # No significant source: the deconvolved image is empty, not the
-        # network's rendering of the noise.
-        detected = snr >= detection['snr_threshold']
-        images[~detected] = 0.0
-    else:
-        detected = np.ones(snr.shape, dtype=bool)
+    detected = _apply_detection(images, snr, model.card.get('detection'))
     if not return_details:
         return images
     details = {

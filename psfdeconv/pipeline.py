@@ -112,6 +112,15 @@ FLAGS = {
     'UNDETECTED': FLAG_UNDETECTED,
 }
 
+
+
+def _n_flagged(catalog):
+    """Rows of a catalogue with a flag set other than the informational
+    ``NEIGHBOURS`` (those measurements are the better ones), as the run and
+    batch summaries count them."""
+    return int(((np.asarray(catalog['flags']) & ~FLAG_NEIGHBOURS) != 0).sum())
+
+
 #: Detection threshold (background sigma) and minimum connected pixels of
 #: `detect_galaxies`, as for `psfdeconv.psf.find_stars`.
 _DETECTION_SIGMA = 3.0

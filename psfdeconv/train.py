@@ -670,9 +670,9 @@ class _Checkpointer:
         return limit is not None and self.elapsed() > 60 * limit
 
     def finished(self):
-        state = self.state
-        return (self.out_of_time() or (state['best_epoch'] is not None and
-                state['epoch'] - state['best_epoch'] >= self.config.patience))
+        # The run's stopping rule, with the time spent up to now.
+        return _run_finished(dict(self.state, elapsed_seconds=self.elapsed()),
+                             self.config)
 
     def throughput(self, n_train):
         """Training stamps per second over the steps run (an epoch cut

@@ -512,3 +512,28 @@ def test_calibrate_card_skips_the_gate_without_enough_blanks(tiny_model, tiny_si
                              sims['truth'], sims['is_blank'])
     assert fit['detection'] is None and sims['is_blank'].sum() < 100
     assert len(fit['flux_bias']['coefficients']) == 3
+
+
+def test_calibrate_card_images_are_what_the_calibrated_card_gives(
+        tiny_model, tiny_simulation_path, monkeypatch):
+    import psfdeconv.deconvolve as deconvolve_module
+    from psfdeconv.deconvolve import calibrate_card
+    from psfdeconv.model import DeconvolutionModel
+
+    sims = read_simulation(tiny_simulation_path, 0, 160)
+    # The tiny simulation has a few dozen blanks; the shipped cards were fitted on 1,355.
+    monkeypatch.setattr(deconvolve_module, '_MIN_BLANKS', 10)
+    args = (tiny_model, sims['observed'], sims['psf'], sims['pixel_scale'], sims['truth'],
+            sims['is_blank'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        fit, images = calibrate_card(*args, blank_recall=0.9, max_sources_below=0.2,
+                                     return_images=True)
+        card = dict(tiny_model.card, **fit)
+        calibrated = DeconvolutionModel(tiny_model.keras_model, card, path=tiny_model.path)
+        expected, details = deconvolve_stamps(sims['observed'], sims['psf'],
+                                              pixel_scale=sims['pixel_scale'],
+                                              model=calibrated, return_details=True)
+    assert fit['detection'] is not None and not details['detected'].all()
+    assert_array_equal(images, expected)
+    assert calibrate_card(*args, blank_recall=0.9, max_sources_below=0.2) == fit
