@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._warnings import catch_warnings
 from .exceptions import (
     InvalidInputError,
     InvalidPixelsError,
@@ -185,12 +186,13 @@ def _header_warnings_into(store):
     non-standard headers that astropy repaired (`~astropy.wcs.FITSFixedWarning`,
     `~astropy.io.fits.verify.VerifyWarning`, invalid cards) are appended to
     ``store`` (once each), and any other warning is emitted again unchanged,
-    so that the caller's filters still see it. `warnings.catch_warnings` is
-    process-wide: read exposures from one thread at a time.
+    so that the caller's filters still see it. The warning filters are
+    process-wide, so the block holds psfdeconv's warnings lock
+    (`psfdeconv._warnings`): threads read exposures one at a time.
     """
     caught = None
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
             yield
     finally:
@@ -454,9 +456,9 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
     `~astropy.io.fits.verify.VerifyWarning` or an invalid-card
     `~astropy.utils.exceptions.AstropyUserWarning`; these are recorded, one
     line each, in ``meta['fits_warnings']`` instead of being shown (every
-    other warning passes through). This uses `warnings.catch_warnings`,
-    which is process-wide: read exposures from one thread at a time (dask
-    processes, not threads, to read in parallel). IRAF TNX and TPV
+    other warning passes through). The warning filters are process-wide, so
+    threads of one process read exposures one at a time (dask processes
+    read in parallel). IRAF TNX and TPV
     distortions are applied by astropy (WCSLIB translates them), so sky
     positions include them.
 

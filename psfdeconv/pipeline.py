@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._warnings import catch_warnings
 from .cutouts import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 from .exceptions import (
     InvalidInputError,
@@ -339,7 +340,7 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
     background, rms = _background(image, bad)
     subtracted = image - background
     subtracted[bad] = 0.0
-    with warnings.catch_warnings():
+    with catch_warnings():
         # An empty field gives an empty table, not an error.
         warnings.filterwarnings('ignore', category=NoDetectionsWarning)
         segm = detect_sources(subtracted, threshold_sigma * rms, int(n_pixels),
@@ -639,7 +640,7 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     if bad.all():
         return np.zeros(combined.shape, dtype=np.int32)
     combined /= np.sqrt(np.maximum(count, 1))
-    with warnings.catch_warnings():
+    with catch_warnings():
         # An empty field is an answer here (no neighbours), not a problem.
         warnings.simplefilter('ignore', NoDetectionsWarning)
         segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels, mask=bad)
@@ -1481,7 +1482,7 @@ def write_catalog(table, path, *, overwrite=False):
         out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
     out.meta[_META_KEYWORD] = json.dumps(meta, default=_json_default,
                                          separators=(',', ':'))
-    with warnings.catch_warnings():
+    with catch_warnings():
         # Units outside the FITS standard (e.g. SDSS nanomaggies) lose their
         # TUNIT keyword but round-trip through astropy's serialised meta.
         warnings.filterwarnings('ignore', message='.*could not be saved in native '

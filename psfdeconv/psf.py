@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._warnings import catch_warnings
 from .exceptions import (
     ConfigError,
     InvalidInputError,
@@ -201,7 +202,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     subtracted = image - background
     subtracted[mask] = 0.0
     detection_sigma = min(_DETECTION_SIGMA, threshold_sigma)
-    with warnings.catch_warnings():
+    with catch_warnings():
         # An empty field is not an error here: it gives an empty table.
         warnings.filterwarnings('ignore', category=NoDetectionsWarning)
         segm = detect_sources(subtracted, detection_sigma * rms,
@@ -209,7 +210,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     if segm is not None:
         # Deblending splits a star from a galaxy it sits on (or from a
         # close companion), so that the isolation test below sees both.
-        with warnings.catch_warnings():
+        with catch_warnings():
             # photutils falls back to linear deblending thresholds for
             # some segments and says so; that is not a problem here.
             warnings.filterwarnings('ignore', message='The deblending mode',
@@ -512,7 +513,7 @@ def _build_epsf_from_positions(subtracted, bad, x, y, *, size, oversampling,
                           size=(size, size))
     builder = EPSFBuilder(oversampling=oversampling, maxiters=maxiters,
                           progress_bar=False)
-    with warnings.catch_warnings():
+    with catch_warnings():
         # Stars whose fit fails are excluded one warning each; the count
         # is checked below instead.
         warnings.filterwarnings('ignore', message='.*excluded from ePSF',

@@ -3,15 +3,20 @@
 
 import os
 import stat
+import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
 from astropy import units as u
 from astropy.table import QTable, Table
+from astropy.utils.exceptions import AstropyUserWarning
 from numpy.testing import assert_array_equal
 
+from psfdeconv._warnings import catch_warnings
 from psfdeconv.exceptions import OutputExistsError
-from psfdeconv.io import atomic_path, check_writable, write_table
+from psfdeconv.io import _header_warnings_into, atomic_path, check_writable, write_table
 
 
 def mode(path):
@@ -136,3 +141,30 @@ def test_write_table_refuses_to_overwrite(tmp_path, table):
 def test_write_table_explicit_format(tmp_path, table):
     path = write_table(table, tmp_path / 'table.txt', format='ascii.ecsv')
     assert QTable.read(path, format='ascii.ecsv')['flux'].unit == u.nJy
+
+
+def test_warning_blocks_wait_for_each_other():
+    # The warning filters are process-wide: while one thread silences a warning,
+    # another thread's recording block (reading a FITS header) must not start,
+    # or it records the silenced warning and emits it again (a dask batch runs
+    # exposure groups in threads).
+    silencing = threading.Event()
+    order = []
+
+    def silence():
+        with catch_warnings():
+            warnings.simplefilter('ignore', AstropyUserWarning)
+            silencing.set()
+            time.sleep(0.2)
+            warnings.warn('silenced in this thread', AstropyUserWarning, stacklevel=1)
+            order.append('silenced')
+
+    thread = threading.Thread(target=silence)
+    thread.start()
+    assert silencing.wait(10)
+    store = []
+    with _header_warnings_into(store):
+        order.append('recording')
+    thread.join()
+    assert order == ['silenced', 'recording']
+    assert store == []
