@@ -304,7 +304,7 @@ def _model_info(path):
         info['check'], info['error'] = 'error', str(exc)
     info['name'] = card.get('name', info['name'])
     for key in ('n_bands', 'input_kinds', 'stamp_size', 'pixel_scale_range',
-                'psf_fwhm_range_arcsec', 'detection'):
+                'psf_fwhm_range_arcsec', 'detection', 'symmetries', 'psf_leakage'):
         info[key] = card.get(key)
     training = card.get('training') or {}
     # Cards written by `psfdeconv train` repeat the simulation's ranges at
@@ -395,6 +395,14 @@ def _print_model_info(info):
                                                  'arcsec/pixel'))
         print(label('PSF FWHM') + _range_text(info['psf_fwhm_range_arcsec'], 'arcsec'))
         print(label('training') + _training_text(info['training']))
+        print(label('symmetries') + (
+            f'output averaged over {info["symmetries"]} symmetries of the square'
+            if (info.get('symmetries') or 1) > 1 else 'none (one network call per stamp)'))
+        leakage = info.get('psf_leakage')
+        print(label('PSF leakage') + (
+            f'counter-shear alpha = {leakage["alpha"]:.3f} (validation leakage '
+            f'{leakage["measured_leakage"]:.3f} -> {leakage["residual_leakage"]:.3f})'
+            if leakage else 'no correction'))
         detection = info.get('detection')
         print(label('detection') + (
             f'images set to 0 below SNR {detection["snr_threshold"]:.2f} (validation: '

@@ -44,6 +44,7 @@ __all__ = [
     'flux_classes',
     'confusion_matrix',
     'classification_summary',
+    'flux_bias_table',
     'wiener_deconvolve',
     'richardson_lucy_deconvolve',
     'evaluate_predictions',
@@ -632,6 +633,74 @@ def classification_summary(matrix):
     return summary
 
 
+def flux_bias_table(flux, flux_corrected, true_flux, true_class):
+    """Flux bias per truth-flux class, before and after the bias correction.
+
+    The done-means of the paper's flux correction (section III.3): the
+    bias of the corrected flux at fixed true flux, in the low, medium and
+    high classes of Table 3 (tertiles of the non-blank truth flux).
+
+    Parameters
+    ----------
+    flux, flux_corrected, true_flux : array_like
+        Per object and band, shape ``(n, n_bands)``: the amplitude-refit
+        flux, the corrected flux (`~psfdeconv.deconvolve.correct_flux_bias`)
+        and the truth.
+    true_class : array_like of int
+        Shape ``(n,)``: 0 blank (left out), 1 low, 2 medium, 3 high
+        (`flux_classes`).
+
+    Returns
+    -------
+    `~astropy.table.QTable`
+        Rows ``low``, ``medium``, ``high``, ``all``: ``n`` (object-bands),
+        and in percent the median and mean of ``flux / true - 1``
+        (``measured_*``) and of ``flux_corrected / true - 1``
+        (``corrected_*``), with the standard error of the corrected mean.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.evaluate import flux_bias_table
+    >>> true = np.array([[100.0], [200.0], [400.0], [0.0]])
+    >>> table = flux_bias_table(1.1 * true, true, true, np.array([1, 2, 3, 0]))
+    >>> table['measured_median'].value.round(6).tolist()
+    [10.0, 10.0, 10.0, 10.0]
+    >>> table['corrected_mean'].value.tolist()
+    [0.0, 0.0, 0.0, 0.0]
+    """
+    flux, corrected, true = (np.asarray(getattr(a, 'value', a), dtype=float)
+                             for a in (flux, flux_corrected, true_flux))
+    true_class = np.asarray(true_class)
+    if not flux.shape == corrected.shape == true.shape or \
+            true_class.shape != flux.shape[:1]:
+        raise ShapeMismatchError(
+            f'flux, flux_corrected and true_flux must have one shape (n, n_bands) '
+            f'and true_class shape (n,), got {flux.shape}, {corrected.shape}, '
+            f'{true.shape} and {true_class.shape}.')
+    rows = []
+    classes = np.broadcast_to(true_class[:, None], flux.shape)
+    for name, select in (('low', classes == 1), ('medium', classes == 2),
+                         ('high', classes == 3), ('all', classes > 0)):
+        select = select & (true > 0)
+        measured = flux[select] / true[select] - 1
+        fixed = corrected[select] / true[select] - 1
+        n = int(select.sum())
+        stats = [100 * f(v) if n else np.nan
+                 for v in (measured, fixed) for f in (np.median, np.mean)]
+        sem = 100 * fixed.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
+        rows.append((name, n, *stats, sem))
+    table = QTable(rows=rows, names=('class', 'n', 'measured_median', 'measured_mean',
+                                     'corrected_median', 'corrected_mean',
+                                     'corrected_mean_err'))
+    for name in table.colnames[2:]:
+        table[name].unit = u.percent
+    table.meta['description'] = (
+        'Flux bias of the model per truth-flux class (object-bands): flux / true - 1 '
+        'before and after the flux-bias correction')
+    return table
+
+
 def _check_stamps_psfs(stamps, psfs):
     """Validate stamps ``(..., ny, nx)`` and odd, centred PSFs; return
     float arrays with the PSFs normalised to unit sum."""
@@ -896,9 +965,11 @@ def evaluate_predictions(truth, predictions, *, psfs, pixel_scale, is_blank,
       objects, bands pooled (`moment_differences`,
       `summarize_differences`).
     * Correlations: :math:`C_{\\rm PSF}` (prediction vs PSF ellipticity,
-      ideal 0) and :math:`C_{\\rm true}` (prediction vs truth, ideal 1)
-      per SNR (truth flux) bin, with the truth's :math:`C_{\\rm PSF}` as the null
-      level (`ellipticity_correlation`).
+      ideal 0), the same for the prediction's ellipticity error
+      (``c_psf_residual``, the PSF leakage, ideal 0) and
+      :math:`C_{\\rm true}` (prediction vs truth, ideal 1) per SNR (truth
+      flux) bin, with the truth's :math:`C_{\\rm PSF}` as the null level
+      (`ellipticity_correlation`).
     * Table 3: blank / low / medium / high classification of all objects.
       The per-object flux is the sum of :math:`M_0` over bands (a project
       choice); the edges are the tertiles of the non-blank truth flux
@@ -941,7 +1012,8 @@ def evaluate_predictions(truth, predictions, *, psfs, pixel_scale, is_blank,
         ``'table2'`` (rows flux, x, y, e1, e2, e, size; columns
         ``<method>_mean``, ``<method>_rms``), ``'table3'``
         (classification counts and rates), ``'correlations'`` (method,
-        SNR bin ``snr_bin``, C_PSF and C_true with bootstrap errors; the first rows
+        SNR bin ``snr_bin``, C_PSF, C_PSF of the errors and C_true with
+        bootstrap errors; the first rows
         are the truth), ``'confusion'`` (dict method -> 4x4 int array,
         rows truth) and ``'edges'`` (the three flux edges).
 
@@ -1038,7 +1110,15 @@ def evaluate_predictions(truth, predictions, *, psfs, pixel_scale, is_blank,
                 moments['e1'][select], moments['e2'][select],
                 truth_m['e1'][select], truth_m['e2'][select],
                 n_bootstrap=n_bootstrap, seed=seed)
-            corr_rows.append((method, bin_name, int(select.sum()), *c_psf, *c_true))
+            # The leakage of the errors: free of the truth's chance
+            # correlation with the PSFs, so 0 for a perfect method.
+            c_residual = ellipticity_correlation(
+                moments['e1'][select] - truth_m['e1'][select],
+                moments['e2'][select] - truth_m['e2'][select],
+                psf_m['e1'][select], psf_m['e2'][select],
+                n_bootstrap=n_bootstrap, seed=seed)
+            corr_rows.append((method, bin_name, int(select.sum()), *c_psf,
+                              *c_residual, *c_true))
 
     correlation_rows('truth', truth_m)
     for method, images in preds.items():
@@ -1110,10 +1190,13 @@ def evaluate_predictions(truth, predictions, *, psfs, pixel_scale, is_blank,
     table3.meta['description'] = 'Table 3: blank / low / medium / high classification'
     table3.meta['edges'] = edges.tolist()
     correlations = QTable(rows=corr_rows, names=('method', 'snr_bin', 'n', 'c_psf',
-                                                 'c_psf_err', 'c_true', 'c_true_err'))
+                                                 'c_psf_err', 'c_psf_residual',
+                                                 'c_psf_residual_err', 'c_true',
+                                                 'c_true_err'))
     correlations.meta['description'] = (
         'C_PSF = sum(e.e_psf)/sum(e_psf.e_psf) (ideal 0; the truth rows are the null '
-        'level); C_true = sum(e.e_true)/sum(e_true.e_true) (ideal 1); bootstrap errors')
+        'level); C_PSF_residual = the same for e - e_true (ideal 0, the PSF leakage); '
+        'C_true = sum(e.e_true)/sum(e_true.e_true) (ideal 1); bootstrap errors')
     return {'objects': objects, 'table1': table1, 'table2': table2, 'table3': table3,
             'correlations': correlations, 'confusion': confusion, 'edges': edges,
             **results_hsm}
@@ -1363,8 +1446,10 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
     Returns
     -------
     dict
-        `evaluate_predictions` results plus ``'summary_text'`` (Tables 1
-        and 2 as Markdown) and ``'report_files'`` if written.
+        `evaluate_predictions` results plus ``'flux_bias'`` (the model's
+        flux bias per truth-flux class, `flux_bias_table`),
+        ``'summary_text'`` (Tables 1, 2 and 3 and the flux bias as
+        Markdown) and ``'report_files'`` if written.
     """
     from .deconvolve import deconvolve_stamps
     from .model import load_model
@@ -1384,9 +1469,10 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
 
         sims = split_bands(sims)
     model = load_model(n_bands=sims['observed'].shape[1]) if model is None else model
-    predictions = {'model': deconvolve_stamps(
+    images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
-        model=model)}
+        model=model, return_details=True)
+    predictions = {'model': images}
     predictions.update(baseline_predictions(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
         noise_sigma=sims['noise_sigma'], baselines=baselines))
@@ -1394,9 +1480,14 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
         sims['truth'], predictions, psfs=sims['psf'],
         pixel_scale=sims['pixel_scale'], is_blank=sims['is_blank'],
         noise_sigma=sims['noise_sigma'], hsm=True)
+    true_flux = sims['truth'].sum(axis=(-2, -1), dtype=np.float64)
+    true_class = np.where(sims['is_blank'], 0,
+                          flux_classes(true_flux.sum(axis=1), results['edges']))
+    results['flux_bias'] = flux_bias_table(details['flux'], details['flux_corrected'],
+                                           true_flux, true_class)
     results['summary_text'] = '\n\n'.join(
         _markdown_table(results[name])
-        for name in ('table1', 'table2', 'table2_hsm', 'table3'))
+        for name in ('table1', 'table2', 'table2_hsm', 'table3', 'flux_bias'))
     if report_dir is not None:
         results['report_files'] = write_report(results, report_dir,
                                                overwrite=overwrite)

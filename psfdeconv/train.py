@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .deconvolve import OUTPUT_FLOORS
+from .deconvolve import OUTPUT_FLOORS, SYMMETRY_COUNTS
 from .exceptions import ConfigError, InvalidInputError
 from .features import KINDS, _check_kinds, make_cube
 
@@ -83,6 +83,10 @@ class TrainConfig:
     #: 'median' or 'outer', how the softplus floor is removed before the
     #: amplitude refit (`~psfdeconv.deconvolve.remove_output_floor`).
     output_floor: str = None
+    #: Symmetries of the square the network output is averaged over at
+    #: inference (`~psfdeconv.deconvolve.symmetric_output`), recorded in
+    #: the card: 1, 2, 4 or 8. The card's calibrations are fitted with it.
+    symmetries: int = 8
     #: Train a single-band model: every band of every simulated object
     #: becomes a 1-band object of its own (`split_bands`).
     split_bands: bool = False
@@ -115,6 +119,9 @@ class TrainConfig:
         if self.output_floor not in OUTPUT_FLOORS:
             raise ConfigError(f"output_floor must be one of {OUTPUT_FLOORS}, got "
                               f"{self.output_floor!r}.")
+        if self.symmetries not in SYMMETRY_COUNTS:
+            raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
+                              f'{self.symmetries!r}.')
         if not self.target_headroom >= 1:
             raise ConfigError(f'target_headroom must be >= 1, got '
                               f'{self.target_headroom}.')
@@ -545,6 +552,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         'stamp_size': stamp_size,
         'features': dict(config.features),
         'output_floor': config.output_floor,
+        'symmetries': config.symmetries,
         'training': {
             'config': config.to_dict(),
             'simulation_file': Path(simulation_path).name,

@@ -12,15 +12,21 @@ from scipy.signal import fftconvolve
 
 from psfdeconv.deconvolve import (
     correct_flux_bias,
+    correct_psf_leakage,
     deconvolve_stamps,
     estimate_noise_sigma,
     fit_flux_bias,
+    fit_psf_leakage,
     normalize_psfs,
+    psf_ellipticity,
     refit_amplitude,
+    shear_images,
+    symmetric_output,
     validate_stamps,
 )
 from psfdeconv.exceptions import (
     BandCountError,
+    ConfigError,
     InvalidInputError,
     InvalidPixelsError,
     InvalidPSFError,
@@ -28,6 +34,7 @@ from psfdeconv.exceptions import (
     PixelScaleError,
     ShapeMismatchError,
 )
+from psfdeconv.measure import image_moments
 from psfdeconv.simulate import read_simulation
 
 
@@ -366,6 +373,21 @@ def test_fit_flux_bias_needs_enough_objects():
         fit_flux_bias(flux, np.ones(3), 1.1 * flux)
 
 
+def test_fit_flux_bias_is_unbiased_at_fixed_true_flux():
+    # A bias that falls with SNR plus noise: at fixed true flux the corrected flux must be
+    # right, although the correction only sees the measured flux and its error.
+    rng = np.random.default_rng(8)
+    true = 10**rng.uniform(1.0, 3.0, 20000)
+    flux_err = np.ones_like(true)
+    flux = true * (1 + 0.3 / np.sqrt(true)) + rng.normal(0, 1, true.size)
+    corrected = correct_flux_bias(flux, flux_err, fit_flux_bias(flux, flux_err, true))
+    quartile = np.digitize(true, np.quantile(true, [0.25, 0.5, 0.75]))
+    raw_bias = [np.median(flux[quartile == k] / true[quartile == k]) - 1 for k in range(4)]
+    bias = [np.median(corrected[quartile == k] / true[quartile == k]) - 1 for k in range(4)]
+    assert raw_bias[0] > 0.02  # the faintest quarter starts 2-3 % high
+    assert_allclose(bias, 0, atol=0.003)
+
+
 def test_correct_flux_bias(flux_bias_data):
     flux, flux_err, true_flux, coefficients = flux_bias_data
     bias = fit_flux_bias(flux, flux_err, true_flux)
@@ -537,3 +559,73 @@ def test_calibrate_card_images_are_what_the_calibrated_card_gives(
     assert fit['detection'] is not None and not details['detected'].all()
     assert_array_equal(images, expected)
     assert calibrate_card(*args, blank_recall=0.9, max_sources_below=0.2) == fit
+
+
+# --- symmetries of the square and PSF leakage ------------------------------------------
+
+def _quarter_turn(array):
+    return np.ascontiguousarray(np.rot90(array, 1, axes=(-2, -1)))
+
+
+def test_symmetric_output_is_equivariant(tiny_model, tiny_simulation_path):
+    from psfdeconv.features import make_cube
+
+    sims = read_simulation(tiny_simulation_path, 0, 6)
+    stamps, psfs, scale = validate_stamps(sims['observed'], sims['psf'], sims['pixel_scale'])
+    # One symmetry is the network on the cube as given.
+    single = symmetric_output(tiny_model, stamps, psfs, scale, symmetries=1)
+    cube, _ = make_cube(stamps, psfs, pixel_scale=scale, kinds=tiny_model.kinds)
+    assert_allclose(single, tiny_model.predict(cube))
+    # Averaged over all 8, turning the input turns the output, which the network alone
+    # does not do.
+    average = symmetric_output(tiny_model, stamps, psfs, scale, symmetries=8)
+    turned = symmetric_output(tiny_model, _quarter_turn(stamps), _quarter_turn(psfs), scale,
+                              symmetries=8)
+    assert_allclose(turned, _quarter_turn(average), rtol=1e-4, atol=1e-6)
+    single_turned = symmetric_output(tiny_model, _quarter_turn(stamps), _quarter_turn(psfs),
+                                     scale, symmetries=1)
+    assert not np.allclose(single_turned, _quarter_turn(single), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match=r'symmetries must be one of \(1, 2, 4, 8\), got 3'):
+        symmetric_output(tiny_model, stamps, psfs, scale, symmetries=3)
+
+
+def test_shear_images():
+    round_image = gaussian((48, 48), 3.0, 3.0, 0.0, 23.0, 25.0, flux=50.0)
+    sheared = shear_images(round_image, 0.1, 0.05)
+    moments = image_moments(sheared)
+    g = np.hypot(0.1, 0.05)
+    assert_allclose(np.hypot(moments['e1'], moments['e2']), 2 * g / (1 + g**2), rtol=2e-3)
+    assert_allclose(moments['e2'] / moments['e1'], 0.5, rtol=2e-3)
+    # About the centroid, area-preserving: position and flux stay.
+    assert_allclose([moments['x'], moments['y']], [23.0, 25.0], atol=1e-3)
+    assert_allclose(sheared.sum(), 50.0, rtol=1e-3)
+    assert_array_equal(shear_images(round_image, 0.0, 0.0), round_image)
+    empty = np.zeros((16, 16))
+    assert_array_equal(shear_images(empty, 0.1, 0.0), empty)
+    with pytest.raises(InvalidInputError, match='g1\\*\\*2 \\+ g2\\*\\*2 < 1'):
+        shear_images(round_image, 0.8, 0.7)
+
+
+def test_fit_and_correct_psf_leakage():
+    # Deconvolved images that keep 10 % of their PSFs' ellipticity.
+    rng = np.random.default_rng(5)
+    n = 80
+    galaxies = zip(rng.uniform(2, 4, n), rng.uniform(1.5, 3, n), rng.uniform(0, np.pi, n),
+                   strict=True)
+    truth = np.stack([gaussian((48, 48), a, b, t, 24, 24, flux=100.0)[None]
+                      for a, b, t in galaxies])
+    stars = zip(rng.uniform(1.6, 2.0, n), np.full(n, 1.6), rng.uniform(0, np.pi, n), strict=True)
+    psfs = np.stack([gaussian((15, 15), a, b, t, 7, 7)[None] for a, b, t in stars])
+    psf_e1, psf_e2 = psf_ellipticity(psfs)
+    leaky = shear_images(truth, 0.1 * psf_e1 / 2, 0.1 * psf_e2 / 2)
+    fit = fit_psf_leakage(leaky, truth, psfs)
+    assert 0.07 < fit['measured_leakage'] < 0.13
+    assert abs(fit['residual_leakage']) < 0.1 * fit['measured_leakage']
+    corrected = correct_psf_leakage(leaky, psfs, fit)
+    true_m, leaky_m, corrected_m = (image_moments(a) for a in (truth, leaky, corrected))
+    error = [np.hypot(m['e1'] - true_m['e1'], m['e2'] - true_m['e2']) for m in (leaky_m,
+                                                                              corrected_m)]
+    assert np.sqrt(np.mean(error[1]**2)) < 0.2 * np.sqrt(np.mean(error[0]**2))
+    assert correct_psf_leakage(leaky, psfs, None) is leaky
+    with pytest.raises(InvalidInputError, match='at least 10'):
+        fit_psf_leakage(leaky[:5], truth[:5], psfs[:5])

@@ -507,6 +507,27 @@ def test_evaluate_predictions_correlations(results):
     # the observed images carry the PSF ellipticity: leakage above the null level
     assert observed['c_psf'] > truth_all['c_psf'] + 2 * observed['c_psf_err']
     assert observed['c_true'] < 1 - 3 * observed['c_true_err']
+    # The leakage of the errors is 0 for a perfect method, whatever the truth's chance
+    # correlation with the PSFs, and the observed images' excess over that chance level.
+    assert_allclose(perfect_rows['c_psf_residual'], 0.0, atol=1e-12)
+    assert_allclose(truth_rows['c_psf_residual'], 0.0, atol=1e-12)
+    assert_allclose(observed['c_psf_residual'], observed['c_psf'] - truth_all['c_psf'],
+                    atol=1e-9)
+
+
+def test_flux_bias_table():
+    rng = np.random.default_rng(4)
+    true = rng.uniform(10, 1000, (90, 2))
+    true_class = np.repeat([1, 2, 3], 30)
+    true_class[:5] = 0  # blanks are left out
+    measured = true * np.where(true_class == 1, 1.05, 1.0)[:, None]
+    table = evaluate.flux_bias_table(measured, true, true, true_class)
+    assert table['class'].tolist() == ['low', 'medium', 'high', 'all']
+    assert table['n'].tolist() == [50, 60, 60, 170]
+    assert_allclose(table['measured_median'].to_value(u.percent), [5, 0, 0, 0], atol=1e-9)
+    assert_allclose(table['corrected_mean'].to_value(u.percent), 0, atol=1e-9)
+    with pytest.raises(ShapeMismatchError, match='true_class shape'):
+        evaluate.flux_bias_table(measured, true, true, true_class[:-1])
 
 
 def test_evaluate_predictions_errors(synthetic_set):
