@@ -56,6 +56,8 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
              f'* input kinds: {", ".join(card["input_kinds"])}; bands: {card["n_bands"]}; '
              f'stamps: {card["stamp_size"]}x{card["stamp_size"]} pixels',
              f'* output floor removal: {card.get("output_floor")}',
+             f'* output averaged over {card.get("symmetries") or 1} symmetries of the square '
+             f'(`~psfdeconv.deconvolve.symmetric_output`)',
              f'* weights SHA-256: ``{card["weights_sha256"]}``', '',
              'Training data', '=============', '',
              f'* simulation seed {training["simulation_seed"]}, file '
@@ -83,6 +85,17 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
         lines.append(f'{h["epoch"]:<6d}  {h["loss"]:<10.5f}  {h["val_loss"]:<15.5f}  '
                      f'{h["elapsed_seconds"] / 60:<9.1f}')
     lines += ['======  ==========  ===============  =========', '']
+    leakage = card.get('psf_leakage')
+    lines += ['PSF-leakage correction', '======================', '']
+    if leakage:
+        lines += [f'Each band image is sheared by g = -alpha e_PSF / 2 about its centroid, '
+                  f'alpha = {leakage["alpha"]:.4f} (`~psfdeconv.deconvolve.fit_psf_leakage`): '
+                  f'on the {leakage["n_objects"]} validation object-bands the slope of the '
+                  f'ellipticity error on the PSF ellipticity goes from '
+                  f'{leakage["measured_leakage"]:.4f} to {leakage["residual_leakage"]:.4f}.',
+                  '']
+    else:
+        lines += ['None.', '']
     bias = card.get('flux_bias') or {}
     lines += ['Flux-bias correction', '====================', '',
               f'``{bias.get("form")}``, coefficients (c0, c1, c2) = '
@@ -117,10 +130,18 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
                             ('table2', 'Unweighted moments, prediction - truth (paper '
                                        'Table 2; mean and RMS)'),
                             ('table2_hsm', 'HSM adaptive moments, prediction - truth'),
-                            ('table3', 'Blank / low / medium / high classification')):
+                            ('table3', 'Blank / low / medium / high classification'),
+                            ('flux_bias', 'Flux bias per truth-flux class (per cent; the '
+                                          'correction fitted on the validation objects)'),
+                            ('correlations', 'Ellipticity correlations with the PSF and the '
+                                             'truth (paper Fig. 7)')):
             path = report / f'{name}.ecsv'
             if path.exists():
-                lines += [title, '-' * len(title), '', rst_table(QTable.read(path)), '']
+                table = QTable.read(path)
+                if name == 'correlations':
+                    # The model's rows beside the truth's null level.
+                    table = table[[m in ('truth', 'model') for m in table['method']]]
+                lines += [title, '-' * len(title), '', rst_table(table), '']
     # The prose on why this model ships and what is weak in it is kept beside the model's
     # provenance (data/NAME/notes.rst), so that regenerating the card keeps it current.
     notes = Path(__file__).resolve().parents[1] / 'data' / card['name'] / 'notes.rst'

@@ -180,6 +180,13 @@ def _load(path, n_bands=None):
     return load_model(path, n_bands=n_bands)
 
 
+def _add_symmetries_argument(parser):
+    parser.add_argument('--symmetries', type=int, choices=(1, 2, 4, 8),
+                        help='average the network over this many flips and turns of '
+                             'each stamp (default: the model card\'s, 8 for the shipped '
+                             'models; 1 runs the network once per stamp, fastest)')
+
+
 def _cmd_deconvolve(args):
     from .deconvolve import deconvolve_stamps
     from .io import check_writable
@@ -192,7 +199,8 @@ def _cmd_deconvolve(args):
     model = _load(args.model, n_bands=sims['observed'].shape[1])
     images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
-        model=model, return_details=True, strict=args.strict)
+        model=model, return_details=True, strict=args.strict,
+        symmetries=args.symmetries)
     n = len(images)
     print(f'deconvolved {n} stamps of {_plural(images.shape[1], "band")} with '
           f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
@@ -489,7 +497,8 @@ def _cmd_run(args):
         exposures, args.out, args.catalog, args.psf, model=args.model,
         reference_band=args.reference_band, batch_size=args.batch_size,
         overwrite=args.overwrite, strict=args.strict,
-        neighbours='keep' if args.keep_neighbours else 'replace')
+        neighbours='keep' if args.keep_neighbours else 'replace',
+        symmetries=args.symmetries)
     n_flagged = _n_flagged(catalog)
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
@@ -678,6 +687,7 @@ def _parser():
     p.add_argument('--strict', action='store_true',
                    help='refuse (exit 3) stamps whose pixel scale or PSF the model '
                         'was not trained on, instead of warning')
+    _add_symmetries_argument(p)
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)
 
@@ -742,6 +752,7 @@ def _parser():
     p.add_argument('--strict', action='store_true',
                    help='refuse (exit 3) exposures whose pixel scale or PSF the model '
                         'was not trained on, instead of warning and flagging them')
+    _add_symmetries_argument(p)
     p.add_argument('--keep-neighbours', action='store_true',
                    help='deconvolve the stamps as cut; by default the pixels of other '
                         'sources in a stamp are replaced by noise (flag NEIGHBOURS) '

@@ -825,7 +825,8 @@ def _stamp_mad(stamps, mask):
 def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
-                       batch_size=128, chunk_size=_CHUNK_SIZE, strict=False):
+                       batch_size=128, chunk_size=_CHUNK_SIZE, strict=False,
+                       symmetries=None):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -879,6 +880,11 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         stamps as cut.
     batch_size : int, optional
         Objects per network call.
+    symmetries : {1, 2, 4, 8}, optional
+        Symmetries of the square the network output is averaged over
+        (`~psfdeconv.deconvolve.deconvolve_stamps`); default: the model
+        card's. Fewer run faster (the network's share of the run time
+        scales with it) but leave the card's calibrations slightly off.
     chunk_size : int, optional
         Sources cut out, deconvolved and measured together. The working
         memory of those stages grows with it (about 1.5 MB per source of a
@@ -953,12 +959,22 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                            epsf_options=epsf_options, detect_options=detect_options,
                            neighbours=neighbours)
     _check_strict(setup, strict)
+    _set_symmetries(setup, symmetries)
     parts, nddata = [], []
     for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
                                         batch_size=batch_size):
         parts.append(part)
         nddata.extend(stamps)
     return _catalog_table(setup, parts), nddata
+
+
+def _set_symmetries(setup, symmetries):
+    """The symmetries the deconvolution averages over (None: the model
+    card's), recorded in the catalogue's meta."""
+    if symmetries is None:
+        symmetries = setup.model.card.get('symmetries') or 1
+    setup.symmetries = symmetries
+    setup.meta['symmetries'] = symmetries
 
 
 def _check_strict(setup, strict):
@@ -1183,7 +1199,8 @@ def _deconvolve_chunk(setup, index, *, batch_size):
     images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=setup.scale,
                                         model=setup.model, noise_sigma=noise_sigma,
                                         batch_size=batch_size, return_details=True,
-                                        strict=getattr(setup, 'strict', False))
+                                        strict=getattr(setup, 'strict', False),
+                                        symmetries=setup.symmetries)
     flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
     flags[~details['detected']] |= FLAG_UNDETECTED
     del stamps, stamp_psfs
@@ -1329,7 +1346,8 @@ def read_positions(path):
 
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
-                     chunk_size=_CHUNK_SIZE, strict=False, neighbours='replace'):
+                     chunk_size=_CHUNK_SIZE, strict=False, neighbours='replace',
+                     symmetries=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`write_catalog`), ``OUT/stamps.fits``
@@ -1356,7 +1374,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         detected if None.
     psfs : optional
         As for `build_psfs`; default ``'epsf'``.
-    model, reference_band, batch_size, chunk_size, strict, neighbours
+    model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries
         As for `deconvolve_catalog`.
     overwrite : bool, optional
         Replace existing outputs.
@@ -1389,6 +1407,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                            subtract_background=True, epsf_options=None,
                            detect_options=None, neighbours=neighbours)
     _check_strict(setup, strict)
+    _set_symmetries(setup, symmetries)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
     with _stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:

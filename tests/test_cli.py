@@ -110,6 +110,14 @@ def test_deconvolve(cli_sims, tiny_model_path, tmp_path, capsys):
     # --out exists now: exit 5 before any work.
     assert main(['deconvolve', '--stamps', str(cli_sims), '--model', str(tiny_model_path),
                  '--out', str(out)]) == 5
+    # --symmetries 1: the network once per stamp instead of the card's 8 flips and turns.
+    once = tmp_path / 'once.fits'
+    assert main(['deconvolve', '--stamps', str(cli_sims), '--model', str(tiny_model_path),
+                 '--symmetries', '1', '--out', str(once)]) == 0
+    with fits.open(out) as averaged, fits.open(once) as single:
+        assert not np.allclose(averaged['DECONVOLVED'].data, single['DECONVOLVED'].data)
+    with pytest.raises(SystemExit):
+        main(['deconvolve', '--stamps', str(cli_sims), '--symmetries', '3'])
 
 
 def test_deconvolve_garbage_model(cli_sims, tmp_path, capsys):

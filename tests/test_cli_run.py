@@ -119,13 +119,14 @@ def test_run_detect(exposure_set, tiny_model_path, tmp_path):
     assert 8 <= len(catalog) <= 10
     assert len(read_stamps(out / 'stamps.fits')) == len(catalog)
     assert catalog.meta['neighbours'] == 'replace'
+    assert catalog.meta['symmetries'] == 8  # the card's
     # --keep-neighbours deconvolves the stamps as cut: no NEIGHBOURS flag.
     kept = tmp_path / 'kept'
     assert main(['run', *band_arguments(directory), '--detect', '--psf', MOFFAT,
                  '--model', str(tiny_model_path), '--reference-band', 'r',
-                 '--keep-neighbours', '--out', str(kept)]) == 0
+                 '--keep-neighbours', '--symmetries', '1', '--out', str(kept)]) == 0
     kept = read_catalog(kept / 'catalog.fits')
-    assert kept.meta['neighbours'] == 'keep'
+    assert kept.meta['neighbours'] == 'keep' and kept.meta['symmetries'] == 1
     assert not (np.asarray(kept['flags']) & FLAG_NEIGHBOURS).any()
     assert (np.asarray(catalog['flags']) & FLAG_NEIGHBOURS).any()
 
