@@ -43,7 +43,7 @@ def train_config(kinds, args):
             'learning_rate': args.learning_rate, 'decay_rate': 0.5,
             'decay_steps': args.decay_steps, 'patience': args.epochs,
             'dtype_policy': 'mixed_bfloat16', 'output_floor': 'median',
-            'augment': True}
+            'augment': True, 'symmetries': 1}
 
 
 def _number(value):
@@ -55,9 +55,12 @@ def evaluate(model_path, test_path, n_test):
     from psfdeconv.model import load_model
 
     model = load_model(model_path)
-    # The inputs are compared, not the post-processing: no detection gate (runs
-    # trained before the gate existed have none).
-    model.card.pop('detection', None)
+    # The inputs are compared, not the post-processing: no detection gate and no
+    # PSF-leakage correction (runs finished before they existed have none), one network
+    # call per stamp.
+    for key in ('detection', 'psf_leakage'):
+        model.card.pop(key, None)
+    model.card['symmetries'] = 1
     res = evaluate_simulation(test_path, model=model, n_objects=n_test, baselines=())
     hsm = res['table2_hsm']
     unweighted = res['table2']

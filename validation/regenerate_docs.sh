@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate every measured page of the docs that comes from simulations with truth:
 # the stamp-level reports (docs/report, docs/report_1band), the input ablation
-# (docs/ablation) and the two model cards, from the shipped models.
+# (docs/ablation), the plots of docs/plotting.rst and the two model cards, from the shipped
+# models.
 #
 #     bash validation/regenerate_docs.sh TRAIN.h5 TEST.h5 [RUNS]
 #
@@ -24,6 +25,7 @@ psfdeconv evaluate "$test" --model psfdeconv/data/unet1_psf_ipsf_ipsf1.keras --n
     --baselines observed,wiener --report docs/report_1band --overwrite
 python validation/ablation.py "$train" "$test" --out docs/ablation --runs "$runs" \
     --n-train 16000 --epochs 2 --n-test 1000
+python docs/make_plots.py --overwrite
 python docs/make_model_card.py psfdeconv/data/unet_psf_ipsf_ipsf1.json docs/report \
     docs/model_card.rst
 python docs/make_model_card.py psfdeconv/data/unet1_psf_ipsf_ipsf1.json docs/report_1band \
