@@ -765,7 +765,7 @@ def psf_ellipticity(psfs):
 
 
 def shear_images(images, g1, g2):
-    """Shear images about their centroids, conserving their moments' size.
+    """Shear images about their centroids (an area-preserving shear).
 
     Each image ``I`` becomes ``I(S^-1 x)`` with the area-preserving shear
     ``S = [[1 + g1, g2], [g2, 1 - g1]] / sqrt(1 - g1**2 - g2**2)`` (x along
@@ -824,7 +824,8 @@ def shear_images(images, g1, g2):
 
 
 def _leakage(images, truth, psf_e1, psf_e2):
-    """sum((e - e_true) . e_PSF) / sum(e_PSF . e_PSF) over finite objects."""
+    """sum((e - e_true) . e_PSF) / sum(e_PSF . e_PSF) over finite objects
+    (0 where the PSFs are all round), and the number of objects."""
     from .measure import image_moments
 
     pred = image_moments(images)
@@ -832,8 +833,11 @@ def _leakage(images, truth, psf_e1, psf_e2):
     d1 = pred['e1'] - true['e1']
     d2 = pred['e2'] - true['e2']
     ok = np.isfinite(d1) & np.isfinite(d2)
-    return float(np.sum(d1[ok] * psf_e1[ok] + d2[ok] * psf_e2[ok])
-                 / np.sum(psf_e1[ok]**2 + psf_e2[ok]**2)), int(ok.sum())
+    norm = np.sum(psf_e1[ok]**2 + psf_e2[ok]**2)
+    # PSF ellipticities of 1e-6 are rounding noise on round PSFs.
+    if not norm > 1e-12 * ok.sum():
+        return 0.0, int(ok.sum())
+    return float(np.sum(d1[ok] * psf_e1[ok] + d2[ok] * psf_e2[ok]) / norm), int(ok.sum())
 
 
 def fit_psf_leakage(output, truth, psfs):
@@ -866,7 +870,8 @@ def fit_psf_leakage(output, truth, psfs):
         ..., 'n_objects': ..., 'form': ...}`` for a model card's
         ``psf_leakage``.
     """
-    psf_e1, psf_e2 = psf_ellipticity(psfs)
+    psf_e1, psf_e2 = (np.nan_to_num(e) for e in psf_ellipticity(psfs))
+    # Round PSFs carry no leakage to measure: alpha is 0, no correction.
     measured, n_objects = _leakage(output, truth, psf_e1, psf_e2)
     if n_objects < 10:
         raise InvalidInputError(f'only {n_objects} object(s) have finite moments; '
@@ -905,7 +910,8 @@ def correct_psf_leakage(output, psfs, psf_leakage):
     """
     if not psf_leakage:
         return output
-    psf_e1, psf_e2 = psf_ellipticity(psfs)
+    # A PSF without defined moments gets no correction.
+    psf_e1, psf_e2 = (np.nan_to_num(e) for e in psf_ellipticity(psfs))
     alpha = psf_leakage['alpha']
     return shear_images(output, -alpha * psf_e1 / 2, -alpha * psf_e2 / 2)
 

@@ -627,5 +627,10 @@ def test_fit_and_correct_psf_leakage():
                                                                               corrected_m)]
     assert np.sqrt(np.mean(error[1]**2)) < 0.2 * np.sqrt(np.mean(error[0]**2))
     assert correct_psf_leakage(leaky, psfs, None) is leaky
+    # Round PSFs leave nothing to measure: no correction, and no warning.
+    round_psfs = np.broadcast_to(gaussian((15, 15), 1.8, 1.8, 0.0, 7, 7), psfs.shape)
+    round_fit = fit_psf_leakage(leaky, truth, round_psfs)
+    assert round_fit['alpha'] == 0.0 and round_fit['measured_leakage'] == 0.0
+    assert_allclose(correct_psf_leakage(leaky, round_psfs, round_fit), leaky)
     with pytest.raises(InvalidInputError, match='at least 10'):
         fit_psf_leakage(leaky[:5], truth[:5], psfs[:5])
