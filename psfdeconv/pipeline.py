@@ -970,9 +970,16 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
 
 def _set_symmetries(setup, symmetries):
     """The symmetries the deconvolution averages over (None: the model
-    card's), recorded in the catalogue's meta."""
+    card's), checked before any stamp is cut and recorded in the
+    catalogue's meta."""
+    from .deconvolve import SYMMETRY_COUNTS
+    from .exceptions import ConfigError
+
     if symmetries is None:
         symmetries = setup.model.card.get('symmetries') or 1
+    if symmetries not in SYMMETRY_COUNTS:
+        raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
+                          f'{symmetries!r}.')
     setup.symmetries = symmetries
     setup.meta['symmetries'] = symmetries
 

@@ -17,6 +17,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from psfdeconv.cutouts import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 from psfdeconv.exceptions import (
     BandCountError,
+    ConfigError,
     InvalidInputError,
     InvalidPSFError,
     ModelFileError,
@@ -291,6 +292,8 @@ def test_errors(field, moffat_psfs, tiny_model, tmp_path):
         deconvolve_catalog(two, model=tiny_model)
     with pytest.raises(InvalidInputError, match=r"neighbours = 'drop'; give one of"):
         deconvolve_catalog(exposures, None, moffat_psfs, model=tiny_model, neighbours='drop')
+    with pytest.raises(ConfigError, match=r'symmetries must be one of \(1, 2, 4, 8\), got 3'):
+        deconvolve_catalog(exposures, None, moffat_psfs, model=tiny_model, symmetries=3)
     with pytest.raises(InvalidInputError, match=r"reference_band = 'z' is not one of"):
         deconvolve_catalog(exposures, model=tiny_model, reference_band='z')
     with pytest.raises(ShapeMismatchError, match='size = 32, but the model was trained'):
