@@ -513,11 +513,11 @@ def _run_group(group, out_dir, model_ref, options):
             group['exposures'], group_dir, group['catalog'] or None, group['psfs'],
             model=model, reference_band=options['reference_band'],
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
-            overwrite=options['overwrite'])
+            overwrite=options['overwrite'], symmetries=options['symmetries'])
         row.update(status='ok', n_sources=len(catalog),
                    n_flagged=_n_flagged(catalog),
                    seconds=time.perf_counter() - start, finished=_utc_now())
-        marker = dict(row, weights_sha256=model.sha256)
+        marker = dict(row, weights_sha256=model.sha256, symmetries=options['symmetries'])
         # Last, and atomically: the group is finished exactly when this exists.
         with atomic_path(group_dir / MARKER_NAME, overwrite=True) as tmp:
             tmp.write_text(json.dumps(marker, indent=1))
@@ -589,7 +589,7 @@ def _load_batch_model(model, n_bands):
 
 def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads',
               workers=None, resume=False, overwrite=False, reference_band=None,
-              batch_size=128, chunk_size=None):
+              batch_size=128, chunk_size=None, symmetries=None):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into
@@ -631,9 +631,10 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         the others (failed and interrupted ones included).
     overwrite : bool, optional
         Redo every group, replacing an earlier run's outputs and summary.
-    reference_band, batch_size, chunk_size
+    reference_band, batch_size, chunk_size, symmetries
         As for `psfdeconv.pipeline.run_exposure_set` (``chunk_size`` None:
-        its default).
+        its default; ``symmetries`` None: the model card's). A resumed batch
+        keeps only the groups made with the same model and symmetries.
 
     Returns
     -------
@@ -650,8 +651,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         Before any work, if ``out_dir`` holds a summary or group outputs and
         neither ``resume`` nor ``overwrite`` is given.
     psfdeconv.exceptions.ConfigError
-        For invalid options, or resuming with another model than the one
-        that made the finished groups.
+        For invalid options, or resuming with another model or symmetries
+        than the ones that made the finished groups.
     psfdeconv.exceptions.InvalidInputError, psfdeconv.exceptions.ModelFileError
         For a bad manifest (`read_manifest`), or a model that cannot be
         loaded or has the wrong number of bands.
@@ -687,6 +688,13 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                         f'another --out.')
 
     loaded = _load_batch_model(model, len(bands))
+    from .deconvolve import SYMMETRY_COUNTS
+
+    if symmetries is None:
+        symmetries = loaded.card.get('symmetries') or 1
+    if symmetries not in SYMMETRY_COUNTS:
+        raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
+                          f'{symmetries!r}.')
     model_path = None if loaded.path is None else str(Path(loaded.path).resolve())
     if model_path is None and not (isinstance(scheduler, str) and
                                    scheduler in ('threads', 'synchronous')):
@@ -703,7 +711,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
             marker = _read_marker(out_dir / group)
             if marker is None:
                 continue
-            if marker.get('weights_sha256') != loaded.sha256:
+            # Markers written before symmetries existed: one network call.
+            if (marker.get('weights_sha256') != loaded.sha256 or
+                    marker.get('symmetries', 1) != symmetries):
                 mismatched.append(group)
                 continue
             fields = {name: marker[name] for name in _SUMMARY_COLUMNS
@@ -711,9 +721,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
             rows[group] = _row(group, 'skipped', **fields)
         if mismatched:
             raise ConfigError(f'groups {mismatched} of {out_dir} were made with another '
-                              f'model (weights SHA-256 in their done.json); resume '
-                              f'with that model, or pass --overwrite to redo every '
-                              f'group with this one.')
+                              f'model or symmetries (weights SHA-256 and symmetries '
+                              f'in their done.json); resume with those, or pass '
+                              f'--overwrite to redo every group with these.')
     todo = [row for row in range(len(manifest)) if ids[row] not in rows]
     for row in todo:
         rows[ids[row]] = _row(ids[row])
@@ -726,6 +736,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         'versions': versions,
         'model': {'name': loaded.card.get('name'), 'path': model_path,
                   'weights_sha256': loaded.sha256},
+        'symmetries': symmetries,
         'manifest': manifest.meta.get('manifest'),
         'bands': bands,
         'default_psf': psfs,
@@ -743,7 +754,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
     if chunk_size is None:
         from .pipeline import _CHUNK_SIZE as chunk_size
     options = {'reference_band': reference_band, 'batch_size': batch_size,
-               'chunk_size': chunk_size, 'threads': threads,
+               'chunk_size': chunk_size, 'threads': threads, 'symmetries': symmetries,
                # Groups that run have no marker: whatever they hold is the
                # partial output of an interrupted or failed run.
                'overwrite': bool(resume or overwrite)}
@@ -879,7 +890,7 @@ def _cmd_batch(args):
                         scheduler=args.scheduler, workers=args.workers,
                         resume=args.resume, overwrite=args.overwrite,
                         reference_band=args.reference_band,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, symmetries=args.symmetries)
     counts = summary.meta['counts']
     print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
           f'finished earlier, {counts["failed"]} failed; '
@@ -902,6 +913,8 @@ def add_batch_parser(subparsers):
         The subcommand's parser.
     """
     import argparse
+
+    from .deconvolve import SYMMETRY_COUNTS
 
     p = subparsers.add_parser(
         'batch', help='deconvolve many exposure groups (a manifest) on dask',
@@ -943,6 +956,9 @@ def add_batch_parser(subparsers):
                         'first band column)')
     p.add_argument('--batch-size', type=int, default=128,
                    help='objects per network call')
+    p.add_argument('--symmetries', type=int, choices=SYMMETRY_COUNTS,
+                   help='average the network over this many flips and turns of each '
+                        'stamp (default: the model card\'s; 1 is fastest)')
     group = p.add_mutually_exclusive_group()
     group.add_argument('--resume', action='store_true',
                        help='keep the groups finished by an earlier run into OUT '

@@ -202,7 +202,8 @@ def test_option_errors(groups, tiny_model, tmp_path):
             ({'scheduler': 'gpu'}, r"scheduler = 'gpu'; give one of"),
             ({'workers': 0}, 'workers = 0; give a number'),
             ({'scheduler': 'tcp://127.0.0.1:1', 'workers': 2}, 'cannot be set for a dask'),
-            ({'resume': True, 'overwrite': True}, 'resume and overwrite exclude')]:
+            ({'resume': True, 'overwrite': True}, 'resume and overwrite exclude'),
+            ({'symmetries': 3}, r'symmetries must be one of \(1, 2, 4, 8\), got 3')]:
         with pytest.raises(ConfigError, match=message):
             run_batch(manifest, tmp_path / 'out', model=tiny_model, **options)
     assert not (tmp_path / 'out').exists()
@@ -357,6 +358,23 @@ def test_overwrite_redoes_every_group(groups, reference, tiny_model, tmp_path):
     assert list(summary['status']) == ['ok']
     assert (tmp_path / 'f0' / MARKER_NAME).stat().st_mtime_ns > before
     assert_batch_matches(tmp_path, reference, ids=('f0',))
+
+
+def test_resume_keeps_only_groups_of_the_same_symmetries(groups, tiny_model, tmp_path):
+    (groups / 'one.csv').write_text(
+        '\n'.join((groups / 'groups.csv').read_text().splitlines()[:2]) + '\n')
+    summary = run_batch(groups / 'one.csv', tmp_path, psfs=MOFFAT, model=tiny_model,
+                        symmetries=1)
+    assert summary.meta['symmetries'] == 1
+    assert read_catalog(tmp_path / 'f0' / 'catalog.fits').meta['symmetries'] == 1
+    before = (tmp_path / 'f0' / MARKER_NAME).read_bytes()
+    # The card's 8 symmetries would not give these catalogues: refused, nothing touched.
+    with pytest.raises(ConfigError, match=r"groups \['f0'\] .* another model or symmetries"):
+        run_batch(groups / 'one.csv', tmp_path, psfs=MOFFAT, model=tiny_model, resume=True)
+    assert (tmp_path / 'f0' / MARKER_NAME).read_bytes() == before
+    summary = run_batch(groups / 'one.csv', tmp_path, psfs=MOFFAT, model=tiny_model,
+                        resume=True, symmetries=1)
+    assert list(summary['status']) == ['skipped']
 
 
 def test_killed_batch_resumes_without_losing_or_redoing_groups(groups, reference,
