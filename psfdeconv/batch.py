@@ -688,13 +688,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                         f'another --out.')
 
     loaded = _load_batch_model(model, len(bands))
-    from .deconvolve import SYMMETRY_COUNTS
+    from .deconvolve import _check_symmetries
 
-    if symmetries is None:
-        symmetries = loaded.card.get('symmetries') or 1
-    if symmetries not in SYMMETRY_COUNTS:
-        raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
-                          f'{symmetries!r}.')
+    symmetries = _check_symmetries(symmetries, loaded)
     model_path = None if loaded.path is None else str(Path(loaded.path).resolve())
     if model_path is None and not (isinstance(scheduler, str) and
                                    scheduler in ('threads', 'synchronous')):
@@ -914,7 +910,7 @@ def add_batch_parser(subparsers):
     """
     import argparse
 
-    from .deconvolve import SYMMETRY_COUNTS
+    from .cli import _add_symmetries_argument
 
     p = subparsers.add_parser(
         'batch', help='deconvolve many exposure groups (a manifest) on dask',
@@ -956,9 +952,7 @@ def add_batch_parser(subparsers):
                         'first band column)')
     p.add_argument('--batch-size', type=int, default=128,
                    help='objects per network call')
-    p.add_argument('--symmetries', type=int, choices=SYMMETRY_COUNTS,
-                   help='average the network over this many flips and turns of each '
-                        'stamp (default: the model card\'s; 1 is fastest)')
+    _add_symmetries_argument(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument('--resume', action='store_true',
                        help='keep the groups finished by an earlier run into OUT '

@@ -181,6 +181,7 @@ def _load(path, n_bands=None):
 
 
 def _add_symmetries_argument(parser):
+    # deconvolve.SYMMETRY_COUNTS, not imported: building the parser stays fast.
     parser.add_argument('--symmetries', type=int, choices=(1, 2, 4, 8),
                         help='average the network over this many flips and turns of '
                              'each stamp (default: the model card\'s, 8 for the shipped '

@@ -682,6 +682,18 @@ SYMMETRY_COUNTS = (1, 2, 4, 8)
 _SYMMETRY_TRANSFORMS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
+def _check_symmetries(symmetries, model=None):
+    """The number of symmetries to average over: ``symmetries``, or the
+    model card's (1 for a card without one) if None; a
+    `~psfdeconv.exceptions.ConfigError` unless it is 1, 2, 4 or 8."""
+    if symmetries is None and model is not None:
+        symmetries = model.card.get('symmetries') or 1
+    if symmetries not in SYMMETRY_COUNTS:
+        raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
+                          f'{symmetries!r}.')
+    return symmetries
+
+
 def _square_symmetry(array, transform, *, inverse=False):
     """Symmetry ``transform`` (0-7) of the square on the last two axes."""
     if inverse:
@@ -725,10 +737,7 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
     """
     from .features import make_cube
 
-    if symmetries not in SYMMETRY_COUNTS:
-        raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
-                          f'{symmetries!r}.')
-    transforms = _SYMMETRY_TRANSFORMS[symmetries]
+    transforms = _SYMMETRY_TRANSFORMS[_check_symmetries(symmetries)]
     n = stamps.shape[0]
     output = np.zeros(stamps.shape, dtype=np.float32)
     # Features in chunks keep the FFT buffers bounded for large n.
@@ -1014,11 +1023,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
             f'on {model.stamp_size}x{model.stamp_size}; cut stamps of that '
             f'size.')
     outside = _check_training_range(model, pixel_scale, psfs, strict=strict)
-    if symmetries is None:
-        symmetries = model.card.get('symmetries') or 1
-
     output = symmetric_output(model, stamps, psfs, pixel_scale,
-                              symmetries=symmetries, batch_size=batch_size)
+                              symmetries=_check_symmetries(symmetries, model),
+                              batch_size=batch_size)
     output = remove_output_floor(output, model.card.get('output_floor'))
     output = correct_psf_leakage(output, psfs, model.card.get('psf_leakage'))
     if noise_sigma is not None:

@@ -972,14 +972,9 @@ def _set_symmetries(setup, symmetries):
     """The symmetries the deconvolution averages over (None: the model
     card's), checked before any stamp is cut and recorded in the
     catalogue's meta."""
-    from .deconvolve import SYMMETRY_COUNTS
-    from .exceptions import ConfigError
+    from .deconvolve import _check_symmetries
 
-    if symmetries is None:
-        symmetries = setup.model.card.get('symmetries') or 1
-    if symmetries not in SYMMETRY_COUNTS:
-        raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
-                          f'{symmetries!r}.')
+    symmetries = _check_symmetries(symmetries, setup.model)
     setup.symmetries = symmetries
     setup.meta['symmetries'] = symmetries
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .deconvolve import OUTPUT_FLOORS, SYMMETRY_COUNTS
+from .deconvolve import OUTPUT_FLOORS, _check_symmetries
 from .exceptions import ConfigError, InvalidInputError
 from .features import KINDS, _check_kinds, make_cube
 
@@ -119,9 +119,7 @@ class TrainConfig:
         if self.output_floor not in OUTPUT_FLOORS:
             raise ConfigError(f"output_floor must be one of {OUTPUT_FLOORS}, got "
                               f"{self.output_floor!r}.")
-        if self.symmetries not in SYMMETRY_COUNTS:
-            raise ConfigError(f'symmetries must be one of {SYMMETRY_COUNTS}, got '
-                              f'{self.symmetries!r}.')
+        _check_symmetries(self.symmetries)
         if not self.target_headroom >= 1:
             raise ConfigError(f'target_headroom must be >= 1, got '
                               f'{self.target_headroom}.')
