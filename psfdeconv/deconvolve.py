@@ -832,23 +832,6 @@ def shear_images(images, g1, g2):
     return np.clip(out, 0, None)
 
 
-def _leakage(images, truth, psf_e1, psf_e2):
-    """sum((e - e_true) . e_PSF) / sum(e_PSF . e_PSF) over finite objects
-    (0 where the PSFs are all round), and the number of objects."""
-    from .measure import image_moments
-
-    pred = image_moments(images)
-    true = image_moments(truth)
-    d1 = pred['e1'] - true['e1']
-    d2 = pred['e2'] - true['e2']
-    ok = np.isfinite(d1) & np.isfinite(d2)
-    norm = np.sum(psf_e1[ok]**2 + psf_e2[ok]**2)
-    # PSF ellipticities of 1e-6 are rounding noise on round PSFs.
-    if not norm > 1e-12 * ok.sum():
-        return 0.0, int(ok.sum())
-    return float(np.sum(d1[ok] * psf_e1[ok] + d2[ok] * psf_e2[ok]) / norm), int(ok.sum())
-
-
 def fit_psf_leakage(output, truth, psfs):
     """Fit the PSF ellipticity that deconvolved images keep (leakage).
 
@@ -879,19 +862,34 @@ def fit_psf_leakage(output, truth, psfs):
         ..., 'n_objects': ..., 'form': ...}`` for a model card's
         ``psf_leakage``.
     """
+    from .measure import image_moments
+
     psf_e1, psf_e2 = (np.nan_to_num(e) for e in psf_ellipticity(psfs))
-    # Round PSFs carry no leakage to measure: alpha is 0, no correction.
-    measured, n_objects = _leakage(output, truth, psf_e1, psf_e2)
+    true = image_moments(truth)
+
+    def leakage(alpha):
+        # sum((e - e_true) . e_PSF) / sum(e_PSF . e_PSF) over the objects with
+        # finite moments, after the shear of alpha; 0 where the PSFs are all
+        # round (ellipticities of 1e-6 are rounding noise): no correction.
+        pred = image_moments(output if alpha == 0 else
+                             shear_images(output, -alpha * psf_e1 / 2, -alpha * psf_e2 / 2))
+        d1 = pred['e1'] - true['e1']
+        d2 = pred['e2'] - true['e2']
+        ok = np.isfinite(d1) & np.isfinite(d2)
+        norm = np.sum(psf_e1[ok]**2 + psf_e2[ok]**2)
+        if not norm > 1e-12 * ok.sum():
+            return 0.0, int(ok.sum())
+        return float(np.sum(d1[ok] * psf_e1[ok] + d2[ok] * psf_e2[ok]) / norm), int(ok.sum())
+
+    measured, n_objects = leakage(0.0)
     if n_objects < 10:
         raise InvalidInputError(f'only {n_objects} object(s) have finite moments; '
                                 f'the PSF-leakage fit needs at least 10.')
-    once = _leakage(shear_images(output, -measured * psf_e1 / 2,
-                                 -measured * psf_e2 / 2), truth, psf_e1, psf_e2)[0]
+    once = leakage(measured)[0]
     # The shear changed the leakage by (measured - once); scale it to null it.
     response = (measured - once) / measured if measured else 1.0
     alpha = measured / response if response > 0 else measured
-    residual = _leakage(shear_images(output, -alpha * psf_e1 / 2,
-                                     -alpha * psf_e2 / 2), truth, psf_e1, psf_e2)[0]
+    residual = leakage(alpha)[0]
     return {'alpha': float(alpha), 'measured_leakage': float(measured),
             'residual_leakage': float(residual), 'n_objects': n_objects,
             'form': 'each band image sheared by g = -alpha e_PSF / 2 about its '
