@@ -680,8 +680,8 @@ def flux_bias_table(flux, flux_corrected, true_flux, true_class):
             f'{true.shape} and {true_class.shape}.')
     rows = []
     classes = np.broadcast_to(true_class[:, None], flux.shape)
-    for name, select in (('low', classes == 1), ('medium', classes == 2),
-                         ('high', classes == 3), ('all', classes > 0)):
+    selections = [(name, classes == k) for k, name in enumerate(_CLASS_NAMES) if k > 0]
+    for name, select in selections + [('all', classes > 0)]:
         select = select & (true > 0)
         measured = flux[select] / true[select] - 1
         fixed = corrected[select] / true[select] - 1
@@ -1480,11 +1480,12 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
         sims['truth'], predictions, psfs=sims['psf'],
         pixel_scale=sims['pixel_scale'], is_blank=sims['is_blank'],
         noise_sigma=sims['noise_sigma'], hsm=True)
-    true_flux = sims['truth'].sum(axis=(-2, -1), dtype=np.float64)
-    true_class = np.where(sims['is_blank'], 0,
-                          flux_classes(true_flux.sum(axis=1), results['edges']))
-    results['flux_bias'] = flux_bias_table(details['flux'], details['flux_corrected'],
-                                           true_flux, true_class)
+    # The truth's classes of Table 3, as the objects table holds them.
+    objects = results['objects']
+    true_class = np.asarray(objects['true_class'][objects['method'] == 'model'])
+    results['flux_bias'] = flux_bias_table(
+        details['flux'], details['flux_corrected'],
+        sims['truth'].sum(axis=(-2, -1), dtype=np.float64), true_class)
     results['summary_text'] = '\n\n'.join(
         _markdown_table(results[name])
         for name in ('table1', 'table2', 'table2_hsm', 'table3', 'flux_bias'))
