@@ -743,12 +743,14 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
     # Features in chunks keep the FFT buffers bounded for large n.
     for start in range(0, n, 4 * batch_size):
         sl = slice(start, start + 4 * batch_size)
+        cube, _ = make_cube(stamps[sl], psfs[sl], pixel_scale=pixel_scale[sl],
+                            kinds=model.kinds, **model.feature_options)
+        # The cube of a flipped or turned stamp and PSF is the flipped or
+        # turned cube: built once, turned for each view.
+        planes = np.moveaxis(cube, -1, 1)
         for transform in transforms:
-            cube, _ = make_cube(_square_symmetry(stamps[sl], transform),
-                                _square_symmetry(psfs[sl], transform),
-                                pixel_scale=pixel_scale[sl], kinds=model.kinds,
-                                **model.feature_options)
-            output[sl] += _square_symmetry(model.predict(cube, batch_size=batch_size),
+            view = np.ascontiguousarray(np.moveaxis(_square_symmetry(planes, transform), 1, -1))
+            output[sl] += _square_symmetry(model.predict(view, batch_size=batch_size),
                                            transform, inverse=True)
     output /= len(transforms)
     return output
