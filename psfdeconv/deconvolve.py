@@ -504,7 +504,7 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                    noise_sigma=None, batch_size=128,
                    blank_recall=DETECTION_BLANK_RECALL,
                    max_sources_below=DETECTION_MAX_SOURCES_BELOW,
-                   fit_leakage=True, return_images=False):
+                   return_images=False):
     """Fit a model card's PSF-leakage correction, flux-bias correction and
     detection threshold.
 
@@ -526,8 +526,6 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         bool (n,), True for blank stamps.
     blank_recall, max_sources_below : float, optional
         As for `fit_detection_threshold`.
-    fit_leakage : bool, optional
-        Fit the PSF-leakage correction (False: the card gets none).
     return_images : bool, optional
         Also return the deconvolved images as the calibrated card gives
         them, e.g. to measure the card's metrics without deconvolving the
@@ -537,8 +535,8 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     -------
     dict
         ``{'psf_leakage': ..., 'flux_bias': ..., 'detection': ...}``;
-        ``psf_leakage`` is None without ``fit_leakage``, ``detection`` is
-        None (no detection gate) with fewer than 100 blanks.
+        ``detection`` is None (no detection gate) with fewer than 100
+        blanks.
     images : `~numpy.ndarray`
         Only if ``return_images``.
     """
@@ -552,11 +550,9 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     stamps, unit_psfs, _ = validate_stamps(observed, psfs, pixel_scale)
     is_blank = np.asarray(is_blank, dtype=bool)
     output = details['network_output']
-    psf_leakage = None
-    if fit_leakage:
-        psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
-                                      unit_psfs[~is_blank])
-        output = correct_psf_leakage(output, unit_psfs, psf_leakage)
+    psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
+                                  unit_psfs[~is_blank])
+    output = correct_psf_leakage(output, unit_psfs, psf_leakage)
     fit = _refit(output, stamps, unit_psfs, details['noise_sigma']
                  if noise_sigma is not None else None)
     flux_bias = _fit_band_flux_bias(fit['flux'], fit['flux_err'],
