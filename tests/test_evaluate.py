@@ -582,3 +582,70 @@ def test_write_report_errors(tmp_path):
         evaluate.write_report({'edges': [1, 2, 3]}, tmp_path)
     with pytest.raises(InvalidInputError, match='results must be the dict'):
         evaluate.write_report([], tmp_path)
+
+
+# --- shape_information_floor -----------------------------------------------------------
+
+def _gaussian_population(n, seed, sigma=3.0, flux=1000.0, n_bands=1):
+    """n Gaussian galaxies of one size and random distortions |e| < 0.4,
+    identical in every band, and a round Gaussian PSF (sigma 2 px)."""
+    rng = np.random.default_rng(seed)
+    e = rng.uniform(0, 0.4, n)
+    angle = rng.uniform(0, np.pi, n)
+    # Axis ratio q from the distortion e = (1 - q^2) / (1 + q^2).
+    q = np.sqrt((1 - e) / (1 + e))
+    truth = np.stack([gaussian((48, 48), sigma / np.sqrt(qi), sigma * np.sqrt(qi), t,
+                               24.0, 24.0, flux=flux) for qi, t in zip(q, angle, strict=True)])
+    truth = np.repeat(truth[:, None], n_bands, axis=1)
+    psf = gaussian((25, 25), 2.0, 2.0, 0.0, 12, 12)
+    return truth, np.broadcast_to(psf, (n, n_bands, 25, 25))
+
+
+def test_information_floor_bands_share_the_shear():
+    # Two identical bands with equal noise carry twice the information
+    # about the shared shear: the bound shrinks by sqrt(2).
+    truth, psfs = _gaussian_population(4, seed=1, n_bands=2)
+    two = evaluate.shape_information_floor(truth, psfs, np.full((4, 2), 0.5))
+    one = evaluate.shape_information_floor(truth[:, :1], psfs[:, :1], np.full((4, 1), 0.5))
+    band0 = np.asarray(two['band']) == 0
+    assert_allclose(two['crb_e1'][band0], one['crb_e1'] / np.sqrt(2), rtol=1e-6)
+    # The round galaxy's analytic bound, 4 sqrt(pi) s_obs^3 noise / (F s^2),
+    # holds for the elliptical ones to within their shape's effect.
+    expected = 4 * np.sqrt(np.pi) * np.sqrt(13.0) ** 3 * 0.5 / (1000 * 9)
+    assert_allclose(one['crb_e1'], expected, rtol=0.25)
+    assert_array_equal(one['id'], np.arange(4))
+    assert one['crb_size'].unit == u.percent
+
+
+def test_information_floor_shrinks_to_the_population():
+    truth, psfs = _gaussian_population(40, seed=2)
+    faint = evaluate.shape_information_floor(truth, psfs, np.full((40, 1), 20.0))
+    bright = evaluate.shape_information_floor(truth, psfs, np.full((40, 1), 0.05))
+    prior_rms = np.sqrt(np.mean(np.concatenate([faint['truth_e1'], faint['truth_e2']]) ** 2))
+    faint_floor = np.sqrt(np.mean(np.concatenate([faint['floor_e1'], faint['floor_e2']]) ** 2))
+    # Noise far above the spread of shapes: nothing better than the
+    # population itself (its spread, widened by the kernel density).
+    assert np.all(faint['crb_e1'] > 3 * prior_rms)
+    assert 0.8 * prior_rms < faint_floor < 1.3 * prior_rms
+    # Noise far below it: the posterior mean is the measurement.
+    assert_allclose(bright['floor_e1'], bright['crb_e1'], rtol=0.5)
+    assert np.median(bright['floor_e1'] / bright['crb_e1']) > 0.8
+    # The same draws with the same seed.
+    again = evaluate.shape_information_floor(truth, psfs, np.full((40, 1), 20.0))
+    assert_array_equal(again['floor_e1'], faint['floor_e1'])
+
+
+def test_information_floor_leaves_out_blanks_and_checks_inputs():
+    truth, psfs = _gaussian_population(5, seed=3)
+    is_blank = np.array([False, True, False, False, False])
+    table = evaluate.shape_information_floor(truth, psfs, np.full((5, 1), 0.5),
+                                             is_blank=is_blank)
+    assert_array_equal(table['id'], [0, 2, 3, 4])
+    with pytest.raises(ShapeMismatchError, match='psfs must have shape'):
+        evaluate.shape_information_floor(truth, psfs[:4], np.full((5, 1), 0.5))
+    with pytest.raises(InvalidInputError, match='noise_sigma must be positive'):
+        evaluate.shape_information_floor(truth, psfs, np.zeros((5, 1)))
+    with pytest.raises(ShapeMismatchError, match='is_blank'):
+        evaluate.shape_information_floor(truth, psfs, 0.5, is_blank=is_blank[:3])
+    with pytest.raises(InvalidInputError, match='at least 3'):
+        evaluate.shape_information_floor(truth, psfs, 0.5, is_blank=~is_blank)

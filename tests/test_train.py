@@ -75,6 +75,8 @@ def test_train_config_from_dict_round_trip():
     ({'kinds': ['psf', 'bogus']}, 'kinds must be distinct values'),
     ({'architecture': 'resnet'}, "architecture must be 'cae' or 'unet'"),
     ({'target_headroom': 0.5}, 'target_headroom must be >= 1'),
+    ({'moment_loss_weight': -0.1}, 'moment_loss_weight must be a finite number >= 0'),
+    ({'moment_loss_weight': float('nan')}, 'moment_loss_weight must be a finite number >= 0'),
 ])
 def test_train_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -437,3 +439,71 @@ def test_validation_objects_are_the_runs_held_out_split(tiny_simulation_path,
     assert_array_equal(val['observed'], sims['observed'][val_idx])
     single = validation_objects(tiny_simulation_path, make_tiny_train_config(split_bands=True))
     assert single['observed'].shape == (3 * len(val_idx), 1, 64, 64)
+
+
+# --- the shape term of the loss --------------------------------------------------------------
+
+
+def test_moment_term_measures_the_weighted_shape_errors():
+    import keras
+    from _images import elliptical_gaussian as gaussian
+
+    from psfdeconv.train import _moment_term
+
+    round_ = gaussian((32, 32), 3.0, 3.0, 0.0, 15.5, 16.2)
+    elongated = gaussian((32, 32), 3.3, 2.7, 0.0, 15.5, 16.2)
+    larger = gaussian((32, 32), 3.6, 3.6, 0.0, 15.5, 16.2)
+    target = np.stack([round_, round_, round_, np.zeros_like(round_)], -1)[None]
+    predicted = np.stack([round_, elongated, larger, elongated], -1)[None]
+    term = float(keras.ops.convert_to_numpy(_moment_term(keras.ops, target.astype('float32'),
+                                                         predicted.astype('float32')))[0])
+    # Weighted by a round Gaussian of the target's sigma^2 = T_target / 2 = 9 px^2, a
+    # Gaussian of widths s_x, s_y has moments 1 / (1 / s^2 + 1 / 9): band 1's e1 is
+    # (4.93 - 4.03) / (4.93 + 4.03), band 2's ln T ratio ln(2 * 5.14 / 9); the blank
+    # band 3 has no term but counts in the mean over the 4 bands.
+    qx, qy = 1 / (1 / 3.3**2 + 1 / 9), 1 / (1 / 2.7**2 + 1 / 9)
+    e1 = (qx - qy) / (qx + qy)
+    log_t1 = np.log((qx + qy) / 9.0)
+    log_t2 = np.log(2 / (1 / 3.6**2 + 1 / 9) / 9.0)
+    expected = (e1**2 + log_t1**2 + log_t2**2) / 4
+    assert_allclose(term, expected, rtol=0.02)
+    same = keras.ops.convert_to_numpy(_moment_term(keras.ops, target.astype('float32'),
+                                                   target.astype('float32')))
+    assert_allclose(same, 0.0, atol=1e-10)
+
+
+def test_moment_loss_adds_the_weighted_term_and_serialises():
+    import keras
+
+    from psfdeconv.train import _moment_term, moment_loss
+
+    rng = np.random.default_rng(3)
+    target = rng.uniform(0, 0.5, (2, 16, 16, 3)).astype('float32')
+    predicted = rng.uniform(0.01, 0.5, (2, 16, 16, 3)).astype('float32')
+    loss = moment_loss(keras)(moment_weight=0.5)
+    bce = float(keras.losses.BinaryCrossentropy()(target, predicted))
+    term = keras.ops.convert_to_numpy(_moment_term(keras.ops, target, predicted))
+    assert term.min() > 0
+    assert_allclose(float(loss(target, predicted)), bce + 0.5 * term.mean(), rtol=1e-5)
+    # Checkpoints of runs with the term reload it by its registered name.
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(restored) is type(loss) and restored.moment_weight == 0.5
+    assert moment_loss(keras) is type(loss)
+
+
+def test_training_with_the_moment_term_resumes(tiny_simulation_path, tmp_path,
+                                               make_tiny_train_config):
+    config = make_tiny_train_config(epochs=1, moment_loss_weight=0.05)
+    run = tmp_path / 'run'
+    _, card = train_model(tiny_simulation_path, run, config=config, verbose=0)
+    assert card['training']['config']['moment_loss_weight'] == 0.05
+    first = card['training']['history'][0]['val_loss']
+    plain = make_tiny_train_config(epochs=1)
+    _, plain_card = train_model(tiny_simulation_path, tmp_path / 'plain', config=plain,
+                                verbose=0)
+    # Same seed, same weights at the first validation: the term adds to the loss.
+    assert first > plain_card['training']['history'][0]['val_loss']
+    _, card = train_model(tiny_simulation_path, run,
+                          config=make_tiny_train_config(epochs=2, moment_loss_weight=0.05),
+                          resume=True, verbose=0)
+    assert [h['epoch'] for h in card['training']['history']] == [1, 2]
