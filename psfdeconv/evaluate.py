@@ -1675,28 +1675,22 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
     truth, psfs, noise_sigma = truth[ids], psfs[ids], noise_sigma[ids]
 
     observed = convolve_same(truth, psfs)
-    derivatives = [convolve_same(_transformed(truth, name, step) -
-                                 _transformed(truth, name, -step), psfs) / (2 * step)
-                   for name in _FLOOR_SHARED]
-    # Fisher matrix: shared parameters, then each band's flux (whose
-    # derivative is the observed stamp over its flux).
+    # d(observed) / d(parameter) of the shared parameters, (m, 5, bands, ny, nx).
+    shared = np.stack([convolve_same(_transformed(truth, name, step) -
+                                     _transformed(truth, name, -step), psfs) / (2 * step)
+                       for name in _FLOOR_SHARED], axis=1)
+    # Fisher matrix: the shared parameters, then one flux per band (whose
+    # derivative is that band's observed stamp over its flux).
     weight = 1.0 / noise_sigma**2
-    columns = [d for d in derivatives] + [None] * n_bands
-    n_par = len(_FLOOR_SHARED) + n_bands
-    fisher = np.zeros((len(ids), n_par, n_par))
-    for i in range(n_par):
-        for j in range(i + 1):
-            if i < len(_FLOOR_SHARED):
-                value = np.sum(weight * np.sum(columns[i] * columns[j], axis=(-2, -1)), axis=1)
-            elif j < len(_FLOOR_SHARED):
-                b = i - len(_FLOOR_SHARED)
-                value = weight[:, b] * np.sum(columns[j][:, b] * observed[:, b], axis=(-2, -1))
-            elif i == j:
-                b = i - len(_FLOOR_SHARED)
-                value = weight[:, b] * np.sum(observed[:, b] ** 2, axis=(-2, -1))
-            else:
-                value = 0.0
-            fisher[:, i, j] = fisher[:, j, i] = value
+    n_shared = len(_FLOOR_SHARED)
+    fisher = np.zeros((len(ids), n_shared + n_bands, n_shared + n_bands))
+    fisher[:, :n_shared, :n_shared] = np.einsum('mpbyx,mqbyx,mb->mpq', shared, shared,
+                                                weight, optimize=True)
+    cross = np.einsum('mpbyx,mbyx,mb->mpb', shared, observed, weight, optimize=True)
+    fisher[:, :n_shared, n_shared:] = cross
+    fisher[:, n_shared:, :n_shared] = np.swapaxes(cross, 1, 2)
+    fisher[:, n_shared:, n_shared:] = np.einsum(
+        'mb,bc->mbc', weight * np.sum(observed**2, axis=(-2, -1)), np.eye(n_bands))
     # The marginal covariance of (g1, g2, k); pinv: a blank-looking band
     # (no flux) carries no information rather than failing.
     covariance = np.linalg.pinv(fisher)[:, [0, 1, 4]][:, :, [0, 1, 4]]

@@ -5,7 +5,8 @@ shipped model and the Wiener baseline, measures HSM ellipticities and
 sizes against the truth, and sets them beside the information floor of
 `psfdeconv.evaluate.shape_information_floor` (Cramer-Rao bound and the
 posterior-mean floor) per matched-filter SNR bin. Writes
-``information_floor.ecsv`` and ``information_floor.md`` to ``--out``.
+``information_floor.ecsv`` and ``information_floor_table.txt`` (the
+reStructuredText table of ``docs/validation.rst``) to ``--out``.
 
     python validation/information_floor.py test_v2_s4.h5 --n 2000 --out docs/report --overwrite
 """
@@ -19,6 +20,7 @@ from psfdeconv.deconvolve import deconvolve_stamps
 from psfdeconv.evaluate import shape_information_floor, wiener_deconvolve
 from psfdeconv.io import atomic_path
 from psfdeconv.measure import hsm_moments
+from psfdeconv.model import load_model
 from psfdeconv.simulate import read_simulation
 
 SNR_EDGES = (0, 10, 20, 40, 80, 160, np.inf)
@@ -32,6 +34,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('simulation')
     parser.add_argument('--n', type=int, default=2000)
+    parser.add_argument('--model', help='a .keras model (default: the shipped one)')
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--overwrite', action='store_true',
                         help='replace existing information_floor files')
@@ -40,8 +43,9 @@ def main(argv=None):
     sims = read_simulation(args.simulation, 0, args.n)
     floor = shape_information_floor(sims['truth'], sims['psf'], sims['noise_sigma'],
                                     is_blank=sims['is_blank'])
+    model = None if args.model is None else load_model(args.model)
     methods = {'model': deconvolve_stamps(sims['observed'], sims['psf'],
-                                          pixel_scale=sims['pixel_scale']),
+                                          pixel_scale=sims['pixel_scale'], model=model),
                'wiener': wiener_deconvolve(sims['observed'], sims['psf'],
                                            noise_sigma=sims['noise_sigma'])}
     rows, cols = np.asarray(floor['id']), np.asarray(floor['band'])
@@ -82,15 +86,10 @@ def main(argv=None):
     with atomic_path(args.out / 'information_floor.ecsv',
                      overwrite=args.overwrite) as tmp:
         table.write(tmp, format='ascii.ecsv', overwrite=True)
-    lines = ['| ' + ' | '.join(table.colnames) + ' |',
-             '|' + '---|' * len(table.colnames)]
-    for row in table:
-        lines.append('| ' + ' | '.join(
-            f'{row[c]:{table[c].format}}' if table[c].format else str(row[c])
-            for c in table.colnames) + ' |')
-    with atomic_path(args.out / 'information_floor.md',
+    # The reStructuredText table docs/validation.rst includes.
+    with atomic_path(args.out / 'information_floor_table.txt',
                      overwrite=args.overwrite) as tmp:
-        Path(tmp).write_text(f"`{table.meta['command']}`\n\n" + '\n'.join(lines) + '\n')
+        table.write(tmp, format='ascii.rst', overwrite=True)
 
 
 if __name__ == '__main__':

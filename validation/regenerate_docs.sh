@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every measured page of the docs that comes from simulations with truth:
-# the stamp-level reports (docs/report, docs/report_1band), the input ablation
+# the stamp-level reports (docs/report, docs/report_1band) with the shapes' information
+# floor (docs/report/information_floor*), the input ablation
 # (docs/ablation), the plots of docs/plotting.rst and the two model cards, from the shipped
 # models.
 #
@@ -23,6 +24,7 @@ psfdeconv evaluate "$test" --n 2000 --baselines observed,wiener,richardson_lucy 
     --report docs/report --plots --overwrite
 psfdeconv evaluate "$test" --model psfdeconv/data/unet1_psf_ipsf_ipsf1.keras --n 700 \
     --baselines observed,wiener --report docs/report_1band --overwrite
+python validation/information_floor.py "$test" --n 2000 --out docs/report --overwrite
 python validation/ablation.py "$train" "$test" --out docs/ablation --runs "$runs" \
     --n-train 16000 --epochs 2 --n-test 1000
 python docs/make_plots.py --overwrite
