@@ -96,6 +96,15 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
                   '']
     else:
         lines += ['None.', '']
+    size_bias = card.get('size_bias')
+    lines += ['Size-bias correction', '====================', '']
+    if size_bias:
+        lines += [f'``{size_bias["form"]}``, coefficients (c0, c1, c2) = '
+                  f'{[round(c, 5) for c in size_bias["coefficients"]]} '
+                  f'(`~psfdeconv.deconvolve.fit_size_bias`), fitted on '
+                  f'{size_bias["n_objects"]} validation object-bands.', '']
+    else:
+        lines += ['None.', '']
     bias = card.get('flux_bias') or {}
     lines += ['Flux-bias correction', '====================', '',
               f'``{bias.get("form")}``, coefficients (c0, c1, c2) = '

@@ -313,7 +313,8 @@ def _model_info(path):
         info['check'], info['error'] = 'error', str(exc)
     info['name'] = card.get('name', info['name'])
     for key in ('n_bands', 'input_kinds', 'stamp_size', 'pixel_scale_range',
-                'psf_fwhm_range_arcsec', 'detection', 'symmetries', 'psf_leakage'):
+                'psf_fwhm_range_arcsec', 'detection', 'symmetries', 'psf_leakage',
+                'size_bias'):
         info[key] = card.get(key)
     training = card.get('training') or {}
     # Cards written by `psfdeconv train` repeat the simulation's ranges at
@@ -412,6 +413,11 @@ def _print_model_info(info):
             f'counter-shear alpha = {leakage["alpha"]:.3f} (validation leakage '
             f'{leakage["measured_leakage"]:.3f} -> {leakage["residual_leakage"]:.3f})'
             if leakage else 'no correction'))
+        size_bias = info.get('size_bias')
+        print(label('size bias') + (
+            'dilation c0 + c1 L + c2 L^2, L = log10 SNR: '
+            + ', '.join(f'{c:.4f}' for c in size_bias['coefficients'])
+            if size_bias else 'no correction'))
         detection = info.get('detection')
         print(label('detection') + (
             f'images set to 0 below SNR {detection["snr_threshold"]:.2f} (validation: '

@@ -25,12 +25,14 @@ fits the ratio true/measured as a quadratic in log10 of the measured
 flux's signal-to-noise ratio, which is unit-free and so applies to any
 survey's units.
 
-Two further steps, beyond the paper, are calibrated on the same
-simulations and recorded in the model card: the network output is the
-average over the symmetries of the square (the network run on flipped and
-rotated copies of the input, `symmetric_output`), and the ellipticity the
-network leaves from the PSF is removed by a small counter-shear
-(`fit_psf_leakage`, `correct_psf_leakage`).
+Further steps, beyond the paper, are calibrated on the same simulations
+and recorded in the model card: the network output is the average over
+the symmetries of the square (the network run on flipped and rotated
+copies of the input, `symmetric_output`), the ellipticity the network
+leaves from the PSF is removed by a small counter-shear
+(`fit_psf_leakage`, `correct_psf_leakage`), and the size bias of faint
+galaxies by a dilation that depends on the signal-to-noise ratio
+(`fit_size_bias`, `correct_size_bias`).
 """
 
 import numpy as np
@@ -50,6 +52,7 @@ __all__ = ['deconvolve_stamps', 'refit_amplitude', 'fit_flux_bias',
            'detection_snr', 'fit_detection_threshold', 'calibrate_card',
            'remove_output_floor', 'symmetric_output', 'psf_ellipticity',
            'shear_images', 'fit_psf_leakage', 'correct_psf_leakage',
+           'dilate_images', 'fit_size_bias', 'correct_size_bias',
            'outside_training_range', 'psf_fwhm',
            'normalize_psfs',
            'estimate_noise_sigma']
@@ -505,15 +508,16 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                    blank_recall=DETECTION_BLANK_RECALL,
                    max_sources_below=DETECTION_MAX_SOURCES_BELOW,
                    return_images=False):
-    """Fit a model card's PSF-leakage correction, flux-bias correction and
-    detection threshold.
+    """Fit a model card's PSF-leakage, size-bias and flux-bias corrections
+    and detection threshold.
 
     One deconvolution of simulated objects the weights never trained on
     (the validation split), with the card's ``symmetries``; then, in the
     order `deconvolve_stamps` applies them, `fit_psf_leakage` (on the
-    sources' network outputs), the amplitude refit of the corrected
-    outputs, the flux-bias fits of `calibrate_flux_bias` (on the sources)
-    and `fit_detection_threshold` (on the blanks and sources).
+    sources' network outputs), an amplitude refit and `fit_size_bias` (on
+    the sources), the amplitude refit of the dilated outputs, the
+    flux-bias fits of `calibrate_flux_bias` (on the sources) and
+    `fit_detection_threshold` (on the blanks and sources).
 
     Parameters
     ----------
@@ -534,14 +538,15 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     Returns
     -------
     dict
-        ``{'psf_leakage': ..., 'flux_bias': ..., 'detection': ...}``;
+        ``{'psf_leakage': ..., 'size_bias': ..., 'flux_bias': ...,
+        'detection': ...}``;
         ``detection`` is None (no detection gate) with fewer than 100
         blanks.
     images : `~numpy.ndarray`
         Only if ``return_images``.
     """
     card = dict(model.card)
-    for key in ('psf_leakage', 'detection'):
+    for key in ('psf_leakage', 'size_bias', 'detection'):
         card.pop(key, None)
     bare = type(model)(model.keras_model, card, path=model.path)
     _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
@@ -553,8 +558,12 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
                                   unit_psfs[~is_blank])
     output = correct_psf_leakage(output, unit_psfs, psf_leakage)
-    fit = _refit(output, stamps, unit_psfs, details['noise_sigma']
-                 if noise_sigma is not None else None)
+    noise = details['noise_sigma'] if noise_sigma is not None else None
+    first = _refit(output, stamps, unit_psfs, noise)
+    size_bias = fit_size_bias(output[~is_blank], truth[~is_blank],
+                              first['flux'][~is_blank], first['flux_err'][~is_blank])
+    output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
+    fit = _refit(output, stamps, unit_psfs, noise)
     flux_bias = _fit_band_flux_bias(fit['flux'], fit['flux_err'],
                                     truth.sum(axis=(-2, -1), dtype=np.float64))
     if is_blank.sum() < _MIN_BLANKS:
@@ -564,8 +573,8 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         detection = fit_detection_threshold(fit['detection_snr'], is_blank,
                                             blank_recall=blank_recall,
                                             max_sources_below=max_sources_below)
-    calibration = {'psf_leakage': psf_leakage, 'flux_bias': flux_bias,
-                   'detection': detection}
+    calibration = {'psf_leakage': psf_leakage, 'size_bias': size_bias,
+                   'flux_bias': flux_bias, 'detection': detection}
     if not return_images:
         return calibration
     images = fit['images']
@@ -830,6 +839,186 @@ def shear_images(images, g1, g2):
     return np.clip(out, 0, None)
 
 
+def dilate_images(images, dilation):
+    """Dilate images about their centroids, conserving their sums.
+
+    Each image ``I`` becomes ``I((x - c) / f + c) / f**2`` with
+    ``f = 1 + dilation`` about its light centroid ``c``, by cubic-spline
+    interpolation, clipped at 0: every size scales by ``f``. Images with no
+    positive flux, or a dilation of 0, are returned unchanged.
+
+    Parameters
+    ----------
+    images : `~numpy.ndarray`
+        (..., ny, nx).
+    dilation : `~numpy.ndarray` or float
+        ``f - 1`` per image, broadcastable to ``images.shape[:-2]``,
+        ``f > 0``.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The dilated images, same shape and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.deconvolve import dilate_images
+    >>> from psfdeconv.measure import image_moments
+    >>> y, x = np.mgrid[:48, :48]
+    >>> round_image = np.exp(-0.5 * ((x - 24)**2 + (y - 24)**2) / 3.0**2)
+    >>> larger = dilate_images(round_image, 0.2)
+    >>> ratio = image_moments(larger)['size'] / image_moments(round_image)['size']
+    >>> print(f'{float(ratio):.3f}')
+    1.200
+    """
+    from scipy import ndimage
+
+    from .measure import image_moments
+
+    images = np.asarray(images)
+    leading = images.shape[:-2]
+    factor = 1.0 + np.broadcast_to(np.asarray(dilation, dtype=float), leading)
+    if np.any(~(factor > 0)):
+        raise InvalidInputError('dilate_images needs dilation > -1.')
+    moments = image_moments(images)
+    out = np.array(images, copy=True)
+    for index in np.ndindex(leading):
+        centre = np.array([moments['y'][index], moments['x'][index]])
+        if not np.all(np.isfinite(centre)) or factor[index] == 1:
+            continue
+        inverse = np.eye(2) / factor[index]
+        out[index] = ndimage.affine_transform(images[index], inverse,
+                                              offset=centre - inverse @ centre,
+                                              order=3, mode='constant') / factor[index]**2
+    return np.clip(out, 0, None)
+
+
+#: Bins of true signal-to-noise ratio `fit_size_bias` nulls the mean size bias in.
+_SIZE_BIAS_BINS = 12
+#: Fewest measurable objects a size-bias correction is fitted on.
+_MIN_SIZE_OBJECTS = 100
+#: Range of the size correction factor (it is not extrapolated beyond).
+_SIZE_FACTOR_RANGE = (0.5, 2.0)
+
+
+def _size_factor(flux, flux_err, size_bias):
+    c0, c1, c2 = size_bias['coefficients']
+    low, high = size_bias['log_snr_range']
+    log_snr = np.clip(_log_snr(flux, flux_err), low, high)
+    factor = np.clip(c0 + c1 * log_snr + c2 * log_snr**2, *_SIZE_FACTOR_RANGE)
+    return np.where(np.asarray(flux) > 0, factor, 1.0)
+
+
+def fit_size_bias(output, truth, flux, flux_err, *, snr_range=(1.0, 3.0)):
+    """Fit the size-bias correction on simulations.
+
+    The network draws faint galaxies too large (by a third below a
+    signal-to-noise ratio of 10). The correction dilates each band image
+    about its centroid by ``f = c0 + c1 L + c2 L**2`` with
+    ``L = log10(flux / flux_err)`` of the amplitude refit clipped to
+    ``snr_range``; the coefficients are chosen, as in `fit_flux_bias`, so
+    that the mean ratio of the corrected to the true HSM size (adaptive
+    sigma, `~psfdeconv.measure.hsm_moments`) is 1 in each of up to 12 bins
+    (quantiles) of the true signal-to-noise ratio ``true flux / flux_err``
+    (least squares over the bins; a dilation by ``f`` scales that ratio by
+    ``f``).
+
+    Parameters
+    ----------
+    output : `~numpy.ndarray`
+        Deconvolved images of simulated sources (n, n_bands, ny, nx), any
+        amplitude.
+    truth : `~numpy.ndarray`
+        Their true images, same shape.
+    flux, flux_err : `~numpy.ndarray`
+        (n, n_bands), the amplitude refit's flux and error of ``output``.
+    snr_range : tuple of float, optional
+        Range of ``L`` the correction uses (and clips to).
+
+    Returns
+    -------
+    dict or None
+        ``{'coefficients': [c0, c1, c2], 'log_snr_range': [...], 'form':
+        ..., 'n_objects': ..., 'n_bins': ...}``, or None where fewer than
+        100 object-bands have an HSM size on both images.
+
+    Examples
+    --------
+    Images drawn 20 % too large at every signal-to-noise ratio:
+
+    >>> import numpy as np
+    >>> from psfdeconv.deconvolve import dilate_images, fit_size_bias
+    >>> rng = np.random.default_rng(0)
+    >>> y, x = np.mgrid[:32, :32]
+    >>> sigma = rng.uniform(2.0, 4.0, (150, 1))
+    >>> truth = np.exp(-0.5 * ((x - 16)**2 + (y - 16)**2) / sigma[..., None, None]**2)
+    >>> flux = rng.uniform(10, 1000, (150, 1))
+    >>> bias = fit_size_bias(dilate_images(truth, 0.2), truth, flux, np.ones((150, 1)))
+    >>> c0, c1, c2 = bias['coefficients']
+    >>> print(f'{c0 + c1 * 2 + c2 * 4:.2f}')  # the factor at SNR 100: 1 / 1.2
+    0.83
+    """
+    from .measure import hsm_moments
+
+    flux = np.asarray(flux, dtype=float)
+    flux_err = np.asarray(flux_err, dtype=float)
+    measured = hsm_moments(output)
+    true = hsm_moments(truth)
+    ratio = measured['hsm_sigma'] / true['hsm_sigma']
+    true_flux = truth.sum(axis=(-2, -1), dtype=np.float64)
+    log_snr = _log_snr(flux, flux_err)
+    use = (np.isfinite(ratio) & np.isfinite(log_snr) & (flux > 0) &
+           (true_flux > 0) & (flux_err > 0))
+    if use.sum() < _MIN_SIZE_OBJECTS:
+        return None
+    ratio, flux_err, true_flux = ratio[use], flux_err[use], true_flux[use]
+    log_snr = np.clip(log_snr[use], *snr_range)
+    true_log_snr = _log_snr(true_flux, flux_err)
+    n_bins = min(_SIZE_BIAS_BINS, max(1, use.sum() // 30))
+    edges = np.quantile(true_log_snr, np.linspace(0, 1, n_bins + 1))
+    index = np.clip(np.searchsorted(edges, true_log_snr, side='right') - 1,
+                    0, n_bins - 1)
+    design = np.array([[np.mean(ratio[index == k] * log_snr[index == k] ** p)
+                        for p in range(3)] for k in range(n_bins)
+                       if np.any(index == k)])
+    coefficients = np.linalg.lstsq(design, np.ones(len(design)), rcond=None)[0]
+    return {
+        'coefficients': [float(c) for c in coefficients],
+        'log_snr_range': [float(v) for v in snr_range],
+        'form': ('images dilated about their centroids by f = c0 + c1 L + c2 L^2, '
+                 'L = log10(flux / flux_err) clipped to log_snr_range; mean corrected / '
+                 'true HSM size = 1 in bins of true flux / flux_err'),
+        'n_objects': int(use.sum()),
+        'n_bins': int(len(design)),
+    }
+
+
+def correct_size_bias(output, flux, flux_err, size_bias):
+    """Apply a fitted size-bias correction (see `fit_size_bias`).
+
+    Parameters
+    ----------
+    output : `~numpy.ndarray`
+        Deconvolved images (n, n_bands, ny, nx).
+    flux, flux_err : `~numpy.ndarray`
+        (n, n_bands), the amplitude refit's flux and error of ``output``.
+    size_bias : dict or None
+        A model card's ``size_bias``; `None` returns ``output`` unchanged.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The dilated images (sums conserved); bands without positive flux
+        unchanged.
+    """
+    if not size_bias:
+        return output
+    factor = _size_factor(np.asarray(flux, float), np.asarray(flux_err, float),
+                          size_bias)
+    return dilate_images(output, factor - 1.0)
+
+
 def fit_psf_leakage(output, truth, psfs):
     """Fit the PSF ellipticity that deconvolved images keep (leakage).
 
@@ -1027,6 +1216,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     if noise_sigma is not None:
         noise_sigma = np.broadcast_to(np.asarray(noise_sigma, float),
                                       stamps.shape[:2])
+    size_bias = model.card.get('size_bias')
+    if size_bias:
+        # The dilation depends on the refit's SNR; the images are refitted after it.
+        first = _refit(output, stamps, psfs, noise_sigma)
+        output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
     fit = _refit(output, stamps, psfs, noise_sigma)
     images = fit.pop('images')
     detected = _apply_detection(images, fit['detection_snr'],

@@ -1505,21 +1505,6 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
 _FLOOR_SHARED = ('g1', 'g2', 'x', 'y', 'k')
 
 
-def _dilate_images(images, dilation):
-    """``I((x - c) / (1 + k) + c) / (1 + k)**2`` about each image's centroid."""
-    from scipy import ndimage
-
-    centroids = image_moments(images)
-    out = np.array(images, dtype=float, copy=True)
-    inverse = np.eye(2) / (1.0 + dilation)
-    for index in np.ndindex(images.shape[:-2]):
-        centre = np.array([centroids['y'][index], centroids['x'][index]])
-        out[index] = ndimage.affine_transform(
-            images[index], inverse, offset=centre - inverse @ centre, order=3,
-            mode='constant') / (1.0 + dilation) ** 2
-    return out
-
-
 def _shift_images(images, dy, dx):
     from scipy import ndimage
 
@@ -1531,7 +1516,7 @@ def _shift_images(images, dy, dx):
 
 def _transformed(images, name, step):
     """``images`` sheared, shifted or dilated by ``step`` of parameter ``name``."""
-    from .deconvolve import shear_images
+    from .deconvolve import dilate_images, shear_images
 
     if name == 'g1':
         return shear_images(images, step, 0.0)
@@ -1541,7 +1526,7 @@ def _transformed(images, name, step):
         return _shift_images(images, 0.0, step)
     if name == 'y':
         return _shift_images(images, step, 0.0)
-    return _dilate_images(images, step)
+    return dilate_images(images, step)
 
 
 def _gaussian_mixture_floor(values, covariances, *, n_draws, rng):
