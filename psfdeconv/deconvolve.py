@@ -513,11 +513,11 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
 
     One deconvolution of simulated objects the weights never trained on
     (the validation split), with the card's ``symmetries``; then, in the
-    order `deconvolve_stamps` applies them, `fit_psf_leakage` (on the
-    sources' network outputs), an amplitude refit and `fit_size_bias` (on
-    the sources), the amplitude refit of the dilated outputs, the
-    flux-bias fits of `calibrate_flux_bias` (on the sources) and
-    `fit_detection_threshold` (on the blanks and sources).
+    order `deconvolve_stamps` applies them, an amplitude refit and
+    `fit_size_bias` (on the sources' network outputs), `fit_psf_leakage`
+    (on the sources' dilated outputs), the amplitude refit of the
+    corrected outputs, the flux-bias fits of `calibrate_flux_bias` (on the
+    sources) and `fit_detection_threshold` (on the blanks and sources).
 
     Parameters
     ----------
@@ -555,14 +555,16 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     stamps, unit_psfs, _ = validate_stamps(observed, psfs, pixel_scale)
     is_blank = np.asarray(is_blank, dtype=bool)
     output = details['network_output']
-    psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
-                                  unit_psfs[~is_blank])
-    output = correct_psf_leakage(output, unit_psfs, psf_leakage)
     noise = details['noise_sigma'] if noise_sigma is not None else None
     first = _refit(output, stamps, unit_psfs, noise)
     size_bias = fit_size_bias(output[~is_blank], truth[~is_blank],
                               first['flux'][~is_blank], first['flux_err'][~is_blank])
     output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
+    # The leakage is measured on the images as the size correction leaves them:
+    # the dilation moves the unweighted moments it is defined with.
+    psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
+                                  unit_psfs[~is_blank])
+    output = correct_psf_leakage(output, unit_psfs, psf_leakage)
     fit = _refit(output, stamps, unit_psfs, noise)
     flux_bias = _fit_band_flux_bias(fit['flux'], fit['flux_err'],
                                     truth.sum(axis=(-2, -1), dtype=np.float64))
@@ -1212,7 +1214,6 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                               symmetries=_check_symmetries(symmetries, model),
                               batch_size=batch_size)
     output = remove_output_floor(output, model.card.get('output_floor'))
-    output = correct_psf_leakage(output, psfs, model.card.get('psf_leakage'))
     if noise_sigma is not None:
         noise_sigma = np.broadcast_to(np.asarray(noise_sigma, float),
                                       stamps.shape[:2])
@@ -1221,6 +1222,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         # The dilation depends on the refit's SNR; the images are refitted after it.
         first = _refit(output, stamps, psfs, noise_sigma)
         output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
+    output = correct_psf_leakage(output, psfs, model.card.get('psf_leakage'))
     fit = _refit(output, stamps, psfs, noise_sigma)
     images = fit.pop('images')
     detected = _apply_detection(images, fit['detection_snr'],
