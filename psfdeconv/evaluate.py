@@ -1598,8 +1598,8 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
     seed : int, optional
         Seed of those draws.
     step : float, optional
-        Finite-difference step of the shear and the dilation (pixels / 5
-        for the shifts).
+        Finite-difference step of the shear and the dilation, and of the
+        shifts in pixels.
 
     Returns
     -------
