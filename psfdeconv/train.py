@@ -617,7 +617,8 @@ def moment_loss(keras):
 
         (e_1 - e_1^t)^2 + (e_2 - e_2^t)^2 + (\\ln T - \\ln T^t)^2,
 
-    the shape errors the evaluation measures: ``e1 = (Qxx - Qyy) / T``,
+    a smooth proxy of the shape errors the evaluation measures:
+    ``e1 = (Qxx - Qyy) / T``,
     ``e2 = 2 Qxy / T``, ``T = Qxx + Qyy`` of the second moments weighted by
     a round Gaussian centred on the target's centroid with the target's
     size (``sigma**2 = T_target / 2`` of its unweighted moments, at least
