@@ -815,29 +815,42 @@ def shear_images(images, g1, g2):
     >>> round(float(image_moments(sheared)['e1']), 3)  # 2 g / (1 + g^2)
     0.1
     """
-    from scipy import ndimage
-
-    from .measure import image_moments
-
     images = np.asarray(images)
     leading = images.shape[:-2]
     g1 = np.broadcast_to(np.asarray(g1, dtype=float), leading)
     g2 = np.broadcast_to(np.asarray(g2, dtype=float), leading)
     if np.any(g1**2 + g2**2 >= 1):
         raise InvalidInputError('shear_images needs g1**2 + g2**2 < 1.')
+    # The inverse shear S(-g) in (row, column) order, (..., 2, 2).
+    inverse = np.stack([np.stack([1 + g1, -g2], axis=-1),
+                        np.stack([-g2, 1 - g1], axis=-1)], axis=-2)
+    inverse /= np.sqrt(1 - g1**2 - g2**2)[..., None, None]
+    return _transform_about_centroids(images, inverse, np.ones(leading))
+
+
+def _transform_about_centroids(images, inverse, flux_scale):
+    """``flux_scale * I(A^-1 (x - c) + c)`` about each image's light centroid
+    ``c``, cubic spline, clipped at 0.
+
+    ``inverse`` (..., 2, 2) is ``A^-1`` in (row, column) order, as
+    `scipy.ndimage.affine_transform` maps output to input positions;
+    images whose ``inverse`` is the identity, or without a centroid, are
+    returned unchanged.
+    """
+    from scipy import ndimage
+
+    from .measure import image_moments
+
     moments = image_moments(images)
     out = np.array(images, copy=True)
-    for index in np.ndindex(leading):
+    identity = np.eye(2)
+    for index in np.ndindex(images.shape[:-2]):
         centre = np.array([moments['y'][index], moments['x'][index]])
-        if not np.all(np.isfinite(centre)) or (g1[index] == 0 and g2[index] == 0):
+        if not np.all(np.isfinite(centre)) or np.array_equal(inverse[index], identity):
             continue
-        # affine_transform maps output to input positions, (row, column):
-        # the inverse shear S(-g) with the axes swapped.
-        a, b = g1[index], g2[index]
-        inverse = np.array([[1 + a, -b], [-b, 1 - a]]) / np.sqrt(1 - a * a - b * b)
-        out[index] = ndimage.affine_transform(images[index], inverse,
-                                              offset=centre - inverse @ centre,
-                                              order=3, mode='constant')
+        out[index] = ndimage.affine_transform(images[index], inverse[index],
+                                              offset=centre - inverse[index] @ centre,
+                                              order=3, mode='constant') * flux_scale[index]
     return np.clip(out, 0, None)
 
 
@@ -874,26 +887,13 @@ def dilate_images(images, dilation):
     >>> print(f'{float(ratio):.3f}')
     1.200
     """
-    from scipy import ndimage
-
-    from .measure import image_moments
-
     images = np.asarray(images)
     leading = images.shape[:-2]
     factor = 1.0 + np.broadcast_to(np.asarray(dilation, dtype=float), leading)
     if np.any(~(factor > 0)):
         raise InvalidInputError('dilate_images needs dilation > -1.')
-    moments = image_moments(images)
-    out = np.array(images, copy=True)
-    for index in np.ndindex(leading):
-        centre = np.array([moments['y'][index], moments['x'][index]])
-        if not np.all(np.isfinite(centre)) or factor[index] == 1:
-            continue
-        inverse = np.eye(2) / factor[index]
-        out[index] = ndimage.affine_transform(images[index], inverse,
-                                              offset=centre - inverse @ centre,
-                                              order=3, mode='constant') / factor[index]**2
-    return np.clip(out, 0, None)
+    inverse = np.eye(2) / factor[..., None, None]
+    return _transform_about_centroids(images, inverse, 1.0 / factor**2)
 
 
 #: Bins of true signal-to-noise ratio `fit_size_bias` nulls the mean size bias in.
