@@ -20,6 +20,12 @@ def _device(training):
         return '2 CPU cores'
     return f'{device} (Keras on {training.get("keras_backend", "?")})'
 
+def _section(title, paragraph, none='None.'):
+    """Lines of a card section: its title, underlined, and the paragraph,
+    or ``none`` where the card has no such entry."""
+    return [title, '=' * len(title), '', paragraph or none, '']
+
+
 def rst_table(table, floatfmt='{:.4g}'):
     rows = [[str(c) for c in table.colnames]]
     for row in table:
@@ -86,46 +92,36 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
                      f'{h["elapsed_seconds"] / 60:<9.1f}')
     lines += ['======  ==========  ===============  =========', '']
     leakage = card.get('psf_leakage')
-    lines += ['PSF-leakage correction', '======================', '']
-    if leakage:
-        lines += [f'Each band image is sheared by g = -alpha e_PSF / 2 about its centroid, '
-                  f'alpha = {leakage["alpha"]:.4f} (`~psfdeconv.deconvolve.fit_psf_leakage`): '
-                  f'on the {leakage["n_objects"]} validation object-bands the slope of the '
-                  f'ellipticity error on the PSF ellipticity goes from '
-                  f'{leakage["measured_leakage"]:.4f} to {leakage["residual_leakage"]:.4f}.',
-                  '']
-    else:
-        lines += ['None.', '']
+    lines += _section('PSF-leakage correction', leakage and (
+        f'Each band image is sheared by g = -alpha e_PSF / 2 about its centroid, '
+        f'alpha = {leakage["alpha"]:.4f} (`~psfdeconv.deconvolve.fit_psf_leakage`): '
+        f'on the {leakage["n_objects"]} validation object-bands the slope of the '
+        f'ellipticity error on the PSF ellipticity goes from '
+        f'{leakage["measured_leakage"]:.4f} to {leakage["residual_leakage"]:.4f}.'))
     size_bias = card.get('size_bias')
-    lines += ['Size-bias correction', '====================', '']
-    if size_bias:
-        lines += [f'``{size_bias["form"]}``, coefficients (c0, c1, c2) = '
-                  f'{[round(c, 5) for c in size_bias["coefficients"]]} '
-                  f'(`~psfdeconv.deconvolve.fit_size_bias`), fitted on '
-                  f'{size_bias["n_objects"]} validation object-bands.', '']
-    else:
-        lines += ['None.', '']
+    lines += _section('Size-bias correction', size_bias and (
+        f'``{size_bias["form"]}``, coefficients (c0, c1, c2) = '
+        f'{[round(c, 5) for c in size_bias["coefficients"]]} '
+        f'(`~psfdeconv.deconvolve.fit_size_bias`), fitted on '
+        f'{size_bias["n_objects"]} validation object-bands.'))
     bias = card.get('flux_bias') or {}
-    lines += ['Flux-bias correction', '====================', '',
-              f'``{bias.get("form")}``, coefficients (c0, c1, c2) = '
-              f'{[round(c, 5) for c in bias.get("coefficients", [])]}, fitted on '
-              f'{bias.get("n_objects")} validation object-bands.', '']
+    lines += _section('Flux-bias correction', (
+        f'``{bias.get("form")}``, coefficients (c0, c1, c2) = '
+        f'{[round(c, 5) for c in bias.get("coefficients", [])]}, fitted on '
+        f'{bias.get("n_objects")} validation object-bands.'))
     detection = card.get('detection')
-    lines += ['Detection threshold', '===================', '']
-    if detection:
-        lines += [f'A stamp whose detection SNR (sum of the band fluxes over the root sum of '
-                  f'their squared errors) is below {detection["snr_threshold"]:.2f} has no '
-                  f'significant source: its deconvolved images are 0. Fitted on the '
-                  f'validation objects (`~psfdeconv.deconvolve.fit_detection_threshold`): '
-                  f'{100 * detection["blank_recall"]:.1f} % of the {detection["n_blank"]} '
-                  f'blanks and {100 * detection["sources_below"]:.2f} % of the '
-                  f'{detection["n_sources"]} sources fall below it (targets: '
-                  f'{100 * detection.get("target_blank_recall", 0.995):.1f} % of the '
-                  f'blanks unless that takes more than '
-                  f'{100 * detection.get("max_sources_below", 0.01):.0f} % of the '
-                  f'sources).', '']
-    else:
-        lines += ['None (no detection gate).', '']
+    lines += _section('Detection threshold', detection and (
+        f'A stamp whose detection SNR (sum of the band fluxes over the root sum of '
+        f'their squared errors) is below {detection["snr_threshold"]:.2f} has no '
+        f'significant source: its deconvolved images are 0. Fitted on the '
+        f'validation objects (`~psfdeconv.deconvolve.fit_detection_threshold`): '
+        f'{100 * detection["blank_recall"]:.1f} % of the {detection["n_blank"]} '
+        f'blanks and {100 * detection["sources_below"]:.2f} % of the '
+        f'{detection["n_sources"]} sources fall below it (targets: '
+        f'{100 * detection.get("target_blank_recall", 0.995):.1f} % of the '
+        f'blanks unless that takes more than '
+        f'{100 * detection.get("max_sources_below", 0.01):.0f} % of the '
+        f'sources).'), none='None (no detection gate).')
     lines += ['Validation metrics (unweighted moments, bands pooled)',
               '=====================================================', '',
               '.. code-block:: json', '']
