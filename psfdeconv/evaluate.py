@@ -1660,10 +1660,22 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
     truth, psfs, noise_sigma = truth[ids], psfs[ids], noise_sigma[ids]
 
     observed = convolve_same(truth, psfs)
-    # d(observed) / d(parameter) of the shared parameters, (m, 5, bands, ny, nx).
-    shared = np.stack([convolve_same(_transformed(truth, name, step) -
-                                     _transformed(truth, name, -step), psfs) / (2 * step)
-                       for name in _FLOOR_SHARED], axis=1)
+    # d(observed) / d(parameter) of the shared parameters, (m, 5, bands, ny, nx),
+    # and, from the same transformed truths, the response of each band's HSM
+    # (e1, e2, log sigma) to (g1, g2, k).
+    derivatives = []
+    response = np.zeros((len(ids), n_bands, 3, 3))
+    for name in _FLOOR_SHARED:
+        plus = _transformed(truth, name, step)
+        minus = _transformed(truth, name, -step)
+        derivatives.append(convolve_same(plus - minus, psfs) / (2 * step))
+        if name in ('g1', 'g2', 'k'):
+            column = ('g1', 'g2', 'k').index(name)
+            plus, minus = hsm_moments(plus), hsm_moments(minus)
+            response[..., 0, column] = (plus['hsm_e1'] - minus['hsm_e1']) / (2 * step)
+            response[..., 1, column] = (plus['hsm_e2'] - minus['hsm_e2']) / (2 * step)
+            response[..., 2, column] = np.log(plus['hsm_sigma'] / minus['hsm_sigma']) / (2 * step)
+    shared = np.stack(derivatives, axis=1)
     # Fisher matrix: the shared parameters, then one flux per band (whose
     # derivative is that band's observed stamp over its flux).
     weight = 1.0 / noise_sigma**2
@@ -1680,15 +1692,7 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
     # (no flux) carries no information rather than failing.
     covariance = np.linalg.pinv(fisher)[:, [0, 1, 4]][:, :, [0, 1, 4]]
 
-    # Response of each band's HSM (e1, e2, log sigma) to (g1, g2, k).
     reference = hsm_moments(truth)
-    response = np.zeros((len(ids), n_bands, 3, 3))
-    for column, name in enumerate(('g1', 'g2', 'k')):
-        plus = hsm_moments(_transformed(truth, name, step))
-        minus = hsm_moments(_transformed(truth, name, -step))
-        response[..., 0, column] = (plus['hsm_e1'] - minus['hsm_e1']) / (2 * step)
-        response[..., 1, column] = (plus['hsm_e2'] - minus['hsm_e2']) / (2 * step)
-        response[..., 2, column] = np.log(plus['hsm_sigma'] / minus['hsm_sigma']) / (2 * step)
     crb = response @ covariance[:, None] @ np.swapaxes(response, -1, -2)
     ok = (reference['hsm_status'] == 0) & np.all(np.isfinite(crb), axis=(-2, -1))
 
