@@ -2,7 +2,7 @@
 """The Python examples of README.md, run as written.
 
 Every fenced ``python`` block of the README is executed in order in one namespace, as a
-reader would paste them into one session; the deconvolved stamps it makes must have the
+reader would paste them into one interpreter; the deconvolved stamps it makes must have the
 shape the README states and finite values.
 """
 
