@@ -111,12 +111,12 @@ def oracle_wiener(observed, psfs, truth):
 
 
 def to_target(images, pixel_scale, fwhm):
-    """Images convolved with a round Gaussian of ``fwhm`` arcsec (flux kept)."""
-    from scipy.ndimage import gaussian_filter
+    """Images convolved with a round Gaussian of ``fwhm`` arcsec (flux kept), the
+    kernels of ``deconvolve_stamps(..., target_psf=fwhm)``."""
+    from psfdeconv.target import convolve_to_target, target_psf_images
 
-    sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / pixel_scale
-    return np.stack([[gaussian_filter(band, s, mode='constant') for band in image]
-                     for image, s in zip(images, sigma)])
+    kernels = target_psf_images(fwhm, pixel_scale, len(images), images.shape[-2:])
+    return convolve_to_target(images, kernels)
 
 
 def summarise(name, sims, images, flux_corrected=None, target_fwhm=None):
@@ -126,7 +126,8 @@ def summarise(name, sims, images, flux_corrected=None, target_fwhm=None):
     truth_images = sims['truth']
     if target_fwhm is not None and name != 'observed':
         truth_images = to_target(truth_images, sims['pixel_scale'], target_fwhm)
-        images = to_target(images, sims['pixel_scale'], target_fwhm)
+        if name != 'psfdeconv':  # deconvolve_stamps applied the target itself
+            images = to_target(images, sims['pixel_scale'], target_fwhm)
     truth = hsm_moments(truth_images[:, -1])
     out = hsm_moments(images[:, -1])
     rows = []
@@ -165,7 +166,8 @@ def main(argv=None):
     sims = make_stamps(args.aegis_dir, args.n_per_galaxy, args.seed, n_bands)
     images, details = psfdeconv.deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'], model=model,
-        noise_sigma=sims['noise_sigma'], symmetries=args.symmetries, return_details=True)
+        noise_sigma=sims['noise_sigma'], symmetries=args.symmetries,
+        target_psf=args.target_fwhm, return_details=True)
     wiener = oracle_wiener(sims['observed'], sims['psf'], sims['truth'])
     rows = (summarise('psfdeconv', sims, images, details['flux_corrected'],
                       target_fwhm=args.target_fwhm)
