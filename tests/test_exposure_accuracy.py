@@ -316,3 +316,19 @@ def test_neighbour_light_is_not_counted_in_the_flux():
     error = {mode: np.abs(flux / 2000.0 - 1) for mode, flux in fluxes.items()}
     assert (error['replace'] < 0.05).all(), fluxes
     assert (fluxes['keep'] > fluxes['replace']).all() and error['keep'].min() > 0.05, fluxes
+
+
+def test_psf_fwhm_resolves_sub_pixel_differences():
+    # 2.0, 2.3 and 2.6 pixel PSFs: counting the pixels above half the peak
+    # gives one value for all three; the interpolated radius orders them.
+    import galsim
+
+    from psfdeconv.deconvolve import psf_fwhm
+
+    widths = (2.0, 2.3, 2.6)
+    images = np.stack([galsim.Moffat(beta=3, fwhm=w).drawImage(nx=41, ny=41, scale=1.0).array
+                       for w in widths])
+    fwhm = psf_fwhm(images, 1.0)
+    assert np.all(np.diff(fwhm) > 0.2)
+    # The pixelated image is broader than the profile by under a quarter pixel.
+    assert np.all((fwhm - widths > 0) & (fwhm - widths < 0.25))
