@@ -502,7 +502,8 @@ def _run_group(group, out_dir, model_ref, options):
     import socket
 
     from .io import atomic_path
-    from .pipeline import _n_flagged, run_exposure_set
+    from .flags import n_flagged
+    from .pipeline import run_exposure_set
 
     start = time.perf_counter()
     row = _row(group['id'], worker=f'{socket.gethostname()}:{os.getpid()}')
@@ -515,7 +516,7 @@ def _run_group(group, out_dir, model_ref, options):
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'], symmetries=options['symmetries'])
         row.update(status='ok', n_sources=len(catalog),
-                   n_flagged=_n_flagged(catalog),
+                   n_flagged=n_flagged(catalog['flags']),
                    seconds=time.perf_counter() - start, finished=_utc_now())
         marker = dict(row, weights_sha256=model.sha256, symmetries=options['symmetries'])
         # Last, and atomically: the group is finished exactly when this exists.

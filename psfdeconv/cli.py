@@ -477,7 +477,8 @@ def _cmd_run(args):
 
     from .exceptions import ConfigError
     from .io import example_exposures
-    from .pipeline import FLAG_NEIGHBOURS, _n_flagged, run_exposure_set
+    from .flags import FLAG_NEIGHBOURS, n_flagged
+    from .pipeline import run_exposure_set
 
     if args.example:
         if args.band or args.catalog:
@@ -506,12 +507,12 @@ def _cmd_run(args):
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace',
         symmetries=args.symmetries)
-    n_flagged = _n_flagged(catalog)
+    n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
     n_bands = len(exposures)
     print(f'deconvolved {len(catalog)} sources in {_plural(n_bands, "band")} '
-          f'({n_flagged} flagged; neighbours replaced in {n_neighbours}) with '
+          f'({n_rows_flagged} flagged; neighbours replaced in {n_neighbours}) with '
           f'{Path(str(model["path"])).name} (weights SHA-256 '
           f'{str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
           f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')

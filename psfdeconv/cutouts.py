@@ -26,14 +26,14 @@ sources' true positions separately.
 
 **Flags** (bits of the ``flags`` array of `make_cutouts`):
 
-* `FLAG_EDGE` (1): the stamp reaches beyond the image; the pixels outside
+* `~psfdeconv.flags.FLAG_EDGE` (1): the stamp reaches beyond the image; the pixels outside
   are 0 and masked.
-* `FLAG_MASKED` (2): the stamp has masked pixels inside the image (the
+* `~psfdeconv.flags.FLAG_MASKED` (2): the stamp has masked pixels inside the image (the
   exposure's mask, NaN/inf data, or a non-positive or non-finite
   uncertainty).
-* `FLAG_OFF_IMAGE` (4): the source's centre is off the image (outside
+* `~psfdeconv.flags.FLAG_OFF_IMAGE` (4): the source's centre is off the image (outside
   ``-0.5 <= x < nx - 0.5``, ``-0.5 <= y < ny - 0.5``); its stamp is all 0
-  and all masked. `FLAG_EDGE` is set too.
+  and all masked. ``FLAG_EDGE`` is set too.
 
 **Band alignment.** Cut each band at the object's sky position in its own
 exposure where the bands share a pixel grid; where they do not,
@@ -51,22 +51,13 @@ pixels FWHM), and `resample_psf` includes that widening.
 import numpy as np
 
 from .exceptions import InvalidInputError, InvalidPSFError, PixelScaleError
+from .flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 
 __all__ = [
-    'FLAG_EDGE',
-    'FLAG_MASKED',
-    'FLAG_OFF_IMAGE',
     'make_cutouts',
     'align_bands',
     'resample_psf',
 ]
-
-#: The stamp reaches beyond the image (padded with 0 and masked there).
-FLAG_EDGE = 1
-#: Masked pixels (mask, NaN/inf data, bad uncertainty) inside the stamp.
-FLAG_MASKED = 2
-#: The source's centre is off the image; the stamp is empty and masked.
-FLAG_OFF_IMAGE = 4
 
 #: The resampling kernels of ``reproject.reproject_adaptive``.
 _KERNELS = ('gaussian', 'hann')
@@ -257,7 +248,8 @@ def make_cutouts(exposure, positions, *, size=64):
         masked, NaN/inf or bad-uncertainty pixels; ``uncertainty``: float64
         (n, size, size) standard deviations, ``inf`` where masked, or None
         if the exposure has none; ``flags``: int32 (n,) bitmask of
-        `FLAG_EDGE`, `FLAG_MASKED` and `FLAG_OFF_IMAGE`; ``x``, ``y``:
+        `~psfdeconv.flags.FLAG_EDGE`, `~psfdeconv.flags.FLAG_MASKED` and
+        `~psfdeconv.flags.FLAG_OFF_IMAGE`; ``x``, ``y``:
         float64 (n,) the positions in the exposure (pixels);
         ``x_stamp``, ``y_stamp``: float64 (n,) the positions in the stamps;
         ``origin``: int64 (n, 2) the (x, y) exposure pixel of each stamp's
@@ -275,7 +267,8 @@ def make_cutouts(exposure, positions, *, size=64):
     --------
     >>> import numpy as np
     >>> from astropy.nddata import NDData
-    >>> from psfdeconv.cutouts import FLAG_EDGE, make_cutouts
+    >>> from psfdeconv.cutouts import make_cutouts
+    >>> from psfdeconv.flags import FLAG_EDGE
     >>> image = np.zeros((100, 120))
     >>> image[40, 50] = 1.0
     >>> stamps = make_cutouts(NDData(image), [(50, 40), (118.2, 3.0)], size=32)

@@ -161,7 +161,7 @@ def _pixel_scale_array(pixel_scale, n):
 
 
 def estimate_noise_sigma(residuals):
-    """Robust per-image noise standard deviation (1.4826 x MAD).
+    """Robust per-image noise standard deviation (`~astropy.stats.mad_std`).
 
     Parameters
     ----------
@@ -173,9 +173,9 @@ def estimate_noise_sigma(residuals):
     `~numpy.ndarray`
         Shape (...).
     """
-    flat = residuals.reshape(residuals.shape[:-2] + (-1,))
-    median = np.median(flat, axis=-1, keepdims=True)
-    return 1.4826 * np.median(np.abs(flat - median), axis=-1)
+    from astropy.stats import mad_std
+
+    return mad_std(residuals, axis=(-2, -1))
 
 
 def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None):

@@ -35,6 +35,7 @@ from .exceptions import (
     OutputExistsError,
     ShapeMismatchError,
 )
+from .flags import unusable_bits
 from .measure import _as_image_array, _band_names, _object_pixel_scale, image_moments, snr
 
 __all__ = [
@@ -1827,20 +1828,16 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         ellipticity difference), ``hsm_e1``, ``hsm_e2`` (same, adaptive
         moments, finite values only) and ``size_percent`` (mean and RMS of
         100 (size / size_true - 1)). Statistics use the matches without a
-        flag that makes the measurement unusable (edge, masked, off image,
-        HSM failure, centroid fallback, undetected); ``n_unflagged`` counts
-        them.
+        flag that makes the measurement unusable
+        (`~psfdeconv.flags.UNUSABLE_FLAGS`); ``n_unflagged`` counts them.
     """
     matches = match_truth(catalog, truth, max_separation=max_separation)
     n_truth = int(np.sum(np.asarray(truth['kind']) == 'galaxy'))
     cat = catalog[matches['catalog_index']]
     tru = truth[matches['truth_index']]
-    # Flags that mark a measurement as unusable (not OUTSIDE_TRAINING or
-    # PSF_EXTRAPOLATED, which only qualify it).
-    bits = catalog.meta.get('flag_bits', {})
-    unusable = sum(bits.get(name, 0) for name in
-                   ('EDGE', 'MASKED', 'OFF_IMAGE', 'HSM_FAILED', 'CENTROID_FALLBACK',
-                    'UNDETECTED'))
+    # The catalogue's own name -> bit mapping, read with the registry's
+    # unusable names.
+    unusable = unusable_bits(catalog.meta.get('flag_bits', {}))
     good = (np.asarray(cat['flags']) & (unusable or ~0)) == 0
     sep = matches['separation'].to_value(u.arcsec)
     result = {'n_truth': n_truth, 'n_matched': len(matches),

@@ -31,13 +31,8 @@ It returns a `~astropy.table.QTable` with one row per source and a list of
 `write_catalog` and `write_stamps` write them to FITS (`read_catalog` and
 `read_stamps` read them back).
 
-**Flags** (bits of the catalogue's ``flags`` column): the cutout flags of
-`psfdeconv.cutouts` (`~psfdeconv.cutouts.FLAG_EDGE` 1,
-`~psfdeconv.cutouts.FLAG_MASKED` 2, `~psfdeconv.cutouts.FLAG_OFF_IMAGE` 4,
-each set when it holds in any band), `FLAG_HSM_FAILED` (8),
-`FLAG_PSF_EXTRAPOLATED` (16), `FLAG_CENTROID_FALLBACK` (32),
-`FLAG_OUTSIDE_TRAINING` (64), `FLAG_NEIGHBOURS` (128) and `FLAG_UNDETECTED`
-(256).
+**Flags**: the bits of the catalogue's ``flags`` column are defined in
+`psfdeconv.flags` (the cutout flags are set when they hold in any band).
 """
 
 import contextlib
@@ -48,22 +43,24 @@ from pathlib import Path
 import numpy as np
 
 from ._warnings import catch_warnings
-from .cutouts import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 from .exceptions import (
     InvalidInputError,
     InvalidPSFError,
     ModelFileError,
     ShapeMismatchError,
 )
+from .flags import (
+    FLAG_CENTROID_FALLBACK,
+    FLAG_HSM_FAILED,
+    FLAG_NEIGHBOURS,
+    FLAG_OUTSIDE_TRAINING,
+    FLAG_PSF_EXTRAPOLATED,
+    FLAG_UNDETECTED,
+    FLAGS,
+    flags_column_description,
+)
 
 __all__ = [
-    'FLAG_HSM_FAILED',
-    'FLAG_PSF_EXTRAPOLATED',
-    'FLAG_CENTROID_FALLBACK',
-    'FLAG_OUTSIDE_TRAINING',
-    'FLAG_NEIGHBOURS',
-    'FLAG_UNDETECTED',
-    'FLAGS',
     'deconvolve_catalog',
     'detect_galaxies',
     'neighbour_segments',
@@ -76,51 +73,6 @@ __all__ = [
     'write_stamps',
     'read_stamps',
 ]
-
-#: The adaptive-moment (HSM) measurement failed on the deconvolved image of
-#: at least one band.
-FLAG_HSM_FAILED = 8
-#: The PSF at the source was extrapolated: the source lies outside the grid
-#: of PSFs of a `~photutils.psf.GriddedPSFModel` in at least one band (the
-#: nearest grid PSFs are used there).
-FLAG_PSF_EXTRAPOLATED = 16
-#: The deconvolved image of the reference band has no positive flux, so it
-#: has no centroid: ``x``, ``y`` and ``sky_centroid`` are the input position.
-FLAG_CENTROID_FALLBACK = 32
-#: The source's pixel scale or PSF lies outside the range the model was
-#: trained on (`psfdeconv.deconvolve.outside_training_range`): its
-#: measurements are extrapolations.
-FLAG_OUTSIDE_TRAINING = 64
-#: Pixels of other sources (their detection segments, dilated) lay in the
-#: stamp and were replaced by noise before deconvolution
-#: (`replace_neighbours`); informational, the measurement is usable.
-FLAG_NEIGHBOURS = 128
-#: The stamp holds no significant source: its detection SNR lies below the
-#: model card's detection threshold, so the deconvolved images are 0
-#: (`psfdeconv.deconvolve.deconvolve_stamps`); the fluxes are still reported.
-FLAG_UNDETECTED = 256
-
-#: Every flag bit with its name, as recorded in the catalogue's meta.
-FLAGS = {
-    'EDGE': FLAG_EDGE,
-    'MASKED': FLAG_MASKED,
-    'OFF_IMAGE': FLAG_OFF_IMAGE,
-    'HSM_FAILED': FLAG_HSM_FAILED,
-    'PSF_EXTRAPOLATED': FLAG_PSF_EXTRAPOLATED,
-    'CENTROID_FALLBACK': FLAG_CENTROID_FALLBACK,
-    'OUTSIDE_TRAINING': FLAG_OUTSIDE_TRAINING,
-    'NEIGHBOURS': FLAG_NEIGHBOURS,
-    'UNDETECTED': FLAG_UNDETECTED,
-}
-
-
-
-def _n_flagged(catalog):
-    """Rows of a catalogue with a flag set other than the informational
-    ``NEIGHBOURS`` (those measurements are the better ones), as the run and
-    batch summaries count them."""
-    return int(((np.asarray(catalog['flags']) & ~FLAG_NEIGHBOURS) != 0).sum())
-
 
 #: Detection threshold (background sigma) and minimum connected pixels of
 #: `detect_galaxies`, as for `psfdeconv.psf.find_stars`.
@@ -813,12 +765,14 @@ def _stamp_noise(uncertainty, mask):
 
 
 def _stamp_mad(stamps, mask):
-    """Robust (1.4826 MAD) noise of each stamp's unmasked pixels."""
+    """Robust (`~astropy.stats.mad_std`) noise of each stamp's unmasked
+    pixels (NaN where there are none)."""
+    from astropy.stats import mad_std
+
     values = np.where(mask, np.nan, stamps).reshape(len(stamps), -1)
     out = np.full(len(stamps), np.nan)
     has = np.isfinite(values).any(axis=1)
-    median = np.nanmedian(values[has], axis=1, keepdims=True)
-    out[has] = 1.4826 * np.nanmedian(np.abs(values[has] - median), axis=1)
+    out[has] = mad_std(values[has], axis=1, ignore_nan=True)
     return out
 
 
@@ -1250,7 +1204,7 @@ def _deconvolve_chunk(setup, index, *, batch_size):
         ('x_input', x_in * u.pix, 'Input (given or detected) column, 0-based'),
         ('y_input', y_in * u.pix, 'Input (given or detected) row, 0-based'),
         ('flags', flags,
-         'Bitmask: ' + ', '.join(f'{bit} {name}' for name, bit in FLAGS.items())),
+         flags_column_description()),
     ]
     for b, band in enumerate(bands):
         unit = setup.aligned[band].unit or u.dimensionless_unscaled

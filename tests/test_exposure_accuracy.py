@@ -177,7 +177,7 @@ def test_outside_training_range_warns_flags_or_refuses():
 def test_run_strict_refuses_an_untrained_pixel_scale(tmp_path, capsys):
     # 0.5 arcsec/pixel: outside every shipped model's range. --strict: exit 3 and no
     # output; without it: the catalogue, each source flagged OUTSIDE_TRAINING.
-    from psfdeconv.pipeline import FLAG_OUTSIDE_TRAINING
+    from psfdeconv.flags import FLAG_OUTSIDE_TRAINING
 
     field = tmp_path / 'field'
     assert main(['simulate-exposure', '--out', str(field), '--seed', '8', '--size', '256',
@@ -282,7 +282,8 @@ def test_neighbour_light_is_not_counted_in_the_flux():
     from astropy.nddata import CCDData, StdDevUncertainty
     from astropy.wcs import WCS
 
-    from psfdeconv.pipeline import FLAG_NEIGHBOURS, deconvolve_catalog
+    from psfdeconv.flags import FLAG_NEIGHBOURS
+    from psfdeconv.pipeline import deconvolve_catalog
 
     scale, size = 0.2, 200
     wcs = WCS(naxis=2)
