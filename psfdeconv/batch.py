@@ -689,9 +689,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                         f'another --out.')
 
     loaded = _load_batch_model(model, len(bands))
-    from .deconvolve import _check_symmetries
+    from .deconvolve import check_symmetries
 
-    symmetries = _check_symmetries(symmetries, loaded)
+    symmetries = check_symmetries(symmetries, loaded)
     model_path = None if loaded.path is None else str(Path(loaded.path).resolve())
     if model_path is None and not (isinstance(scheduler, str) and
                                    scheduler in ('threads', 'synchronous')):

@@ -65,9 +65,9 @@ def _cmd_simulate(args):
 
 
 def _cmd_train(args):
-    from .deconvolve import calibrate_card
-    from .model import DeconvolutionModel, save_model
-    from .train import TrainConfig, train_model, validation_objects
+    from .calibrate import calibrate_model
+    from .model import save_model
+    from .train import TrainConfig, train_model
 
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ('epochs', 'batch_size', 'seed', 'max_minutes',
@@ -93,21 +93,9 @@ def _cmd_train(args):
                                     1 if _progress_wanted(args, sys.stdout)
                                     else 2)
     card['name'] = args.name
-    model = DeconvolutionModel(keras_model, card)
-    # The flux-bias correction, the detection threshold and the card's
-    # metrics come from the validation objects, which the weights never
-    # trained on.
-    val = validation_objects(args.sims, config)
-    calibration, images = calibrate_card(
-        model, val['observed'], val['psf'], val['pixel_scale'], val['truth'],
-        val['is_blank'], return_images=True)
-    card.update(calibration)
-    card['metrics'] = _validation_metrics(images, val)
-    card['pixel_scale_range'] = card['training']['simulation_config'][
-        'pixel_scale_range']
-    card['psf_fwhm_range_arcsec'] = card['training']['simulation_config'][
-        'psf_fwhm_range']
-    card['n_validation_objects'] = card['training']['n_validation']
+    # The corrections, the detection threshold and the card's metrics come
+    # from the validation objects, which the weights never trained on.
+    card = calibrate_model(keras_model, card, args.sims)
     card = save_model(keras_model, model_path, card,
                       overwrite=args.overwrite)
     log.info('wrote %s (weights SHA-256 %s)', model_path,
@@ -119,37 +107,6 @@ def _cmd_train(args):
             log.info('wrote %s', path)
     print(json.dumps(card['metrics'], indent=2))
     return 0
-
-
-def _validation_metrics(images, val):
-    """Mean and RMS of moment differences on non-blank validation objects,
-    from their deconvolved ``images``."""
-    import numpy as np
-
-    from .measure import image_moments
-
-    source = ~val['is_blank']
-    truth = image_moments(val['truth'][source])
-    pred = image_moments(images[source])
-    metrics = {}
-    for key in ('e1', 'e2', 'e'):
-        diff = pred[key] - truth[key]
-        metrics[key] = _mean_rms(diff)
-    for key in ('flux', 'size'):
-        diff = 100.0 * (pred[key] / truth[key] - 1.0)
-        metrics[f'{key}_percent'] = _mean_rms(diff)
-    metrics['centroid_pixels'] = _mean_rms(np.hypot(pred['x'] - truth['x'],
-                                                    pred['y'] - truth['y']))
-    metrics['n_objects'] = int(source.sum())
-    return metrics
-
-
-def _mean_rms(values):
-    import numpy as np
-
-    values = values[np.isfinite(values)]
-    return {'mean': round(float(values.mean()), 5),
-            'rms': round(float(np.sqrt((values ** 2).mean())), 5)}
 
 
 def _cmd_evaluate(args):

@@ -1518,7 +1518,7 @@ def _shift_images(images, dy, dx):
 
 def _transformed(images, name, step):
     """``images`` sheared, shifted or dilated by ``step`` of parameter ``name``."""
-    from .deconvolve import dilate_images, shear_images
+    from .transforms import dilate_images, shear_images
 
     if name == 'g1':
         return shear_images(images, step, 0.0)

@@ -926,9 +926,9 @@ def _set_symmetries(setup, symmetries):
     """The symmetries the deconvolution averages over (None: the model
     card's), checked before any stamp is cut and recorded in the
     catalogue's meta."""
-    from .deconvolve import _check_symmetries
+    from .deconvolve import check_symmetries
 
-    symmetries = _check_symmetries(symmetries, setup.model)
+    symmetries = check_symmetries(symmetries, setup.model)
     setup.symmetries = symmetries
     setup.meta['symmetries'] = symmetries
 
@@ -937,11 +937,11 @@ def _check_strict(setup, strict):
     """With ``strict``, refuse an exposure set whose pixel scale the model
     was not trained on before any source is deconvolved (PSFs outside the
     trained FWHM range are refused chunk by chunk)."""
-    from .deconvolve import _check_training_range
+    from .deconvolve import check_training_range
 
     setup.strict = bool(strict)
     if strict:
-        _check_training_range(setup.model, np.array([setup.scale]), None, strict=True)
+        check_training_range(setup.model, np.array([setup.scale]), None, strict=True)
 
 
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .deconvolve import OUTPUT_FLOORS, _check_symmetries
+from .deconvolve import OUTPUT_FLOORS, check_symmetries
 from .exceptions import ConfigError, InvalidInputError
-from .features import KINDS, _check_kinds, make_cube
+from .features import KINDS, check_kinds, make_cube
+from .transforms import square_symmetry
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
            'split_bands', 'augment_batch', 'build_cache', 'validation_objects',
@@ -114,7 +115,7 @@ class TrainConfig:
     moment_loss_weight: float = 0.0
 
     def __post_init__(self):
-        self.kinds = _check_kinds(self.kinds)
+        self.kinds = check_kinds(self.kinds)
         self.filters = tuple(self.filters)
         if self.epochs < 1 or self.batch_size < 1 or self.data_workers < 1:
             raise ConfigError(f'epochs, batch_size and data_workers must be '
@@ -126,7 +127,7 @@ class TrainConfig:
         if self.output_floor not in OUTPUT_FLOORS:
             raise ConfigError(f"output_floor must be one of {OUTPUT_FLOORS}, got "
                               f"{self.output_floor!r}.")
-        _check_symmetries(self.symmetries)
+        check_symmetries(self.symmetries)
         if not self.target_headroom >= 1:
             raise ConfigError(f'target_headroom must be >= 1, got '
                               f'{self.target_headroom}.')
@@ -288,10 +289,7 @@ def augment_batch(cube, target, transform):
     True
     """
     def apply(array):
-        array = np.rot90(array, k=transform % 4, axes=(1, 2))
-        if transform >= 4:
-            array = array[:, :, ::-1]
-        return np.ascontiguousarray(array)
+        return np.ascontiguousarray(square_symmetry(array, transform, axes=(1, 2)))
 
     return apply(cube), apply(target)
 
