@@ -145,6 +145,22 @@ def _add_symmetries_argument(parser):
                              'models; 1 runs the network once per stamp, fastest)')
 
 
+def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
+    """The options ``run`` and ``batch`` share: the PSF, the model, the
+    reference band, the network batch and the symmetries."""
+    parser.add_argument('--psf', default='epsf',
+                        help=f"PSF of {psf_for}: 'epsf' (from the stars, default), "
+                             f"'epsf:grid=NYxNX', 'moffat:fwhm=0.8arcsec,beta=3' or "
+                             f"'psf=FILE'")
+    parser.add_argument('--model', help='model .keras file (default: shipped)')
+    parser.add_argument('--reference-band', metavar='NAME',
+                        help=f'band whose pixel grid the stamps are cut on (default: '
+                             f'{first_band})')
+    parser.add_argument('--batch-size', type=int, default=128,
+                        help='objects per network call')
+    _add_symmetries_argument(parser)
+
+
 def _cmd_deconvolve(args):
     from .deconvolve import deconvolve_stamps
     from .io import check_writable
@@ -486,6 +502,22 @@ def _cmd_run(args):
     return 0
 
 
+def _cmd_batch(args):
+    from .batch import SUMMARY_NAME, run_batch
+
+    summary = run_batch(args.manifest, args.out, psfs=args.psf, model=args.model,
+                        scheduler=args.scheduler, workers=args.workers,
+                        resume=args.resume, overwrite=args.overwrite,
+                        reference_band=args.reference_band,
+                        batch_size=args.batch_size, symmetries=args.symmetries)
+    counts = summary.meta['counts']
+    print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
+          f'finished earlier, {counts["failed"]} failed; '
+          f'{int(summary["n_sources"][summary["n_sources"] > 0].sum())} sources; '
+          f'wrote {Path(args.out) / SUMMARY_NAME}')
+    return 0
+
+
 def _print_exposure_truth_comparison(catalog, truth_path):
     """Accuracy of a catalogue of the bundled example against its truth."""
     from astropy.table import QTable
@@ -562,7 +594,19 @@ def _parser():
     _add_output_options(parser)
     sub = parser.add_subparsers(dest='command', required=True,
                                 metavar='COMMAND')
+    _add_simulate_parser(sub)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_deconvolve_parser(sub)
+    _add_info_parser(sub)
+    _add_run_parser(sub)
+    _add_simulate_exposure_parser(sub)
+    _add_batch_parser(sub)
+    return parser
 
+
+def _add_simulate_parser(sub):
+    """The ``simulate`` subcommand."""
     p = _add_command(
         sub, 'simulate', help='simulate training/test stamps',
         description='Simulate GalSim multi-band stamps to an HDF5 file (config and '
@@ -582,6 +626,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate)
 
+
+def _add_train_parser(sub):
+    """The ``train`` subcommand."""
     p = _add_command(
         sub, 'train', help='train and calibrate a model',
         description='Train the network on a simulation file; writes OUT/NAME.keras '
@@ -615,6 +662,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate_parser(sub):
+    """The ``evaluate`` subcommand."""
     p = _add_command(
         sub, 'evaluate', help='metrics and baselines on simulations',
         description='Evaluate a model and classical baselines on simulated stamps '
@@ -635,6 +685,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_deconvolve_parser(sub):
+    """The ``deconvolve`` subcommand."""
     p = _add_command(
         sub, 'deconvolve', help='deconvolve stamps',
         description='Deconvolve the stamps of a simulation file (or the bundled '
@@ -656,6 +709,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)
 
+
+def _add_info_parser(sub):
+    """The ``info`` subcommand."""
     p = _add_command(
         sub, 'info', help='versions, models and their checks',
         description='Print the versions of psfdeconv and its dependencies and, for '
@@ -672,6 +728,9 @@ def _parser():
                    help='print one JSON document (versions and models) instead')
     p.set_defaults(func=_cmd_info)
 
+
+def _add_run_parser(sub):
+    """The ``run`` subcommand."""
     p = _add_command(
         sub, 'run', help='deconvolve the galaxies of multi-band exposures',
         description='Detect (or read) the galaxies of one set of multi-band '
@@ -701,23 +760,13 @@ def _parser():
     group.add_argument('--detect', action='store_true',
                        help='detect the galaxies on the reference band (the '
                             'default without --catalog)')
-    p.add_argument('--psf', default='epsf',
-                   help="PSF of every band: 'epsf' (from the stars, default), "
-                        "'epsf:grid=NYxNX', 'moffat:fwhm=0.8arcsec,beta=3' or "
-                        "'psf=FILE'")
-    p.add_argument('--model', help='model .keras file (default: shipped)')
-    p.add_argument('--reference-band', metavar='NAME',
-                   help='band whose pixel grid the stamps are cut on (default: '
-                        'the first --band)')
-    p.add_argument('--batch-size', type=int, default=128,
-                   help='objects per network call')
+    _add_exposure_set_options(p, first_band='the first --band')
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--plots', action='store_true',
                    help='also write OUT/catalog_overview.png and OUT/stamps.png')
     p.add_argument('--strict', action='store_true',
                    help='refuse (exit 3) exposures whose pixel scale or PSF the model '
                         'was not trained on, instead of warning and flagging them')
-    _add_symmetries_argument(p)
     p.add_argument('--keep-neighbours', action='store_true',
                    help='deconvolve the stamps as cut; by default the pixels of other '
                         'sources in a stamp are replaced by noise (flag NEIGHBOURS) '
@@ -725,6 +774,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 
+
+def _add_simulate_exposure_parser(sub):
+    """The ``simulate-exposure`` subcommand."""
     p = _add_command(
         sub, 'simulate-exposure', help='simulate a multi-band exposure set',
         description='Simulate GalSim exposures of galaxies and stars with a TAN '
@@ -752,9 +804,47 @@ def _parser():
                    help='give every band the same pixel grid')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate_exposure)
-    from .batch import add_batch_parser
-    _add_output_options(add_batch_parser(sub), subcommand=True)
-    return parser
+
+def _add_batch_parser(sub):
+    """The ``batch`` subcommand."""
+    p = _add_command(
+        sub, 'batch', help='deconvolve many exposure groups (a manifest) on dask',
+        description='Run "psfdeconv run" on every exposure group of a manifest (CSV '
+                    'or ECSV: id, one column per band with the FITS paths, optional '
+                    'catalog and psf_<band>), one dask task per group, into OUT/<id>/, '
+                    'and write OUT/summary.fits (status, counts, time and error per '
+                    'group). A failed group does not stop the others (exit code 6 at '
+                    'the end); a killed batch continues with --resume.',
+        examples=('psfdeconv batch groups.csv --out night1/',
+                  'psfdeconv batch groups.csv --out night1/ --scheduler processes '
+                  '--workers 2',
+                  'psfdeconv batch groups.csv --out night1/ --scheduler '
+                  'tcp://10.0.0.5:8786',
+                  'psfdeconv batch groups.csv --out night1/ --resume'),
+        notes='manifest (groups.csv):\n'
+              '  id,g,r,i,catalog\n'
+              '  f001,f001/g.fits,f001/r.fits,f001/i.fits,\n'
+              '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv')
+    p.add_argument('manifest', help='CSV or ECSV table of exposure groups (relative '
+                                    'paths are relative to its directory)')
+    p.add_argument('--out', required=True,
+                   help='output directory: OUT/<id>/ per group and OUT/summary.fits')
+    p.add_argument('--scheduler', default='threads',
+                   help="'threads' (default), 'processes', 'synchronous' or the "
+                        "address of a dask.distributed scheduler (tcp://host:8786; "
+                        "pip install 'psfdeconv[dask]')")
+    p.add_argument('--workers', type=int,
+                   help='threads or processes of a local scheduler (default: one '
+                        'per CPU)')
+    _add_exposure_set_options(p, first_band='the first band column',
+                              psf_for='the bands without a psf_<band> value')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--resume', action='store_true',
+                       help='keep the groups finished by an earlier run into OUT '
+                            '(OUT/<id>/done.json) and run the others')
+    group.add_argument('--overwrite', action='store_true',
+                       help='redo every group, replacing an earlier run in OUT')
+    p.set_defaults(func=_cmd_batch)
 
 
 def _add_output_options(parser, subcommand=False):
