@@ -80,8 +80,6 @@ _RESERVED_COLUMNS = ('id', 'catalog')
 #: PSF specifications understood by `psfdeconv.psf.psf_from_spec` (anything
 #: else in a ``psf_<band>`` cell is the path of a PSF file).
 _PSF_SPEC_KINDS = ('epsf', 'moffat')
-#: Header keyword holding the summary's meta as JSON.
-_META_KEYWORD = 'PSFDMETA'
 #: Outputs a finished group must still have for its marker to count.
 _GROUP_OUTPUTS = ('catalog.fits', 'stamps.fits')
 
@@ -301,18 +299,16 @@ def _summary_table(rows, meta):
 
 
 def _write_summary(table, path):
-    """Write the summary atomically, its meta as JSON in ``PSFDMETA``."""
-    from .io import write_table
+    """Write the summary atomically, its meta as JSON in the header."""
+    from .io import write_table_with_meta
 
-    out = table.copy(copy_data=False)
-    out.meta.clear()
-    meta = dict(table.meta)
+    meta = table.meta
+    keywords = {}
     if (meta.get('model') or {}).get('weights_sha256'):
-        out.meta['MODELSHA'] = str(meta['model']['weights_sha256'])
+        keywords['MODELSHA'] = str(meta['model']['weights_sha256'])
     if meta.get('psfdeconv_version'):
-        out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
-    out.meta[_META_KEYWORD] = json.dumps(meta, default=str, separators=(',', ':'))
-    return write_table(out, path, overwrite=True, format='fits')
+        keywords['PSFDVER'] = str(meta['psfdeconv_version'])
+    return write_table_with_meta(table, path, keywords=keywords, overwrite=True)
 
 
 def read_summary(path):
@@ -340,7 +336,8 @@ def read_summary(path):
         If the file does not exist or is not a summary.
     """
     import numpy as np
-    from astropy.table import QTable
+
+    from .io import read_table_with_meta
 
     path = Path(path)
     if path.is_dir():
@@ -350,13 +347,10 @@ def read_summary(path):
                                 f'summary.fits of a psfdeconv batch (or its output '
                                 f'directory).')
     try:
-        table = QTable.read(path, format='fits')
-        meta = json.loads(table.meta[_META_KEYWORD])
+        table = read_table_with_meta(path, required=True)
     except Exception as exc:  # astropy raises many types for unreadable files
         raise InvalidInputError(f'{path} is not a psfdeconv batch summary '
                                 f'({type(exc).__name__}: {exc}).') from None
-    table.meta.clear()
-    table.meta.update(meta)
     for name in ('id', 'status', 'error', 'worker', 'finished'):
         # FITS stores '' as a null string, which astropy reads as masked.
         column = table[name]

@@ -50,7 +50,8 @@ pixels FWHM), and `resample_psf` includes that widening.
 
 import numpy as np
 
-from .exceptions import InvalidInputError, InvalidPSFError, PixelScaleError
+from ._validation import scalar_pixel_scale
+from .exceptions import InvalidInputError, InvalidPSFError
 from .flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 
 __all__ = [
@@ -349,27 +350,6 @@ def make_cutouts(exposure, positions, *, size=64):
 
 # --- Band alignment ----------------------------------------------------------------
 
-def _arcsec_per_pixel(value, name):
-    import astropy.units as u
-
-    if isinstance(value, u.Quantity):
-        try:
-            value = value.to_value(u.arcsec / u.pix,
-                                   equivalencies=[(u.arcsec, u.arcsec / u.pix)])
-        except u.UnitConversionError:
-            raise PixelScaleError(f'{name} = {value}; give an angle per pixel such '
-                                  f'as 0.2 * u.arcsec / u.pix.') from None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise PixelScaleError(f'{name} = {value!r}; give arcsec per pixel (a '
-                              f'number or a Quantity).') from None
-    if not np.isfinite(value) or value <= 0:
-        raise PixelScaleError(f'{name} = {value}; it must be positive and finite '
-                              f'(arcsec/pixel).')
-    return value
-
-
 def _local_jacobian(wcs, x, y, frame_centre):
     """2x2 matrix of tangent-plane offsets (arcsec, east and north at
     ``frame_centre``) per pixel step along x (column 0) and y (column 1) at
@@ -656,8 +636,8 @@ def resample_psf(psf_array, *, from_scale, to_scale, rotation=0.0, size=None,
     if not np.isfinite(total) or total <= 0:
         raise InvalidPSFError(f'psf_array sums to {total}; a PSF must have a '
                               f'positive, finite sum.')
-    from_scale = _arcsec_per_pixel(from_scale, 'from_scale')
-    to_scale = _arcsec_per_pixel(to_scale, 'to_scale')
+    from_scale = scalar_pixel_scale(from_scale, 'from_scale')
+    to_scale = scalar_pixel_scale(to_scale, 'to_scale')
     rotation = float(rotation)
     if not np.isfinite(rotation):
         raise InvalidInputError(f'rotation = {rotation}; give an angle in '

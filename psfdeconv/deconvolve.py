@@ -38,6 +38,7 @@ This module applies the corrections; `psfdeconv.calibrate` fits them.
 import numpy as np
 
 from ._fourier import convolve_same
+from ._validation import check_psfs, pixel_scale_arcsec
 from .exceptions import (
     ConfigError,
     InvalidPixelsError,
@@ -103,24 +104,8 @@ def validate_stamps(stamps, psfs, pixel_scale):
             f'stamps contain {int(bad.sum())} non-finite pixel(s), the first '
             f'at index {index} = {stamps[index]}; replace them (e.g. by the '
             f'local background) and flag those objects.')
+    psfs = check_psfs(psfs, stamps.shape[-2:])
     py, px = psfs.shape[-2:]
-    ny, nx = stamps.shape[-2:]
-    if py % 2 == 0 or px % 2 == 0:
-        raise InvalidPSFError(f'PSF images must have odd sizes so that they '
-                              f'have a centre pixel, got {(py, px)}; crop or '
-                              f'resample them to an odd size.')
-    if py > ny or px > nx:
-        raise InvalidPSFError(f'PSF images {(py, px)} are larger than the '
-                              f'stamps {(ny, nx)}; crop them.')
-    psfs = psfs.astype(np.float64)
-    sums = psfs.sum(axis=(-2, -1))
-    bad = ~np.isfinite(sums) | (sums <= 0)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InvalidPSFError(
-            f'psfs[{index[0]}, {index[1]}] sums to {sums[index]}; a PSF must '
-            f'have a positive, finite sum.')
-    psfs = psfs / sums[..., None, None]
     peak = psfs.reshape(psfs.shape[:2] + (-1,)).argmax(axis=-1)
     peak_y, peak_x = np.divmod(peak, px)
     off = (np.abs(peak_y - py // 2) > 1) | (np.abs(peak_x - px // 2) > 1)
@@ -142,19 +127,12 @@ def normalize_psfs(psfs):
 
 
 def _pixel_scale_array(pixel_scale, n):
-    from .measure import _pixel_scale_arcsec
-
-    scale = _pixel_scale_arcsec(pixel_scale)
+    scale = pixel_scale_arcsec(pixel_scale)
     if scale.ndim == 0:
         scale = np.full(n, float(scale))
     if scale.shape != (n,):
         raise ShapeMismatchError(f'pixel_scale must be a scalar or have shape '
                                  f'({n},), got {scale.shape}.')
-    bad = ~np.isfinite(scale) | (scale <= 0)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise PixelScaleError(f'pixel_scale[{i}] = {scale[i]}; pixel scales '
-                              f'must be positive and finite (arcsec/pixel).')
     return scale
 
 

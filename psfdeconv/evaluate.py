@@ -28,15 +28,15 @@ from astropy import units as u
 from astropy.table import QTable
 
 from ._fourier import convolve_same, kernel_fft
+from ._validation import as_image_array, broadcast_pixel_scale, check_band_names, check_psfs
 from .exceptions import (
     ConfigError,
     InvalidInputError,
-    InvalidPSFError,
     OutputExistsError,
     ShapeMismatchError,
 )
 from .flags import unusable_bits
-from .measure import _as_image_array, _band_names, _object_pixel_scale, image_moments, snr
+from .measure import image_moments, snr
 
 __all__ = [
     'image_quality',
@@ -84,7 +84,7 @@ _RL_PEDESTAL = 1e-4
 
 
 def _check_4d(images, name):
-    data, _ = _as_image_array(images, name)
+    data, _ = as_image_array(images, name)
     if data.ndim != 4:
         msg = (f'{name} must have shape (n, n_bands, ny, nx), got '
                f'{data.shape}; add a band axis with {name}[:, None] for '
@@ -709,8 +709,8 @@ def flux_bias_table(flux, flux_corrected, true_flux, true_class):
 def _check_stamps_psfs(stamps, psfs):
     """Validate stamps ``(..., ny, nx)`` and odd, centred PSFs; return
     float arrays with the PSFs normalised to unit sum."""
-    stamps, _ = _as_image_array(stamps, 'stamps')
-    psfs, _ = _as_image_array(psfs, 'psfs')
+    stamps, _ = as_image_array(stamps, 'stamps')
+    psfs, _ = as_image_array(psfs, 'psfs')
     try:
         leading = np.broadcast_shapes(stamps.shape[:-2], psfs.shape[:-2])
     except ValueError:
@@ -720,24 +720,7 @@ def _check_stamps_psfs(stamps, psfs):
                f'{stamps.shape}; give one PSF per stamp, (..., py, px) with '
                f'the stamps\' leading shape.')
         raise ShapeMismatchError(msg)
-    py, px = psfs.shape[-2:]
-    ny, nx = stamps.shape[-2:]
-    if py % 2 == 0 or px % 2 == 0:
-        msg = (f'psfs must have odd dimensions with the centre on the '
-               f'middle pixel, got {py}x{px}; crop or pad them by one '
-               f'pixel.')
-        raise InvalidPSFError(msg)
-    if py > ny or px > nx:
-        msg = (f'psfs of {py}x{px} pixels are larger than the {ny}x{nx} '
-               f'stamps; crop the PSFs.')
-        raise InvalidPSFError(msg)
-    sums = psfs.sum(axis=(-2, -1))
-    if not np.all(sums > 0):
-        index = tuple(int(i) for i in np.argwhere(~(sums > 0))[0])
-        msg = (f'psfs{list(index)} sums to {sums[index]:.6g}; a PSF must '
-               f'have a positive sum.')
-        raise InvalidPSFError(msg)
-    return stamps, psfs / sums[..., None, None]
+    return stamps, check_psfs(psfs, stamps.shape[-2:])
 
 
 def _per_stamp(value, leading, name):
@@ -1078,8 +1061,8 @@ def evaluate_predictions(truth, predictions, *, psfs, pixel_scale, is_blank,
         msg = (f'is_blank must be a boolean array of shape ({n},), got '
                f'shape {blank.shape} and dtype {blank.dtype}.')
         raise ShapeMismatchError(msg)
-    band_names = _band_names(bands, n_bands)
-    scale = _object_pixel_scale(pixel_scale, n, n_bands)
+    band_names = check_band_names(bands, n_bands)
+    scale = broadcast_pixel_scale(pixel_scale, (n, n_bands), per_object=True)
 
     truth_m = image_moments(truth, pixel_scale=scale)
     psf_m = image_moments(psf_data)

@@ -35,8 +35,6 @@ It returns a `~astropy.table.QTable` with one row per source and a list of
 `psfdeconv.flags` (the cutout flags are set when they hold in any band).
 """
 
-import contextlib
-import json
 import warnings
 from pathlib import Path
 
@@ -67,11 +65,6 @@ __all__ = [
     'replace_neighbours',
     'build_psfs',
     'run_exposure_set',
-    'read_positions',
-    'write_catalog',
-    'read_catalog',
-    'write_stamps',
-    'read_stamps',
 ]
 
 #: Detection threshold (background sigma) and minimum connected pixels of
@@ -91,8 +84,6 @@ _DEFAULT_PSF_SIZE = 41
 _CENTROID_WINDOW = 6.0
 #: Radius in pixels of the centroid window where the adaptive moments fail.
 _FALLBACK_WINDOW = 8.0
-#: Header keyword holding the catalogue's full meta as JSON.
-_META_KEYWORD = 'PSFDMETA'
 #: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
 #: working memory of cutting, deconvolving and measuring is bounded by the
 #: chunk (about 1.5 MB per source), not by the number of sources.
@@ -281,15 +272,17 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
     from photutils.segmentation import SourceCatalog, detect_sources
     from photutils.utils.exceptions import NoDetectionsWarning
 
-    from .psf import _as_image, _background, find_stars
+    from ._validation import as_image_and_mask
+    from .background import estimate_background
+    from .psf import find_stars
 
     if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
         raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give a '
                                 f'positive number of sigma (e.g. 3).')
     if isinstance(n_pixels, bool) or int(n_pixels) != n_pixels or n_pixels < 1:
         raise InvalidInputError(f'n_pixels = {n_pixels!r}; give an integer >= 1.')
-    image, bad, _ = _as_image(exposure)
-    background, rms = _background(image, bad)
+    image, bad, _ = as_image_and_mask(exposure)
+    background, rms = estimate_background(image, bad)
     subtracted = image - background
     subtracted[bad] = 0.0
     with catch_warnings():
@@ -698,25 +691,6 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
 
 # --- Background and alignment ---------------------------------------------------------
 
-def _subtract_background(exposure):
-    """A copy of the exposure minus its background (the photutils mesh of
-    `psfdeconv.psf`), and the background rms."""
-    from astropy.nddata import CCDData
-
-    from .psf import _background
-
-    data = np.array(exposure.data, dtype=np.float64)
-    bad = ~np.isfinite(data)
-    if exposure.mask is not None:
-        bad |= np.asarray(exposure.mask, dtype=bool)
-    filled = np.where(bad, 0.0, data)
-    background, rms = _background(filled, bad, mask_sources=True)
-    meta = dict(exposure.meta or {})
-    meta['background_rms'] = rms
-    return CCDData(data - background, unit=exposure.unit, mask=bad,
-                   uncertainty=exposure.uncertainty, wcs=exposure.wcs,
-                   meta=meta), rms
-
 
 def _same_grid(wcs, shape, reference_wcs, reference_shape):
     """Whether an exposure shares the reference band's pixel grid."""
@@ -956,6 +930,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     from astropy.wcs.utils import wcs_to_celestial_frame
 
     from . import __version__
+    from . import background as sky
     from .cutouts import make_cutouts
     from .io import pixel_scale_of
 
@@ -989,7 +964,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                                 '(or positions=None to detect them).')
 
     if subtract_background:
-        work = {band: _subtract_background(exposure)[0]
+        work = {band: sky.subtract_background(exposure)[0]
                 for band, exposure in exposures.items()}
     else:
         work = exposures
@@ -1279,27 +1254,6 @@ def _catalog_table(setup, parts):
     return catalog
 
 
-def read_positions(path):
-    """Read a source table (ECSV, FITS or CSV) for `deconvolve_catalog`.
-
-    Raises `~psfdeconv.exceptions.InvalidInputError` naming the file if it is
-    missing or not a table; its columns are checked by `deconvolve_catalog`.
-    """
-    from astropy.table import Table
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f'source catalog {path} does not exist; give a '
-                                f'table file (.ecsv, .fits, .csv) with ra/dec or '
-                                f'x/y columns, or detect the sources.')
-    try:
-        return Table.read(path)
-    except Exception as exc:  # astropy raises many types for unreadable files
-        raise InvalidInputError(f'source catalog {path} cannot be read as a table '
-                                f'({type(exc).__name__}: {exc}); give an ECSV, '
-                                f'FITS or CSV table.') from None
-
-
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=_CHUNK_SIZE, strict=False, neighbours='replace',
@@ -1342,7 +1296,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     paths : dict
         ``'catalog'``, ``'stamps'`` and each band name to the file written.
     """
-    from .io import check_writable, read_exposure
+    from .io import check_writable, read_exposure, read_positions, stamp_writer, write_catalog
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
@@ -1366,7 +1320,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     _set_symmetries(setup, symmetries)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
-    with _stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
+    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
         for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
                                             batch_size=batch_size):
             parts.append(part)
@@ -1385,351 +1339,3 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
 
 # --- Files -----------------------------------------------------------------------------
 
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def write_catalog(table, path, *, overwrite=False):
-    """Write a `deconvolve_catalog` table to FITS, atomically.
-
-    Units, descriptions and the ``sky_centroid`` column (stored as
-    ``sky_centroid.ra`` and ``sky_centroid.dec`` with astropy's mixin
-    serialisation) come back with `~astropy.table.QTable.read`. The
-    catalogue's nested ``meta`` is stored as JSON in the header keyword
-    ``PSFDMETA`` (restored by `read_catalog`), with the bands, reference
-    band, model hash and version also as plain keywords.
-
-    Parameters
-    ----------
-    table : `~astropy.table.QTable`
-        The catalogue.
-    path : str or `~pathlib.Path`
-        Output FITS file.
-    overwrite : bool, optional
-        Replace an existing file.
-
-    Returns
-    -------
-    `~pathlib.Path`
-        The written file.
-
-    Raises
-    ------
-    psfdeconv.exceptions.OutputExistsError
-        If ``path`` exists and ``overwrite`` is False.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> import astropy.units as u
-    >>> from astropy.coordinates import SkyCoord
-    >>> from astropy.table import QTable
-    >>> from psfdeconv.pipeline import read_catalog, write_catalog
-    >>> table = QTable({'id': [1], 'flux_r': [2.5] * u.adu,
-    ...                 'sky_centroid': SkyCoord([150.0], [2.0], unit='deg')},
-    ...                meta={'bands': ['r'], 'model': {'weights_sha256': 'abc'}})
-    >>> path = write_catalog(table, pathlib.Path(tempfile.mkdtemp()) / 'cat.fits')
-    >>> again = read_catalog(path)
-    >>> print(again['flux_r'].unit, type(again['sky_centroid']).__name__,
-    ...       again.meta['model'])
-    adu SkyCoord {'weights_sha256': 'abc'}
-    """
-    from astropy.utils.exceptions import AstropyUserWarning
-
-    from .io import write_table
-
-    out = table.copy(copy_data=False)
-    meta = dict(table.meta)
-    out.meta.clear()
-    bands = meta.get('bands')
-    if bands:
-        out.meta['BANDS'] = ','.join(str(band) for band in bands)
-    if meta.get('reference_band'):
-        out.meta['REFBAND'] = str(meta['reference_band'])
-    model = meta.get('model') or {}
-    if model.get('weights_sha256'):
-        out.meta['MODELSHA'] = str(model['weights_sha256'])
-    if meta.get('psfdeconv_version'):
-        out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
-    out.meta[_META_KEYWORD] = json.dumps(meta, default=_json_default,
-                                         separators=(',', ':'))
-    with catch_warnings():
-        # Units outside the FITS standard (e.g. SDSS nanomaggies) lose their
-        # TUNIT keyword but round-trip through astropy's serialised meta.
-        warnings.filterwarnings('ignore', message='.*could not be saved in native '
-                                'FITS format', category=AstropyUserWarning)
-        return write_table(out, path, overwrite=overwrite, format='fits')
-
-
-def read_catalog(path):
-    """Read a catalogue written by `write_catalog` (units, SkyCoord column
-    and the full ``meta``).
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`
-        The FITS file.
-
-    Returns
-    -------
-    `~astropy.table.QTable`
-    """
-    from astropy.table import QTable
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f'catalogue {path} does not exist; give the path '
-                                f'of a file written by write_catalog (psfdeconv '
-                                f'run).')
-    table = QTable.read(path, format='fits')
-    text = table.meta.get(_META_KEYWORD)
-    if text is not None:
-        table.meta.clear()
-        table.meta.update(json.loads(text))
-    return table
-
-
-def write_stamps(images, path, *, overwrite=False):
-    """Write deconvolved stamps to one FITS file, atomically.
-
-    The file holds an empty primary HDU (with ``NSTAMPS`` and ``BANDS``),
-    one image HDU per source (``EXTNAME = 'STAMP'``, ``EXTVER`` = 1, 2, ...;
-    data (n_bands, size, size) float32 with the stamp's celestial WCS, whose
-    two axes are the image axes, and ``ID``, ``FLAGS``, ``BUNIT``, ``BANDS``,
-    ``ORIGINX``, ``ORIGINY``), an image HDU ``MASKS`` with every stamp's mask
-    (n, n_bands, size, size) uint8, and a binary table ``INDEX`` (``id``,
-    ``extver``, ``flags``, ``origin_x``, ``origin_y``).
-
-    Parameters
-    ----------
-    images : list of `~astropy.nddata.NDData`
-        The stamps of `deconvolve_catalog`.
-    path : str or `~pathlib.Path`
-        Output FITS file.
-    overwrite : bool, optional
-        Replace an existing file.
-
-    Returns
-    -------
-    `~pathlib.Path`
-        The written file.
-
-    Raises
-    ------
-    psfdeconv.exceptions.OutputExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    psfdeconv.exceptions.InvalidInputError
-        If there are no stamps or they differ in shape.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> import numpy as np
-    >>> from astropy.nddata import NDData
-    >>> from psfdeconv.pipeline import read_stamps, write_stamps
-    >>> stamps = [NDData(np.ones((3, 8, 8)), unit='adu',
-    ...                  meta={'id': 7, 'bands': ['g', 'r', 'i']})]
-    >>> path = write_stamps(stamps, pathlib.Path(tempfile.mkdtemp()) / 's.fits')
-    >>> again = read_stamps(path)
-    >>> print(len(again), again[0].data.shape, again[0].unit, again[0].meta['id'])
-    1 (3, 8, 8) adu 7
-    """
-    from .io import check_writable
-
-    path = check_writable(path, overwrite=overwrite)
-    images = list(images)
-    if not images:
-        raise InvalidInputError('no stamps to write; give the list returned by '
-                                'deconvolve_catalog.')
-    shapes = {np.shape(image.data) for image in images}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise InvalidInputError(f'stamps must all have one shape (n_bands, size, '
-                                f'size), got {sorted(shapes)}.')
-    with _stamp_writer(path, len(images), overwrite=overwrite) as writer:
-        writer.write(images)
-    return path
-
-
-@contextlib.contextmanager
-def _stamp_writer(path, n_stamps, *, overwrite=False):
-    """Context manager yielding a `_StampFile` that writes the file of
-    `write_stamps` chunk by chunk, atomically (`psfdeconv.io.atomic_path`):
-    memory does not grow with the number of stamps."""
-    import tempfile
-
-    from .io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp, \
-            tempfile.TemporaryFile(dir=path.parent, prefix=f'.{path.name}.') as spill:
-        writer = _StampFile(tmp, n_stamps, spill)
-        yield writer
-        writer.finish()
-
-
-class _StampFile:
-    """The FITS file of `write_stamps`, written one stamp at a time.
-
-    Each stamp HDU is appended to the file as it comes (`_append_image`); the
-    masks, whose HDU follows all the stamps, wait in the ``spill`` file and
-    are streamed into place by `finish` (`astropy.io.fits.StreamingHDU`),
-    which also appends the ``INDEX`` table. Only the index grows with the
-    number of stamps.
-    """
-
-    def __init__(self, path, n_stamps, spill):
-        # A str: astropy's StreamingHDU takes a Path for its bare file name.
-        self.path, self.n_stamps, self.spill = str(path), int(n_stamps), spill
-        self.count = 0
-        self.shape = None
-        self.index = {'id': [], 'extver': [], 'flags': [], 'origin_x': [],
-                      'origin_y': []}
-
-    def _start(self, image):
-        from astropy.io import fits
-
-        first_meta = dict(image.meta or {})
-        primary = fits.PrimaryHDU()
-        primary.header['NSTAMPS'] = (self.n_stamps, 'number of stamp HDUs')
-        if first_meta.get('bands'):
-            primary.header['BANDS'] = ','.join(first_meta['bands'])
-        if first_meta.get('model_weights_sha256'):
-            primary.header['MODELSHA'] = first_meta['model_weights_sha256']
-        # EXTEND = T, as HDUList.writeto sets it for a file with extensions.
-        primary.header['EXTEND'] = True
-        primary.writeto(self.path, overwrite=True)
-
-    def _append_image(self, data, header):
-        """Append a float32 image HDU: the bytes `astropy.io.fits.ImageHDU`
-        writes (the same structural cards first), without building one, which
-        took most of the time of writing many stamps."""
-        from astropy.io import fits
-
-        full = fits.Header([('XTENSION', 'IMAGE', 'Image extension'),
-                            ('BITPIX', -32, 'array data type'),
-                            ('NAXIS', data.ndim, 'number of array dimensions')]
-                           + [(f'NAXIS{k + 1}', n) for k, n in enumerate(data.shape[::-1])]
-                           + [('PCOUNT', 0, 'number of parameters'),
-                              ('GCOUNT', 1, 'number of groups')])
-        full.extend(header)
-        raw = np.ascontiguousarray(data, dtype='>f4').tobytes()
-        with open(self.path, 'ab') as stream:
-            stream.write(full.tostring().encode('ascii'))
-            stream.write(raw)
-            stream.write(bytes(-len(raw) % 2880))
-
-    def write(self, images):
-        """Append stamps (an iterable of `~astropy.nddata.NDData`)."""
-        from astropy.io import fits
-
-        for image in images:
-            data = np.asarray(image.data, dtype=np.float32)
-            if self.shape is None:
-                if data.ndim != 3:
-                    raise InvalidInputError(f'stamps must have the shape (n_bands, '
-                                            f'size, size), got {data.shape}.')
-                self.shape = data.shape
-                self._start(image)
-            elif data.shape != self.shape:
-                raise InvalidInputError(f'stamps must all have one shape (n_bands, '
-                                        f'size, size), got {self.shape} and '
-                                        f'{data.shape}.')
-            if self.count >= self.n_stamps:
-                raise InvalidInputError(f'more than the {self.n_stamps} stamps '
-                                        f'announced for {self.path}.')
-            k = self.count
-            meta = dict(image.meta or {})
-            wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
-            header = wcs.to_header() if wcs is not None else fits.Header()
-            header['EXTNAME'] = 'STAMP'
-            header['EXTVER'] = k + 1
-            identifier = meta.get('id', k)
-            header['ID'] = identifier.item() if hasattr(identifier, 'item') else identifier
-            header['FLAGS'] = int(meta.get('flags', 0))
-            if image.unit is not None:
-                from .io import fits_unit_string
-
-                header['BUNIT'] = fits_unit_string(image.unit)
-            if meta.get('bands'):
-                header['BANDS'] = ','.join(meta['bands'])
-            origin = meta.get('origin', (0, 0))
-            header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
-            header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
-            self._append_image(data, header)
-            mask = np.zeros(self.shape, dtype=np.uint8)
-            if image.mask is not None:
-                mask[...] = np.asarray(image.mask, dtype=bool)
-            self.spill.write(mask.tobytes())
-            self.index['id'].append(header['ID'])
-            self.index['extver'].append(k + 1)
-            self.index['flags'].append(header['FLAGS'])
-            self.index['origin_x'].append(header['ORIGINX'])
-            self.index['origin_y'].append(header['ORIGINY'])
-            self.count += 1
-
-    def finish(self):
-        """Write the ``MASKS`` and ``INDEX`` HDUs after the last stamp."""
-        from astropy.io import fits
-        from astropy.table import Table
-
-        if self.count != self.n_stamps:
-            raise InvalidInputError(f'{self.count} stamps were written to '
-                                    f'{self.path}, not the {self.n_stamps} '
-                                    f'announced.')
-        header = fits.ImageHDU(np.zeros((1,) + self.shape, dtype=np.uint8),
-                               name='MASKS').header
-        header['NAXIS4'] = self.n_stamps
-        stream = fits.StreamingHDU(self.path, header)
-        stamp_bytes = int(np.prod(self.shape))
-        per_block = max(1, 2 ** 24 // stamp_bytes)
-        self.spill.seek(0)
-        while block := self.spill.read(per_block * stamp_bytes):
-            stream.write(np.frombuffer(block, dtype=np.uint8).reshape(
-                (-1,) + self.shape))
-        stream.close()
-        index = fits.BinTableHDU(Table(self.index), name='INDEX')
-        fits.append(self.path, index.data, index.header, verify=False)
-
-
-def read_stamps(path):
-    """Read stamps written by `write_stamps` as a list of
-    `~astropy.nddata.NDData` (data, unit, WCS, mask and meta ``id``,
-    ``flags``, ``bands``, ``origin``).
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`
-        The FITS file.
-
-    Returns
-    -------
-    list of `~astropy.nddata.NDData`
-    """
-    import astropy.units as u
-    from astropy.io import fits
-    from astropy.nddata import NDData
-    from astropy.wcs import WCS
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f'stamp file {path} does not exist; give the path '
-                                f'of a file written by write_stamps (psfdeconv '
-                                f'run).')
-    out = []
-    with fits.open(path) as hdulist:
-        masks = hdulist['MASKS'].data.astype(bool)
-        for k in range(int(hdulist[0].header['NSTAMPS'])):
-            hdu = hdulist['STAMP', k + 1]
-            header = hdu.header
-            wcs = WCS(header, naxis=2) if 'CTYPE1' in header else None
-            unit = u.Unit(header['BUNIT']) if 'BUNIT' in header else None
-            meta = {'id': header['ID'], 'flags': header['FLAGS'],
-                    'bands': header['BANDS'].split(',') if 'BANDS' in header else None,
-                    'origin': [header['ORIGINX'], header['ORIGINY']]}
-            out.append(NDData(np.array(hdu.data, dtype=np.float64), unit=unit,
-                              wcs=wcs, mask=masks[k].copy(), meta=meta))
-    return out

@@ -41,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validation import as_image_and_mask, scalar_pixel_scale
 from ._warnings import catch_warnings
+from .background import estimate_background
 from .exceptions import (
     ConfigError,
     InvalidInputError,
     InvalidPSFError,
-    PixelScaleError,
     PSFDeconvWarning,
 )
 
@@ -74,8 +75,6 @@ _MAX_ELLIPTICITY = 0.25
 _MAX_CENTROID_SHIFT = 0.1
 #: A point-like source's FWHM lies within this factor of the stellar locus.
 _FWHM_TOLERANCE = 1.25
-#: Box size of the 2-D background mesh (pixels).
-_BACKGROUND_BOX = 64
 #: A rendered PSF whose model sum over the stamp falls outside this range
 #: (before renormalisation) triggers a warning.
 _RENDER_SUM_RANGE = (0.8, 1.25)
@@ -86,92 +85,6 @@ _SPEC_FORMS = ("'epsf', 'epsf:grid=NYxNX' (e.g. 'epsf:grid=2x2'), "
 
 
 # --- Input helpers ---------------------------------------------------------
-
-def _as_image(data, mask=None):
-    """Return (float64 array, bool mask, meta) from an array or NDData.
-
-    Non-finite pixels are added to the mask and set to 0 in the returned
-    array, so that photutils never sees them.
-    """
-    meta = {}
-    nd_mask = None
-    if hasattr(data, 'data') and hasattr(data, 'mask') and \
-            not isinstance(data, np.ndarray):
-        meta = dict(getattr(data, 'meta', None) or {})
-        nd_mask = data.mask
-        data = data.data
-    if np.ma.isMaskedArray(data):
-        nd_mask = np.ma.getmaskarray(data) if nd_mask is None else \
-            np.asarray(nd_mask, bool) | np.ma.getmaskarray(data)
-        data = np.ma.getdata(data)
-    image = np.array(data, dtype=np.float64)  # also native byte order
-    if image.ndim != 2:
-        raise InvalidInputError(f'data must be a 2-D image, got shape '
-                                f'{image.shape}; pass one band of one '
-                                f'exposure.')
-    bad = ~np.isfinite(image)
-    for extra in (nd_mask, mask):
-        if extra is not None:
-            extra = np.asarray(extra, dtype=bool)
-            if extra.shape != image.shape:
-                raise InvalidInputError(f'mask has shape {extra.shape} but '
-                                        f'the image has {image.shape}; give '
-                                        f'a mask of the same shape.')
-            bad = bad | extra
-    if bad.all():
-        raise InvalidInputError('every pixel of the image is masked or '
-                                'non-finite; there is nothing to find stars '
-                                'in.')
-    image[bad] = 0.0
-    return image, bad, meta
-
-
-#: Dilation (pixels, a square footprint) of the source mask of
-#: `_background` with ``mask_sources=True``.
-_SOURCE_MASK_DILATION = 21
-
-
-def _background(image, mask, *, mask_sources=False):
-    """Background map (or scalar) and the scalar background rms.
-
-    A `~photutils.background.Background2D` mesh of 64-pixel boxes where the
-    image holds at least two boxes per axis, else (or if the mesh fails)
-    global sigma-clipped statistics. With ``mask_sources`` the estimate is
-    repeated with the sources masked (detected at 2 sigma over the first
-    estimate, dilated by `_SOURCE_MASK_DILATION` pixels): sigma clipping
-    alone leaves the faint wings of galaxies in the sky, which then takes a
-    few per cent of their flux.
-    """
-    from astropy.stats import SigmaClip, sigma_clipped_stats
-
-    def estimate(mask, exclude_percentile):
-        if min(image.shape) >= 2 * _BACKGROUND_BOX:
-            from photutils.background import Background2D
-
-            try:
-                bkg = Background2D(image, _BACKGROUND_BOX, mask=mask,
-                                   sigma_clip=SigmaClip(sigma=3.0),
-                                   exclude_percentile=exclude_percentile)
-                return bkg.background, float(bkg.background_rms_median)
-            except ValueError:
-                pass  # e.g. every box clipped away: use global statistics
-        _, median, std = sigma_clipped_stats(image, mask=mask, sigma=3.0)
-        return float(median), float(std)
-
-    background, rms = estimate(mask, 10.0)
-    if not mask_sources or not rms > 0:
-        return background, rms
-    from photutils.segmentation import detect_sources
-
-    segments = detect_sources(np.where(mask, 0.0, image - background), 2.0 * rms,
-                              n_pixels=5, mask=mask)
-    if segments is None:
-        return background, rms
-    sources = segments.make_source_mask(size=_SOURCE_MASK_DILATION)
-    # Boxes are mostly masked around bright galaxies: keep those with half
-    # their pixels free rather than 90 %.
-    return estimate(mask | sources, 50.0)
-
 
 def _saturation_level(saturation, meta):
     if saturation is None:
@@ -460,9 +373,9 @@ def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
                                        and fwhm_guess > 0):
         raise InvalidInputError(f'fwhm_guess = {fwhm_guess}; give a '
                                 f'positive FWHM in pixels, or None.')
-    image, bad, meta = _as_image(data, mask)
+    image, bad, meta = as_image_and_mask(data, mask)
     saturation = _saturation_level(saturation, meta)
-    background, rms = _background(image, bad)
+    background, rms = estimate_background(image, bad)
     table = _detect(image, bad, background, rms,
                     threshold_sigma=threshold_sigma, box_size=box_size,
                     saturation=saturation)
@@ -632,8 +545,8 @@ def build_epsf(data, *, stars=None, mask=None, size=25, oversampling=2,
     (25, 25) 1.0
     """
     _check_epsf_options(size, oversampling, maxiters, min_stars)
-    image, bad, meta = _as_image(data, mask)
-    background, rms = _background(image, bad)
+    image, bad, meta = as_image_and_mask(data, mask)
+    background, rms = estimate_background(image, bad)
     if stars is None:
         options = dict(threshold_sigma=10.0, fwhm_guess=None, box_size=size,
                        max_stars=100, saturation=None)
@@ -743,9 +656,9 @@ def build_gridded_psf(data, *, grid_shape=(2, 2), mask=None, size=25,
                                 f'{sorted(options)}.')
     options.update(find_kwargs)
 
-    image, bad, meta = _as_image(data, mask)
+    image, bad, meta = as_image_and_mask(data, mask)
     saturation = _saturation_level(options['saturation'], meta)
-    background, rms = _background(image, bad)
+    background, rms = estimate_background(image, bad)
     table = _detect(image, bad, background, rms,
                     threshold_sigma=options['threshold_sigma'],
                     box_size=options['box_size'], saturation=saturation)
@@ -809,29 +722,6 @@ def _arcsec(value, name):
     return value
 
 
-def _pixel_scale_arcsec(pixel_scale):
-    import astropy.units as u
-
-    if isinstance(pixel_scale, u.Quantity):
-        try:
-            pixel_scale = pixel_scale.to_value(
-                u.arcsec / u.pix,
-                equivalencies=[(u.arcsec, u.arcsec / u.pix)])
-        except u.UnitConversionError:
-            raise PixelScaleError(f'pixel_scale = {pixel_scale}; give an '
-                                  f'angle per pixel such as 0.2 * u.arcsec / '
-                                  f'u.pix.') from None
-    try:
-        pixel_scale = float(pixel_scale)
-    except (TypeError, ValueError):
-        raise PixelScaleError(f'pixel_scale = {pixel_scale!r}; give arcsec '
-                              f'per pixel (a number or a Quantity).') from None
-    if not np.isfinite(pixel_scale) or pixel_scale <= 0:
-        raise PixelScaleError(f'pixel_scale = {pixel_scale}; it must be '
-                              f'positive and finite (arcsec/pixel).')
-    return pixel_scale
-
-
 def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
                oversampling=2):
     r"""A pixel-integrated, optionally elliptical Moffat PSF.
@@ -893,7 +783,7 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
     from photutils.psf import ImagePSF
 
     fwhm_arcsec = _arcsec(fwhm, 'fwhm')
-    scale = _pixel_scale_arcsec(pixel_scale)
+    scale = scalar_pixel_scale(pixel_scale)
     beta = float(beta)
     if not np.isfinite(beta) or beta <= 1.1:
         raise InvalidPSFError(f'beta = {beta}; the Moffat power index must '
@@ -1408,7 +1298,7 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
         if pixel_scale is None:
             raise ConfigError(f'--psf {spec!r} needs the pixel scale of the '
                               f'exposure (pixel_scale=, arcsec/pixel).')
-        scale = _pixel_scale_arcsec(pixel_scale)
+        scale = scalar_pixel_scale(pixel_scale)
         options = _parse_options(rest, spec, ('fwhm', 'beta', 'e1', 'e2'))
         missing = [k for k in ('fwhm', 'beta') if k not in options]
         if missing:

@@ -18,7 +18,7 @@ from astropy.wcs import WCS
 
 from psfdeconv.cli import main
 from psfdeconv.flags import FLAG_NEIGHBOURS
-from psfdeconv.pipeline import read_catalog, read_stamps
+from psfdeconv.io import read_catalog, read_stamps
 from psfdeconv.psf import read_psf_image
 
 BANDS = ('g', 'r', 'i')

@@ -208,10 +208,10 @@ def test_bad_pixel_scale(valid_inputs, pixel_scale):
 
 
 @pytest.mark.parametrize('pixel_scale, message', [
-    (0.2 * u.m, r'has unit m; give it in arcsec/pixel'),
-    ('fine', r"must be a number in arcsec/pixel, got 'fine'")])
+    (0.2 * u.m, r'pixel_scale = 0.2 m; give an angle per pixel'),
+    ('fine', r"pixel_scale = 'fine'; give arcsec per pixel")])
 def test_pixel_scale_of_wrong_kind(valid_inputs, pixel_scale, message):
-    # The same conversion and messages as the measurements (measure._pixel_scale_arcsec).
+    # The same conversion and messages as the measurements (_validation.pixel_scale_arcsec).
     stamps, psfs = valid_inputs
     check_error(PixelScaleError, message, stamps, psfs, pixel_scale)
 

@@ -15,7 +15,7 @@ from psfdeconv.cli import main
 from psfdeconv.evaluate import exposure_accuracy, match_truth
 from psfdeconv.io import EXAMPLE_BANDS, EXAMPLE_EXPOSURES
 from psfdeconv.measure import image_moments, windowed_centroid
-from psfdeconv.pipeline import read_catalog, read_stamps
+from psfdeconv.io import read_catalog, read_stamps
 from psfdeconv.simulate import simulate_exposure
 
 
@@ -56,13 +56,13 @@ def test_windowed_centroid_ignores_neighbours_and_matches_isolated_centroid():
 def test_background_with_sources_masked_keeps_galaxy_wings():
     # Galaxies on a sky of exactly 0: under the galaxies, the plain sigma-clipped mesh
     # rises into their faint wings (taking their flux); the source-masked one stays at 0.
-    from psfdeconv.psf import _background
+    from psfdeconv.background import estimate_background
 
     exposures, truth = simulate_exposure((256, 256), n_galaxies=12, n_stars=5, seed=3)
     image = np.asarray(exposures['g'].data)
     mask = np.zeros(image.shape, bool)
-    plain, _ = _background(image, mask)
-    masked, rms = _background(image, mask, mask_sources=True)
+    plain, _ = estimate_background(image, mask)
+    masked, rms = estimate_background(image, mask, mask_sources=True)
     assert rms == pytest.approx(1.0, rel=0.1)  # the simulated sky sigma
     galaxies = truth[truth['kind'] == 'galaxy']
     rows = np.round(galaxies['y'].value).astype(int)

@@ -30,15 +30,8 @@ from psfdeconv.flags import (
     FLAG_NEIGHBOURS,
     FLAG_OUTSIDE_TRAINING,
 )
-from psfdeconv.pipeline import (
-    build_psfs,
-    deconvolve_catalog,
-    detect_galaxies,
-    read_catalog,
-    read_stamps,
-    write_catalog,
-    write_stamps,
-)
+from psfdeconv.io import read_catalog, read_stamps, write_catalog, write_stamps
+from psfdeconv.pipeline import build_psfs, deconvolve_catalog, detect_galaxies
 from psfdeconv.simulate import simulate_exposure
 
 BANDS = ['g', 'r', 'i']
