@@ -58,6 +58,7 @@ __all__ = [
     'make_cutouts',
     'align_bands',
     'resample_psf',
+    'align_to_reference',
 ]
 
 #: The resampling kernels of ``reproject.reproject_adaptive``.
@@ -676,3 +677,56 @@ def resample_psf(psf_array, *, from_scale, to_scale, rotation=0.0, size=None,
                               f'input PSF is too small for to_scale = '
                               f'{to_scale} arcsec (give a larger size).')
     return resampled / out_total
+
+
+#: Largest difference (pixels) between two bands' pixel coordinates of the
+#: same sky positions for the bands to count as sharing a pixel grid.
+_SAME_GRID_TOLERANCE = 1e-3
+
+
+def _same_grid(wcs, shape, reference_wcs, reference_shape):
+    """Whether an exposure shares the reference band's pixel grid."""
+    if tuple(shape) != tuple(reference_shape):
+        return False
+    ny, nx = reference_shape
+    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
+    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
+    with np.errstate(invalid='ignore'):
+        bx, by = wcs.world_to_pixel(reference_wcs.pixel_to_world(x, y))
+    offset = np.hypot(np.asarray(bx) - x, np.asarray(by) - y)
+    return bool(np.all(np.isfinite(offset)) and
+                offset.max() <= _SAME_GRID_TOLERANCE)
+
+
+def align_to_reference(exposures, reference_band):
+    """Every band on the reference band's pixel grid.
+
+    Bands that share the grid are returned unchanged, the others
+    reprojected with `align_bands`.
+
+    Parameters
+    ----------
+    exposures : dict
+        Band name to `~astropy.nddata.CCDData` with a celestial WCS.
+    reference_band : str
+        One of the band names.
+
+    Returns
+    -------
+    aligned : dict
+        Band name to the exposure on the reference grid.
+    reprojected : dict
+        Band name to whether it was reprojected.
+    """
+    reference = exposures[reference_band]
+    differing = [band for band, exposure in exposures.items()
+                 if band != reference_band and not _same_grid(
+                     exposure.wcs, exposure.shape, reference.wcs, reference.shape)]
+    aligned = dict(exposures)
+    if differing:
+        subset = {reference_band: reference}
+        subset.update({band: exposures[band] for band in differing})
+        result, _ = align_bands(subset, reference=reference_band)
+        for band in differing:
+            aligned[band] = result[band]
+    return aligned, {band: band in differing for band in exposures}

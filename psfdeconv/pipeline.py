@@ -6,47 +6,48 @@ deconvolved galaxies.
 `deconvolve_catalog` runs every stage for one set of exposures (one image
 per band of the same field):
 
-1. read the bands (`psfdeconv.io.read_exposure`; paths or NDData);
-2. a PSF model per band (`build_psfs`): an ePSF from the band's own stars
+1. read the bands (`psfdeconv.io.read_exposure_set`; paths or NDData);
+2. a PSF model per band (`psfdeconv.psf.build_psfs`): an ePSF from the band's own stars
    (`psfdeconv.psf.build_epsf`) unless a model, an array or a ``--psf``
    string is given;
 3. the source positions: given (sky or reference-band pixels), or detected
-   on the reference band with stars removed (`detect_galaxies`);
-4. background subtraction (the photutils mesh of `psfdeconv.psf`);
+   on the reference band with stars removed
+   (`psfdeconv.detection.detect_galaxies`);
+4. background subtraction (`psfdeconv.background.subtract_background`);
 5. band alignment: bands whose pixel grid differs from the reference
-   band's are reprojected onto it (`psfdeconv.cutouts.align_bands`), and
+   band's are reprojected onto it (`psfdeconv.cutouts.align_to_reference`), and
    their PSFs pushed through the same resampling
    (`psfdeconv.cutouts.resample_psf`);
 6. stamps of the model's size around each source in every band
    (`psfdeconv.cutouts.make_cutouts`; masked and off-image pixels are 0 and
    flagged), the pixels of other sources replaced by noise
-   (`neighbour_segments`, `replace_neighbours`), and the PSF of each source
-   rendered at its position (`psfdeconv.psf.render_psf`);
+   (`psfdeconv.detection.replace_neighbours`), and the PSF of each source
+   rendered at its position (`psfdeconv.psf.render_stamp_psfs`);
 7. deconvolution with the amplitude refit and flux-bias correction
    (`psfdeconv.deconvolve.deconvolve_stamps`);
 8. measurements of the deconvolved images (`psfdeconv.measure`).
 
 It returns a `~astropy.table.QTable` with one row per source and a list of
 `~astropy.nddata.NDData`, the deconvolved stamps with their WCS.
-`write_catalog` and `write_stamps` write them to FITS (`read_catalog` and
-`read_stamps` read them back).
+`psfdeconv.io.write_catalog` and `psfdeconv.io.write_stamps` write them to
+FITS (`run_exposure_set` does both, chunk by chunk).
 
 **Flags**: the bits of the catalogue's ``flags`` column are defined in
 `psfdeconv.flags` (the cutout flags are set when they hold in any band).
 """
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ._warnings import catch_warnings
 from .exceptions import (
     InvalidInputError,
     InvalidPSFError,
     ModelFileError,
     ShapeMismatchError,
 )
+from .cutouts import align_to_reference
+from .detection import NEIGHBOUR_OPTIONS, detect_galaxies, neighbour_segments, replace_neighbours
 from .flags import (
     FLAG_CENTROID_FALLBACK,
     FLAG_HSM_FAILED,
@@ -57,27 +58,14 @@ from .flags import (
     FLAGS,
     flags_column_description,
 )
+from .io import read_exposure_set
+from .psf import build_psfs, grid_extrapolated, render_stamp_psfs
 
 __all__ = [
     'deconvolve_catalog',
-    'detect_galaxies',
-    'neighbour_segments',
-    'replace_neighbours',
-    'build_psfs',
     'run_exposure_set',
 ]
 
-#: Detection threshold (background sigma) and minimum connected pixels of
-#: `detect_galaxies`, as for `psfdeconv.psf.find_stars`.
-_DETECTION_SIGMA = 3.0
-_DETECTION_NPIXELS = 5
-#: A detection is a star when a point-like source of
-#: `psfdeconv.psf.find_stars` lies within this many pixels (or a quarter of
-#: the stellar FWHM, if larger) of its centroid.
-_STAR_MATCH_RADIUS = 1.0
-#: Largest difference (pixels) between two bands' pixel coordinates of the
-#: same sky positions for the bands to count as sharing a pixel grid.
-_SAME_GRID_TOLERANCE = 1e-3
 #: PSF stamp side used when the model card does not record one.
 _DEFAULT_PSF_SIZE = 41
 #: Radius, in adaptive-moment widths, of the window of the centroid.
@@ -91,30 +79,6 @@ _CHUNK_SIZE = 512
 
 
 # --- Inputs ------------------------------------------------------------------------
-
-def _read_exposures(exposures):
-    """Band name -> CCDData (read and checked), and band name -> input path."""
-    from astropy.nddata import NDData
-
-    from .io import read_exposure
-
-    if not hasattr(exposures, 'items') or not exposures:
-        raise InvalidInputError(f'exposures must be a non-empty mapping of band '
-                                f'name to a FITS path or NDData, e.g. {{"g": '
-                                f'"g.fits", "r": "r.fits"}}; got '
-                                f'{type(exposures).__name__}.')
-    bands = [str(band) for band in exposures]
-    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
-        raise InvalidInputError(f'band names {bands} must be distinct identifiers '
-                                f'(letters, digits, underscores): they become '
-                                f'column names such as flux_<band>.')
-    read, paths = {}, {}
-    for band, exposure in exposures.items():
-        read[str(band)] = read_exposure(exposure)
-        # An exposure read by read_exposure knows its file.
-        paths[str(band)] = (dict(exposure.meta or {}).get('path')
-                            if isinstance(exposure, NDData) else str(exposure))
-    return read, paths
 
 
 def _as_model(model, *, n_bands=None):
@@ -211,520 +175,6 @@ def _positions(positions, reference, reference_band, detect_options):
         f'(x, y) pixels of band {reference_band!r}'
 
 
-# --- Detection -----------------------------------------------------------------------
-
-def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
-                    n_pixels=_DETECTION_NPIXELS, star_threshold_sigma=10.0):
-    """Detect the sources of an exposure and keep those that are not stars.
-
-    The background (the mesh of `psfdeconv.psf.find_stars`) is subtracted and
-    sources are segmented with `~photutils.segmentation.detect_sources`
-    (``threshold_sigma`` times the background rms, ``n_pixels`` connected
-    pixels) *without* deblending, so that a galaxy's star-forming knots stay
-    part of it (close pairs stay one source, too). Stars are found with
-    `psfdeconv.psf.find_stars` (``all_sources=True``): a segment is a star
-    when a point-like source of it (bright, round, with the stellar FWHM,
-    isophotal and windowed centroids agreeing) lies within 1 pixel (or a
-    quarter of the stellar FWHM) of the segment's centroid. Stars fainter
-    than ``star_threshold_sigma`` (peak signal-to-noise) cannot be told from
-    compact galaxies by this test and are kept, as are galaxies as compact as
-    the stars; give positions from a catalogue to control the selection.
-
-    Parameters
-    ----------
-    exposure : `~astropy.nddata.NDData`, `~astropy.nddata.CCDData` or `~numpy.ndarray`
-        One band (2-D); its mask and non-finite pixels are ignored.
-    threshold_sigma : float, optional
-        Detection threshold in units of the background rms.
-    n_pixels : int, optional
-        Minimum number of connected pixels of a detection.
-    star_threshold_sigma : float, optional
-        Minimum peak signal-to-noise of a star (``threshold_sigma`` of
-        `~psfdeconv.psf.find_stars`).
-
-    Returns
-    -------
-    galaxies : `~astropy.table.QTable`
-        One row per non-stellar detection: ``id`` (segment label), ``x``,
-        ``y`` (isophotal centroid, 0-based pixels), ``sky_centroid`` (with
-        a WCS), ``segment_flux`` and ``area`` (pixels). ``meta`` holds
-        ``n_detected``, ``n_stars``, ``background_rms`` and ``fwhm_locus``.
-
-    Raises
-    ------
-    psfdeconv.exceptions.InvalidInputError
-        For an image that is not 2-D or entirely masked.
-
-    Examples
-    --------
-    >>> from psfdeconv.pipeline import detect_galaxies
-    >>> from psfdeconv.simulate import simulate_exposure
-    >>> exposures, truth = simulate_exposure((160, 160), n_galaxies=3, n_stars=8,
-    ...                                      seed=1)
-    >>> galaxies = detect_galaxies(exposures['r'])
-    >>> print(len(galaxies), galaxies.meta['n_stars'])
-    3 8
-    """
-    import warnings
-
-    import astropy.units as u
-    from astropy.table import QTable
-    from photutils.segmentation import SourceCatalog, detect_sources
-    from photutils.utils.exceptions import NoDetectionsWarning
-
-    from ._validation import as_image_and_mask
-    from .background import estimate_background
-    from .psf import find_stars
-
-    if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
-        raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give a '
-                                f'positive number of sigma (e.g. 3).')
-    if isinstance(n_pixels, bool) or int(n_pixels) != n_pixels or n_pixels < 1:
-        raise InvalidInputError(f'n_pixels = {n_pixels!r}; give an integer >= 1.')
-    image, bad, _ = as_image_and_mask(exposure)
-    background, rms = estimate_background(image, bad)
-    subtracted = image - background
-    subtracted[bad] = 0.0
-    with catch_warnings():
-        # An empty field gives an empty table, not an error.
-        warnings.filterwarnings('ignore', category=NoDetectionsWarning)
-        segm = detect_sources(subtracted, threshold_sigma * rms, int(n_pixels),
-                              mask=bad)
-    stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
-                       all_sources=True)
-    wcs = getattr(exposure, 'wcs', None)
-    table = QTable()
-    meta = {'n_detected': 0, 'n_stars': 0, 'background_rms': float(rms),
-            'fwhm_locus': float(stars.meta['fwhm_locus']),
-            'threshold_sigma': float(threshold_sigma), 'n_pixels': int(n_pixels)}
-    if segm is None:
-        for name in ('id', 'x', 'y', 'segment_flux', 'area'):
-            table[name] = np.zeros(0, dtype=int if name == 'id' else float)
-        table.meta.update(meta)
-        return table
-    catalog = SourceCatalog(subtracted, segm, mask=bad)
-    x = np.asarray(catalog.x_centroid, dtype=float)
-    y = np.asarray(catalog.y_centroid, dtype=float)
-    point_like = np.asarray(stars['point_like'], dtype=bool)
-    star_x = np.asarray(stars['x'].value)[point_like]
-    star_y = np.asarray(stars['y'].value)[point_like]
-    radius = _STAR_MATCH_RADIUS
-    if np.isfinite(meta['fwhm_locus']):
-        radius = max(radius, 0.25 * meta['fwhm_locus'])
-    is_star = np.zeros(len(x), dtype=bool)
-    if star_x.size:
-        distance = np.hypot(x[:, None] - star_x[None], y[:, None] - star_y[None])
-        is_star = distance.min(axis=1) <= radius
-    keep = ~is_star
-    table['id'] = np.asarray(segm.labels)[keep]
-    table['x'] = x[keep] * u.pix
-    table['y'] = y[keep] * u.pix
-    if wcs is not None:
-        table['sky_centroid'] = wcs.pixel_to_world(x[keep], y[keep])
-    table['segment_flux'] = np.asarray(catalog.segment_flux, dtype=float)[keep]
-    table['area'] = np.asarray(catalog.area.value, dtype=float)[keep] * u.pix ** 2
-    meta.update(n_detected=len(x), n_stars=int(is_star.sum()))
-    table.meta.update(meta)
-    return table
-
-
-# --- PSFs ----------------------------------------------------------------------------
-
-def _psf_description(model):
-    from photutils.psf import GriddedPSFModel
-
-    meta = dict(getattr(model, 'meta', None) or {})
-    if meta.get('psf_source'):  # set by build_psfs
-        return str(meta['psf_source'])
-    if isinstance(model, np.ndarray):
-        return f'array {model.shape}'
-    if isinstance(model, GriddedPSFModel):
-        return f'gridded ({len(model.grid_xypos)} PSFs)'
-    if meta.get('model') == 'moffat':
-        return (f'moffat:fwhm={meta["fwhm_arcsec"]:g}arcsec,beta={meta["beta"]:g},'
-                f'e1={meta["e1"]:g},e2={meta["e2"]:g}')
-    if 'path' in meta:
-        return f'psf={meta["path"]}'
-    return type(model).__name__
-
-
-def build_psfs(exposures, psfs=None, *, epsf_options=None):
-    """A PSF model per band, in each band's own pixels.
-
-    Parameters
-    ----------
-    exposures : mapping of str to `~astropy.nddata.NDData`, str or `~pathlib.Path`
-        Band name to exposure (as from `psfdeconv.io.read_exposure`), or
-        to a FITS file read with it.
-    psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
-        Per band (a mapping with one entry per band) or for every band (any
-        other value): a photutils PSF model (`~photutils.psf.ImagePSF`,
-        `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
-        (odd, centred), or a command-line specification
-        (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
-        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
-        from each band's stars (`psfdeconv.psf.build_epsf`).
-    epsf_options : dict, optional
-        Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
-        ``size``, ``threshold_sigma``, ...) for the default ePSF.
-
-    Returns
-    -------
-    models : dict of str to PSF model or `~numpy.ndarray`
-        Band name to the PSF.
-    sources : dict of str to str
-        Band name to a description of where the PSF came from
-        (``'epsf (40 stars)'``, a Moffat specification, a file, ...).
-
-    Raises
-    ------
-    psfdeconv.exceptions.InvalidPSFError
-        Naming the band, if its ePSF cannot be built (too few stars) or a
-        PSF is unusable.
-    psfdeconv.exceptions.InvalidInputError
-        If a mapping lacks a band or names one that is not an exposure.
-    psfdeconv.exceptions.ConfigError
-        For a malformed specification string.
-
-    Examples
-    --------
-    >>> from psfdeconv.pipeline import build_psfs
-    >>> from psfdeconv.simulate import simulate_exposure
-    >>> exposures, _ = simulate_exposure((96, 96), n_galaxies=1, n_stars=2)
-    >>> models, sources = build_psfs(exposures, 'moffat:fwhm=0.8arcsec,beta=3.5')
-    >>> print(sources['r'], models['r'].meta['fwhm_arcsec'])
-    moffat:fwhm=0.8arcsec,beta=3.5 0.8
-    """
-    from astropy.nddata import NDData
-
-    from .exceptions import ConfigError
-    from .io import pixel_scale_of
-    from .psf import build_epsf, psf_from_spec
-
-    if not hasattr(exposures, 'items') or \
-            not all(isinstance(e, NDData) for e in exposures.values()):
-        exposures, _ = _read_exposures(exposures)
-    bands = list(exposures)
-    if hasattr(psfs, 'items'):
-        unknown = [band for band in psfs if band not in exposures]
-        missing = [band for band in bands if band not in psfs]
-        if unknown or missing:
-            raise InvalidInputError(f'psfs has entries for {list(psfs)} but the '
-                                    f'bands are {bands}; give one PSF per band '
-                                    f'(or one value for all bands).')
-        per_band = dict(psfs)
-    else:
-        per_band = dict.fromkeys(bands, psfs)
-    models, sources = {}, {}
-    for band in bands:
-        value = per_band[band]
-        exposure = exposures[band]
-        created = True
-        try:
-            if value is None or (isinstance(value, str) and
-                                 value.strip().lower() == 'epsf'):
-                model = build_epsf(exposure, **(epsf_options or {}))
-                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
-            elif isinstance(value, str):
-                scale = pixel_scale_of(exposure.wcs) if getattr(
-                    exposure, 'wcs', None) is not None else None
-                model = psf_from_spec(value, data=exposure, pixel_scale=scale)
-                sources[band] = value.strip()
-                if 'n_stars' in (getattr(model, 'meta', None) or {}):
-                    sources[band] += f' ({model.meta["n_stars"]} stars)'
-            else:
-                created = False
-                model = np.asarray(value, dtype=np.float64) \
-                    if isinstance(value, np.ndarray | list) else value
-                sources[band] = _psf_description(model)
-        except (InvalidPSFError, ConfigError) as error:
-            raise type(error)(f'band {band!r}: {error}') from error
-        if created and getattr(model, 'meta', None) is not None:
-            # Later descriptions of this model (deconvolve_catalog) reuse it.
-            model.meta['psf_source'] = sources[band]
-        models[band] = model
-    return models, sources
-
-
-def _grid_extrapolated(model, x, y):
-    """Whether positions lie outside the grid of a GriddedPSFModel."""
-    from photutils.psf import GriddedPSFModel
-
-    if not isinstance(model, GriddedPSFModel):
-        return np.zeros(np.shape(x), dtype=bool)
-    grid = np.asarray(model.grid_xypos, dtype=float)
-    return ((x < grid[:, 0].min()) | (x > grid[:, 0].max())
-            | (y < grid[:, 1].min()) | (y > grid[:, 1].max()))
-
-
-def _stamp_psfs(model, x, y, *, psf_size, aligned_meta):
-    """(n, psf_size, psf_size) unit-sum PSFs at band pixels (x, y), on the
-    reference grid: rendered in the band's pixels and, for a reprojected
-    band, resampled as its image was."""
-    from photutils.psf import GriddedPSFModel
-
-    from .cutouts import resample_psf
-    from .psf import render_psf
-
-    reprojected = bool(aligned_meta.get('reprojected', False))
-    if reprojected:
-        ratio = aligned_meta['reference_pixel_scale'] / aligned_meta['pixel_scale']
-        # The band-pixel PSF must cover the reference-pixel PSF, plus a margin
-        # for the resampling kernel.
-        native_size = 2 * int(np.ceil((psf_size // 2) * ratio)) + 3
-    else:
-        native_size = psf_size
-
-    def one(position):
-        psf = render_psf(model, position, size=native_size)
-        if not reprojected:
-            return psf
-        if aligned_meta.get('parity_flip'):
-            psf = psf[:, ::-1]
-        return resample_psf(psf, from_scale=aligned_meta['pixel_scale'],
-                            to_scale=aligned_meta['reference_pixel_scale'],
-                            rotation=aligned_meta['rotation'], size=psf_size,
-                            kernel=aligned_meta['kernel'])
-
-    n = len(x)
-    if not isinstance(model, GriddedPSFModel):
-        return np.broadcast_to(one(None), (n, psf_size, psf_size))
-    out = np.empty((n, psf_size, psf_size))
-    for i in range(n):
-        # Off-image sources (NaN positions) get the PSF at the image centre.
-        position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
-            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
-        out[i] = one(position)
-    return out
-
-
-# --- Neighbours -----------------------------------------------------------------------
-
-#: Detection threshold (sigma of the bands' combined signal-to-noise image),
-#: minimum connected pixels and dilation (pixels) of the segments whose pixels
-#: `replace_neighbours` replaces: 2 sigma reaches into the wings, and the
-#: dilation takes the faint rim beyond it.
-_NEIGHBOUR_SIGMA = 2.0
-_NEIGHBOUR_NPIXELS = 5
-_NEIGHBOUR_DILATION = 2
-#: A source without a segment at its own pixel takes the largest segment
-#: within this many pixels of it (catalogue positions need not fall on the
-#: detection's peak).
-_TARGET_RADIUS = 3
-#: Seed of the replacement noise (combined with each source's index).
-_NEIGHBOUR_SEED = 20231030
-#: The ``neighbours`` options of `deconvolve_catalog`.
-NEIGHBOUR_OPTIONS = ('replace', 'keep')
-
-
-def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
-                       n_pixels=_NEIGHBOUR_NPIXELS):
-    """Segmentation map of the sources in aligned, background-subtracted bands.
-
-    The bands are combined into one signal-to-noise image (each divided by
-    its sigma-clipped standard deviation, summed over the bands valid at a
-    pixel, divided by the square root of their number) and segmented with
-    `~photutils.segmentation.detect_sources`, so that a neighbour bright in
-    any band is found. Touching sources are not deblended: the watershed
-    splits galaxies with bright knots into pieces, and a piece of the
-    source itself replaced by noise costs more than a touching neighbour
-    kept (on the bundled example, deblending took 10-27 % of the flux of
-    three knotty galaxies and doubled the ellipticity errors).
-
-    Parameters
-    ----------
-    images : sequence of `~numpy.ndarray`
-        The bands on one pixel grid, background subtracted, shape (ny, nx)
-        each.
-    masks : sequence of `~numpy.ndarray` or None, optional
-        True on bad pixels, one per band (or None entries).
-    threshold_sigma : float, optional
-        Detection threshold in units of the combined image's noise.
-    n_pixels : int, optional
-        Minimum connected pixels of a segment.
-
-    Returns
-    -------
-    `~numpy.ndarray`
-        int32 labels, shape (ny, nx); 0 where there is no source.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.pipeline import neighbour_segments
-    >>> rng = np.random.default_rng(0)
-    >>> yy, xx = np.mgrid[:64, :64]
-    >>> image = rng.normal(0, 1, (64, 64)) + 50 * np.exp(
-    ...     -((xx - 20)**2 + (yy - 20)**2) / 8) + 50 * np.exp(
-    ...     -((xx - 45)**2 + (yy - 40)**2) / 8)
-    >>> labels = neighbour_segments([image])
-    >>> int(labels.max()), labels[20, 20] != labels[40, 45]
-    (2, np.True_)
-    """
-    from astropy.stats import sigma_clipped_stats
-    from photutils.segmentation import detect_sources
-    from photutils.utils.exceptions import NoDetectionsWarning
-
-    images = [np.asarray(image, dtype=float) for image in images]
-    if masks is None:
-        masks = [None] * len(images)
-    combined = np.zeros(images[0].shape)
-    count = np.zeros(images[0].shape, dtype=int)
-    for image, mask in zip(images, masks, strict=True):
-        valid = np.isfinite(image)
-        if mask is not None:
-            valid &= ~np.asarray(mask, dtype=bool)
-        if not valid.any():
-            continue
-        _, _, std = sigma_clipped_stats(image, mask=~valid, sigma=3.0)
-        if std > 0:
-            combined += np.where(valid, image, 0.0) / std
-            count += valid
-    # Each pixel's sum of unit-noise images over the bands valid there.
-    bad = count == 0
-    if bad.all():
-        return np.zeros(combined.shape, dtype=np.int32)
-    combined /= np.sqrt(np.maximum(count, 1))
-    with catch_warnings():
-        # An empty field is an answer here (no neighbours), not a problem.
-        warnings.simplefilter('ignore', NoDetectionsWarning)
-        segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels, mask=bad)
-    if segments is None:
-        return np.zeros(combined.shape, dtype=np.int32)
-    return segments.data.astype(np.int32)
-
-
-def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None,
-                       dilation=_NEIGHBOUR_DILATION, seed=_NEIGHBOUR_SEED):
-    """Replace the pixels of other sources in stamps by Gaussian noise.
-
-    The source's own segment is the one at its pixel (or the largest within
-    3 pixels of it); every other segment of the stamp, dilated by
-    ``dilation`` pixels but never into the source's own segment, is a
-    neighbour. Its pixels become draws of N(0, ``noise_sigma``), seeded by
-    the source's ``index`` so that a source gets the same stamps whatever
-    else is processed with it. Without this, a neighbour's light is
-    deconvolved with the source and counted in its flux (1-2 % on the
-    simulated exposures of `psfdeconv.simulate.simulate_exposure`).
-
-    Parameters
-    ----------
-    stamps : `~numpy.ndarray`
-        Background-subtracted stamps, shape (n, n_bands, ny, nx).
-    segments : `~numpy.ndarray`
-        Segment labels cut like the stamps, shape (n, ny, nx).
-    x, y : `~numpy.ndarray`
-        The sources' positions in the stamps (pixels, 0-based), shape (n,).
-    noise_sigma : `~numpy.ndarray`
-        Per-pixel noise standard deviation, shape (n, n_bands); non-finite
-        entries leave that stamp unchanged.
-    index : `~numpy.ndarray`
-        Integer identity of each source (e.g. its row), shape (n,).
-    masks : `~numpy.ndarray`, optional
-        True on bad pixels, shape of ``stamps``; left unchanged.
-    dilation : int, optional
-        Pixels by which neighbour segments grow.
-    seed : int, optional
-        Seed of the noise, combined with ``index``.
-
-    Returns
-    -------
-    stamps : `~numpy.ndarray`
-        A copy with the neighbours' pixels replaced.
-    neighbour : `~numpy.ndarray`
-        bool (n, ny, nx), the replaced pixels.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.pipeline import replace_neighbours
-    >>> stamps = np.zeros((1, 1, 16, 16))
-    >>> stamps[0, 0, 6:10, 6:10] = 10.0    # the source
-    >>> stamps[0, 0, 0:3, 12:15] = 50.0    # a neighbour
-    >>> segments = np.zeros((1, 16, 16), dtype=int)
-    >>> segments[0, 6:10, 6:10] = 1
-    >>> segments[0, 0:3, 12:15] = 2
-    >>> out, replaced = replace_neighbours(stamps, segments, np.array([7.5]),
-    ...                                    np.array([7.5]), np.array([[1.0]]),
-    ...                                    index=np.array([0]), dilation=1)
-    >>> bool(out[0, 0, 6:10, 6:10].sum() == 160), float(abs(out[0, 0, 1, 13])) < 10
-    (True, True)
-    >>> int(replaced.sum())  # the 3x3 neighbour grown by one pixel, cut by the edge
-    18
-    """
-    from scipy import ndimage
-
-    stamps = np.array(stamps, dtype=float)
-    segments = np.asarray(segments)
-    n, n_bands, ny, nx = stamps.shape
-    noise_sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (n, n_bands))
-    yy, xx = np.mgrid[:ny, :nx]
-    structure = np.hypot(*np.mgrid[-dilation:dilation + 1, -dilation:dilation + 1]) \
-        <= dilation if dilation > 0 else None
-    neighbour = np.zeros((n, ny, nx), dtype=bool)
-    for i in range(n):
-        labels = segments[i]
-        if not labels.any():
-            continue
-        with np.errstate(invalid='ignore'):
-            near = np.hypot(xx - x[i], yy - y[i]) <= _TARGET_RADIUS
-        cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
-        target = labels[cy, cx] if 0 <= cy < ny and 0 <= cx < nx else 0
-        if target == 0 and (labels[near] > 0).any():
-            found, counts = np.unique(labels[near][labels[near] > 0], return_counts=True)
-            target = found[np.argmax(counts)]
-        others = (labels > 0) & (labels != target)
-        if not others.any():
-            continue
-        if structure is not None:
-            others = ndimage.binary_dilation(others, structure=structure)
-        if target:
-            others &= labels != target
-        neighbour[i] = others
-        rng = np.random.default_rng([seed, int(index[i])])
-        for b in range(n_bands):
-            replace = others if masks is None else others & ~masks[i, b]
-            if np.isfinite(noise_sigma[i, b]) and noise_sigma[i, b] > 0:
-                stamps[i, b][replace] = rng.normal(0.0, noise_sigma[i, b], replace.sum())
-    return stamps, neighbour
-
-
-# --- Background and alignment ---------------------------------------------------------
-
-
-def _same_grid(wcs, shape, reference_wcs, reference_shape):
-    """Whether an exposure shares the reference band's pixel grid."""
-    if tuple(shape) != tuple(reference_shape):
-        return False
-    ny, nx = reference_shape
-    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
-    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
-    with np.errstate(invalid='ignore'):
-        bx, by = wcs.world_to_pixel(reference_wcs.pixel_to_world(x, y))
-    offset = np.hypot(np.asarray(bx) - x, np.asarray(by) - y)
-    return bool(np.all(np.isfinite(offset)) and
-                offset.max() <= _SAME_GRID_TOLERANCE)
-
-
-def _align(exposures, reference_band):
-    """Bands on the reference grid: bands that share it unchanged, the others
-    reprojected with `psfdeconv.cutouts.align_bands`."""
-    from .cutouts import align_bands
-
-    reference = exposures[reference_band]
-    differing = [band for band, exposure in exposures.items()
-                 if band != reference_band and not _same_grid(
-                     exposure.wcs, exposure.shape, reference.wcs, reference.shape)]
-    aligned = dict(exposures)
-    if differing:
-        subset = {reference_band: reference}
-        subset.update({band: exposures[band] for band in differing})
-        result, _ = align_bands(subset, reference=reference_band)
-        for band in differing:
-            aligned[band] = result[band]
-    return aligned, {band: band in differing for band in exposures}
-
-
 # --- The catalogue ---------------------------------------------------------------------
 
 def _stamp_noise(uncertainty, mask):
@@ -774,9 +224,9 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``x`` and ``y`` columns (0-based pixels of the reference band), used
         in that order of preference, its ``id`` column kept; or an (n, 2)
         array of reference-band pixels. Default: the galaxies detected on the
-        reference band (`detect_galaxies`).
+        reference band (`~psfdeconv.detection.detect_galaxies`).
     psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
-        Per band or for all bands, as for `build_psfs`. Default: an ePSF from
+        Per band or for all bands, as for `~psfdeconv.psf.build_psfs`. Default: an ePSF from
         each band's stars.
     model : `~psfdeconv.model.DeconvolutionModel`, str or `~pathlib.Path`, optional
         The network, or the path of a ``.keras`` file; the shipped default
@@ -798,12 +248,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         Keyword arguments of `psfdeconv.psf.build_epsf` (e.g.
         ``{'maxiters': 5}``).
     detect_options : dict, optional
-        Keyword arguments of `detect_galaxies`.
+        Keyword arguments of `~psfdeconv.detection.detect_galaxies`.
     neighbours : {'replace', 'keep'}, optional
         'replace' (default): the pixels of other sources in each stamp
         (segments of the bands' combined signal-to-noise image,
-        `neighbour_segments`) are replaced by noise before deconvolution
-        (`replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
+        `~psfdeconv.detection.neighbour_segments`) are replaced by noise before deconvolution
+        (`~psfdeconv.detection.replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
         not counted in the source's flux and shape. 'keep' deconvolves the
         stamps as cut.
     batch_size : int, optional
@@ -937,7 +387,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     if neighbours not in NEIGHBOUR_OPTIONS:
         raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
                                 f'{NEIGHBOUR_OPTIONS}.')
-    exposures, paths = _read_exposures(exposures)
+    exposures, paths = read_exposure_set(exposures)
     bands = list(exposures)
     model = _as_model(model, n_bands=len(bands))
     model.check_bands(len(bands))
@@ -968,7 +418,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                 for band, exposure in exposures.items()}
     else:
         work = exposures
-    aligned, reprojected = _align(work, reference_band)
+    aligned, reprojected = align_to_reference(work, reference_band)
     segments = None
     if neighbours == 'replace':
         from astropy.nddata import NDData
@@ -1099,10 +549,10 @@ def _deconvolve_chunk(setup, index, *, batch_size):
             with np.errstate(invalid='ignore'):
                 bx, by = (np.asarray(v, float) for v in
                           setup.exposures[band].wcs.world_to_pixel(sky_in))
-        extrapolated = _grid_extrapolated(setup.psf_models[band], bx, by)
+        extrapolated = grid_extrapolated(setup.psf_models[band], bx, by)
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
         meta = setup.aligned[band].meta if setup.reprojected[band] else {}
-        stamp_psfs[:, b] = _stamp_psfs(setup.psf_models[band], bx, by,
+        stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
                                        psf_size=psf_size, aligned_meta=meta)
         if cut['uncertainty'] is not None:
             noise[:, b] = _stamp_noise(cut['uncertainty'], cut['mask'])
@@ -1260,8 +710,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      symmetries=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
-    Writes ``OUT/catalog.fits`` (`write_catalog`), ``OUT/stamps.fits``
-    (`write_stamps`) and ``OUT/psf_<band>.fits`` (the PSF model of each band;
+    Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
+    (`~psfdeconv.io.write_stamps`) and ``OUT/psf_<band>.fits`` (the PSF model of each band;
     a spatially varying one as its PSF at the image centre), each through a
     temporary file and a rename, so an interrupted run leaves complete files
     or none. Existing outputs are refused before any work unless
@@ -1280,10 +730,10 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     out_dir : str or `~pathlib.Path`
         Output directory (created if needed).
     positions : str, `~pathlib.Path` or as for `deconvolve_catalog`, optional
-        The sources, or the path of a table of them (`read_positions`);
+        The sources, or the path of a table of them (`~psfdeconv.io.read_positions`);
         detected if None.
     psfs : optional
-        As for `build_psfs`; default ``'epsf'``.
+        As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
     model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries
         As for `deconvolve_catalog`.
     overwrite : bool, optional

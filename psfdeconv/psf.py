@@ -60,6 +60,9 @@ __all__ = [
     'write_psf_image',
     'render_psf',
     'psf_from_spec',
+    'build_psfs',
+    'grid_extrapolated',
+    'render_stamp_psfs',
 ]
 
 #: Detection threshold (in background sigma) of the segmentation. It is
@@ -1323,3 +1326,199 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
 
     raise ConfigError(f'--psf {spec!r} is not a PSF specification; accepted '
                       f'forms are {_SPEC_FORMS}.')
+
+
+def _psf_description(model):
+    from photutils.psf import GriddedPSFModel
+
+    meta = dict(getattr(model, 'meta', None) or {})
+    if meta.get('psf_source'):  # set by build_psfs
+        return str(meta['psf_source'])
+    if isinstance(model, np.ndarray):
+        return f'array {model.shape}'
+    if isinstance(model, GriddedPSFModel):
+        return f'gridded ({len(model.grid_xypos)} PSFs)'
+    if meta.get('model') == 'moffat':
+        return (f'moffat:fwhm={meta["fwhm_arcsec"]:g}arcsec,beta={meta["beta"]:g},'
+                f'e1={meta["e1"]:g},e2={meta["e2"]:g}')
+    if 'path' in meta:
+        return f'psf={meta["path"]}'
+    return type(model).__name__
+
+
+def build_psfs(exposures, psfs=None, *, epsf_options=None):
+    """A PSF model per band, in each band's own pixels.
+
+    Parameters
+    ----------
+    exposures : mapping of str to `~astropy.nddata.NDData`, str or `~pathlib.Path`
+        Band name to exposure (as from `psfdeconv.io.read_exposure`), or
+        to a FITS file read with it.
+    psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
+        Per band (a mapping with one entry per band) or for every band (any
+        other value): a photutils PSF model (`~photutils.psf.ImagePSF`,
+        `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
+        (odd, centred), or a command-line specification
+        (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
+        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
+        from each band's stars (`psfdeconv.psf.build_epsf`).
+    epsf_options : dict, optional
+        Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
+        ``size``, ``threshold_sigma``, ...) for the default ePSF.
+
+    Returns
+    -------
+    models : dict of str to PSF model or `~numpy.ndarray`
+        Band name to the PSF.
+    sources : dict of str to str
+        Band name to a description of where the PSF came from
+        (``'epsf (40 stars)'``, a Moffat specification, a file, ...).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        Naming the band, if its ePSF cannot be built (too few stars) or a
+        PSF is unusable.
+    psfdeconv.exceptions.InvalidInputError
+        If a mapping lacks a band or names one that is not an exposure.
+    psfdeconv.exceptions.ConfigError
+        For a malformed specification string.
+
+    Examples
+    --------
+    >>> from psfdeconv.psf import build_psfs
+    >>> from psfdeconv.simulate import simulate_exposure
+    >>> exposures, _ = simulate_exposure((96, 96), n_galaxies=1, n_stars=2)
+    >>> models, sources = build_psfs(exposures, 'moffat:fwhm=0.8arcsec,beta=3.5')
+    >>> print(sources['r'], models['r'].meta['fwhm_arcsec'])
+    moffat:fwhm=0.8arcsec,beta=3.5 0.8
+    """
+    from astropy.nddata import NDData
+
+    from .exceptions import ConfigError
+    from .io import pixel_scale_of, read_exposure_set
+
+    if not hasattr(exposures, 'items') or \
+            not all(isinstance(e, NDData) for e in exposures.values()):
+        exposures, _ = read_exposure_set(exposures)
+    bands = list(exposures)
+    if hasattr(psfs, 'items'):
+        unknown = [band for band in psfs if band not in exposures]
+        missing = [band for band in bands if band not in psfs]
+        if unknown or missing:
+            raise InvalidInputError(f'psfs has entries for {list(psfs)} but the '
+                                    f'bands are {bands}; give one PSF per band '
+                                    f'(or one value for all bands).')
+        per_band = dict(psfs)
+    else:
+        per_band = dict.fromkeys(bands, psfs)
+    models, sources = {}, {}
+    for band in bands:
+        value = per_band[band]
+        exposure = exposures[band]
+        created = True
+        try:
+            if value is None or (isinstance(value, str) and
+                                 value.strip().lower() == 'epsf'):
+                model = build_epsf(exposure, **(epsf_options or {}))
+                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
+            elif isinstance(value, str):
+                scale = pixel_scale_of(exposure.wcs) if getattr(
+                    exposure, 'wcs', None) is not None else None
+                model = psf_from_spec(value, data=exposure, pixel_scale=scale)
+                sources[band] = value.strip()
+                if 'n_stars' in (getattr(model, 'meta', None) or {}):
+                    sources[band] += f' ({model.meta["n_stars"]} stars)'
+            else:
+                created = False
+                model = np.asarray(value, dtype=np.float64) \
+                    if isinstance(value, np.ndarray | list) else value
+                sources[band] = _psf_description(model)
+        except (InvalidPSFError, ConfigError) as error:
+            raise type(error)(f'band {band!r}: {error}') from error
+        if created and getattr(model, 'meta', None) is not None:
+            # Later descriptions of this model (deconvolve_catalog) reuse it.
+            model.meta['psf_source'] = sources[band]
+        models[band] = model
+    return models, sources
+
+
+def grid_extrapolated(model, x, y):
+    """Whether positions lie outside the grid of a PSF model.
+
+    Parameters
+    ----------
+    model : PSF model
+        A `~photutils.psf.GriddedPSFModel` (other models have no grid).
+    x, y : `~numpy.ndarray`
+        Positions in the model's pixels.
+
+    Returns
+    -------
+    `~numpy.ndarray` of bool
+        True where the nearest grid PSFs are used beyond the grid.
+    """
+    from photutils.psf import GriddedPSFModel
+
+    if not isinstance(model, GriddedPSFModel):
+        return np.zeros(np.shape(x), dtype=bool)
+    grid = np.asarray(model.grid_xypos, dtype=float)
+    return ((x < grid[:, 0].min()) | (x > grid[:, 0].max())
+            | (y < grid[:, 1].min()) | (y > grid[:, 1].max()))
+
+
+def render_stamp_psfs(model, x, y, *, psf_size, aligned_meta):
+    """Unit-sum PSF stamps at band pixels on the reference grid.
+
+    Parameters
+    ----------
+    model : PSF model
+        The band's PSF (`build_psfs`).
+    x, y : `~numpy.ndarray`
+        (n,) positions in the band's own pixels.
+    psf_size : int
+        Odd side of the stamps.
+    aligned_meta : dict
+        The meta of the band as `~psfdeconv.cutouts.align_bands` reprojected
+        it (empty for a band on the reference grid): the PSFs are resampled
+        as its image was.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        (n, psf_size, psf_size), each rendered with `render_psf`.
+    """
+    from photutils.psf import GriddedPSFModel
+
+    from .cutouts import resample_psf
+
+    reprojected = bool(aligned_meta.get('reprojected', False))
+    if reprojected:
+        ratio = aligned_meta['reference_pixel_scale'] / aligned_meta['pixel_scale']
+        # The band-pixel PSF must cover the reference-pixel PSF, plus a margin
+        # for the resampling kernel.
+        native_size = 2 * int(np.ceil((psf_size // 2) * ratio)) + 3
+    else:
+        native_size = psf_size
+
+    def one(position):
+        psf = render_psf(model, position, size=native_size)
+        if not reprojected:
+            return psf
+        if aligned_meta.get('parity_flip'):
+            psf = psf[:, ::-1]
+        return resample_psf(psf, from_scale=aligned_meta['pixel_scale'],
+                            to_scale=aligned_meta['reference_pixel_scale'],
+                            rotation=aligned_meta['rotation'], size=psf_size,
+                            kernel=aligned_meta['kernel'])
+
+    n = len(x)
+    if not isinstance(model, GriddedPSFModel):
+        return np.broadcast_to(one(None), (n, psf_size, psf_size))
+    out = np.empty((n, psf_size, psf_size))
+    for i in range(n):
+        # Off-image sources (NaN positions) get the PSF at the image centre.
+        position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
+            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+        out[i] = one(position)
+    return out

@@ -221,7 +221,7 @@ def test_evaluate_plots_need_a_report_directory(capsys):
 # --- Neighbour replacement --------------------------------------------------------------
 
 def test_replace_neighbours_noise_seed_and_target():
-    from psfdeconv.pipeline import replace_neighbours
+    from psfdeconv.detection import replace_neighbours
 
     stamps = np.zeros((2, 2, 64, 64))
     stamps[:, :, 28:36, 28:36] = 5.0           # the source
@@ -259,7 +259,7 @@ def test_replace_neighbours_noise_seed_and_target():
 
 
 def test_neighbour_segments_combine_the_bands():
-    from psfdeconv.pipeline import neighbour_segments
+    from psfdeconv.detection import neighbour_segments
 
     rng = np.random.default_rng(3)
     shape = (96, 96)

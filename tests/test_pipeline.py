@@ -31,7 +31,9 @@ from psfdeconv.flags import (
     FLAG_OUTSIDE_TRAINING,
 )
 from psfdeconv.io import read_catalog, read_stamps, write_catalog, write_stamps
-from psfdeconv.pipeline import build_psfs, deconvolve_catalog, detect_galaxies
+from psfdeconv.detection import detect_galaxies
+from psfdeconv.pipeline import deconvolve_catalog
+from psfdeconv.psf import build_psfs
 from psfdeconv.simulate import simulate_exposure
 
 BANDS = ['g', 'r', 'i']

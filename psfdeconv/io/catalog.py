@@ -22,10 +22,10 @@ __all__ = ['read_positions', 'write_catalog', 'read_catalog', 'write_stamps',
 
 
 def read_positions(path):
-    """Read a source table (ECSV, FITS or CSV) for `deconvolve_catalog`.
+    """Read a source table (ECSV, FITS or CSV) for `~psfdeconv.pipeline.deconvolve_catalog`.
 
     Raises `~psfdeconv.exceptions.InvalidInputError` naming the file if it is
-    missing or not a table; its columns are checked by `deconvolve_catalog`.
+    missing or not a table; its columns are checked by `~psfdeconv.pipeline.deconvolve_catalog`.
     """
     from astropy.table import Table
 
@@ -43,7 +43,7 @@ def read_positions(path):
 
 
 def write_catalog(table, path, *, overwrite=False):
-    """Write a `deconvolve_catalog` table to FITS, atomically.
+    """Write a `~psfdeconv.pipeline.deconvolve_catalog` table to FITS, atomically.
 
     Units, descriptions and the ``sky_centroid`` column (stored as
     ``sky_centroid.ra`` and ``sky_centroid.dec`` with astropy's mixin
@@ -137,7 +137,7 @@ def write_stamps(images, path, *, overwrite=False):
     Parameters
     ----------
     images : list of `~astropy.nddata.NDData`
-        The stamps of `deconvolve_catalog`.
+        The stamps of `~psfdeconv.pipeline.deconvolve_catalog`.
     path : str or `~pathlib.Path`
         Output FITS file.
     overwrite : bool, optional

@@ -26,7 +26,7 @@ from ..exceptions import (
     PSFDeconvWarning,
 )
 
-__all__ = ['read_exposure', 'pixel_scale_of', 'fits_unit_string', 'example_exposures',
+__all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string', 'example_exposures',
            'EXAMPLE_EXPOSURES', 'EXAMPLE_BANDS']
 
 #: The bundled exposure set (``psfdeconv run --example``; see data/README.md).
@@ -753,3 +753,46 @@ def pixel_scale_of(wcs, *, position=None):
                       f'using their geometric mean {np.sqrt(scales.prod()):.5f} '
                       f'arcsec/pixel.', PSFDeconvWarning, stacklevel=2)
     return float(np.sqrt(scales.prod())) * u.arcsec / u.pix
+
+
+def read_exposure_set(exposures):
+    """Read the bands of one exposure set.
+
+    Parameters
+    ----------
+    exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
+        Band name (a column-name suffix) to the band's exposure, each read
+        with `read_exposure`.
+
+    Returns
+    -------
+    read : dict
+        Band name to `~astropy.nddata.CCDData`, in the mapping's order.
+    paths : dict
+        Band name to the input path (None for an NDData not read from a file).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        For an empty mapping, band names that are not distinct identifiers,
+        or an exposure `read_exposure` refuses.
+    """
+    from astropy.nddata import NDData
+
+    if not hasattr(exposures, 'items') or not exposures:
+        raise InvalidInputError(f'exposures must be a non-empty mapping of band '
+                                f'name to a FITS path or NDData, e.g. {{"g": '
+                                f'"g.fits", "r": "r.fits"}}; got '
+                                f'{type(exposures).__name__}.')
+    bands = [str(band) for band in exposures]
+    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
+        raise InvalidInputError(f'band names {bands} must be distinct identifiers '
+                                f'(letters, digits, underscores): they become '
+                                f'column names such as flux_<band>.')
+    read, paths = {}, {}
+    for band, exposure in exposures.items():
+        read[str(band)] = read_exposure(exposure)
+        # An exposure read by read_exposure knows its file.
+        paths[str(band)] = (dict(exposure.meta or {}).get('path')
+                            if isinstance(exposure, NDData) else str(exposure))
+    return read, paths
