@@ -15,7 +15,8 @@ a message of the form ``"<name> = <value>; <what is wrong>; <the fix>"``
 * `as_image_and_mask`: "array, masked array or NDData" -> one 2-D image
   with its bad pixels set to 0, the bad-pixel mask and the meta;
 * `check_psfs`: odd, not larger than the stamps, positive sums -> the PSFs
-  normalised to unit sum (`~psfdeconv.exceptions.InvalidPSFError`).
+  normalised to unit sum (`~psfdeconv.exceptions.InvalidPSFError`);
+  `as_stamps_and_psfs` checks stamps and PSFs together.
 """
 
 import numpy as np
@@ -29,7 +30,8 @@ from .exceptions import (
 )
 
 __all__ = ['pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
-           'check_band_names', 'as_image_array', 'as_image_and_mask', 'check_psfs']
+           'check_band_names', 'as_image_array', 'as_image_stack', 'as_image_and_mask',
+           'check_psfs', 'as_stamps_and_psfs']
 
 
 def pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
@@ -304,3 +306,31 @@ def check_psfs(psfs, stamp_shape):
         raise InvalidPSFError(f'psfs[{where}] sums to {float(sums[index])}; a PSF must '
                               f'have a positive, finite sum.')
     return psfs / sums[..., None, None]
+
+
+def as_image_stack(images, name):
+    """`as_image_array` of shape (n, n_bands, ny, nx), without its unit."""
+    data, _ = as_image_array(images, name)
+    if data.ndim != 4:
+        msg = (f'{name} must have shape (n, n_bands, ny, nx), got '
+               f'{data.shape}; add a band axis with {name}[:, None] for '
+               f'single-band stamps.')
+        raise ShapeMismatchError(msg)
+    return data
+
+
+def as_stamps_and_psfs(stamps, psfs):
+    """Stamps ``(..., ny, nx)`` (`as_image_array`) and one PSF per stamp
+    (`check_psfs`): float arrays, the PSFs normalised to unit sum."""
+    stamps, _ = as_image_array(stamps, 'stamps')
+    psfs, _ = as_image_array(psfs, 'psfs')
+    try:
+        leading = np.broadcast_shapes(stamps.shape[:-2], psfs.shape[:-2])
+    except ValueError:
+        leading = None
+    if leading != stamps.shape[:-2]:
+        msg = (f'psfs of shape {psfs.shape} do not match stamps of shape '
+               f'{stamps.shape}; give one PSF per stamp, (..., py, px) with '
+               f'the stamps\' leading shape.')
+        raise ShapeMismatchError(msg)
+    return stamps, check_psfs(psfs, stamps.shape[-2:])

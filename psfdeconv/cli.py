@@ -490,7 +490,7 @@ def _cmd_run(args):
           f'{str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
           f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')
     if args.plots:
-        from .pipeline import read_stamps
+        from .io import read_stamps
         from .plotting import write_run_plots
 
         for path in write_run_plots(args.out, catalog,

@@ -363,7 +363,7 @@ def test_wiener_blocks_match_one_pass(monkeypatch):
     psfs = rng.uniform(0.1, 1.0, (7, 2, 5, 5))
     balance = rng.uniform(0.01, 0.1, (7, 2))
     one_pass = evaluate.wiener_deconvolve(stamps, psfs, balance=balance)
-    monkeypatch.setattr(evaluate, '_FFT_BLOCK', 3)
+    monkeypatch.setattr(evaluate.baselines, '_FFT_BLOCK', 3)
     assert_allclose(evaluate.wiener_deconvolve(stamps, psfs, balance=balance), one_pass,
                     atol=1e-13)
 

@@ -12,6 +12,7 @@ from astropy.nddata import NDData
 from astropy.table import QTable
 
 from psfdeconv.exceptions import InvalidInputError, OutputExistsError, ShapeMismatchError
+from psfdeconv.evaluate import read_report
 from psfdeconv.plotting import (
     plot_catalog_overview,
     plot_confusion_matrix,
@@ -19,7 +20,6 @@ from psfdeconv.plotting import (
     plot_flux_histogram,
     plot_stamp_grid,
     plot_training_history,
-    read_report,
     save_figure,
     write_evaluation_plots,
     write_run_plots,
