@@ -743,7 +743,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
     elif not local:
         threads = 'worker'
     if chunk_size is None:
-        from .pipeline import _CHUNK_SIZE as chunk_size
+        from .pipeline import CHUNK_SIZE as chunk_size
     options = {'reference_band': reference_band, 'batch_size': batch_size,
                'chunk_size': chunk_size, 'threads': threads, 'symmetries': symmetries,
                # Groups that run have no marker: whatever they hold is the

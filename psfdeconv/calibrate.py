@@ -580,20 +580,14 @@ def calibrate_model(keras_model, card, simulation_path):
         card = calibrate_model(keras_model, dict(card, name='mymodel'), 'sims.h5')
         save_model(keras_model, 'run/mymodel.keras', card)
     """
-    from .model import DeconvolutionModel
+    from .model import DeconvolutionModel, calibrated_card
     from .train import TrainConfig, validation_objects
 
-    card = dict(card)
-    training = card['training']
-    config = TrainConfig.from_dict(training['config'])
+    config = TrainConfig.from_dict(card['training']['config'])
     model = DeconvolutionModel(keras_model, card)
     val = validation_objects(simulation_path, config)
     calibration, images = calibrate_card(
         model, val['observed'], val['psf'], val['pixel_scale'], val['truth'],
         val['is_blank'], return_images=True)
-    card.update(calibration)
-    card['metrics'] = validation_metrics(images, val['truth'], val['is_blank'])
-    card['pixel_scale_range'] = training['simulation_config']['pixel_scale_range']
-    card['psf_fwhm_range_arcsec'] = training['simulation_config']['psf_fwhm_range']
-    card['n_validation_objects'] = training['n_validation']
-    return card
+    return calibrated_card(card, calibration,
+                           validation_metrics(images, val['truth'], val['is_blank']))

@@ -262,7 +262,7 @@ def _model_info(path):
     ``error`` says why).
     """
     from .exceptions import ModelFileError
-    from .model import _check_model_file, file_sha256, weights_sha256
+    from .model import check_model_file, file_sha256, training_ranges, weights_sha256
 
     path = Path(path)
     card_path = path.with_suffix('.json')
@@ -279,7 +279,7 @@ def _model_info(path):
                 raise ModelFileError(f'model card {card_path} is not valid JSON '
                                      f'({exc}); download or retrain the model.') from None
         log.debug('checking the model file %s', path)
-        _check_model_file(path, {})  # exists, zip, CRCs, Keras members
+        check_model_file(path, {})  # exists, zip, CRCs, Keras members
         info['weights_sha256'] = weights_sha256(path)
         info['file_sha256'] = file_sha256(path)
     except ModelFileError as exc:
@@ -290,14 +290,8 @@ def _model_info(path):
                 'size_bias'):
         info[key] = card.get(key)
     training = card.get('training') or {}
-    # Cards written by `psfdeconv train` repeat the simulation's ranges at
-    # the top; others have them only in training.simulation_config, which
-    # is where the deconvolution's training-range check reads them.
-    simulation = training.get('simulation_config') or {}
-    for key, sim_key in (('pixel_scale_range', 'pixel_scale_range'),
-                         ('psf_fwhm_range_arcsec', 'psf_fwhm_range')):
-        if info[key] is None:
-            info[key] = simulation.get(sim_key)
+    # The ranges the deconvolution's training-range check reads.
+    info['pixel_scale_range'], info['psf_fwhm_range_arcsec'] = training_ranges(card)
     info['training'] = {key: training[key] for key in (
         'epochs_run', 'best_epoch', 'n_train_stamps', 'n_train', 'elapsed_seconds',
         'keras_backend', 'compute_device', 'keras_version') if key in training}

@@ -724,8 +724,8 @@ def outside_training_range(model, pixel_scale, psfs=None):
     Parameters
     ----------
     model : `~psfdeconv.model.DeconvolutionModel`
-        Its card's ``training.simulation_config`` gives the ranges of the
-        pixel scale and of the PSF FWHM.
+        Its card gives the ranges of the pixel scale and of the PSF FWHM
+        (`~psfdeconv.model.training_ranges`).
     pixel_scale : array-like
         arcsec/pixel, shape (n,).
     psfs : array-like, optional
@@ -740,11 +740,13 @@ def outside_training_range(model, pixel_scale, psfs=None):
     reasons : list of str
         One sentence per range that is left, naming a value and the range.
     """
-    sim = model.card.get('training', {}).get('simulation_config', {}) or {}
+    from .model import training_ranges
+
+    pixel_scale_range, fwhm_range = training_ranges(model.card)
     pixel_scale = np.atleast_1d(np.asarray(pixel_scale, dtype=np.float64))
     outside = np.zeros(pixel_scale.shape, dtype=bool)
     reasons = []
-    low, high = sim.get('pixel_scale_range', (None, None))
+    low, high = pixel_scale_range or (None, None)
     if low is not None:
         bad = (pixel_scale < low) | (pixel_scale > high)
         if bad.any():
@@ -752,7 +754,7 @@ def outside_training_range(model, pixel_scale, psfs=None):
             reasons.append(f'{int(bad.sum())} stamp(s) have pixel scales outside '
                            f'the trained range [{low}, {high}] arcsec/pixel (e.g. '
                            f'{pixel_scale[bad][0]:.3f})')
-    low, high = sim.get('psf_fwhm_range', (None, None))
+    low, high = fwhm_range or (None, None)
     if low is not None and psfs is not None:
         scale = pixel_scale[:, None]
         fwhm = psf_fwhm(psfs, scale)

@@ -75,7 +75,7 @@ _FALLBACK_WINDOW = 8.0
 #: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
 #: working memory of cutting, deconvolving and measuring is bounded by the
 #: chunk (about 1.5 MB per source), not by the number of sources.
-_CHUNK_SIZE = 512
+CHUNK_SIZE = 512
 
 
 # --- Inputs ------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def _stamp_mad(stamps, mask):
 def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
-                       batch_size=128, chunk_size=_CHUNK_SIZE, strict=False,
+                       batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
                        symmetries=None):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
@@ -494,7 +494,7 @@ def _check_chunk_size(chunk_size):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) \
             or chunk_size < 1:
         raise InvalidInputError(f'chunk_size = {chunk_size!r}; give a number of '
-                                f'sources >= 1 (e.g. {_CHUNK_SIZE}).')
+                                f'sources >= 1 (e.g. {CHUNK_SIZE}).')
 
 
 def _catalog_chunks(setup, *, chunk_size, batch_size):
@@ -706,7 +706,7 @@ def _catalog_table(setup, parts):
 
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
-                     chunk_size=_CHUNK_SIZE, strict=False, neighbours='replace',
+                     chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 

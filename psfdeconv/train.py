@@ -550,20 +550,16 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         keras.config.set_dtype_policy('float32')
     # Inference runs in float32 whatever the training policy was.
     model = _as_float32(keras, model)
-    from .model import file_sha256
+    from .model import file_sha256, make_card
 
-    card = {
-        'architecture': config.architecture,
-        'architecture_config': {'filters': list(config.filters),
-                                'kernel_size': 3,
-                                'negative_slope': config.negative_slope},
-        'input_kinds': list(config.kinds),
-        'n_bands': n_bands,
-        'stamp_size': stamp_size,
-        'features': dict(config.features),
-        'output_floor': config.output_floor,
-        'symmetries': config.symmetries,
-        'training': {
+    card = make_card(
+        architecture=config.architecture,
+        architecture_config={'filters': list(config.filters), 'kernel_size': 3,
+                             'negative_slope': config.negative_slope},
+        input_kinds=config.kinds, n_bands=n_bands, stamp_size=stamp_size,
+        features=config.features, output_floor=config.output_floor,
+        symmetries=config.symmetries,
+        training={
             'config': config.to_dict(),
             'simulation_file': Path(simulation_path).name,
             'simulation_config': sim_config,
@@ -588,8 +584,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             'initial_weights_sha256': (
                 None if config.initial_weights is None else
                 file_sha256(config.initial_weights)),
-        },
-    }
+        })
     return model, card
 
 
