@@ -284,7 +284,7 @@ def check_card_version(card, path=None):
     """
     version = card.get('card_version', MODEL_CARD_VERSION)
     if not isinstance(version, int) or version > MODEL_CARD_VERSION:
-        raise ModelFileError(f'model card {path or ""} has card_version = {version!r}, '
+        raise ModelFileError(f'the card of model {path or ""} has card_version = {version!r}, '
                              f'but this psfdeconv reads versions up to '
                              f'{MODEL_CARD_VERSION}; upgrade psfdeconv.')
 
@@ -452,7 +452,7 @@ def load_model(path=None, *, n_bands=None, verify=True):
     elif path.parent == default_model_path().parent:
         raise ModelFileError(f'the shipped model card {card_path} is missing;'
                              f' reinstall psfdeconv.')
-    check_card_version(card, card_path)
+    check_card_version(card, path)
     check_model_file(path, card if verify else {})
 
     keras = _keras()
