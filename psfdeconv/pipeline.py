@@ -36,6 +36,7 @@ FITS (`run_exposure_set` does both, chunk by chunk).
 `psfdeconv.flags` (the cutout flags are set when they hold in any band).
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +347,52 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     return _catalog_table(setup, parts), nddata
 
 
+@dataclasses.dataclass
+class _CatalogSetup:
+    """What `deconvolve_catalog` prepares once per exposure set, for its
+    chunks of sources."""
+
+    #: Band name -> exposure as read, and the same background-subtracted and
+    #: on the reference grid.
+    exposures: dict
+    aligned: dict
+    #: Band name -> whether the band was reprojected onto the reference grid.
+    reprojected: dict
+    #: Band name -> whether the band has an uncertainty.
+    has_uncertainty: dict
+    bands: list
+    reference_band: str
+    reference: object
+    model: object
+    stamp_size: int
+    psf_size: int
+    #: arcsec/pixel of the reference band.
+    scale: float
+    #: Band name -> PSF model, and its description.
+    psf_models: dict
+    psf_sources: dict
+    #: Reference-band pixel positions and ids of the sources.
+    x_in: np.ndarray
+    y_in: np.ndarray
+    ids: np.ndarray
+    #: Sources whose centre is off the image, and an on-image source that
+    #: stands in for a chunk lying entirely off it.
+    off_image: np.ndarray
+    anchor: int
+    #: Neighbour segments on the reference grid (None: neighbours kept).
+    segments: object
+    frame: object
+    stamp_unit: object
+    meta: dict
+    strict: bool = False
+    symmetries: int = 1
+
+    @property
+    def n(self):
+        """Number of sources."""
+        return self.x_in.size
+
+
 def _set_symmetries(setup, symmetries):
     """The symmetries the deconvolution averages over (None: the model
     card's), checked before any stamp is cut and recorded in the
@@ -373,9 +420,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                    neighbours='replace'):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
-    subtracted, aligned bands (a namespace)."""
-    import types
-
+    subtracted, aligned bands (a `_CatalogSetup`)."""
     import astropy.units as u
     from astropy.wcs.utils import wcs_to_celestial_frame
 
@@ -468,12 +513,12 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'neighbours': neighbours,
         'flag_bits': dict(FLAGS),
     }
-    return types.SimpleNamespace(
-        exposures=exposures, bands=bands, model=model, stamp_size=stamp_size,
-        psf_size=psf_size, reference_band=reference_band, reference=reference,
+    return _CatalogSetup(
+        exposures=exposures, aligned=aligned, reprojected=reprojected,
+        has_uncertainty=has_uncertainty, bands=bands, reference_band=reference_band,
+        reference=reference, model=model, stamp_size=stamp_size, psf_size=psf_size,
         scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
-        y_in=y_in, ids=ids, n=n, off_image=off_image, anchor=anchor, aligned=aligned,
-        reprojected=reprojected, has_uncertainty=has_uncertainty, segments=segments,
+        y_in=y_in, ids=ids, off_image=off_image, anchor=anchor, segments=segments,
         frame=wcs_to_celestial_frame(reference.wcs),
         stamp_unit=units.pop() if len(units) == 1 else None, meta=meta)
 
@@ -508,16 +553,35 @@ def _catalog_chunks(setup, *, chunk_size, batch_size):
 
 def _deconvolve_chunk(setup, index, *, batch_size):
     """The catalogue columns and the stamps of the sources ``index``."""
-    import astropy.units as u
-    from astropy.nddata import NDData
-
-    from .cutouts import make_cutouts
     from .deconvolve import deconvolve_stamps
-    from .measure import hsm_moments, image_moments, windowed_centroid
+    from .measure import hsm_moments, image_moments
+
+    cut = _cut_chunk(setup, index)
+    flags = cut['flags']
+    images, details = deconvolve_stamps(cut['stamps'], cut['psfs'], pixel_scale=setup.scale,
+                                        model=setup.model, noise_sigma=cut['noise_sigma'],
+                                        batch_size=batch_size, return_details=True,
+                                        strict=setup.strict, symmetries=setup.symmetries)
+    flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
+    flags[~details['detected']] |= FLAG_UNDETECTED
+    del cut['stamps'], cut['psfs']
+    moments = image_moments(images, pixel_scale=setup.scale)
+    shapes = hsm_moments(images, pixel_scale=setup.scale)
+    hsm_failed = (shapes['hsm_status'] != 0) & ~cut['empty']
+    flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
+    x_stamp, y_stamp = _reference_centroid(setup, images, shapes, cut['reference'], flags)
+    columns = _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp)
+    return columns, _chunk_stamps(setup, index, images, cut)
+
+
+def _cut_chunk(setup, index):
+    """The stamps of the sources ``index`` in every band, with their masks,
+    PSFs, noise and flags, the neighbours replaced (`replace_neighbours`)."""
+    from .cutouts import make_cutouts
 
     bands, reference_band = setup.bands, setup.reference_band
     stamp_size, psf_size = setup.stamp_size, setup.psf_size
-    x_in, y_in, ids = setup.x_in[index], setup.y_in[index], setup.ids[index]
+    x_in, y_in = setup.x_in[index], setup.y_in[index]
     n = index.size
     # A chunk entirely off the image gets the anchor as an extra last source,
     # dropped from make_cutouts' results (see _catalog_setup).
@@ -553,7 +617,7 @@ def _deconvolve_chunk(setup, index, *, batch_size):
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
         meta = setup.aligned[band].meta if setup.reprojected[band] else {}
         stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
-                                       psf_size=psf_size, aligned_meta=meta)
+                                             psf_size=psf_size, aligned_meta=meta)
         if cut['uncertainty'] is not None:
             noise[:, b] = _stamp_noise(cut['uncertainty'], cut['mask'])
     if not any(setup.has_uncertainty.values()):
@@ -577,21 +641,18 @@ def _deconvolve_chunk(setup, index, *, batch_size):
             ref_cut['y_stamp'], sigma, index=index, masks=masks)
         flags[replaced.any(axis=(-2, -1))] |= FLAG_NEIGHBOURS
 
-    images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=setup.scale,
-                                        model=setup.model, noise_sigma=noise_sigma,
-                                        batch_size=batch_size, return_details=True,
-                                        strict=getattr(setup, 'strict', False),
-                                        symmetries=setup.symmetries)
-    flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
-    flags[~details['detected']] |= FLAG_UNDETECTED
-    del stamps, stamp_psfs
-    moments = image_moments(images, pixel_scale=setup.scale)
-    shapes = hsm_moments(images, pixel_scale=setup.scale)
-    hsm_failed = (shapes['hsm_status'] != 0) & ~empty
-    flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
+    return {'stamps': stamps, 'masks': masks, 'psfs': stamp_psfs,
+            'noise_sigma': noise_sigma, 'empty': empty, 'reference': ref_cut,
+            'flags': flags}
 
-    # The centroid of the reference band's deconvolved image.
-    ref_index = bands.index(reference_band)
+
+def _reference_centroid(setup, images, shapes, ref_cut, flags):
+    """The centroid (stamp pixels) of the reference band's deconvolved
+    images; sets ``FLAG_CENTROID_FALLBACK`` in ``flags`` where there is none
+    and the input position is used."""
+    from .measure import windowed_centroid
+
+    ref_index = setup.bands.index(setup.reference_band)
     # The light centroid within _CENTROID_WINDOW adaptive-moment widths of
     # the adaptive-moment centroid: the stamp-wide centroid takes in every
     # neighbour and noise peak, and the adaptive one is pulled towards the
@@ -608,6 +669,17 @@ def _deconvolve_chunk(setup, index, *, batch_size):
     flags[fallback] |= FLAG_CENTROID_FALLBACK
     x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)
     y_stamp = np.where(fallback, ref_cut['y_stamp'], y_stamp)
+    return x_stamp, y_stamp
+
+
+def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp):
+    """The catalogue columns of a chunk: name -> (values, description)."""
+    import astropy.units as u
+
+    bands, reference_band = setup.bands, setup.reference_band
+    ids, x_in, y_in = setup.ids[index], setup.x_in[index], setup.y_in[index]
+    ref_cut, flags, empty = cut['reference'], cut['flags'], cut['empty']
+    n = index.size
     lon, lat = np.full(n, np.nan), np.full(n, np.nan)
     for i in range(n):
         lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i], y_stamp[i])
@@ -669,9 +741,17 @@ def _deconvolve_chunk(setup, index, *, batch_size):
             (f'hsm_status_{band}', np.asarray(shapes['hsm_status'][:, b], dtype=np.int32),
              'HSM status: 0 ok, -1 failed, -2 non-positive fit'),
         ]
+    return {name: (values, description) for name, values, description in columns}
 
+
+def _chunk_stamps(setup, index, images, cut):
+    """The deconvolved stamps of a chunk as `~astropy.nddata.NDData`."""
+    from astropy.nddata import NDData
+
+    bands, ids = setup.bands, setup.ids[index]
+    masks, ref_cut, flags = cut['masks'], cut['reference'], cut['flags']
     nddata = []
-    for i in range(n):
+    for i in range(index.size):
         nddata.append(NDData(
             images[i].astype(np.float64), unit=setup.stamp_unit, mask=masks[i].copy(),
             wcs=ref_cut['wcs'][i],
@@ -681,7 +761,7 @@ def _deconvolve_chunk(setup, index, *, batch_size):
                   'psf_source': dict(setup.psf_sources),
                   'model_weights_sha256': setup.model.sha256,
                   'units': {band: str(setup.aligned[band].unit) for band in bands}}))
-    return {name: (values, description) for name, values, description in columns}, nddata
+    return nddata
 
 
 def _catalog_table(setup, parts):
