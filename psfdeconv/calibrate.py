@@ -52,8 +52,8 @@ def fit_flux_bias(flux, flux_err, true_flux, *, snr_range=(1.0, 3.0)):
 
     Why binned by the truth: a fit of true / measured against the measured
     ``L`` answers "given what I measured", and objects scattered up by the
-    noise then leave the faint ones biased high at fixed true flux (+1.7 %
-    in the faintest third of the test galaxies); the binned fit is
+    noise then leave the faint ones biased high at fixed true flux; the
+    binned fit is
     unbiased at fixed true brightness, which is what a flux comparison
     with the truth (or with another survey) sees, and still depends on
     measured quantities only, so it applies to real data.
@@ -351,10 +351,8 @@ _MIN_SIZE_OBJECTS = 100
 def fit_size_bias(output, truth, flux, flux_err, *, snr_range=(1.0, 3.0)):
     """Fit the size-bias correction on simulations.
 
-    The network draws faint galaxies too large (by a third, on average,
-    for the faintest twelfth of the test galaxies, true signal-to-noise
-    ratio below about 7). The correction dilates each band image
-    about its centroid by ``f = c0 + c1 L + c2 L**2`` with
+    The network draws faint galaxies too large. The correction dilates
+    each band image about its centroid by ``f = c0 + c1 L + c2 L**2`` with
     ``L = log10(flux / flux_err)`` of the amplitude refit clipped to
     ``snr_range``; the coefficients are chosen, as in `fit_flux_bias`, so
     that the mean ratio of the corrected to the true HSM size (adaptive

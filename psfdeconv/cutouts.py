@@ -42,10 +42,9 @@ exposure where the bands share a pixel grid; where they do not,
 2004), and `resample_psf` pushes the same resampling through that band's
 PSF image, so that the PSF stays the PSF of the resampled image.
 Resampling convolves with the resampling kernel: the PSF of a reprojected
-band is a little wider than in its own pixels (by 1 to 2 percent in FWHM
-with the 'hann' kernel used by default onto finer grids, 5 to 10 percent
-with reproject's anti-aliasing 'gaussian' kernel, for PSFs of 3 to 5
-pixels FWHM), and `resample_psf` includes that widening.
+band is a little wider than in its own pixels (less with the 'hann' kernel
+used by default onto finer grids than with reproject's anti-aliasing
+'gaussian' kernel), and `resample_psf` includes that widening.
 """
 
 import numpy as np
@@ -69,9 +68,7 @@ def _default_kernel(from_scale, to_scale):
     """The resampling kernel used when none is given.
 
     'hann' onto a grid as fine as the band's own or finer: it widens the PSF
-    least (by 1.4 percent in FWHM for a Gaussian PSF of 5 input pixels FWHM
-    resampled from 0.3 to 0.2 arcsec pixels, against 4.5 percent for
-    'gaussian'), and there is nothing to alias. 'gaussian' (reproject's own
+    least, and there is nothing to alias. 'gaussian' (reproject's own
     default, the strongest anti-aliasing) onto a coarser grid.
     """
     return 'hann' if to_scale <= from_scale * (1 + 1e-6) else 'gaussian'

@@ -341,9 +341,8 @@ def remove_output_floor(output, method):
         median; 'outer' the median of its pixels farther than 7/16 of the
         stamp side from the centre (the corners and the middle of the
         edges). A large galaxy fills more than half of the stamp above the
-        floor, so the whole-stamp median takes a slice of its wings (3-4 %
-        of the flux of galaxies with half-light radii of 6-8 pixels on
-        64-pixel stamps); the outer pixels are the stamp's empty sky.
+        floor, so the whole-stamp median takes a slice of its wings; the
+        outer pixels are the stamp's empty sky.
 
     Returns
     -------
@@ -403,10 +402,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
     augmentation). The input channels are convolutions with centred
     kernels, which commute with these symmetries, so every copy is an
     equally valid view of the same object; averaging them removes the part
-    of the network's error that is not symmetric (on the held-out test set,
-    8 symmetries lower the ellipticity RMS by 3 %, raise the PSNR by
-    0.3 dB and cut the HSM failures from 6.7 to 6.0 %), for that many
-    network calls.
+    of the network's error that is not symmetric, for that many network
+    calls (:doc:`/benchmarks` gives the gain and the cost).
 
     Parameters
     ----------

@@ -187,8 +187,7 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     any band is found. Touching sources are not deblended: the watershed
     splits galaxies with bright knots into pieces, and a piece of the
     source itself replaced by noise costs more than a touching neighbour
-    kept (on the bundled example, deblending took 10-27 % of the flux of
-    three knotty galaxies and doubled the ellipticity errors).
+    kept.
 
     Parameters
     ----------
@@ -263,8 +262,7 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
     neighbour. Its pixels become draws of N(0, ``noise_sigma``), seeded by
     the source's ``index`` so that a source gets the same stamps whatever
     else is processed with it. Without this, a neighbour's light is
-    deconvolved with the source and counted in its flux (1-2 % on the
-    simulated exposures of `psfdeconv.simulate.simulate_exposure`).
+    deconvolved with the source and counted in its flux.
 
     Parameters
     ----------
