@@ -22,6 +22,7 @@ a message of the form ``"<name> = <value>; <what is wrong>; <the fix>"``
 import numpy as np
 
 from .exceptions import (
+    ConfigError,
     InvalidInputError,
     InvalidPixelsError,
     InvalidPSFError,
@@ -31,7 +32,7 @@ from .exceptions import (
 
 __all__ = ['pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
            'check_band_names', 'as_image_array', 'as_image_stack', 'as_image_and_mask',
-           'check_psfs', 'as_stamps_and_psfs']
+           'check_psfs', 'as_stamps_and_psfs', 'config_from_dict']
 
 
 def pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
@@ -61,10 +62,11 @@ def pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
     >>> import astropy.units as u
     >>> float(pixel_scale_arcsec(0.2 * u.arcsec / u.pix))
     0.2
-    >>> pixel_scale_arcsec(-1.0)
-    Traceback (most recent call last):
-    ...
-    psfdeconv.exceptions.PixelScaleError: pixel_scale = -1.0; it must be positive and finite (arcsec/pixel).
+    >>> try:
+    ...     pixel_scale_arcsec(-1.0)
+    ... except ValueError as exc:
+    ...     print(exc)
+    pixel_scale = -1.0; it must be positive and finite (arcsec/pixel).
     """
     import astropy.units as u
 
@@ -334,3 +336,17 @@ def as_stamps_and_psfs(stamps, psfs):
                f'the stamps\' leading shape.')
         raise ShapeMismatchError(msg)
     return stamps, check_psfs(psfs, stamps.shape[-2:])
+
+
+def config_from_dict(cls, values, what):
+    """A configuration dataclass ``cls`` from a dict, refusing unknown keys
+    (a `~psfdeconv.exceptions.ConfigError` naming them and the valid ones);
+    ``what`` names the configuration in the message."""
+    import dataclasses
+
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f'unknown {what} config keys {unknown}; valid keys are '
+                          f'{sorted(known)}.')
+    return cls(**values)

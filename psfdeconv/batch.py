@@ -495,8 +495,8 @@ def _run_group(group, out_dir, model_ref, options):
     raises, the summary row says what happened."""
     import socket
 
-    from .io import atomic_path
     from .flags import n_flagged
+    from .io import atomic_path
     from .pipeline import run_exposure_set
 
     start = time.perf_counter()

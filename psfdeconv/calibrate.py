@@ -30,7 +30,7 @@ from .deconvolve import (
 from .exceptions import ConfigError, InvalidInputError, ShapeMismatchError
 from .transforms import shear_images
 
-__all__ = ['fit_flux_bias', 'calibrate_flux_bias', 
+__all__ = ['fit_flux_bias', 'calibrate_flux_bias',
            'fit_detection_threshold', 'fit_size_bias', 'fit_psf_leakage',
            'calibrate_card', 'validation_metrics', 'calibrate_model',
            'DETECTION_BLANK_RECALL', 'DETECTION_MAX_SOURCES_BELOW']

@@ -443,8 +443,8 @@ def _cmd_run(args):
     import numpy as np
 
     from .exceptions import ConfigError
-    from .io import example_exposures
     from .flags import FLAG_NEIGHBOURS, n_flagged
+    from .io import example_exposures
     from .pipeline import run_exposure_set
 
     if args.example:
@@ -798,6 +798,7 @@ def _add_simulate_exposure_parser(sub):
                    help='give every band the same pixel grid')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate_exposure)
+
 
 def _add_batch_parser(sub):
     """The ``batch`` subcommand."""

@@ -41,14 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .cutouts import align_to_reference
+from .detection import NEIGHBOUR_OPTIONS, detect_galaxies, neighbour_segments, replace_neighbours
 from .exceptions import (
     InvalidInputError,
     InvalidPSFError,
     ModelFileError,
     ShapeMismatchError,
 )
-from .cutouts import align_to_reference
-from .detection import NEIGHBOUR_OPTIONS, detect_galaxies, neighbour_segments, replace_neighbours
 from .flags import (
     FLAG_CENTROID_FALLBACK,
     FLAG_HSM_FAILED,

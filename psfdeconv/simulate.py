@@ -231,7 +231,7 @@ class SimulationConfig:
 
 # Objects per independently seeded chunk: results do not depend on how
 # chunks are spread over workers.
-CHUNK_SIZE = 500
+_CHUNK_SIZE = 500
 
 
 def _draw_uniform(rng, value_range, size=None):
@@ -409,9 +409,9 @@ def _simulate_chunk(n, config, seed_sequence):
 
 
 def _chunk_plan(n_objects, seed):
-    sizes = [CHUNK_SIZE] * (n_objects // CHUNK_SIZE)
-    if n_objects % CHUNK_SIZE:
-        sizes.append(n_objects % CHUNK_SIZE)
+    sizes = [_CHUNK_SIZE] * (n_objects // _CHUNK_SIZE)
+    if n_objects % _CHUNK_SIZE:
+        sizes.append(n_objects % _CHUNK_SIZE)
     children = np.random.SeedSequence(seed).spawn(len(sizes))
     return list(zip(sizes, children, strict=True))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validation import config_from_dict
 from .deconvolve import OUTPUT_FLOORS, check_symmetries
 from .exceptions import ConfigError, InvalidInputError
 from .features import KINDS, check_kinds, make_cube
@@ -151,12 +152,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f'unknown training config keys {unknown}; '
-                              f'valid keys are {sorted(known)}.')
-        return cls(**values)
+        return config_from_dict(cls, values, 'training')
 
 
 def split_indices(n_objects, *, validation_fraction, seed):

@@ -23,7 +23,6 @@ from psfdeconv.deconvolve import (
     symmetric_output,
     validate_stamps,
 )
-from psfdeconv.transforms import dilate_images, shear_images
 from psfdeconv.exceptions import (
     BandCountError,
     ConfigError,
@@ -36,6 +35,7 @@ from psfdeconv.exceptions import (
 )
 from psfdeconv.measure import image_moments
 from psfdeconv.simulate import read_simulation
+from psfdeconv.transforms import dilate_images, shear_images
 
 
 @pytest.fixture(scope='module')

@@ -13,9 +13,8 @@ from numpy.testing import assert_allclose
 
 from psfdeconv.cli import main
 from psfdeconv.evaluate import exposure_accuracy, match_truth
-from psfdeconv.io import EXAMPLE_BANDS, EXAMPLE_EXPOSURES
+from psfdeconv.io import EXAMPLE_BANDS, EXAMPLE_EXPOSURES, read_catalog, read_stamps
 from psfdeconv.measure import image_moments, windowed_centroid
-from psfdeconv.io import read_catalog, read_stamps
 from psfdeconv.simulate import simulate_exposure
 
 

@@ -14,7 +14,7 @@ from astropy.nddata import CCDData
 from astropy.table import QTable, Table
 from numpy.testing import assert_allclose, assert_array_equal
 
-from psfdeconv.flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
+from psfdeconv.detection import detect_galaxies
 from psfdeconv.exceptions import (
     BandCountError,
     ConfigError,
@@ -26,12 +26,14 @@ from psfdeconv.exceptions import (
 )
 from psfdeconv.flags import (
     FLAG_CENTROID_FALLBACK,
+    FLAG_EDGE,
     FLAG_HSM_FAILED,
+    FLAG_MASKED,
     FLAG_NEIGHBOURS,
+    FLAG_OFF_IMAGE,
     FLAG_OUTSIDE_TRAINING,
 )
 from psfdeconv.io import read_catalog, read_stamps, write_catalog, write_stamps
-from psfdeconv.detection import detect_galaxies
 from psfdeconv.pipeline import deconvolve_catalog
 from psfdeconv.psf import build_psfs
 from psfdeconv.simulate import simulate_exposure
@@ -366,8 +368,8 @@ def test_files_from_paths_and_round_trips(field, moffat_psfs, tiny_model, tmp_pa
 
 def test_undetected_sources_are_flagged_with_empty_stamps(field, moffat_psfs, tiny_model):
     from psfdeconv.deconvolve import detection_snr
-    from psfdeconv.model import DeconvolutionModel
     from psfdeconv.flags import FLAG_UNDETECTED
+    from psfdeconv.model import DeconvolutionModel
 
     exposures, truth = field
     galaxies = galaxies_of(truth)[:3]

@@ -11,8 +11,8 @@ from astropy import units as u
 from astropy.nddata import NDData
 from astropy.table import QTable
 
-from psfdeconv.exceptions import InvalidInputError, OutputExistsError, ShapeMismatchError
 from psfdeconv.evaluate import read_report
+from psfdeconv.exceptions import InvalidInputError, OutputExistsError, ShapeMismatchError
 from psfdeconv.plotting import (
     plot_catalog_overview,
     plot_confusion_matrix,

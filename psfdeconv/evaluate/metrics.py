@@ -27,7 +27,10 @@ from ..exceptions import (
     ShapeMismatchError,
 )
 
-__all__ = ['CLASS_NAMES', 'QUANTITIES', 'DIFFERENCE_UNITS', 'DIFFERENCE_DESCRIPTIONS', 'image_quality', 'moment_differences', 'summarize_differences', 'ellipticity_correlation', 'flux_bin_edges', 'flux_classes', 'confusion_matrix', 'classification_summary', 'flux_bias_table']
+__all__ = ['CLASS_NAMES', 'QUANTITIES', 'DIFFERENCE_UNITS', 'DIFFERENCE_DESCRIPTIONS',
+           'image_quality', 'moment_differences', 'summarize_differences',
+           'ellipticity_correlation', 'flux_bin_edges', 'flux_classes', 'confusion_matrix',
+           'classification_summary', 'flux_bias_table']
 
 
 # Table 2 row order (paper-spec 5.2) and the unit of each difference.

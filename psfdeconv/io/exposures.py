@@ -26,8 +26,8 @@ from ..exceptions import (
     PSFDeconvWarning,
 )
 
-__all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string', 'example_exposures',
-           'EXAMPLE_EXPOSURES', 'EXAMPLE_BANDS']
+__all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string',
+           'example_exposures', 'EXAMPLE_EXPOSURES', 'EXAMPLE_BANDS']
 
 #: The bundled exposure set (``psfdeconv run --example``; see data/README.md).
 EXAMPLE_EXPOSURES = Path(__file__).parent.parent / 'data' / 'example_exposures'
