@@ -35,7 +35,7 @@ __all__ = ['pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
            'check_psfs', 'as_stamps_and_psfs', 'config_from_dict']
 
 
-def pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
+def pixel_scale_arcsec(pixel_scale, name='pixel_scale', *, scalar_to=None):
     """Pixel scales in arcsec/pixel, each positive and finite.
 
     Parameters
@@ -45,11 +45,14 @@ def pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
         (taken per pixel).
     name : str, optional
         The argument's name, for the error message.
+    scalar_to : tuple of int, optional
+        Repeat a scalar to this shape before checking the values (so that
+        the message names the first bad element).
 
     Returns
     -------
     `~numpy.ndarray`
-        float64, the input's shape.
+        float64, the input's shape (or ``scalar_to``).
 
     Raises
     ------
@@ -84,6 +87,8 @@ def pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
     except (TypeError, ValueError):
         raise PixelScaleError(f'{name} = {pixel_scale!r}; give arcsec per pixel (a '
                               f'number or a Quantity).') from None
+    if scalar_to is not None and value.ndim == 0:
+        value = np.full(scalar_to, float(value))
     bad = ~(np.isfinite(value) & (value > 0))
     if bad.any():
         if value.ndim == 0:
@@ -295,11 +300,11 @@ def check_psfs(psfs, stamp_shape):
     ny, nx = stamp_shape
     if py % 2 == 0 or px % 2 == 0:
         raise InvalidPSFError(f'PSF images must have odd sizes so that they have a '
-                              f'centre pixel, got {py}x{px}; crop or resample them '
+                              f'centre pixel, got {(py, px)}; crop or resample them '
                               f'to an odd size.')
     if py > ny or px > nx:
-        raise InvalidPSFError(f'psfs of {py}x{px} pixels are larger than the stamps '
-                              f'({ny}x{nx}); crop them.')
+        raise InvalidPSFError(f'PSF images {(py, px)} are larger than the stamps '
+                              f'{(ny, nx)}; crop them.')
     sums = psfs.sum(axis=(-2, -1))
     bad = ~(np.isfinite(sums) & (sums > 0))
     if bad.any():

@@ -127,9 +127,8 @@ def normalize_psfs(psfs):
 
 
 def _pixel_scale_array(pixel_scale, n):
-    scale = pixel_scale_arcsec(pixel_scale)
-    if scale.ndim == 0:
-        scale = np.full(n, float(scale))
+    # One scale for every stamp is checked (and named) per stamp.
+    scale = pixel_scale_arcsec(pixel_scale, scalar_to=(n,))
     if scale.shape != (n,):
         raise ShapeMismatchError(f'pixel_scale must be a scalar or have shape '
                                  f'({n},), got {scale.shape}.')

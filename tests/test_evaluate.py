@@ -391,10 +391,10 @@ def test_wiener_errors():
         evaluate.wiener_deconvolve(stamps, psf, noise_sigma=np.nan)
     with pytest.raises(ShapeMismatchError, match=r'balance of shape \(3,\) does not broadcast'):
         evaluate.wiener_deconvolve(stamps, psf, balance=[0.1, 0.2, 0.3])
-    with pytest.raises(InvalidPSFError, match='odd sizes.* got 4x3'):
+    with pytest.raises(InvalidPSFError, match=r'odd sizes.* got \(4, 3\)'):
         evaluate.wiener_deconvolve(stamps, np.ones((1, 1, 4, 3)), balance=0.1)
     with pytest.raises(InvalidPSFError,
-                       match=r'17x17 pixels are larger than the stamps \(16x16\)'):
+                       match=r'PSF images \(17, 17\) are larger than the stamps \(16, 16\)'):
         evaluate.wiener_deconvolve(stamps, np.ones((17, 17)), balance=0.1)
     with pytest.raises(InvalidPSFError, match=r'psfs\[0, 0\] sums to 0.0; a PSF must'):
         evaluate.wiener_deconvolve(stamps, np.zeros((1, 1, 3, 3)), balance=0.1)
