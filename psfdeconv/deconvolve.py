@@ -672,17 +672,20 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
 def psf_fwhm(psfs, pixel_scale):
     """FWHM of PSF images in arcsec (`galsim.Image.calculateFWHM`).
 
-    The radius at which the pixel values, sorted by their distance from the
-    image's light centroid, fall below half the peak, interpolated between
-    pixels: it resolves sub-pixel differences of FWHM (2.0, 2.3 and 2.6
-    pixels), where counting the pixels above half the peak cannot. It
-    measures the pixelated image, so a PSF only a few pixels wide comes out
-    broader than its intrinsic profile by up to a quarter of a pixel.
+    Each PSF is first averaged over the eight symmetries of the square about
+    its centre pixel (`~psfdeconv.transforms.square_symmetry`), which makes
+    an elliptical PSF round with the mean of its axes' half-maximum radii;
+    GalSim then takes the radius at which the pixel values, sorted by their
+    distance from the centre, fall below half the peak, interpolated
+    between pixels. Unlike a count of the pixels above half the peak, this
+    resolves sub-pixel differences (2.0, 2.3 and 2.6 pixels). It measures
+    the pixelated image, so a PSF only a few pixels wide comes out broader
+    than its intrinsic profile by up to a quarter of a pixel.
 
     Parameters
     ----------
     psfs : array-like
-        Shape (..., py, px), positive sums.
+        Shape (..., py, px), odd sizes, centred.
     pixel_scale : float or array-like
         arcsec/pixel, broadcastable to ``psfs.shape[:-2]``.
 
@@ -702,15 +705,15 @@ def psf_fwhm(psfs, pixel_scale):
     import galsim
 
     psfs = np.asarray(psfs, dtype=np.float64)
-    ny, nx = psfs.shape[-2:]
-    yy, xx = np.mgrid[:ny, :nx]
+    py, px = psfs.shape[-2:]
+    side = max(py, px)
+    pad = [(0, 0)] * (psfs.ndim - 2) + [((side - py) // 2,) * 2, ((side - px) // 2,) * 2]
+    square = np.pad(psfs, pad)
+    round_psfs = np.mean([square_symmetry(square, t) for t in range(8)], axis=0)
     fwhm_pixels = np.empty(psfs.shape[:-2])
     for index in np.ndindex(psfs.shape[:-2]):
-        psf = psfs[index]
-        total = psf.sum()
-        # GalSim's pixel centres are 1-based.
-        centre = galsim.PositionD((psf * xx).sum() / total + 1, (psf * yy).sum() / total + 1)
-        fwhm_pixels[index] = galsim.Image(psf, scale=1.0).calculateFWHM(center=centre)
+        image = galsim.Image(np.ascontiguousarray(round_psfs[index]), scale=1.0)
+        fwhm_pixels[index] = image.calculateFWHM()
     return fwhm_pixels * np.asarray(pixel_scale, dtype=np.float64)
 
 
@@ -755,8 +758,7 @@ def outside_training_range(model, pixel_scale, psfs=None):
         scale = pixel_scale[:, None]
         fwhm = psf_fwhm(psfs, scale)
         # The leeway covers the pixelisation of the estimate (up to a
-        # quarter of a pixel) and elliptical PSFs, whose FWHM lies between
-        # their axes'.
+        # quarter of a pixel) and the PSF's centring.
         bad_band = ((fwhm < low - np.maximum(0.15 * low, scale)) |
                     (fwhm > high + np.maximum(0.15 * high, scale)))
         bad = bad_band.any(axis=1)
