@@ -46,6 +46,7 @@ from .exceptions import (
     PixelScaleError,
     ShapeMismatchError,
 )
+from .target import convolve_to_target, target_psf_images
 from .transforms import dilate_images, shear_images, square_symmetry
 
 __all__ = ['deconvolve_stamps', 'validate_stamps', 'normalize_psfs',
@@ -556,7 +557,7 @@ def refit_images(output, stamps, psfs, noise_sigma):
 
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
-                      return_details=False, strict=False):
+                      target_psf=None, return_details=False, strict=False):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -582,6 +583,15 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         (`symmetric_output`); default: the model card's ``symmetries``
         (1 if it has none). The card's calibrations were fitted with its
         own value; fewer run faster.
+    target_psf : float, `~astropy.units.Quantity` or array-like, optional
+        Deconvolve to this PSF instead of to the pixel grid: the images are
+        convolved with it after the refit (`~psfdeconv.target`). A FWHM
+        (arcsec, or an angle Quantity) gives a round Gaussian at each
+        stamp's pixel scale; an image (py, px) or images (n, py, px) are
+        used as given (odd-sized, centred, normalised here). Fluxes are
+        unchanged. Small galaxies then keep a measurable size instead of
+        collapsing to a spike; compare their shapes with the truth
+        convolved with the same target.
     return_details : bool, optional
         Also return a dict with ``'amplitude'``, ``'amplitude_err'``,
         ``'flux'``, ``'flux_err'``, ``'flux_corrected'`` and
@@ -590,10 +600,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         where the card has ``psf_leakage``, `correct_psf_leakage` applied),
         ``'outside_training'`` (n,), True where the pixel scale or a PSF's
         FWHM lies outside the model's training range
-        (`outside_training_range`), ``'detection_snr'`` (n,) (`detection_snr`)
-        and ``'detected'`` (n,): False where it is below the card's
+        (`outside_training_range`), ``'detection_snr'`` (n,) (`detection_snr`),
+        ``'detected'`` (n,): False where it is below the card's
         ``detection`` threshold, whose images are set to 0 (fluxes are
-        still reported).
+        still reported), and with ``target_psf`` the kernels applied,
+        ``'target_psf'`` (n, py, px).
     strict : bool, optional
         Refuse stamps outside the training range
         (`~psfdeconv.exceptions.PixelScaleError`) instead of warning
@@ -638,6 +649,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
             f'stamps are {stamps.shape[-2:]} pixels but the model was trained '
             f'on {model.stamp_size}x{model.stamp_size}; cut stamps of that '
             f'size.')
+    target_kernels = (None if target_psf is None else target_psf_images(
+        target_psf, pixel_scale, len(stamps), stamps.shape[-2:]))
     outside = check_training_range(model, pixel_scale, psfs, strict=strict)
     output = symmetric_output(model, stamps, psfs, pixel_scale,
                               symmetries=check_symmetries(symmetries, model),
@@ -655,7 +668,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     fit = refit_images(output, stamps, psfs, noise_sigma)
     images = fit.pop('images')
     detected = apply_detection(images, fit['detection_snr'],
-                                model.card.get('detection'))
+                               model.card.get('detection'))
+    if target_kernels is not None:
+        images = convolve_to_target(images, target_kernels)
     if not return_details:
         return images
     details = {
@@ -666,6 +681,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         'outside_training': outside,
         'detected': detected,
     }
+    if target_kernels is not None:
+        details['target_psf'] = target_kernels
     return images, details
 
 

@@ -119,6 +119,28 @@ class SimulationConfig:
     n_knots_range: tuple = (3, 15)
     #: Knot Gaussian sigma as a fraction of the disk half-light radius.
     knot_size_ratio: float = 0.12
+    #: Fraction of galaxies that are clumpy and lopsided: their knots carry
+    #: a flux fraction from ``clumpy_knot_fraction_range`` and form a cloud
+    #: centred off the disk (by up to ``knot_offset_max`` half-light radii)
+    #: and sheared independently of it (reduced shear up to 0.5), as in
+    #: irregular and star-forming galaxies seen at high resolution.
+    clumpy_fraction: float = 0.0
+    #: Knot flux fraction range of the clumpy galaxies.
+    clumpy_knot_fraction_range: tuple = (0.3, 0.8)
+    #: Largest offset of a clumpy galaxy's knot cloud, in disk half-light
+    #: radii.
+    knot_offset_max: float = 0.8
+    #: Fraction of galaxies with a companion (a merger or a projected
+    #: pair): a second exponential disk or Sersic bulge at a distance drawn
+    #: in ``companion_separation_range`` (in half-light radii of the main
+    #: galaxy, at most 22 pixels), with a flux ratio drawn in
+    #: ``companion_flux_ratio_range`` and a half-light radius 0.3-1 times
+    #: the main galaxy's.
+    merger_fraction: float = 0.0
+    #: Companion-to-main flux ratio range.
+    companion_flux_ratio_range: tuple = (0.1, 1.0)
+    #: Companion distance range in half-light radii of the main galaxy.
+    companion_separation_range: tuple = (0.7, 2.5)
     #: Band-1 total flux range (log-uniform), in arbitrary units.
     flux_range: tuple = (80.0, 8000.0)
     #: Noise standard deviation range, per band and object.
@@ -183,6 +205,23 @@ class SimulationConfig:
             if not 0 <= low <= high <= 1:
                 raise ConfigError(f'{name} must satisfy 0 <= low <= high <= '
                                   f'1, got {(low, high)}.')
+        for name in ('clumpy_fraction', 'merger_fraction'):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f'{name} must be in [0, 1], got '
+                                  f'{getattr(self, name)}.')
+        low, high = self.clumpy_knot_fraction_range
+        if not 0 <= low <= high <= 1:
+            raise ConfigError(f'clumpy_knot_fraction_range must satisfy 0 <= '
+                              f'low <= high <= 1, got {(low, high)}.')
+        for name in ('companion_flux_ratio_range',
+                     'companion_separation_range'):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ConfigError(f'{name} must satisfy 0 < low <= high, got '
+                                  f'{(low, high)}.')
+        if self.knot_offset_max < 0:
+            raise ConfigError(f'knot_offset_max must be >= 0, got '
+                              f'{self.knot_offset_max}.')
         low, high = self.n_knots_range
         if int(low) != low or int(high) != high or not 1 <= low <= high:
             raise ConfigError(f'n_knots_range must be integers with 1 <= low '
@@ -299,12 +338,25 @@ def _draw_psfs(rng, config, pixel_scale, n):
                   'psf_g2': g2, 'psf_family': family}
 
 
-def _galaxy_profile(rng, config, half_light_radius):
-    """A bulge + disk + knots galaxy of unit flux (GalSim profile)."""
+def _galaxy_profile(rng, config, half_light_radius, max_shift=np.inf):
+    """A bulge + disk + knots galaxy of unit flux (GalSim profile).
+
+    With ``config.clumpy_fraction`` or ``config.merger_fraction`` above 0,
+    some galaxies get a lopsided knot cloud or a companion placed at most
+    ``max_shift`` arcsec from the main galaxy's centre.
+    """
     import galsim
 
+    # Drawn only when asked for, so that configurations without clumpy
+    # galaxies or mergers keep their random stream (and files).
+    clumpy = (config.clumpy_fraction > 0
+              and rng.random() < config.clumpy_fraction)
+    merger = (config.merger_fraction > 0
+              and rng.random() < config.merger_fraction)
+
     bulge_fraction = _draw_uniform(rng, config.bulge_fraction_range)
-    knot_fraction = _draw_uniform(rng, config.knot_fraction_range)
+    knot_fraction = _draw_uniform(rng, config.clumpy_knot_fraction_range
+                                  if clumpy else config.knot_fraction_range)
     disk_e = _draw_uniform(rng, config.ellipticity_range)
     angle = rng.uniform(0.0, np.pi) * galsim.radians
 
@@ -320,10 +372,14 @@ def _galaxy_profile(rng, config, half_light_radius):
     radius = rng.gamma(2.0, scale_radius, n_knots)
     phi = rng.uniform(0.0, 2.0 * np.pi, n_knots)
     weights = rng.dirichlet(np.ones(n_knots)) * knots_flux
+    knot_x, knot_y = radius * np.cos(phi), radius * np.sin(phi)
+    if clumpy:
+        knot_x, knot_y = _lopsided_cloud(rng, knot_x, knot_y,
+                                         config.knot_offset_max
+                                         * half_light_radius)
     knot_sigma = config.knot_size_ratio * half_light_radius
-    for r, p, w in zip(radius, phi, weights, strict=True):
-        parts.append(galsim.Gaussian(sigma=knot_sigma, flux=w).shift(
-            r * np.cos(p), r * np.sin(p)))
+    for x, y, w in zip(knot_x, knot_y, weights, strict=True):
+        parts.append(galsim.Gaussian(sigma=knot_sigma, flux=w).shift(x, y))
     disk = galsim.Add(parts).shear(e=disk_e, beta=angle)
 
     if bulge_fraction > 0:
@@ -333,8 +389,48 @@ def _galaxy_profile(rng, config, half_light_radius):
         bulge = galsim.Sersic(n=n, half_light_radius=ratio * half_light_radius,
                               flux=bulge_fraction).shear(
             e=disk_e * rng.uniform(0.0, 0.6), beta=angle)
-        return galsim.Add([disk, bulge])
-    return disk
+        galaxy = galsim.Add([disk, bulge])
+    else:
+        galaxy = disk
+    if merger:
+        galaxy = galsim.Add([galaxy, _companion(rng, config, half_light_radius,
+                                                max_shift)])
+    return galaxy
+
+
+def _lopsided_cloud(rng, x, y, max_offset):
+    """Knot positions sheared (reduced shear up to 0.5, random direction)
+    and shifted together by up to ``max_offset``: a cloud that no longer
+    shares the disk's centre or symmetry."""
+    g = rng.uniform(0.0, 0.5)
+    direction = rng.uniform(0.0, np.pi)
+    g1, g2 = g * np.cos(2 * direction), g * np.sin(2 * direction)
+    norm = 1.0 / np.sqrt(1.0 - g**2)
+    sheared_x = norm * ((1 + g1) * x + g2 * y)
+    sheared_y = norm * (g2 * x + (1 - g1) * y)
+    offset = rng.uniform(0.0, max_offset)
+    phi = rng.uniform(0.0, 2.0 * np.pi)
+    return sheared_x + offset * np.cos(phi), sheared_y + offset * np.sin(phi)
+
+
+def _companion(rng, config, half_light_radius, max_shift):
+    """A second galaxy (exponential or Sersic) for a merger, flux relative
+    to a unit-flux main galaxy."""
+    import galsim
+
+    flux = _draw_uniform(rng, config.companion_flux_ratio_range)
+    radius = half_light_radius * rng.uniform(0.3, 1.0)
+    if rng.random() < 0.5:
+        profile = galsim.Exponential(half_light_radius=radius, flux=flux)
+    else:
+        profile = galsim.Sersic(n=rng.choice(config.bulge_sersic_indices),
+                                half_light_radius=radius, flux=flux)
+    profile = profile.shear(e=_draw_uniform(rng, config.ellipticity_range),
+                            beta=rng.uniform(0.0, np.pi) * galsim.radians)
+    distance = min(half_light_radius * _draw_uniform(
+        rng, config.companion_separation_range), max_shift)
+    phi = rng.uniform(0.0, 2.0 * np.pi)
+    return profile.shift(distance * np.cos(phi), distance * np.sin(phi))
 
 
 def _draw_truth_band1(rng, config, pixel_scale, offsets, is_blank):
@@ -345,7 +441,9 @@ def _draw_truth_band1(rng, config, pixel_scale, offsets, is_blank):
     hlr = _draw_log_uniform(rng, config.half_light_radius_range, n)
     hlr = np.minimum(hlr, config.max_half_light_radius_pixels * pixel_scale)
     for i in np.flatnonzero(~is_blank):
-        profile = _galaxy_profile(rng, config, hlr[i]).withFlux(flux[i])
+        # Companions stay 22 pixels from the centre, inside the stamp.
+        profile = _galaxy_profile(rng, config, hlr[i], max_shift=min(
+            22.0, size / 2 - 10) * pixel_scale[i]).withFlux(flux[i])
         # The stamp centre is pixel (size // 2, size // 2); GalSim centres
         # an even image between pixels, hence the extra half pixel.
         offset = ov * (0.5 + offsets[i])

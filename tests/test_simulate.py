@@ -361,3 +361,69 @@ def test_psf_families_refuses_unknown():
 
     with pytest.raises(ConfigError, match="psf_families must be a non-empty subset"):
         SimulationConfig(psf_families=('airy',))
+
+
+def _asymmetry(images):
+    """Rotational asymmetry sum|I - I_180| / (2 sum|I|) about the brightest pixel (0: point
+    symmetric, 1: no overlap)."""
+    values = []
+    for image in images:
+        y, x = np.unravel_index(np.argmax(image), image.shape)
+        half = min(y, x, image.shape[0] - 1 - y, image.shape[1] - 1 - x)
+        cut = image[y - half:y + half + 1, x - half:x + half + 1]
+        values.append(np.abs(cut - cut[::-1, ::-1]).sum() / (2 * np.abs(cut).sum()))
+    return np.array(values)
+
+
+@pytest.mark.parametrize('option', ['clumpy_fraction', 'merger_fraction'])
+def test_clumpy_galaxies_and_mergers_are_asymmetric(option):
+    # Lopsided knot clouds and companions break the point symmetry that bulge + disk +
+    # centred knots keep: the median rotational asymmetry of the truth rises clearly.
+    base = dict(SMALL, blank_fraction=0.0, knot_fraction_range=(0.0, 0.1),
+                half_light_radius_range=(0.4, 0.8))
+    plain = simulate_stamps(40, config=SimulationConfig(**base), seed=21)
+    irregular = simulate_stamps(40, config=SimulationConfig(**base, **{option: 1.0}), seed=21)
+    assert np.median(_asymmetry(irregular['truth'][:, 0])) > \
+        1.5 * np.median(_asymmetry(plain['truth'][:, 0]))
+
+
+def test_companions_stay_on_the_stamp():
+    # A companion is placed at most 22 pixels (32-pixel stamps: 6) from the main galaxy's
+    # centre, so even at the largest separations its light stays off the stamp's border.
+    config = SimulationConfig(**SMALL, blank_fraction=0.0, merger_fraction=1.0,
+                              companion_separation_range=(50.0, 50.0), offset_range=(0.0, 0.0),
+                              half_light_radius_range=(0.1, 0.2))
+    truth = simulate_stamps(20, config=config, seed=4)['truth'][:, 0]
+    inner = truth[:, 3:-3, 3:-3].sum(axis=(-2, -1))
+    assert np.all(inner > 0.99 * truth.sum(axis=(-2, -1)))
+    # The companions are there: a second peak at least 4 pixels from the brightest one.
+    second = []
+    for image in truth:
+        y, x = np.unravel_index(np.argmax(image), image.shape)
+        yy, xx = np.mgrid[:32, :32]
+        second.append(image[np.hypot(yy - y, xx - x) >= 4].max() / image.max())
+    assert np.median(second) > 0.05
+
+
+def test_morphology_options_keep_the_default_stream():
+    # With no clumpy galaxies and no mergers nothing extra is drawn: the same objects as a
+    # configuration that never had the options; with them the objects change.
+    default = simulate_stamps(3, config=SimulationConfig(**SMALL), seed=8)
+    explicit = simulate_stamps(3, config=SimulationConfig(**SMALL, clumpy_fraction=0.0,
+                                                          merger_fraction=0.0), seed=8)
+    clumpy = simulate_stamps(3, config=SimulationConfig(**SMALL, clumpy_fraction=0.5), seed=8)
+    np.testing.assert_array_equal(default['observed'], explicit['observed'])
+    assert not np.array_equal(default['truth'], clumpy['truth'])
+
+
+@pytest.mark.parametrize('values, match', [
+    ({'clumpy_fraction': 1.5}, r'clumpy_fraction must be in \[0, 1\]'),
+    ({'merger_fraction': -0.1}, r'merger_fraction must be in \[0, 1\]'),
+    ({'clumpy_knot_fraction_range': (0.5, 1.2)}, 'clumpy_knot_fraction_range must satisfy'),
+    ({'companion_flux_ratio_range': (0.0, 1.0)}, 'companion_flux_ratio_range must satisfy'),
+    ({'companion_separation_range': (2.0, 1.0)}, 'companion_separation_range must satisfy'),
+    ({'knot_offset_max': -1.0}, 'knot_offset_max must be >= 0'),
+])
+def test_morphology_option_validation(values, match):
+    with pytest.raises(ConfigError, match=match):
+        SimulationConfig(**values)

@@ -7,7 +7,7 @@ exposure pipeline twice on it -- with ePSFs built from the exposure's stars (wha
 gets) and with the true Moffat PSF of each band (the PSF known exactly, as for prepared
 stamps) -- and prints, per band, the median |flux_corrected / true - 1| of galaxies with
 SNR > 20, the median position error, and the RMS ellipticity errors of the two runs with
-their ratio (issue 3's acceptance figures: < 3 %, < 0.05 arcsec, ratio <= 1.2).
+their ratio (the targets of docs/validation.rst: < 3 %, < 0.05 arcsec, ratio <= 1.2).
 
     python validation/exposure_accuracy.py --size 1024 --n-galaxies 150 --n-stars 80 --seed 31
 """

@@ -1,0 +1,102 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Deconvolution to a target PSF: kernels from a FWHM or an image, and their use in
+`deconvolve_stamps`."""
+
+import astropy.units as u
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from psfdeconv.exceptions import InvalidInputError, InvalidPSFError
+from psfdeconv.target import convolve_to_target, gaussian_target_psfs, target_psf_images
+
+
+@pytest.mark.parametrize('fwhm, scale', [(0.3, 0.1), (0.3 * u.arcsec, 0.2),
+                                         (300 * u.mas, 0.25), (0.6, 0.15)])
+def test_gaussian_kernels_have_the_asked_fwhm(fwhm, scale):
+    import galsim
+
+    kernel = gaussian_target_psfs(fwhm, scale)[0]
+    assert kernel.shape[0] % 2 == 1 and kernel.shape[0] == kernel.shape[1]
+    assert_allclose(kernel.sum(), 1.0, rtol=1e-12)
+    # Centred: the peak on the middle pixel and zero first moments.
+    centre = kernel.shape[0] // 2
+    assert np.unravel_index(np.argmax(kernel), kernel.shape) == (centre, centre)
+    y, x = np.mgrid[:kernel.shape[0], :kernel.shape[1]] - centre
+    assert abs((kernel * x).sum()) < 1e-12 and abs((kernel * y).sum()) < 1e-12
+    # Its second moments are the Gaussian's plus a pixel's 1/12 (pixel integration).
+    fwhm_arcsec = u.Quantity(fwhm, u.arcsec).to_value(u.arcsec)
+    sigma = fwhm_arcsec / 2.3548200450309493 / scale
+    assert_allclose((kernel * x ** 2).sum(), sigma ** 2 + 1 / 12, rtol=0.02)
+    if fwhm_arcsec / scale >= 3:  # well sampled: the pixel box widens it little
+        measured = galsim.Image(kernel, scale=scale).calculateFWHM()
+        assert_allclose(measured, fwhm_arcsec, rtol=0.1)
+
+
+def test_kernels_follow_each_stamps_pixel_scale():
+    kernels = gaussian_target_psfs(0.4, [0.1, 0.2])
+    y, x = np.mgrid[:kernels.shape[1], :kernels.shape[2]] - kernels.shape[1] // 2
+    variance = (kernels * x ** 2).sum(axis=(-2, -1))
+    # Twice the pixel scale: a quarter of the variance in pixels (less the pixel term).
+    assert_allclose((variance[0] - 1 / 12) / (variance[1] - 1 / 12), 4.0, rtol=0.02)
+
+
+def test_image_targets_are_normalised_and_broadcast():
+    image = gaussian_target_psfs(0.5, 0.2)[0] * 7.0
+    kernels = target_psf_images(image, 0.2, 3, (64, 64))
+    assert kernels.shape == (3,) + image.shape
+    assert_allclose(kernels.sum(axis=(-2, -1)), 1.0)
+
+
+@pytest.mark.parametrize('target, error, match', [
+    (-0.3, InvalidInputError, 'positive and finite'),
+    (np.nan, InvalidInputError, 'positive and finite'),
+    (0.3 * u.m, InvalidInputError, 'must be an angle'),
+    ('wide', InvalidInputError, 'number of arcsec or an angle'),
+    (np.ones((4, 4)), InvalidPSFError, 'odd-sized'),
+    (np.ones((71, 71)), InvalidPSFError, 'no larger than the stamps'),
+    (-np.ones((5, 5)), InvalidPSFError, 'positive sum'),
+    (np.full((5, 5), np.nan), InvalidPSFError, 'NaN or inf'),
+    (np.ones((2, 5, 5)), InvalidPSFError, r'shape \(py, px\) or \(3, py, px\)'),
+])
+def test_bad_targets_are_refused(target, error, match):
+    with pytest.raises(error, match=match):
+        target_psf_images(target, 0.2, 3, (64, 64))
+
+
+def test_convolution_keeps_flux_and_widens():
+    rng = np.random.default_rng(1)
+    images = np.zeros((2, 3, 32, 32))
+    images[:, :, 14:18, 14:18] = rng.uniform(1, 2, (2, 3, 4, 4))
+    wide = convolve_to_target(images, gaussian_target_psfs(0.5, [0.1, 0.2]))
+    assert_allclose(wide.sum(axis=(-2, -1)), images.sum(axis=(-2, -1)), rtol=1e-9)
+    assert np.all(wide.max(axis=(-2, -1)) < images.max(axis=(-2, -1)))
+
+
+def test_deconvolve_stamps_to_a_target(tiny_model):
+    from psfdeconv import deconvolve_stamps
+    from psfdeconv.simulate import simulate_stamps
+
+    sims = simulate_stamps(3, seed=5)
+    kwargs = dict(pixel_scale=sims['pixel_scale'], model=tiny_model,
+                  noise_sigma=sims['noise_sigma'], return_details=True)
+    plain, details = deconvolve_stamps(sims['observed'], sims['psf'], **kwargs)
+    target, target_details = deconvolve_stamps(sims['observed'], sims['psf'],
+                                               target_psf=0.3 * u.arcsec, **kwargs)
+    # The target is applied to the refitted images, nothing else changes.
+    kernels = target_details['target_psf']
+    assert kernels.shape[0] == 3
+    assert_allclose(target, convolve_to_target(plain, kernels), atol=1e-9)
+    for key in ('flux', 'flux_err', 'flux_corrected', 'amplitude'):
+        assert_allclose(target_details[key], details[key])
+    assert 'target_psf' not in details
+
+
+def test_deconvolve_stamps_refuses_a_bad_target_before_the_network(tiny_model):
+    from psfdeconv import deconvolve_stamps
+    from psfdeconv.simulate import simulate_stamps
+
+    sims = simulate_stamps(1, seed=5)
+    with pytest.raises(InvalidInputError, match='positive and finite'):
+        deconvolve_stamps(sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+                          model=tiny_model, target_psf=0.0)
