@@ -7,6 +7,8 @@ the `~psfdeconv.exceptions.InvalidInputError` subclass for the problem, with
 a message of the form ``"<name> = <value>; <what is wrong>; <the fix>"``
 (or, for arrays, the count and the first bad index).
 
+* `angle_arcsec`: "float or angle Quantity" -> one positive angle in arcsec
+  (a FWHM);
 * `pixel_scale_arcsec`, `scalar_pixel_scale`, `broadcast_pixel_scale`:
   "float, array or Quantity" -> arcsec/pixel
   (`~psfdeconv.exceptions.PixelScaleError`);
@@ -30,9 +32,50 @@ from .exceptions import (
     ShapeMismatchError,
 )
 
-__all__ = ['pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
+__all__ = ['angle_arcsec', 'pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
            'check_band_names', 'as_image_array', 'as_image_stack', 'as_image_and_mask',
            'check_psfs', 'as_stamps_and_psfs', 'config_from_dict']
+
+
+def angle_arcsec(value, name, *, error=InvalidInputError):
+    """One positive, finite angle in arcsec, e.g. a FWHM.
+
+    Parameters
+    ----------
+    value : float or `~astropy.units.Quantity`
+        arcsec as a number, or an angle Quantity.
+    name : str
+        The argument's name, for the error message.
+    error : type, optional
+        The `~psfdeconv.exceptions.InvalidInputError` subclass to raise.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> import astropy.units as u
+    >>> angle_arcsec(0.5 * u.arcmin, 'fwhm')
+    30.0
+    """
+    import astropy.units as u
+
+    given = value
+    if isinstance(value, u.Quantity):
+        try:
+            value = value.to_value(u.arcsec)
+        except u.UnitConversionError:
+            raise error(f'{name} = {given}; give an angle such as 0.8 * u.arcsec, or a '
+                        f'number of arcsec.') from None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise error(f'{name} = {given!r}; give a number of arcsec or an angle '
+                    f'Quantity.') from None
+    if not np.isfinite(value) or value <= 0:
+        raise error(f'{name} = {value} arcsec; it must be positive and finite.')
+    return value
 
 
 def pixel_scale_arcsec(pixel_scale, name='pixel_scale', *, scalar_to=None):
@@ -274,7 +317,7 @@ def as_image_and_mask(data, mask=None):
     return image, bad, meta
 
 
-def check_psfs(psfs, stamp_shape):
+def check_psfs(psfs, stamp_shape, name='psfs'):
     """PSFs checked against stamps of ``stamp_shape`` and normalised.
 
     Parameters
@@ -283,6 +326,8 @@ def check_psfs(psfs, stamp_shape):
         float (..., py, px).
     stamp_shape : tuple of int
         (ny, nx) of the stamps.
+    name : str, optional
+        The argument's name, for the error message.
 
     Returns
     -------
@@ -310,7 +355,7 @@ def check_psfs(psfs, stamp_shape):
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         where = ', '.join(map(str, index))
-        raise InvalidPSFError(f'psfs[{where}] sums to {float(sums[index])}; a PSF must '
+        raise InvalidPSFError(f'{name}[{where}] sums to {float(sums[index])}; a PSF must '
                               f'have a positive, finite sum.')
     return psfs / sums[..., None, None]
 

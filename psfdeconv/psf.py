@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import as_image_and_mask, scalar_pixel_scale
+from ._validation import angle_arcsec, as_image_and_mask, scalar_pixel_scale
 from ._warnings import catch_warnings
 from .background import estimate_background
 from .exceptions import (
@@ -708,22 +708,6 @@ def build_gridded_psf(data, *, grid_shape=(2, 2), mask=None, size=25,
 
 # --- Moffat model ------------------------------------------------------------
 
-def _arcsec(value, name):
-    import astropy.units as u
-
-    if isinstance(value, u.Quantity):
-        try:
-            value = value.to_value(u.arcsec)
-        except u.UnitConversionError:
-            raise InvalidPSFError(f'{name} = {value}; give an angle such as '
-                                  f'0.8 * u.arcsec.') from None
-    value = float(value)
-    if not np.isfinite(value) or value <= 0:
-        raise InvalidPSFError(f'{name} = {value} arcsec; it must be positive '
-                              f'and finite.')
-    return value
-
-
 def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
                oversampling=2):
     r"""A pixel-integrated, optionally elliptical Moffat PSF.
@@ -784,7 +768,7 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
     import galsim
     from photutils.psf import ImagePSF
 
-    fwhm_arcsec = _arcsec(fwhm, 'fwhm')
+    fwhm_arcsec = angle_arcsec(fwhm, 'fwhm', error=InvalidPSFError)
     scale = scalar_pixel_scale(pixel_scale)
     beta = float(beta)
     if not np.isfinite(beta) or beta <= 1.1:
