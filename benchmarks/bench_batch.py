@@ -345,10 +345,10 @@ def main():
     parser.add_argument('--field', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        from psfdeconv.pipeline import _CHUNK_SIZE
+        from psfdeconv.pipeline import CHUNK_SIZE
 
         rss_child(Path(args.field), args.rss_child,
-                  args.chunk_size or _CHUNK_SIZE, args.model)
+                  args.chunk_size or CHUNK_SIZE, args.model)
         return
     if args.quick:
         args.n, args.rss_sizes, args.groups, args.field_size = 64, '50,200', 2, 256

@@ -94,7 +94,7 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
     leakage = card.get('psf_leakage')
     lines += _section('PSF-leakage correction', leakage and (
         f'Each band image is sheared by g = -alpha e_PSF / 2 about its centroid, '
-        f'alpha = {leakage["alpha"]:.4f} (`~psfdeconv.deconvolve.fit_psf_leakage`): '
+        f'alpha = {leakage["alpha"]:.4f} (`~psfdeconv.calibrate.fit_psf_leakage`): '
         f'on the {leakage["n_objects"]} validation object-bands the slope of the '
         f'ellipticity error on the PSF ellipticity goes from '
         f'{leakage["measured_leakage"]:.4f} to {leakage["residual_leakage"]:.4f}.'))
@@ -102,7 +102,7 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
     lines += _section('Size-bias correction', size_bias and (
         f'``{size_bias["form"]}``, coefficients (c0, c1, c2) = '
         f'{[round(c, 5) for c in size_bias["coefficients"]]} '
-        f'(`~psfdeconv.deconvolve.fit_size_bias`), fitted on '
+        f'(`~psfdeconv.calibrate.fit_size_bias`), fitted on '
         f'{size_bias["n_objects"]} validation object-bands.'))
     bias = card.get('flux_bias') or {}
     lines += _section('Flux-bias correction', (
@@ -114,7 +114,7 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
         f'A stamp whose detection SNR (sum of the band fluxes over the root sum of '
         f'their squared errors) is below {detection["snr_threshold"]:.2f} has no '
         f'significant source: its deconvolved images are 0. Fitted on the '
-        f'validation objects (`~psfdeconv.deconvolve.fit_detection_threshold`): '
+        f'validation objects (`~psfdeconv.calibrate.fit_detection_threshold`): '
         f'{100 * detection["blank_recall"]:.1f} % of the {detection["n_blank"]} '
         f'blanks and {100 * detection["sources_below"]:.2f} % of the '
         f'{detection["n_sources"]} sources fall below it (targets: '

@@ -25,6 +25,7 @@ def main(overwrite=False):
     from psfdeconv.deconvolve import deconvolve_stamps
     from psfdeconv.model import default_model_path, load_model
     from psfdeconv.pipeline import deconvolve_catalog
+    from psfdeconv.evaluate import read_report
     from psfdeconv.plotting import (
         plot_catalog_overview,
         plot_confusion_matrix,
@@ -32,7 +33,6 @@ def main(overwrite=False):
         plot_flux_histogram,
         plot_stamp_grid,
         plot_training_history,
-        read_report,
         save_figure,
     )
     from psfdeconv.simulate import simulate_exposure, simulate_stamps

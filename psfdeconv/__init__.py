@@ -29,6 +29,7 @@ _LAZY = {
     'SimulationConfig': 'simulate',
     'train_model': 'train',
     'TrainConfig': 'train',
+    'calibrate_model': 'calibrate',
     'image_moments': 'measure',
     'measure_table': 'measure',
     'deconvolve_catalog': 'pipeline',

@@ -80,8 +80,6 @@ _RESERVED_COLUMNS = ('id', 'catalog')
 #: PSF specifications understood by `psfdeconv.psf.psf_from_spec` (anything
 #: else in a ``psf_<band>`` cell is the path of a PSF file).
 _PSF_SPEC_KINDS = ('epsf', 'moffat')
-#: Header keyword holding the summary's meta as JSON.
-_META_KEYWORD = 'PSFDMETA'
 #: Outputs a finished group must still have for its marker to count.
 _GROUP_OUTPUTS = ('catalog.fits', 'stamps.fits')
 
@@ -301,18 +299,16 @@ def _summary_table(rows, meta):
 
 
 def _write_summary(table, path):
-    """Write the summary atomically, its meta as JSON in ``PSFDMETA``."""
-    from .io import write_table
+    """Write the summary atomically, its meta as JSON in the header."""
+    from .io import write_table_with_meta
 
-    out = table.copy(copy_data=False)
-    out.meta.clear()
-    meta = dict(table.meta)
+    meta = table.meta
+    keywords = {}
     if (meta.get('model') or {}).get('weights_sha256'):
-        out.meta['MODELSHA'] = str(meta['model']['weights_sha256'])
+        keywords['MODELSHA'] = str(meta['model']['weights_sha256'])
     if meta.get('psfdeconv_version'):
-        out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
-    out.meta[_META_KEYWORD] = json.dumps(meta, default=str, separators=(',', ':'))
-    return write_table(out, path, overwrite=True, format='fits')
+        keywords['PSFDVER'] = str(meta['psfdeconv_version'])
+    return write_table_with_meta(table, path, keywords=keywords, overwrite=True)
 
 
 def read_summary(path):
@@ -340,7 +336,8 @@ def read_summary(path):
         If the file does not exist or is not a summary.
     """
     import numpy as np
-    from astropy.table import QTable
+
+    from .io import read_table_with_meta
 
     path = Path(path)
     if path.is_dir():
@@ -350,13 +347,10 @@ def read_summary(path):
                                 f'summary.fits of a psfdeconv batch (or its output '
                                 f'directory).')
     try:
-        table = QTable.read(path, format='fits')
-        meta = json.loads(table.meta[_META_KEYWORD])
+        table = read_table_with_meta(path, required=True)
     except Exception as exc:  # astropy raises many types for unreadable files
         raise InvalidInputError(f'{path} is not a psfdeconv batch summary '
                                 f'({type(exc).__name__}: {exc}).') from None
-    table.meta.clear()
-    table.meta.update(meta)
     for name in ('id', 'status', 'error', 'worker', 'finished'):
         # FITS stores '' as a null string, which astropy reads as masked.
         column = table[name]
@@ -501,8 +495,9 @@ def _run_group(group, out_dir, model_ref, options):
     raises, the summary row says what happened."""
     import socket
 
+    from .flags import n_flagged
     from .io import atomic_path
-    from .pipeline import _n_flagged, run_exposure_set
+    from .pipeline import run_exposure_set
 
     start = time.perf_counter()
     row = _row(group['id'], worker=f'{socket.gethostname()}:{os.getpid()}')
@@ -515,7 +510,7 @@ def _run_group(group, out_dir, model_ref, options):
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'], symmetries=options['symmetries'])
         row.update(status='ok', n_sources=len(catalog),
-                   n_flagged=_n_flagged(catalog),
+                   n_flagged=n_flagged(catalog['flags']),
                    seconds=time.perf_counter() - start, finished=_utc_now())
         marker = dict(row, weights_sha256=model.sha256, symmetries=options['symmetries'])
         # Last, and atomically: the group is finished exactly when this exists.
@@ -688,9 +683,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                         f'another --out.')
 
     loaded = _load_batch_model(model, len(bands))
-    from .deconvolve import _check_symmetries
+    from .deconvolve import check_symmetries
 
-    symmetries = _check_symmetries(symmetries, loaded)
+    symmetries = check_symmetries(symmetries, loaded)
     model_path = None if loaded.path is None else str(Path(loaded.path).resolve())
     if model_path is None and not (isinstance(scheduler, str) and
                                    scheduler in ('threads', 'synchronous')):
@@ -748,7 +743,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
     elif not local:
         threads = 'worker'
     if chunk_size is None:
-        from .pipeline import _CHUNK_SIZE as chunk_size
+        from .pipeline import CHUNK_SIZE as chunk_size
     options = {'reference_band': reference_band, 'batch_size': batch_size,
                'chunk_size': chunk_size, 'threads': threads, 'symmetries': symmetries,
                # Groups that run have no marker: whatever they hold is the
@@ -876,88 +871,3 @@ def _compute_on_cluster(tasks, keys, finished, client):
             result = _row(keys[future.key], 'failed', error=_error_text(exc),
                           finished=_utc_now())
         finished(result)
-
-
-# --- Command line ------------------------------------------------------------------
-
-def _cmd_batch(args):
-    """``psfdeconv batch``: run a manifest of exposure groups."""
-    summary = run_batch(args.manifest, args.out, psfs=args.psf, model=args.model,
-                        scheduler=args.scheduler, workers=args.workers,
-                        resume=args.resume, overwrite=args.overwrite,
-                        reference_band=args.reference_band,
-                        batch_size=args.batch_size, symmetries=args.symmetries)
-    counts = summary.meta['counts']
-    print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
-          f'finished earlier, {counts["failed"]} failed; '
-          f'{int(summary["n_sources"][summary["n_sources"] > 0].sum())} sources; '
-          f'wrote {Path(args.out) / SUMMARY_NAME}')
-    return 0
-
-
-def add_batch_parser(subparsers):
-    """Add the ``batch`` subcommand to the ``psfdeconv`` command line.
-
-    Parameters
-    ----------
-    subparsers : `argparse._SubParsersAction`
-        From ``ArgumentParser.add_subparsers`` (`psfdeconv.cli`).
-
-    Returns
-    -------
-    `argparse.ArgumentParser`
-        The subcommand's parser.
-    """
-    import argparse
-
-    from .cli import _add_symmetries_argument
-
-    p = subparsers.add_parser(
-        'batch', help='deconvolve many exposure groups (a manifest) on dask',
-        description='Run "psfdeconv run" on every exposure group of a manifest (CSV\n'
-                    'or ECSV: id, one column per band with the FITS paths, optional\n'
-                    'catalog and psf_<band>), one dask task per group, into OUT/<id>/,\n'
-                    'and write OUT/summary.fits (status, counts, time and error per\n'
-                    'group). A failed group does not stop the others (exit code 6 at\n'
-                    'the end); a killed batch continues with --resume.',
-        epilog='examples:\n'
-               '  psfdeconv batch groups.csv --out night1/\n'
-               '  psfdeconv batch groups.csv --out night1/ --scheduler processes '
-               '--workers 2\n'
-               '  psfdeconv batch groups.csv --out night1/ --scheduler '
-               'tcp://10.0.0.5:8786\n'
-               '  psfdeconv batch groups.csv --out night1/ --resume\n\n'
-               'manifest (groups.csv):\n'
-               '  id,g,r,i,catalog\n'
-               '  f001,f001/g.fits,f001/r.fits,f001/i.fits,\n'
-               '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('manifest', help='CSV or ECSV table of exposure groups (relative '
-                                    'paths are relative to its directory)')
-    p.add_argument('--out', required=True,
-                   help='output directory: OUT/<id>/ per group and OUT/summary.fits')
-    p.add_argument('--scheduler', default='threads',
-                   help="'threads' (default), 'processes', 'synchronous' or the "
-                        "address of a dask.distributed scheduler (tcp://host:8786; "
-                        "pip install 'psfdeconv[dask]')")
-    p.add_argument('--workers', type=int,
-                   help='threads or processes of a local scheduler (default: one '
-                        'per CPU)')
-    p.add_argument('--psf', default='epsf',
-                   help="PSF of the bands without a psf_<band> value: 'epsf' "
-                        "(default), 'moffat:fwhm=0.8arcsec,beta=3', 'psf=FILE'")
-    p.add_argument('--model', help='model .keras file (default: shipped)')
-    p.add_argument('--reference-band', metavar='NAME',
-                   help='band whose pixel grid the stamps are cut on (default: the '
-                        'first band column)')
-    p.add_argument('--batch-size', type=int, default=128,
-                   help='objects per network call')
-    _add_symmetries_argument(p)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument('--resume', action='store_true',
-                       help='keep the groups finished by an earlier run into OUT '
-                            '(OUT/<id>/done.json) and run the others')
-    group.add_argument('--overwrite', action='store_true',
-                       help='redo every group, replacing an earlier run in OUT')
-    p.set_defaults(func=_cmd_batch)
-    return p

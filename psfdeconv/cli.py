@@ -65,9 +65,9 @@ def _cmd_simulate(args):
 
 
 def _cmd_train(args):
-    from .deconvolve import calibrate_card
-    from .model import DeconvolutionModel, save_model
-    from .train import TrainConfig, train_model, validation_objects
+    from .calibrate import calibrate_model
+    from .model import save_model
+    from .train import TrainConfig, train_model
 
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ('epochs', 'batch_size', 'seed', 'max_minutes',
@@ -93,21 +93,9 @@ def _cmd_train(args):
                                     1 if _progress_wanted(args, sys.stdout)
                                     else 2)
     card['name'] = args.name
-    model = DeconvolutionModel(keras_model, card)
-    # The flux-bias correction, the detection threshold and the card's
-    # metrics come from the validation objects, which the weights never
-    # trained on.
-    val = validation_objects(args.sims, config)
-    calibration, images = calibrate_card(
-        model, val['observed'], val['psf'], val['pixel_scale'], val['truth'],
-        val['is_blank'], return_images=True)
-    card.update(calibration)
-    card['metrics'] = _validation_metrics(images, val)
-    card['pixel_scale_range'] = card['training']['simulation_config'][
-        'pixel_scale_range']
-    card['psf_fwhm_range_arcsec'] = card['training']['simulation_config'][
-        'psf_fwhm_range']
-    card['n_validation_objects'] = card['training']['n_validation']
+    # The corrections, the detection threshold and the card's metrics come
+    # from the validation objects, which the weights never trained on.
+    card = calibrate_model(keras_model, card, args.sims)
     card = save_model(keras_model, model_path, card,
                       overwrite=args.overwrite)
     log.info('wrote %s (weights SHA-256 %s)', model_path,
@@ -119,37 +107,6 @@ def _cmd_train(args):
             log.info('wrote %s', path)
     print(json.dumps(card['metrics'], indent=2))
     return 0
-
-
-def _validation_metrics(images, val):
-    """Mean and RMS of moment differences on non-blank validation objects,
-    from their deconvolved ``images``."""
-    import numpy as np
-
-    from .measure import image_moments
-
-    source = ~val['is_blank']
-    truth = image_moments(val['truth'][source])
-    pred = image_moments(images[source])
-    metrics = {}
-    for key in ('e1', 'e2', 'e'):
-        diff = pred[key] - truth[key]
-        metrics[key] = _mean_rms(diff)
-    for key in ('flux', 'size'):
-        diff = 100.0 * (pred[key] / truth[key] - 1.0)
-        metrics[f'{key}_percent'] = _mean_rms(diff)
-    metrics['centroid_pixels'] = _mean_rms(np.hypot(pred['x'] - truth['x'],
-                                                    pred['y'] - truth['y']))
-    metrics['n_objects'] = int(source.sum())
-    return metrics
-
-
-def _mean_rms(values):
-    import numpy as np
-
-    values = values[np.isfinite(values)]
-    return {'mean': round(float(values.mean()), 5),
-            'rms': round(float(np.sqrt((values ** 2).mean())), 5)}
 
 
 def _cmd_evaluate(args):
@@ -186,6 +143,22 @@ def _add_symmetries_argument(parser):
                         help='average the network over this many flips and turns of '
                              'each stamp (default: the model card\'s, 8 for the shipped '
                              'models; 1 runs the network once per stamp, fastest)')
+
+
+def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
+    """The options ``run`` and ``batch`` share: the PSF, the model, the
+    reference band, the network batch and the symmetries."""
+    parser.add_argument('--psf', default='epsf',
+                        help=f"PSF of {psf_for}: 'epsf' (from the stars, default), "
+                             f"'epsf:grid=NYxNX', 'moffat:fwhm=0.8arcsec,beta=3' or "
+                             f"'psf=FILE'")
+    parser.add_argument('--model', help='model .keras file (default: shipped)')
+    parser.add_argument('--reference-band', metavar='NAME',
+                        help=f'band whose pixel grid the stamps are cut on (default: '
+                             f'{first_band})')
+    parser.add_argument('--batch-size', type=int, default=128,
+                        help='objects per network call')
+    _add_symmetries_argument(parser)
 
 
 def _cmd_deconvolve(args):
@@ -289,7 +262,7 @@ def _model_info(path):
     ``error`` says why).
     """
     from .exceptions import ModelFileError
-    from .model import _check_model_file, file_sha256, weights_sha256
+    from .model import check_model_file, file_sha256, training_ranges, weights_sha256
 
     path = Path(path)
     card_path = path.with_suffix('.json')
@@ -306,7 +279,7 @@ def _model_info(path):
                 raise ModelFileError(f'model card {card_path} is not valid JSON '
                                      f'({exc}); download or retrain the model.') from None
         log.debug('checking the model file %s', path)
-        _check_model_file(path, {})  # exists, zip, CRCs, Keras members
+        check_model_file(path, {})  # exists, zip, CRCs, Keras members
         info['weights_sha256'] = weights_sha256(path)
         info['file_sha256'] = file_sha256(path)
     except ModelFileError as exc:
@@ -317,14 +290,8 @@ def _model_info(path):
                 'size_bias'):
         info[key] = card.get(key)
     training = card.get('training') or {}
-    # Cards written by `psfdeconv train` repeat the simulation's ranges at
-    # the top; others have them only in training.simulation_config, which
-    # is where the deconvolution's training-range check reads them.
-    simulation = training.get('simulation_config') or {}
-    for key, sim_key in (('pixel_scale_range', 'pixel_scale_range'),
-                         ('psf_fwhm_range_arcsec', 'psf_fwhm_range')):
-        if info[key] is None:
-            info[key] = simulation.get(sim_key)
+    # The ranges the deconvolution's training-range check reads.
+    info['pixel_scale_range'], info['psf_fwhm_range_arcsec'] = training_ranges(card)
     info['training'] = {key: training[key] for key in (
         'epochs_run', 'best_epoch', 'n_train_stamps', 'n_train', 'elapsed_seconds',
         'keras_backend', 'compute_device', 'keras_version') if key in training}
@@ -476,8 +443,9 @@ def _cmd_run(args):
     import numpy as np
 
     from .exceptions import ConfigError
+    from .flags import FLAG_NEIGHBOURS, n_flagged
     from .io import example_exposures
-    from .pipeline import FLAG_NEIGHBOURS, _n_flagged, run_exposure_set
+    from .pipeline import run_exposure_set
 
     if args.example:
         if args.band or args.catalog:
@@ -506,17 +474,17 @@ def _cmd_run(args):
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace',
         symmetries=args.symmetries)
-    n_flagged = _n_flagged(catalog)
+    n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
     n_bands = len(exposures)
     print(f'deconvolved {len(catalog)} sources in {_plural(n_bands, "band")} '
-          f'({n_flagged} flagged; neighbours replaced in {n_neighbours}) with '
+          f'({n_rows_flagged} flagged; neighbours replaced in {n_neighbours}) with '
           f'{Path(str(model["path"])).name} (weights SHA-256 '
           f'{str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
           f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')
     if args.plots:
-        from .pipeline import read_stamps
+        from .io import read_stamps
         from .plotting import write_run_plots
 
         for path in write_run_plots(args.out, catalog,
@@ -525,6 +493,22 @@ def _cmd_run(args):
             log.info('wrote %s', path)
     if args.example:
         _print_exposure_truth_comparison(catalog, truth_path)
+    return 0
+
+
+def _cmd_batch(args):
+    from .batch import SUMMARY_NAME, run_batch
+
+    summary = run_batch(args.manifest, args.out, psfs=args.psf, model=args.model,
+                        scheduler=args.scheduler, workers=args.workers,
+                        resume=args.resume, overwrite=args.overwrite,
+                        reference_band=args.reference_band,
+                        batch_size=args.batch_size, symmetries=args.symmetries)
+    counts = summary.meta['counts']
+    print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
+          f'finished earlier, {counts["failed"]} failed; '
+          f'{int(summary["n_sources"][summary["n_sources"] > 0].sum())} sources; '
+          f'wrote {Path(args.out) / SUMMARY_NAME}')
     return 0
 
 
@@ -604,7 +588,19 @@ def _parser():
     _add_output_options(parser)
     sub = parser.add_subparsers(dest='command', required=True,
                                 metavar='COMMAND')
+    _add_simulate_parser(sub)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_deconvolve_parser(sub)
+    _add_info_parser(sub)
+    _add_run_parser(sub)
+    _add_simulate_exposure_parser(sub)
+    _add_batch_parser(sub)
+    return parser
 
+
+def _add_simulate_parser(sub):
+    """The ``simulate`` subcommand."""
     p = _add_command(
         sub, 'simulate', help='simulate training/test stamps',
         description='Simulate GalSim multi-band stamps to an HDF5 file (config and '
@@ -624,6 +620,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate)
 
+
+def _add_train_parser(sub):
+    """The ``train`` subcommand."""
     p = _add_command(
         sub, 'train', help='train and calibrate a model',
         description='Train the network on a simulation file; writes OUT/NAME.keras '
@@ -657,6 +656,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate_parser(sub):
+    """The ``evaluate`` subcommand."""
     p = _add_command(
         sub, 'evaluate', help='metrics and baselines on simulations',
         description='Evaluate a model and classical baselines on simulated stamps '
@@ -677,6 +679,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_deconvolve_parser(sub):
+    """The ``deconvolve`` subcommand."""
     p = _add_command(
         sub, 'deconvolve', help='deconvolve stamps',
         description='Deconvolve the stamps of a simulation file (or the bundled '
@@ -698,6 +703,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)
 
+
+def _add_info_parser(sub):
+    """The ``info`` subcommand."""
     p = _add_command(
         sub, 'info', help='versions, models and their checks',
         description='Print the versions of psfdeconv and its dependencies and, for '
@@ -714,6 +722,9 @@ def _parser():
                    help='print one JSON document (versions and models) instead')
     p.set_defaults(func=_cmd_info)
 
+
+def _add_run_parser(sub):
+    """The ``run`` subcommand."""
     p = _add_command(
         sub, 'run', help='deconvolve the galaxies of multi-band exposures',
         description='Detect (or read) the galaxies of one set of multi-band '
@@ -743,23 +754,13 @@ def _parser():
     group.add_argument('--detect', action='store_true',
                        help='detect the galaxies on the reference band (the '
                             'default without --catalog)')
-    p.add_argument('--psf', default='epsf',
-                   help="PSF of every band: 'epsf' (from the stars, default), "
-                        "'epsf:grid=NYxNX', 'moffat:fwhm=0.8arcsec,beta=3' or "
-                        "'psf=FILE'")
-    p.add_argument('--model', help='model .keras file (default: shipped)')
-    p.add_argument('--reference-band', metavar='NAME',
-                   help='band whose pixel grid the stamps are cut on (default: '
-                        'the first --band)')
-    p.add_argument('--batch-size', type=int, default=128,
-                   help='objects per network call')
+    _add_exposure_set_options(p, first_band='the first --band')
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--plots', action='store_true',
                    help='also write OUT/catalog_overview.png and OUT/stamps.png')
     p.add_argument('--strict', action='store_true',
                    help='refuse (exit 3) exposures whose pixel scale or PSF the model '
                         'was not trained on, instead of warning and flagging them')
-    _add_symmetries_argument(p)
     p.add_argument('--keep-neighbours', action='store_true',
                    help='deconvolve the stamps as cut; by default the pixels of other '
                         'sources in a stamp are replaced by noise (flag NEIGHBOURS) '
@@ -767,6 +768,9 @@ def _parser():
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 
+
+def _add_simulate_exposure_parser(sub):
+    """The ``simulate-exposure`` subcommand."""
     p = _add_command(
         sub, 'simulate-exposure', help='simulate a multi-band exposure set',
         description='Simulate GalSim exposures of galaxies and stars with a TAN '
@@ -794,9 +798,48 @@ def _parser():
                    help='give every band the same pixel grid')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate_exposure)
-    from .batch import add_batch_parser
-    _add_output_options(add_batch_parser(sub), subcommand=True)
-    return parser
+
+
+def _add_batch_parser(sub):
+    """The ``batch`` subcommand."""
+    p = _add_command(
+        sub, 'batch', help='deconvolve many exposure groups (a manifest) on dask',
+        description='Run "psfdeconv run" on every exposure group of a manifest (CSV '
+                    'or ECSV: id, one column per band with the FITS paths, optional '
+                    'catalog and psf_<band>), one dask task per group, into OUT/<id>/, '
+                    'and write OUT/summary.fits (status, counts, time and error per '
+                    'group). A failed group does not stop the others (exit code 6 at '
+                    'the end); a killed batch continues with --resume.',
+        examples=('psfdeconv batch groups.csv --out night1/',
+                  'psfdeconv batch groups.csv --out night1/ --scheduler processes '
+                  '--workers 2',
+                  'psfdeconv batch groups.csv --out night1/ --scheduler '
+                  'tcp://10.0.0.5:8786',
+                  'psfdeconv batch groups.csv --out night1/ --resume'),
+        notes='manifest (groups.csv):\n'
+              '  id,g,r,i,catalog\n'
+              '  f001,f001/g.fits,f001/r.fits,f001/i.fits,\n'
+              '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv')
+    p.add_argument('manifest', help='CSV or ECSV table of exposure groups (relative '
+                                    'paths are relative to its directory)')
+    p.add_argument('--out', required=True,
+                   help='output directory: OUT/<id>/ per group and OUT/summary.fits')
+    p.add_argument('--scheduler', default='threads',
+                   help="'threads' (default), 'processes', 'synchronous' or the "
+                        "address of a dask.distributed scheduler (tcp://host:8786; "
+                        "pip install 'psfdeconv[dask]')")
+    p.add_argument('--workers', type=int,
+                   help='threads or processes of a local scheduler (default: one '
+                        'per CPU)')
+    _add_exposure_set_options(p, first_band='the first band column',
+                              psf_for='the bands without a psf_<band> value')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--resume', action='store_true',
+                       help='keep the groups finished by an earlier run into OUT '
+                            '(OUT/<id>/done.json) and run the others')
+    group.add_argument('--overwrite', action='store_true',
+                       help='redo every group, replacing an earlier run in OUT')
+    p.set_defaults(func=_cmd_batch)
 
 
 def _add_output_options(parser, subcommand=False):

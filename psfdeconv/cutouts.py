@@ -26,14 +26,14 @@ sources' true positions separately.
 
 **Flags** (bits of the ``flags`` array of `make_cutouts`):
 
-* `FLAG_EDGE` (1): the stamp reaches beyond the image; the pixels outside
+* `~psfdeconv.flags.FLAG_EDGE` (1): the stamp reaches beyond the image; the pixels outside
   are 0 and masked.
-* `FLAG_MASKED` (2): the stamp has masked pixels inside the image (the
+* `~psfdeconv.flags.FLAG_MASKED` (2): the stamp has masked pixels inside the image (the
   exposure's mask, NaN/inf data, or a non-positive or non-finite
   uncertainty).
-* `FLAG_OFF_IMAGE` (4): the source's centre is off the image (outside
+* `~psfdeconv.flags.FLAG_OFF_IMAGE` (4): the source's centre is off the image (outside
   ``-0.5 <= x < nx - 0.5``, ``-0.5 <= y < ny - 0.5``); its stamp is all 0
-  and all masked. `FLAG_EDGE` is set too.
+  and all masked. ``FLAG_EDGE`` is set too.
 
 **Band alignment.** Cut each band at the object's sky position in its own
 exposure where the bands share a pixel grid; where they do not,
@@ -42,31 +42,23 @@ exposure where the bands share a pixel grid; where they do not,
 2004), and `resample_psf` pushes the same resampling through that band's
 PSF image, so that the PSF stays the PSF of the resampled image.
 Resampling convolves with the resampling kernel: the PSF of a reprojected
-band is a little wider than in its own pixels (by 1 to 2 percent in FWHM
-with the 'hann' kernel used by default onto finer grids, 5 to 10 percent
-with reproject's anti-aliasing 'gaussian' kernel, for PSFs of 3 to 5
-pixels FWHM), and `resample_psf` includes that widening.
+band is a little wider than in its own pixels (less with the 'hann' kernel
+used by default onto finer grids than with reproject's anti-aliasing
+'gaussian' kernel), and `resample_psf` includes that widening.
 """
 
 import numpy as np
 
-from .exceptions import InvalidInputError, InvalidPSFError, PixelScaleError
+from ._validation import scalar_pixel_scale
+from .exceptions import InvalidInputError, InvalidPSFError
+from .flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 
 __all__ = [
-    'FLAG_EDGE',
-    'FLAG_MASKED',
-    'FLAG_OFF_IMAGE',
     'make_cutouts',
     'align_bands',
     'resample_psf',
+    'align_to_reference',
 ]
-
-#: The stamp reaches beyond the image (padded with 0 and masked there).
-FLAG_EDGE = 1
-#: Masked pixels (mask, NaN/inf data, bad uncertainty) inside the stamp.
-FLAG_MASKED = 2
-#: The source's centre is off the image; the stamp is empty and masked.
-FLAG_OFF_IMAGE = 4
 
 #: The resampling kernels of ``reproject.reproject_adaptive``.
 _KERNELS = ('gaussian', 'hann')
@@ -76,9 +68,7 @@ def _default_kernel(from_scale, to_scale):
     """The resampling kernel used when none is given.
 
     'hann' onto a grid as fine as the band's own or finer: it widens the PSF
-    least (by 1.4 percent in FWHM for a Gaussian PSF of 5 input pixels FWHM
-    resampled from 0.3 to 0.2 arcsec pixels, against 4.5 percent for
-    'gaussian'), and there is nothing to alias. 'gaussian' (reproject's own
+    least, and there is nothing to alias. 'gaussian' (reproject's own
     default, the strongest anti-aliasing) onto a coarser grid.
     """
     return 'hann' if to_scale <= from_scale * (1 + 1e-6) else 'gaussian'
@@ -257,7 +247,8 @@ def make_cutouts(exposure, positions, *, size=64):
         masked, NaN/inf or bad-uncertainty pixels; ``uncertainty``: float64
         (n, size, size) standard deviations, ``inf`` where masked, or None
         if the exposure has none; ``flags``: int32 (n,) bitmask of
-        `FLAG_EDGE`, `FLAG_MASKED` and `FLAG_OFF_IMAGE`; ``x``, ``y``:
+        `~psfdeconv.flags.FLAG_EDGE`, `~psfdeconv.flags.FLAG_MASKED` and
+        `~psfdeconv.flags.FLAG_OFF_IMAGE`; ``x``, ``y``:
         float64 (n,) the positions in the exposure (pixels);
         ``x_stamp``, ``y_stamp``: float64 (n,) the positions in the stamps;
         ``origin``: int64 (n, 2) the (x, y) exposure pixel of each stamp's
@@ -275,7 +266,8 @@ def make_cutouts(exposure, positions, *, size=64):
     --------
     >>> import numpy as np
     >>> from astropy.nddata import NDData
-    >>> from psfdeconv.cutouts import FLAG_EDGE, make_cutouts
+    >>> from psfdeconv.cutouts import make_cutouts
+    >>> from psfdeconv.flags import FLAG_EDGE
     >>> image = np.zeros((100, 120))
     >>> image[40, 50] = 1.0
     >>> stamps = make_cutouts(NDData(image), [(50, 40), (118.2, 3.0)], size=32)
@@ -355,27 +347,6 @@ def make_cutouts(exposure, positions, *, size=64):
 
 
 # --- Band alignment ----------------------------------------------------------------
-
-def _arcsec_per_pixel(value, name):
-    import astropy.units as u
-
-    if isinstance(value, u.Quantity):
-        try:
-            value = value.to_value(u.arcsec / u.pix,
-                                   equivalencies=[(u.arcsec, u.arcsec / u.pix)])
-        except u.UnitConversionError:
-            raise PixelScaleError(f'{name} = {value}; give an angle per pixel such '
-                                  f'as 0.2 * u.arcsec / u.pix.') from None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise PixelScaleError(f'{name} = {value!r}; give arcsec per pixel (a '
-                              f'number or a Quantity).') from None
-    if not np.isfinite(value) or value <= 0:
-        raise PixelScaleError(f'{name} = {value}; it must be positive and finite '
-                              f'(arcsec/pixel).')
-    return value
-
 
 def _local_jacobian(wcs, x, y, frame_centre):
     """2x2 matrix of tangent-plane offsets (arcsec, east and north at
@@ -663,8 +634,8 @@ def resample_psf(psf_array, *, from_scale, to_scale, rotation=0.0, size=None,
     if not np.isfinite(total) or total <= 0:
         raise InvalidPSFError(f'psf_array sums to {total}; a PSF must have a '
                               f'positive, finite sum.')
-    from_scale = _arcsec_per_pixel(from_scale, 'from_scale')
-    to_scale = _arcsec_per_pixel(to_scale, 'to_scale')
+    from_scale = scalar_pixel_scale(from_scale, 'from_scale')
+    to_scale = scalar_pixel_scale(to_scale, 'to_scale')
     rotation = float(rotation)
     if not np.isfinite(rotation):
         raise InvalidInputError(f'rotation = {rotation}; give an angle in '
@@ -703,3 +674,56 @@ def resample_psf(psf_array, *, from_scale, to_scale, rotation=0.0, size=None,
                               f'input PSF is too small for to_scale = '
                               f'{to_scale} arcsec (give a larger size).')
     return resampled / out_total
+
+
+#: Largest difference (pixels) between two bands' pixel coordinates of the
+#: same sky positions for the bands to count as sharing a pixel grid.
+_SAME_GRID_TOLERANCE = 1e-3
+
+
+def _same_grid(wcs, shape, reference_wcs, reference_shape):
+    """Whether an exposure shares the reference band's pixel grid."""
+    if tuple(shape) != tuple(reference_shape):
+        return False
+    ny, nx = reference_shape
+    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
+    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
+    with np.errstate(invalid='ignore'):
+        bx, by = wcs.world_to_pixel(reference_wcs.pixel_to_world(x, y))
+    offset = np.hypot(np.asarray(bx) - x, np.asarray(by) - y)
+    return bool(np.all(np.isfinite(offset)) and
+                offset.max() <= _SAME_GRID_TOLERANCE)
+
+
+def align_to_reference(exposures, reference_band):
+    """Every band on the reference band's pixel grid.
+
+    Bands that share the grid are returned unchanged, the others
+    reprojected with `align_bands`.
+
+    Parameters
+    ----------
+    exposures : dict
+        Band name to `~astropy.nddata.CCDData` with a celestial WCS.
+    reference_band : str
+        One of the band names.
+
+    Returns
+    -------
+    aligned : dict
+        Band name to the exposure on the reference grid.
+    reprojected : dict
+        Band name to whether it was reprojected.
+    """
+    reference = exposures[reference_band]
+    differing = [band for band, exposure in exposures.items()
+                 if band != reference_band and not _same_grid(
+                     exposure.wcs, exposure.shape, reference.wcs, reference.shape)]
+    aligned = dict(exposures)
+    if differing:
+        subset = {reference_band: reference}
+        subset.update({band: exposures[band] for band in differing})
+        result, _ = align_bands(subset, reference=reference_band)
+        for band in differing:
+            aligned[band] = result[band]
+    return aligned, {band: band in differing for band in exposures}

@@ -19,7 +19,7 @@ sum is the flux.
 
 The remaining flux bias ("sources are still biased low at a few percent",
 section IV.1) is removed by a quadratic fitted on simulations
-(`fit_flux_bias`, `correct_flux_bias`). The paper fits the true flux as a
+(`~psfdeconv.calibrate.fit_flux_bias`, `correct_flux_bias`). The paper fits the true flux as a
 quadratic of the measured flux, which depends on the flux unit; psfdeconv
 fits the ratio true/measured as a quadratic in log10 of the measured
 flux's signal-to-noise ratio, which is unit-free and so applies to any
@@ -30,33 +30,32 @@ and recorded in the model card: the network output is the average over
 the symmetries of the square (the network run on flipped and rotated
 copies of the input, `symmetric_output`), the ellipticity the network
 leaves from the PSF is removed by a small counter-shear
-(`fit_psf_leakage`, `correct_psf_leakage`), and the size bias of faint
-galaxies by a dilation that depends on the signal-to-noise ratio
-(`fit_size_bias`, `correct_size_bias`).
+(`correct_psf_leakage`), and the size bias of faint galaxies by a
+dilation that depends on the signal-to-noise ratio (`correct_size_bias`).
+This module applies the corrections; `psfdeconv.calibrate` fits them.
 """
 
 import numpy as np
 
 from ._fourier import convolve_same
+from ._validation import check_psfs, pixel_scale_arcsec
 from .exceptions import (
     ConfigError,
-    InvalidInputError,
     InvalidPixelsError,
     InvalidPSFError,
     PixelScaleError,
     ShapeMismatchError,
 )
 from .target import convolve_to_target, target_psf_images
+from .transforms import dilate_images, shear_images, square_symmetry
 
-__all__ = ['deconvolve_stamps', 'refit_amplitude', 'fit_flux_bias',
-           'correct_flux_bias', 'calibrate_flux_bias', 'validate_stamps',
-           'detection_snr', 'fit_detection_threshold', 'calibrate_card',
-           'remove_output_floor', 'symmetric_output', 'psf_ellipticity',
-           'shear_images', 'fit_psf_leakage', 'correct_psf_leakage',
-           'dilate_images', 'fit_size_bias', 'correct_size_bias',
-           'outside_training_range', 'psf_fwhm',
-           'normalize_psfs',
-           'estimate_noise_sigma']
+__all__ = ['deconvolve_stamps', 'validate_stamps', 'normalize_psfs',
+           'estimate_noise_sigma', 'refit_amplitude', 'refit_images', 'log10_snr',
+           'detection_snr', 'apply_detection', 'correct_flux_bias',
+           'OUTPUT_FLOORS', 'remove_output_floor', 'SYMMETRY_COUNTS',
+           'check_symmetries', 'symmetric_output', 'psf_ellipticity',
+           'correct_psf_leakage', 'correct_size_bias', 'psf_fwhm',
+           'outside_training_range', 'check_training_range']
 
 
 def validate_stamps(stamps, psfs, pixel_scale):
@@ -106,24 +105,8 @@ def validate_stamps(stamps, psfs, pixel_scale):
             f'stamps contain {int(bad.sum())} non-finite pixel(s), the first '
             f'at index {index} = {stamps[index]}; replace them (e.g. by the '
             f'local background) and flag those objects.')
+    psfs = check_psfs(psfs, stamps.shape[-2:])
     py, px = psfs.shape[-2:]
-    ny, nx = stamps.shape[-2:]
-    if py % 2 == 0 or px % 2 == 0:
-        raise InvalidPSFError(f'PSF images must have odd sizes so that they '
-                              f'have a centre pixel, got {(py, px)}; crop or '
-                              f'resample them to an odd size.')
-    if py > ny or px > nx:
-        raise InvalidPSFError(f'PSF images {(py, px)} are larger than the '
-                              f'stamps {(ny, nx)}; crop them.')
-    psfs = psfs.astype(np.float64)
-    sums = psfs.sum(axis=(-2, -1))
-    bad = ~np.isfinite(sums) | (sums <= 0)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InvalidPSFError(
-            f'psfs[{index[0]}, {index[1]}] sums to {sums[index]}; a PSF must '
-            f'have a positive, finite sum.')
-    psfs = psfs / sums[..., None, None]
     peak = psfs.reshape(psfs.shape[:2] + (-1,)).argmax(axis=-1)
     peak_y, peak_x = np.divmod(peak, px)
     off = (np.abs(peak_y - py // 2) > 1) | (np.abs(peak_x - px // 2) > 1)
@@ -145,24 +128,16 @@ def normalize_psfs(psfs):
 
 
 def _pixel_scale_array(pixel_scale, n):
-    from .measure import _pixel_scale_arcsec
-
-    scale = _pixel_scale_arcsec(pixel_scale)
-    if scale.ndim == 0:
-        scale = np.full(n, float(scale))
+    # One scale for every stamp is checked (and named) per stamp.
+    scale = pixel_scale_arcsec(pixel_scale, scalar_to=(n,))
     if scale.shape != (n,):
         raise ShapeMismatchError(f'pixel_scale must be a scalar or have shape '
                                  f'({n},), got {scale.shape}.')
-    bad = ~np.isfinite(scale) | (scale <= 0)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise PixelScaleError(f'pixel_scale[{i}] = {scale[i]}; pixel scales '
-                              f'must be positive and finite (arcsec/pixel).')
     return scale
 
 
 def estimate_noise_sigma(residuals):
-    """Robust per-image noise standard deviation (1.4826 x MAD).
+    """Robust per-image noise standard deviation (`~astropy.stats.mad_std`).
 
     Parameters
     ----------
@@ -174,9 +149,9 @@ def estimate_noise_sigma(residuals):
     `~numpy.ndarray`
         Shape (...).
     """
-    flat = residuals.reshape(residuals.shape[:-2] + (-1,))
-    median = np.median(flat, axis=-1, keepdims=True)
-    return 1.4826 * np.median(np.abs(flat - median), axis=-1)
+    from astropy.stats import mad_std
+
+    return mad_std(residuals, axis=(-2, -1))
 
 
 def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None):
@@ -233,147 +208,12 @@ def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None):
     return amplitude, amplitude_err, noise_sigma
 
 
-def _log_snr(flux, flux_err):
+def log10_snr(flux, flux_err):
+    """``log10(flux / flux_err)``, the ratio clipped at 1e-3 (so 0 and
+    negative fluxes give -3): the variable of the flux- and size-bias
+    corrections."""
     with np.errstate(divide='ignore', invalid='ignore'):
         return np.log10(np.clip(flux / flux_err, 1e-3, None))
-
-
-#: Bins of true signal-to-noise ratio `fit_flux_bias` nulls the median bias in.
-_FLUX_BIAS_BINS = 12
-
-
-def fit_flux_bias(flux, flux_err, true_flux, *, snr_range=(1.0, 3.0)):
-    """Fit the flux-bias correction on simulations (paper section III.3).
-
-    The correction multiplies the flux by ``c0 + c1 L + c2 L**2`` with
-    ``L = log10(flux / flux_err)`` clipped to ``snr_range`` (it is not
-    extrapolated). The coefficients are chosen so that the median of
-    corrected / true flux is 1 in each of up to 12 bins (quantiles) of the
-    true signal-to-noise ratio ``true_flux / flux_err``, least squares over
-    the bins, using the objects whose ``L`` lies within ``snr_range``.
-
-    Why binned by the truth: a fit of true / measured against the measured
-    ``L`` answers "given what I measured", and objects scattered up by the
-    noise then leave the faint ones biased high at fixed true flux (+1.7 %
-    in the faintest third of the test galaxies); the binned fit is
-    unbiased at fixed true brightness, which is what a flux comparison
-    with the truth (or with another survey) sees, and still depends on
-    measured quantities only, so it applies to real data.
-
-    Parameters
-    ----------
-    flux, flux_err, true_flux : `~numpy.ndarray`
-        Same shape; recovered flux, its 1-sigma error and the truth.
-    snr_range : tuple of float, optional
-        log10(SNR) range used for the fit and to which L is clipped.
-
-    Returns
-    -------
-    dict
-        ``{'coefficients': [c0, c1, c2], 'log_snr_range': [lo, hi],
-        'n_objects': n, 'n_bins': k, 'form': ...}``, ready for a model card.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.deconvolve import fit_flux_bias
-    >>> flux = np.logspace(1.1, 2.9, 60)
-    >>> fit = fit_flux_bias(flux, np.ones(60), 1.02 * flux)
-    >>> np.round(fit['coefficients'], 6).tolist()
-    [1.02, 0.0, 0.0]
-    """
-    from scipy.optimize import least_squares
-
-    flux = np.ravel(flux)
-    flux_err = np.ravel(flux_err)
-    true_flux = np.ravel(true_flux)
-    log_snr = _log_snr(flux, flux_err)
-    use = (np.isfinite(log_snr) & (flux > 0) & (true_flux > 0)
-           & (log_snr >= snr_range[0]) & (log_snr <= snr_range[1]))
-    if use.sum() < 10:
-        raise InvalidInputError(
-            f'only {int(use.sum())} object(s) have positive fluxes and '
-            f'log10(SNR) within {tuple(snr_range)}; the flux-bias fit needs '
-            f'at least 10: simulate more validation objects.')
-    log_snr = log_snr[use]
-    measured_over_true = flux[use] / true_flux[use]
-    true_snr = true_flux[use] / flux_err[use]
-    n_bins = int(np.clip(use.sum() // 20, 3, _FLUX_BIAS_BINS))
-    edges = np.quantile(true_snr, np.linspace(0, 1, n_bins + 1))
-    index = np.clip(np.searchsorted(edges, true_snr, side='right') - 1, 0, n_bins - 1)
-    bins = [index == k for k in range(n_bins)]
-    powers = log_snr[:, None] ** np.arange(3)
-
-    def median_bias(coefficients):
-        ratio = (powers @ coefficients) * measured_over_true - 1.0
-        return np.array([np.median(ratio[b]) for b in bins])
-
-    # Start from the linear least-squares fit of the bins' mean ratios,
-    # then null the medians, which noise peaks fitted as faint sources
-    # cannot pull.
-    design = np.array([(powers[b] * measured_over_true[b, None]).mean(axis=0)
-                       for b in bins])
-    start = np.linalg.lstsq(design, np.ones(n_bins), rcond=None)[0]
-    fit = least_squares(median_bias, start, xtol=1e-12, ftol=1e-12)
-    coefficients = fit.x if np.sum(fit.fun**2) < np.sum(median_bias(start)**2) else start
-    return {'coefficients': [float(c) for c in coefficients],
-            'log_snr_range': [float(v) for v in snr_range],
-            'n_objects': int(use.sum()),
-            'n_bins': n_bins,
-            'form': 'true/measured = c0 + c1 L + c2 L^2, '
-                    'L = log10(flux / flux_err) clipped to log_snr_range; '
-                    'median corrected/true = 1 in bins of true flux / flux_err'}
-
-
-def calibrate_flux_bias(model, observed, psfs, pixel_scale, truth, *,
-                        noise_sigma=None, batch_size=128):
-    """Deconvolve simulated stamps and fit the model's flux-bias correction.
-
-    Parameters
-    ----------
-    model : `~psfdeconv.model.DeconvolutionModel`
-        The trained model (its card's ``flux_bias`` is not used).
-    observed, psfs, pixel_scale
-        As for `deconvolve_stamps`, from simulations not used in training.
-    truth : `~numpy.ndarray`
-        The simulations' truth, (n, n_bands, ny, nx).
-    noise_sigma : `~numpy.ndarray`, optional
-        Known per-band noise, (n, n_bands).
-
-    Returns
-    -------
-    dict
-        As `fit_flux_bias`, pooled over bands and non-blank objects, plus
-        for a multi-band model ``'per_band_coefficients'``: one fit per
-        output band ([c0, c1, c2] each), which `correct_flux_bias` uses.
-        The network's flux bias can differ between its output bands by a
-        few per cent, which a pooled fit leaves in.
-    """
-    _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
-                                   model=model, noise_sigma=noise_sigma,
-                                   batch_size=batch_size, return_details=True)
-    return _fit_band_flux_bias(details['flux'], details['flux_err'],
-                               truth.sum(axis=(-2, -1), dtype=np.float64))
-
-
-def _fit_band_flux_bias(flux, flux_err, true_flux):
-    """`fit_flux_bias` pooled over the bands, plus one fit per band."""
-    result = fit_flux_bias(flux, flux_err, true_flux)
-    n_bands = true_flux.shape[-1]
-    if n_bands > 1:
-        result['per_band_coefficients'] = [
-            fit_flux_bias(flux[:, b], flux_err[:, b], true_flux[:, b])['coefficients']
-            for b in range(n_bands)]
-    return result
-
-
-#: Fraction of the validation blanks that the detection threshold of
-#: `fit_detection_threshold` keeps below it by default.
-DETECTION_BLANK_RECALL = 0.995
-#: Largest fraction of the validation sources it may put below it.
-DETECTION_MAX_SOURCES_BELOW = 0.01
-#: Fewest blanks a detection threshold is fitted on.
-_MIN_BLANKS = 100
 
 
 def detection_snr(flux, flux_err):
@@ -384,7 +224,7 @@ def detection_snr(flux, flux_err):
     still draws something from the noise, and its refit is biased
     positive (the template was made from that noise), so the threshold
     that separates blanks is calibrated on simulations
-    (`fit_detection_threshold`), not taken from a normal distribution.
+    (`~psfdeconv.calibrate.fit_detection_threshold`), not taken from a normal distribution.
 
     Parameters
     ----------
@@ -410,91 +250,24 @@ def detection_snr(flux, flux_err):
     return np.where(np.isfinite(snr), snr, np.nan)
 
 
-def fit_detection_threshold(snr, is_blank, *, blank_recall=DETECTION_BLANK_RECALL,
-                            max_sources_below=DETECTION_MAX_SOURCES_BELOW):
-    """The detection threshold that calls ``blank_recall`` of blanks blank,
-    unless that calls more than ``max_sources_below`` of sources blank.
-
-    The threshold is the lower of two quantiles: the ``blank_recall``
-    quantile of the blanks' SNR and the ``max_sources_below`` quantile of
-    the sources'. Where blanks and faint sources overlap (a single band
-    holds less signal than three), the sources win.
+def apply_detection(images, snr, detection):
+    """Empty the images of stamps whose `detection_snr` is below a threshold.
 
     Parameters
     ----------
+    images : `~numpy.ndarray`
+        (n, n_bands, ny, nx), changed in place.
     snr : `~numpy.ndarray`
-        `detection_snr` of simulated objects the weights never trained on,
-        shape (n,).
-    is_blank : `~numpy.ndarray`
-        bool (n,), True for the blank stamps.
-    blank_recall : float, optional
-        Fraction of the blanks whose SNR should fall below the threshold.
-    max_sources_below : float, optional
-        Largest fraction of the sources whose SNR may fall below it.
+        (n,), `detection_snr`.
+    detection : dict or None
+        A model card's ``detection`` (`~psfdeconv.calibrate.fit_detection_threshold`);
+        None: no gate.
 
     Returns
     -------
-    dict
-        ``{'snr_threshold', 'blank_recall', 'sources_below', 'n_blank',
-        'n_sources', 'target_blank_recall', 'max_sources_below'}``, ready
-        for a model card: the threshold, the fractions of blanks and of
-        sources below it on these objects, and the two targets.
-
-    Raises
-    ------
-    psfdeconv.exceptions.InvalidInputError
-        With fewer than 100 blanks (the quantile would be noise).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.deconvolve import fit_detection_threshold
-    >>> rng = np.random.default_rng(0)
-    >>> snr = np.concatenate([rng.normal(1, 1.5, 1000), rng.uniform(8, 300, 3000)])
-    >>> is_blank = np.arange(4000) < 1000
-    >>> fit = fit_detection_threshold(snr, is_blank, blank_recall=0.99)
-    >>> 4 < fit['snr_threshold'] < 6, fit['sources_below']
-    (True, 0.0)
+    `~numpy.ndarray` of bool
+        (n,), which stamps were detected.
     """
-    snr = np.ravel(np.asarray(snr, dtype=float))
-    is_blank = np.ravel(np.asarray(is_blank, dtype=bool))
-    if snr.shape != is_blank.shape:
-        raise ShapeMismatchError(f'snr and is_blank must have one shape, got '
-                                 f'{snr.shape} and {is_blank.shape}.')
-    if not 0 < blank_recall < 1:
-        raise ConfigError(f'blank_recall must be in (0, 1), got {blank_recall!r}.')
-    # A blank whose refit has no finite SNR (zero output) is blank anyway.
-    blank_snr = np.where(np.isfinite(snr[is_blank]), snr[is_blank], -np.inf)
-    if blank_snr.size < _MIN_BLANKS:
-        raise InvalidInputError(
-            f'only {blank_snr.size} blank object(s); the detection threshold '
-            f'needs at least {_MIN_BLANKS}: simulate more validation objects (or '
-            f'a larger blank_fraction).')
-    if not 0 <= max_sources_below < 1:
-        raise ConfigError(f'max_sources_below must be in [0, 1), got '
-                          f'{max_sources_below!r}.')
-    threshold = float(np.quantile(blank_snr, blank_recall, method='higher'))
-    threshold = np.nextafter(threshold, np.inf)  # the quantile itself is blank
-    source_snr = snr[~is_blank]
-    source_snr = np.where(np.isfinite(source_snr), source_snr, -np.inf)
-    if source_snr.size:
-        threshold = min(threshold, float(np.quantile(source_snr, max_sources_below,
-                                                     method='lower')))
-    return {'snr_threshold': float(threshold),
-            'blank_recall': float(np.mean(blank_snr < threshold)),
-            'sources_below': float(np.mean(~(source_snr >= threshold)))
-            if source_snr.size else None,
-            'n_blank': int(blank_snr.size), 'n_sources': int(source_snr.size),
-            'target_blank_recall': float(blank_recall),
-            'max_sources_below': float(max_sources_below),
-            'form': 'images set to 0 where sum(flux) / sqrt(sum(flux_err^2)) '
-                    '< snr_threshold'}
-
-
-def _apply_detection(images, snr, detection):
-    """Empty (in place) the images of stamps whose `detection_snr` is below
-    the threshold of a card's ``detection`` (None: no gate); returns which
-    were detected."""
     if not detection:
         return np.ones(snr.shape, dtype=bool)
     # No significant source: the deconvolved image is empty, not the
@@ -504,96 +277,15 @@ def _apply_detection(images, snr, detection):
     return detected
 
 
-def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
-                   noise_sigma=None, batch_size=128,
-                   blank_recall=DETECTION_BLANK_RECALL,
-                   max_sources_below=DETECTION_MAX_SOURCES_BELOW,
-                   return_images=False):
-    """Fit a model card's PSF-leakage, size-bias and flux-bias corrections
-    and detection threshold.
-
-    One deconvolution of simulated objects the weights never trained on
-    (the validation split), with the card's ``symmetries``; then, in the
-    order `deconvolve_stamps` applies them, an amplitude refit and
-    `fit_size_bias` (on the sources' network outputs), `fit_psf_leakage`
-    (on the sources' dilated outputs), the amplitude refit of the
-    corrected outputs, the flux-bias fits of `calibrate_flux_bias` (on the
-    sources) and `fit_detection_threshold` (on the blanks and sources).
-
-    Parameters
-    ----------
-    model : `~psfdeconv.model.DeconvolutionModel`
-        The trained model (its card's ``psf_leakage``, ``flux_bias`` and
-        ``detection`` are not used).
-    observed, psfs, pixel_scale, truth, noise_sigma, batch_size
-        As for `calibrate_flux_bias`.
-    is_blank : `~numpy.ndarray`
-        bool (n,), True for blank stamps.
-    blank_recall, max_sources_below : float, optional
-        As for `fit_detection_threshold`.
-    return_images : bool, optional
-        Also return the deconvolved images as the calibrated card gives
-        them, e.g. to measure the card's metrics without deconvolving the
-        objects again.
-
-    Returns
-    -------
-    dict
-        ``{'psf_leakage': ..., 'size_bias': ..., 'flux_bias': ...,
-        'detection': ...}``;
-        ``detection`` is None (no detection gate) with fewer than 100
-        blanks.
-    images : `~numpy.ndarray`
-        Only if ``return_images``.
-    """
-    card = dict(model.card)
-    for key in ('psf_leakage', 'size_bias', 'detection'):
-        card.pop(key, None)
-    bare = type(model)(model.keras_model, card, path=model.path)
-    _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
-                                   model=bare, noise_sigma=noise_sigma,
-                                   batch_size=batch_size, return_details=True)
-    stamps, unit_psfs, _ = validate_stamps(observed, psfs, pixel_scale)
-    is_blank = np.asarray(is_blank, dtype=bool)
-    output = details['network_output']
-    noise = details['noise_sigma'] if noise_sigma is not None else None
-    first = _refit(output, stamps, unit_psfs, noise)
-    size_bias = fit_size_bias(output[~is_blank], truth[~is_blank],
-                              first['flux'][~is_blank], first['flux_err'][~is_blank])
-    output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
-    # The leakage is measured on the images as the size correction leaves them:
-    # the dilation moves the unweighted moments it is defined with.
-    psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
-                                  unit_psfs[~is_blank])
-    output = correct_psf_leakage(output, unit_psfs, psf_leakage)
-    fit = _refit(output, stamps, unit_psfs, noise)
-    flux_bias = _fit_band_flux_bias(fit['flux'], fit['flux_err'],
-                                    truth.sum(axis=(-2, -1), dtype=np.float64))
-    if is_blank.sum() < _MIN_BLANKS:
-        # Too few blanks to place the threshold: no gate (the card says so).
-        detection = None
-    else:
-        detection = fit_detection_threshold(fit['detection_snr'], is_blank,
-                                            blank_recall=blank_recall,
-                                            max_sources_below=max_sources_below)
-    calibration = {'psf_leakage': psf_leakage, 'size_bias': size_bias,
-                   'flux_bias': flux_bias, 'detection': detection}
-    if not return_images:
-        return calibration
-    images = fit['images']
-    _apply_detection(images, fit['detection_snr'], detection)
-    return calibration, images
-
-
 def correct_flux_bias(flux, flux_err, flux_bias):
-    """Apply a fitted flux-bias correction (see `fit_flux_bias`).
+    """Apply a fitted flux-bias correction (see `~psfdeconv.calibrate.fit_flux_bias`).
 
     Parameters
     ----------
     flux, flux_err : `~numpy.ndarray` or `~astropy.units.Quantity`
         Recovered fluxes and errors.
     flux_bias : dict or None
-        From `fit_flux_bias` or `calibrate_flux_bias` (a model card's
+        From `~psfdeconv.calibrate.fit_flux_bias` (a model card's
         ``flux_bias``); `None` returns the flux unchanged. With
         ``'per_band_coefficients'`` and a last axis of that many bands,
         each band gets its own correction.
@@ -627,7 +319,7 @@ def correct_flux_bias(flux, flux_err, flux_bias):
     ratio_values = np.asarray(getattr(flux, 'value', flux), dtype=float)
     err_values = np.asarray(getattr(flux_err, 'value', flux_err),
                             dtype=float)
-    log_snr = np.clip(_log_snr(ratio_values, err_values), low, high)
+    log_snr = np.clip(log10_snr(ratio_values, err_values), low, high)
     factor = np.where(ratio_values > 0, c0 + c1 * log_snr + c2 * log_snr**2,
                       1.0)
     return flux * factor
@@ -649,9 +341,8 @@ def remove_output_floor(output, method):
         median; 'outer' the median of its pixels farther than 7/16 of the
         stamp side from the centre (the corners and the middle of the
         edges). A large galaxy fills more than half of the stamp above the
-        floor, so the whole-stamp median takes a slice of its wings (3-4 %
-        of the flux of galaxies with half-light radii of 6-8 pixels on
-        64-pixel stamps); the outer pixels are the stamp's empty sky.
+        floor, so the whole-stamp median takes a slice of its wings; the
+        outer pixels are the stamp's empty sky.
 
     Returns
     -------
@@ -690,7 +381,7 @@ SYMMETRY_COUNTS = (1, 2, 4, 8)
 _SYMMETRY_TRANSFORMS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
-def _check_symmetries(symmetries, model=None):
+def check_symmetries(symmetries, model=None):
     """The number of symmetries to average over: ``symmetries``, or the
     model card's (1 for a card without one) if None; a
     `~psfdeconv.exceptions.ConfigError` unless it is 1, 2, 4 or 8."""
@@ -702,16 +393,6 @@ def _check_symmetries(symmetries, model=None):
     return symmetries
 
 
-def _square_symmetry(array, transform, *, inverse=False):
-    """Symmetry ``transform`` (0-7) of the square on the last two axes."""
-    if inverse:
-        if transform >= 4:
-            array = array[..., ::-1]
-        return np.rot90(array, k=-(transform % 4), axes=(-2, -1))
-    array = np.rot90(array, k=transform % 4, axes=(-2, -1))
-    return array[..., ::-1] if transform >= 4 else array
-
-
 def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
                      batch_size=128):
     """Network output averaged over symmetries of the square.
@@ -721,10 +402,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
     augmentation). The input channels are convolutions with centred
     kernels, which commute with these symmetries, so every copy is an
     equally valid view of the same object; averaging them removes the part
-    of the network's error that is not symmetric (on the held-out test set,
-    8 symmetries lower the ellipticity RMS by 3 %, raise the PSNR by
-    0.3 dB and cut the HSM failures from 6.7 to 6.0 %), for that many
-    network calls.
+    of the network's error that is not symmetric, for that many network
+    calls (:doc:`/benchmarks` gives the gain and the cost).
 
     Parameters
     ----------
@@ -745,7 +424,7 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
     """
     from .features import make_cube
 
-    transforms = _SYMMETRY_TRANSFORMS[_check_symmetries(symmetries)]
+    transforms = _SYMMETRY_TRANSFORMS[check_symmetries(symmetries)]
     n = stamps.shape[0]
     output = np.zeros(stamps.shape, dtype=np.float32)
     # Features in chunks keep the FFT buffers bounded for large n.
@@ -757,8 +436,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
         # turned cube: built once, turned for each view.
         planes = np.moveaxis(cube, -1, 1)
         for transform in transforms:
-            view = np.ascontiguousarray(np.moveaxis(_square_symmetry(planes, transform), 1, -1))
-            output[sl] += _square_symmetry(model.predict(view, batch_size=batch_size),
+            view = np.ascontiguousarray(np.moveaxis(square_symmetry(planes, transform), 1, -1))
+            output[sl] += square_symmetry(model.predict(view, batch_size=batch_size),
                                            transform, inverse=True)
     output /= len(transforms)
     return output
@@ -783,124 +462,6 @@ def psf_ellipticity(psfs):
     return moments['e1'], moments['e2']
 
 
-def shear_images(images, g1, g2):
-    """Shear images about their centroids (an area-preserving shear).
-
-    Each image ``I`` becomes ``I(S^-1 x)`` with the area-preserving shear
-    ``S = [[1 + g1, g2], [g2, 1 - g1]] / sqrt(1 - g1**2 - g2**2)`` (x along
-    columns) about its light centroid, by cubic-spline interpolation,
-    clipped at 0. A round image acquires the distortion ``2 g / (1 + g**2)``.
-    Images with no positive flux are returned unchanged.
-
-    Parameters
-    ----------
-    images : `~numpy.ndarray`
-        (..., ny, nx).
-    g1, g2 : `~numpy.ndarray` or float
-        Reduced shear per image, broadcastable to ``images.shape[:-2]``,
-        ``g1**2 + g2**2 < 1``.
-
-    Returns
-    -------
-    `~numpy.ndarray`
-        The sheared images, same shape and dtype.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.deconvolve import shear_images
-    >>> from psfdeconv.measure import image_moments
-    >>> y, x = np.mgrid[:48, :48]
-    >>> round_image = np.exp(-0.5 * ((x - 24)**2 + (y - 24)**2) / 3.0**2)
-    >>> sheared = shear_images(round_image, 0.05, 0.0)
-    >>> round(float(image_moments(sheared)['e1']), 3)  # 2 g / (1 + g^2)
-    0.1
-    """
-    images = np.asarray(images)
-    leading = images.shape[:-2]
-    g1 = np.broadcast_to(np.asarray(g1, dtype=float), leading)
-    g2 = np.broadcast_to(np.asarray(g2, dtype=float), leading)
-    if np.any(g1**2 + g2**2 >= 1):
-        raise InvalidInputError('shear_images needs g1**2 + g2**2 < 1.')
-    # The inverse shear S(-g) in (row, column) order, (..., 2, 2).
-    inverse = np.stack([np.stack([1 + g1, -g2], axis=-1),
-                        np.stack([-g2, 1 - g1], axis=-1)], axis=-2)
-    inverse /= np.sqrt(1 - g1**2 - g2**2)[..., None, None]
-    return _transform_about_centroids(images, inverse, np.ones(leading))
-
-
-def _transform_about_centroids(images, inverse, flux_scale):
-    """``flux_scale * I(A^-1 (x - c) + c)`` about each image's light centroid
-    ``c``, cubic spline, clipped at 0.
-
-    ``inverse`` (..., 2, 2) is ``A^-1`` in (row, column) order, as
-    `scipy.ndimage.affine_transform` maps output to input positions;
-    images whose ``inverse`` is the identity, or without a centroid, are
-    returned unchanged.
-    """
-    from scipy import ndimage
-
-    from .measure import image_moments
-
-    moments = image_moments(images)
-    out = np.array(images, copy=True)
-    identity = np.eye(2)
-    for index in np.ndindex(images.shape[:-2]):
-        centre = np.array([moments['y'][index], moments['x'][index]])
-        if not np.all(np.isfinite(centre)) or np.array_equal(inverse[index], identity):
-            continue
-        out[index] = ndimage.affine_transform(images[index], inverse[index],
-                                              offset=centre - inverse[index] @ centre,
-                                              order=3, mode='constant') * flux_scale[index]
-    return np.clip(out, 0, None)
-
-
-def dilate_images(images, dilation):
-    """Dilate images about their centroids, conserving their sums.
-
-    Each image ``I`` becomes ``I((x - c) / f + c) / f**2`` with
-    ``f = 1 + dilation`` about its light centroid ``c``, by cubic-spline
-    interpolation, clipped at 0: every size scales by ``f``. Images with no
-    positive flux, or a dilation of 0, are returned unchanged.
-
-    Parameters
-    ----------
-    images : `~numpy.ndarray`
-        (..., ny, nx).
-    dilation : `~numpy.ndarray` or float
-        ``f - 1`` per image, broadcastable to ``images.shape[:-2]``,
-        ``f > 0``.
-
-    Returns
-    -------
-    `~numpy.ndarray`
-        The dilated images, same shape and dtype.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.deconvolve import dilate_images
-    >>> from psfdeconv.measure import image_moments
-    >>> y, x = np.mgrid[:48, :48]
-    >>> round_image = np.exp(-0.5 * ((x - 24)**2 + (y - 24)**2) / 3.0**2)
-    >>> larger = dilate_images(round_image, 0.2)
-    >>> ratio = image_moments(larger)['size'] / image_moments(round_image)['size']
-    >>> print(f'{float(ratio):.3f}')
-    1.200
-    """
-    images = np.asarray(images)
-    leading = images.shape[:-2]
-    factor = 1.0 + np.broadcast_to(np.asarray(dilation, dtype=float), leading)
-    if np.any(~(factor > 0)):
-        raise InvalidInputError('dilate_images needs dilation > -1.')
-    inverse = np.eye(2) / factor[..., None, None]
-    return _transform_about_centroids(images, inverse, 1.0 / factor**2)
-
-
-#: Bins of true signal-to-noise ratio `fit_size_bias` nulls the mean size bias in.
-_SIZE_BIAS_BINS = 12
-#: Fewest measurable objects a size-bias correction is fitted on.
-_MIN_SIZE_OBJECTS = 100
 #: Range of the size correction factor (it is not extrapolated beyond).
 _SIZE_FACTOR_RANGE = (0.5, 2.0)
 
@@ -908,98 +469,13 @@ _SIZE_FACTOR_RANGE = (0.5, 2.0)
 def _size_factor(flux, flux_err, size_bias):
     c0, c1, c2 = size_bias['coefficients']
     low, high = size_bias['log_snr_range']
-    log_snr = np.clip(_log_snr(flux, flux_err), low, high)
+    log_snr = np.clip(log10_snr(flux, flux_err), low, high)
     factor = np.clip(c0 + c1 * log_snr + c2 * log_snr**2, *_SIZE_FACTOR_RANGE)
     return np.where(np.asarray(flux) > 0, factor, 1.0)
 
 
-def fit_size_bias(output, truth, flux, flux_err, *, snr_range=(1.0, 3.0)):
-    """Fit the size-bias correction on simulations.
-
-    The network draws faint galaxies too large (by a third, on average,
-    for the faintest twelfth of the test galaxies, true signal-to-noise
-    ratio below about 7). The correction dilates each band image
-    about its centroid by ``f = c0 + c1 L + c2 L**2`` with
-    ``L = log10(flux / flux_err)`` of the amplitude refit clipped to
-    ``snr_range``; the coefficients are chosen, as in `fit_flux_bias`, so
-    that the mean ratio of the corrected to the true HSM size (adaptive
-    sigma, `~psfdeconv.measure.hsm_moments`) is 1 in each of up to 12 bins
-    (quantiles) of the true signal-to-noise ratio ``true flux / flux_err``
-    (least squares over the bins; a dilation by ``f`` scales that ratio by
-    ``f``).
-
-    Parameters
-    ----------
-    output : `~numpy.ndarray`
-        Deconvolved images of simulated sources (n, n_bands, ny, nx), any
-        amplitude.
-    truth : `~numpy.ndarray`
-        Their true images, same shape.
-    flux, flux_err : `~numpy.ndarray`
-        (n, n_bands), the amplitude refit's flux and error of ``output``.
-    snr_range : tuple of float, optional
-        Range of ``L`` the correction uses (and clips to).
-
-    Returns
-    -------
-    dict or None
-        ``{'coefficients': [c0, c1, c2], 'log_snr_range': [...], 'form':
-        ..., 'n_objects': ..., 'n_bins': ...}``, or None where fewer than
-        100 object-bands have an HSM size on both images.
-
-    Examples
-    --------
-    Images drawn 20 % too large at every signal-to-noise ratio:
-
-    >>> import numpy as np
-    >>> from psfdeconv.deconvolve import dilate_images, fit_size_bias
-    >>> rng = np.random.default_rng(0)
-    >>> y, x = np.mgrid[:32, :32]
-    >>> sigma = rng.uniform(2.0, 4.0, (150, 1))
-    >>> truth = np.exp(-0.5 * ((x - 16)**2 + (y - 16)**2) / sigma[..., None, None]**2)
-    >>> flux = rng.uniform(10, 1000, (150, 1))
-    >>> bias = fit_size_bias(dilate_images(truth, 0.2), truth, flux, np.ones((150, 1)))
-    >>> c0, c1, c2 = bias['coefficients']
-    >>> print(f'{c0 + c1 * 2 + c2 * 4:.2f}')  # the factor at SNR 100: 1 / 1.2
-    0.83
-    """
-    from .measure import hsm_moments
-
-    flux = np.asarray(flux, dtype=float)
-    flux_err = np.asarray(flux_err, dtype=float)
-    measured = hsm_moments(output)
-    true = hsm_moments(truth)
-    ratio = measured['hsm_sigma'] / true['hsm_sigma']
-    true_flux = truth.sum(axis=(-2, -1), dtype=np.float64)
-    log_snr = _log_snr(flux, flux_err)
-    use = (np.isfinite(ratio) & np.isfinite(log_snr) & (flux > 0) &
-           (true_flux > 0) & (flux_err > 0))
-    if use.sum() < _MIN_SIZE_OBJECTS:
-        return None
-    ratio, flux_err, true_flux = ratio[use], flux_err[use], true_flux[use]
-    log_snr = np.clip(log_snr[use], *snr_range)
-    true_log_snr = _log_snr(true_flux, flux_err)
-    n_bins = min(_SIZE_BIAS_BINS, max(1, use.sum() // 30))
-    edges = np.quantile(true_log_snr, np.linspace(0, 1, n_bins + 1))
-    index = np.clip(np.searchsorted(edges, true_log_snr, side='right') - 1,
-                    0, n_bins - 1)
-    design = np.array([[np.mean(ratio[index == k] * log_snr[index == k] ** p)
-                        for p in range(3)] for k in range(n_bins)
-                       if np.any(index == k)])
-    coefficients = np.linalg.lstsq(design, np.ones(len(design)), rcond=None)[0]
-    return {
-        'coefficients': [float(c) for c in coefficients],
-        'log_snr_range': [float(v) for v in snr_range],
-        'form': ('images dilated about their centroids by f = c0 + c1 L + c2 L^2, '
-                 'L = log10(flux / flux_err) clipped to log_snr_range; mean corrected / '
-                 'true HSM size = 1 in bins of true flux / flux_err'),
-        'n_objects': int(use.sum()),
-        'n_bins': int(len(design)),
-    }
-
-
 def correct_size_bias(output, flux, flux_err, size_bias):
-    """Apply a fitted size-bias correction (see `fit_size_bias`).
+    """Apply a fitted size-bias correction (see `~psfdeconv.calibrate.fit_size_bias`).
 
     Parameters
     ----------
@@ -1023,71 +499,6 @@ def correct_size_bias(output, flux, flux_err, size_bias):
     return dilate_images(output, factor - 1.0)
 
 
-def fit_psf_leakage(output, truth, psfs):
-    """Fit the PSF ellipticity that deconvolved images keep (leakage).
-
-    The leakage is the slope of the ellipticity error against the PSF's
-    ellipticity, :math:`\\alpha = \\sum (e - e_{\\rm true}) \\cdot e_{\\rm PSF} /
-    \\sum e_{\\rm PSF} \\cdot e_{\\rm PSF}` (unweighted moments, spin-2 dot
-    product, bands pooled), the additive PSF bias of weak-lensing shear
-    calibration. `correct_psf_leakage` shears each band image by
-    :math:`g = -\\alpha' e_{\\rm PSF} / 2`; the response of the moments to
-    that shear is measured by applying it once and refitting, so
-    :math:`\\alpha'` is the shear that nulls the leakage (linear
-    response).
-
-    Parameters
-    ----------
-    output : `~numpy.ndarray`
-        Network outputs (floor removed) of simulated sources, (n, n_bands,
-        ny, nx); no blanks.
-    truth : `~numpy.ndarray`
-        Their true images, same shape.
-    psfs : `~numpy.ndarray`
-        Their PSFs, (n, n_bands, py, px).
-
-    Returns
-    -------
-    dict
-        ``{'alpha': alpha', 'measured_leakage': alpha, 'residual_leakage':
-        ..., 'n_objects': ..., 'form': ...}`` for a model card's
-        ``psf_leakage``.
-    """
-    from .measure import image_moments
-
-    psf_e1, psf_e2 = (np.nan_to_num(e) for e in psf_ellipticity(psfs))
-    true = image_moments(truth)
-
-    def leakage(alpha):
-        # sum((e - e_true) . e_PSF) / sum(e_PSF . e_PSF) over the objects with
-        # finite moments, after the shear of alpha; 0 where the PSFs are all
-        # round (ellipticities of 1e-6 are rounding noise): no correction.
-        pred = image_moments(output if alpha == 0 else
-                             shear_images(output, -alpha * psf_e1 / 2, -alpha * psf_e2 / 2))
-        d1 = pred['e1'] - true['e1']
-        d2 = pred['e2'] - true['e2']
-        ok = np.isfinite(d1) & np.isfinite(d2)
-        norm = np.sum(psf_e1[ok]**2 + psf_e2[ok]**2)
-        if not norm > 1e-12 * ok.sum():
-            return 0.0, int(ok.sum())
-        return float(np.sum(d1[ok] * psf_e1[ok] + d2[ok] * psf_e2[ok]) / norm), int(ok.sum())
-
-    measured, n_objects = leakage(0.0)
-    if n_objects < 10:
-        raise InvalidInputError(f'only {n_objects} object(s) have finite moments; '
-                                f'the PSF-leakage fit needs at least 10.')
-    once = leakage(measured)[0]
-    # The shear changed the leakage by (measured - once); scale it to null it.
-    response = (measured - once) / measured if measured else 1.0
-    alpha = measured / response if response > 0 else measured
-    residual = leakage(alpha)[0]
-    return {'alpha': float(alpha), 'measured_leakage': float(measured),
-            'residual_leakage': float(residual), 'n_objects': n_objects,
-            'form': 'each band image sheared by g = -alpha e_PSF / 2 about its '
-                    'centroid, e_PSF the unweighted-moment distortion of the '
-                    'band PSF'}
-
-
 def correct_psf_leakage(output, psfs, psf_leakage):
     """Remove the PSF ellipticity the network leaves in its output.
 
@@ -1098,7 +509,7 @@ def correct_psf_leakage(output, psfs, psf_leakage):
     psfs : `~numpy.ndarray`
         PSFs, (n, n_bands, py, px).
     psf_leakage : dict or None
-        From `fit_psf_leakage` (a model card's ``psf_leakage``); None
+        From `~psfdeconv.calibrate.fit_psf_leakage` (a model card's ``psf_leakage``); None
         returns ``output`` unchanged.
 
     Returns
@@ -1114,8 +525,25 @@ def correct_psf_leakage(output, psfs, psf_leakage):
     return shear_images(output, -alpha * psf_e1 / 2, -alpha * psf_e2 / 2)
 
 
-def _refit(output, stamps, psfs, noise_sigma):
-    """The amplitude refit of `deconvolve_stamps`: images and fluxes."""
+def refit_images(output, stamps, psfs, noise_sigma):
+    """The amplitude refit of `deconvolve_stamps`: images and fluxes.
+
+    Parameters
+    ----------
+    output : `~numpy.ndarray`
+        Network outputs (corrections applied), (n, n_bands, ny, nx).
+    stamps, psfs : `~numpy.ndarray`
+        As returned by `validate_stamps`.
+    noise_sigma : `~numpy.ndarray` or None
+        (n, n_bands); None estimates it from the residuals.
+
+    Returns
+    -------
+    dict
+        ``'images'`` (the refitted images), ``'amplitude'``,
+        ``'amplitude_err'``, ``'noise_sigma'``, ``'flux'``, ``'flux_err'``
+        (each (n, n_bands)) and ``'detection_snr'`` (n,).
+    """
     amplitude, amplitude_err, noise_sigma = refit_amplitude(
         output, stamps, psfs, noise_sigma=noise_sigma)
     total = output.sum(axis=(-2, -1), dtype=np.float64)
@@ -1223,9 +651,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
             f'size.')
     target_kernels = (None if target_psf is None else target_psf_images(
         target_psf, pixel_scale, len(stamps), stamps.shape[-2:]))
-    outside = _check_training_range(model, pixel_scale, psfs, strict=strict)
+    outside = check_training_range(model, pixel_scale, psfs, strict=strict)
     output = symmetric_output(model, stamps, psfs, pixel_scale,
-                              symmetries=_check_symmetries(symmetries, model),
+                              symmetries=check_symmetries(symmetries, model),
                               batch_size=batch_size)
     output = remove_output_floor(output, model.card.get('output_floor'))
     if noise_sigma is not None:
@@ -1234,13 +662,13 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     size_bias = model.card.get('size_bias')
     if size_bias:
         # The dilation depends on the refit's SNR; the images are refitted after it.
-        first = _refit(output, stamps, psfs, noise_sigma)
+        first = refit_images(output, stamps, psfs, noise_sigma)
         output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
     output = correct_psf_leakage(output, psfs, model.card.get('psf_leakage'))
-    fit = _refit(output, stamps, psfs, noise_sigma)
+    fit = refit_images(output, stamps, psfs, noise_sigma)
     images = fit.pop('images')
-    detected = _apply_detection(images, fit['detection_snr'],
-                                model.card.get('detection'))
+    detected = apply_detection(images, fit['detection_snr'],
+                               model.card.get('detection'))
     if target_kernels is not None:
         images = convolve_to_target(images, target_kernels)
     if not return_details:
@@ -1259,19 +687,29 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
 
 
 def psf_fwhm(psfs, pixel_scale):
-    """FWHM of PSF images in arcsec, from the area above half the peak.
+    """FWHM of PSF images in arcsec (`galsim.Image.calculateFWHM`).
 
-    ``2 sqrt(A / pi)`` for the area A of the pixels above half the maximum:
-    exact for a circular, well-sampled profile, and robust to the wings
-    (Moffat) that make second moments diverge. Below ~3 pixels of FWHM the
-    pixelisation makes it uncertain by ~0.5 pixel.
+    Each PSF is first averaged over the eight symmetries of the square about
+    its centre pixel (`~psfdeconv.transforms.square_symmetry`), which makes
+    an elliptical PSF round with the mean of its axes' half-maximum radii;
+    GalSim then takes the radius at which the pixel values, sorted by their
+    distance from the centre, fall below half the peak, interpolated
+    between pixels. Unlike a count of the pixels above half the peak, this
+    resolves sub-pixel differences (2.0, 2.3 and 2.6 pixels). It measures
+    the pixelated image, so a PSF only a few pixels wide comes out broader
+    than its intrinsic profile by up to a quarter of a pixel.
 
     Parameters
     ----------
     psfs : array-like
-        Shape (..., py, px).
+        Shape (..., py, px), odd sizes, centred.
     pixel_scale : float or array-like
         arcsec/pixel, broadcastable to ``psfs.shape[:-2]``.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        Shape ``psfs.shape[:-2]``, arcsec.
 
     Examples
     --------
@@ -1281,10 +719,19 @@ def psf_fwhm(psfs, pixel_scale):
     >>> print(f'{psf_fwhm(image.array, 0.1):.1f}')
     0.8
     """
+    import galsim
+
     psfs = np.asarray(psfs, dtype=np.float64)
-    peak = psfs.max(axis=(-2, -1), keepdims=True)
-    area = (psfs > 0.5 * peak).sum(axis=(-2, -1))
-    return 2.0 * np.sqrt(area / np.pi) * np.asarray(pixel_scale, dtype=np.float64)
+    py, px = psfs.shape[-2:]
+    side = max(py, px)
+    pad = [(0, 0)] * (psfs.ndim - 2) + [((side - py) // 2,) * 2, ((side - px) // 2,) * 2]
+    square = np.pad(psfs, pad)
+    round_psfs = np.mean([square_symmetry(square, t) for t in range(8)], axis=0)
+    fwhm_pixels = np.empty(psfs.shape[:-2])
+    for index in np.ndindex(psfs.shape[:-2]):
+        image = galsim.Image(np.ascontiguousarray(round_psfs[index]), scale=1.0)
+        fwhm_pixels[index] = image.calculateFWHM()
+    return fwhm_pixels * np.asarray(pixel_scale, dtype=np.float64)
 
 
 def outside_training_range(model, pixel_scale, psfs=None):
@@ -1293,8 +740,8 @@ def outside_training_range(model, pixel_scale, psfs=None):
     Parameters
     ----------
     model : `~psfdeconv.model.DeconvolutionModel`
-        Its card's ``training.simulation_config`` gives the ranges of the
-        pixel scale and of the PSF FWHM.
+        Its card gives the ranges of the pixel scale and of the PSF FWHM
+        (`~psfdeconv.model.training_ranges`).
     pixel_scale : array-like
         arcsec/pixel, shape (n,).
     psfs : array-like, optional
@@ -1309,11 +756,13 @@ def outside_training_range(model, pixel_scale, psfs=None):
     reasons : list of str
         One sentence per range that is left, naming a value and the range.
     """
-    sim = model.card.get('training', {}).get('simulation_config', {}) or {}
+    from .model import training_ranges
+
+    pixel_scale_range, fwhm_range = training_ranges(model.card)
     pixel_scale = np.atleast_1d(np.asarray(pixel_scale, dtype=np.float64))
     outside = np.zeros(pixel_scale.shape, dtype=bool)
     reasons = []
-    low, high = sim.get('pixel_scale_range', (None, None))
+    low, high = pixel_scale_range or (None, None)
     if low is not None:
         bad = (pixel_scale < low) | (pixel_scale > high)
         if bad.any():
@@ -1321,13 +770,12 @@ def outside_training_range(model, pixel_scale, psfs=None):
             reasons.append(f'{int(bad.sum())} stamp(s) have pixel scales outside '
                            f'the trained range [{low}, {high}] arcsec/pixel (e.g. '
                            f'{pixel_scale[bad][0]:.3f})')
-    low, high = sim.get('psf_fwhm_range', (None, None))
+    low, high = fwhm_range or (None, None)
     if low is not None and psfs is not None:
         scale = pixel_scale[:, None]
         fwhm = psf_fwhm(psfs, scale)
-        # The estimate is good to ~15 % when the FWHM spans a few pixels
-        # (sheared PSFs included) and to ~a pixel below that (pixelisation
-        # of the half-maximum area).
+        # The leeway covers the pixelisation of the estimate (up to a
+        # quarter of a pixel) and the PSF's centring.
         bad_band = ((fwhm < low - np.maximum(0.15 * low, scale)) |
                     (fwhm > high + np.maximum(0.15 * high, scale)))
         bad = bad_band.any(axis=1)
@@ -1339,7 +787,11 @@ def outside_training_range(model, pixel_scale, psfs=None):
     return outside, reasons
 
 
-def _check_training_range(model, pixel_scale, psfs, *, strict):
+def check_training_range(model, pixel_scale, psfs, *, strict):
+    """`outside_training_range`, raised as a
+    `~psfdeconv.exceptions.PixelScaleError` with ``strict``, else warned as an
+    `~psfdeconv.exceptions.OutsideTrainingRangeWarning`; returns the (n,)
+    bool array of stamps outside."""
     import warnings
 
     from .exceptions import OutsideTrainingRangeWarning

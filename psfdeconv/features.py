@@ -29,7 +29,7 @@ import numpy as np
 
 from ._fourier import gaussian_fft, image_fft, inverse_fft, kernel_fft, padded_shape
 
-__all__ = ['KINDS', 'make_channels', 'make_cube', 'cube_scale',
+__all__ = ['KINDS', 'check_kinds', 'make_channels', 'make_cube', 'cube_scale',
            'inverse_filter_fft']
 
 #: The three kinds of input channel, in the order they are stacked.
@@ -43,7 +43,9 @@ DEFAULT_REGULARIZATION_IPSF1 = 1e-6
 DEFAULT_GAUSSIAN_SIGMA_ARCSEC = 1.0
 
 
-def _check_kinds(kinds):
+def check_kinds(kinds):
+    """The kinds of input channels in the canonical order of `KINDS`; a
+    `~psfdeconv.exceptions.ConfigError` unless they are distinct members of it."""
     from .exceptions import ConfigError
 
     kinds = tuple(kinds)
@@ -117,7 +119,7 @@ def make_channels(stamps, psfs, *, pixel_scale, kinds=KINDS,
     >>> bool(np.allclose(channels[:, 0], stamps, atol=1e-5))
     True
     """
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     stamps = np.asarray(stamps, dtype=np.float64)
     psfs = np.asarray(psfs, dtype=np.float64)
     image_shape = stamps.shape[-2:]

@@ -23,7 +23,8 @@ import numpy as np
 from astropy import units as u
 from astropy.table import QTable
 
-from .exceptions import InvalidInputError, InvalidPixelsError, PixelScaleError, ShapeMismatchError
+from ._validation import as_image_array, broadcast_pixel_scale, check_band_names
+from .exceptions import InvalidInputError, ShapeMismatchError
 
 __all__ = ['image_moments', 'hsm_moments', 'windowed_centroid', 'measure_table',
            'snr']
@@ -45,88 +46,6 @@ _MOMENT_DEFINITIONS = {
 
 _HSM_FAILED = -1       # GalSim's own failure code
 _HSM_NONPOSITIVE = -2  # GalSim "converged" on a negative-amplitude fit
-
-
-def _as_image_array(images, name, *, min_ndim=2):
-    """Return ``(float64 array, unit or None)`` after checking shape and
-    pixels; a `~astropy.units.Quantity` loses its unit to the second item.
-    """
-    unit = None
-    if isinstance(images, u.Quantity):
-        unit = images.unit
-        images = images.value
-    try:
-        array = np.asarray(images, dtype=float)
-    except (TypeError, ValueError) as exc:
-        msg = (f'{name} must be a numeric array, got '
-               f'{type(images).__name__}; pass a numpy array of floats.')
-        raise InvalidInputError(msg) from exc
-    if array.ndim < min_ndim:
-        msg = (f'{name} must have at least {min_ndim} dimensions '
-               f'(..., ny, nx), got shape {array.shape}; pass a 2-D image '
-               f'or a stack of them.')
-        raise ShapeMismatchError(msg)
-    if array.shape[-1] == 0 or array.shape[-2] == 0:
-        msg = f'{name} has empty images, shape {array.shape}.'
-        raise ShapeMismatchError(msg)
-    bad = ~np.isfinite(array)
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        msg = (f'{name} has {int(bad.sum())} non-finite (NaN or inf) '
-               f'pixel(s), the first at index {first}; replace or mask '
-               f'them (e.g. set to 0 after background subtraction) '
-               f'before measuring.')
-        raise InvalidPixelsError(msg)
-    return array, unit
-
-
-def _pixel_scale_arcsec(pixel_scale, name='pixel_scale'):
-    """Pixel scales as a float array in arcsec/pixel (no shape checks).
-
-    Accepts floats (arcsec/pixel) or a Quantity in angle/pixel or angle;
-    anything else is a `~psfdeconv.exceptions.PixelScaleError` naming the
-    value and the units to use.
-    """
-    if isinstance(pixel_scale, u.Quantity):
-        try:
-            value = pixel_scale.to_value(u.arcsec / u.pix)
-        except u.UnitConversionError:
-            try:
-                value = pixel_scale.to_value(u.arcsec)
-            except u.UnitConversionError as exc:
-                msg = (f'{name} has unit {pixel_scale.unit!s}; give it in '
-                       f'arcsec/pixel (e.g. 0.2 * u.arcsec / u.pix) or as '
-                       f'a plain float in arcsec/pixel.')
-                raise PixelScaleError(msg) from exc
-    else:
-        value = pixel_scale
-    try:
-        return np.asarray(value, dtype=float)
-    except (TypeError, ValueError) as exc:
-        msg = (f'{name} must be a number in arcsec/pixel, got '
-               f'{pixel_scale!r}.')
-        raise PixelScaleError(msg) from exc
-
-
-def _pixel_scale_value(pixel_scale, leading_shape, name='pixel_scale'):
-    """Pixel scale in arcsec/pixel as floats broadcast to ``leading_shape``.
-
-    Accepts floats (arcsec/pixel) or a Quantity in angle/pixel or angle.
-    """
-    value = _pixel_scale_arcsec(pixel_scale, name)
-    if not np.all(np.isfinite(value) & (value > 0)):
-        msg = (f'{name} must be positive and finite (arcsec/pixel), got '
-               f'{pixel_scale!r}.')
-        raise PixelScaleError(msg)
-    try:
-        return np.broadcast_to(value, leading_shape)
-    except ValueError as exc:
-        msg = (f'{name} of shape {value.shape} does not broadcast to the '
-               f'images\' leading shape {leading_shape}; give a scalar or '
-               f'an array of that shape (numpy broadcasting aligns trailing '
-               f'axes: per-object scales for (n, n_bands) stamps need shape '
-               f'(n, 1)).')
-        raise ShapeMismatchError(msg) from exc
 
 
 def image_moments(images, *, pixel_scale=None):
@@ -196,7 +115,7 @@ def image_moments(images, *, pixel_scale=None):
     >>> print(f"{m['x']:.2f} {m['y']:.2f} {m['e1']:.3f} {m['size']:.3f}")
     30.00 33.00 0.600 0.894
     """
-    data, _ = _as_image_array(images, 'images')
+    data, _ = as_image_array(images, 'images')
     ny, nx = data.shape[-2:]
     leading = data.shape[:-2]
     xs = np.arange(nx, dtype=float)
@@ -229,7 +148,7 @@ def image_moments(images, *, pixel_scale=None):
         size = np.where(valid, np.sqrt(np.abs(safe_trace)), np.nan)
 
     if pixel_scale is not None:
-        size = size * _pixel_scale_value(pixel_scale, leading)
+        size = size * broadcast_pixel_scale(pixel_scale, leading)
 
     return {
         'flux': np.asarray(flux, dtype=float),
@@ -303,7 +222,7 @@ def hsm_moments(images, *, pixel_scale=None, guess_sigma=5.0):
     """
     import galsim
 
-    data, _ = _as_image_array(images, 'images')
+    data, _ = as_image_array(images, 'images')
     if not (np.isfinite(guess_sigma) and guess_sigma > 0):
         msg = (f'guess_sigma must be a positive number of pixels, got '
                f'{guess_sigma!r}.')
@@ -337,7 +256,7 @@ def hsm_moments(images, *, pixel_scale=None, guess_sigma=5.0):
 
     out = {key: value.reshape(leading) for key, value in out.items()}
     if pixel_scale is not None:
-        out['hsm_sigma'] = out['hsm_sigma'] * _pixel_scale_value(pixel_scale, leading)
+        out['hsm_sigma'] = out['hsm_sigma'] * broadcast_pixel_scale(pixel_scale, leading)
     out['hsm_status'] = status.reshape(leading)
     return out
 
@@ -439,7 +358,7 @@ def snr(images_noiseless, noise_sigma):
     >>> print(np.round(snr(image, 3.0), 2))
     [10. 20.]
     """
-    data, unit = _as_image_array(images_noiseless, 'images_noiseless')
+    data, unit = as_image_array(images_noiseless, 'images_noiseless')
     if isinstance(noise_sigma, u.Quantity):
         if unit is None:
             msg = (f'noise_sigma has unit {noise_sigma.unit!s} but the '
@@ -464,31 +383,6 @@ def snr(images_noiseless, noise_sigma):
                f'the images\' leading shape {leading}.')
         raise ShapeMismatchError(msg) from exc
     return np.sqrt(np.sum(data**2, axis=(-2, -1))) / sigma
-
-
-def _band_names(bands, n_bands):
-    if bands is None:
-        return tuple(f'b{i}' for i in range(n_bands))
-    bands = tuple(str(b) for b in bands)
-    if len(bands) != n_bands:
-        msg = (f'bands has {len(bands)} name(s) {bands} but the images '
-               f'have {n_bands} band(s); give one name per band.')
-        raise ShapeMismatchError(msg)
-    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
-        msg = (f'band names must be distinct identifiers (letters, digits, '
-               f'underscores), got {bands}.')
-        raise InvalidInputError(msg)
-    return bands
-
-
-def _object_pixel_scale(pixel_scale, n, n_bands):
-    """Per-object (n,) or per-band (n, n_bands) scales as (n, n_bands)."""
-    if not isinstance(pixel_scale, u.Quantity) and not isinstance(pixel_scale, str):
-        pixel_scale = np.asarray(pixel_scale)
-    shape = np.shape(pixel_scale)
-    if len(shape) == 1 and shape[0] == n:
-        pixel_scale = pixel_scale[:, None]
-    return _pixel_scale_value(pixel_scale, (n, n_bands))
 
 
 def measure_table(images, *, pixel_scale, bands=None, unit=None,
@@ -551,15 +445,15 @@ def measure_table(images, *, pixel_scale, bands=None, unit=None,
     >>> print(f"{t['e1_g'][0]:.3f} {t['x_r'][0]:.2f}")
     0.385 15.00 pix
     """
-    data, image_unit = _as_image_array(images, 'images')
+    data, image_unit = as_image_array(images, 'images')
     if data.ndim != 4:
         msg = (f'images must have shape (n, n_bands, ny, nx), got '
                f'{data.shape}; add a band axis with images[:, None] for '
                f'single-band stamps.')
         raise ShapeMismatchError(msg)
     n, n_bands = data.shape[:2]
-    band_names = _band_names(bands, n_bands)
-    scale = _object_pixel_scale(pixel_scale, n, n_bands)
+    band_names = check_band_names(bands, n_bands)
+    scale = broadcast_pixel_scale(pixel_scale, (n, n_bands), per_object=True)
     flux_unit = u.Unit(unit) if unit is not None else image_unit
 
     table = QTable()
@@ -597,7 +491,7 @@ def measure_table(images, *, pixel_scale, bands=None, unit=None,
             'HSM status: 0 ok, -1 failed, -2 non-positive fit')
 
     if psf_images is not None:
-        psf_data, _ = _as_image_array(psf_images, 'psf_images')
+        psf_data, _ = as_image_array(psf_images, 'psf_images')
         if psf_data.ndim != 4 or psf_data.shape[:2] != (n, n_bands):
             msg = (f'psf_images must have shape (n, n_bands, py, px) = '
                    f'({n}, {n_bands}, py, px) to match images, got '

@@ -34,8 +34,11 @@ from .exceptions import BandCountError, ConfigError, ModelFileError
 __all__ = ['build_cae', 'build_network', 'ARCHITECTURES',
            'DeconvolutionModel', 'load_model', 'save_model',
            'default_model_path', 'weights_sha256', 'file_sha256',
-           'MODEL_CARD_VERSION']
+           'MODEL_CARD_VERSION', 'make_card', 'calibrated_card', 'training_ranges',
+           'check_card_version']
 
+#: Version of the model card's layout, written by `save_model` and checked
+#: by `load_model` (a card of a later version is refused).
 MODEL_CARD_VERSION = 1
 DEFAULT_MODEL_NAME = 'unet_psf_ipsf_ipsf1'
 #: The shipped model for each number of bands (``psfdeconv/data/``).
@@ -181,7 +184,112 @@ def _card_path(model_path):
     return Path(model_path).with_suffix('.json')
 
 
-def _check_model_file(path, card):
+# --- The model card ---------------------------------------------------------------
+#
+# Every key of a card is written here: `make_card` (what training gives),
+# `calibrated_card` (what the calibration adds) and `save_model` (version and
+# checksums); `training_ranges` reads the ranges back.
+
+def make_card(*, architecture, architecture_config, input_kinds, n_bands, stamp_size,
+              features, output_floor, symmetries, training):
+    """The model card of a trained, not yet calibrated network.
+
+    Parameters
+    ----------
+    architecture : str
+        One of `ARCHITECTURES`.
+    architecture_config : dict
+        ``filters``, ``kernel_size`` and ``negative_slope`` of the network.
+    input_kinds : list of str
+        The input channels (`~psfdeconv.features.KINDS`).
+    n_bands, stamp_size : int
+        Bands and stamp side (pixels) of the network.
+    features : dict
+        Keyword arguments of `~psfdeconv.features.make_cube`.
+    output_floor : str or None
+        `~psfdeconv.deconvolve.remove_output_floor` method.
+    symmetries : int
+        Symmetries `~psfdeconv.deconvolve.symmetric_output` averages.
+    training : dict
+        The training record (configuration, simulation, split, history).
+
+    Returns
+    -------
+    dict
+    """
+    return {
+        'architecture': architecture,
+        'architecture_config': dict(architecture_config),
+        'input_kinds': list(input_kinds),
+        'n_bands': n_bands,
+        'stamp_size': stamp_size,
+        'features': dict(features),
+        'output_floor': output_floor,
+        'symmetries': symmetries,
+        'training': training,
+    }
+
+
+def calibrated_card(card, calibration, metrics):
+    """A card with its calibrations, validation metrics and training ranges.
+
+    Parameters
+    ----------
+    card : dict
+        From `make_card` (a ``name`` may have been added).
+    calibration : dict
+        ``psf_leakage``, ``size_bias``, ``flux_bias`` and ``detection``
+        (`~psfdeconv.calibrate.calibrate_card`).
+    metrics : dict
+        `~psfdeconv.calibrate.validation_metrics`.
+
+    Returns
+    -------
+    dict
+        A new card; the training ranges are repeated at its top
+        (``pixel_scale_range``, ``psf_fwhm_range_arcsec``) with
+        ``n_validation_objects``.
+    """
+    card = dict(card)
+    card.update(calibration)
+    card['metrics'] = metrics
+    card['pixel_scale_range'], card['psf_fwhm_range_arcsec'] = training_ranges(card)
+    card['n_validation_objects'] = card['training']['n_validation']
+    return card
+
+
+def training_ranges(card):
+    """The pixel scales (arcsec/pixel) and PSF FWHMs (arcsec) a model was
+    trained on, as ``(low, high)`` pairs (None where the card has none).
+
+    Read from the training simulation's configuration, or from the top of
+    the card for cards without one.
+    """
+    simulation = (card.get('training') or {}).get('simulation_config') or {}
+    pixel_scale = simulation.get('pixel_scale_range', card.get('pixel_scale_range'))
+    fwhm = simulation.get('psf_fwhm_range', card.get('psf_fwhm_range_arcsec'))
+    return pixel_scale, fwhm
+
+
+def check_card_version(card, path=None):
+    """Refuse a card of a later layout than `MODEL_CARD_VERSION`.
+
+    Cards without ``card_version`` (the minimal card of a bare ``.keras``
+    file) are read as the current version.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ModelFileError
+        If the card's version is later than this psfdeconv reads.
+    """
+    version = card.get('card_version', MODEL_CARD_VERSION)
+    if not isinstance(version, int) or version > MODEL_CARD_VERSION:
+        raise ModelFileError(f'the card of model {path or ""} has card_version = {version!r}, '
+                             f'but this psfdeconv reads versions up to '
+                             f'{MODEL_CARD_VERSION}; upgrade psfdeconv.')
+
+
+def check_model_file(path, card):
     """Everything Keras would misreport, checked before it sees the file."""
     if not path.exists():
         raise ModelFileError(f'model file {path} does not exist; give the '
@@ -344,7 +452,8 @@ def load_model(path=None, *, n_bands=None, verify=True):
     elif path.parent == default_model_path().parent:
         raise ModelFileError(f'the shipped model card {card_path} is missing;'
                              f' reinstall psfdeconv.')
-    _check_model_file(path, card if verify else {})
+    check_card_version(card, path)
+    check_model_file(path, card if verify else {})
 
     keras = _keras()
     try:

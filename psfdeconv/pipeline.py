@@ -6,172 +6,80 @@ deconvolved galaxies.
 `deconvolve_catalog` runs every stage for one set of exposures (one image
 per band of the same field):
 
-1. read the bands (`psfdeconv.io.read_exposure`; paths or NDData);
-2. a PSF model per band (`build_psfs`): an ePSF from the band's own stars
+1. read the bands (`psfdeconv.io.read_exposure_set`; paths or NDData);
+2. a PSF model per band (`psfdeconv.psf.build_psfs`): an ePSF from the band's own stars
    (`psfdeconv.psf.build_epsf`) unless a model, an array or a ``--psf``
    string is given;
 3. the source positions: given (sky or reference-band pixels), or detected
-   on the reference band with stars removed (`detect_galaxies`);
-4. background subtraction (the photutils mesh of `psfdeconv.psf`);
+   on the reference band with stars removed
+   (`psfdeconv.detection.detect_galaxies`);
+4. background subtraction (`psfdeconv.background.subtract_background`);
 5. band alignment: bands whose pixel grid differs from the reference
-   band's are reprojected onto it (`psfdeconv.cutouts.align_bands`), and
+   band's are reprojected onto it (`psfdeconv.cutouts.align_to_reference`), and
    their PSFs pushed through the same resampling
    (`psfdeconv.cutouts.resample_psf`);
 6. stamps of the model's size around each source in every band
    (`psfdeconv.cutouts.make_cutouts`; masked and off-image pixels are 0 and
    flagged), the pixels of other sources replaced by noise
-   (`neighbour_segments`, `replace_neighbours`), and the PSF of each source
-   rendered at its position (`psfdeconv.psf.render_psf`);
+   (`psfdeconv.detection.replace_neighbours`), and the PSF of each source
+   rendered at its position (`psfdeconv.psf.render_stamp_psfs`);
 7. deconvolution with the amplitude refit and flux-bias correction
    (`psfdeconv.deconvolve.deconvolve_stamps`);
 8. measurements of the deconvolved images (`psfdeconv.measure`).
 
 It returns a `~astropy.table.QTable` with one row per source and a list of
 `~astropy.nddata.NDData`, the deconvolved stamps with their WCS.
-`write_catalog` and `write_stamps` write them to FITS (`read_catalog` and
-`read_stamps` read them back).
+`psfdeconv.io.write_catalog` and `psfdeconv.io.write_stamps` write them to
+FITS (`run_exposure_set` does both, chunk by chunk).
 
-**Flags** (bits of the catalogue's ``flags`` column): the cutout flags of
-`psfdeconv.cutouts` (`~psfdeconv.cutouts.FLAG_EDGE` 1,
-`~psfdeconv.cutouts.FLAG_MASKED` 2, `~psfdeconv.cutouts.FLAG_OFF_IMAGE` 4,
-each set when it holds in any band), `FLAG_HSM_FAILED` (8),
-`FLAG_PSF_EXTRAPOLATED` (16), `FLAG_CENTROID_FALLBACK` (32),
-`FLAG_OUTSIDE_TRAINING` (64), `FLAG_NEIGHBOURS` (128) and `FLAG_UNDETECTED`
-(256).
+**Flags**: the bits of the catalogue's ``flags`` column are defined in
+`psfdeconv.flags` (the cutout flags are set when they hold in any band).
 """
 
-import contextlib
-import json
-import warnings
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from ._warnings import catch_warnings
-from .cutouts import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
+from .cutouts import align_to_reference
+from .detection import NEIGHBOUR_OPTIONS, detect_galaxies, neighbour_segments, replace_neighbours
 from .exceptions import (
     InvalidInputError,
     InvalidPSFError,
     ModelFileError,
     ShapeMismatchError,
 )
+from .flags import (
+    FLAG_CENTROID_FALLBACK,
+    FLAG_HSM_FAILED,
+    FLAG_NEIGHBOURS,
+    FLAG_OUTSIDE_TRAINING,
+    FLAG_PSF_EXTRAPOLATED,
+    FLAG_UNDETECTED,
+    FLAGS,
+    flags_column_description,
+)
+from .io import read_exposure_set
+from .psf import build_psfs, grid_extrapolated, render_stamp_psfs
 
 __all__ = [
-    'FLAG_HSM_FAILED',
-    'FLAG_PSF_EXTRAPOLATED',
-    'FLAG_CENTROID_FALLBACK',
-    'FLAG_OUTSIDE_TRAINING',
-    'FLAG_NEIGHBOURS',
-    'FLAG_UNDETECTED',
-    'FLAGS',
     'deconvolve_catalog',
-    'detect_galaxies',
-    'neighbour_segments',
-    'replace_neighbours',
-    'build_psfs',
     'run_exposure_set',
-    'read_positions',
-    'write_catalog',
-    'read_catalog',
-    'write_stamps',
-    'read_stamps',
 ]
 
-#: The adaptive-moment (HSM) measurement failed on the deconvolved image of
-#: at least one band.
-FLAG_HSM_FAILED = 8
-#: The PSF at the source was extrapolated: the source lies outside the grid
-#: of PSFs of a `~photutils.psf.GriddedPSFModel` in at least one band (the
-#: nearest grid PSFs are used there).
-FLAG_PSF_EXTRAPOLATED = 16
-#: The deconvolved image of the reference band has no positive flux, so it
-#: has no centroid: ``x``, ``y`` and ``sky_centroid`` are the input position.
-FLAG_CENTROID_FALLBACK = 32
-#: The source's pixel scale or PSF lies outside the range the model was
-#: trained on (`psfdeconv.deconvolve.outside_training_range`): its
-#: measurements are extrapolations.
-FLAG_OUTSIDE_TRAINING = 64
-#: Pixels of other sources (their detection segments, dilated) lay in the
-#: stamp and were replaced by noise before deconvolution
-#: (`replace_neighbours`); informational, the measurement is usable.
-FLAG_NEIGHBOURS = 128
-#: The stamp holds no significant source: its detection SNR lies below the
-#: model card's detection threshold, so the deconvolved images are 0
-#: (`psfdeconv.deconvolve.deconvolve_stamps`); the fluxes are still reported.
-FLAG_UNDETECTED = 256
-
-#: Every flag bit with its name, as recorded in the catalogue's meta.
-FLAGS = {
-    'EDGE': FLAG_EDGE,
-    'MASKED': FLAG_MASKED,
-    'OFF_IMAGE': FLAG_OFF_IMAGE,
-    'HSM_FAILED': FLAG_HSM_FAILED,
-    'PSF_EXTRAPOLATED': FLAG_PSF_EXTRAPOLATED,
-    'CENTROID_FALLBACK': FLAG_CENTROID_FALLBACK,
-    'OUTSIDE_TRAINING': FLAG_OUTSIDE_TRAINING,
-    'NEIGHBOURS': FLAG_NEIGHBOURS,
-    'UNDETECTED': FLAG_UNDETECTED,
-}
-
-
-
-def _n_flagged(catalog):
-    """Rows of a catalogue with a flag set other than the informational
-    ``NEIGHBOURS`` (those measurements are the better ones), as the run and
-    batch summaries count them."""
-    return int(((np.asarray(catalog['flags']) & ~FLAG_NEIGHBOURS) != 0).sum())
-
-
-#: Detection threshold (background sigma) and minimum connected pixels of
-#: `detect_galaxies`, as for `psfdeconv.psf.find_stars`.
-_DETECTION_SIGMA = 3.0
-_DETECTION_NPIXELS = 5
-#: A detection is a star when a point-like source of
-#: `psfdeconv.psf.find_stars` lies within this many pixels (or a quarter of
-#: the stellar FWHM, if larger) of its centroid.
-_STAR_MATCH_RADIUS = 1.0
-#: Largest difference (pixels) between two bands' pixel coordinates of the
-#: same sky positions for the bands to count as sharing a pixel grid.
-_SAME_GRID_TOLERANCE = 1e-3
 #: PSF stamp side used when the model card does not record one.
 _DEFAULT_PSF_SIZE = 41
 #: Radius, in adaptive-moment widths, of the window of the centroid.
 _CENTROID_WINDOW = 6.0
 #: Radius in pixels of the centroid window where the adaptive moments fail.
 _FALLBACK_WINDOW = 8.0
-#: Header keyword holding the catalogue's full meta as JSON.
-_META_KEYWORD = 'PSFDMETA'
 #: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
 #: working memory of cutting, deconvolving and measuring is bounded by the
 #: chunk (about 1.5 MB per source), not by the number of sources.
-_CHUNK_SIZE = 512
+CHUNK_SIZE = 512
 
 
 # --- Inputs ------------------------------------------------------------------------
-
-def _read_exposures(exposures):
-    """Band name -> CCDData (read and checked), and band name -> input path."""
-    from astropy.nddata import NDData
-
-    from .io import read_exposure
-
-    if not hasattr(exposures, 'items') or not exposures:
-        raise InvalidInputError(f'exposures must be a non-empty mapping of band '
-                                f'name to a FITS path or NDData, e.g. {{"g": '
-                                f'"g.fits", "r": "r.fits"}}; got '
-                                f'{type(exposures).__name__}.')
-    bands = [str(band) for band in exposures]
-    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
-        raise InvalidInputError(f'band names {bands} must be distinct identifiers '
-                                f'(letters, digits, underscores): they become '
-                                f'column names such as flux_<band>.')
-    read, paths = {}, {}
-    for band, exposure in exposures.items():
-        read[str(band)] = read_exposure(exposure)
-        # An exposure read by read_exposure knows its file.
-        paths[str(band)] = (dict(exposure.meta or {}).get('path')
-                            if isinstance(exposure, NDData) else str(exposure))
-    return read, paths
 
 
 def _as_model(model, *, n_bands=None):
@@ -268,537 +176,6 @@ def _positions(positions, reference, reference_band, detect_options):
         f'(x, y) pixels of band {reference_band!r}'
 
 
-# --- Detection -----------------------------------------------------------------------
-
-def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
-                    n_pixels=_DETECTION_NPIXELS, star_threshold_sigma=10.0):
-    """Detect the sources of an exposure and keep those that are not stars.
-
-    The background (the mesh of `psfdeconv.psf.find_stars`) is subtracted and
-    sources are segmented with `~photutils.segmentation.detect_sources`
-    (``threshold_sigma`` times the background rms, ``n_pixels`` connected
-    pixels) *without* deblending, so that a galaxy's star-forming knots stay
-    part of it (close pairs stay one source, too). Stars are found with
-    `psfdeconv.psf.find_stars` (``all_sources=True``): a segment is a star
-    when a point-like source of it (bright, round, with the stellar FWHM,
-    isophotal and windowed centroids agreeing) lies within 1 pixel (or a
-    quarter of the stellar FWHM) of the segment's centroid. Stars fainter
-    than ``star_threshold_sigma`` (peak signal-to-noise) cannot be told from
-    compact galaxies by this test and are kept, as are galaxies as compact as
-    the stars; give positions from a catalogue to control the selection.
-
-    Parameters
-    ----------
-    exposure : `~astropy.nddata.NDData`, `~astropy.nddata.CCDData` or `~numpy.ndarray`
-        One band (2-D); its mask and non-finite pixels are ignored.
-    threshold_sigma : float, optional
-        Detection threshold in units of the background rms.
-    n_pixels : int, optional
-        Minimum number of connected pixels of a detection.
-    star_threshold_sigma : float, optional
-        Minimum peak signal-to-noise of a star (``threshold_sigma`` of
-        `~psfdeconv.psf.find_stars`).
-
-    Returns
-    -------
-    galaxies : `~astropy.table.QTable`
-        One row per non-stellar detection: ``id`` (segment label), ``x``,
-        ``y`` (isophotal centroid, 0-based pixels), ``sky_centroid`` (with
-        a WCS), ``segment_flux`` and ``area`` (pixels). ``meta`` holds
-        ``n_detected``, ``n_stars``, ``background_rms`` and ``fwhm_locus``.
-
-    Raises
-    ------
-    psfdeconv.exceptions.InvalidInputError
-        For an image that is not 2-D or entirely masked.
-
-    Examples
-    --------
-    >>> from psfdeconv.pipeline import detect_galaxies
-    >>> from psfdeconv.simulate import simulate_exposure
-    >>> exposures, truth = simulate_exposure((160, 160), n_galaxies=3, n_stars=8,
-    ...                                      seed=1)
-    >>> galaxies = detect_galaxies(exposures['r'])
-    >>> print(len(galaxies), galaxies.meta['n_stars'])
-    3 8
-    """
-    import warnings
-
-    import astropy.units as u
-    from astropy.table import QTable
-    from photutils.segmentation import SourceCatalog, detect_sources
-    from photutils.utils.exceptions import NoDetectionsWarning
-
-    from .psf import _as_image, _background, find_stars
-
-    if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
-        raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give a '
-                                f'positive number of sigma (e.g. 3).')
-    if isinstance(n_pixels, bool) or int(n_pixels) != n_pixels or n_pixels < 1:
-        raise InvalidInputError(f'n_pixels = {n_pixels!r}; give an integer >= 1.')
-    image, bad, _ = _as_image(exposure)
-    background, rms = _background(image, bad)
-    subtracted = image - background
-    subtracted[bad] = 0.0
-    with catch_warnings():
-        # An empty field gives an empty table, not an error.
-        warnings.filterwarnings('ignore', category=NoDetectionsWarning)
-        segm = detect_sources(subtracted, threshold_sigma * rms, int(n_pixels),
-                              mask=bad)
-    stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
-                       all_sources=True)
-    wcs = getattr(exposure, 'wcs', None)
-    table = QTable()
-    meta = {'n_detected': 0, 'n_stars': 0, 'background_rms': float(rms),
-            'fwhm_locus': float(stars.meta['fwhm_locus']),
-            'threshold_sigma': float(threshold_sigma), 'n_pixels': int(n_pixels)}
-    if segm is None:
-        for name in ('id', 'x', 'y', 'segment_flux', 'area'):
-            table[name] = np.zeros(0, dtype=int if name == 'id' else float)
-        table.meta.update(meta)
-        return table
-    catalog = SourceCatalog(subtracted, segm, mask=bad)
-    x = np.asarray(catalog.x_centroid, dtype=float)
-    y = np.asarray(catalog.y_centroid, dtype=float)
-    point_like = np.asarray(stars['point_like'], dtype=bool)
-    star_x = np.asarray(stars['x'].value)[point_like]
-    star_y = np.asarray(stars['y'].value)[point_like]
-    radius = _STAR_MATCH_RADIUS
-    if np.isfinite(meta['fwhm_locus']):
-        radius = max(radius, 0.25 * meta['fwhm_locus'])
-    is_star = np.zeros(len(x), dtype=bool)
-    if star_x.size:
-        distance = np.hypot(x[:, None] - star_x[None], y[:, None] - star_y[None])
-        is_star = distance.min(axis=1) <= radius
-    keep = ~is_star
-    table['id'] = np.asarray(segm.labels)[keep]
-    table['x'] = x[keep] * u.pix
-    table['y'] = y[keep] * u.pix
-    if wcs is not None:
-        table['sky_centroid'] = wcs.pixel_to_world(x[keep], y[keep])
-    table['segment_flux'] = np.asarray(catalog.segment_flux, dtype=float)[keep]
-    table['area'] = np.asarray(catalog.area.value, dtype=float)[keep] * u.pix ** 2
-    meta.update(n_detected=len(x), n_stars=int(is_star.sum()))
-    table.meta.update(meta)
-    return table
-
-
-# --- PSFs ----------------------------------------------------------------------------
-
-def _psf_description(model):
-    from photutils.psf import GriddedPSFModel
-
-    meta = dict(getattr(model, 'meta', None) or {})
-    if meta.get('psf_source'):  # set by build_psfs
-        return str(meta['psf_source'])
-    if isinstance(model, np.ndarray):
-        return f'array {model.shape}'
-    if isinstance(model, GriddedPSFModel):
-        return f'gridded ({len(model.grid_xypos)} PSFs)'
-    if meta.get('model') == 'moffat':
-        return (f'moffat:fwhm={meta["fwhm_arcsec"]:g}arcsec,beta={meta["beta"]:g},'
-                f'e1={meta["e1"]:g},e2={meta["e2"]:g}')
-    if 'path' in meta:
-        return f'psf={meta["path"]}'
-    return type(model).__name__
-
-
-def build_psfs(exposures, psfs=None, *, epsf_options=None):
-    """A PSF model per band, in each band's own pixels.
-
-    Parameters
-    ----------
-    exposures : mapping of str to `~astropy.nddata.NDData`, str or `~pathlib.Path`
-        Band name to exposure (as from `psfdeconv.io.read_exposure`), or
-        to a FITS file read with it.
-    psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
-        Per band (a mapping with one entry per band) or for every band (any
-        other value): a photutils PSF model (`~photutils.psf.ImagePSF`,
-        `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
-        (odd, centred), or a command-line specification
-        (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
-        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
-        from each band's stars (`psfdeconv.psf.build_epsf`).
-    epsf_options : dict, optional
-        Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
-        ``size``, ``threshold_sigma``, ...) for the default ePSF.
-
-    Returns
-    -------
-    models : dict of str to PSF model or `~numpy.ndarray`
-        Band name to the PSF.
-    sources : dict of str to str
-        Band name to a description of where the PSF came from
-        (``'epsf (40 stars)'``, a Moffat specification, a file, ...).
-
-    Raises
-    ------
-    psfdeconv.exceptions.InvalidPSFError
-        Naming the band, if its ePSF cannot be built (too few stars) or a
-        PSF is unusable.
-    psfdeconv.exceptions.InvalidInputError
-        If a mapping lacks a band or names one that is not an exposure.
-    psfdeconv.exceptions.ConfigError
-        For a malformed specification string.
-
-    Examples
-    --------
-    >>> from psfdeconv.pipeline import build_psfs
-    >>> from psfdeconv.simulate import simulate_exposure
-    >>> exposures, _ = simulate_exposure((96, 96), n_galaxies=1, n_stars=2)
-    >>> models, sources = build_psfs(exposures, 'moffat:fwhm=0.8arcsec,beta=3.5')
-    >>> print(sources['r'], models['r'].meta['fwhm_arcsec'])
-    moffat:fwhm=0.8arcsec,beta=3.5 0.8
-    """
-    from astropy.nddata import NDData
-
-    from .exceptions import ConfigError
-    from .io import pixel_scale_of
-    from .psf import build_epsf, psf_from_spec
-
-    if not hasattr(exposures, 'items') or \
-            not all(isinstance(e, NDData) for e in exposures.values()):
-        exposures, _ = _read_exposures(exposures)
-    bands = list(exposures)
-    if hasattr(psfs, 'items'):
-        unknown = [band for band in psfs if band not in exposures]
-        missing = [band for band in bands if band not in psfs]
-        if unknown or missing:
-            raise InvalidInputError(f'psfs has entries for {list(psfs)} but the '
-                                    f'bands are {bands}; give one PSF per band '
-                                    f'(or one value for all bands).')
-        per_band = dict(psfs)
-    else:
-        per_band = dict.fromkeys(bands, psfs)
-    models, sources = {}, {}
-    for band in bands:
-        value = per_band[band]
-        exposure = exposures[band]
-        created = True
-        try:
-            if value is None or (isinstance(value, str) and
-                                 value.strip().lower() == 'epsf'):
-                model = build_epsf(exposure, **(epsf_options or {}))
-                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
-            elif isinstance(value, str):
-                scale = pixel_scale_of(exposure.wcs) if getattr(
-                    exposure, 'wcs', None) is not None else None
-                model = psf_from_spec(value, data=exposure, pixel_scale=scale)
-                sources[band] = value.strip()
-                if 'n_stars' in (getattr(model, 'meta', None) or {}):
-                    sources[band] += f' ({model.meta["n_stars"]} stars)'
-            else:
-                created = False
-                model = np.asarray(value, dtype=np.float64) \
-                    if isinstance(value, np.ndarray | list) else value
-                sources[band] = _psf_description(model)
-        except (InvalidPSFError, ConfigError) as error:
-            raise type(error)(f'band {band!r}: {error}') from error
-        if created and getattr(model, 'meta', None) is not None:
-            # Later descriptions of this model (deconvolve_catalog) reuse it.
-            model.meta['psf_source'] = sources[band]
-        models[band] = model
-    return models, sources
-
-
-def _grid_extrapolated(model, x, y):
-    """Whether positions lie outside the grid of a GriddedPSFModel."""
-    from photutils.psf import GriddedPSFModel
-
-    if not isinstance(model, GriddedPSFModel):
-        return np.zeros(np.shape(x), dtype=bool)
-    grid = np.asarray(model.grid_xypos, dtype=float)
-    return ((x < grid[:, 0].min()) | (x > grid[:, 0].max())
-            | (y < grid[:, 1].min()) | (y > grid[:, 1].max()))
-
-
-def _stamp_psfs(model, x, y, *, psf_size, aligned_meta):
-    """(n, psf_size, psf_size) unit-sum PSFs at band pixels (x, y), on the
-    reference grid: rendered in the band's pixels and, for a reprojected
-    band, resampled as its image was."""
-    from photutils.psf import GriddedPSFModel
-
-    from .cutouts import resample_psf
-    from .psf import render_psf
-
-    reprojected = bool(aligned_meta.get('reprojected', False))
-    if reprojected:
-        ratio = aligned_meta['reference_pixel_scale'] / aligned_meta['pixel_scale']
-        # The band-pixel PSF must cover the reference-pixel PSF, plus a margin
-        # for the resampling kernel.
-        native_size = 2 * int(np.ceil((psf_size // 2) * ratio)) + 3
-    else:
-        native_size = psf_size
-
-    def one(position):
-        psf = render_psf(model, position, size=native_size)
-        if not reprojected:
-            return psf
-        if aligned_meta.get('parity_flip'):
-            psf = psf[:, ::-1]
-        return resample_psf(psf, from_scale=aligned_meta['pixel_scale'],
-                            to_scale=aligned_meta['reference_pixel_scale'],
-                            rotation=aligned_meta['rotation'], size=psf_size,
-                            kernel=aligned_meta['kernel'])
-
-    n = len(x)
-    if not isinstance(model, GriddedPSFModel):
-        return np.broadcast_to(one(None), (n, psf_size, psf_size))
-    out = np.empty((n, psf_size, psf_size))
-    for i in range(n):
-        # Off-image sources (NaN positions) get the PSF at the image centre.
-        position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
-            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
-        out[i] = one(position)
-    return out
-
-
-# --- Neighbours -----------------------------------------------------------------------
-
-#: Detection threshold (sigma of the bands' combined signal-to-noise image),
-#: minimum connected pixels and dilation (pixels) of the segments whose pixels
-#: `replace_neighbours` replaces: 2 sigma reaches into the wings, and the
-#: dilation takes the faint rim beyond it.
-_NEIGHBOUR_SIGMA = 2.0
-_NEIGHBOUR_NPIXELS = 5
-_NEIGHBOUR_DILATION = 2
-#: A source without a segment at its own pixel takes the largest segment
-#: within this many pixels of it (catalogue positions need not fall on the
-#: detection's peak).
-_TARGET_RADIUS = 3
-#: Seed of the replacement noise (combined with each source's index).
-_NEIGHBOUR_SEED = 20231030
-#: The ``neighbours`` options of `deconvolve_catalog`.
-NEIGHBOUR_OPTIONS = ('replace', 'keep')
-
-
-def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
-                       n_pixels=_NEIGHBOUR_NPIXELS):
-    """Segmentation map of the sources in aligned, background-subtracted bands.
-
-    The bands are combined into one signal-to-noise image (each divided by
-    its sigma-clipped standard deviation, summed over the bands valid at a
-    pixel, divided by the square root of their number) and segmented with
-    `~photutils.segmentation.detect_sources`, so that a neighbour bright in
-    any band is found. Touching sources are not deblended: the watershed
-    splits galaxies with bright knots into pieces, and a piece of the
-    source itself replaced by noise costs more than a touching neighbour
-    kept (on the bundled example, deblending took 10-27 % of the flux of
-    three knotty galaxies and doubled the ellipticity errors).
-
-    Parameters
-    ----------
-    images : sequence of `~numpy.ndarray`
-        The bands on one pixel grid, background subtracted, shape (ny, nx)
-        each.
-    masks : sequence of `~numpy.ndarray` or None, optional
-        True on bad pixels, one per band (or None entries).
-    threshold_sigma : float, optional
-        Detection threshold in units of the combined image's noise.
-    n_pixels : int, optional
-        Minimum connected pixels of a segment.
-
-    Returns
-    -------
-    `~numpy.ndarray`
-        int32 labels, shape (ny, nx); 0 where there is no source.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.pipeline import neighbour_segments
-    >>> rng = np.random.default_rng(0)
-    >>> yy, xx = np.mgrid[:64, :64]
-    >>> image = rng.normal(0, 1, (64, 64)) + 50 * np.exp(
-    ...     -((xx - 20)**2 + (yy - 20)**2) / 8) + 50 * np.exp(
-    ...     -((xx - 45)**2 + (yy - 40)**2) / 8)
-    >>> labels = neighbour_segments([image])
-    >>> int(labels.max()), labels[20, 20] != labels[40, 45]
-    (2, np.True_)
-    """
-    from astropy.stats import sigma_clipped_stats
-    from photutils.segmentation import detect_sources
-    from photutils.utils.exceptions import NoDetectionsWarning
-
-    images = [np.asarray(image, dtype=float) for image in images]
-    if masks is None:
-        masks = [None] * len(images)
-    combined = np.zeros(images[0].shape)
-    count = np.zeros(images[0].shape, dtype=int)
-    for image, mask in zip(images, masks, strict=True):
-        valid = np.isfinite(image)
-        if mask is not None:
-            valid &= ~np.asarray(mask, dtype=bool)
-        if not valid.any():
-            continue
-        _, _, std = sigma_clipped_stats(image, mask=~valid, sigma=3.0)
-        if std > 0:
-            combined += np.where(valid, image, 0.0) / std
-            count += valid
-    # Each pixel's sum of unit-noise images over the bands valid there.
-    bad = count == 0
-    if bad.all():
-        return np.zeros(combined.shape, dtype=np.int32)
-    combined /= np.sqrt(np.maximum(count, 1))
-    with catch_warnings():
-        # An empty field is an answer here (no neighbours), not a problem.
-        warnings.simplefilter('ignore', NoDetectionsWarning)
-        segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels, mask=bad)
-    if segments is None:
-        return np.zeros(combined.shape, dtype=np.int32)
-    return segments.data.astype(np.int32)
-
-
-def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None,
-                       dilation=_NEIGHBOUR_DILATION, seed=_NEIGHBOUR_SEED):
-    """Replace the pixels of other sources in stamps by Gaussian noise.
-
-    The source's own segment is the one at its pixel (or the largest within
-    3 pixels of it); every other segment of the stamp, dilated by
-    ``dilation`` pixels but never into the source's own segment, is a
-    neighbour. Its pixels become draws of N(0, ``noise_sigma``), seeded by
-    the source's ``index`` so that a source gets the same stamps whatever
-    else is processed with it. Without this, a neighbour's light is
-    deconvolved with the source and counted in its flux (1-2 % on the
-    simulated exposures of `psfdeconv.simulate.simulate_exposure`).
-
-    Parameters
-    ----------
-    stamps : `~numpy.ndarray`
-        Background-subtracted stamps, shape (n, n_bands, ny, nx).
-    segments : `~numpy.ndarray`
-        Segment labels cut like the stamps, shape (n, ny, nx).
-    x, y : `~numpy.ndarray`
-        The sources' positions in the stamps (pixels, 0-based), shape (n,).
-    noise_sigma : `~numpy.ndarray`
-        Per-pixel noise standard deviation, shape (n, n_bands); non-finite
-        entries leave that stamp unchanged.
-    index : `~numpy.ndarray`
-        Integer identity of each source (e.g. its row), shape (n,).
-    masks : `~numpy.ndarray`, optional
-        True on bad pixels, shape of ``stamps``; left unchanged.
-    dilation : int, optional
-        Pixels by which neighbour segments grow.
-    seed : int, optional
-        Seed of the noise, combined with ``index``.
-
-    Returns
-    -------
-    stamps : `~numpy.ndarray`
-        A copy with the neighbours' pixels replaced.
-    neighbour : `~numpy.ndarray`
-        bool (n, ny, nx), the replaced pixels.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.pipeline import replace_neighbours
-    >>> stamps = np.zeros((1, 1, 16, 16))
-    >>> stamps[0, 0, 6:10, 6:10] = 10.0    # the source
-    >>> stamps[0, 0, 0:3, 12:15] = 50.0    # a neighbour
-    >>> segments = np.zeros((1, 16, 16), dtype=int)
-    >>> segments[0, 6:10, 6:10] = 1
-    >>> segments[0, 0:3, 12:15] = 2
-    >>> out, replaced = replace_neighbours(stamps, segments, np.array([7.5]),
-    ...                                    np.array([7.5]), np.array([[1.0]]),
-    ...                                    index=np.array([0]), dilation=1)
-    >>> bool(out[0, 0, 6:10, 6:10].sum() == 160), float(abs(out[0, 0, 1, 13])) < 10
-    (True, True)
-    >>> int(replaced.sum())  # the 3x3 neighbour grown by one pixel, cut by the edge
-    18
-    """
-    from scipy import ndimage
-
-    stamps = np.array(stamps, dtype=float)
-    segments = np.asarray(segments)
-    n, n_bands, ny, nx = stamps.shape
-    noise_sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (n, n_bands))
-    yy, xx = np.mgrid[:ny, :nx]
-    structure = np.hypot(*np.mgrid[-dilation:dilation + 1, -dilation:dilation + 1]) \
-        <= dilation if dilation > 0 else None
-    neighbour = np.zeros((n, ny, nx), dtype=bool)
-    for i in range(n):
-        labels = segments[i]
-        if not labels.any():
-            continue
-        with np.errstate(invalid='ignore'):
-            near = np.hypot(xx - x[i], yy - y[i]) <= _TARGET_RADIUS
-        cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
-        target = labels[cy, cx] if 0 <= cy < ny and 0 <= cx < nx else 0
-        if target == 0 and (labels[near] > 0).any():
-            found, counts = np.unique(labels[near][labels[near] > 0], return_counts=True)
-            target = found[np.argmax(counts)]
-        others = (labels > 0) & (labels != target)
-        if not others.any():
-            continue
-        if structure is not None:
-            others = ndimage.binary_dilation(others, structure=structure)
-        if target:
-            others &= labels != target
-        neighbour[i] = others
-        rng = np.random.default_rng([seed, int(index[i])])
-        for b in range(n_bands):
-            replace = others if masks is None else others & ~masks[i, b]
-            if np.isfinite(noise_sigma[i, b]) and noise_sigma[i, b] > 0:
-                stamps[i, b][replace] = rng.normal(0.0, noise_sigma[i, b], replace.sum())
-    return stamps, neighbour
-
-
-# --- Background and alignment ---------------------------------------------------------
-
-def _subtract_background(exposure):
-    """A copy of the exposure minus its background (the photutils mesh of
-    `psfdeconv.psf`), and the background rms."""
-    from astropy.nddata import CCDData
-
-    from .psf import _background
-
-    data = np.array(exposure.data, dtype=np.float64)
-    bad = ~np.isfinite(data)
-    if exposure.mask is not None:
-        bad |= np.asarray(exposure.mask, dtype=bool)
-    filled = np.where(bad, 0.0, data)
-    background, rms = _background(filled, bad, mask_sources=True)
-    meta = dict(exposure.meta or {})
-    meta['background_rms'] = rms
-    return CCDData(data - background, unit=exposure.unit, mask=bad,
-                   uncertainty=exposure.uncertainty, wcs=exposure.wcs,
-                   meta=meta), rms
-
-
-def _same_grid(wcs, shape, reference_wcs, reference_shape):
-    """Whether an exposure shares the reference band's pixel grid."""
-    if tuple(shape) != tuple(reference_shape):
-        return False
-    ny, nx = reference_shape
-    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
-    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
-    with np.errstate(invalid='ignore'):
-        bx, by = wcs.world_to_pixel(reference_wcs.pixel_to_world(x, y))
-    offset = np.hypot(np.asarray(bx) - x, np.asarray(by) - y)
-    return bool(np.all(np.isfinite(offset)) and
-                offset.max() <= _SAME_GRID_TOLERANCE)
-
-
-def _align(exposures, reference_band):
-    """Bands on the reference grid: bands that share it unchanged, the others
-    reprojected with `psfdeconv.cutouts.align_bands`."""
-    from .cutouts import align_bands
-
-    reference = exposures[reference_band]
-    differing = [band for band, exposure in exposures.items()
-                 if band != reference_band and not _same_grid(
-                     exposure.wcs, exposure.shape, reference.wcs, reference.shape)]
-    aligned = dict(exposures)
-    if differing:
-        subset = {reference_band: reference}
-        subset.update({band: exposures[band] for band in differing})
-        result, _ = align_bands(subset, reference=reference_band)
-        for band in differing:
-            aligned[band] = result[band]
-    return aligned, {band: band in differing for band in exposures}
-
-
 # --- The catalogue ---------------------------------------------------------------------
 
 def _stamp_noise(uncertainty, mask):
@@ -813,19 +190,21 @@ def _stamp_noise(uncertainty, mask):
 
 
 def _stamp_mad(stamps, mask):
-    """Robust (1.4826 MAD) noise of each stamp's unmasked pixels."""
+    """Robust (`~astropy.stats.mad_std`) noise of each stamp's unmasked
+    pixels (NaN where there are none)."""
+    from astropy.stats import mad_std
+
     values = np.where(mask, np.nan, stamps).reshape(len(stamps), -1)
     out = np.full(len(stamps), np.nan)
     has = np.isfinite(values).any(axis=1)
-    median = np.nanmedian(values[has], axis=1, keepdims=True)
-    out[has] = 1.4826 * np.nanmedian(np.abs(values[has] - median), axis=1)
+    out[has] = mad_std(values[has], axis=1, ignore_nan=True)
     return out
 
 
 def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
-                       batch_size=128, chunk_size=_CHUNK_SIZE, strict=False,
+                       batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
                        symmetries=None):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
@@ -846,9 +225,9 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``x`` and ``y`` columns (0-based pixels of the reference band), used
         in that order of preference, its ``id`` column kept; or an (n, 2)
         array of reference-band pixels. Default: the galaxies detected on the
-        reference band (`detect_galaxies`).
+        reference band (`~psfdeconv.detection.detect_galaxies`).
     psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
-        Per band or for all bands, as for `build_psfs`. Default: an ePSF from
+        Per band or for all bands, as for `~psfdeconv.psf.build_psfs`. Default: an ePSF from
         each band's stars.
     model : `~psfdeconv.model.DeconvolutionModel`, str or `~pathlib.Path`, optional
         The network, or the path of a ``.keras`` file; the shipped default
@@ -870,12 +249,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         Keyword arguments of `psfdeconv.psf.build_epsf` (e.g.
         ``{'maxiters': 5}``).
     detect_options : dict, optional
-        Keyword arguments of `detect_galaxies`.
+        Keyword arguments of `~psfdeconv.detection.detect_galaxies`.
     neighbours : {'replace', 'keep'}, optional
         'replace' (default): the pixels of other sources in each stamp
         (segments of the bands' combined signal-to-noise image,
-        `neighbour_segments`) are replaced by noise before deconvolution
-        (`replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
+        `~psfdeconv.detection.neighbour_segments`) are replaced by noise before deconvolution
+        (`~psfdeconv.detection.replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
         not counted in the source's flux and shape. 'keep' deconvolves the
         stamps as cut.
     batch_size : int, optional
@@ -968,13 +347,59 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     return _catalog_table(setup, parts), nddata
 
 
+@dataclasses.dataclass
+class _CatalogSetup:
+    """What `deconvolve_catalog` prepares once per exposure set, for its
+    chunks of sources."""
+
+    #: Band name -> exposure as read, and the same background-subtracted and
+    #: on the reference grid.
+    exposures: dict
+    aligned: dict
+    #: Band name -> whether the band was reprojected onto the reference grid.
+    reprojected: dict
+    #: Band name -> whether the band has an uncertainty.
+    has_uncertainty: dict
+    bands: list
+    reference_band: str
+    reference: object
+    model: object
+    stamp_size: int
+    psf_size: int
+    #: arcsec/pixel of the reference band.
+    scale: float
+    #: Band name -> PSF model, and its description.
+    psf_models: dict
+    psf_sources: dict
+    #: Reference-band pixel positions and ids of the sources.
+    x_in: np.ndarray
+    y_in: np.ndarray
+    ids: np.ndarray
+    #: Sources whose centre is off the image, and an on-image source that
+    #: stands in for a chunk lying entirely off it.
+    off_image: np.ndarray
+    anchor: int
+    #: Neighbour segments on the reference grid (None: neighbours kept).
+    segments: object
+    frame: object
+    stamp_unit: object
+    meta: dict
+    strict: bool = False
+    symmetries: int = 1
+
+    @property
+    def n(self):
+        """Number of sources."""
+        return self.x_in.size
+
+
 def _set_symmetries(setup, symmetries):
     """The symmetries the deconvolution averages over (None: the model
     card's), checked before any stamp is cut and recorded in the
     catalogue's meta."""
-    from .deconvolve import _check_symmetries
+    from .deconvolve import check_symmetries
 
-    symmetries = _check_symmetries(symmetries, setup.model)
+    symmetries = check_symmetries(symmetries, setup.model)
     setup.symmetries = symmetries
     setup.meta['symmetries'] = symmetries
 
@@ -983,11 +408,11 @@ def _check_strict(setup, strict):
     """With ``strict``, refuse an exposure set whose pixel scale the model
     was not trained on before any source is deconvolved (PSFs outside the
     trained FWHM range are refused chunk by chunk)."""
-    from .deconvolve import _check_training_range
+    from .deconvolve import check_training_range
 
     setup.strict = bool(strict)
     if strict:
-        _check_training_range(setup.model, np.array([setup.scale]), None, strict=True)
+        check_training_range(setup.model, np.array([setup.scale]), None, strict=True)
 
 
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
@@ -995,20 +420,19 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                    neighbours='replace'):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
-    subtracted, aligned bands (a namespace)."""
-    import types
-
+    subtracted, aligned bands (a `_CatalogSetup`)."""
     import astropy.units as u
     from astropy.wcs.utils import wcs_to_celestial_frame
 
     from . import __version__
+    from . import background as sky
     from .cutouts import make_cutouts
     from .io import pixel_scale_of
 
     if neighbours not in NEIGHBOUR_OPTIONS:
         raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
                                 f'{NEIGHBOUR_OPTIONS}.')
-    exposures, paths = _read_exposures(exposures)
+    exposures, paths = read_exposure_set(exposures)
     bands = list(exposures)
     model = _as_model(model, n_bands=len(bands))
     model.check_bands(len(bands))
@@ -1035,11 +459,11 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                                 '(or positions=None to detect them).')
 
     if subtract_background:
-        work = {band: _subtract_background(exposure)[0]
+        work = {band: sky.subtract_background(exposure)[0]
                 for band, exposure in exposures.items()}
     else:
         work = exposures
-    aligned, reprojected = _align(work, reference_band)
+    aligned, reprojected = align_to_reference(work, reference_band)
     segments = None
     if neighbours == 'replace':
         from astropy.nddata import NDData
@@ -1089,12 +513,12 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'neighbours': neighbours,
         'flag_bits': dict(FLAGS),
     }
-    return types.SimpleNamespace(
-        exposures=exposures, bands=bands, model=model, stamp_size=stamp_size,
-        psf_size=psf_size, reference_band=reference_band, reference=reference,
+    return _CatalogSetup(
+        exposures=exposures, aligned=aligned, reprojected=reprojected,
+        has_uncertainty=has_uncertainty, bands=bands, reference_band=reference_band,
+        reference=reference, model=model, stamp_size=stamp_size, psf_size=psf_size,
         scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
-        y_in=y_in, ids=ids, n=n, off_image=off_image, anchor=anchor, aligned=aligned,
-        reprojected=reprojected, has_uncertainty=has_uncertainty, segments=segments,
+        y_in=y_in, ids=ids, off_image=off_image, anchor=anchor, segments=segments,
         frame=wcs_to_celestial_frame(reference.wcs),
         stamp_unit=units.pop() if len(units) == 1 else None, meta=meta)
 
@@ -1115,7 +539,7 @@ def _check_chunk_size(chunk_size):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) \
             or chunk_size < 1:
         raise InvalidInputError(f'chunk_size = {chunk_size!r}; give a number of '
-                                f'sources >= 1 (e.g. {_CHUNK_SIZE}).')
+                                f'sources >= 1 (e.g. {CHUNK_SIZE}).')
 
 
 def _catalog_chunks(setup, *, chunk_size, batch_size):
@@ -1129,16 +553,35 @@ def _catalog_chunks(setup, *, chunk_size, batch_size):
 
 def _deconvolve_chunk(setup, index, *, batch_size):
     """The catalogue columns and the stamps of the sources ``index``."""
-    import astropy.units as u
-    from astropy.nddata import NDData
-
-    from .cutouts import make_cutouts
     from .deconvolve import deconvolve_stamps
-    from .measure import hsm_moments, image_moments, windowed_centroid
+    from .measure import hsm_moments, image_moments
+
+    cut = _cut_chunk(setup, index)
+    flags = cut['flags']
+    images, details = deconvolve_stamps(cut['stamps'], cut['psfs'], pixel_scale=setup.scale,
+                                        model=setup.model, noise_sigma=cut['noise_sigma'],
+                                        batch_size=batch_size, return_details=True,
+                                        strict=setup.strict, symmetries=setup.symmetries)
+    flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
+    flags[~details['detected']] |= FLAG_UNDETECTED
+    del cut['stamps'], cut['psfs']
+    moments = image_moments(images, pixel_scale=setup.scale)
+    shapes = hsm_moments(images, pixel_scale=setup.scale)
+    hsm_failed = (shapes['hsm_status'] != 0) & ~cut['empty']
+    flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
+    x_stamp, y_stamp = _reference_centroid(setup, images, shapes, cut['reference'], flags)
+    columns = _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp)
+    return columns, _chunk_stamps(setup, index, images, cut)
+
+
+def _cut_chunk(setup, index):
+    """The stamps of the sources ``index`` in every band, with their masks,
+    PSFs, noise and flags, the neighbours replaced (`replace_neighbours`)."""
+    from .cutouts import make_cutouts
 
     bands, reference_band = setup.bands, setup.reference_band
     stamp_size, psf_size = setup.stamp_size, setup.psf_size
-    x_in, y_in, ids = setup.x_in[index], setup.y_in[index], setup.ids[index]
+    x_in, y_in = setup.x_in[index], setup.y_in[index]
     n = index.size
     # A chunk entirely off the image gets the anchor as an extra last source,
     # dropped from make_cutouts' results (see _catalog_setup).
@@ -1170,11 +613,11 @@ def _deconvolve_chunk(setup, index, *, batch_size):
             with np.errstate(invalid='ignore'):
                 bx, by = (np.asarray(v, float) for v in
                           setup.exposures[band].wcs.world_to_pixel(sky_in))
-        extrapolated = _grid_extrapolated(setup.psf_models[band], bx, by)
+        extrapolated = grid_extrapolated(setup.psf_models[band], bx, by)
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
         meta = setup.aligned[band].meta if setup.reprojected[band] else {}
-        stamp_psfs[:, b] = _stamp_psfs(setup.psf_models[band], bx, by,
-                                       psf_size=psf_size, aligned_meta=meta)
+        stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
+                                             psf_size=psf_size, aligned_meta=meta)
         if cut['uncertainty'] is not None:
             noise[:, b] = _stamp_noise(cut['uncertainty'], cut['mask'])
     if not any(setup.has_uncertainty.values()):
@@ -1198,21 +641,18 @@ def _deconvolve_chunk(setup, index, *, batch_size):
             ref_cut['y_stamp'], sigma, index=index, masks=masks)
         flags[replaced.any(axis=(-2, -1))] |= FLAG_NEIGHBOURS
 
-    images, details = deconvolve_stamps(stamps, stamp_psfs, pixel_scale=setup.scale,
-                                        model=setup.model, noise_sigma=noise_sigma,
-                                        batch_size=batch_size, return_details=True,
-                                        strict=getattr(setup, 'strict', False),
-                                        symmetries=setup.symmetries)
-    flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
-    flags[~details['detected']] |= FLAG_UNDETECTED
-    del stamps, stamp_psfs
-    moments = image_moments(images, pixel_scale=setup.scale)
-    shapes = hsm_moments(images, pixel_scale=setup.scale)
-    hsm_failed = (shapes['hsm_status'] != 0) & ~empty
-    flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
+    return {'stamps': stamps, 'masks': masks, 'psfs': stamp_psfs,
+            'noise_sigma': noise_sigma, 'empty': empty, 'reference': ref_cut,
+            'flags': flags}
 
-    # The centroid of the reference band's deconvolved image.
-    ref_index = bands.index(reference_band)
+
+def _reference_centroid(setup, images, shapes, ref_cut, flags):
+    """The centroid (stamp pixels) of the reference band's deconvolved
+    images; sets ``FLAG_CENTROID_FALLBACK`` in ``flags`` where there is none
+    and the input position is used."""
+    from .measure import windowed_centroid
+
+    ref_index = setup.bands.index(setup.reference_band)
     # The light centroid within _CENTROID_WINDOW adaptive-moment widths of
     # the adaptive-moment centroid: the stamp-wide centroid takes in every
     # neighbour and noise peak, and the adaptive one is pulled towards the
@@ -1229,6 +669,17 @@ def _deconvolve_chunk(setup, index, *, batch_size):
     flags[fallback] |= FLAG_CENTROID_FALLBACK
     x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)
     y_stamp = np.where(fallback, ref_cut['y_stamp'], y_stamp)
+    return x_stamp, y_stamp
+
+
+def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp):
+    """The catalogue columns of a chunk: name -> (values, description)."""
+    import astropy.units as u
+
+    bands, reference_band = setup.bands, setup.reference_band
+    ids, x_in, y_in = setup.ids[index], setup.x_in[index], setup.y_in[index]
+    ref_cut, flags, empty = cut['reference'], cut['flags'], cut['empty']
+    n = index.size
     lon, lat = np.full(n, np.nan), np.full(n, np.nan)
     for i in range(n):
         lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i], y_stamp[i])
@@ -1250,7 +701,7 @@ def _deconvolve_chunk(setup, index, *, batch_size):
         ('x_input', x_in * u.pix, 'Input (given or detected) column, 0-based'),
         ('y_input', y_in * u.pix, 'Input (given or detected) row, 0-based'),
         ('flags', flags,
-         'Bitmask: ' + ', '.join(f'{bit} {name}' for name, bit in FLAGS.items())),
+         flags_column_description()),
     ]
     for b, band in enumerate(bands):
         unit = setup.aligned[band].unit or u.dimensionless_unscaled
@@ -1290,9 +741,17 @@ def _deconvolve_chunk(setup, index, *, batch_size):
             (f'hsm_status_{band}', np.asarray(shapes['hsm_status'][:, b], dtype=np.int32),
              'HSM status: 0 ok, -1 failed, -2 non-positive fit'),
         ]
+    return {name: (values, description) for name, values, description in columns}
 
+
+def _chunk_stamps(setup, index, images, cut):
+    """The deconvolved stamps of a chunk as `~astropy.nddata.NDData`."""
+    from astropy.nddata import NDData
+
+    bands, ids = setup.bands, setup.ids[index]
+    masks, ref_cut, flags = cut['masks'], cut['reference'], cut['flags']
     nddata = []
-    for i in range(n):
+    for i in range(index.size):
         nddata.append(NDData(
             images[i].astype(np.float64), unit=setup.stamp_unit, mask=masks[i].copy(),
             wcs=ref_cut['wcs'][i],
@@ -1302,7 +761,7 @@ def _deconvolve_chunk(setup, index, *, batch_size):
                   'psf_source': dict(setup.psf_sources),
                   'model_weights_sha256': setup.model.sha256,
                   'units': {band: str(setup.aligned[band].unit) for band in bands}}))
-    return {name: (values, description) for name, values, description in columns}, nddata
+    return nddata
 
 
 def _catalog_table(setup, parts):
@@ -1325,35 +784,14 @@ def _catalog_table(setup, parts):
     return catalog
 
 
-def read_positions(path):
-    """Read a source table (ECSV, FITS or CSV) for `deconvolve_catalog`.
-
-    Raises `~psfdeconv.exceptions.InvalidInputError` naming the file if it is
-    missing or not a table; its columns are checked by `deconvolve_catalog`.
-    """
-    from astropy.table import Table
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f'source catalog {path} does not exist; give a '
-                                f'table file (.ecsv, .fits, .csv) with ra/dec or '
-                                f'x/y columns, or detect the sources.')
-    try:
-        return Table.read(path)
-    except Exception as exc:  # astropy raises many types for unreadable files
-        raise InvalidInputError(f'source catalog {path} cannot be read as a table '
-                                f'({type(exc).__name__}: {exc}); give an ECSV, '
-                                f'FITS or CSV table.') from None
-
-
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
-                     chunk_size=_CHUNK_SIZE, strict=False, neighbours='replace',
+                     chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
-    Writes ``OUT/catalog.fits`` (`write_catalog`), ``OUT/stamps.fits``
-    (`write_stamps`) and ``OUT/psf_<band>.fits`` (the PSF model of each band;
+    Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
+    (`~psfdeconv.io.write_stamps`) and ``OUT/psf_<band>.fits`` (the PSF model of each band;
     a spatially varying one as its PSF at the image centre), each through a
     temporary file and a rename, so an interrupted run leaves complete files
     or none. Existing outputs are refused before any work unless
@@ -1372,10 +810,10 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     out_dir : str or `~pathlib.Path`
         Output directory (created if needed).
     positions : str, `~pathlib.Path` or as for `deconvolve_catalog`, optional
-        The sources, or the path of a table of them (`read_positions`);
+        The sources, or the path of a table of them (`~psfdeconv.io.read_positions`);
         detected if None.
     psfs : optional
-        As for `build_psfs`; default ``'epsf'``.
+        As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
     model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries
         As for `deconvolve_catalog`.
     overwrite : bool, optional
@@ -1388,7 +826,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     paths : dict
         ``'catalog'``, ``'stamps'`` and each band name to the file written.
     """
-    from .io import check_writable, read_exposure
+    from .io import check_writable, read_exposure, read_positions, stamp_writer, write_catalog
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
@@ -1412,7 +850,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     _set_symmetries(setup, symmetries)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
-    with _stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
+    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
         for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
                                             batch_size=batch_size):
             parts.append(part)
@@ -1431,351 +869,3 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
 
 # --- Files -----------------------------------------------------------------------------
 
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def write_catalog(table, path, *, overwrite=False):
-    """Write a `deconvolve_catalog` table to FITS, atomically.
-
-    Units, descriptions and the ``sky_centroid`` column (stored as
-    ``sky_centroid.ra`` and ``sky_centroid.dec`` with astropy's mixin
-    serialisation) come back with `~astropy.table.QTable.read`. The
-    catalogue's nested ``meta`` is stored as JSON in the header keyword
-    ``PSFDMETA`` (restored by `read_catalog`), with the bands, reference
-    band, model hash and version also as plain keywords.
-
-    Parameters
-    ----------
-    table : `~astropy.table.QTable`
-        The catalogue.
-    path : str or `~pathlib.Path`
-        Output FITS file.
-    overwrite : bool, optional
-        Replace an existing file.
-
-    Returns
-    -------
-    `~pathlib.Path`
-        The written file.
-
-    Raises
-    ------
-    psfdeconv.exceptions.OutputExistsError
-        If ``path`` exists and ``overwrite`` is False.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> import astropy.units as u
-    >>> from astropy.coordinates import SkyCoord
-    >>> from astropy.table import QTable
-    >>> from psfdeconv.pipeline import read_catalog, write_catalog
-    >>> table = QTable({'id': [1], 'flux_r': [2.5] * u.adu,
-    ...                 'sky_centroid': SkyCoord([150.0], [2.0], unit='deg')},
-    ...                meta={'bands': ['r'], 'model': {'weights_sha256': 'abc'}})
-    >>> path = write_catalog(table, pathlib.Path(tempfile.mkdtemp()) / 'cat.fits')
-    >>> again = read_catalog(path)
-    >>> print(again['flux_r'].unit, type(again['sky_centroid']).__name__,
-    ...       again.meta['model'])
-    adu SkyCoord {'weights_sha256': 'abc'}
-    """
-    from astropy.utils.exceptions import AstropyUserWarning
-
-    from .io import write_table
-
-    out = table.copy(copy_data=False)
-    meta = dict(table.meta)
-    out.meta.clear()
-    bands = meta.get('bands')
-    if bands:
-        out.meta['BANDS'] = ','.join(str(band) for band in bands)
-    if meta.get('reference_band'):
-        out.meta['REFBAND'] = str(meta['reference_band'])
-    model = meta.get('model') or {}
-    if model.get('weights_sha256'):
-        out.meta['MODELSHA'] = str(model['weights_sha256'])
-    if meta.get('psfdeconv_version'):
-        out.meta['PSFDVER'] = str(meta['psfdeconv_version'])
-    out.meta[_META_KEYWORD] = json.dumps(meta, default=_json_default,
-                                         separators=(',', ':'))
-    with catch_warnings():
-        # Units outside the FITS standard (e.g. SDSS nanomaggies) lose their
-        # TUNIT keyword but round-trip through astropy's serialised meta.
-        warnings.filterwarnings('ignore', message='.*could not be saved in native '
-                                'FITS format', category=AstropyUserWarning)
-        return write_table(out, path, overwrite=overwrite, format='fits')
-
-
-def read_catalog(path):
-    """Read a catalogue written by `write_catalog` (units, SkyCoord column
-    and the full ``meta``).
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`
-        The FITS file.
-
-    Returns
-    -------
-    `~astropy.table.QTable`
-    """
-    from astropy.table import QTable
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f'catalogue {path} does not exist; give the path '
-                                f'of a file written by write_catalog (psfdeconv '
-                                f'run).')
-    table = QTable.read(path, format='fits')
-    text = table.meta.get(_META_KEYWORD)
-    if text is not None:
-        table.meta.clear()
-        table.meta.update(json.loads(text))
-    return table
-
-
-def write_stamps(images, path, *, overwrite=False):
-    """Write deconvolved stamps to one FITS file, atomically.
-
-    The file holds an empty primary HDU (with ``NSTAMPS`` and ``BANDS``),
-    one image HDU per source (``EXTNAME = 'STAMP'``, ``EXTVER`` = 1, 2, ...;
-    data (n_bands, size, size) float32 with the stamp's celestial WCS, whose
-    two axes are the image axes, and ``ID``, ``FLAGS``, ``BUNIT``, ``BANDS``,
-    ``ORIGINX``, ``ORIGINY``), an image HDU ``MASKS`` with every stamp's mask
-    (n, n_bands, size, size) uint8, and a binary table ``INDEX`` (``id``,
-    ``extver``, ``flags``, ``origin_x``, ``origin_y``).
-
-    Parameters
-    ----------
-    images : list of `~astropy.nddata.NDData`
-        The stamps of `deconvolve_catalog`.
-    path : str or `~pathlib.Path`
-        Output FITS file.
-    overwrite : bool, optional
-        Replace an existing file.
-
-    Returns
-    -------
-    `~pathlib.Path`
-        The written file.
-
-    Raises
-    ------
-    psfdeconv.exceptions.OutputExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    psfdeconv.exceptions.InvalidInputError
-        If there are no stamps or they differ in shape.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> import numpy as np
-    >>> from astropy.nddata import NDData
-    >>> from psfdeconv.pipeline import read_stamps, write_stamps
-    >>> stamps = [NDData(np.ones((3, 8, 8)), unit='adu',
-    ...                  meta={'id': 7, 'bands': ['g', 'r', 'i']})]
-    >>> path = write_stamps(stamps, pathlib.Path(tempfile.mkdtemp()) / 's.fits')
-    >>> again = read_stamps(path)
-    >>> print(len(again), again[0].data.shape, again[0].unit, again[0].meta['id'])
-    1 (3, 8, 8) adu 7
-    """
-    from .io import check_writable
-
-    path = check_writable(path, overwrite=overwrite)
-    images = list(images)
-    if not images:
-        raise InvalidInputError('no stamps to write; give the list returned by '
-                                'deconvolve_catalog.')
-    shapes = {np.shape(image.data) for image in images}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise InvalidInputError(f'stamps must all have one shape (n_bands, size, '
-                                f'size), got {sorted(shapes)}.')
-    with _stamp_writer(path, len(images), overwrite=overwrite) as writer:
-        writer.write(images)
-    return path
-
-
-@contextlib.contextmanager
-def _stamp_writer(path, n_stamps, *, overwrite=False):
-    """Context manager yielding a `_StampFile` that writes the file of
-    `write_stamps` chunk by chunk, atomically (`psfdeconv.io.atomic_path`):
-    memory does not grow with the number of stamps."""
-    import tempfile
-
-    from .io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp, \
-            tempfile.TemporaryFile(dir=path.parent, prefix=f'.{path.name}.') as spill:
-        writer = _StampFile(tmp, n_stamps, spill)
-        yield writer
-        writer.finish()
-
-
-class _StampFile:
-    """The FITS file of `write_stamps`, written one stamp at a time.
-
-    Each stamp HDU is appended to the file as it comes (`_append_image`); the
-    masks, whose HDU follows all the stamps, wait in the ``spill`` file and
-    are streamed into place by `finish` (`astropy.io.fits.StreamingHDU`),
-    which also appends the ``INDEX`` table. Only the index grows with the
-    number of stamps.
-    """
-
-    def __init__(self, path, n_stamps, spill):
-        # A str: astropy's StreamingHDU takes a Path for its bare file name.
-        self.path, self.n_stamps, self.spill = str(path), int(n_stamps), spill
-        self.count = 0
-        self.shape = None
-        self.index = {'id': [], 'extver': [], 'flags': [], 'origin_x': [],
-                      'origin_y': []}
-
-    def _start(self, image):
-        from astropy.io import fits
-
-        first_meta = dict(image.meta or {})
-        primary = fits.PrimaryHDU()
-        primary.header['NSTAMPS'] = (self.n_stamps, 'number of stamp HDUs')
-        if first_meta.get('bands'):
-            primary.header['BANDS'] = ','.join(first_meta['bands'])
-        if first_meta.get('model_weights_sha256'):
-            primary.header['MODELSHA'] = first_meta['model_weights_sha256']
-        # EXTEND = T, as HDUList.writeto sets it for a file with extensions.
-        primary.header['EXTEND'] = True
-        primary.writeto(self.path, overwrite=True)
-
-    def _append_image(self, data, header):
-        """Append a float32 image HDU: the bytes `astropy.io.fits.ImageHDU`
-        writes (the same structural cards first), without building one, which
-        took most of the time of writing many stamps."""
-        from astropy.io import fits
-
-        full = fits.Header([('XTENSION', 'IMAGE', 'Image extension'),
-                            ('BITPIX', -32, 'array data type'),
-                            ('NAXIS', data.ndim, 'number of array dimensions')]
-                           + [(f'NAXIS{k + 1}', n) for k, n in enumerate(data.shape[::-1])]
-                           + [('PCOUNT', 0, 'number of parameters'),
-                              ('GCOUNT', 1, 'number of groups')])
-        full.extend(header)
-        raw = np.ascontiguousarray(data, dtype='>f4').tobytes()
-        with open(self.path, 'ab') as stream:
-            stream.write(full.tostring().encode('ascii'))
-            stream.write(raw)
-            stream.write(bytes(-len(raw) % 2880))
-
-    def write(self, images):
-        """Append stamps (an iterable of `~astropy.nddata.NDData`)."""
-        from astropy.io import fits
-
-        for image in images:
-            data = np.asarray(image.data, dtype=np.float32)
-            if self.shape is None:
-                if data.ndim != 3:
-                    raise InvalidInputError(f'stamps must have the shape (n_bands, '
-                                            f'size, size), got {data.shape}.')
-                self.shape = data.shape
-                self._start(image)
-            elif data.shape != self.shape:
-                raise InvalidInputError(f'stamps must all have one shape (n_bands, '
-                                        f'size, size), got {self.shape} and '
-                                        f'{data.shape}.')
-            if self.count >= self.n_stamps:
-                raise InvalidInputError(f'more than the {self.n_stamps} stamps '
-                                        f'announced for {self.path}.')
-            k = self.count
-            meta = dict(image.meta or {})
-            wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
-            header = wcs.to_header() if wcs is not None else fits.Header()
-            header['EXTNAME'] = 'STAMP'
-            header['EXTVER'] = k + 1
-            identifier = meta.get('id', k)
-            header['ID'] = identifier.item() if hasattr(identifier, 'item') else identifier
-            header['FLAGS'] = int(meta.get('flags', 0))
-            if image.unit is not None:
-                from .io import fits_unit_string
-
-                header['BUNIT'] = fits_unit_string(image.unit)
-            if meta.get('bands'):
-                header['BANDS'] = ','.join(meta['bands'])
-            origin = meta.get('origin', (0, 0))
-            header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
-            header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
-            self._append_image(data, header)
-            mask = np.zeros(self.shape, dtype=np.uint8)
-            if image.mask is not None:
-                mask[...] = np.asarray(image.mask, dtype=bool)
-            self.spill.write(mask.tobytes())
-            self.index['id'].append(header['ID'])
-            self.index['extver'].append(k + 1)
-            self.index['flags'].append(header['FLAGS'])
-            self.index['origin_x'].append(header['ORIGINX'])
-            self.index['origin_y'].append(header['ORIGINY'])
-            self.count += 1
-
-    def finish(self):
-        """Write the ``MASKS`` and ``INDEX`` HDUs after the last stamp."""
-        from astropy.io import fits
-        from astropy.table import Table
-
-        if self.count != self.n_stamps:
-            raise InvalidInputError(f'{self.count} stamps were written to '
-                                    f'{self.path}, not the {self.n_stamps} '
-                                    f'announced.')
-        header = fits.ImageHDU(np.zeros((1,) + self.shape, dtype=np.uint8),
-                               name='MASKS').header
-        header['NAXIS4'] = self.n_stamps
-        stream = fits.StreamingHDU(self.path, header)
-        stamp_bytes = int(np.prod(self.shape))
-        per_block = max(1, 2 ** 24 // stamp_bytes)
-        self.spill.seek(0)
-        while block := self.spill.read(per_block * stamp_bytes):
-            stream.write(np.frombuffer(block, dtype=np.uint8).reshape(
-                (-1,) + self.shape))
-        stream.close()
-        index = fits.BinTableHDU(Table(self.index), name='INDEX')
-        fits.append(self.path, index.data, index.header, verify=False)
-
-
-def read_stamps(path):
-    """Read stamps written by `write_stamps` as a list of
-    `~astropy.nddata.NDData` (data, unit, WCS, mask and meta ``id``,
-    ``flags``, ``bands``, ``origin``).
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`
-        The FITS file.
-
-    Returns
-    -------
-    list of `~astropy.nddata.NDData`
-    """
-    import astropy.units as u
-    from astropy.io import fits
-    from astropy.nddata import NDData
-    from astropy.wcs import WCS
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f'stamp file {path} does not exist; give the path '
-                                f'of a file written by write_stamps (psfdeconv '
-                                f'run).')
-    out = []
-    with fits.open(path) as hdulist:
-        masks = hdulist['MASKS'].data.astype(bool)
-        for k in range(int(hdulist[0].header['NSTAMPS'])):
-            hdu = hdulist['STAMP', k + 1]
-            header = hdu.header
-            wcs = WCS(header, naxis=2) if 'CTYPE1' in header else None
-            unit = u.Unit(header['BUNIT']) if 'BUNIT' in header else None
-            meta = {'id': header['ID'], 'flags': header['FLAGS'],
-                    'bands': header['BANDS'].split(',') if 'BANDS' in header else None,
-                    'origin': [header['ORIGINX'], header['ORIGINY']]}
-            out.append(NDData(np.array(hdu.data, dtype=np.float64), unit=unit,
-                              wcs=wcs, mask=masks[k].copy(), meta=meta))
-    return out

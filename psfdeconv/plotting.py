@@ -13,7 +13,7 @@ Figures of stamps, catalogues, trainings and evaluations (matplotlib).
   Figure 7) and `plot_confusion_matrix`: the results of
   `~psfdeconv.evaluate.evaluate_predictions` or
   `~psfdeconv.evaluate.evaluate_simulation`, or of a report read back with
-  `read_report`.
+  `~psfdeconv.evaluate.read_report`.
 
 Every ``plot_*`` function returns a `matplotlib.figure.Figure` made with
 the object API, so no GUI backend (and no pyplot state) is needed; pass
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluate.metrics import CLASS_NAMES
 from .exceptions import InvalidInputError, ShapeMismatchError
 
 __all__ = [
@@ -41,15 +42,12 @@ __all__ = [
     'plot_flux_histogram',
     'plot_ellipticity_correlations',
     'plot_confusion_matrix',
-    'read_report',
     'save_figure',
     'write_run_plots',
     'write_evaluation_plots',
     'write_training_plots',
 ]
 
-#: Names of the four detection classes of `~psfdeconv.evaluate.flux_classes`.
-CLASS_NAMES = ('blank', 'low', 'medium', 'high')
 #: SNR bins of the correlation table, in plotting order.
 _SNR_BINS = ('low', 'medium', 'high', 'all')
 #: Side of one stamp panel, inches.
@@ -352,7 +350,7 @@ def plot_catalog_overview(catalog, *, image=None, band=None, ellipticity='moment
     ----------
     catalog : `~astropy.table.QTable`
         The table of `~psfdeconv.pipeline.deconvolve_catalog` (or
-        `~psfdeconv.pipeline.read_catalog`): columns ``x``, ``y`` (pixels
+        `~psfdeconv.io.read_catalog`): columns ``x``, ``y`` (pixels
         of the reference band), ``flux_<band>``, ``flux_corrected_<band>``
         and ``e1_<band>``, ``e2_<band>`` (or ``hsm_e1_<band>``,
         ``hsm_e2_<band>``).
@@ -592,7 +590,7 @@ def plot_flux_histogram(results, *, methods=None, band=None, truth_flux=None, bi
     ----------
     results : dict
         Output of `~psfdeconv.evaluate.evaluate_predictions` or
-        `read_report`; its ``'objects'`` table is used.
+        `~psfdeconv.evaluate.read_report`; its ``'objects'`` table is used.
     methods : str or sequence of str, optional
         The methods to show; default all of the objects table.
     band : str, optional
@@ -740,7 +738,7 @@ def plot_ellipticity_correlations(results, *, methods=None, yscale='auto', fig=N
     ----------
     results : dict
         Output of `~psfdeconv.evaluate.evaluate_predictions` or
-        `read_report`; its ``'correlations'`` table is used.
+        `~psfdeconv.evaluate.read_report`; its ``'correlations'`` table is used.
     methods : str or sequence of str, optional
         The methods to show (``'truth'`` is the null level); default all.
     yscale : {'auto', 'linear', 'symlog'}, optional
@@ -827,7 +825,7 @@ def plot_confusion_matrix(results, *, methods=None, fig=None):
     ----------
     results : dict
         Output of `~psfdeconv.evaluate.evaluate_predictions` or
-        `read_report`; its ``'confusion'`` dict (method -> 4x4 counts) is
+        `~psfdeconv.evaluate.read_report`; its ``'confusion'`` dict (method -> 4x4 counts) is
         used.
     methods : str or sequence of str, optional
         The methods to show; default all.
@@ -878,66 +876,6 @@ def plot_confusion_matrix(results, *, methods=None, fig=None):
     axes[0].set_ylabel('true class')
     fig.colorbar(image, ax=list(axes), label='fraction of the true class', shrink=0.9)
     return fig
-
-
-def read_report(report_dir):
-    """Read back the tables of an evaluation report for the ``plot_*`` functions.
-
-    Parameters
-    ----------
-    report_dir : str or `~pathlib.Path`
-        A directory written by `~psfdeconv.evaluate.write_report`
-        (``psfdeconv evaluate --report``).
-
-    Returns
-    -------
-    dict
-        The tables found (``'objects'``, ``'table1'``, ``'table2'``,
-        ``'table3'``, ``'correlations'``, ... as `~astropy.table.QTable`),
-        ``'confusion'`` as a dict of method -> 4x4 int array, and
-        ``'edges'`` (from the objects table's meta) when present: the
-        layout of `~psfdeconv.evaluate.evaluate_predictions`.
-
-    Raises
-    ------
-    psfdeconv.exceptions.InvalidInputError
-        If the directory holds no ``.ecsv`` table.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> import numpy as np
-    >>> from psfdeconv.evaluate import write_report
-    >>> from psfdeconv.plotting import read_report
-    >>> directory = tempfile.mkdtemp()
-    >>> _ = write_report({'confusion': {'model': np.eye(4, dtype=int)}}, directory)
-    >>> print(read_report(directory)['confusion']['model'].trace())
-    4
-    """
-    from astropy.table import QTable
-
-    report_dir = Path(report_dir)
-    paths = sorted(report_dir.glob('*.ecsv')) if report_dir.is_dir() else []
-    if not paths:
-        raise InvalidInputError(f'{report_dir} holds no .ecsv table; give a directory '
-                                f'written by psfdeconv evaluate --report.')
-    results = {}
-    for path in paths:
-        results[path.stem] = QTable.read(path, format='ascii.ecsv')
-    if 'confusion' in results:
-        table = results.pop('confusion')
-        columns = [f'pred_{name}' for name in CLASS_NAMES]
-        confusion = {}
-        for method in dict.fromkeys(np.asarray(table['method']).tolist()):
-            rows = table[np.asarray(table['method']) == method]
-            order = [np.asarray(rows['true_class']).tolist().index(name)
-                     for name in CLASS_NAMES]
-            confusion[method] = np.array([[int(rows[c][i]) for c in columns]
-                                          for i in order])
-        results['confusion'] = confusion
-    if 'objects' in results and 'edges' in results['objects'].meta:
-        results['edges'] = np.asarray(results['objects'].meta['edges'], dtype=float)
-    return results
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -1041,7 +979,7 @@ def write_run_plots(out_dir, catalog, *, stamps=None, exposure=None, overwrite=F
         The table of `~psfdeconv.pipeline.deconvolve_catalog`.
     stamps : list of `~astropy.nddata.NDData`, optional
         The stamps of `~psfdeconv.pipeline.deconvolve_catalog` (or
-        `~psfdeconv.pipeline.read_stamps`), in the catalogue's row order.
+        `~psfdeconv.io.read_stamps`), in the catalogue's row order.
     exposure : `~astropy.nddata.NDData`, `~numpy.ndarray`, str, `~pathlib.Path` or dict, optional
         The reference band's exposure (in memory, or a FITS file read with
         `~psfdeconv.io.read_exposure`), or the mapping band -> exposure
@@ -1106,7 +1044,7 @@ def write_evaluation_plots(report_dir, results=None, *, overwrite=False):
     results : dict, optional
         Output of `~psfdeconv.evaluate.evaluate_simulation` or
         `~psfdeconv.evaluate.evaluate_predictions`; default: the report
-        tables already in ``report_dir`` (`read_report`).
+        tables already in ``report_dir`` (`~psfdeconv.evaluate.read_report`).
     overwrite : bool, optional
         Replace existing files.
 
@@ -1120,6 +1058,8 @@ def write_evaluation_plots(report_dir, results=None, *, overwrite=False):
     psfdeconv.exceptions.OutputExistsError
         If a target exists and ``overwrite`` is False.
     """
+    from .evaluate import read_report
+
     results = read_report(report_dir) if results is None else results
     figures = {}
     objects = results.get('objects')

@@ -41,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validation import angle_arcsec, as_image_and_mask, scalar_pixel_scale
 from ._warnings import catch_warnings
+from .background import estimate_background
 from .exceptions import (
     ConfigError,
     InvalidInputError,
     InvalidPSFError,
-    PixelScaleError,
     PSFDeconvWarning,
 )
 
@@ -59,6 +60,9 @@ __all__ = [
     'write_psf_image',
     'render_psf',
     'psf_from_spec',
+    'build_psfs',
+    'grid_extrapolated',
+    'render_stamp_psfs',
 ]
 
 #: Detection threshold (in background sigma) of the segmentation. It is
@@ -74,8 +78,6 @@ _MAX_ELLIPTICITY = 0.25
 _MAX_CENTROID_SHIFT = 0.1
 #: A point-like source's FWHM lies within this factor of the stellar locus.
 _FWHM_TOLERANCE = 1.25
-#: Box size of the 2-D background mesh (pixels).
-_BACKGROUND_BOX = 64
 #: A rendered PSF whose model sum over the stamp falls outside this range
 #: (before renormalisation) triggers a warning.
 _RENDER_SUM_RANGE = (0.8, 1.25)
@@ -86,92 +88,6 @@ _SPEC_FORMS = ("'epsf', 'epsf:grid=NYxNX' (e.g. 'epsf:grid=2x2'), "
 
 
 # --- Input helpers ---------------------------------------------------------
-
-def _as_image(data, mask=None):
-    """Return (float64 array, bool mask, meta) from an array or NDData.
-
-    Non-finite pixels are added to the mask and set to 0 in the returned
-    array, so that photutils never sees them.
-    """
-    meta = {}
-    nd_mask = None
-    if hasattr(data, 'data') and hasattr(data, 'mask') and \
-            not isinstance(data, np.ndarray):
-        meta = dict(getattr(data, 'meta', None) or {})
-        nd_mask = data.mask
-        data = data.data
-    if np.ma.isMaskedArray(data):
-        nd_mask = np.ma.getmaskarray(data) if nd_mask is None else \
-            np.asarray(nd_mask, bool) | np.ma.getmaskarray(data)
-        data = np.ma.getdata(data)
-    image = np.array(data, dtype=np.float64)  # also native byte order
-    if image.ndim != 2:
-        raise InvalidInputError(f'data must be a 2-D image, got shape '
-                                f'{image.shape}; pass one band of one '
-                                f'exposure.')
-    bad = ~np.isfinite(image)
-    for extra in (nd_mask, mask):
-        if extra is not None:
-            extra = np.asarray(extra, dtype=bool)
-            if extra.shape != image.shape:
-                raise InvalidInputError(f'mask has shape {extra.shape} but '
-                                        f'the image has {image.shape}; give '
-                                        f'a mask of the same shape.')
-            bad = bad | extra
-    if bad.all():
-        raise InvalidInputError('every pixel of the image is masked or '
-                                'non-finite; there is nothing to find stars '
-                                'in.')
-    image[bad] = 0.0
-    return image, bad, meta
-
-
-#: Dilation (pixels, a square footprint) of the source mask of
-#: `_background` with ``mask_sources=True``.
-_SOURCE_MASK_DILATION = 21
-
-
-def _background(image, mask, *, mask_sources=False):
-    """Background map (or scalar) and the scalar background rms.
-
-    A `~photutils.background.Background2D` mesh of 64-pixel boxes where the
-    image holds at least two boxes per axis, else (or if the mesh fails)
-    global sigma-clipped statistics. With ``mask_sources`` the estimate is
-    repeated with the sources masked (detected at 2 sigma over the first
-    estimate, dilated by `_SOURCE_MASK_DILATION` pixels): sigma clipping
-    alone leaves the faint wings of galaxies in the sky, which then takes a
-    few per cent of their flux.
-    """
-    from astropy.stats import SigmaClip, sigma_clipped_stats
-
-    def estimate(mask, exclude_percentile):
-        if min(image.shape) >= 2 * _BACKGROUND_BOX:
-            from photutils.background import Background2D
-
-            try:
-                bkg = Background2D(image, _BACKGROUND_BOX, mask=mask,
-                                   sigma_clip=SigmaClip(sigma=3.0),
-                                   exclude_percentile=exclude_percentile)
-                return bkg.background, float(bkg.background_rms_median)
-            except ValueError:
-                pass  # e.g. every box clipped away: use global statistics
-        _, median, std = sigma_clipped_stats(image, mask=mask, sigma=3.0)
-        return float(median), float(std)
-
-    background, rms = estimate(mask, 10.0)
-    if not mask_sources or not rms > 0:
-        return background, rms
-    from photutils.segmentation import detect_sources
-
-    segments = detect_sources(np.where(mask, 0.0, image - background), 2.0 * rms,
-                              n_pixels=5, mask=mask)
-    if segments is None:
-        return background, rms
-    sources = segments.make_source_mask(size=_SOURCE_MASK_DILATION)
-    # Boxes are mostly masked around bright galaxies: keep those with half
-    # their pixels free rather than 90 %.
-    return estimate(mask | sources, 50.0)
-
 
 def _saturation_level(saturation, meta):
     if saturation is None:
@@ -460,9 +376,9 @@ def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
                                        and fwhm_guess > 0):
         raise InvalidInputError(f'fwhm_guess = {fwhm_guess}; give a '
                                 f'positive FWHM in pixels, or None.')
-    image, bad, meta = _as_image(data, mask)
+    image, bad, meta = as_image_and_mask(data, mask)
     saturation = _saturation_level(saturation, meta)
-    background, rms = _background(image, bad)
+    background, rms = estimate_background(image, bad)
     table = _detect(image, bad, background, rms,
                     threshold_sigma=threshold_sigma, box_size=box_size,
                     saturation=saturation)
@@ -599,10 +515,9 @@ def build_epsf(data, *, stars=None, mask=None, size=25, oversampling=2,
 
     Notes
     -----
-    Accuracy (photutils 3.0, oversampling 2): on simulated fields of 48-59
-    Moffat stars (FWHM 4 px, peak S/N 100-1000) the rendered ePSF matched
-    the true PSF to 0.4-0.9 percent of the peak and its FWHM to 0.2
-    percent (``tests/test_psf.py``).
+    Accuracy (oversampling 2): ``tests/test_psf.py`` checks the rendered
+    ePSF against the true PSF of simulated Moffat fields, pixel by pixel
+    and in FWHM.
 
     Speed: with oversampling > 1, fine pixels on the ePSF border that no
     star happens to sample are filled by photutils' cubic interpolation,
@@ -632,8 +547,8 @@ def build_epsf(data, *, stars=None, mask=None, size=25, oversampling=2,
     (25, 25) 1.0
     """
     _check_epsf_options(size, oversampling, maxiters, min_stars)
-    image, bad, meta = _as_image(data, mask)
-    background, rms = _background(image, bad)
+    image, bad, meta = as_image_and_mask(data, mask)
+    background, rms = estimate_background(image, bad)
     if stars is None:
         options = dict(threshold_sigma=10.0, fwhm_guess=None, box_size=size,
                        max_stars=100, saturation=None)
@@ -743,9 +658,9 @@ def build_gridded_psf(data, *, grid_shape=(2, 2), mask=None, size=25,
                                 f'{sorted(options)}.')
     options.update(find_kwargs)
 
-    image, bad, meta = _as_image(data, mask)
+    image, bad, meta = as_image_and_mask(data, mask)
     saturation = _saturation_level(options['saturation'], meta)
-    background, rms = _background(image, bad)
+    background, rms = estimate_background(image, bad)
     table = _detect(image, bad, background, rms,
                     threshold_sigma=options['threshold_sigma'],
                     box_size=options['box_size'], saturation=saturation)
@@ -792,45 +707,6 @@ def build_gridded_psf(data, *, grid_shape=(2, 2), mask=None, size=25,
 
 
 # --- Moffat model ------------------------------------------------------------
-
-def _arcsec(value, name):
-    import astropy.units as u
-
-    if isinstance(value, u.Quantity):
-        try:
-            value = value.to_value(u.arcsec)
-        except u.UnitConversionError:
-            raise InvalidPSFError(f'{name} = {value}; give an angle such as '
-                                  f'0.8 * u.arcsec.') from None
-    value = float(value)
-    if not np.isfinite(value) or value <= 0:
-        raise InvalidPSFError(f'{name} = {value} arcsec; it must be positive '
-                              f'and finite.')
-    return value
-
-
-def _pixel_scale_arcsec(pixel_scale):
-    import astropy.units as u
-
-    if isinstance(pixel_scale, u.Quantity):
-        try:
-            pixel_scale = pixel_scale.to_value(
-                u.arcsec / u.pix,
-                equivalencies=[(u.arcsec, u.arcsec / u.pix)])
-        except u.UnitConversionError:
-            raise PixelScaleError(f'pixel_scale = {pixel_scale}; give an '
-                                  f'angle per pixel such as 0.2 * u.arcsec / '
-                                  f'u.pix.') from None
-    try:
-        pixel_scale = float(pixel_scale)
-    except (TypeError, ValueError):
-        raise PixelScaleError(f'pixel_scale = {pixel_scale!r}; give arcsec '
-                              f'per pixel (a number or a Quantity).') from None
-    if not np.isfinite(pixel_scale) or pixel_scale <= 0:
-        raise PixelScaleError(f'pixel_scale = {pixel_scale}; it must be '
-                              f'positive and finite (arcsec/pixel).')
-    return pixel_scale
-
 
 def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
                oversampling=2):
@@ -892,8 +768,8 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
     import galsim
     from photutils.psf import ImagePSF
 
-    fwhm_arcsec = _arcsec(fwhm, 'fwhm')
-    scale = _pixel_scale_arcsec(pixel_scale)
+    fwhm_arcsec = angle_arcsec(fwhm, 'fwhm', error=InvalidPSFError)
+    scale = scalar_pixel_scale(pixel_scale)
     beta = float(beta)
     if not np.isfinite(beta) or beta <= 1.1:
         raise InvalidPSFError(f'beta = {beta}; the Moffat power index must '
@@ -1408,7 +1284,7 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
         if pixel_scale is None:
             raise ConfigError(f'--psf {spec!r} needs the pixel scale of the '
                               f'exposure (pixel_scale=, arcsec/pixel).')
-        scale = _pixel_scale_arcsec(pixel_scale)
+        scale = scalar_pixel_scale(pixel_scale)
         options = _parse_options(rest, spec, ('fwhm', 'beta', 'e1', 'e2'))
         missing = [k for k in ('fwhm', 'beta') if k not in options]
         if missing:
@@ -1433,3 +1309,199 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
 
     raise ConfigError(f'--psf {spec!r} is not a PSF specification; accepted '
                       f'forms are {_SPEC_FORMS}.')
+
+
+def _psf_description(model):
+    from photutils.psf import GriddedPSFModel
+
+    meta = dict(getattr(model, 'meta', None) or {})
+    if meta.get('psf_source'):  # set by build_psfs
+        return str(meta['psf_source'])
+    if isinstance(model, np.ndarray):
+        return f'array {model.shape}'
+    if isinstance(model, GriddedPSFModel):
+        return f'gridded ({len(model.grid_xypos)} PSFs)'
+    if meta.get('model') == 'moffat':
+        return (f'moffat:fwhm={meta["fwhm_arcsec"]:g}arcsec,beta={meta["beta"]:g},'
+                f'e1={meta["e1"]:g},e2={meta["e2"]:g}')
+    if 'path' in meta:
+        return f'psf={meta["path"]}'
+    return type(model).__name__
+
+
+def build_psfs(exposures, psfs=None, *, epsf_options=None):
+    """A PSF model per band, in each band's own pixels.
+
+    Parameters
+    ----------
+    exposures : mapping of str to `~astropy.nddata.NDData`, str or `~pathlib.Path`
+        Band name to exposure (as from `psfdeconv.io.read_exposure`), or
+        to a FITS file read with it.
+    psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
+        Per band (a mapping with one entry per band) or for every band (any
+        other value): a photutils PSF model (`~photutils.psf.ImagePSF`,
+        `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
+        (odd, centred), or a command-line specification
+        (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
+        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
+        from each band's stars (`psfdeconv.psf.build_epsf`).
+    epsf_options : dict, optional
+        Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
+        ``size``, ``threshold_sigma``, ...) for the default ePSF.
+
+    Returns
+    -------
+    models : dict of str to PSF model or `~numpy.ndarray`
+        Band name to the PSF.
+    sources : dict of str to str
+        Band name to a description of where the PSF came from
+        (``'epsf (40 stars)'``, a Moffat specification, a file, ...).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        Naming the band, if its ePSF cannot be built (too few stars) or a
+        PSF is unusable.
+    psfdeconv.exceptions.InvalidInputError
+        If a mapping lacks a band or names one that is not an exposure.
+    psfdeconv.exceptions.ConfigError
+        For a malformed specification string.
+
+    Examples
+    --------
+    >>> from psfdeconv.psf import build_psfs
+    >>> from psfdeconv.simulate import simulate_exposure
+    >>> exposures, _ = simulate_exposure((96, 96), n_galaxies=1, n_stars=2)
+    >>> models, sources = build_psfs(exposures, 'moffat:fwhm=0.8arcsec,beta=3.5')
+    >>> print(sources['r'], models['r'].meta['fwhm_arcsec'])
+    moffat:fwhm=0.8arcsec,beta=3.5 0.8
+    """
+    from astropy.nddata import NDData
+
+    from .exceptions import ConfigError
+    from .io import pixel_scale_of, read_exposure_set
+
+    if not hasattr(exposures, 'items') or \
+            not all(isinstance(e, NDData) for e in exposures.values()):
+        exposures, _ = read_exposure_set(exposures)
+    bands = list(exposures)
+    if hasattr(psfs, 'items'):
+        unknown = [band for band in psfs if band not in exposures]
+        missing = [band for band in bands if band not in psfs]
+        if unknown or missing:
+            raise InvalidInputError(f'psfs has entries for {list(psfs)} but the '
+                                    f'bands are {bands}; give one PSF per band '
+                                    f'(or one value for all bands).')
+        per_band = dict(psfs)
+    else:
+        per_band = dict.fromkeys(bands, psfs)
+    models, sources = {}, {}
+    for band in bands:
+        value = per_band[band]
+        exposure = exposures[band]
+        created = True
+        try:
+            if value is None or (isinstance(value, str) and
+                                 value.strip().lower() == 'epsf'):
+                model = build_epsf(exposure, **(epsf_options or {}))
+                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
+            elif isinstance(value, str):
+                scale = pixel_scale_of(exposure.wcs) if getattr(
+                    exposure, 'wcs', None) is not None else None
+                model = psf_from_spec(value, data=exposure, pixel_scale=scale)
+                sources[band] = value.strip()
+                if 'n_stars' in (getattr(model, 'meta', None) or {}):
+                    sources[band] += f' ({model.meta["n_stars"]} stars)'
+            else:
+                created = False
+                model = np.asarray(value, dtype=np.float64) \
+                    if isinstance(value, np.ndarray | list) else value
+                sources[band] = _psf_description(model)
+        except (InvalidPSFError, ConfigError) as error:
+            raise type(error)(f'band {band!r}: {error}') from error
+        if created and getattr(model, 'meta', None) is not None:
+            # Later descriptions of this model (deconvolve_catalog) reuse it.
+            model.meta['psf_source'] = sources[band]
+        models[band] = model
+    return models, sources
+
+
+def grid_extrapolated(model, x, y):
+    """Whether positions lie outside the grid of a PSF model.
+
+    Parameters
+    ----------
+    model : PSF model
+        A `~photutils.psf.GriddedPSFModel` (other models have no grid).
+    x, y : `~numpy.ndarray`
+        Positions in the model's pixels.
+
+    Returns
+    -------
+    `~numpy.ndarray` of bool
+        True where the nearest grid PSFs are used beyond the grid.
+    """
+    from photutils.psf import GriddedPSFModel
+
+    if not isinstance(model, GriddedPSFModel):
+        return np.zeros(np.shape(x), dtype=bool)
+    grid = np.asarray(model.grid_xypos, dtype=float)
+    return ((x < grid[:, 0].min()) | (x > grid[:, 0].max())
+            | (y < grid[:, 1].min()) | (y > grid[:, 1].max()))
+
+
+def render_stamp_psfs(model, x, y, *, psf_size, aligned_meta):
+    """Unit-sum PSF stamps at band pixels on the reference grid.
+
+    Parameters
+    ----------
+    model : PSF model
+        The band's PSF (`build_psfs`).
+    x, y : `~numpy.ndarray`
+        (n,) positions in the band's own pixels.
+    psf_size : int
+        Odd side of the stamps.
+    aligned_meta : dict
+        The meta of the band as `~psfdeconv.cutouts.align_bands` reprojected
+        it (empty for a band on the reference grid): the PSFs are resampled
+        as its image was.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        (n, psf_size, psf_size), each rendered with `render_psf`.
+    """
+    from photutils.psf import GriddedPSFModel
+
+    from .cutouts import resample_psf
+
+    reprojected = bool(aligned_meta.get('reprojected', False))
+    if reprojected:
+        ratio = aligned_meta['reference_pixel_scale'] / aligned_meta['pixel_scale']
+        # The band-pixel PSF must cover the reference-pixel PSF, plus a margin
+        # for the resampling kernel.
+        native_size = 2 * int(np.ceil((psf_size // 2) * ratio)) + 3
+    else:
+        native_size = psf_size
+
+    def one(position):
+        psf = render_psf(model, position, size=native_size)
+        if not reprojected:
+            return psf
+        if aligned_meta.get('parity_flip'):
+            psf = psf[:, ::-1]
+        return resample_psf(psf, from_scale=aligned_meta['pixel_scale'],
+                            to_scale=aligned_meta['reference_pixel_scale'],
+                            rotation=aligned_meta['rotation'], size=psf_size,
+                            kernel=aligned_meta['kernel'])
+
+    n = len(x)
+    if not isinstance(model, GriddedPSFModel):
+        return np.broadcast_to(one(None), (n, psf_size, psf_size))
+    out = np.empty((n, psf_size, psf_size))
+    for i in range(n):
+        # Off-image sources (NaN positions) get the PSF at the image centre.
+        position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
+            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+        out[i] = one(position)
+    return out

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from astropy.nddata import block_reduce
 
 from ._fourier import convolve_same
 from .exceptions import ConfigError, OutputExistsError
@@ -282,9 +283,8 @@ def _draw_log_uniform(rng, value_range, size=None):
 
 
 def _bin(image, factor):
-    ny, nx = image.shape
-    return image.reshape(ny // factor, factor, nx // factor, factor).sum(
-        axis=(1, 3))
+    # Sums, not means: a binned image keeps its flux.
+    return block_reduce(image, factor, func=np.sum)
 
 
 def _psf_profile(galsim, family, fwhm, beta, aberrations):

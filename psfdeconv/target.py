@@ -18,30 +18,13 @@ from astropy import units as u
 from scipy.special import erf
 
 from ._fourier import convolve_same
+from ._validation import angle_arcsec, check_psfs, pixel_scale_arcsec
 from .exceptions import InvalidInputError, InvalidPSFError
 
 __all__ = ['gaussian_target_psfs', 'target_psf_images', 'convolve_to_target']
 
 #: Half-size of a Gaussian kernel in standard deviations.
 _HALF_WIDTH_SIGMA = 4.0
-
-
-def _fwhm_arcsec(fwhm):
-    """A positive, finite FWHM in arcsec from an angle Quantity or a number (arcsec)."""
-    if isinstance(fwhm, u.Quantity):
-        if not fwhm.unit.is_equivalent(u.arcsec):
-            raise InvalidInputError(f'the target FWHM must be an angle, got {fwhm}; give '
-                                    f'e.g. 0.3 * u.arcsec.')
-        fwhm = fwhm.to_value(u.arcsec)
-    try:
-        value = float(fwhm)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f'the target FWHM must be a number of arcsec or an angle '
-                                f'Quantity, got {fwhm!r}.') from None
-    if not (np.isfinite(value) and value > 0):
-        raise InvalidInputError(f'the target FWHM must be positive and finite, got '
-                                f'{value} arcsec.')
-    return value
 
 
 def gaussian_target_psfs(fwhm, pixel_scale, *, max_size=None):
@@ -70,11 +53,11 @@ def gaussian_target_psfs(fwhm, pixel_scale, *, max_size=None):
     >>> kernels.shape, round(float(kernels[1].sum()), 6)
     ((2, 15, 15), 1.0)
     """
-    fwhm = _fwhm_arcsec(fwhm)
-    scale = np.atleast_1d(np.asarray(pixel_scale, dtype=np.float64))
-    if scale.ndim != 1 or not np.all(np.isfinite(scale) & (scale > 0)):
-        raise InvalidInputError(f'pixel_scale must be positive and finite, shape (n,), '
-                                f'got {pixel_scale!r}.')
+    fwhm = angle_arcsec(fwhm, 'target_psf')
+    scale = np.atleast_1d(pixel_scale_arcsec(pixel_scale))
+    if scale.ndim != 1:
+        raise InvalidInputError(f'pixel_scale must be a scalar or have shape (n,), got '
+                                f'{scale.shape}.')
     sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / scale
     half = int(np.ceil(_HALF_WIDTH_SIGMA * sigma.max()))
     if max_size is not None:
@@ -122,17 +105,7 @@ def target_psf_images(target_psf, pixel_scale, n, stamp_shape):
     if not np.all(np.isfinite(kernels)):
         raise InvalidPSFError('target_psf images have NaN or inf pixels; give finite '
                               'images.')
-    py, px = kernels.shape[-2:]
-    if py % 2 == 0 or px % 2 == 0 or py > stamp_shape[0] or px > stamp_shape[1]:
-        raise InvalidPSFError(f'target_psf images must be odd-sized and no larger than '
-                              f'the stamps {stamp_shape}, got {py}x{px}; crop or pad '
-                              f'them to an odd size.')
-    sums = kernels.sum(axis=(-2, -1))
-    if not np.all(sums > 0):
-        index = int(np.flatnonzero(~(sums > 0))[0])
-        raise InvalidPSFError(f'target_psf image {index} sums to {sums[index]}; a target '
-                              f'PSF needs a positive sum.')
-    return kernels / sums[:, None, None]
+    return check_psfs(kernels, stamp_shape, name='target_psf')
 
 
 def convolve_to_target(images, kernels):

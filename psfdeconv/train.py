@@ -29,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .deconvolve import OUTPUT_FLOORS, _check_symmetries
+from ._validation import config_from_dict
+from .deconvolve import OUTPUT_FLOORS, check_symmetries
 from .exceptions import ConfigError, InvalidInputError
-from .features import KINDS, _check_kinds, make_cube
+from .features import KINDS, check_kinds, make_cube
+from .transforms import square_symmetry
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
            'split_bands', 'augment_batch', 'build_cache', 'validation_objects',
@@ -114,7 +116,7 @@ class TrainConfig:
     moment_loss_weight: float = 0.0
 
     def __post_init__(self):
-        self.kinds = _check_kinds(self.kinds)
+        self.kinds = check_kinds(self.kinds)
         self.filters = tuple(self.filters)
         if self.epochs < 1 or self.batch_size < 1 or self.data_workers < 1:
             raise ConfigError(f'epochs, batch_size and data_workers must be '
@@ -126,7 +128,7 @@ class TrainConfig:
         if self.output_floor not in OUTPUT_FLOORS:
             raise ConfigError(f"output_floor must be one of {OUTPUT_FLOORS}, got "
                               f"{self.output_floor!r}.")
-        _check_symmetries(self.symmetries)
+        check_symmetries(self.symmetries)
         if not self.target_headroom >= 1:
             raise ConfigError(f'target_headroom must be >= 1, got '
                               f'{self.target_headroom}.')
@@ -150,12 +152,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f'unknown training config keys {unknown}; '
-                              f'valid keys are {sorted(known)}.')
-        return cls(**values)
+        return config_from_dict(cls, values, 'training')
 
 
 def split_indices(n_objects, *, validation_fraction, seed):
@@ -288,10 +285,7 @@ def augment_batch(cube, target, transform):
     True
     """
     def apply(array):
-        array = np.rot90(array, k=transform % 4, axes=(1, 2))
-        if transform >= 4:
-            array = array[:, :, ::-1]
-        return np.ascontiguousarray(array)
+        return np.ascontiguousarray(square_symmetry(array, transform, axes=(1, 2)))
 
     return apply(cube), apply(target)
 
@@ -552,20 +546,16 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
         keras.config.set_dtype_policy('float32')
     # Inference runs in float32 whatever the training policy was.
     model = _as_float32(keras, model)
-    from .model import file_sha256
+    from .model import file_sha256, make_card
 
-    card = {
-        'architecture': config.architecture,
-        'architecture_config': {'filters': list(config.filters),
-                                'kernel_size': 3,
-                                'negative_slope': config.negative_slope},
-        'input_kinds': list(config.kinds),
-        'n_bands': n_bands,
-        'stamp_size': stamp_size,
-        'features': dict(config.features),
-        'output_floor': config.output_floor,
-        'symmetries': config.symmetries,
-        'training': {
+    card = make_card(
+        architecture=config.architecture,
+        architecture_config={'filters': list(config.filters), 'kernel_size': 3,
+                             'negative_slope': config.negative_slope},
+        input_kinds=config.kinds, n_bands=n_bands, stamp_size=stamp_size,
+        features=config.features, output_floor=config.output_floor,
+        symmetries=config.symmetries,
+        training={
             'config': config.to_dict(),
             'simulation_file': Path(simulation_path).name,
             'simulation_config': sim_config,
@@ -590,8 +580,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             'initial_weights_sha256': (
                 None if config.initial_weights is None else
                 file_sha256(config.initial_weights)),
-        },
-    }
+        })
     return model, card
 
 

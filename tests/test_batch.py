@@ -31,13 +31,9 @@ from psfdeconv.exceptions import (
     InvalidInputError,
     OutputExistsError,
 )
-from psfdeconv.pipeline import (
-    FLAG_NEIGHBOURS,
-    deconvolve_catalog,
-    read_catalog,
-    read_stamps,
-    run_exposure_set,
-)
+from psfdeconv.flags import FLAG_NEIGHBOURS
+from psfdeconv.io import read_catalog, read_stamps
+from psfdeconv.pipeline import deconvolve_catalog, run_exposure_set
 from psfdeconv.simulate import simulate_exposure, write_exposure_set
 
 BANDS = ('g', 'r', 'i')

@@ -17,7 +17,8 @@ from astropy.table import QTable
 from astropy.wcs import WCS
 
 from psfdeconv.cli import main
-from psfdeconv.pipeline import FLAG_NEIGHBOURS, read_catalog, read_stamps
+from psfdeconv.flags import FLAG_NEIGHBOURS
+from psfdeconv.io import read_catalog, read_stamps
 from psfdeconv.psf import read_psf_image
 
 BANDS = ('g', 'r', 'i')

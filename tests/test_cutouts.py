@@ -11,16 +11,9 @@ from astropy.nddata import CCDData, Cutout2D, NDData, StdDevUncertainty
 from astropy.wcs import WCS
 from numpy.testing import assert_allclose, assert_array_equal
 
-from psfdeconv.cutouts import (
-    FLAG_EDGE,
-    FLAG_MASKED,
-    FLAG_OFF_IMAGE,
-    _shifted_wcs,
-    align_bands,
-    make_cutouts,
-    resample_psf,
-)
+from psfdeconv.cutouts import _shifted_wcs, align_bands, make_cutouts, resample_psf
 from psfdeconv.exceptions import InvalidInputError, InvalidPSFError, PixelScaleError
+from psfdeconv.flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 
 SIZE = 64
 SHAPE = (150, 170)  # (ny, nx) of the synthetic exposure

@@ -10,20 +10,16 @@ from astropy import units as u
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy.signal import fftconvolve
 
+from psfdeconv.calibrate import fit_flux_bias, fit_psf_leakage, fit_size_bias
 from psfdeconv.deconvolve import (
     correct_flux_bias,
     correct_psf_leakage,
     correct_size_bias,
     deconvolve_stamps,
-    dilate_images,
     estimate_noise_sigma,
-    fit_flux_bias,
-    fit_psf_leakage,
-    fit_size_bias,
     normalize_psfs,
     psf_ellipticity,
     refit_amplitude,
-    shear_images,
     symmetric_output,
     validate_stamps,
 )
@@ -39,6 +35,7 @@ from psfdeconv.exceptions import (
 )
 from psfdeconv.measure import image_moments
 from psfdeconv.simulate import read_simulation
+from psfdeconv.transforms import dilate_images, shear_images
 
 
 @pytest.fixture(scope='module')
@@ -211,10 +208,10 @@ def test_bad_pixel_scale(valid_inputs, pixel_scale):
 
 
 @pytest.mark.parametrize('pixel_scale, message', [
-    (0.2 * u.m, r'has unit m; give it in arcsec/pixel'),
-    ('fine', r"must be a number in arcsec/pixel, got 'fine'")])
+    (0.2 * u.m, r'pixel_scale = 0.2 m; give an angle per pixel'),
+    ('fine', r"pixel_scale = 'fine'; give arcsec per pixel")])
 def test_pixel_scale_of_wrong_kind(valid_inputs, pixel_scale, message):
-    # The same conversion and messages as the measurements (measure._pixel_scale_arcsec).
+    # The same conversion and messages as the measurements (_validation.pixel_scale_arcsec).
     stamps, psfs = valid_inputs
     check_error(PixelScaleError, message, stamps, psfs, pixel_scale)
 
@@ -451,7 +448,7 @@ def test_correct_flux_bias_per_band():
 
 
 def test_calibrate_flux_bias_fits_each_band(tiny_model_path, tiny_simulation_path):
-    from psfdeconv.deconvolve import calibrate_flux_bias
+    from psfdeconv.calibrate import calibrate_flux_bias
     from psfdeconv.model import load_model
     from psfdeconv.simulate import read_simulation
 
@@ -467,7 +464,8 @@ def test_calibrate_flux_bias_fits_each_band(tiny_model_path, tiny_simulation_pat
 # --- Detection gate -------------------------------------------------------------------
 
 def test_fit_detection_threshold_and_its_errors():
-    from psfdeconv.deconvolve import detection_snr, fit_detection_threshold
+    from psfdeconv.calibrate import fit_detection_threshold
+    from psfdeconv.deconvolve import detection_snr
     from psfdeconv.exceptions import ConfigError, InvalidInputError, ShapeMismatchError
 
     rng = np.random.default_rng(5)
@@ -528,7 +526,7 @@ def test_detection_gate_empties_the_images_below_the_threshold(tiny_model):
 
 
 def test_calibrate_card_skips_the_gate_without_enough_blanks(tiny_model, tiny_simulation_path):
-    from psfdeconv.deconvolve import calibrate_card
+    from psfdeconv.calibrate import calibrate_card
 
     sims = read_simulation(tiny_simulation_path, 0, 60)
     with warnings.catch_warnings():
@@ -541,13 +539,13 @@ def test_calibrate_card_skips_the_gate_without_enough_blanks(tiny_model, tiny_si
 
 def test_calibrate_card_images_are_what_the_calibrated_card_gives(
         tiny_model, tiny_simulation_path, monkeypatch):
-    import psfdeconv.deconvolve as deconvolve_module
-    from psfdeconv.deconvolve import calibrate_card
+    import psfdeconv.calibrate as calibrate_module
+    from psfdeconv.calibrate import calibrate_card
     from psfdeconv.model import DeconvolutionModel
 
     sims = read_simulation(tiny_simulation_path, 0, 160)
     # The tiny simulation has a few dozen blanks; the shipped cards were fitted on 1,355.
-    monkeypatch.setattr(deconvolve_module, '_MIN_BLANKS', 10)
+    monkeypatch.setattr(calibrate_module, '_MIN_BLANKS', 10)
     args = (tiny_model, sims['observed'], sims['psf'], sims['pixel_scale'], sims['truth'],
             sims['is_blank'])
     with warnings.catch_warnings():

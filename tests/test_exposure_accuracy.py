@@ -13,9 +13,8 @@ from numpy.testing import assert_allclose
 
 from psfdeconv.cli import main
 from psfdeconv.evaluate import exposure_accuracy, match_truth
-from psfdeconv.io import EXAMPLE_BANDS, EXAMPLE_EXPOSURES
+from psfdeconv.io import EXAMPLE_BANDS, EXAMPLE_EXPOSURES, read_catalog, read_stamps
 from psfdeconv.measure import image_moments, windowed_centroid
-from psfdeconv.pipeline import read_catalog, read_stamps
 from psfdeconv.simulate import simulate_exposure
 
 
@@ -56,13 +55,13 @@ def test_windowed_centroid_ignores_neighbours_and_matches_isolated_centroid():
 def test_background_with_sources_masked_keeps_galaxy_wings():
     # Galaxies on a sky of exactly 0: under the galaxies, the plain sigma-clipped mesh
     # rises into their faint wings (taking their flux); the source-masked one stays at 0.
-    from psfdeconv.psf import _background
+    from psfdeconv.background import estimate_background
 
     exposures, truth = simulate_exposure((256, 256), n_galaxies=12, n_stars=5, seed=3)
     image = np.asarray(exposures['g'].data)
     mask = np.zeros(image.shape, bool)
-    plain, _ = _background(image, mask)
-    masked, rms = _background(image, mask, mask_sources=True)
+    plain, _ = estimate_background(image, mask)
+    masked, rms = estimate_background(image, mask, mask_sources=True)
     assert rms == pytest.approx(1.0, rel=0.1)  # the simulated sky sigma
     galaxies = truth[truth['kind'] == 'galaxy']
     rows = np.round(galaxies['y'].value).astype(int)
@@ -177,7 +176,7 @@ def test_outside_training_range_warns_flags_or_refuses():
 def test_run_strict_refuses_an_untrained_pixel_scale(tmp_path, capsys):
     # 0.5 arcsec/pixel: outside every shipped model's range. --strict: exit 3 and no
     # output; without it: the catalogue, each source flagged OUTSIDE_TRAINING.
-    from psfdeconv.pipeline import FLAG_OUTSIDE_TRAINING
+    from psfdeconv.flags import FLAG_OUTSIDE_TRAINING
 
     field = tmp_path / 'field'
     assert main(['simulate-exposure', '--out', str(field), '--seed', '8', '--size', '256',
@@ -221,7 +220,7 @@ def test_evaluate_plots_need_a_report_directory(capsys):
 # --- Neighbour replacement --------------------------------------------------------------
 
 def test_replace_neighbours_noise_seed_and_target():
-    from psfdeconv.pipeline import replace_neighbours
+    from psfdeconv.detection import replace_neighbours
 
     stamps = np.zeros((2, 2, 64, 64))
     stamps[:, :, 28:36, 28:36] = 5.0           # the source
@@ -259,7 +258,7 @@ def test_replace_neighbours_noise_seed_and_target():
 
 
 def test_neighbour_segments_combine_the_bands():
-    from psfdeconv.pipeline import neighbour_segments
+    from psfdeconv.detection import neighbour_segments
 
     rng = np.random.default_rng(3)
     shape = (96, 96)
@@ -282,7 +281,8 @@ def test_neighbour_light_is_not_counted_in_the_flux():
     from astropy.nddata import CCDData, StdDevUncertainty
     from astropy.wcs import WCS
 
-    from psfdeconv.pipeline import FLAG_NEIGHBOURS, deconvolve_catalog
+    from psfdeconv.flags import FLAG_NEIGHBOURS
+    from psfdeconv.pipeline import deconvolve_catalog
 
     scale, size = 0.2, 200
     wcs = WCS(naxis=2)
@@ -316,3 +316,19 @@ def test_neighbour_light_is_not_counted_in_the_flux():
     error = {mode: np.abs(flux / 2000.0 - 1) for mode, flux in fluxes.items()}
     assert (error['replace'] < 0.05).all(), fluxes
     assert (fluxes['keep'] > fluxes['replace']).all() and error['keep'].min() > 0.05, fluxes
+
+
+def test_psf_fwhm_resolves_sub_pixel_differences():
+    # 2.0, 2.3 and 2.6 pixel PSFs: counting the pixels above half the peak
+    # gives one value for all three; the interpolated radius orders them.
+    import galsim
+
+    from psfdeconv.deconvolve import psf_fwhm
+
+    widths = (2.0, 2.3, 2.6)
+    images = np.stack([galsim.Moffat(beta=3, fwhm=w).drawImage(nx=41, ny=41, scale=1.0).array
+                       for w in widths])
+    fwhm = psf_fwhm(images, 1.0)
+    assert np.all(np.diff(fwhm) > 0.2)
+    # The pixelated image is broader than the profile by under a quarter pixel.
+    assert np.all((fwhm - widths > 0) & (fwhm - widths < 0.25))

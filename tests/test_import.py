@@ -12,8 +12,11 @@ import psfdeconv
 
 HEAVY = ('tensorflow', 'keras', 'galsim', 'photutils', 'reproject')
 
-MODULES = ('_fourier', 'cli', 'cutouts', 'deconvolve', 'evaluate', 'exceptions', 'features',
-           'io', 'pipeline', 'measure', 'model', 'psf', 'simulate', 'train')
+MODULES = ('_fourier', '_validation', 'background', 'batch', 'calibrate', 'cli', 'cutouts',
+           'deconvolve', 'detection', 'evaluate', 'evaluate.baselines', 'evaluate.exposures',
+           'evaluate.floor', 'evaluate.metrics', 'evaluate.report', 'exceptions', 'features',
+           'flags', 'io', 'io.catalog', 'io.exposures', 'io.files', 'pipeline', 'measure', 'model',
+           'plotting', 'psf', 'simulate', 'train', 'transforms')
 
 
 def run_python(code):

@@ -16,7 +16,8 @@ from numpy.testing import assert_array_equal
 
 from psfdeconv._warnings import catch_warnings
 from psfdeconv.exceptions import OutputExistsError
-from psfdeconv.io import _header_warnings_into, atomic_path, check_writable, write_table
+from psfdeconv.io import atomic_path, check_writable, write_table
+from psfdeconv.io.exposures import _header_warnings_into
 
 
 def mode(path):

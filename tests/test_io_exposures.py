@@ -13,7 +13,8 @@ from astropy.wcs import WCS, FITSFixedWarning
 from numpy.testing import assert_allclose, assert_array_equal
 
 from psfdeconv.exceptions import InvalidInputError, InvalidPixelsError, PSFDeconvWarning
-from psfdeconv.io import _header_warnings_into, pixel_scale_of, read_exposure
+from psfdeconv.io import pixel_scale_of, read_exposure
+from psfdeconv.io.exposures import _header_warnings_into
 
 SHAPE = (40, 50)
 

@@ -293,3 +293,9 @@ def test_shipped_single_band_model_loads_and_verifies():
     model = load_model(n_bands=1)
     assert model.n_bands == 1 and model.kinds == ('psf', 'ipsf', 'ipsf1')
     assert model.card['training']['config']['split_bands'] is True
+
+
+def test_card_of_a_later_version_is_refused(tiny_model_path, tmp_path):
+    path = copy_model(tiny_model_path, tmp_path, 'future')
+    edit_card(path, card_version=MODEL_CARD_VERSION + 1)
+    assert_refused(path, 'upgrade psfdeconv')

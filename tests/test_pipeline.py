@@ -14,7 +14,7 @@ from astropy.nddata import CCDData
 from astropy.table import QTable, Table
 from numpy.testing import assert_allclose, assert_array_equal
 
-from psfdeconv.cutouts import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
+from psfdeconv.detection import detect_galaxies
 from psfdeconv.exceptions import (
     BandCountError,
     ConfigError,
@@ -24,19 +24,18 @@ from psfdeconv.exceptions import (
     OutputExistsError,
     ShapeMismatchError,
 )
-from psfdeconv.pipeline import (
+from psfdeconv.flags import (
     FLAG_CENTROID_FALLBACK,
+    FLAG_EDGE,
     FLAG_HSM_FAILED,
+    FLAG_MASKED,
     FLAG_NEIGHBOURS,
+    FLAG_OFF_IMAGE,
     FLAG_OUTSIDE_TRAINING,
-    build_psfs,
-    deconvolve_catalog,
-    detect_galaxies,
-    read_catalog,
-    read_stamps,
-    write_catalog,
-    write_stamps,
 )
+from psfdeconv.io import read_catalog, read_stamps, write_catalog, write_stamps
+from psfdeconv.pipeline import deconvolve_catalog
+from psfdeconv.psf import build_psfs
 from psfdeconv.simulate import simulate_exposure
 
 BANDS = ['g', 'r', 'i']
@@ -252,7 +251,7 @@ def test_gridded_psf_flags_sources_outside_its_grid(field, tiny_model):
     from astropy.nddata import NDData
     from photutils.psf import GriddedPSFModel
 
-    from psfdeconv.pipeline import FLAG_PSF_EXTRAPOLATED
+    from psfdeconv.flags import FLAG_PSF_EXTRAPOLATED
     from psfdeconv.psf import moffat_psf
 
     exposures, _ = field
@@ -369,8 +368,8 @@ def test_files_from_paths_and_round_trips(field, moffat_psfs, tiny_model, tmp_pa
 
 def test_undetected_sources_are_flagged_with_empty_stamps(field, moffat_psfs, tiny_model):
     from psfdeconv.deconvolve import detection_snr
+    from psfdeconv.flags import FLAG_UNDETECTED
     from psfdeconv.model import DeconvolutionModel
-    from psfdeconv.pipeline import FLAG_UNDETECTED
 
     exposures, truth = field
     galaxies = galaxies_of(truth)[:3]

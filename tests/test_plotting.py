@@ -11,6 +11,7 @@ from astropy import units as u
 from astropy.nddata import NDData
 from astropy.table import QTable
 
+from psfdeconv.evaluate import read_report
 from psfdeconv.exceptions import InvalidInputError, OutputExistsError, ShapeMismatchError
 from psfdeconv.plotting import (
     plot_catalog_overview,
@@ -19,7 +20,6 @@ from psfdeconv.plotting import (
     plot_flux_histogram,
     plot_stamp_grid,
     plot_training_history,
-    read_report,
     save_figure,
     write_evaluation_plots,
     write_run_plots,

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from psfdeconv.cli import main
-from psfdeconv.io import read_exposure
-from psfdeconv.pipeline import read_catalog, read_stamps
+from psfdeconv.io import read_catalog, read_exposure, read_stamps
 
 DECAM = Path(__file__).parent / 'data' / 'decam-r-N6.fits'
 #: The header's seeing (FWHM 4.02 pixels of 0.262 arcsec).

@@ -51,11 +51,11 @@ def test_image_targets_are_normalised_and_broadcast():
 @pytest.mark.parametrize('target, error, match', [
     (-0.3, InvalidInputError, 'positive and finite'),
     (np.nan, InvalidInputError, 'positive and finite'),
-    (0.3 * u.m, InvalidInputError, 'must be an angle'),
+    (0.3 * u.m, InvalidInputError, 'give an angle'),
     ('wide', InvalidInputError, 'number of arcsec or an angle'),
-    (np.ones((4, 4)), InvalidPSFError, 'odd-sized'),
-    (np.ones((71, 71)), InvalidPSFError, 'no larger than the stamps'),
-    (-np.ones((5, 5)), InvalidPSFError, 'positive sum'),
+    (np.ones((4, 4)), InvalidPSFError, 'odd sizes'),
+    (np.ones((71, 71)), InvalidPSFError, 'larger than the stamps'),
+    (-np.ones((5, 5)), InvalidPSFError, 'positive, finite sum'),
     (np.full((5, 5), np.nan), InvalidPSFError, 'NaN or inf'),
     (np.ones((2, 5, 5)), InvalidPSFError, r'shape \(py, px\) or \(3, py, px\)'),
 ])

@@ -1,44 +1,36 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """
-FITS input of exposures, and file output that is atomic and never
-overwrites by accident.
+FITS input of exposures.
 
-**Input.** `read_exposure` reads one band of one exposure (a FITS image,
+`read_exposure` reads one band of one exposure (a FITS image,
 tile-compressed or not, with optional mask, weight or uncertainty
 extensions or files) into a `~astropy.nddata.CCDData` with native float64
 pixels, a boolean mask and a celestial WCS, and refuses what the pipeline
 cannot use (no celestial WCS, cubes, constant images, non-FITS files) with
 an error that names the file and the fix. `pixel_scale_of` gives the pixel
 scale of a celestial WCS.
-
-**Output.** Every file psfdeconv writes goes first to a temporary file in
-the target's own directory (so the final rename stays on one file system)
-and is moved into place with `os.replace` only once complete: a crash
-leaves either the old file or the complete new one, never half of one.
 """
 
 import contextlib
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ._warnings import catch_warnings
-from .exceptions import (
+from .._warnings import catch_warnings
+from ..exceptions import (
     InvalidInputError,
     InvalidPixelsError,
-    OutputExistsError,
     PSFDeconvWarning,
 )
 
-__all__ = ['atomic_path', 'check_writable', 'write_table', 'read_exposure',
-           'pixel_scale_of', 'fits_unit_string', 'example_exposures']
+__all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string',
+           'example_exposures', 'EXAMPLE_EXPOSURES', 'EXAMPLE_BANDS']
 
 #: The bundled exposure set (``psfdeconv run --example``; see data/README.md).
-EXAMPLE_EXPOSURES = Path(__file__).parent / 'data' / 'example_exposures'
+EXAMPLE_EXPOSURES = Path(__file__).parent.parent / 'data' / 'example_exposures'
 EXAMPLE_BANDS = ('g', 'r', 'i')
 
 
@@ -65,87 +57,6 @@ def example_exposures():
     """
     return ({band: EXAMPLE_EXPOSURES / f'{band}.fits.gz' for band in EXAMPLE_BANDS},
             EXAMPLE_EXPOSURES / 'truth.ecsv')
-
-
-def check_writable(path, *, overwrite=False):
-    """Raise `~psfdeconv.exceptions.OutputExistsError` if ``path`` exists
-    and ``overwrite`` is False; return ``path`` as a `~pathlib.Path`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f'{path} exists; pass overwrite=True '
-                                f'(--overwrite on the command line) to '
-                                f'replace it.')
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path, *, overwrite=False):
-    """Context manager yielding a temporary path renamed to ``path`` on
-    success and removed on failure.
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`
-        The final file.
-    overwrite : bool, optional
-        Allow replacing an existing file.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> from psfdeconv.io import atomic_path
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / 'out.txt'
-    >>> with atomic_path(target) as tmp:
-    ...     _ = tmp.write_text('done')
-    >>> target.read_text()
-    'done'
-    """
-    path = check_writable(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp',
-                                    dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
-        yield tmp_path
-        # Check again: another process may have written it meanwhile.
-        check_writable(path, overwrite=overwrite)
-        # mkstemp makes owner-only files; give the usual permissions.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp_path, mode)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_table(table, path, *, overwrite=False, format=None):
-    """Write an astropy table atomically (FITS, ECSV, ... by extension).
-
-    Parameters
-    ----------
-    table : `~astropy.table.Table` or `~astropy.table.QTable`
-        The table.
-    path : str or `~pathlib.Path`
-        Output file; the format follows its extension unless given.
-    overwrite : bool, optional
-        Replace an existing file.
-    format : str, optional
-        An astropy unified I/O format name.
-
-    Returns
-    -------
-    `~pathlib.Path`
-        The written file.
-    """
-    path = Path(path)
-    if format is None:
-        suffix = path.suffix.lower()
-        format = {'.fits': 'fits', '.fit': 'fits', '.ecsv': 'ascii.ecsv',
-                  '.csv': 'ascii.csv'}.get(suffix, None)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        table.write(tmp, format=format, overwrite=True)
-    return path
 
 
 # --- Reading exposures ----------------------------------------------------------
@@ -842,3 +753,46 @@ def pixel_scale_of(wcs, *, position=None):
                       f'using their geometric mean {np.sqrt(scales.prod()):.5f} '
                       f'arcsec/pixel.', PSFDeconvWarning, stacklevel=2)
     return float(np.sqrt(scales.prod())) * u.arcsec / u.pix
+
+
+def read_exposure_set(exposures):
+    """Read the bands of one exposure set.
+
+    Parameters
+    ----------
+    exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
+        Band name (a column-name suffix) to the band's exposure, each read
+        with `read_exposure`.
+
+    Returns
+    -------
+    read : dict
+        Band name to `~astropy.nddata.CCDData`, in the mapping's order.
+    paths : dict
+        Band name to the input path (None for an NDData not read from a file).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        For an empty mapping, band names that are not distinct identifiers,
+        or an exposure `read_exposure` refuses.
+    """
+    from astropy.nddata import NDData
+
+    if not hasattr(exposures, 'items') or not exposures:
+        raise InvalidInputError(f'exposures must be a non-empty mapping of band '
+                                f'name to a FITS path or NDData, e.g. {{"g": '
+                                f'"g.fits", "r": "r.fits"}}; got '
+                                f'{type(exposures).__name__}.')
+    bands = [str(band) for band in exposures]
+    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
+        raise InvalidInputError(f'band names {bands} must be distinct identifiers '
+                                f'(letters, digits, underscores): they become '
+                                f'column names such as flux_<band>.')
+    read, paths = {}, {}
+    for band, exposure in exposures.items():
+        read[str(band)] = read_exposure(exposure)
+        # An exposure read by read_exposure knows its file.
+        paths[str(band)] = (dict(exposure.meta or {}).get('path')
+                            if isinstance(exposure, NDData) else str(exposure))
+    return read, paths

@@ -1,0 +1,111 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The sky background of an exposure.
+
+`estimate_background` gives a `~photutils.background.Background2D` mesh
+(or global sigma-clipped statistics on small images) and its rms, for the
+star selection of `psfdeconv.psf`, the detection of `psfdeconv.detection`
+and the background subtraction of the pipeline (`subtract_background`).
+"""
+
+import numpy as np
+
+__all__ = ['BACKGROUND_BOX', 'SOURCE_MASK_DILATION', 'estimate_background',
+           'subtract_background']
+
+
+#: Box size of the 2-D background mesh (pixels).
+BACKGROUND_BOX = 64
+#: Dilation (pixels, a square footprint) of the source mask of
+#: `estimate_background` with ``mask_sources=True``.
+SOURCE_MASK_DILATION = 21
+
+
+def estimate_background(image, mask, *, mask_sources=False):
+    """Background map (or scalar) and the scalar background rms.
+
+    A `~photutils.background.Background2D` mesh of `BACKGROUND_BOX`-pixel boxes where the
+    image holds at least two boxes per axis, else (or if the mesh fails)
+    global sigma-clipped statistics. With ``mask_sources`` the estimate is
+    repeated with the sources masked (detected at 2 sigma over the first
+    estimate, dilated by `SOURCE_MASK_DILATION` pixels): sigma clipping
+    alone leaves the faint wings of galaxies in the sky, which then takes a
+    few per cent of their flux.
+
+    Parameters
+    ----------
+    image : `~numpy.ndarray`
+        2-D float image, masked pixels set to 0 (as
+        ``psfdeconv._validation.as_image_and_mask`` returns it).
+    mask : `~numpy.ndarray`
+        bool, same shape; True for pixels to ignore.
+    mask_sources : bool, optional
+        Estimate again with the sources masked.
+
+    Returns
+    -------
+    background : `~numpy.ndarray` or float
+        The mesh (the image's shape) or the global median.
+    rms : float
+        The background rms (median of the mesh's rms).
+    """
+    from astropy.stats import SigmaClip, sigma_clipped_stats
+
+    def estimate(mask, exclude_percentile):
+        if min(image.shape) >= 2 * BACKGROUND_BOX:
+            from photutils.background import Background2D
+
+            try:
+                bkg = Background2D(image, BACKGROUND_BOX, mask=mask,
+                                   sigma_clip=SigmaClip(sigma=3.0),
+                                   exclude_percentile=exclude_percentile)
+                return bkg.background, float(bkg.background_rms_median)
+            except ValueError:
+                pass  # e.g. every box clipped away: use global statistics
+        _, median, std = sigma_clipped_stats(image, mask=mask, sigma=3.0)
+        return float(median), float(std)
+
+    background, rms = estimate(mask, 10.0)
+    if not mask_sources or not rms > 0:
+        return background, rms
+    from photutils.segmentation import detect_sources
+
+    segments = detect_sources(np.where(mask, 0.0, image - background), 2.0 * rms,
+                              n_pixels=5, mask=mask)
+    if segments is None:
+        return background, rms
+    sources = segments.make_source_mask(size=SOURCE_MASK_DILATION)
+    # Boxes are mostly masked around bright galaxies: keep those with half
+    # their pixels free rather than 90 %.
+    return estimate(mask | sources, 50.0)
+
+
+def subtract_background(exposure):
+    """A copy of an exposure minus its background, and the background rms.
+
+    Parameters
+    ----------
+    exposure : `~astropy.nddata.CCDData`
+        As `psfdeconv.io.read_exposure` returns it.
+
+    Returns
+    -------
+    subtracted : `~astropy.nddata.CCDData`
+        The data minus `estimate_background` (``mask_sources=True``), the
+        mask extended by the non-finite pixels, ``meta['background_rms']``.
+    rms : float
+        The background rms.
+    """
+    from astropy.nddata import CCDData
+
+    data = np.array(exposure.data, dtype=np.float64)
+    bad = ~np.isfinite(data)
+    if exposure.mask is not None:
+        bad |= np.asarray(exposure.mask, dtype=bool)
+    filled = np.where(bad, 0.0, data)
+    background, rms = estimate_background(filled, bad, mask_sources=True)
+    meta = dict(exposure.meta or {})
+    meta['background_rms'] = rms
+    return CCDData(data - background, unit=exposure.unit, mask=bad,
+                   uncertainty=exposure.uncertainty, wcs=exposure.wcs,
+                   meta=meta), rms

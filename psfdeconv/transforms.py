@@ -1,0 +1,170 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Geometric transforms of images: the symmetries of the square, and shears
+and dilations about the light centroid.
+
+The symmetries serve the network's test-time averaging
+(`~psfdeconv.deconvolve.symmetric_output`) and the training augmentation
+(`~psfdeconv.train.augment_batch`); the shear and dilation serve the
+PSF-leakage and size-bias corrections (`psfdeconv.deconvolve`,
+`psfdeconv.calibrate`).
+"""
+
+import numpy as np
+
+from .exceptions import InvalidInputError
+
+__all__ = ['square_symmetry', 'shear_images', 'dilate_images']
+
+
+def square_symmetry(array, transform, *, inverse=False, axes=(-2, -1)):
+    """Symmetry ``transform`` of the square on two axes of an array.
+
+    Transform t in 0..7 is ``t % 4`` quarter turns (`numpy.rot90`)
+    followed, for t >= 4, by a flip of the second axis.
+
+    Parameters
+    ----------
+    array : `~numpy.ndarray`
+        Any array with two equal image axes.
+    transform : int
+        0 to 7.
+    inverse : bool, optional
+        Undo ``transform`` instead.
+    axes : tuple of int, optional
+        The (y, x) image axes.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        A view of ``array``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.arange(9).reshape(3, 3)
+    >>> turned = square_symmetry(image, 5)
+    >>> bool(np.array_equal(square_symmetry(turned, 5, inverse=True), image))
+    True
+    """
+    flip = (slice(None),) * (axes[1] % array.ndim) + (slice(None, None, -1),)
+    if inverse:
+        if transform >= 4:
+            array = array[flip]
+        return np.rot90(array, k=-(transform % 4), axes=axes)
+    array = np.rot90(array, k=transform % 4, axes=axes)
+    return array[flip] if transform >= 4 else array
+
+
+def shear_images(images, g1, g2):
+    """Shear images about their centroids (an area-preserving shear).
+
+    Each image ``I`` becomes ``I(S^-1 x)`` with the area-preserving shear
+    ``S = [[1 + g1, g2], [g2, 1 - g1]] / sqrt(1 - g1**2 - g2**2)`` (x along
+    columns) about its light centroid, by cubic-spline interpolation,
+    clipped at 0. A round image acquires the distortion ``2 g / (1 + g**2)``.
+    Images with no positive flux are returned unchanged.
+
+    Parameters
+    ----------
+    images : `~numpy.ndarray`
+        (..., ny, nx).
+    g1, g2 : `~numpy.ndarray` or float
+        Reduced shear per image, broadcastable to ``images.shape[:-2]``,
+        ``g1**2 + g2**2 < 1``.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The sheared images, same shape and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.transforms import shear_images
+    >>> from psfdeconv.measure import image_moments
+    >>> y, x = np.mgrid[:48, :48]
+    >>> round_image = np.exp(-0.5 * ((x - 24)**2 + (y - 24)**2) / 3.0**2)
+    >>> sheared = shear_images(round_image, 0.05, 0.0)
+    >>> round(float(image_moments(sheared)['e1']), 3)  # 2 g / (1 + g^2)
+    0.1
+    """
+    images = np.asarray(images)
+    leading = images.shape[:-2]
+    g1 = np.broadcast_to(np.asarray(g1, dtype=float), leading)
+    g2 = np.broadcast_to(np.asarray(g2, dtype=float), leading)
+    if np.any(g1**2 + g2**2 >= 1):
+        raise InvalidInputError('shear_images needs g1**2 + g2**2 < 1.')
+    # The inverse shear S(-g) in (row, column) order, (..., 2, 2).
+    inverse = np.stack([np.stack([1 + g1, -g2], axis=-1),
+                        np.stack([-g2, 1 - g1], axis=-1)], axis=-2)
+    inverse /= np.sqrt(1 - g1**2 - g2**2)[..., None, None]
+    return _transform_about_centroids(images, inverse, np.ones(leading))
+
+
+def _transform_about_centroids(images, inverse, flux_scale):
+    """``flux_scale * I(A^-1 (x - c) + c)`` about each image's light centroid
+    ``c``, cubic spline, clipped at 0.
+
+    ``inverse`` (..., 2, 2) is ``A^-1`` in (row, column) order, as
+    `scipy.ndimage.affine_transform` maps output to input positions;
+    images whose ``inverse`` is the identity, or without a centroid, are
+    returned unchanged.
+    """
+    from scipy import ndimage
+
+    from .measure import image_moments
+
+    moments = image_moments(images)
+    out = np.array(images, copy=True)
+    identity = np.eye(2)
+    for index in np.ndindex(images.shape[:-2]):
+        centre = np.array([moments['y'][index], moments['x'][index]])
+        if not np.all(np.isfinite(centre)) or np.array_equal(inverse[index], identity):
+            continue
+        out[index] = ndimage.affine_transform(images[index], inverse[index],
+                                              offset=centre - inverse[index] @ centre,
+                                              order=3, mode='constant') * flux_scale[index]
+    return np.clip(out, 0, None)
+
+
+def dilate_images(images, dilation):
+    """Dilate images about their centroids, conserving their sums.
+
+    Each image ``I`` becomes ``I((x - c) / f + c) / f**2`` with
+    ``f = 1 + dilation`` about its light centroid ``c``, by cubic-spline
+    interpolation, clipped at 0: every size scales by ``f``. Images with no
+    positive flux, or a dilation of 0, are returned unchanged.
+
+    Parameters
+    ----------
+    images : `~numpy.ndarray`
+        (..., ny, nx).
+    dilation : `~numpy.ndarray` or float
+        ``f - 1`` per image, broadcastable to ``images.shape[:-2]``,
+        ``f > 0``.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The dilated images, same shape and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.transforms import dilate_images
+    >>> from psfdeconv.measure import image_moments
+    >>> y, x = np.mgrid[:48, :48]
+    >>> round_image = np.exp(-0.5 * ((x - 24)**2 + (y - 24)**2) / 3.0**2)
+    >>> larger = dilate_images(round_image, 0.2)
+    >>> ratio = image_moments(larger)['size'] / image_moments(round_image)['size']
+    >>> print(f'{float(ratio):.3f}')
+    1.200
+    """
+    images = np.asarray(images)
+    leading = images.shape[:-2]
+    factor = 1.0 + np.broadcast_to(np.asarray(dilation, dtype=float), leading)
+    if np.any(~(factor > 0)):
+        raise InvalidInputError('dilate_images needs dilation > -1.')
+    inverse = np.eye(2) / factor[..., None, None]
+    return _transform_about_centroids(images, inverse, 1.0 / factor**2)
