@@ -35,6 +35,7 @@ import numpy as np
 from astropy.nddata import block_reduce
 
 from ._fourier import convolve_same
+from ._validation import config_from_dict
 from .exceptions import ConfigError, OutputExistsError
 
 __all__ = ['SimulationConfig', 'simulate_stamps', 'write_simulation',
@@ -254,12 +255,7 @@ class SimulationConfig:
     @classmethod
     def from_dict(cls, values):
         """Build a configuration from a dict, refusing unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f'unknown simulation config keys {unknown}; '
-                              f'valid keys are {sorted(known)}.')
-        return cls(**values)
+        return config_from_dict(cls, values, 'simulation')
 
     @classmethod
     def from_json(cls, path):
@@ -971,8 +967,7 @@ def simulate_exposure(shape=(512, 512), *, bands=('g', 'r', 'i'), n_galaxies=60,
         'star'), ``ra``, ``dec`` (deg; the light centroid), ``x``, ``y``
         (0-based pixels of the first band), ``x_<band>``, ``y_<band>`` per
         band, ``flux_<band>`` (the profile's total flux in ``unit``; the
-        drawn image holds that minus the wings beyond the drawing box, a few
-        tenths of a percent at most) and ``half_light_radius`` (arcsec, 0
+        drawn image holds that minus the wings beyond the drawing box) and ``half_light_radius`` (arcsec, 0
         for stars). ``meta`` records the parameters.
 
     Raises
