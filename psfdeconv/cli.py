@@ -145,6 +145,13 @@ def _add_symmetries_argument(parser):
                              'models; 1 runs the network once per stamp, fastest)')
 
 
+def _add_target_fwhm_argument(parser):
+    parser.add_argument('--target-fwhm', type=float, metavar='ARCSEC',
+                        help='deconvolve to a round Gaussian PSF of this FWHM in arcsec '
+                             '(e.g. 0.3) instead of to the pixel grid: small galaxies keep '
+                             'a measurable size; fluxes are unchanged')
+
+
 def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
     """The options ``run`` and ``batch`` share: the PSF, the model, the
     reference band, the network batch and the symmetries."""
@@ -174,7 +181,7 @@ def _cmd_deconvolve(args):
     images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
         model=model, return_details=True, strict=args.strict,
-        symmetries=args.symmetries)
+        symmetries=args.symmetries, target_psf=args.target_fwhm)
     n = len(images)
     print(f'deconvolved {n} stamps of {_plural(images.shape[1], "band")} with '
           f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
@@ -473,7 +480,7 @@ def _cmd_run(args):
         reference_band=args.reference_band, batch_size=args.batch_size,
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace',
-        symmetries=args.symmetries)
+        symmetries=args.symmetries, target_fwhm=args.target_fwhm)
     n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
@@ -700,6 +707,7 @@ def _add_deconvolve_parser(sub):
                    help='refuse (exit 3) stamps whose pixel scale or PSF the model '
                         'was not trained on, instead of warning')
     _add_symmetries_argument(p)
+    _add_target_fwhm_argument(p)
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)
 
@@ -765,6 +773,7 @@ def _add_run_parser(sub):
                    help='deconvolve the stamps as cut; by default the pixels of other '
                         'sources in a stamp are replaced by noise (flag NEIGHBOURS) '
                         'so that their light does not enter the flux and shape')
+    _add_target_fwhm_argument(p)
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validation import angle_arcsec
 from .cutouts import align_to_reference
 from .detection import NEIGHBOUR_OPTIONS, detect_galaxies, neighbour_segments, replace_neighbours
 from .exceptions import (
@@ -205,7 +206,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
                        batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
-                       symmetries=None):
+                       symmetries=None, target_fwhm=None):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -264,6 +265,13 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         (`~psfdeconv.deconvolve.deconvolve_stamps`); default: the model
         card's. Fewer run faster (the network's share of the run time
         scales with it) but leave the card's calibrations slightly off.
+    target_fwhm : float or `~astropy.units.Quantity`, optional
+        Deconvolve to a round Gaussian PSF of this FWHM (arcsec, or an
+        angle) instead of to the pixel grid (``target_psf`` of
+        `~psfdeconv.deconvolve.deconvolve_stamps`): the stamps, shapes and
+        sizes are those of the galaxies seen through it, the fluxes are
+        unchanged; recorded in the catalogue's meta as ``target_fwhm``
+        (arcsec).
     chunk_size : int, optional
         Sources cut out, deconvolved and measured together. The working
         memory of those stages grows with it (about 1.5 MB per source of a
@@ -339,6 +347,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                            neighbours=neighbours)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
+    _set_target(setup, target_fwhm)
     parts, nddata = [], []
     for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
                                         batch_size=batch_size):
@@ -386,6 +395,8 @@ class _CatalogSetup:
     meta: dict
     strict: bool = False
     symmetries: int = 1
+    #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
+    target_fwhm: float = None
 
     @property
     def n(self):
@@ -402,6 +413,15 @@ def _set_symmetries(setup, symmetries):
     symmetries = check_symmetries(symmetries, setup.model)
     setup.symmetries = symmetries
     setup.meta['symmetries'] = symmetries
+
+
+def _set_target(setup, target_fwhm):
+    """The target PSF's FWHM (arcsec), checked before any stamp is cut and
+    recorded in the catalogue's meta."""
+    if target_fwhm is None:
+        return
+    setup.target_fwhm = angle_arcsec(target_fwhm, 'target_fwhm')
+    setup.meta['target_fwhm'] = setup.target_fwhm
 
 
 def _check_strict(setup, strict):
@@ -561,7 +581,8 @@ def _deconvolve_chunk(setup, index, *, batch_size):
     images, details = deconvolve_stamps(cut['stamps'], cut['psfs'], pixel_scale=setup.scale,
                                         model=setup.model, noise_sigma=cut['noise_sigma'],
                                         batch_size=batch_size, return_details=True,
-                                        strict=setup.strict, symmetries=setup.symmetries)
+                                        strict=setup.strict, symmetries=setup.symmetries,
+                                        target_psf=setup.target_fwhm)
     flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
     flags[~details['detected']] |= FLAG_UNDETECTED
     del cut['stamps'], cut['psfs']
@@ -787,7 +808,7 @@ def _catalog_table(setup, parts):
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
-                     symmetries=None):
+                     symmetries=None, target_fwhm=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -814,7 +835,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         detected if None.
     psfs : optional
         As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
-    model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries
+    model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries, target_fwhm
         As for `deconvolve_catalog`.
     overwrite : bool, optional
         Replace existing outputs.
@@ -848,6 +869,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                            detect_options=None, neighbours=neighbours)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
+    _set_target(setup, target_fwhm)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
     with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
