@@ -134,3 +134,36 @@ def tiny_model(tiny_model_path):
     from psfdeconv.model import load_model
 
     return load_model(tiny_model_path)
+
+
+# --- Shared runs of the bundled example and simulated fields ---------------------------------
+# Each of these takes seconds; they run once per session and the tests read them. A test
+# that changes an output works on a copy (``example_run.copy_to(tmp_path)``).
+
+
+@pytest.fixture(scope='session')
+def example_run(tmp_path_factory):
+    """``psfdeconv run --example --plots --out DIR`` (README command 1 with --plots), run
+    once in-process.
+
+    Returns a namespace with ``argv``, ``code`` (the exit status), ``out`` (DIR), ``stdout``
+    and ``stderr`` (what the run printed), and ``copy_to(directory)``, which copies DIR into
+    ``directory / 'example'`` for a test that writes there.
+    """
+    import contextlib
+    import io
+    import shutil
+
+    from psfdeconv.cli import main
+
+    out = tmp_path_factory.mktemp('example_run') / 'example'
+    argv = ['run', '--example', '--plots', '--out', str(out)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+
+    def copy_to(directory):
+        return shutil.copytree(out, directory / 'example')
+
+    return types.SimpleNamespace(argv=argv, code=code, out=out, stdout=stdout.getvalue(),
+                                 stderr=stderr.getvalue(), copy_to=copy_to)
