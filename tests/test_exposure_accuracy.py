@@ -21,6 +21,8 @@ from psfdeconv.simulate import simulate_exposure
 
 @pytest.fixture(scope='module')
 def small_field():
+    # Not the session's `simulated_field` (conftest.py): one of its galaxies has NaN truth
+    # moments, and test_truth_shape_columns needs every galaxy's.
     return simulate_exposure((256, 256), n_galaxies=6, n_stars=4, seed=12)
 
 
