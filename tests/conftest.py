@@ -134,3 +134,101 @@ def tiny_model(tiny_model_path):
     from psfdeconv.model import load_model
 
     return load_model(tiny_model_path)
+
+
+# --- Shared runs of the bundled example and simulated fields ---------------------------------
+# Each of these takes seconds; they run once per session and the tests read them. A test
+# that changes an output works on a copy (``example_run.copy_to(tmp_path)``).
+
+
+@pytest.fixture(scope='session')
+def example_run(tmp_path_factory):
+    """``psfdeconv run --example --plots --out DIR`` (README command 1 with --plots), run
+    once in-process.
+
+    Returns a namespace with ``argv``, ``code`` (the exit status), ``out`` (DIR), ``stdout``
+    and ``stderr`` (what the run printed), and ``copy_to(directory)``, which copies DIR into
+    ``directory / 'example'`` for a test that writes there.
+    """
+    import contextlib
+    import io
+    import shutil
+
+    from psfdeconv.cli import main
+
+    out = tmp_path_factory.mktemp('example_run') / 'example'
+    argv = ['run', '--example', '--plots', '--out', str(out)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+
+    def copy_to(directory):
+        return shutil.copytree(out, directory / 'example')
+
+    return types.SimpleNamespace(argv=argv, code=code, out=out, stdout=stdout.getvalue(),
+                                 stderr=stderr.getvalue(), copy_to=copy_to)
+
+
+#: `simulate_exposure` arguments of the shared `simulated_field`.
+SIMULATED_FIELD = dict(shape=(256, 256), n_galaxies=8, n_stars=25, seed=4)
+
+
+@pytest.fixture(scope='session')
+def simulated_field():
+    """``simulate_exposure(**SIMULATED_FIELD)``: 8 galaxies and 25 stars on 256x256 pixels in
+    g, r, i, the r and i pixel grids offset from g's by sub-pixel amounts; ``(exposures,
+    truth)``.
+
+    Shared by the tests of the simulation and of the pipeline. The
+    pixel arrays are read-only, so a test that changed them in place would fail rather
+    than change the field under the others.
+    """
+    from psfdeconv.simulate import simulate_exposure
+
+    exposures, truth = simulate_exposure(**SIMULATED_FIELD)
+    for exposure in exposures.values():
+        exposure.data.flags.writeable = False
+        if exposure.uncertainty is not None:
+            exposure.uncertainty.array.flags.writeable = False
+    return exposures, truth
+
+
+@pytest.fixture(scope='session')
+def simulated_field_reused(simulated_field):
+    """A context manager in which `psfdeconv.simulate.simulate_exposure`, called with
+    `SIMULATED_FIELD`'s arguments (its defaults filled in), returns the session's
+    `simulated_field` instead of simulating it again; any other call simulates.
+
+    For ``psfdeconv simulate-exposure`` with those options: the command still parses them,
+    calls the function (imported when it runs) and writes the files; only the seeded, and so
+    identical, simulation is not repeated.
+    """
+    import contextlib
+    import inspect
+
+    import psfdeconv.simulate as simulate
+
+    original = simulate.simulate_exposure
+    signature = inspect.signature(original)
+
+    def arguments(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return {name: tuple(value) if isinstance(value, list) else value
+                for name, value in bound.arguments.items()}
+
+    field_arguments = arguments(**SIMULATED_FIELD)
+    calls = []
+
+    def simulate_exposure(*args, **kwargs):
+        reused = arguments(*args, **kwargs) == field_arguments
+        calls.append(reused)
+        return simulated_field if reused else original(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def reusing():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(simulate, 'simulate_exposure', simulate_exposure)
+            yield calls
+
+    return reusing

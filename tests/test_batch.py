@@ -245,6 +245,7 @@ def test_threads_batch_gives_the_catalogs_of_single_runs(threads_batch, referenc
     assert read_catalog(out / 'f0' / 'catalog.fits').meta['positions'] == 'detected'
 
 
+@pytest.mark.slow
 def test_processes_batch(groups, reference, tiny_model, tmp_path):
     (groups / 'two.csv').write_text(
         '\n'.join((groups / 'groups.csv').read_text().splitlines()[:3]) + '\n')
@@ -373,6 +374,7 @@ def test_resume_keeps_only_groups_of_the_same_symmetries(groups, tiny_model, tmp
     assert list(summary['status']) == ['skipped']
 
 
+@pytest.mark.slow
 def test_killed_batch_resumes_without_losing_or_redoing_groups(groups, reference,
                                                                 tiny_model_path, tmp_path):
     out = tmp_path / 'out'

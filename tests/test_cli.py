@@ -420,6 +420,7 @@ def test_verbose_subprocess_has_no_third_party_debug_lines(tiny_model_path):
     assert debug and all(line.startswith('DEBUG psfdeconv') for line in debug), debug
 
 
+@pytest.mark.slow
 def test_train(tiny_simulation_path, tmp_path, capsys):
     config = tmp_path / 'cfg.json'
     config.write_text(json.dumps({'filters': [4, 8, 16], 'validation_fraction': 0.25,

@@ -26,12 +26,18 @@ MOFFAT = 'moffat:fwhm=0.8arcsec,beta=3.5'
 
 
 @pytest.fixture(scope='module')
-def exposure_set(tmp_path_factory):
+def exposure_set(tmp_path_factory, simulated_field_reused):
     """A 256x256 g, r, i set (8 galaxies, 25 stars) written by the CLI, and a catalogue
-    of its first four galaxies."""
+    of its first four galaxies.
+
+    The options are those of the session's `simulated_field` (conftest.py), which the
+    command writes instead of simulating the same seeded field again.
+    """
     directory = tmp_path_factory.mktemp('exposures')
-    assert main(['simulate-exposure', '--out', str(directory), '--seed', '4', '--size',
-                 '256', '--n-galaxies', '8', '--n-stars', '25']) == 0
+    with simulated_field_reused() as calls:
+        assert main(['simulate-exposure', '--out', str(directory), '--seed', '4', '--size',
+                     '256', '--n-galaxies', '8', '--n-stars', '25']) == 0
+    assert calls == [True]
     truth = QTable.read(directory / 'truth.ecsv')
     catalog = directory / 'sources.ecsv'
     truth[truth['kind'] == 'galaxy'][:4]['id', 'ra', 'dec'].write(catalog)

@@ -537,6 +537,7 @@ def test_calibrate_card_skips_the_gate_without_enough_blanks(tiny_model, tiny_si
     assert len(fit['flux_bias']['coefficients']) == 3
 
 
+@pytest.mark.slow
 def test_calibrate_card_images_are_what_the_calibrated_card_gives(
         tiny_model, tiny_simulation_path, monkeypatch):
     import psfdeconv.calibrate as calibrate_module

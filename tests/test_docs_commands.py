@@ -65,14 +65,35 @@ def test_the_tutorial_has_runnable_commands():
     assert len(COMMANDS) >= 5 and len(runnable) >= 3
 
 
+def _is_the_example_run(argv, example_argv):
+    """Whether `argv` is the session's `example_run` command: the same options, apart from
+    the output directory and ``--overwrite`` (which changes nothing on a new directory)."""
+    def options(args):
+        args = [arg for arg in args if arg != '--overwrite']
+        if '--out' in args:
+            i = args.index('--out')
+            del args[i:i + 2]
+        return sorted(args)
+
+    return options(argv) == options(example_argv)
+
+
 @pytest.mark.parametrize('command, output', COMMANDS, ids=[c for c, _ in COMMANDS])
-def test_tutorial_command(command, output, tmp_path, monkeypatch, capsys):
+def test_tutorial_command(command, output, tmp_path, monkeypatch, capsys, request):
     argv = shlex.split(command)[1:]
     # Every example parses.
     _parser().parse_args(argv)
     files = _files(argv)
     if PLACEHOLDERS & {Path(name).name for name in files}:
         return  # the reader's own data
+    if _is_the_example_run(argv, ['run', '--example', '--plots']):
+        # `psfdeconv run --example ... --plots`: the session's run of it (conftest.py),
+        # shared with test_exposure_accuracy.py.
+        run = request.getfixturevalue('example_run')
+        assert _is_the_example_run(argv, run.argv)
+        assert run.code == 0 and not any('error' in line for line in output)
+        assert (run.out / 'catalog.fits').stat().st_size > 0
+        return
     # Repository paths as written (the tutorial runs from the repository root), outputs in
     # a scratch directory.
     argv = [re.sub(r'(?<==)(tests/\S+)', lambda m: str(REPO / m.group(1)), arg)

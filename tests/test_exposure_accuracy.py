@@ -20,6 +20,8 @@ from psfdeconv.simulate import simulate_exposure
 
 @pytest.fixture(scope='module')
 def small_field():
+    # Not the session's `simulated_field` (conftest.py): one of its galaxies has NaN truth
+    # moments, and test_truth_shape_columns needs every galaxy's.
     return simulate_exposure((256, 256), n_galaxies=6, n_stars=4, seed=12)
 
 
@@ -105,13 +107,16 @@ def test_match_truth_and_accuracy_of_a_perfect_catalog(small_field):
     assert len(match_truth(catalog, truth)) == 0
 
 
-def test_run_example_end_to_end(tmp_path, capsys):
+def test_run_example_end_to_end(example_run, tmp_path):
     # README command 1: the bundled exposures, ePSFs from their stars, the shipped model.
-    out = tmp_path / 'example'
-    assert main(['run', '--example', '--plots', '--out', str(out)]) == 0
+    # `example_run` (conftest.py) runs `psfdeconv run --example --plots --out DIR` once per
+    # session.
+    out = example_run.out
+    assert example_run.argv == ['run', '--example', '--plots', '--out', str(out)]
+    assert example_run.code == 0
     for name in ('catalog_overview.png', 'stamps.png'):
         assert (out / name).stat().st_size > 10_000
-    printed = capsys.readouterr().out
+    printed = example_run.stdout
     catalog = read_catalog(out / 'catalog.fits')
     truth = QTable.read(EXAMPLE_EXPOSURES / 'truth.ecsv')
     assert catalog.meta['bands'] == list(EXAMPLE_BANDS)
@@ -126,7 +131,9 @@ def test_run_example_end_to_end(tmp_path, capsys):
         assert abs(accuracy[band]['flux']['median']) < 0.2
     assert 'against the truth' in printed
     assert len(read_stamps(out / 'stamps.fits')) == len(catalog)
-    # The same again without --overwrite: exit 5, the catalogue untouched.
+    # The same again without --overwrite: exit 5, the catalogue untouched (on a copy of the
+    # shared run's directory).
+    out = example_run.copy_to(tmp_path)
     before = (out / 'catalog.fits').read_bytes()
     assert main(['run', '--example', '--out', str(out)]) == 5
     assert (out / 'catalog.fits').read_bytes() == before

@@ -48,10 +48,10 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 @pytest.fixture(scope='module')
-def field():
+def field(simulated_field):
     """8 galaxies and 25 stars on 256x256 pixels in g, r, i; the r and i pixel grids are
-    offset from g's by sub-pixel amounts."""
-    return simulate_exposure((256, 256), n_galaxies=8, n_stars=25, seed=4)
+    offset from g's by sub-pixel amounts (the session's `simulated_field`, conftest.py)."""
+    return simulated_field
 
 
 @pytest.fixture(scope='module')

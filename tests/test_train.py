@@ -160,6 +160,7 @@ def test_tiny_training_card_and_files(tiny_training, tiny_simulation_path):
     assert tiny_training.keras_model.dtype_policy.name == 'float32'
 
 
+@pytest.mark.slow
 def test_training_lowers_the_validation_loss(tiny_simulation_path, tmp_path,
                                              make_tiny_train_config):
     # Compared: the binary cross-entropy on the 40 validation objects of (a) the network as
@@ -185,6 +186,7 @@ def test_tiny_fixture_training_also_improves(tiny_training, tiny_simulation_path
     assert val_losses[1] < val_losses[0] < untrained
 
 
+@pytest.mark.slow
 def test_seeded_training_is_deterministic(tiny_training, tiny_simulation_path, tmp_path,
                                           make_tiny_train_config):
     # Same seed, same float32 configuration as the shared fixture: identical weights.
@@ -195,6 +197,7 @@ def test_seeded_training_is_deterministic(tiny_training, tiny_simulation_path, t
         [h['val_loss'] for h in tiny_training.card['training']['history']]
 
 
+@pytest.mark.slow
 def test_resume(tiny_training, tiny_simulation_path, tmp_path, make_tiny_train_config):
     import keras
 
@@ -255,6 +258,7 @@ def test_train_on_missing_simulation(tmp_path, make_tiny_train_config):
                     verbose=0)
 
 
+@pytest.mark.slow
 def test_tiny_unet_mixed_precision_trains_saves_and_loads(tiny_simulation_path, tmp_path,
                                                           make_tiny_train_config):
     # The shipped recipe: U-Net, mixed bfloat16 training, float32 inference model.
@@ -297,6 +301,7 @@ def test_split_bands_layout():
     assert_array_equal(out['is_blank'], np.repeat(data['is_blank'], 3))
 
 
+@pytest.mark.slow
 def test_single_band_training_from_a_three_band_simulation(tiny_simulation_path, tmp_path,
                                                            make_tiny_train_config):
     from psfdeconv.deconvolve import deconvolve_stamps
@@ -335,6 +340,7 @@ def sims_blanks(path, n):
     return int(read_simulation(path, 0, n)['is_blank'].sum())
 
 
+@pytest.mark.slow
 def test_initial_weights_start_the_run(tiny_training, tiny_simulation_path, tmp_path,
                                        make_tiny_train_config):
     # Fine-tuning: the run starts from the given network (with a vanishing learning rate
@@ -413,6 +419,7 @@ def test_build_cache_equals_per_batch_cubes(tiny_simulation_path):
     np.testing.assert_array_equal(targets, expected[1])
 
 
+@pytest.mark.slow
 def test_cached_augmented_training_runs_and_is_recorded(tiny_simulation_path, tmp_path,
                                                         make_tiny_train_config):
     config = make_tiny_train_config(epochs=1, cache_cubes=True, augment=True,
@@ -491,6 +498,7 @@ def test_moment_loss_adds_the_weighted_term_and_serialises():
     assert moment_loss(keras) is type(loss)
 
 
+@pytest.mark.slow
 def test_training_with_the_moment_term_resumes(tiny_simulation_path, tmp_path,
                                                make_tiny_train_config):
     config = make_tiny_train_config(epochs=1, moment_loss_weight=0.05)
