@@ -340,6 +340,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     (3, 64, 64)
     """
     _check_chunk_size(chunk_size)
+    target_fwhm = _target_fwhm_arcsec(target_fwhm)
     setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
                            reference_band=reference_band, psf_size=psf_size,
                            subtract_background=subtract_background,
@@ -415,13 +416,18 @@ def _set_symmetries(setup, symmetries):
     setup.meta['symmetries'] = symmetries
 
 
+def _target_fwhm_arcsec(target_fwhm):
+    """The target PSF's FWHM in arcsec (None: the pixel grid), checked before
+    any work."""
+    return None if target_fwhm is None else angle_arcsec(target_fwhm, 'target_fwhm')
+
+
 def _set_target(setup, target_fwhm):
-    """The target PSF's FWHM (arcsec), checked before any stamp is cut and
-    recorded in the catalogue's meta."""
-    if target_fwhm is None:
-        return
-    setup.target_fwhm = angle_arcsec(target_fwhm, 'target_fwhm')
-    setup.meta['target_fwhm'] = setup.target_fwhm
+    """Record the target PSF's FWHM (arcsec) for the chunks and in the
+    catalogue's meta."""
+    if target_fwhm is not None:
+        setup.target_fwhm = target_fwhm
+        setup.meta['target_fwhm'] = target_fwhm
 
 
 def _check_strict(setup, strict):
@@ -851,6 +857,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
+    target_fwhm = _target_fwhm_arcsec(target_fwhm)
     out_dir = Path(out_dir)
     paths = {'catalog': out_dir / 'catalog.fits', 'stamps': out_dir / 'stamps.fits'}
     paths.update({str(band): out_dir / f'psf_{band}.fits' for band in exposures})
