@@ -12,6 +12,16 @@
 # The calibration is left to the finish: inside one 10-minute call it would
 # not fit beside the training.
 #
+# Making .devsite/site.tar.xz here (Python 3.12 wheels, GalSim's library stripped
+# and its Roman/sensor data left out to stay under the 64 MiB transfer limit):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d whl \
+#     keras==3.15.1 namex optree GalSim==2.8.5 LSSTDESC.Coord astropy pyerfa astropy-iers-data photutils
+#   pip install --no-deps --target site --python-version 3.12 --implementation cp \
+#     --only-binary=:all: whl/*.whl
+#   strip --strip-unneeded site/galsim/*.so; rm -r site/galsim/share/{roman,sensors} site/galsim/include
+#   tar cJf .devsite/site.tar.xz -C site .
+#
 # Args: N_OBJECTS SEED END_SECONDS.  LOCALTEST=1 runs with this machine's
 # Python path instead of the unpacked site (a smoke test of the recipe).
 N=${1:-117000}; SEED=${2:-7}; END=${3:-520}; PY=${PY:-python3}
