@@ -55,7 +55,12 @@ __all__ = ['deconvolve_stamps', 'validate_stamps', 'normalize_psfs',
            'OUTPUT_FLOORS', 'remove_output_floor', 'SYMMETRY_COUNTS',
            'check_symmetries', 'symmetric_output', 'psf_ellipticity',
            'correct_psf_leakage', 'correct_size_bias', 'psf_fwhm',
-           'outside_training_range', 'check_training_range']
+           'outside_training_range', 'check_training_range', 'MAD_TO_SIGMA']
+
+#: Standard deviation of Gaussian noise per unit median absolute deviation,
+#: to the 5 digits the shipped models' calibrations were fitted with
+#: (`astropy.stats.mad_std` uses 1.482602...).
+MAD_TO_SIGMA = 1.4826
 
 
 def validate_stamps(stamps, psfs, pixel_scale):
@@ -137,7 +142,8 @@ def _pixel_scale_array(pixel_scale, n):
 
 
 def estimate_noise_sigma(residuals):
-    """Robust per-image noise standard deviation (`~astropy.stats.mad_std`).
+    """Robust per-image noise standard deviation, 1.4826 times the median
+    absolute deviation (`~astropy.stats.median_absolute_deviation`).
 
     Parameters
     ----------
@@ -149,9 +155,9 @@ def estimate_noise_sigma(residuals):
     `~numpy.ndarray`
         Shape (...).
     """
-    from astropy.stats import mad_std
+    from astropy.stats import median_absolute_deviation
 
-    return mad_std(residuals, axis=(-2, -1))
+    return MAD_TO_SIGMA * median_absolute_deviation(residuals, axis=(-2, -1))
 
 
 def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None):

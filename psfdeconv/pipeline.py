@@ -191,14 +191,17 @@ def _stamp_noise(uncertainty, mask):
 
 
 def _stamp_mad(stamps, mask):
-    """Robust (`~astropy.stats.mad_std`) noise of each stamp's unmasked
-    pixels (NaN where there are none)."""
-    from astropy.stats import mad_std
+    """Robust noise of each stamp's unmasked pixels (`MAD_TO_SIGMA` times
+    their median absolute deviation; NaN where there are none)."""
+    from astropy.stats import median_absolute_deviation
+
+    from .deconvolve import MAD_TO_SIGMA
 
     values = np.where(mask, np.nan, stamps).reshape(len(stamps), -1)
     out = np.full(len(stamps), np.nan)
     has = np.isfinite(values).any(axis=1)
-    out[has] = mad_std(values[has], axis=1, ignore_nan=True)
+    out[has] = MAD_TO_SIGMA * median_absolute_deviation(values[has], axis=1,
+                                                        ignore_nan=True)
     return out
 
 
