@@ -42,8 +42,9 @@ def gaussian_target_psfs(fwhm, pixel_scale, *, max_size=None):
     Returns
     -------
     kernels : `~numpy.ndarray`
-        Shape (n, k, k) (n = 1 for a scalar pixel scale), odd k covering 4 standard
-        deviations of the narrowest pixel scale on either side, each summing to 1.
+        Shape (n, k, k) (n = 1 for a scalar pixel scale), each summing to 1; the
+        odd side k spans 4 standard deviations on either side at the smallest
+        pixel scale (where the kernel is widest in pixels), or ``max_size``.
 
     Examples
     --------
