@@ -967,8 +967,9 @@ def simulate_exposure(shape=(512, 512), *, bands=('g', 'r', 'i'), n_galaxies=60,
         'star'), ``ra``, ``dec`` (deg; the light centroid), ``x``, ``y``
         (0-based pixels of the first band), ``x_<band>``, ``y_<band>`` per
         band, ``flux_<band>`` (the profile's total flux in ``unit``; the
-        drawn image holds that minus the wings beyond the drawing box) and ``half_light_radius`` (arcsec, 0
-        for stars). ``meta`` records the parameters.
+        drawn image holds that minus the wings beyond the drawing box) and
+        ``half_light_radius`` (arcsec, 0 for stars). ``meta`` records the
+        parameters.
 
     Raises
     ------

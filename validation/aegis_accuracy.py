@@ -84,8 +84,8 @@ def make_stamps(directory, n_per_galaxy, seed, n_bands):
             truth[i, b] = profile.drawImage(nx=STAMP, ny=STAMP, scale=scale[i],
                                             offset=tuple(0.5 + offset[i])).array
             psfs[i, b] = _ground_psf(rng, scale[i])
-    noiseless = np.stack([[fftconvolve(t, p, mode='same') for t, p in zip(ti, pi)]
-                          for ti, pi in zip(truth, psfs)])
+    noiseless = np.stack([[fftconvolve(t, p, mode='same') for t, p in zip(ti, pi, strict=True)]
+                          for ti, pi in zip(truth, psfs, strict=True)])
     # The matched-filter SNR of psfdeconv's simulations, in the reddest band.
     sigma = np.sqrt((noiseless[:, -1] ** 2).sum(axis=(-2, -1))) / snr
     noise_sigma = np.repeat(sigma[:, None], n_bands, axis=1)
