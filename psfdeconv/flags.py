@@ -30,6 +30,10 @@ __all__ = [
     'FLAG_OUTSIDE_TRAINING',
     'FLAG_NEIGHBOURS',
     'FLAG_UNDETECTED',
+    'FLAG_BLENDED',
+    'FLAG_TRUNCATED',
+    'FLAG_PSF_FALLBACK',
+    'FLAG_BLOCK_REDUCED',
     'FLAGS',
     'FLAG_DESCRIPTIONS',
     'UNUSABLE_FLAGS',
@@ -38,6 +42,7 @@ __all__ = [
     'flags_column_description',
     'unusable_bits',
     'n_flagged',
+    'usable_rows',
 ]
 
 #: The stamp reaches beyond the image; the pixels outside are 0 and masked.
@@ -72,6 +77,23 @@ FLAG_NEIGHBOURS = 128
 #: model card's detection threshold, so the deconvolved images are 0
 #: (`psfdeconv.deconvolve.deconvolve_stamps`); the fluxes are still reported.
 FLAG_UNDETECTED = 256
+#: The source's light cannot be separated from another source's: it was
+#: split from a brighter source by deblending and the other source's light
+#: under its segment is more than the documented fraction of its own
+#: (`psfdeconv.detection.blend_fractions`), so its flux and shape would
+#: include the other's light.
+FLAG_BLENDED = 512
+#: The source's light reaches the stamp's edge even on the coarsest pixel
+#: grid the model accepts (`psfdeconv.cutouts`): its flux and size are
+#: underestimated.
+FLAG_TRUNCATED = 1024
+#: The band's PSF is an elliptical Moffat fitted to the few stars there were
+#: instead of an ePSF (`psfdeconv.psf.build_psfs`); informational.
+FLAG_PSF_FALLBACK = 2048
+#: The source is larger than a stamp on the exposure's pixel grid: it was
+#: cut from a block-averaged copy of the exposure (coarser pixels, PSF
+#: resampled the same way); informational.
+FLAG_BLOCK_REDUCED = 4096
 
 #: Every flag bit with its name, as recorded in the catalogue's meta.
 FLAGS = {
@@ -84,6 +106,10 @@ FLAGS = {
     'OUTSIDE_TRAINING': FLAG_OUTSIDE_TRAINING,
     'NEIGHBOURS': FLAG_NEIGHBOURS,
     'UNDETECTED': FLAG_UNDETECTED,
+    'BLENDED': FLAG_BLENDED,
+    'TRUNCATED': FLAG_TRUNCATED,
+    'PSF_FALLBACK': FLAG_PSF_FALLBACK,
+    'BLOCK_REDUCED': FLAG_BLOCK_REDUCED,
 }
 
 #: One line per flag name, for tables and help texts.
@@ -97,16 +123,22 @@ FLAG_DESCRIPTIONS = {
     'OUTSIDE_TRAINING': "pixel scale or PSF outside the model's training range",
     'NEIGHBOURS': 'pixels of other sources were replaced by noise (informational)',
     'UNDETECTED': "detection SNR below the model card's threshold; images are 0",
+    'BLENDED': "another source's light under the source's segment cannot be separated",
+    'TRUNCATED': 'the light reaches the stamp edge even on the coarsest grid',
+    'PSF_FALLBACK': 'the PSF is a Moffat fitted to too few stars for an ePSF '
+                    '(informational)',
+    'BLOCK_REDUCED': 'cut from a block-averaged copy of the exposure, the source being '
+                     'larger than a stamp (informational)',
 }
 
 #: Flags that make a measurement unusable for accuracy statistics
 #: (``OUTSIDE_TRAINING`` and ``PSF_EXTRAPOLATED`` only qualify it).
 UNUSABLE_FLAGS = ('EDGE', 'MASKED', 'OFF_IMAGE', 'HSM_FAILED', 'CENTROID_FALLBACK',
-                  'UNDETECTED')
+                  'UNDETECTED', 'BLENDED', 'TRUNCATED')
 
 #: Flags that say something about a measurement without making it worse
 #: (a stamp whose neighbours were replaced is the better measurement).
-INFORMATIONAL_FLAGS = ('NEIGHBOURS',)
+INFORMATIONAL_FLAGS = ('NEIGHBOURS', 'PSF_FALLBACK', 'BLOCK_REDUCED')
 
 
 def flag_names(value, flag_bits=None):
@@ -156,3 +188,22 @@ def n_flagged(flags):
     """
     informational = sum(FLAGS[name] for name in INFORMATIONAL_FLAGS)
     return int(((np.asarray(flags) & ~informational) != 0).sum())
+
+
+def usable_rows(flags, flag_bits=None):
+    """The catalogue's ``usable`` column: True where no flag of
+    `UNUSABLE_FLAGS` is set.
+
+    Parameters
+    ----------
+    flags : array-like of int
+        A catalogue's ``flags`` column.
+    flag_bits : dict, optional
+        Name -> bit (a catalogue's ``flag_bits`` meta); default `FLAGS`.
+
+    Examples
+    --------
+    >>> usable_rows([0, FLAG_NEIGHBOURS, FLAG_BLENDED, FLAG_PSF_FALLBACK | FLAG_EDGE])
+    array([ True,  True, False, False])
+    """
+    return (np.asarray(flags, dtype=np.int64) & unusable_bits(flag_bits)) == 0

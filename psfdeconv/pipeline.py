@@ -58,7 +58,9 @@ from .flags import (
     FLAG_PSF_EXTRAPOLATED,
     FLAG_UNDETECTED,
     FLAGS,
+    UNUSABLE_FLAGS,
     flags_column_description,
+    usable_rows,
 )
 from .io import read_exposure_set
 from .psf import build_psfs, grid_extrapolated, render_stamp_psfs
@@ -732,6 +734,9 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
         ('y_input', y_in * u.pix, 'Input (given or detected) row, 0-based'),
         ('flags', flags,
          flags_column_description()),
+        ('usable', usable_rows(flags),
+         'True where no flag of the unusable set (' + ', '.join(UNUSABLE_FLAGS)
+         + ') is raised'),
     ]
     for b, band in enumerate(bands):
         unit = setup.aligned[band].unit or u.dimensionless_unscaled
