@@ -103,7 +103,8 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         moments, finite values only) and ``size_percent`` (mean and RMS of
         100 (size / size_true - 1)). Statistics use the matches without a
         flag that makes the measurement unusable
-        (`~psfdeconv.flags.UNUSABLE_FLAGS`); ``n_unflagged`` counts them.
+        (`~psfdeconv.flags.UNUSABLE_FLAGS`) and without ``HSM_FAILED``;
+        ``n_unflagged`` counts them.
     """
     matches = match_truth(catalog, truth, max_separation=max_separation)
     n_truth = int(np.sum(np.asarray(truth['kind']) == 'galaxy'))
@@ -111,7 +112,10 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
     tru = truth[matches['truth_index']]
     # The catalogue's own name -> bit mapping, read with the registry's
     # unusable names.
-    unusable = unusable_bits(catalog.meta.get('flag_bits', {}))
+    # HSM_FAILED rows are left out too, so that every statistic is over the
+    # same rows.
+    flag_bits = catalog.meta.get('flag_bits', {})
+    unusable = unusable_bits(flag_bits) | flag_bits.get('HSM_FAILED', 0)
     good = (np.asarray(cat['flags']) & (unusable or ~0)) == 0
     sep = matches['separation'].to_value(u.arcsec)
     result = {'n_truth': n_truth, 'n_matched': len(matches),
