@@ -157,7 +157,7 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
 #: Default lower bound of the Kron signal-to-noise ratio of a reference galaxy.
 KRON_MIN_SNR = 50.0
 #: Default factor by which a reference galaxy's FWHM exceeds the stellar locus.
-KRON_RESOLVED_FACTOR = 1.5
+KRON_RESOLVED_FACTOR = 1.3
 
 
 def _half_peak_fwhm(data, segment_image, labels, peak):
