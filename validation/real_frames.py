@@ -62,7 +62,8 @@ def run_case(name, out, *, reuse=False):
     if not (reuse and catalog_path.exists()):
         status = cli_main(['run', *arguments, '--out', str(out), '--overwrite'])
         if status:
-            raise RuntimeError(f'psfdeconv run exited with status {status}')
+            raise RuntimeError(f'psfdeconv run exited with status {status} '
+                               f'(see the message above)')
     catalog = QTable.read(catalog_path)
     reference = kron_reference(read_image(image, hdu))
     result = compare_with_kron(catalog, reference, band=band,
