@@ -56,6 +56,7 @@ __all__ = [
     'build_epsf',
     'build_gridded_psf',
     'moffat_psf',
+    'fit_moffat_psf',
     'read_psf_image',
     'write_psf_image',
     'render_psf',
@@ -811,6 +812,215 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
     return psf
 
 
+# --- Moffat fitted to a few stars ---------------------------------------------
+
+#: Peak signal-to-noise ratio of the stars a Moffat fit accepts (lower than
+#: the ePSF's 10: a few faint stars still constrain four parameters).
+_FIT_THRESHOLD_SIGMA = 5.0
+#: Sub-pixels per axis over which the fitted profile is integrated.
+_FIT_SUBSAMPLING = 4
+
+
+def _moffat_pixels(dx, dy, fwhm, beta, e1, e2):
+    r"""A unit-flux elliptical Moffat integrated over pixels (sub-sampled).
+
+    ``dx``, ``dy`` are pixel-centre offsets from the profile centre. The
+    round profile :math:`(1 + r^2/\alpha^2)^{-\beta}` has the integral
+    :math:`\pi \alpha^2 / (\beta - 1)`; the shear (GalSim's, from the
+    distortion :math:`(e_1, e_2)`) preserves area.
+    """
+    e = np.hypot(e1, e2)
+    factor = 1.0 / (1.0 + np.sqrt(max(1.0 - e * e, 1e-12)))  # g = e / (1 + sqrt(1 - e^2))
+    g1, g2 = e1 * factor, e2 * factor
+    norm = 1.0 / np.sqrt(max(1.0 - (g1 * g1 + g2 * g2), 1e-12))
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    sub = (np.arange(_FIT_SUBSAMPLING) + 0.5) / _FIT_SUBSAMPLING - 0.5
+    total = 0.0
+    for oy in sub:
+        for ox in sub:
+            x, y = dx + ox, dy + oy
+            # Inverse of the shear matrix (1 + g1, g2; g2, 1 - g1) * norm.
+            u = norm * ((1 - g1) * x - g2 * y)
+            v = norm * (-g2 * x + (1 + g1) * y)
+            total = total + (1.0 + (u * u + v * v) / alpha ** 2) ** (-beta)
+    return total * ((beta - 1.0) / (np.pi * alpha ** 2) / _FIT_SUBSAMPLING ** 2)
+
+
+def _fit_cutouts(subtracted, bad, x, y, half):
+    """Cutouts (n, 2 half + 1, 2 half + 1), their good-pixel weights and
+    the integer centres."""
+    ix = np.round(x).astype(int)
+    iy = np.round(y).astype(int)
+    sl = [(slice(j - half, j + half + 1), slice(i - half, i + half + 1))
+          for i, j in zip(ix, iy, strict=True)]
+    data = np.stack([subtracted[s] for s in sl])
+    good = np.stack([~bad[s] for s in sl]).astype(float)
+    return data, good, ix, iy
+
+
+def _fit_moffat(data, good, offsets, fwhm_guess):
+    """Least squares of elliptical Moffats sharing (FWHM, beta, e1, e2),
+    each star with its own flux, centre and background."""
+    from scipy.optimize import least_squares
+
+    n, size, _ = data.shape
+    half = size // 2
+    grid = np.arange(size) - half
+    flux0 = np.maximum((data * good).sum(axis=(1, 2)), 1e-3 * np.abs(data).max())
+    scale = np.abs(flux0)
+    shape0 = [np.log(fwhm_guess), 3.0, 0.0, 0.0]
+    stars0 = np.column_stack([flux0 / scale, offsets[:, 0], offsets[:, 1],
+                              np.zeros(n)])
+    p0 = np.concatenate([shape0, stars0.ravel()])
+    lower = np.concatenate([[np.log(0.5), 1.2, -0.6, -0.6],
+                            np.tile([0.0, -2.0, -2.0, -np.inf], n)])
+    upper = np.concatenate([[np.log(4.0 * half), 20.0, 0.6, 0.6],
+                            np.tile([np.inf, 2.0, 2.0, np.inf], n)])
+    p0 = np.clip(p0, lower + 1e-9, upper - 1e-9)
+    # Each star's residuals in units of its peak, so that one bright star
+    # does not decide the shape alone.
+    weights = good / np.maximum(data.max(axis=(1, 2)), 1e-30)[:, None, None]
+    yy, xx = np.meshgrid(grid, grid, indexing='ij')
+
+    def residuals(p):
+        fwhm, beta, e1, e2 = np.exp(p[0]), p[1], p[2], p[3]
+        out = np.empty_like(data)
+        for k in range(n):
+            f, cx, cy, b = p[4 + 4 * k: 8 + 4 * k]
+            model = f * scale[k] * _moffat_pixels(xx - cx, yy - cy, fwhm, beta, e1, e2)
+            out[k] = (data[k] - model - b * scale[k] / size ** 2) * weights[k]
+        return out.ravel()
+
+    result = least_squares(residuals, p0, bounds=(lower, upper), x_scale='jac')
+    p = result.x
+    return {'fwhm': float(np.exp(p[0])), 'beta': float(p[1]),
+            'e1': float(p[2]), 'e2': float(p[3]), 'success': bool(result.success),
+            'cost': float(result.cost)}
+
+
+def _fit_candidates(image, bad, background, rms, *, threshold_sigma, fwhm_guess,
+                    saturation, max_stars):
+    """Positions of point-like, isolated, unsaturated sources for a fit,
+    with relaxed thresholds, and the fit cutout half-size."""
+    table = _detect(image, bad, background, rms,
+                    threshold_sigma=min(threshold_sigma, _FIT_THRESHOLD_SIGMA),
+                    box_size=25, saturation=saturation)
+    locus = _select(table, fwhm_guess=fwhm_guess, max_stars=max_stars)
+    if not np.isfinite(locus):
+        return table, np.zeros(0), np.zeros(0), locus, 0
+    # A cutout of about 5 FWHM: enough wings for beta, small enough to
+    # stay clear of neighbours.
+    half = int(np.clip(np.ceil(2.5 * locus), 5, 20))
+    table = _detect(image, bad, background, rms,
+                    threshold_sigma=min(threshold_sigma, _FIT_THRESHOLD_SIGMA),
+                    box_size=2 * half + 1, saturation=saturation)
+    _select(table, fwhm_guess=locus, max_stars=max_stars)
+    keep = np.asarray(table['selected'], dtype=bool)
+    return (table, np.asarray(table['x'])[keep], np.asarray(table['y'])[keep],
+            locus, half)
+
+
+def fit_moffat_psf(data, *, stars=None, mask=None, pixel_scale=None,
+                   threshold_sigma=10.0, fwhm_guess=None, max_stars=20,
+                   saturation=None, box_size=None):
+    r"""Fit an elliptical Moffat PSF to the stars of an exposure.
+
+    For frames with too few stars for an ePSF (`build_epsf`). Candidate
+    stars are found as by `find_stars` but with a peak signal-to-noise
+    ratio of only ``min(threshold_sigma, 5)`` and an isolation box of
+    about 5 FWHM. A Moffat (`moffat_psf`: FWHM, :math:`\beta`,
+    :math:`e_1`, :math:`e_2`, integrated over the pixels) is fitted by
+    least squares to the background-subtracted cutouts of all the stars at
+    once, each star with its own flux, centre and constant background;
+    residuals are weighted by each star's peak so that the brightest star
+    does not decide alone.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`, `~astropy.nddata.NDData` or `~astropy.nddata.CCDData`
+        The exposure (2-D).
+    stars : `~astropy.table.Table`, optional
+        Star positions (``x``, ``y``, 0-based pixels; a ``selected``
+        column is honoured). Default: found as described above.
+    mask : array_like of bool, optional
+        Pixels to ignore (True = bad).
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        Native pixel scale (arcsec/pixel), recorded in the model's meta
+        (``fwhm_arcsec``). Default: 1 (the FWHM is then in pixels).
+    threshold_sigma, fwhm_guess, max_stars, saturation : optional
+        As for `find_stars` (``threshold_sigma`` is capped at 5).
+    box_size : int, optional
+        Ignored (accepted so that `build_epsf`'s options can be passed).
+
+    Returns
+    -------
+    psf : `~photutils.psf.ImagePSF`
+        From `moffat_psf`; ``meta`` holds ``fwhm_pixels``, ``fwhm_arcsec``,
+        ``beta``, ``e1``, ``e2``, ``n_stars`` and ``model = 'moffat'``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        If no usable star is found (naming what was found and the fixes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from photutils.psf import MoffatPSF, make_psf_model_image
+    >>> from psfdeconv.psf import fit_moffat_psf
+    >>> image, _ = make_psf_model_image(
+    ...     (101, 101), MoffatPSF(alpha=3.0, beta=3.0), 3, model_shape=(41, 41),
+    ...     min_separation=30, flux=(5000, 20000), seed=3)
+    >>> image += 0.5 * np.random.default_rng(1).standard_normal(image.shape)
+    >>> psf = fit_moffat_psf(image)
+    >>> print(psf.meta['n_stars'], round(psf.meta['beta'], 1))
+    3 3.0
+    """
+    del box_size
+    _validate_positive_int('max_stars', max_stars, 1)
+    image, bad, meta = as_image_and_mask(data, mask)
+    saturation = _saturation_level(saturation, meta)
+    background, rms = estimate_background(image, bad)
+    subtracted = image - background
+    subtracted[bad] = 0.0
+    ny, nx = image.shape
+    if stars is None:
+        table, x, y, locus, half = _fit_candidates(
+            image, bad, background, rms, threshold_sigma=threshold_sigma,
+            fwhm_guess=fwhm_guess, saturation=saturation, max_stars=max_stars)
+        found = (f'{len(table)} detections, {int(np.sum(table["point_like"]))} '
+                 f'point-like, none isolated and unmasked' if len(table) else
+                 'no detection')
+    else:
+        x, y = _star_positions(stars)
+        locus = float(fwhm_guess) if fwhm_guess is not None else 4.0
+        half = int(np.clip(np.ceil(2.5 * locus), 5, 20))
+        found = f'{len(x)} given star(s), none inside the image'
+    inside = ((np.round(x) - half >= 0) & (np.round(y) - half >= 0)
+              & (np.round(x) + half <= nx - 1) & (np.round(y) + half <= ny - 1))
+    x, y = x[inside], y[inside]
+    if len(x) == 0:
+        raise InvalidPSFError(
+            f'stars = 0 usable for a Moffat fit ({found} above '
+            f'{min(threshold_sigma, _FIT_THRESHOLD_SIGMA):g} sigma); give the '
+            f'PSF: --psf moffat:fwhm=...arcsec,beta=3 (psfs=\'moffat:...\') or '
+            f'--psf psf=FILE.')
+    cutouts, good, ix, iy = _fit_cutouts(subtracted, bad, x, y, half)
+    offsets = np.column_stack([x - ix, y - iy])
+    fit = _fit_moffat(cutouts, good, offsets, locus)
+    scale = 1.0 if pixel_scale is None else scalar_pixel_scale(pixel_scale)
+    e1, e2 = fit['e1'], fit['e2']
+    psf = moffat_psf(fit['fwhm'] * scale, fit['beta'], pixel_scale=scale,
+                     e1=e1, e2=e2)
+    psf.meta.update({'fwhm_pixels': fit['fwhm'], 'n_stars': int(len(x)),
+                     'fit_success': fit['success'],
+                     'star_x': x.tolist(), 'star_y': y.tolist()})
+    if pixel_scale is None:
+        psf.meta['fwhm_arcsec'] = None
+        psf.meta['pixel_scale'] = None
+    return psf
+
+
 # --- FITS files -------------------------------------------------------------
 
 def _first_image_hdu(hdulist, path):
@@ -1329,7 +1539,66 @@ def _psf_description(model):
     return type(model).__name__
 
 
-def build_psfs(exposures, psfs=None, *, epsf_options=None):
+def _psf_from_array(array, name):
+    """An `~photutils.psf.ImagePSF` from a native-pixel PSF array (an
+    NDData's ``psf``): checked as `psfdeconv._validation.check_psfs` checks
+    stamp PSFs, padded to odd sides (`_pad_to_odd`) and normalised."""
+    from photutils.psf import ImagePSF
+
+    try:
+        data = np.array(array, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidPSFError(f'{name} is a {type(array).__name__}, not an array '
+                              f'of numbers; give a 2-D PSF image.') from None
+    if data.ndim != 2 or min(data.shape) < 1:
+        raise InvalidPSFError(f'{name} has shape {data.shape}; a PSF must be a '
+                              f'2-D image in the exposure\'s pixels.')
+    n_bad = int((~np.isfinite(data)).sum())
+    if n_bad:
+        raise InvalidPSFError(f'{name} has {n_bad} NaN/inf pixel(s); a PSF image '
+                              f'must be finite (replace them, e.g. by 0).')
+    total = float(data.sum())
+    if not total > 0:
+        raise InvalidPSFError(f'{name} sums to {total}; a PSF must have a '
+                              f'positive, finite sum.')
+    padded = data.shape[0] % 2 == 0 or data.shape[1] % 2 == 0
+    if padded:
+        data = _pad_to_odd(data)
+    psf = ImagePSF(data / total)
+    psf.meta.update({'oversampling': 1, 'padded': padded})
+    return psf
+
+
+def _epsf_or_moffat(exposure, epsf_options, *, fallback):
+    """`build_epsf`, or with too few stars a `fit_moffat_psf` marked as a
+    fallback (``meta['psf_fallback']``); the model and its description."""
+    options = dict(epsf_options or {})
+    try:
+        model = build_epsf(exposure, **options)
+    except InvalidPSFError as error:
+        if not fallback:
+            raise
+        reason = ('too few for an ePSF' if 'min_stars' in str(error)
+                  else 'the ePSF failed')
+        find = {key: options[key] for key in
+                ('threshold_sigma', 'fwhm_guess', 'saturation') if key in options}
+        scale = None
+        if getattr(exposure, 'wcs', None) is not None:
+            from .io import pixel_scale_of
+            scale = pixel_scale_of(exposure.wcs)
+        try:
+            model = fit_moffat_psf(exposure, pixel_scale=scale, **find)
+        except InvalidPSFError as fit_error:
+            raise InvalidPSFError(f'{error} The Moffat fallback failed too: '
+                                  f'{fit_error}') from fit_error
+        n_stars = model.meta['n_stars']
+        model.meta.update({'psf_fallback': True, 'epsf_error': str(error)})
+        return model, f'moffat fit ({n_stars} star{"s" * (n_stars != 1)}; {reason})'
+    model.meta['psf_fallback'] = False
+    return model, f'epsf ({model.meta["n_stars"]} stars)'
+
+
+def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True):
     """A PSF model per band, in each band's own pixels.
 
     Parameters
@@ -1343,11 +1612,21 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None):
         `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
         (odd, centred), or a command-line specification
         (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
-        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
-        from each band's stars (`psfdeconv.psf.build_epsf`).
+        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: the
+        exposure's own ``psf`` (`~astropy.nddata.NDData.psf`, a native-pixel
+        array; source ``'NDData.psf'``) if it has one, else an ePSF from the
+        band's stars (`psfdeconv.psf.build_epsf`). ``'epsf'`` forces the
+        ePSF even when the exposure has a ``psf``.
     epsf_options : dict, optional
         Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
-        ``size``, ``threshold_sigma``, ...) for the default ePSF.
+        ``size``, ``threshold_sigma``, ``min_stars``, ...) for the default ePSF.
+    fallback : bool, optional
+        When fewer than ``min_stars`` stars (or no fit) allow an ePSF
+        (default or ``'epsf'``), fit an elliptical Moffat to the stars
+        there are (`fit_moffat_psf`) instead of raising. The model's
+        ``meta['psf_fallback']`` is then True (the pipeline flags the
+        band's rows ``PSF_FALLBACK``) and its source says so, e.g.
+        ``'moffat fit (4 stars; too few for an ePSF)'``.
 
     Returns
     -------
@@ -1360,8 +1639,8 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None):
     Raises
     ------
     psfdeconv.exceptions.InvalidPSFError
-        Naming the band, if its ePSF cannot be built (too few stars) or a
-        PSF is unusable.
+        Naming the band, if its ePSF cannot be built and (with
+        ``fallback``) no star at all can be fitted, or a PSF is unusable.
     psfdeconv.exceptions.InvalidInputError
         If a mapping lacks a band or names one that is not an exposure.
     psfdeconv.exceptions.ConfigError
@@ -1401,15 +1680,23 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None):
         exposure = exposures[band]
         created = True
         try:
-            if value is None or (isinstance(value, str) and
-                                 value.strip().lower() == 'epsf'):
-                model = build_epsf(exposure, **(epsf_options or {}))
-                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
+            nddata_psf = getattr(exposure, 'psf', None)
+            if value is None and nddata_psf is not None:
+                model = _psf_from_array(nddata_psf, 'NDData.psf')
+                sources[band] = 'NDData.psf'
+            elif value is None or (isinstance(value, str) and
+                                   value.strip().lower() == 'epsf'):
+                model, sources[band] = _epsf_or_moffat(
+                    exposure, epsf_options, fallback=fallback)
             elif isinstance(value, str):
                 scale = pixel_scale_of(exposure.wcs) if getattr(
                     exposure, 'wcs', None) is not None else None
                 model = psf_from_spec(value, data=exposure, pixel_scale=scale)
                 sources[band] = value.strip()
+                resampled = (getattr(model, 'meta', None) or {}).get('resampled_from')
+                if resampled is not None:
+                    sources[band] += (f' (resampled from {resampled:.4g} to '
+                                      f'{model.meta["pixel_scale"]:.4g} arcsec/pixel)')
                 if 'n_stars' in (getattr(model, 'meta', None) or {}):
                     sources[band] += f' ({model.meta["n_stars"]} stars)'
             else:
