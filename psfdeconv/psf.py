@@ -58,6 +58,8 @@ __all__ = [
     'moffat_psf',
     'fit_moffat_psf',
     'read_psf_image',
+    'read_psfex',
+    'PSFExModel',
     'write_psf_image',
     'render_psf',
     'psf_from_spec',
@@ -1046,14 +1048,33 @@ def _pad_to_odd(data):
     return np.pad(data, pad)
 
 
-def read_psf_image(path, *, hdu=None, background=None):
+def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
+                   psfex_offset=(0.0, 0.0)):
     """Read a PSF image from a FITS file as a photutils `~photutils.psf.ImagePSF`.
 
     The array is renormalised to photutils' convention (sum =
-    ``oversampling**2``) whatever its normalisation; integer, scaled
-    (BZERO/BSCALE) and big-endian data are converted to native float64.
-    The oversampling factor comes from the header keyword ``OVERSAMP``
-    (or ``OVERSAMPLING``), default 1.
+    ``oversampling**2``) whatever its normalisation (files written by
+    `write_psf_image`, with that sum, and older files summing to 1 both
+    read the same); integer, scaled (BZERO/BSCALE) and big-endian data are
+    converted to native float64. The oversampling factor comes from the
+    header keyword ``OVERSAMP`` (or ``OVERSAMPLING``), else from a PSFEx
+    ``PSF_SAMP`` (sampling step in image pixels: oversampling
+    ``1 / PSF_SAMP`` when that is an integer), default 1.
+
+    **Pixel scale.** The scale of the file's samples (arcsec per sample)
+    is read from the first of ``PIXSCALE``, ``PIXSCAL1``, ``SECPIX``
+    (arcsec), ``CDELT1`` or ``CD1_1``/``CD1_2`` (degrees; the CD matrix's
+    geometric mean scale). The file's native pixel scale is that times the
+    oversampling. When ``pixel_scale`` (the exposure's) is given and the
+    two differ by more than 1 percent, the array is resampled to the
+    exposure's grid (`psfdeconv.cutouts.resample_psf`, keeping the
+    oversampling) and ``meta['resampled_from']`` records the file's
+    scale.
+
+    **PSFEx.** A file without a 2-D image but with a PSFEx table (a
+    ``PSF_MASK`` column and POLNAME/POLZERO/POLSCAL keywords, or the
+    columns of legacypipe's merged files) is read with `read_psfex`
+    (``psfex_offset`` is passed on) and gives a `PSFExModel` instead.
 
     **Even sizes.** A PSF needs a centre pixel. An even axis is padded with
     one row (column) of zeros: after the array when the brightest pixel
@@ -1073,12 +1094,19 @@ def read_psf_image(path, *, hdu=None, background=None):
         PSF reconstructions), or ``'border'`` for the median of the
         outermost ring of pixels. Default: none; a warning says when the
         border median is above 1 percent of the peak.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        The exposure's native pixel scale (arcsec/pixel): the PSF is
+        resampled to it when the file's differs by more than 1 percent.
+    psfex_offset : tuple of float, optional
+        For a PSFEx file: see `read_psfex`.
 
     Returns
     -------
-    psf : `~photutils.psf.ImagePSF`
+    psf : `~photutils.psf.ImagePSF` or `PSFExModel`
         With odd dimensions and the file's oversampling; ``meta`` holds
-        ``path``, ``oversampling`` and ``padded``.
+        ``path``, ``oversampling``, ``padded``, ``pixel_scale`` (native,
+        arcsec/pixel, or None if unknown) and, if resampled,
+        ``resampled_from``.
 
     Raises
     ------
@@ -1112,6 +1140,10 @@ def read_psf_image(path, *, hdu=None, background=None):
         raise InvalidPSFError(f'PSF file {path} does not exist; give the path '
                               f'of a FITS image.')
     with fits.open(path) as hdulist:
+        if hdu is None and _psfex_hdu(hdulist) is not None and not any(
+                h.is_image and h.data is not None and h.data.ndim == 2
+                for h in hdulist):
+            return read_psfex(path, offset=psfex_offset)
         index = _first_image_hdu(hdulist, path) if hdu is None else hdu
         try:
             image_hdu = hdulist[index]
@@ -1122,8 +1154,14 @@ def read_psf_image(path, *, hdu=None, background=None):
             raise InvalidPSFError(f'HDU {index!r} of {path} is not a 2-D '
                                   f'image; choose another with hdu=.')
         data = np.array(image_hdu.data, dtype=np.float64)
-        header = image_hdu.header
-        oversampling = header.get('OVERSAMP', header.get('OVERSAMPLING', 1))
+        header = image_hdu.header.copy()
+        oversampling = header.get('OVERSAMP', header.get('OVERSAMPLING'))
+    if oversampling is None:
+        samp = header.get('PSF_SAMP')
+        oversampling = 1
+        if isinstance(samp, int | float) and 0 < samp < 1 and \
+                abs(1 / samp - round(1 / samp)) < 1e-6:
+            oversampling = int(round(1 / samp))
     if (isinstance(oversampling, bool) or not isinstance(oversampling, int | float)
             or oversampling != int(oversampling) or oversampling < 1):
         raise InvalidPSFError(f'{path}: OVERSAMP = {oversampling!r}; it must '
@@ -1165,20 +1203,235 @@ def read_psf_image(path, *, hdu=None, background=None):
     padded = shape[0] % 2 == 0 or shape[1] % 2 == 0
     if padded:
         data = _pad_to_odd(data)
-    data *= oversampling ** 2 / total
-    psf = ImagePSF(data, oversampling=oversampling)
-    psf.meta.update({'path': str(path), 'oversampling': oversampling,
-                     'padded': padded})
+    data /= total
+    sample_scale = _header_sample_scale(header)
+    file_scale = None if sample_scale is None else sample_scale * oversampling
+    meta = {'path': str(path), 'oversampling': oversampling, 'padded': padded,
+            'pixel_scale': file_scale}
+    if pixel_scale is not None:
+        target = scalar_pixel_scale(pixel_scale)
+        if file_scale is not None and abs(file_scale / target - 1) > 0.01:
+            from .cutouts import resample_psf
+
+            # 'hann', the narrower kernel: a PSF image is well sampled and
+            # needs no anti-aliasing (peak 2.6 percent low after 0.2 -> 0.25
+            # arcsec, against 12 percent with 'gaussian').
+            data = resample_psf(data, from_scale=sample_scale,
+                                to_scale=target / oversampling, kernel='hann')
+            meta['resampled_from'] = file_scale
+        meta['pixel_scale'] = target
+    psf = ImagePSF(data * oversampling ** 2, oversampling=oversampling)
+    psf.meta.update(meta)
     return psf
 
 
-def write_psf_image(psf_model, path, *, overwrite=False):
+#: Header keywords of a PSF image's sample scale, in arcsec, then in degrees.
+_SCALE_KEYWORDS_ARCSEC = ('PIXSCALE', 'PIXSCAL1', 'SECPIX')
+_SCALE_KEYWORDS_DEGREES = ('CDELT1',)
+
+
+def _header_sample_scale(header):
+    """Arcsec per sample of a PSF image from its header, or None."""
+    for key in _SCALE_KEYWORDS_ARCSEC:
+        value = header.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and np.isfinite(value) and value > 0:
+            return float(value)
+    if 'CD1_1' in header:
+        cd = np.array([[header.get('CD1_1', 0.0), header.get('CD1_2', 0.0)],
+                       [header.get('CD2_1', 0.0), header.get('CD2_2', 0.0)]],
+                      dtype=float)
+        scale = np.sqrt(abs(np.linalg.det(cd))) * 3600.0
+        if np.isfinite(scale) and scale > 0:
+            return float(scale)
+    for key in _SCALE_KEYWORDS_DEGREES:
+        value = header.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and np.isfinite(value) and value != 0:
+            return abs(float(value)) * 3600.0
+    return None
+
+
+# --- PSFEx ------------------------------------------------------------------
+
+def _psfex_hdu(hdulist):
+    """Index of a PSFEx table HDU (standard or legacypipe-merged), or None."""
+    for index, hdu in enumerate(hdulist):
+        if hdu.is_image or getattr(hdu, 'columns', None) is None:
+            continue
+        names = [n.upper() for n in hdu.columns.names]
+        if 'PSF_MASK' in names and ('POLNAME1' in hdu.header or 'POLNAME1' in names):
+            return index
+    return None
+
+
+def _standard_psfex_hdu(table_hdu, path, ccdname):
+    """A standard PSFEx ``PSF_DATA`` HDU (keywords in the header), as
+    `galsim.des.DES_PSFEx` reads it, from a standard or legacypipe-merged
+    table (one row per CCD, the keywords as columns)."""
+    from astropy.io import fits
+
+    if 'POLNAME1' in table_hdu.header:
+        return table_hdu
+    rows = table_hdu.data
+    names = [n.lower() for n in table_hdu.columns.names]
+    if 'ccdname' in names and len(rows) > 1:
+        ccds = [str(c).strip() for c in rows['ccdname']]
+        if ccdname is None or str(ccdname).strip() not in ccds:
+            raise InvalidPSFError(f'ccdname = {ccdname!r}; {path} holds the PSFEx '
+                                  f'models of CCDs {ccds}; choose one with '
+                                  f'ccdname=.')
+        row = rows[ccds.index(str(ccdname).strip())]
+    else:
+        row = rows[0]
+    header = fits.Header()
+    for key in ('POLNAXIS', 'POLGRP1', 'POLGRP2', 'POLNAME1', 'POLNAME2',
+                'POLZERO1', 'POLZERO2', 'POLSCAL1', 'POLSCAL2', 'POLNGRP',
+                'POLDEG1', 'PSFNAXIS', 'PSFAXIS1', 'PSFAXIS2', 'PSFAXIS3',
+                'PSF_SAMP', 'PSF_FWHM'):
+        if key.lower() in names:
+            value = row[key.lower()]
+            header[key] = value.strip() if isinstance(value, str) else value.item()
+    mask = np.asarray(row['psf_mask'], dtype=np.float32)
+    column = fits.Column(name='PSF_MASK', format=f'{mask.size}E',
+                         dim=str(mask.shape[::-1]), array=mask[None])
+    return fits.BinTableHDU.from_columns([column], header=header, name='PSF_DATA')
+
+
+class PSFExModel:
+    """A spatially varying PSFEx model, rendered with GalSim.
+
+    Made by `read_psfex`. `render_psf` and `render_stamp_psfs` evaluate it
+    at any (x, y) of the exposure (0-based pixels) through
+    `galsim.des.DES_PSFEx`: the polynomial of the PSFEx basis at
+    ``(x + 1 + offset_x, y + 1 + offset_y)`` (PSFEx positions are
+    SExtractor's 1-based ``X_IMAGE``, ``Y_IMAGE``), drawn on the native
+    grid without a further pixel (the PSFEx basis already includes it),
+    centred on the middle pixel and normalised to unit sum.
+
+    Attributes
+    ----------
+    meta : dict
+        ``path``, ``offset``, ``psfex_zero`` (POLZERO1, POLZERO2),
+        ``psfex_scale`` (POLSCAL1, POLSCAL2), ``psf_samp``, ``psf_fwhm``
+        (PSFEx's FWHM in pixels, if recorded), ``oversampling`` (1).
+    """
+
+    def __init__(self, psfex, *, offset=(0.0, 0.0), meta=None):
+        self._psfex = psfex
+        self.offset = (float(offset[0]), float(offset[1]))
+        self.meta = dict(meta or {})
+
+    @property
+    def default_position(self):
+        """(x, y), 0-based exposure pixels, of the PSFEx polynomial's zero
+        point (the mean position of its stars)."""
+        return (self._psfex.x_zero - 1.0 - self.offset[0],
+                self._psfex.y_zero - 1.0 - self.offset[1])
+
+    def render(self, position, size):
+        """Unit-sum (size, size) PSF at ``position`` (x, y, 0-based)."""
+        import galsim
+
+        x, y = self.default_position if position is None else position
+        image_pos = galsim.PositionD(float(x) + 1.0 + self.offset[0],
+                                     float(y) + 1.0 + self.offset[1])
+        profile = self._psfex.getPSF(image_pos)
+        image = profile.drawImage(nx=size, ny=size, scale=1.0, method='no_pixel')
+        return np.asarray(image.array, dtype=np.float64)
+
+    def __repr__(self):
+        return f'<PSFExModel {self.meta.get("path")}>'
+
+
+def read_psfex(path, *, offset=(0.0, 0.0), ccdname=None):
+    """Read a PSFEx model (``*.psf``) as a spatially varying `PSFExModel`.
+
+    Standard PSFEx files (a ``PSF_DATA`` BINTABLE with the POLNAME*,
+    POLZERO*, POLSCAL*, POLDEG1, PSFAXIS* and PSF_SAMP keywords and a
+    ``PSF_MASK`` basis cube) are read by `galsim.des.DES_PSFEx`;
+    legacypipe's merged files (one row per CCD, those keywords as
+    columns) are converted first.
+
+    **Coordinates.** PSFEx fits its polynomial in the pixel coordinates of
+    the image it ran on (1-based). ``offset`` is added to the exposure's
+    0-based (x, y), plus 1, to get them: give the position of the
+    exposure's first pixel in that image, e.g. ``(x0, y0)`` for a cutout
+    ``image[y0:, x0:]`` of the full CCD the PSFEx model describes. IRAF's
+    ``LTV1``/``LTV2`` and ``DETSEC`` relate a CCD image to the detector,
+    not to the PSFEx run, so they are not used. The DECam test frame
+    (``tests/data/decam-r-N6.fits``, a legacypipe test case) needs no
+    offset: legacypipe's ``create_testcase.py`` shifted both the header's
+    CRPIX and the PSFEx model (by ``ccd_x0``, ``ccd_y0``) to the cutout,
+    which is why its POLZERO (747.1, -851.3) are not near the centre of
+    the full CCD (about 1024, 2048).
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The PSFEx FITS file.
+    offset : tuple of float, optional
+        (x, y) added to exposure pixel coordinates, see above.
+    ccdname : str, optional
+        The CCD of a merged file holding several.
+
+    Returns
+    -------
+    model : `PSFExModel`
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        If the file is missing, is not PSFEx, or GalSim cannot read it.
+
+    Examples
+    --------
+    >>> from psfdeconv.psf import read_psfex, render_psf
+    >>> model = read_psfex('tests/data/decam-r-psfex.fits')  # doctest: +SKIP
+    >>> psf = render_psf(model, (140.0, 187.0), size=25)  # doctest: +SKIP
+    """
+    import galsim.des
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidPSFError(f'PSF file {path} does not exist; give the path '
+                              f'of a PSFEx file.')
+    with fits.open(path) as hdulist:
+        index = _psfex_hdu(hdulist)
+        if index is None:
+            raise InvalidPSFError(f'{path} has no PSFEx table (a BINTABLE with '
+                                  f'PSF_MASK and POLNAME1); give a PSFEx .psf '
+                                  f'file or a PSF image.')
+        table = _standard_psfex_hdu(hdulist[index], path, ccdname)
+        try:
+            psfex = galsim.des.DES_PSFEx(table)
+        except (OSError, KeyError, ValueError) as error:
+            raise InvalidPSFError(f'{path}: GalSim cannot read its PSFEx model '
+                                  f'({error}); check that it is a PSFEx file '
+                                  f'with POLNGRP = 1 in X_IMAGE, Y_IMAGE.'
+                                  ) from error
+        header = table.header
+    meta = {'path': str(path), 'model': 'psfex', 'oversampling': 1,
+            'offset': tuple(float(v) for v in offset),
+            'psfex_zero': (float(header['POLZERO1']), float(header['POLZERO2'])),
+            'psfex_scale': (float(header['POLSCAL1']), float(header['POLSCAL2'])),
+            'psf_samp': float(header['PSF_SAMP']),
+            'psf_fwhm': float(header['PSF_FWHM']) if 'PSF_FWHM' in header else None}
+    return PSFExModel(psfex, offset=offset, meta=meta)
+
+
+def write_psf_image(psf_model, path, *, overwrite=False, pixel_scale=None):
     """Write an `~photutils.psf.ImagePSF` (or a 2-D array) to a FITS file.
 
-    The array is written normalised to unit sum, with the header keywords
-    ``OVERSAMP`` (oversampling factor) and ``PSFNORM`` (= 1, the sum), so
-    that `read_psf_image` and other tools read it back. The file is written
-    atomically (`psfdeconv.io.atomic_path`).
+    The array is written in photutils' convention, summing to
+    ``OVERSAMP**2``, so that ``photutils.psf.ImagePSF(data,
+    oversampling=OVERSAMP)`` evaluated with ``flux=1`` sums to 1 over
+    native pixels. Header keywords: ``OVERSAMP`` (oversampling factor),
+    ``PSFNORM`` (the array's sum) and, when the pixel scale is known,
+    ``PIXSCALE`` (arcsec per *sample* of the array: the exposure's pixel
+    scale divided by the oversampling). `read_psf_image` reads it back.
+    The file is written atomically (`psfdeconv.io.atomic_path`).
 
     Parameters
     ----------
@@ -1188,6 +1441,10 @@ def write_psf_image(psf_model, path, *, overwrite=False):
         Output file.
     overwrite : bool, optional
         Replace an existing file.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        The exposure's native pixel scale (arcsec/pixel). Default: the
+        model's ``meta['pixel_scale']`` if any (e.g. `moffat_psf`), else
+        no ``PIXSCALE``.
 
     Returns
     -------
@@ -1208,8 +1465,9 @@ def write_psf_image(psf_model, path, *, overwrite=False):
     >>> from psfdeconv.psf import moffat_psf, write_psf_image
     >>> path = pathlib.Path(tempfile.mkdtemp()) / 'psf.fits'
     >>> _ = write_psf_image(moffat_psf(0.8, 3.0, pixel_scale=0.2, size=21), path)
-    >>> print(fits.getval(path, 'OVERSAMP'), round(float(fits.getdata(path).sum()), 6))
-    2 1.0
+    >>> print(fits.getval(path, 'OVERSAMP'), fits.getval(path, 'PIXSCALE'),
+    ...       round(float(fits.getdata(path).sum()), 6))
+    2 0.1 4.0
     """
     from astropy.io import fits
 
@@ -1237,10 +1495,16 @@ def write_psf_image(psf_model, path, *, overwrite=False):
         raise InvalidPSFError(f'the PSF (shape {data.shape}) sums to {total}; '
                               f'a PSF must be 2-D with a positive, finite '
                               f'sum.')
+    if pixel_scale is None:
+        pixel_scale = (getattr(psf_model, 'meta', None) or {}).get('pixel_scale')
     header = fits.Header()
     header['OVERSAMP'] = (oversampling, 'PSF oversampling factor')
-    header['PSFNORM'] = (1.0, 'sum of the array')
-    hdu = fits.PrimaryHDU(data / total, header=header)
+    header['PSFNORM'] = (float(oversampling ** 2),
+                         'sum of the array (photutils: OVERSAMP**2)')
+    if pixel_scale is not None:
+        header['PIXSCALE'] = (scalar_pixel_scale(pixel_scale) / oversampling,
+                              '[arcsec] per sample of this array')
+    hdu = fits.PrimaryHDU(data * (oversampling ** 2 / total), header=header)
     path = Path(path)
     with atomic_path(path, overwrite=overwrite) as tmp:
         hdu.writeto(tmp, overwrite=True)
@@ -1313,6 +1577,8 @@ def render_psf(psf_model, position=None, *, size=41):
                               f'odd integer >= 3 (e.g. 41).')
     size = int(size)
     centre = (size - 1) / 2
+    if isinstance(psf_model, PSFExModel):
+        return _finish_render(psf_model.render(position, size), size)
     if isinstance(psf_model, np.ndarray):
         array = np.asarray(psf_model, dtype=np.float64)
         if array.ndim != 2 or array.shape[0] % 2 == 0 or \
@@ -1349,6 +1615,11 @@ def render_psf(psf_model, position=None, *, size=41):
     offsets = np.arange(size) - centre
     yy, xx = np.meshgrid(y_pos + offsets, x_pos + offsets, indexing='ij')
     psf = np.asarray(model(xx, yy), dtype=np.float64)
+    return _finish_render(psf, size)
+
+
+def _finish_render(psf, size):
+    """Check the sum and centre of a rendered PSF; normalise it."""
     total = float(psf.sum())
     if not np.isfinite(total) or total <= 0:
         raise InvalidPSFError(f'the PSF model sums to {total} over the '
@@ -1467,7 +1738,7 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
         if not path:
             raise ConfigError(f'--psf {spec!r} names no file; accepted forms '
                               f'are {_SPEC_FORMS}.')
-        return read_psf_image(path)
+        return read_psf_image(path, pixel_scale=pixel_scale)
 
     if kind == 'epsf':
         if data is None:
@@ -1585,7 +1856,13 @@ def _epsf_or_moffat(exposure, epsf_options, *, fallback):
         scale = None
         if getattr(exposure, 'wcs', None) is not None:
             from .io import pixel_scale_of
-            scale = pixel_scale_of(exposure.wcs)
+
+            with catch_warnings():
+                # Only recorded in the model's meta (fwhm_arcsec); the pipeline
+                # warns about non-square pixels where the scale matters.
+                warnings.filterwarnings('ignore', message='the WCS pixel scales differ',
+                                        category=PSFDeconvWarning)
+                scale = pixel_scale_of(exposure.wcs)
         try:
             model = fit_moffat_psf(exposure, pixel_scale=scale, **find)
         except InvalidPSFError as fit_error:
@@ -1783,12 +2060,17 @@ def render_stamp_psfs(model, x, y, *, psf_size, aligned_meta):
                             kernel=aligned_meta['kernel'])
 
     n = len(x)
-    if not isinstance(model, GriddedPSFModel):
+    if isinstance(model, PSFExModel):
+        default = model.default_position
+    elif isinstance(model, GriddedPSFModel):
+        default = tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+    else:
         return np.broadcast_to(one(None), (n, psf_size, psf_size))
     out = np.empty((n, psf_size, psf_size))
     for i in range(n):
-        # Off-image sources (NaN positions) get the PSF at the image centre.
+        # Off-image sources (NaN positions) get the PSF at the image centre
+        # (a PSFEx model: at its stars' mean position).
         position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
-            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+            default
         out[i] = one(position)
     return out
