@@ -861,6 +861,10 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     paths : dict
         ``'catalog'``, ``'stamps'`` and each band name to the file written.
     """
+    import warnings
+
+    from ._warnings import catch_warnings
+    from .exceptions import PSFDeconvWarning
     from .io import (check_writable, pixel_scale_of, read_exposure, read_positions,
                      stamp_writer, write_catalog)
     from .psf import render_psf, write_psf_image
@@ -902,8 +906,11 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
                                    size=catalog.meta['psf_size'])
         wcs = getattr(exposures[band], 'wcs', None)
-        write_psf_image(psf_model, paths[band], overwrite=overwrite,
-                        pixel_scale=None if wcs is None else pixel_scale_of(wcs))
+        with catch_warnings():
+            # For PIXSCALE only; non-square pixels were reported at set-up.
+            warnings.simplefilter('ignore', PSFDeconvWarning)
+            scale = None if wcs is None else pixel_scale_of(wcs)
+        write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
     return catalog, paths
 
 
