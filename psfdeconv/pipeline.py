@@ -865,8 +865,14 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
 
     from ._warnings import catch_warnings
     from .exceptions import PSFDeconvWarning
-    from .io import (check_writable, pixel_scale_of, read_exposure, read_positions,
-                     stamp_writer, write_catalog)
+    from .io import (
+        check_writable,
+        pixel_scale_of,
+        read_exposure,
+        read_positions,
+        stamp_writer,
+        write_catalog,
+    )
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)

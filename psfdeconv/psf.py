@@ -10,11 +10,17 @@ A band's PSF can come from
   `~photutils.psf.EPSFBuilder`);
 * a Moffat model with a given FWHM, power index and ellipticity, drawn with
   GalSim (`moffat_psf`);
-* a FITS image (`read_psf_image`, written by `write_psf_image`);
+* an elliptical Moffat fitted to the stars there are (`fit_moffat_psf`),
+  which `build_psfs` falls back to when too few stars allow an ePSF;
+* a FITS image (`read_psf_image`, written by `write_psf_image`), resampled
+  to the exposure's pixel scale when its header says it differs;
+* a PSFEx model (`read_psfex`), spatially varying, rendered with GalSim;
+* an NDData/CCDData exposure's own ``psf`` array (`build_psfs`);
 * ePSFs built per region of the detector, interpolated by a
   `~photutils.psf.GriddedPSFModel` (`build_gridded_psf`).
 
-Each of these is a photutils PSF model. `render_psf` turns any of them into
+Each of these is a photutils PSF model (a PSFEx model is a `PSFExModel`).
+`render_psf` turns any of them into
 what the deconvolution needs (`~psfdeconv.deconvolve.validate_stamps`): an
 odd-sized array centred on its middle pixel and summing to 1, as seen by a
 source at a given position of the exposure. `psf_from_spec` parses the
@@ -1522,8 +1528,9 @@ def render_psf(psf_model, position=None, *, size=41):
     then renormalised to unit sum. The PSF is centred on the middle pixel:
     the source's own sub-pixel offset belongs to the stamp, not to the
     PSF. For a `~photutils.psf.GriddedPSFModel` the position selects the
-    PSF interpolated between the grid points; any other model is the same
-    everywhere and ignores it.
+    PSF interpolated between the grid points, for a `PSFExModel` the PSFEx
+    polynomial's PSF there (default: its stars' mean position); any other
+    model is the same everywhere and ignores it.
 
     Parameters
     ----------
@@ -1694,7 +1701,9 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
         A Moffat model (`moffat_psf`). ``fwhm`` is an angle, a plain
         number in arcsec, or pixels (``4pix``); needs ``pixel_scale``.
     ``'psf=FILE'``
-        A FITS PSF image (`read_psf_image`).
+        A FITS PSF image (`read_psf_image`, resampled to ``pixel_scale``
+        when the file's header gives another), or a PSFEx model
+        (`read_psfex`).
 
     Parameters
     ----------
@@ -1707,7 +1716,7 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
 
     Returns
     -------
-    psf_model : `~photutils.psf.ImagePSF` or `~photutils.psf.GriddedPSFModel`
+    psf_model : `~photutils.psf.ImagePSF`, `~photutils.psf.GriddedPSFModel` or `PSFExModel`
 
     Raises
     ------
