@@ -1853,6 +1853,9 @@ def _epsf_or_moffat(exposure, epsf_options, *, fallback):
     """`build_epsf`, or with too few stars a `fit_moffat_psf` marked as a
     fallback (``meta['psf_fallback']``); the model and its description."""
     options = dict(epsf_options or {})
+    # Bad options are errors, not a reason to fall back.
+    _check_epsf_options(options.get('size', 25), options.get('oversampling', 2),
+                        options.get('maxiters', 10), options.get('min_stars', 5))
     try:
         model = build_epsf(exposure, **options)
     except InvalidPSFError as error:

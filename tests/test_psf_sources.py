@@ -108,6 +108,11 @@ def test_build_psfs_falls_back_to_a_moffat_with_too_few_stars():
         build_psfs({'r': NDData(image)}, fallback=False)
 
 
+def test_bad_epsf_options_are_not_a_reason_to_fall_back():
+    with pytest.raises(InvalidPSFError, match="band 'r': size = 24; .* must be odd"):
+        build_psfs({'r': NDData(_elliptical_moffat_field())}, epsf_options={'size': 24})
+
+
 def test_no_star_at_all_raises_naming_the_band_and_the_fixes():
     rng = np.random.default_rng(0)
     with pytest.raises(InvalidPSFError) as info:
