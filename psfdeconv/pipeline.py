@@ -1010,7 +1010,18 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     paths : dict
         ``'catalog'``, ``'stamps'`` and each band name to the file written.
     """
-    from .io import check_writable, read_exposure, read_positions, stamp_writer, write_catalog
+    import warnings
+
+    from ._warnings import catch_warnings
+    from .exceptions import PSFDeconvWarning
+    from .io import (
+        check_writable,
+        pixel_scale_of,
+        read_exposure,
+        read_positions,
+        stamp_writer,
+        write_catalog,
+    )
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
@@ -1049,7 +1060,12 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             ny, nx = exposures[band].shape
             psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
                                    size=catalog.meta['psf_size'])
-        write_psf_image(psf_model, paths[band], overwrite=overwrite)
+        wcs = getattr(exposures[band], 'wcs', None)
+        with catch_warnings():
+            # For PIXSCALE only; non-square pixels were reported at set-up.
+            warnings.simplefilter('ignore', PSFDeconvWarning)
+            scale = None if wcs is None else pixel_scale_of(wcs)
+        write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
     return catalog, paths
 
 
