@@ -47,6 +47,7 @@ from .detection import (
     NEIGHBOUR_OPTIONS,
     blended_sources,
     detect_galaxies,
+    light_beyond,
     neighbour_segments,
     replace_neighbours,
     segment_extents,
@@ -67,6 +68,7 @@ from .flags import (
     FLAG_NEIGHBOURS,
     FLAG_OUTSIDE_TRAINING,
     FLAG_PSF_EXTRAPOLATED,
+    FLAG_PSF_FALLBACK,
     FLAG_TRUNCATED,
     FLAG_UNDETECTED,
     FLAGS,
@@ -529,7 +531,9 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     segments_of = source_segments(labels, x_in, y_in)
     blended, _ = blended_sources(combined, labels, x_in, y_in, segments_of=segments_of)
     extent, segment_at_edge = segment_extents(labels, x_in, y_in, segments_of=segments_of)
-    block_factor, truncated = _block_factors(extent, stamp_size, blended)
+    block_factor, truncated = _block_factors(combined, labels, x_in, y_in,
+                                             segments_of=segments_of, extent=extent,
+                                             blended=blended, stamp_size=stamp_size)
     segments = None
     if neighbours == 'replace':
         segments = NDData(labels, wcs=aligned[reference_band].wcs)
@@ -592,24 +596,51 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
 #: fraction of the stamp side from the stamp's centre (on DECam's 0.262
 #: arcsec/pixel, a galaxy 45 pixels wide at half maximum came out with 0.44,
 #: 0.71, 0.81 and 0.99 of its Kron flux for factors 1 to 4, the last one
-#: leaving its segment 0.31 stamp sides from the centre), at most `_MAX_BLOCK_FACTOR`;
-#: beyond that it is TRUNCATED.
+#: leaving its segment 0.31 stamp sides from the centre), at most
+#: `_MAX_BLOCK_FACTOR`; beyond that it is TRUNCATED.
 _BLOCK_FILL = 0.33
 
 
 _MAX_BLOCK_FACTOR = 8
 
 
-def _block_factors(extent, stamp_size, blended):
+#: A source whose light beyond the stamp's inscribed circle (in the annulus
+#: out to twice its radius, other segments left out; `light_beyond`) is more
+#: than this fraction of the light within, at this significance (the
+#: annulus sum over its noise), reaches beyond its stamp even where its
+#: segment does not: the faint wings of a large galaxy lie below the
+#: segmentation threshold.
+_BEYOND_FRACTION = 0.1
+
+
+_BEYOND_SIGNIFICANCE = 5.0
+
+
+def _block_factors(combined, labels, x, y, *, segments_of, extent, blended, stamp_size):
     """The block-sum factor of each source (1: the native grid) and whether
-    its light stays truncated, from `~psfdeconv.detection.segment_extents`.
-    Blended sources stay on the native grid (they are flagged anyway)."""
+    its light stays truncated: the smallest factor (1, 2, 4 or 8 for the
+    light, any for the segment) whose stamp holds both its segment
+    (`~psfdeconv.detection.segment_extents`) and its light
+    (`~psfdeconv.detection.light_beyond`). Blended sources stay on the
+    native grid (they are flagged anyway)."""
     extent = np.asarray(extent, dtype=float)
-    large = (extent > stamp_size / 2 - 1) & ~np.asarray(blended, dtype=bool)
-    needed = np.ceil(extent / (_BLOCK_FILL * stamp_size))
-    factor = np.where(large, np.clip(needed, 2, _MAX_BLOCK_FACTOR), 1).astype(np.int64)
-    truncated = large & (needed > _MAX_BLOCK_FACTOR)
-    return factor, truncated
+    candidates = (segments_of > 0) & ~np.asarray(blended, dtype=bool)
+    beyond_segment = candidates & (extent > stamp_size / 2 - 1)
+    needed = np.where(beyond_segment,
+                      np.maximum(np.ceil(extent / (_BLOCK_FILL * stamp_size)), 2), 1)
+    radius = stamp_size / 2 - 2
+    factor, todo = 1, candidates.copy()
+    while todo.any() and factor <= _MAX_BLOCK_FACTOR:
+        rows = np.flatnonzero(todo)
+        fraction, significance = light_beyond(combined, labels, x[rows], y[rows],
+                                              factor * radius, segments_of=segments_of[rows])
+        with np.errstate(invalid='ignore'):
+            wider = (fraction > _BEYOND_FRACTION) & (significance > _BEYOND_SIGNIFICANCE)
+        needed[rows[wider]] = np.maximum(needed[rows[wider]], 2 * factor)
+        todo[rows[~wider]] = False
+        factor *= 2
+    truncated = needed > _MAX_BLOCK_FACTOR
+    return np.minimum(needed, _MAX_BLOCK_FACTOR).astype(np.int64), truncated
 
 
 def _off_image(x, y, shape):
@@ -776,6 +807,8 @@ def _cut_sources(setup, index, factor=1):
                           setup.exposures[band].wcs.world_to_pixel(sky_in))
         extrapolated = grid_extrapolated(setup.psf_models[band], bx, by)
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
+        if (getattr(setup.psf_models[band], 'meta', None) or {}).get('psf_fallback'):
+            flags |= FLAG_PSF_FALLBACK
         meta = setup.aligned[band].meta if setup.reprojected[band] else {}
         if factor == 1:
             stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
