@@ -254,12 +254,8 @@ def _psf_specs(items, bands):
                 raise ConfigError(f'--psf {item!r}: give the PSF after {band}=, e.g. '
                                   f'--psf {band}=moffat:fwhm=0.8arcsec,beta=3.')
             own[band] = rest.strip()
-        elif default is not None:
-            raise ConfigError(f'--psf {default!r} and --psf {item!r}: give one PSF '
-                              f'for all bands, and BAND=SPEC for the others (the '
-                              f'bands are {list(bands)}).')
         else:
-            default = item.strip()
+            default = item.strip()  # the last one, as for any repeated option
     default = default or 'epsf'
     if not own:
         return default
@@ -300,13 +296,18 @@ def _aux_spec(text, role):
 
 def _read_band(band, text, *, weight=None, variance=None, mask=None, unit=None,
                pixel_scale=None):
-    """One band's exposure, read with its planes, unit and (with
+    """One band's exposure, read with its HDU, planes, unit and (with
     ``pixel_scale``) without requiring a celestial WCS; checks that
-    ``pixel_scale`` agrees with a WCS the band has."""
+    ``pixel_scale`` agrees with a WCS the band has. A plain path is
+    returned as it is."""
     from .exceptions import ConfigError
     from .io import parse_fits_spec, pixel_scale_of, read_exposure
 
     path, hdu = parse_fits_spec(text)
+    if hdu is None and not (weight or variance or mask or unit) and pixel_scale is None:
+        # As given: the pipeline checks the model and the outputs before
+        # reading it.
+        return str(path)
     exposure = read_exposure(
         path, hdu=hdu, weight_hdu=weight and _aux_spec(weight, 'weight'),
         variance_hdu=variance and _aux_spec(variance, 'variance'),
@@ -698,11 +699,23 @@ def _cmd_run(args):
 def _cmd_batch(args):
     from .batch import SUMMARY_NAME, run_batch
 
-    summary = run_batch(args.manifest, args.out, psfs=args.psf, model=args.model,
-                        scheduler=args.scheduler, workers=args.workers,
-                        resume=args.resume, overwrite=args.overwrite,
-                        reference_band=args.reference_band,
-                        batch_size=args.batch_size, symmetries=args.symmetries)
+    from .batch import read_manifest
+
+    manifest = read_manifest(args.manifest)
+    bands = list(manifest.meta['bands'])
+    units = {band: _check_unit(band, text) for band, text in
+             _band_values(args.unit, '--unit', bands).items()}
+    epsf_options, detect_options = _epsf_options(args)
+    if args.pixel_scale is not None:
+        _pixel_scale_keyword(args.pixel_scale)  # refused early if unsupported
+    summary = run_batch(manifest, args.out, psfs=_psf_specs(args.psf, bands),
+                        model=args.model, scheduler=args.scheduler,
+                        workers=args.workers, resume=args.resume,
+                        overwrite=args.overwrite, reference_band=args.reference_band,
+                        batch_size=args.batch_size, symmetries=args.symmetries,
+                        units=units, epsf_options=epsf_options,
+                        detect_options=detect_options, pixel_scale=args.pixel_scale,
+                        progress=_progress_wanted(args))
     counts = summary.meta['counts']
     print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
           f'finished earlier, {counts["failed"]} failed; '
@@ -935,11 +948,6 @@ def _add_run_parser(sub):
         examples=('psfdeconv run --example --out example_run --plots',
                   'psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
                   '--out run1/',
-                  'psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
-                  '--catalog sources.ecsv --psf moffat:fwhm=0.8arcsec,beta=3 '
-                  '--out run2/',
-                  'psfdeconv run --band r=r.fits --out run3/   # one band: the '
-                  'single-band model',
                   'psfdeconv run --band r=decam-r-N6.fits[1] --weight '
                   'r=decam-r-N6-weight.fits[1] --psf moffat:fwhm=1.05arcsec,beta=3 '
                   '--out n6/',
@@ -1020,8 +1028,10 @@ def _add_batch_parser(sub):
     p = _add_command(
         sub, 'batch', help='deconvolve many exposure groups (a manifest) on dask',
         description='Run "psfdeconv run" on every exposure group of a manifest (CSV '
-                    'or ECSV: id, one column per band with the FITS paths, optional '
-                    'catalog and psf_<band>), one dask task per group, into OUT/<id>/, '
+                    'or ECSV: id, one column per band with the FITS paths, FILE[HDU] '
+                    'allowed, optional catalog and per band psf_<band>, '
+                    'weight_<band>, variance_<band>, mask_<band> and unit_<band>), '
+                    'one dask task per group, into OUT/<id>/, '
                     'and write OUT/summary.fits (status, counts, time and error per '
                     'group). A failed group does not stop the others (exit code 6 at '
                     'the end); a killed batch continues with --resume.',
@@ -1034,7 +1044,10 @@ def _add_batch_parser(sub):
         notes='manifest (groups.csv):\n'
               '  id,g,r,i,catalog\n'
               '  f001,f001/g.fits,f001/r.fits,f001/i.fits,\n'
-              '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv')
+              '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv\n'
+              'DECam CCDs with weight maps (n6.csv):\n'
+              '  id,r,weight_r\n'
+              '  N6,decam-r-N6.fits[1],decam-r-N6-weight.fits[1]')
     p.add_argument('manifest', help='CSV or ECSV table of exposure groups (relative '
                                     'paths are relative to its directory)')
     p.add_argument('--out', required=True,
