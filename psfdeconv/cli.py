@@ -303,7 +303,7 @@ def _read_band(band, text, *, weight=None, variance=None, mask=None, unit=None,
     from .exceptions import ConfigError
     from .io import parse_fits_spec, pixel_scale_of, read_exposure
 
-    path, hdu = parse_fits_spec(text)
+    path, hdu = parse_fits_spec(text, must_exist=False)  # read_exposure checks
     if hdu is None and not (weight or variance or mask or unit) and pixel_scale is None:
         # As given: the pipeline checks the model and the outputs before
         # reading it.
