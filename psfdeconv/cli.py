@@ -215,7 +215,7 @@ def _positive_int(text):
 
 
 def _band_values(items, option, bands):
-    """{band: value} from repeated ``--option BAND=VALUE`` items."""
+    """{band: value} from the repeated ``BAND=VALUE`` items of ``option``."""
     from .exceptions import ConfigError
 
     values = {}

@@ -137,7 +137,9 @@ def _positions(positions, reference, reference_band, detect_options):
                 f'no galaxies were detected on the reference band '
                 f'{reference_band!r} ({galaxies.meta["n_detected"]} detections, '
                 f'{galaxies.meta["n_stars"]} of them stars); give positions (a '
-                f'catalogue) or check the image.')
+                f'catalogue, --catalog), lower the detection threshold '
+                f'(--threshold-sigma, threshold_sigma of detect_options in '
+                f'Python) or check the image.')
         x, y = _pixels_of(galaxies['x']), _pixels_of(galaxies['y'])
         return x, y, np.asarray(galaxies['id']), 'detected'
     if isinstance(positions, SkyCoord):
