@@ -697,9 +697,7 @@ def _cmd_run(args):
 
 
 def _cmd_batch(args):
-    from .batch import SUMMARY_NAME, run_batch
-
-    from .batch import read_manifest
+    from .batch import SUMMARY_NAME, read_manifest, run_batch
 
     manifest = read_manifest(args.manifest)
     bands = list(manifest.meta['bands'])

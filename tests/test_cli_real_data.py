@@ -337,12 +337,17 @@ def test_read_manifest_column_errors(tmp_path, header, row, error, message):
         read_manifest(write_manifest(tmp_path, header, row))
 
 
-def test_batch_decam_weight_column(tmp_path, capsys):
+def test_batch_decam_weight_column(tmp_path, monkeypatch, capsys):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
     manifest = write_manifest(tmp_path, 'id,r,weight_r', f'N6,{DECAM}[1],{DECAM_WEIGHT}[1]')
     out = tmp_path / 'out'
     assert run_main(['batch', str(manifest), '--out', str(out), '--psf',
                      f'r={DECAM_PSF}', '--unit', 'r=adu', '--scheduler', 'synchronous',
-                     '-q']) == 0, read_summary(out / 'summary.fits')['error']
+                     ]) == 0, read_summary(out / 'summary.fits')['error']
+    # A bar counting the groups, and the INFO line of each group.
+    assert re.search(r'groups: .*/1 \[', terminal.getvalue())
+    assert re.search(r'INFO: group N6: \d+ sources', terminal.getvalue())
     summary = read_summary(out / 'summary.fits')
     assert list(summary['status']) == ['ok'] and summary['n_sources'][0] > 0
     catalog = read_catalog(out / 'N6' / 'catalog.fits')
