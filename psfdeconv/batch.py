@@ -64,8 +64,8 @@ from .exceptions import (
     OutputExistsError,
 )
 
-__all__ = ['read_manifest', 'run_batch', 'read_summary', 'MARKER_NAME',
-           'SUMMARY_NAME']
+__all__ = ['read_manifest', 'run_batch', 'read_summary', 'read_group_exposures',
+           'MARKER_NAME', 'SUMMARY_NAME']
 
 log = logging.getLogger('psfdeconv')
 
@@ -576,9 +576,11 @@ def _run_group(group, out_dir, model_ref, options):
                  if options.get(key)}
         if options.get('pixel_scale') is not None:
             extra['pixel_scale'] = options['pixel_scale']
+        exposures = read_group_exposures(group['exposures'], group.get('reads'),
+                                         pixel_scale=options.get('pixel_scale'))
         catalog, _ = run_exposure_set(
-            _read_group(group, options), group_dir, group['catalog'] or None,
-            group['psfs'], model=model, reference_band=options['reference_band'],
+            exposures, group_dir, group['catalog'] or None, group['psfs'], model=model,
+            reference_band=options['reference_band'],
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'], symmetries=options['symmetries'], **extra)
         row.update(status='ok', n_sources=len(catalog),
@@ -594,27 +596,62 @@ def _run_group(group, out_dir, model_ref, options):
     return row
 
 
-def _read_group(group, options):
-    """The group's exposures: paths as they are, or read with their HDU,
-    planes and unit when the manifest or the batch gives any."""
-    from .io import parse_fits_spec, read_exposure
+def read_group_exposures(exposures, reads=None, *, pixel_scale=None):
+    """The exposures of one group (``psfdeconv run`` or one manifest row),
+    read as their options say.
 
-    reads = group.get('reads') or {}
-    pixel_scale = options.get('pixel_scale')
-    exposures = {}
-    for band, text in group['exposures'].items():
-        read = {key: value for key, value in reads.get(band, {}).items() if value}
-        path, hdu = parse_fits_spec(text)
+    Parameters
+    ----------
+    exposures : dict of str to str
+        Band name to the FITS path, with an optional CFITSIO-style HDU
+        (``decam.fits[1]``, `psfdeconv.io.parse_fits_spec`).
+    reads : dict of str to dict, optional
+        Band name to ``weight_hdu``, ``variance_hdu``, ``mask_hdu`` (FITS
+        paths with an optional HDU) and ``unit`` of that band; empty values
+        are not given.
+    pixel_scale : float, optional
+        Arcsec per pixel: the bands are read without requiring a celestial
+        WCS, and one they have must agree with it within 1 %.
+
+    Returns
+    -------
+    exposures : dict of str to str or `~astropy.nddata.CCDData`
+        A band with nothing to read but its path stays a path (the pipeline
+        checks the model and the outputs before reading it); the others are
+        read with `psfdeconv.io.read_exposure`.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        For a file or HDU that does not exist (naming the file's HDUs).
+    psfdeconv.exceptions.ConfigError
+        If ``pixel_scale`` disagrees with a band's WCS.
+    """
+    from .io import parse_fits_spec, pixel_scale_of, read_exposure
+
+    read_exposures = {}
+    for band, text in exposures.items():
+        read = {key: value for key, value in ((reads or {}).get(band) or {}).items()
+                if value}
+        path, hdu = parse_fits_spec(text, must_exist=False)  # read_exposure checks
         if not read and hdu is None and pixel_scale is None:
-            exposures[band] = text
+            read_exposures[band] = str(text)
             continue
         for key in ('weight_hdu', 'variance_hdu', 'mask_hdu'):
             if key in read:
-                aux_path, aux_hdu = parse_fits_spec(read[key])
+                aux_path, aux_hdu = parse_fits_spec(read[key], role=key[:-4])
                 read[key] = aux_path if aux_hdu is None else (str(aux_path), aux_hdu)
-        exposures[band] = read_exposure(path, hdu=hdu, require_wcs=pixel_scale is None,
-                                        **read)
-    return exposures
+        exposure = read_exposure(path, hdu=hdu, require_wcs=pixel_scale is None, **read)
+        wcs = exposure.wcs
+        if pixel_scale is not None and getattr(wcs, 'has_celestial', False):
+            scale = float(pixel_scale_of(wcs).value)
+            if abs(scale / pixel_scale - 1) > 0.01:
+                raise ConfigError(f'pixel_scale = {pixel_scale:g} (--pixel-scale) '
+                                  f'disagrees with the WCS of band {band!r} ({text}), '
+                                  f'{scale:.4g} arcsec/pixel; omit it to use the WCS, '
+                                  f'or fix it.')
+        read_exposures[band] = exposure
+    return read_exposures
 
 
 # --- The batch -------------------------------------------------------------------

@@ -286,44 +286,6 @@ def _check_unit(band, text, option='--unit'):
     return text
 
 
-def _aux_spec(text, role):
-    """A weight, variance or mask FILE[HDU] as `read_exposure` takes it."""
-    from .io import parse_fits_spec
-
-    path, hdu = parse_fits_spec(text, role=role)
-    return path if hdu is None else (str(path), hdu)
-
-
-def _read_band(band, text, *, weight=None, variance=None, mask=None, unit=None,
-               pixel_scale=None):
-    """One band's exposure, read with its HDU, planes, unit and (with
-    ``pixel_scale``) without requiring a celestial WCS; checks that
-    ``pixel_scale`` agrees with a WCS the band has. A plain path is
-    returned as it is."""
-    from .exceptions import ConfigError
-    from .io import parse_fits_spec, pixel_scale_of, read_exposure
-
-    path, hdu = parse_fits_spec(text, must_exist=False)  # read_exposure checks
-    if hdu is None and not (weight or variance or mask or unit) and pixel_scale is None:
-        # As given: the pipeline checks the model and the outputs before
-        # reading it.
-        return str(path)
-    exposure = read_exposure(
-        path, hdu=hdu, weight_hdu=weight and _aux_spec(weight, 'weight'),
-        variance_hdu=variance and _aux_spec(variance, 'variance'),
-        mask_hdu=mask and _aux_spec(mask, 'mask'), unit=unit,
-        require_wcs=pixel_scale is None)
-    wcs = exposure.wcs
-    if pixel_scale is not None and wcs is not None and \
-            getattr(wcs, 'has_celestial', False):
-        scale = float(pixel_scale_of(wcs).value)
-        if abs(scale / pixel_scale - 1) > 0.01:
-            raise ConfigError(f'--pixel-scale {pixel_scale:g} disagrees with the WCS of '
-                              f'band {band!r} ({text}), {scale:.4g} arcsec/pixel; omit '
-                              f'--pixel-scale to use the WCS, or fix it.')
-    return exposure
-
-
 def _pixel_scale_keyword(pixel_scale):
     """``pixel_scale=`` for `run_exposure_set` (empty without --pixel-scale)."""
     import inspect
@@ -621,6 +583,7 @@ def _cmd_run(args):
     """Deconvolve the galaxies of one set of multi-band exposures."""
     import numpy as np
 
+    from .batch import read_group_exposures
     from .exceptions import ConfigError
     from .flags import FLAG_NEIGHBOURS, n_flagged
     from .io import example_exposures
@@ -659,11 +622,11 @@ def _cmd_run(args):
         masks = _band_values(args.mask, '--mask', files)
         units = {band: _check_unit(band, text) for band, text in
                  _band_values(args.unit, '--unit', files).items()}
-        exposures = {band: _read_band(band, text, weight=weights.get(band),
-                                      variance=variances.get(band),
-                                      mask=masks.get(band), unit=units.get(band),
-                                      pixel_scale=args.pixel_scale)
-                     for band, text in files.items()}
+        reads = {band: {'weight_hdu': weights.get(band),
+                        'variance_hdu': variances.get(band),
+                        'mask_hdu': masks.get(band), 'unit': units.get(band)}
+                 for band in files}
+        exposures = read_group_exposures(files, reads, pixel_scale=args.pixel_scale)
     psfs = _psf_specs(args.psf, list(exposures))
     epsf_options, detect_options = _epsf_options(args)
     catalog, paths = run_exposure_set(

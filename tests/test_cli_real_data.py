@@ -20,7 +20,7 @@ from astropy.io import fits
 
 import psfdeconv
 from psfdeconv import cli
-from psfdeconv.batch import _read_group, read_manifest, read_summary
+from psfdeconv.batch import read_group_exposures, read_manifest, read_summary
 from psfdeconv.cli import main
 from psfdeconv.exceptions import ConfigError, InvalidInputError
 from psfdeconv.io import parse_fits_spec, read_catalog, read_exposure
@@ -125,8 +125,8 @@ def test_read_exposure_variance_hdu(decam_planes):
     (['--mask', 'r'], "--mask 'r': write BAND=VALUE"),
     (['--unit', 'r=furlongs'], r"--unit r='furlongs': 'furlongs' is not a unit"),
     (['--unit', 'r=adu', '--unit', 'r=adu'], r'--unit r=\.\.\. is given twice'),
-    (['--pixel-scale', '0.5'], r"--pixel-scale 0.5 disagrees with the WCS of band 'r' .*"
-                               r"0.26\d* arcsec/pixel"),
+    (['--pixel-scale', '0.5'], r"pixel_scale = 0.5 \(--pixel-scale\) disagrees with the "
+                               r"WCS of band 'r' .* 0.26\d* arcsec/pixel"),
 ])
 def test_run_option_errors_exit_2(extra, message, tmp_path, capsys):
     arguments = ['run', '--band', f'r={DECAM}[1]', '--out', str(tmp_path), *extra]
@@ -145,8 +145,10 @@ def test_numeric_options_are_checked_by_the_parser(option, value, capsys):
 
 
 def test_pixel_scale_agreeing_with_the_wcs_is_accepted():
-    exposure = cli._read_band('r', f'{DECAM}[1]', pixel_scale=0.263)
-    assert exposure.wcs.has_celestial
+    exposures = read_group_exposures({'r': f'{DECAM}[1]'}, pixel_scale=0.263)
+    assert exposures['r'].wcs.has_celestial
+    # Nothing to read: the path as given.
+    assert read_group_exposures({'r': str(DECAM)}) == {'r': str(DECAM)}
 
 
 # --- PSF per band --------------------------------------------------------------------------
@@ -313,11 +315,9 @@ def test_read_manifest_plane_and_unit_columns(tmp_path, decam_planes):
     assert manifest['r'][0] == f'{DECAM}[1]'
     assert manifest['weight_r'][0] == f'{DECAM_WEIGHT}[N6]'
     assert manifest['unit_r'][0] == 'adu'
-    group = {'exposures': {'r': manifest['r'][0]},
-             'reads': {'r': {'weight_hdu': manifest['weight_r'][0],
-                             'mask_hdu': manifest['mask_r'][0], 'variance_hdu': '',
-                             'unit': 'adu'}}}
-    exposure = _read_group(group, {})['r']
+    reads = {'r': {'weight_hdu': manifest['weight_r'][0], 'mask_hdu': manifest['mask_r'][0],
+                   'variance_hdu': '', 'unit': manifest['unit_r'][0]}}
+    exposure = read_group_exposures({'r': manifest['r'][0]}, reads)['r']
     assert exposure.uncertainty is not None and exposure.mask[:, 100].all()
     assert str(exposure.unit) == 'adu'
 
