@@ -187,7 +187,7 @@ def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
                             'neighbour, no masked pixel; default: the ePSF size)')
     group.add_argument('--threshold-sigma', type=_positive_float, metavar='SIGMA',
                        help='galaxy detection threshold in background rms (default '
-                            '1.5 per pixel, 5 connected pixels)')
+                            '3 per pixel, 5 connected pixels)')
 
 
 def _positive_float(text):
