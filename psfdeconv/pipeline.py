@@ -37,6 +37,8 @@ FITS (`run_exposure_set` does both, chunk by chunk).
 """
 
 import dataclasses
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,8 @@ _DEFAULT_PSF_SIZE = 41
 _CENTROID_WINDOW = 6.0
 #: Radius in pixels of the centroid window where the adaptive moments fail.
 _FALLBACK_WINDOW = 8.0
+log = logging.getLogger(__name__)
+
 #: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
 #: working memory of cutting, deconvolving and measuring is bounded by the
 #: chunk (about 1.5 MB per source), not by the number of sources.
@@ -147,7 +151,9 @@ def _positions(positions, reference, reference_band, detect_options):
                 f'no galaxies were detected on the reference band '
                 f'{reference_band!r} ({galaxies.meta["n_detected"]} detections, '
                 f'{galaxies.meta["n_stars"]} of them stars); give positions (a '
-                f'catalogue) or check the image.')
+                f'catalogue, --catalog), lower the detection threshold '
+                f'(--threshold-sigma, threshold_sigma of detect_options in '
+                f'Python) or check the image.')
         x, y = _pixels_of(galaxies['x']), _pixels_of(galaxies['y'])
         return x, y, np.asarray(galaxies['id']), 'detected'
     if isinstance(positions, SkyCoord):
@@ -1004,7 +1010,8 @@ def _catalog_table(setup, parts):
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
-                     symmetries=None, target_fwhm=None):
+                     symmetries=None, target_fwhm=None, epsf_options=None,
+                     detect_options=None, progress=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1033,8 +1040,16 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
     model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries, target_fwhm
         As for `deconvolve_catalog`.
+    epsf_options, detect_options
+        As for `deconvolve_catalog`.
     overwrite : bool, optional
         Replace existing outputs.
+    progress : bool, optional
+        Draw a `tqdm` progress bar on standard error for each long stage:
+        the PSFs (per band), the sources (detection, background, alignment)
+        and the deconvolution and measurement (per source). Each stage's
+        start and duration are logged (``logging``, the ``psfdeconv.pipeline``
+        logger, level DEBUG) either way.
 
     Returns
     -------
@@ -1070,21 +1085,31 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     exposures = {band: read_exposure(exposure) for band, exposure in exposures.items()}
     if isinstance(positions, str | Path):
         positions = read_positions(positions)
-    psf_models, _ = build_psfs(exposures, psfs)
-    setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
-                           reference_band=reference_band, psf_size=None,
-                           subtract_background=True, epsf_options=None,
-                           detect_options=None, neighbours=neighbours)
+    psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options, progress)
+    start = _stage_start('finding the sources (detection, background, alignment)')
+    with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
+        setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
+                               reference_band=reference_band, psf_size=None,
+                               subtract_background=True, epsf_options=epsf_options,
+                               detect_options=detect_options, neighbours=neighbours)
+        bar.update(1)
+    log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_target(setup, target_fwhm)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
-    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
+    start = _stage_start(f'deconvolving and measuring {setup.n} sources')
+    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer, \
+            _progress_bar(progress, total=setup.n, desc='deconvolve',
+                          unit='source') as bar:
         for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
                                             batch_size=batch_size):
             parts.append(part)
             writer.write(stamps)
+            bar.update(len(stamps))
+    log.debug('deconvolved and measured %d sources in %.1f s', setup.n,
+              time.perf_counter() - start)
     catalog = _catalog_table(setup, parts)
     write_catalog(catalog, paths['catalog'], overwrite=overwrite)
     for band, psf_model in psf_models.items():
@@ -1100,6 +1125,41 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             scale = None if wcs is None else pixel_scale_of(wcs)
         write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
     return catalog, paths
+
+
+def _stage_start(text):
+    """Log the start of a stage of `run_exposure_set`; its start time."""
+    log.debug('%s', text)
+    return time.perf_counter()
+
+
+def _progress_bar(progress, *, total, desc, unit):
+    """A tqdm bar on standard error, or one that draws nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress,
+                leave=False, dynamic_ncols=True)
+
+
+def _build_psfs_with_progress(exposures, psfs, epsf_options, progress):
+    """`build_psfs`, one band at a time so that a bar can count the bands."""
+    bands = list(exposures)
+    if hasattr(psfs, 'items') and set(psfs) != set(bands):
+        build_psfs(exposures, psfs)  # raises the error naming the bands
+    start = _stage_start(f'building the PSFs of {len(bands)} band(s)')
+    models = {}
+    with _progress_bar(progress, total=len(bands), desc='PSFs', unit='band') as bar:
+        for band in bands:
+            value = psfs[band] if hasattr(psfs, 'items') else psfs
+            band_start = time.perf_counter()
+            built, sources = build_psfs({band: exposures[band]}, value,
+                                        epsf_options=epsf_options)
+            models[band] = built[band]
+            log.debug('band %s: PSF %s in %.1f s', band, sources[band],
+                      time.perf_counter() - band_start)
+            bar.update(1)
+    log.debug('built the PSFs in %.1f s', time.perf_counter() - start)
+    return models
 
 
 # --- Files -----------------------------------------------------------------------------
