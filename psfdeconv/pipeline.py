@@ -622,10 +622,15 @@ _BEYOND_FRACTION = 0.1
 _BEYOND_SIGNIFICANCE = 5.0
 
 
+#: The largest block factor the light beyond the stamp alone leads to.
+_MAX_LIGHT_FACTOR = 4
+
+
 def _block_factors(combined, labels, x, y, *, segments_of, extent, blended, stamp_size):
     """The block-sum factor of each source (1: the native grid) and whether
-    its light stays truncated: the smallest factor (1, 2, 4 or 8 for the
-    light, any for the segment) whose stamp holds both its segment
+    its light stays truncated: the smallest factor (1, 2 or 4 for the
+    light, up to `_MAX_BLOCK_FACTOR` for the segment) whose stamp holds both
+    its segment
     (`~psfdeconv.detection.segment_extents`) and its light
     (`~psfdeconv.detection.light_beyond`). Blended sources stay on the
     native grid (they are flagged anyway)."""
@@ -636,7 +641,10 @@ def _block_factors(combined, labels, x, y, *, segments_of, extent, blended, stam
                       np.maximum(np.ceil(extent / (_BLOCK_FILL * stamp_size)), 2), 1)
     radius = stamp_size / 2 - 2
     factor, todo = 1, candidates.copy()
-    while todo.any() and factor <= _MAX_BLOCK_FACTOR:
+    # The light is followed out to 4 stamp radii only: farther out, the sum
+    # over the annulus is dominated by the background's residuals and other
+    # sources' unsegmented wings, not by the source.
+    while todo.any() and factor <= _MAX_LIGHT_FACTOR // 2:
         rows = np.flatnonzero(todo)
         fraction, significance = light_beyond(combined, labels, x[rows], y[rows],
                                               factor * radius, segments_of=segments_of[rows])
