@@ -211,7 +211,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
                        batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
-                       symmetries=None, target_fwhm=None):
+                       symmetries=None, target_fwhm=None, pixel_scale=None):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -222,9 +222,15 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     ----------
     exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
         Band name (a column-name suffix) to the band's exposure: a FITS file
-        or an NDData/CCDData with a celestial WCS, read with
-        `psfdeconv.io.read_exposure`. The data must be in flux per pixel
-        (e.g. adu, electron/s, nanomaggy).
+        or an NDData/CCDData, read with `psfdeconv.io.read_exposure`, with a
+        celestial WCS or, given ``pixel_scale``, without one. The data are
+        in flux per pixel (e.g. adu, electron/s, nanomaggy) or in surface
+        brightness (e.g. MJy/sr, nanomaggy/arcsec2), which is multiplied
+        by the pixel area; magnitudes and Jy/beam are refused
+        (`~psfdeconv.exceptions.UnitsError`). Bands in different but
+        convertible units (nJy, uJy) are converted to the reference band's
+        unit; the conversions are recorded in the catalogue's meta
+        ``unit_conversion``.
     positions : `~astropy.coordinates.SkyCoord`, `~astropy.table.Table` or array-like, optional
         The sources: sky coordinates; a table with a SkyCoord column (e.g.
         ``sky_centroid``), ``ra`` and ``dec`` columns (degrees, ICRS), or
@@ -288,6 +294,16 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         pixel scale, or a source whose PSF FWHM, lies outside the model's
         training range, instead of warning and setting
         `FLAG_OUTSIDE_TRAINING`.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel (or an angle per pixel). Required when a band has no
+        celestial WCS: the bands are then taken to share one pixel grid
+        (they must have the same shape; reproject them first otherwise),
+        the positions must be pixels (given or detected; sky positions are
+        refused), the catalogue has no ``sky_centroid`` column and its meta
+        ``wcs`` is False, and the stamps' ``wcs`` is None. With WCSs too,
+        it must agree with the reference band's WCS within 1 percent.
+        Recorded in the meta as ``pixel_scale`` and ``pixel_scale_source``
+        (``'wcs'`` or ``'argument'``).
 
     Returns
     -------
@@ -350,7 +366,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                            reference_band=reference_band, psf_size=psf_size,
                            subtract_background=subtract_background,
                            epsf_options=epsf_options, detect_options=detect_options,
-                           neighbours=neighbours)
+                           neighbours=neighbours, pixel_scale=pixel_scale)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_target(setup, target_fwhm)
@@ -403,6 +419,9 @@ class _CatalogSetup:
     symmetries: int = 1
     #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
     target_fwhm: float = None
+    #: Whether the bands have celestial WCSs (False: one shared pixel grid,
+    #: pixel positions, no sky coordinates).
+    use_wcs: bool = True
 
     @property
     def n(self):
@@ -448,7 +467,7 @@ def _check_strict(setup, strict):
 
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
                    subtract_background, epsf_options, detect_options,
-                   neighbours='replace'):
+                   neighbours='replace', pixel_scale=None):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
     subtracted, aligned bands (a `_CatalogSetup`)."""
@@ -457,13 +476,13 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
 
     from . import __version__
     from . import background as sky
+    from ._units import common_flux_unit
     from .cutouts import make_cutouts
-    from .io import pixel_scale_of
 
     if neighbours not in NEIGHBOUR_OPTIONS:
         raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
                                 f'{NEIGHBOUR_OPTIONS}.')
-    exposures, paths = read_exposure_set(exposures)
+    exposures, paths = read_exposure_set(exposures, require_wcs=False)
     bands = list(exposures)
     model = _as_model(model, n_bands=len(bands))
     model.check_bands(len(bands))
@@ -478,10 +497,16 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     if reference_band not in exposures:
         raise InvalidInputError(f'reference_band = {reference_band!r} is not one of '
                                 f'the bands {bands}; give one of them.')
+    band_scales, scale_source, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+    if not use_wcs:
+        exposures = {band: _without_wcs(exposure) for band, exposure in exposures.items()}
+        positions = _pixel_positions_only(positions, reference_band)
+    exposures, unit_conversion = common_flux_unit(exposures, reference_band, band_scales)
     reference = exposures[reference_band]
-    pixel_scale = pixel_scale_of(reference.wcs)
+    scale = band_scales[reference_band]
 
-    psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options)
+    psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
+                                         pixel_scale=scale)
     x_in, y_in, ids, positions_source = _positions(positions, reference,
                                                    reference_band, detect_options)
     n = x_in.size
@@ -494,7 +519,11 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                 for band, exposure in exposures.items()}
     else:
         work = exposures
-    aligned, reprojected = align_to_reference(work, reference_band)
+    if use_wcs:
+        aligned, reprojected = align_to_reference(work, reference_band)
+    else:
+        # No WCS: the bands share the reference band's pixel grid.
+        aligned, reprojected = dict(work), dict.fromkeys(bands, False)
     segments = None
     if neighbours == 'replace':
         from astropy.nddata import NDData
@@ -522,8 +551,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         noise_source = {band: 'uncertainty (median over the stamp)'
                         if has_uncertainty[band] else 'stamp pixels (1.4826 MAD)'
                         for band in bands}
-    units = {aligned[band].unit for band in bands}
-    scale = pixel_scale.to_value(u.arcsec / u.pix)
+    stamp_unit = aligned[reference_band].unit or u.dimensionless_unscaled
     model_info = {'name': model.card.get('name'), 'path': str(model.path)
                   if model.path is not None else None,
                   'weights_sha256': model.sha256}
@@ -536,6 +564,10 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'inputs': paths,
         'positions': positions_source,
         'pixel_scale': float(scale),
+        'pixel_scale_source': scale_source,
+        'wcs': use_wcs,
+        'unit': stamp_unit.to_string(),
+        'unit_conversion': unit_conversion,
         'stamp_size': stamp_size,
         'psf_size': psf_size,
         'reprojected': reprojected,
@@ -550,8 +582,94 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         reference=reference, model=model, stamp_size=stamp_size, psf_size=psf_size,
         scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
         y_in=y_in, ids=ids, off_image=off_image, anchor=anchor, segments=segments,
-        frame=wcs_to_celestial_frame(reference.wcs),
-        stamp_unit=units.pop() if len(units) == 1 else None, meta=meta)
+        frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
+        stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
+
+
+#: Relative difference above which a given pixel_scale and a WCS's disagree.
+_PIXEL_SCALE_TOLERANCE = 0.01
+
+
+def _band_pixel_scales(exposures, pixel_scale):
+    """arcsec/pixel of each band, where it came from ('wcs' or
+    'argument'), and whether every band has a celestial WCS.
+
+    Without a WCS in some band, ``pixel_scale`` is required and the bands
+    must share one pixel grid (the same shape); a WCS and ``pixel_scale``
+    must agree within `_PIXEL_SCALE_TOLERANCE`.
+    """
+    import astropy.units as u
+
+    from ._validation import scalar_pixel_scale
+    from .exceptions import PixelScaleError
+    from .io import pixel_scale_of
+
+    given = None if pixel_scale is None else scalar_pixel_scale(pixel_scale)
+    missing = [band for band, exposure in exposures.items() if exposure.wcs is None]
+    if missing and given is None:
+        where = ', '.join(f'{band!r} ({exposures[band].meta.get("path") or "NDData"})'
+                          for band in missing)
+        raise InvalidInputError(
+            f'band(s) {where} have no celestial WCS; give the pixel scale '
+            f'(pixel_scale=ARCSEC, e.g. pixel_scale=0.2; --pixel-scale ARCSEC on '
+            f'the command line) and pixel positions (or let psfdeconv detect '
+            f'the sources), or add a celestial WCS, e.g. with astrometry.net.')
+    scales = {}
+    for band, exposure in exposures.items():
+        if exposure.wcs is None:
+            scales[band] = given
+            continue
+        scales[band] = float(pixel_scale_of(exposure.wcs).to_value(u.arcsec / u.pix))
+        if given is not None and abs(scales[band] / given - 1) > _PIXEL_SCALE_TOLERANCE:
+            raise PixelScaleError(
+                f'pixel_scale = {given} arcsec/pixel, but the WCS of band {band!r} '
+                f'gives {scales[band]:.5f} arcsec/pixel ({100 * abs(scales[band] / given - 1):.1f} '
+                f'percent apart, more than {100 * _PIXEL_SCALE_TOLERANCE:.0f}); '
+                f'omit pixel_scale to use the WCS, or fix the WCS or the value.')
+    if not missing:
+        return scales, 'wcs', True
+    shapes = {band: tuple(exposure.shape) for band, exposure in exposures.items()}
+    if len(set(shapes.values())) > 1:
+        raise ShapeMismatchError(
+            f'band(s) {missing} have no celestial WCS, so the bands are taken to '
+            f'share one pixel grid, but their shapes differ: {shapes}; reproject '
+            f'them onto one grid first, or give every band a celestial WCS.')
+    return dict.fromkeys(exposures, given), 'argument', False
+
+
+def _without_wcs(exposure):
+    """The exposure without its WCS (a set with one band lacking a WCS is
+    used on one shared pixel grid)."""
+    from astropy.nddata import CCDData
+
+    if exposure.wcs is None:
+        return exposure
+    return CCDData(exposure.data, unit=exposure.unit, mask=exposure.mask,
+                   uncertainty=exposure.uncertainty, wcs=None, meta=exposure.meta,
+                   copy=False)
+
+
+def _pixel_positions_only(positions, reference_band):
+    """Positions usable without a WCS: pixels. Sky positions are refused;
+    a table with both keeps its x, y (and id) columns."""
+    from astropy.coordinates import SkyCoord
+    from astropy.table import Table
+
+    refuse = (f'the positions are sky coordinates, but the exposures have no '
+              f'celestial WCS to place them; give pixel positions of the '
+              f'reference band {reference_band!r} (x and y columns, or an (n, 2) '
+              f'array), omit positions to detect the sources, or give exposures '
+              f'with a celestial WCS.')
+    if isinstance(positions, SkyCoord):
+        raise InvalidInputError(refuse)
+    if isinstance(positions, Table):
+        if 'x' in positions.colnames and 'y' in positions.colnames:
+            keep = [name for name in ('id', 'x', 'y') if name in positions.colnames]
+            return positions[keep]
+        if any(isinstance(positions[name], SkyCoord) for name in positions.colnames) \
+                or ('ra' in positions.colnames and 'dec' in positions.colnames):
+            raise InvalidInputError(refuse)
+    return positions
 
 
 def _off_image(x, y, shape):
@@ -621,7 +739,7 @@ def _cut_chunk(setup, index):
         np.append(index, setup.anchor)
     xy = np.column_stack([setup.x_in[cut_index], setup.y_in[cut_index]])
 
-    sky_in = setup.reference.wcs.pixel_to_world(x_in, y_in)
+    sky_in = setup.reference.wcs.pixel_to_world(x_in, y_in) if setup.use_wcs else None
     flags = np.zeros(n, dtype=np.int32)
     stamps = np.empty((n, len(bands), stamp_size, stamp_size))
     masks = np.empty(stamps.shape, dtype=bool)
@@ -639,7 +757,7 @@ def _cut_chunk(setup, index):
         stamps[:, b] = np.where(cut['mask'], 0.0, cut['data'])
         empty[:, b] = cut['mask'].all(axis=(-2, -1))
         # The PSF where the source is in the band's own pixels.
-        if band == reference_band:
+        if band == reference_band or not setup.use_wcs:
             bx, by = x_in, y_in
         else:
             with np.errstate(invalid='ignore'):
@@ -712,18 +830,21 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
     ids, x_in, y_in = setup.ids[index], setup.x_in[index], setup.y_in[index]
     ref_cut, flags, empty = cut['reference'], cut['flags'], cut['empty']
     n = index.size
-    lon, lat = np.full(n, np.nan), np.full(n, np.nan)
-    for i in range(n):
-        lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i], y_stamp[i])
-
     columns = []  # (name, values, description)
     columns += [
-        ('id', np.asarray(ids), 'Source identifier (the input id or detection label)'),
+        ('id', np.asarray(ids), 'Source identifier (the input id or detection label)')]
+    if setup.use_wcs:
+        lon, lat = np.full(n, np.nan), np.full(n, np.nan)
+        for i in range(n):
+            lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i],
+                                                                     y_stamp[i])
         # (lon, lat) in degrees: the SkyCoord is made once, by _catalog_table.
-        ('sky_centroid', (lon, lat),
-         f'Light centroid of the deconvolved {reference_band} image in a '
-         f'window around its HSM centroid (around the input position where '
-         f'HSM fails)'),
+        columns += [
+            ('sky_centroid', (lon, lat),
+             f'Light centroid of the deconvolved {reference_band} image in a '
+             f'window around its HSM centroid (around the input position where '
+             f'HSM fails)')]
+    columns += [
         ('x', (ref_cut['origin'][:, 0] + x_stamp) * u.pix,
          f'Column of the deconvolved {reference_band} centroid in the '
          f'{reference_band} exposure, 0-based'),
@@ -822,7 +943,7 @@ def _catalog_table(setup, parts):
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
-                     symmetries=None, target_fwhm=None):
+                     symmetries=None, target_fwhm=None, pixel_scale=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -851,6 +972,9 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
     model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries, target_fwhm
         As for `deconvolve_catalog`.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel, as for `deconvolve_catalog` (required for exposures
+        without a celestial WCS; ``--pixel-scale``).
     overwrite : bool, optional
         Replace existing outputs.
 
@@ -861,7 +985,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     paths : dict
         ``'catalog'``, ``'stamps'`` and each band name to the file written.
     """
-    from .io import check_writable, read_exposure, read_positions, stamp_writer, write_catalog
+    from .io import check_writable, read_positions, stamp_writer, write_catalog
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
@@ -874,14 +998,18 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         check_writable(path, overwrite=overwrite)
     model = _as_model(model, n_bands=len(exposures))
     model.check_bands(len(exposures))
-    exposures = {band: read_exposure(exposure) for band, exposure in exposures.items()}
+    exposures, _ = read_exposure_set(exposures, require_wcs=False)
     if isinstance(positions, str | Path):
         positions = read_positions(positions)
-    psf_models, _ = build_psfs(exposures, psfs)
+    # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
+    band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+    psf_models, _ = build_psfs(exposures, psfs,
+                               pixel_scale=None if use_wcs else next(iter(band_scales.values())))
     setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
                            reference_band=reference_band, psf_size=None,
                            subtract_background=True, epsf_options=None,
-                           detect_options=None, neighbours=neighbours)
+                           detect_options=None, neighbours=neighbours,
+                           pixel_scale=pixel_scale)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_target(setup, target_fwhm)

@@ -1329,7 +1329,7 @@ def _psf_description(model):
     return type(model).__name__
 
 
-def build_psfs(exposures, psfs=None, *, epsf_options=None):
+def build_psfs(exposures, psfs=None, *, epsf_options=None, pixel_scale=None):
     """A PSF model per band, in each band's own pixels.
 
     Parameters
@@ -1348,6 +1348,10 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None):
     epsf_options : dict, optional
         Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
         ``size``, ``threshold_sigma``, ...) for the default ePSF.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel of the bands without a celestial WCS, for
+        specifications in arcsec (``'moffat:fwhm=0.8arcsec'``); a band with
+        a WCS uses its own.
 
     Returns
     -------
@@ -1383,7 +1387,8 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None):
 
     if not hasattr(exposures, 'items') or \
             not all(isinstance(e, NDData) for e in exposures.values()):
-        exposures, _ = read_exposure_set(exposures)
+        exposures, _ = read_exposure_set(exposures,
+                                         require_wcs=pixel_scale is None)
     bands = list(exposures)
     if hasattr(psfs, 'items'):
         unknown = [band for band in psfs if band not in exposures]
@@ -1407,7 +1412,7 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None):
                 sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
             elif isinstance(value, str):
                 scale = pixel_scale_of(exposure.wcs) if getattr(
-                    exposure, 'wcs', None) is not None else None
+                    exposure, 'wcs', None) is not None else pixel_scale
                 model = psf_from_spec(value, data=exposure, pixel_scale=scale)
                 sources[band] = value.strip()
                 if 'n_stars' in (getattr(model, 'meta', None) or {}):

@@ -24,6 +24,7 @@ from ..exceptions import (
     InvalidInputError,
     InvalidPixelsError,
     PSFDeconvWarning,
+    UnitsError,
 )
 
 __all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string',
@@ -63,7 +64,9 @@ def example_exposures():
 
 #: Fix for an exposure without a celestial WCS, quoted in the error message.
 _NO_WCS_FIX = ('add a celestial WCS, e.g. with astrometry.net, or give pixel '
-               'positions and --pixel-scale (require_wcs=False in Python)')
+               'positions and the pixel scale: pixel_scale=ARCSEC in Python '
+               '(deconvolve_catalog, run_exposure_set; require_wcs=False for '
+               'read_exposure), --pixel-scale ARCSEC on the command line')
 
 #: Relative difference of the two pixel axes above which `pixel_scale_of`
 #: warns that the pixels are not square.
@@ -154,7 +157,11 @@ def _parse_unit(text):
         if not candidate:
             return None
         try:
-            return u.Unit(candidate)
+            # Real headers write 'erg/s/cm2/Hz/sr'; astropy parses it and
+            # warns that FITS discourages multiple slashes.
+            with catch_warnings():
+                warnings.simplefilter('ignore', u.UnitsWarning)
+                return u.Unit(candidate)
         except ValueError:
             continue
     return None
@@ -535,20 +542,36 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
 
 
 def _resolve_unit(unit, bunit, where, input_unit):
+    """The data unit from the argument, the input NDData or BUNIT (in that
+    order), and where it came from; magnitudes and per-beam units are
+    refused (`psfdeconv._units.check_flux_unit`)."""
     import astropy.units as u
 
+    from .._units import check_flux_unit, is_magnitude_text
+
     if unit is not None:
-        try:
-            return u.Unit(unit), 'argument'
-        except (ValueError, TypeError):
-            raise InvalidInputError(f'unit = {unit!r} is not a unit astropy '
-                                    f'knows; give e.g. "adu", "electron/s" or '
-                                    f'"nanomaggy".') from None
+        if isinstance(unit, u.UnitBase | u.FunctionUnitBase):
+            resolved = unit
+        else:
+            try:
+                resolved = u.Unit(unit)
+            except (ValueError, TypeError):
+                if isinstance(unit, str) and is_magnitude_text(unit):
+                    check_flux_unit(u.mag, f'{where} (unit = {unit!r})')
+                raise InvalidInputError(f'unit = {unit!r} is not a unit astropy '
+                                        f'knows; give e.g. "adu", "electron/s" or '
+                                        f'"nanomaggy".') from None
+        check_flux_unit(resolved, where)
+        return resolved, 'argument'
     if input_unit is not None:
+        check_flux_unit(input_unit, where)
         return u.Unit(input_unit), 'input'
     if bunit is not None and str(bunit).strip():
         parsed = _parse_unit(str(bunit))
+        if parsed is None and is_magnitude_text(bunit):
+            check_flux_unit(u.mag, f'{where} (BUNIT = {bunit!r})')
         if parsed is not None:
+            check_flux_unit(parsed, f'{where} (BUNIT = {bunit!r})')
             return parsed, 'BUNIT'
         warnings.warn(f'BUNIT = {bunit!r} of {where} is not a unit astropy '
                       f'knows; the data are read as dimensionless. Pass unit= '
@@ -755,7 +778,7 @@ def pixel_scale_of(wcs, *, position=None):
     return float(np.sqrt(scales.prod())) * u.arcsec / u.pix
 
 
-def read_exposure_set(exposures):
+def read_exposure_set(exposures, *, require_wcs=True):
     """Read the bands of one exposure set.
 
     Parameters
@@ -763,6 +786,9 @@ def read_exposure_set(exposures):
     exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
         Band name (a column-name suffix) to the band's exposure, each read
         with `read_exposure`.
+    require_wcs : bool, optional
+        As for `read_exposure`: False reads exposures without a celestial
+        WCS (their ``wcs`` is None).
 
     Returns
     -------
@@ -791,7 +817,10 @@ def read_exposure_set(exposures):
                                 f'column names such as flux_<band>.')
     read, paths = {}, {}
     for band, exposure in exposures.items():
-        read[str(band)] = read_exposure(exposure)
+        try:
+            read[str(band)] = read_exposure(exposure, require_wcs=require_wcs)
+        except UnitsError as error:
+            raise UnitsError(f'band {band!r}: {error}') from error
         # An exposure read by read_exposure knows its file.
         paths[str(band)] = (dict(exposure.meta or {}).get('path')
                             if isinstance(exposure, NDData) else str(exposure))
