@@ -620,10 +620,11 @@ def _band_pixel_scales(exposures, pixel_scale):
             scales[band] = given
             continue
         scales[band] = float(pixel_scale_of(exposure.wcs).to_value(u.arcsec / u.pix))
-        if given is not None and abs(scales[band] / given - 1) > _PIXEL_SCALE_TOLERANCE:
+        apart = abs(scales[band] / given - 1) if given is not None else 0.0
+        if apart > _PIXEL_SCALE_TOLERANCE:
             raise PixelScaleError(
                 f'pixel_scale = {given} arcsec/pixel, but the WCS of band {band!r} '
-                f'gives {scales[band]:.5f} arcsec/pixel ({100 * abs(scales[band] / given - 1):.1f} '
+                f'gives {scales[band]:.5f} arcsec/pixel ({100 * apart:.1f} '
                 f'percent apart, more than {100 * _PIXEL_SCALE_TOLERANCE:.0f}); '
                 f'omit pixel_scale to use the WCS, or fix the WCS or the value.')
     if not missing:

@@ -154,8 +154,9 @@ def test_kids_frame_without_header(tiny_model):
     with fits.open(KIDS) as hdulist:
         data = np.array(hdulist[1].data[1000:1600, 1000:1600], dtype=np.float64)
     exposures = {band: CCDData(data, unit='adu') for band in 'gri'}
-    catalog, stamps = deconvolve_catalog(exposures, psfs='moffat:fwhm=0.7arcsec,beta=3',
-                                         model=tiny_model, pixel_scale=0.2)
+    # The default PSF: an ePSF from the frame's own stars, in pixels.
+    catalog, stamps = deconvolve_catalog(exposures, model=tiny_model, pixel_scale=0.2)
+    assert catalog.meta['psf_source']['r'].startswith('epsf (')
     assert len(catalog) >= 5
     assert 'sky_centroid' not in catalog.colnames
     assert catalog.meta['wcs'] is False and catalog.meta['pixel_scale'] == 0.2
