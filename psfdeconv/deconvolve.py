@@ -669,7 +669,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     `~psfdeconv.exceptions.InvalidInputError`
         Subclasses for non-finite pixels, bad PSFs, shape or band-count
         mismatches and invalid pixel scales (and, with ``strict``, pixel
-        scales or PSFs outside the training range).
+        scales or PSFs outside the training range);
+        `~psfdeconv.exceptions.UnitsError` for a Quantity ``noise_sigma``
+        not convertible to the stamps' unit.
 
     Examples
     --------

@@ -309,14 +309,15 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     -------
     catalog : `~astropy.table.QTable`
         One row per source, in the order of ``positions``: ``id``,
-        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the light
+        ``sky_centroid`` (only with a WCS: `~astropy.coordinates.SkyCoord` of the light
         centroid of the reference band's deconvolved image in a window
         around its adaptive-moment centroid, or around the input position
         where HSM fails), ``x``, ``y`` (that centroid
         in reference-band pixels), ``x_input``, ``y_input`` (the given or
         detected position), ``flags`` (see the module docstring), and per
         band ``flux_<band>``, ``flux_err_<band>``, ``flux_corrected_<band>``
-        (in the band's unit; the flux after the model's flux-bias correction),
+        (in the reference band's flux-per-pixel unit, dimensionless for
+        dimensionless data; the flux after the model's flux-bias correction),
         ``snr_<band>`` (flux / flux_err), ``noise_sigma_<band>`` (per-pixel
         noise used by the amplitude refit), ``e1_<band>``, ``e2_<band>``,
         ``e_<band>``, ``size_<band>`` (arcsec; unweighted moments,
@@ -327,12 +328,16 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         entirely masked are NaN. ``meta`` holds ``bands``, ``reference_band``,
         ``psf_source`` (per band), ``model`` (name, path,
         ``weights_sha256``), ``psfdeconv_version``, ``inputs`` (paths),
-        ``positions``, ``pixel_scale`` (arcsec/pixel), ``stamp_size``,
+        ``positions``, ``pixel_scale`` (arcsec/pixel), ``pixel_scale_source``,
+        ``wcs`` (whether the bands had celestial WCSs), ``unit`` (of the
+        fluxes), ``unit_conversion`` (per converted band: ``from``, ``to``,
+        ``factor``, ``reason``), ``stamp_size``,
         ``psf_size``, ``reprojected`` and ``noise_source`` (per band),
         ``background_subtracted``, ``neighbours`` and ``flag_bits``.
     stamps : list of `~astropy.nddata.NDData`
         Per source, the deconvolved images: ``data`` (n_bands, size, size) in
-        the exposures' unit, ``wcs`` the stamp's celestial WCS (pixel (0, 0)
+        the catalogue's unit, ``wcs`` the stamp's celestial WCS (None without
+        one; pixel (0, 0)
         of the stamp is exposure pixel ``meta['origin']``), ``mask`` (n_bands,
         size, size) the masked or off-image input pixels, and ``meta`` with
         ``id``, ``bands``, ``flags``, ``origin``, ``psf_source`` and
@@ -349,6 +354,13 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         the image, no galaxy detected, ...).
     psfdeconv.exceptions.ModelFileError
         If the model cannot be loaded.
+    psfdeconv.exceptions.UnitsError
+        For data in magnitudes or Jy/beam, or bands whose units cannot be
+        converted to the reference band's.
+    psfdeconv.exceptions.ShapeMismatchError
+        Without a WCS, for bands of different shapes.
+    psfdeconv.exceptions.PixelScaleError
+        If ``pixel_scale`` and a band's WCS disagree by more than 1 percent.
 
     Examples
     --------

@@ -433,6 +433,10 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
         images of another shape.
     psfdeconv.exceptions.InvalidPixelsError
         If every pixel is non-finite or masked.
+    psfdeconv.exceptions.UnitsError
+        For data in magnitudes (BUNIT ``mag``, ``ABmag``, ``dex``, ...) or
+        per beam (``Jy/beam``), which cannot become flux per pixel
+        (`psfdeconv._units.check_flux_unit`).
 
     Warns
     -----
