@@ -31,10 +31,12 @@ from .exceptions import UnitsError
 __all__ = ['is_surface_brightness', 'is_magnitude', 'is_magnitude_text',
            'check_flux_unit', 'flux_per_pixel', 'common_flux_unit']
 
-#: The fix quoted when a unit is refused.
+#: The fix quoted when a unit is refused. (The command line has no option
+#: to set a band's unit yet; name it here when it gets one.)
 _FLUX_FIX = ('give the data in a flux per pixel (e.g. adu, electron/s, '
-             'nanomaggy, nJy): convert the image, or set the unit with unit= '
-             '(--unit BAND=adu on the command line) if the header is wrong')
+             'nanomaggy, nJy): convert the image (and its BUNIT), or, if only '
+             'the header is wrong, set the unit with unit=... '
+             '(psfdeconv.io.read_exposure, or the unit of an NDData/CCDData)')
 
 
 def _angle_bases():
@@ -247,9 +249,9 @@ def common_flux_unit(exposures, reference_band, pixel_scales):
                     f'band {band!r} is in {unit} but the reference band '
                     f'{reference_band!r} is in {exposures[reference_band].unit}, and '
                     f'these cannot be converted to one another; give every band '
-                    f'in one flux unit (convert the images, or set the right '
-                    f'units with unit= / --unit BAND=UNIT, e.g. electron for '
-                    f'adu times the gain).') from None
+                    f'in one flux unit (convert the images, e.g. adu times the '
+                    f'gain for electron, or set the right unit with unit=... in '
+                    f'psfdeconv.io.read_exposure if a header is wrong).') from None
             reasons.append(f"converted to the reference band's unit {target}")
         if reasons:
             converted[band] = _scaled(exposure, target, factor)
