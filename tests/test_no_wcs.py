@@ -149,17 +149,33 @@ def test_no_wcs_refuses_sky_positions(field, psfs, tiny_model):
         deconvolve_catalog(bare, table, psfs=psfs, model=tiny_model, pixel_scale=0.2)
 
 
-def test_kids_frame_without_header(tiny_model):
-    """A real KiDS r frame with no header keywords at all, 600x600 of it, as three bands."""
+def test_one_band_without_wcs(field, psfs, scale, both_runs, tiny_model):
+    """A band without a WCS among bands with one: all are used on one pixel grid."""
+    exposures, _ = field
+    (with_wcs, _), _ = both_runs
+    mixed = dict(exposures, r=strip_wcs(exposures['r']))
+    catalog, stamps = deconvolve_catalog(mixed, psfs=psfs, model=tiny_model,
+                                         pixel_scale=scale)
+    assert catalog.meta['wcs'] is False and 'sky_centroid' not in catalog.colnames
+    assert_allclose(catalog['flux_i'], with_wcs['flux_i'], rtol=1e-6)
+    assert stamps[0].wcs is None
+
+
+def test_kids_frame_without_header(tiny_model, tmp_path):
+    """A real KiDS r frame with no header keywords at all, 600x600 of it written to a FITS
+    file as it comes (no WCS, no unit), read as each of three bands."""
     with fits.open(KIDS) as hdulist:
         data = np.array(hdulist[1].data[1000:1600, 1000:1600], dtype=np.float64)
-    exposures = {band: CCDData(data, unit='adu') for band in 'gri'}
+    path = tmp_path / 'kids.fits'
+    fits.PrimaryHDU(data).writeto(path)
+    exposures = dict.fromkeys('gri', path)
     # The default PSF: an ePSF from the frame's own stars, in pixels.
     catalog, stamps = deconvolve_catalog(exposures, model=tiny_model, pixel_scale=0.2)
     assert catalog.meta['psf_source']['r'].startswith('epsf (')
     assert len(catalog) >= 5
     assert 'sky_centroid' not in catalog.colnames
     assert catalog.meta['wcs'] is False and catalog.meta['pixel_scale'] == 0.2
+    assert catalog['flux_r'].unit == u.dimensionless_unscaled
     finite = np.isfinite(catalog['flux_r'].value)
     assert finite.mean() > 0.8
     assert stamps[0].wcs is None
