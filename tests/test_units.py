@@ -113,6 +113,16 @@ def test_surface_brightness_units():
     assert (unit, factor) == (u.adu, 1.0)
 
 
+@pytest.mark.parametrize('bunit, unit', [('MJY/SR', u.MJy / u.sr), ('mJy/sr', u.mJy / u.sr),
+                                         ('NANOMAGGIES', u.nanomaggy), ('UJY', u.uJy)])
+def test_upper_case_fits_spellings(bunit, unit, tmp_path):
+    header = fits.Header({'BUNIT': bunit})
+    data = np.random.default_rng(1).normal(size=(20, 20))
+    fits.PrimaryHDU(data, header=header).writeto(tmp_path / 'image.fits')
+    exposure = read_exposure(tmp_path / 'image.fits', require_wcs=False)
+    assert exposure.unit == unit and exposure.meta['unit_source'] == 'BUNIT'
+
+
 def test_bunit_with_several_slashes(field, write_field):
     paths = write_field('cgs', dict.fromkeys(BANDS, ('erg/s/cm2/Hz/sr', 1.0)))
     with warnings.catch_warnings():
@@ -133,7 +143,8 @@ def test_magnitudes_are_refused(field, write_field, bunit):
 
 
 def test_magnitude_argument_and_jy_per_beam_are_refused(field, write_field):
-    paths = write_field('beam', dict.fromkeys(BANDS, ('Jy/beam', 1.0)))
+    # Radio headers write JY/BEAM: recognised and refused, not read as dimensionless.
+    paths = write_field('beam', dict.fromkeys(BANDS, ('JY/BEAM', 1.0)))
     with pytest.raises(UnitsError, match=r"band 'g'.*Jy / beam.*beam area"):
         read_exposure_set(paths)
     exposures, _, _ = field

@@ -145,14 +145,26 @@ def fits_unit_string(unit):
 def _parse_unit(text):
     """An astropy unit from a BUNIT string, or None if it is not one.
 
-    Tries the string as written, in lower case, and with plural counts
-    ('ELECTRONS/S' -> electron / s, 'DNs' -> DN) made singular.
+    Tries the string as written, in lower case, with plural counts
+    ('ELECTRONS/S' -> electron / s, 'DNs' -> DN, 'nanomaggies' ->
+    nanomaggy) made singular, and with upper-case janskys in their astropy
+    spelling ('JY/BEAM' -> Jy / beam, 'MJY/SR' -> MJy / sr, the Spitzer and
+    Herschel convention), so that a per-beam or surface-brightness unit is
+    recognised (and refused or converted) rather than read as dimensionless.
     """
     import astropy.units as u
 
     low = text.strip().lower()
-    candidates = (text.strip(), low,
-                  re.sub(r'\b(electron|count|photon|adu|dn)s\b', r'\1', low))
+    singular = re.sub(r'\b(electron|count|photon|adu|dn)s\b', r'\1', low)
+    singular = re.sub(r'\b(nano)?maggies\b', lambda m: (m.group(1) or '') + 'maggy',
+                      singular)
+    # The prefix keeps its case (M: mega, m: milli); u, n are unambiguous.
+    janskys = re.sub(r'\b([MmUuNn]?)jy\b',
+                     lambda m: {'U': 'u', 'N': 'n'}.get(m.group(1), m.group(1)) + 'Jy',
+                     text.strip(), flags=re.IGNORECASE)
+    janskys = re.sub(r'[A-Za-z]+', lambda m: m.group(0) if m.group(0).endswith('Jy')
+                     else m.group(0).lower(), janskys)
+    candidates = (text.strip(), low, singular, janskys)
     for candidate in candidates:
         if not candidate:
             return None
