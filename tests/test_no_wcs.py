@@ -179,3 +179,20 @@ def test_kids_frame_without_header(tiny_model, tmp_path):
     finite = np.isfinite(catalog['flux_r'].value)
     assert finite.mean() > 0.8
     assert stamps[0].wcs is None
+
+
+def test_build_psfs_takes_the_pixel_scale(field):
+    from psfdeconv.exceptions import ConfigError, InvalidPSFError
+    from psfdeconv.psf import build_psfs
+
+    exposures, _ = field
+    bare = {'r': strip_wcs(exposures['r'])}
+    spec = 'moffat:fwhm=1arcsec,beta=3'
+    models, sources = build_psfs(bare, spec, pixel_scale=0.2)
+    wide, _ = build_psfs(bare, spec, pixel_scale=0.1 * u.arcsec / u.pix)
+    assert sources['r'] == spec
+    assert models['r'].meta['fwhm_arcsec'] == 1.0
+    # The same FWHM in arcsec is twice as many pixels at half the pixel scale.
+    assert wide['r'].data.max() < models['r'].data.max()
+    with pytest.raises((ConfigError, InvalidPSFError), match='pixel_scale'):
+        build_psfs(bare, spec)
