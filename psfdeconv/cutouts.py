@@ -719,3 +719,141 @@ def align_to_reference(exposures, reference_band):
         for band in differing:
             aligned[band] = result[band]
     return aligned, {band: band in differing for band in exposures}
+
+
+# --- Block-averaged grids (galaxies larger than a stamp) ----------------------------
+
+
+def block_wcs(wcs, factor):
+    """The celestial WCS of an image block-summed by ``factor`` (as
+    `~astropy.nddata.block_reduce`, trimmed at the far end): coarse pixel
+    ``j`` covers native pixels ``factor * j ... factor * j + factor - 1``.
+
+    `astropy.wcs.WCS.slice` with a step scales CDELT but not a CD matrix,
+    so the WCS is rebuilt here: CRPIX moves to the coarse grid, CD (or
+    CDELT) grows by ``factor``, SIP coefficients are rescaled; TPV-style
+    PV distortions act on intermediate world coordinates and stay as they
+    are. None gives None.
+    """
+    if wcs is None:
+        return None
+    coarse = wcs.deepcopy()
+    k = float(factor)
+    coarse.wcs.crpix = (np.asarray(wcs.wcs.crpix) - (k + 1) / 2) / k + 1
+    if wcs.wcs.has_cd():
+        coarse.wcs.cd = np.asarray(wcs.wcs.cd) * k
+    else:
+        coarse.wcs.cdelt = np.asarray(wcs.wcs.cdelt) * k
+    if wcs.sip is not None:
+        from astropy.wcs import Sip
+
+        def scaled(matrix):
+            if matrix is None:
+                return None
+            p, q = np.indices(matrix.shape)
+            return matrix * k ** (p + q - 1)
+
+        sip = wcs.sip
+        coarse.sip = Sip(scaled(sip.a), scaled(sip.b), scaled(sip.ap), scaled(sip.bp),
+                         coarse.wcs.crpix)
+    if wcs.pixel_shape is not None:
+        coarse.pixel_shape = tuple(int(n // factor) for n in wcs.pixel_shape)
+    coarse.wcs.set()
+    return coarse
+
+
+def block_reduce_exposure(exposure, factor):
+    """An exposure block-summed by an integer ``factor`` (coarser pixels).
+
+    The data of each ``factor`` x ``factor`` block are summed over its good
+    pixels and scaled up by the block's area over their number (so a flux
+    stays a flux); a block is masked when more than half its pixels are bad.
+    Variances add the same way. The far rows and columns that do not fill a
+    block are dropped (`~astropy.nddata.block_reduce`).
+
+    Parameters
+    ----------
+    exposure : `~astropy.nddata.NDData`
+        One band (``data``, optional ``mask``, `~astropy.nddata.StdDevUncertainty`
+        and celestial ``wcs``).
+    factor : int
+        Block side in pixels, >= 1.
+
+    Returns
+    -------
+    `~astropy.nddata.CCDData`
+        The coarse exposure with `block_wcs`, the same unit and meta (plus
+        ``block_factor``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.nddata import NDData
+    >>> from psfdeconv.cutouts import block_reduce_exposure
+    >>> image = np.ones((5, 6))
+    >>> coarse = block_reduce_exposure(NDData(image), 2)
+    >>> coarse.data.shape, float(coarse.data[0, 0])
+    ((2, 3), 4.0)
+    """
+    from astropy.nddata import CCDData, StdDevUncertainty, block_reduce
+
+    factor = int(factor)
+    data, bad, sigma, wcs = _exposure_parts(exposure)
+    good = ~bad & np.isfinite(data)
+    n_good = block_reduce(good.astype(float), factor, np.sum)
+    scale = np.where(n_good > 0, factor * factor / np.maximum(n_good, 1), 0.0)
+    coarse = block_reduce(np.where(good, data, 0.0), factor, np.sum) * scale
+    coarse_bad = n_good <= factor * factor / 2
+    uncertainty = None
+    if sigma is not None:
+        variance = block_reduce(np.where(good & np.isfinite(sigma), sigma, 0.0) ** 2,
+                                factor, np.sum) * scale
+        uncertainty = StdDevUncertainty(np.where(coarse_bad, np.inf, np.sqrt(variance)))
+    meta = dict(getattr(exposure, 'meta', None) or {})
+    meta['block_factor'] = factor
+    unit = getattr(exposure, 'unit', None) or 'adu'
+    return CCDData(np.where(coarse_bad, 0.0, coarse), mask=coarse_bad,
+                   uncertainty=uncertainty, wcs=block_wcs(wcs, factor), unit=unit,
+                   meta=meta)
+
+
+def block_psfs(native_psfs, factor):
+    """PSF images block-summed like `block_reduce_exposure`'s data.
+
+    Parameters
+    ----------
+    native_psfs : `~numpy.ndarray`
+        (..., m, m) native-pixel PSFs centred on their middle pixel, with
+        ``m = factor * size`` for an odd ``factor`` and
+        ``m = factor * size + 1`` for an even one (as `block_psf_size`
+        gives), ``size`` odd.
+    factor : int
+        Block side in pixels.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        (..., size, size), centred on the middle pixel, each summing to 1:
+        the PSF of a source at the centre of a coarse pixel.
+    """
+    from astropy.nddata import block_reduce
+    from scipy import ndimage
+
+    psfs = np.asarray(native_psfs, dtype=float)
+    factor = int(factor)
+    m = psfs.shape[-1]
+    if factor % 2 == 0:
+        # The coarse pixel's centre lies on a corner of native pixels: move
+        # the PSF by half a native pixel towards the origin, drop the last
+        # row and column, and the middle block is centred on it.
+        shift = [0.0] * (psfs.ndim - 2) + [-0.5, -0.5]
+        psfs = ndimage.shift(psfs, shift, order=3, mode='constant')[..., :m - 1, :m - 1]
+    block = (1,) * (psfs.ndim - 2) + (factor, factor)
+    coarse = block_reduce(psfs, block, np.sum)
+    total = coarse.sum(axis=(-2, -1), keepdims=True)
+    return coarse / np.where(total > 0, total, 1.0)
+
+
+def block_psf_size(size, factor):
+    """The native PSF side `block_psfs` needs for coarse PSFs of side ``size``."""
+    return int(factor) * int(size) + (1 if int(factor) % 2 == 0 else 0)

@@ -2,11 +2,12 @@
 """
 Sources in exposures: the galaxies to deconvolve and their neighbours.
 
-`detect_galaxies` finds the sources of a band and drops the stars
-(`psfdeconv.psf.find_stars`); `neighbour_segments` segments the bands'
-combined signal-to-noise image, and `replace_neighbours` replaces the
-pixels of other sources in each stamp by noise, so that their light is not
-counted in a source's flux and shape.
+`detect_galaxies` finds and deblends the sources of a band and drops the
+stars (`psfdeconv.psf.find_stars`); `neighbour_segments` segments and
+deblends the bands' combined signal-to-noise image, `blend_fractions`
+measures how much of each segment's light belongs to a brighter source,
+and `replace_neighbours` replaces the pixels of other sources in each
+stamp, so that their light is not counted in a source's flux and shape.
 """
 
 import warnings
@@ -16,8 +17,10 @@ import numpy as np
 from ._warnings import catch_warnings
 from .exceptions import InvalidInputError
 
-__all__ = ['detect_galaxies', 'neighbour_segments', 'replace_neighbours',
-           'NEIGHBOUR_OPTIONS']
+__all__ = ['detect_galaxies', 'deblend', 'neighbour_segments', 'blend_fractions',
+           'source_segments', 'blended_sources', 'segment_extents',
+           'segment_half_light_radii', 'light_beyond',
+           'replace_neighbours', 'NEIGHBOUR_OPTIONS', 'BLEND_LIMIT']
 
 
 #: Detection threshold (background sigma) and minimum connected pixels of
@@ -28,6 +31,58 @@ _DETECTION_SIGMA = 3.0
 _DETECTION_NPIXELS = 5
 
 
+#: Multi-thresholding levels and minimum flux contrast of the deblending
+#: (`~photutils.segmentation.deblend_sources`): photutils' defaults, so that
+#: the sources are those photutils' own detection and deblending finds. A
+#: galaxy's knots split off by it are refilled from the galaxy's other side
+#: in its stamp (`replace_neighbours`) and flagged BLENDED in their own rows.
+_DEBLEND_LEVELS = 32
+
+
+_DEBLEND_CONTRAST = 0.001
+
+
+#: A source is BLENDED (`psfdeconv.flags.FLAG_BLENDED`) when the light of
+#: brighter sources under its segment, estimated by `blend_fractions`, is more
+#: than this fraction of its own light.
+BLEND_LIMIT = 0.1
+
+
+#: Width in pixels of the ring around a segment whose pixels in brighter
+#: segments give the pedestal of `blend_fractions`.
+_BLEND_RING = 2
+
+
+def deblend(image, segments, n_pixels):
+    """Deblend a segmentation image with photutils' multi-thresholding and
+    watershed (`~photutils.segmentation.deblend_sources`, the module's
+    levels and contrast), without a progress bar.
+
+    Parameters
+    ----------
+    image : `~numpy.ndarray`
+        The detection image (background subtracted).
+    segments : `~photutils.segmentation.SegmentationImage` or None
+        From `~photutils.segmentation.detect_sources`; None is returned as
+        is.
+    n_pixels : int
+        Minimum connected pixels of a deblended source.
+
+    Returns
+    -------
+    `~photutils.segmentation.SegmentationImage` or None
+    """
+    from photutils.segmentation import deblend_sources
+
+    if segments is None:
+        return None
+    with catch_warnings():
+        # Segments too small to split are kept whole; photutils says so.
+        warnings.simplefilter('ignore')
+        return deblend_sources(image, segments, int(n_pixels), n_levels=_DEBLEND_LEVELS,
+                               contrast=_DEBLEND_CONTRAST, progress_bar=False)
+
+
 #: A detection is a star when a point-like source of
 #: `psfdeconv.psf.find_stars` lies within this many pixels (or a quarter of
 #: the stellar FWHM, if larger) of its centroid.
@@ -35,14 +90,17 @@ _STAR_MATCH_RADIUS = 1.0
 
 
 def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
-                    n_pixels=_DETECTION_NPIXELS, star_threshold_sigma=10.0):
+                    n_pixels=_DETECTION_NPIXELS, star_threshold_sigma=10.0,
+                    deblend_sources=True):
     """Detect the sources of an exposure and keep those that are not stars.
 
     The background (the mesh of `psfdeconv.psf.find_stars`) is subtracted and
     sources are segmented with `~photutils.segmentation.detect_sources`
     (``threshold_sigma`` times the background rms, ``n_pixels`` connected
-    pixels) *without* deblending, so that a galaxy's star-forming knots stay
-    part of it (close pairs stay one source, too). Stars are found with
+    pixels) and deblended (`deblend`), so that a faint source inside a
+    brighter galaxy's light is a source of its own (the pipeline flags it
+    BLENDED when its light cannot be separated, see `blend_fractions`).
+    Stars are found with
     `psfdeconv.psf.find_stars` (``all_sources=True``): a segment is a star
     when a point-like source of it (bright, round, with the stellar FWHM,
     isophotal and windowed centroids agreeing) lies within 1 pixel (or a
@@ -62,6 +120,8 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
     star_threshold_sigma : float, optional
         Minimum peak signal-to-noise of a star (``threshold_sigma`` of
         `~psfdeconv.psf.find_stars`).
+    deblend_sources : bool, optional
+        Deblend the segments (default); False keeps touching sources as one.
 
     Returns
     -------
@@ -81,7 +141,7 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
     >>> from psfdeconv.detection import detect_galaxies
     >>> from psfdeconv.simulate import simulate_exposure
     >>> exposures, truth = simulate_exposure((160, 160), n_galaxies=3, n_stars=8,
-    ...                                      seed=1)
+    ...                                      seed=3)
     >>> galaxies = detect_galaxies(exposures['r'])
     >>> print(len(galaxies), galaxies.meta['n_stars'])
     3 8
@@ -111,6 +171,8 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
         warnings.filterwarnings('ignore', category=NoDetectionsWarning)
         segm = detect_sources(subtracted, threshold_sigma * rms, int(n_pixels),
                               mask=bad)
+    if deblend_sources:
+        segm = deblend(subtracted, segm, n_pixels)
     stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
                        all_sources=True)
     wcs = getattr(exposure, 'wcs', None)
@@ -177,17 +239,18 @@ NEIGHBOUR_OPTIONS = ('replace', 'keep')
 
 
 def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
-                       n_pixels=_NEIGHBOUR_NPIXELS):
+                       n_pixels=_NEIGHBOUR_NPIXELS, deblend_sources=True,
+                       return_image=False):
     """Segmentation map of the sources in aligned, background-subtracted bands.
 
     The bands are combined into one signal-to-noise image (each divided by
     its sigma-clipped standard deviation, summed over the bands valid at a
-    pixel, divided by the square root of their number) and segmented with
+    pixel, divided by the square root of their number), segmented with
     `~photutils.segmentation.detect_sources`, so that a neighbour bright in
-    any band is found. Touching sources are not deblended: the watershed
-    splits galaxies with bright knots into pieces, and a piece of the
-    source itself replaced by noise costs more than a touching neighbour
-    kept.
+    any band is found, and deblended (`deblend`), so that a source inside a
+    brighter one's light has a segment of its own. A galaxy's knots split
+    off by the deblending are not lost to it: `replace_neighbours` fills
+    their pixels from the point-symmetric side of the galaxy.
 
     Parameters
     ----------
@@ -200,11 +263,19 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
         Detection threshold in units of the combined image's noise.
     n_pixels : int, optional
         Minimum connected pixels of a segment.
+    deblend_sources : bool, optional
+        Deblend the segments (default).
+    return_image : bool, optional
+        Also return the combined signal-to-noise image (for
+        `blend_fractions`).
 
     Returns
     -------
-    `~numpy.ndarray`
+    labels : `~numpy.ndarray`
         int32 labels, shape (ny, nx); 0 where there is no source.
+    combined : `~numpy.ndarray`
+        The combined signal-to-noise image (0 where no band is valid); only
+        with ``return_image``.
 
     Examples
     --------
@@ -240,29 +311,402 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
             count += valid
     # Each pixel's sum of unit-noise images over the bands valid there.
     bad = count == 0
-    if bad.all():
-        return np.zeros(combined.shape, dtype=np.int32)
-    combined /= np.sqrt(np.maximum(count, 1))
-    with catch_warnings():
-        # An empty field is an answer here (no neighbours), not a problem.
-        warnings.simplefilter('ignore', NoDetectionsWarning)
-        segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels, mask=bad)
-    if segments is None:
-        return np.zeros(combined.shape, dtype=np.int32)
-    return segments.data.astype(np.int32)
+    labels = np.zeros(combined.shape, dtype=np.int32)
+    if not bad.all():
+        combined /= np.sqrt(np.maximum(count, 1))
+        with catch_warnings():
+            # An empty field is an answer here (no neighbours), not a problem.
+            warnings.simplefilter('ignore', NoDetectionsWarning)
+            segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels,
+                                      mask=bad)
+        if segments is not None and deblend_sources:
+            segments = deblend(combined, segments, n_pixels)
+        if segments is not None:
+            labels = segments.data.astype(np.int32)
+    return (labels, combined) if return_image else labels
+
+
+def blend_fractions(image, labels, *, ring=_BLEND_RING):
+    """The light of brighter sources under each segment, relative to its own.
+
+    A faint source inside a brighter galaxy's light sits on that galaxy's
+    profile: the galaxy's surface brightness at the edge of the source's
+    segment continues under it. It is estimated from the ring of ``ring``
+    pixels around the segment: the sum of the (positive) pixels of the ring
+    that belong to brighter segments (larger sum of ``image``), divided by
+    the number of pixels of the ring, is the pedestal per pixel (the ring's
+    pixels on the sky count as 0, so an isolated source gets 0 and a source
+    touching a brighter one on one side gets a part). The fraction is the
+    pedestal times the segment's area over the segment's own light (its sum
+    minus that pedestal); infinite where nothing is left of its own. A
+    source is BLENDED when this exceeds `BLEND_LIMIT`.
+
+    Parameters
+    ----------
+    image : `~numpy.ndarray`
+        Background-subtracted image (e.g. the combined signal-to-noise image
+        of `neighbour_segments`), shape (ny, nx).
+    labels : `~numpy.ndarray`
+        Segment labels on the same grid (0: no source).
+    ring : int, optional
+        Width of the ring in pixels.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        float64, shape (labels.max() + 1,): the fraction per label (0 at
+        index 0 and for labels not present).
+
+    Examples
+    --------
+    A faint source on a bright galaxy's flat profile, and one alone:
+
+    >>> import numpy as np
+    >>> from psfdeconv.detection import blend_fractions
+    >>> image = np.zeros((40, 60))
+    >>> labels = np.zeros((40, 60), dtype=int)
+    >>> image[5:35, 5:35] = 10.0; labels[5:35, 5:35] = 1     # the galaxy
+    >>> image[18:22, 18:22] += 5.0; labels[18:22, 18:22] = 2  # a knot on it
+    >>> image[18:22, 48:52] = 5.0; labels[18:22, 48:52] = 3   # a source alone
+    >>> blend_fractions(image, labels).round(2).tolist()
+    [0.0, 0.0, 2.0, 0.0]
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=float)
+    labels = np.asarray(labels)
+    n_labels = int(labels.max()) if labels.size else 0
+    fractions = np.zeros(n_labels + 1)
+    if n_labels == 0:
+        return fractions
+    positive = np.where(np.isfinite(image), np.maximum(image, 0.0), 0.0)
+    totals = ndimage.sum_labels(np.where(np.isfinite(image), image, 0.0), labels,
+                                index=np.arange(n_labels + 1))
+    structure = np.ones((2 * ring + 1, 2 * ring + 1), dtype=bool)
+    ny, nx = labels.shape
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        # The box grown by the ring, within the image.
+        grown = tuple(slice(max(b.start - ring, 0), min(b.stop + ring, n))
+                      for b, n in zip(box, (ny, nx), strict=True))
+        local = labels[grown]
+        own = local == label
+        ring_pixels = ndimage.binary_dilation(own, structure=structure) & ~own
+        n_ring = int(ring_pixels.sum())
+        if n_ring == 0:
+            continue
+        ring_labels = local[ring_pixels]
+        brighter = (ring_labels > 0) & (totals[ring_labels] > totals[label])
+        if not brighter.any():
+            continue
+        pedestal = positive[grown][ring_pixels][brighter].sum() / n_ring
+        under = pedestal * own.sum()
+        left = totals[label] - under
+        fractions[label] = under / left if left > 0 else np.inf
+    return fractions
+
+
+def source_segments(labels, x, y):
+    """The segment of each source: the label at its pixel, or the most common
+    label within 3 pixels of it (0: none), as `replace_neighbours` chooses.
+
+    Parameters
+    ----------
+    labels : `~numpy.ndarray`
+        Segment labels, shape (ny, nx).
+    x, y : array-like
+        Source positions in pixels of ``labels``, shape (n,); non-finite or
+        off-image positions get 0.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        int64 (n,).
+    """
+    labels = np.asarray(labels)
+    ny, nx = labels.shape
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    out = np.zeros(x.size, dtype=np.int64)
+    r = _TARGET_RADIUS
+    for i in range(x.size):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+            continue
+        cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
+        if 0 <= cy < ny and 0 <= cx < nx and labels[cy, cx] > 0:
+            out[i] = labels[cy, cx]
+            continue
+        y0, y1 = max(cy - r, 0), min(cy + r + 1, ny)
+        x0, x1 = max(cx - r, 0), min(cx + r + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        near = labels[y0:y1, x0:x1][np.hypot(xx - x[i], yy - y[i]) <= r]
+        near = near[near > 0]
+        if near.size:
+            found, counts = np.unique(near, return_counts=True)
+            out[i] = found[np.argmax(counts)]
+    return out
+
+
+def blended_sources(image, labels, x, y, *, segments_of=None, fractions=None):
+    """Which sources cannot be separated from a brighter one's light.
+
+    A source is blended when its segment's `blend_fractions` exceeds
+    `BLEND_LIMIT`, or when it shares its segment with another source that
+    lies closer to the segment's light centroid (two catalogue sources in
+    one segment: the deblending could not split them, and the other one's
+    light fills this one's stamp).
+
+    Parameters
+    ----------
+    image : `~numpy.ndarray`
+        The detection image (e.g. the combined signal-to-noise image of
+        `neighbour_segments`).
+    labels : `~numpy.ndarray`
+        Its segment labels.
+    x, y : array-like
+        Source positions, shape (n,).
+    segments_of : `~numpy.ndarray`, optional
+        `source_segments` of the sources, if already known.
+    fractions : `~numpy.ndarray`, optional
+        `blend_fractions` of ``image`` and ``labels``, if already known.
+
+    Returns
+    -------
+    blended : `~numpy.ndarray`
+        bool (n,).
+    fraction : `~numpy.ndarray`
+        float64 (n,): the blend fraction of each source's segment (NaN for
+        sources without one).
+    """
+    from scipy import ndimage
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if segments_of is None:
+        segments_of = source_segments(labels, x, y)
+    if fractions is None:
+        fractions = blend_fractions(image, labels)
+    has = segments_of > 0
+    fraction = np.full(x.size, np.nan)
+    fraction[has] = fractions[segments_of[has]]
+    blended = has & (fraction > BLEND_LIMIT)
+    shared, counts = np.unique(segments_of[has], return_counts=True)
+    shared = shared[counts > 1]
+    if shared.size:
+        positive = np.where(np.isfinite(image), np.maximum(image, 0.0), 0.0)
+        centres = np.atleast_2d(ndimage.center_of_mass(positive, labels, shared))
+        for label, (cy, cx) in zip(shared, centres, strict=True):
+            members = np.flatnonzero(segments_of == label)
+            distance = np.hypot(x[members] - cx, y[members] - cy)
+            owner = members[np.nanargmin(distance)] if np.isfinite(distance).any() \
+                else members[0]
+            blended[members[members != owner]] = True
+    return blended, fraction
+
+
+def segment_extents(labels, x, y, segments_of=None):
+    """How far each source's segment reaches from its position.
+
+    Parameters
+    ----------
+    labels : `~numpy.ndarray`
+        Segment labels, shape (ny, nx).
+    x, y : array-like
+        Source positions in pixels, shape (n,).
+    segments_of : `~numpy.ndarray`, optional
+        `source_segments` of the sources, if already known.
+
+    Returns
+    -------
+    extent : `~numpy.ndarray`
+        float64 (n,): the largest distance along x or y in pixels from the
+        position to the far side of the segment's bounding box (0 for
+        sources without a segment).
+    at_edge : `~numpy.ndarray`
+        bool (n,): the segment touches the image's border.
+    """
+    from scipy import ndimage
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if segments_of is None:
+        segments_of = source_segments(labels, x, y)
+    boxes = ndimage.find_objects(np.asarray(labels))
+    extent = np.zeros(x.size)
+    at_edge = np.zeros(x.size, dtype=bool)
+    ny, nx = np.shape(labels)
+    for i, label in enumerate(segments_of):
+        if label <= 0 or label > len(boxes) or boxes[label - 1] is None:
+            continue
+        rows, cols = boxes[label - 1]
+        at_edge[i] = rows.start == 0 or cols.start == 0 or rows.stop == ny or \
+            cols.stop == nx
+        extent[i] = max(x[i] - (cols.start - 0.5), (cols.stop - 0.5) - x[i],
+                        y[i] - (rows.start - 0.5), (rows.stop - 0.5) - y[i])
+    return extent, at_edge
+
+
+def segment_half_light_radii(image, labels, x, y, segments_of=None):
+    """The radius around each source that holds half the light of its segment.
+
+    The (positive) pixels of the source's segment are sorted by their
+    distance from the source's position; the radius is where their
+    cumulative sum reaches half the total. It is the observed size (the PSF
+    included) within the segment's isophote, so it underestimates a galaxy
+    whose wings lie below the detection threshold.
+
+    Parameters
+    ----------
+    image : `~numpy.ndarray`
+        Background-subtracted detection image (e.g. the combined
+        signal-to-noise image of `neighbour_segments`).
+    labels : `~numpy.ndarray`
+        Its segment labels.
+    x, y : array-like
+        Source positions in pixels, shape (n,).
+    segments_of : `~numpy.ndarray`, optional
+        `source_segments` of the sources, if already known.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        float64 (n,) in pixels; 0 for sources without a segment.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.detection import segment_half_light_radii
+    >>> yy, xx = np.mgrid[:101, :101]
+    >>> image = np.exp(-np.hypot(xx - 50, yy - 50) / 4.0)   # exponential, r50 = 6.7
+    >>> labels = (image > 1e-4).astype(int)
+    >>> segment_half_light_radii(image, labels, [50.0], [50.0]).round(1).tolist()
+    [6.7]
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=float)
+    labels = np.asarray(labels)
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if segments_of is None:
+        segments_of = source_segments(labels, x, y)
+    boxes = ndimage.find_objects(labels)
+    radii = np.zeros(x.size)
+    for i, label in enumerate(segments_of):
+        if label <= 0 or label > len(boxes) or boxes[label - 1] is None:
+            continue
+        rows, cols = boxes[label - 1]
+        own = labels[rows, cols] == label
+        values = np.where(np.isfinite(image[rows, cols]), image[rows, cols], 0.0)[own]
+        values = np.maximum(values, 0.0)
+        yy, xx = np.nonzero(own)
+        distance = np.hypot(xx + cols.start - x[i], yy + rows.start - y[i])
+        order = np.argsort(distance)
+        cumulative = np.cumsum(values[order])
+        if cumulative[-1] <= 0:
+            continue
+        radii[i] = distance[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])]
+    return radii
+
+
+def light_beyond(image, labels, x, y, radius, *, segments_of=None, noise=1.0):
+    """The light of each source beyond a radius, relative to the light within.
+
+    The pixels of other sources' segments are left out; the rest (the
+    source's own segment and the unsegmented sky, where a large galaxy's
+    faint wings lie below the detection threshold) are summed within
+    ``radius`` and in the annulus from ``radius`` to twice that.
+
+    Parameters
+    ----------
+    image : `~numpy.ndarray`
+        Background-subtracted image (e.g. the combined signal-to-noise image
+        of `neighbour_segments`, whose noise is 1 per pixel).
+    labels : `~numpy.ndarray`
+        Its segment labels.
+    x, y : array-like
+        Source positions in pixels, shape (n,).
+    radius : float
+        In pixels.
+    segments_of : `~numpy.ndarray`, optional
+        `source_segments` of the sources, if already known.
+    noise : float, optional
+        Per-pixel noise standard deviation of ``image``.
+
+    Returns
+    -------
+    fraction : `~numpy.ndarray`
+        float64 (n,): annulus sum over inner sum (NaN without light within).
+    significance : `~numpy.ndarray`
+        float64 (n,): annulus sum over its noise, ``noise`` times the square
+        root of the number of its pixels used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.detection import light_beyond
+    >>> yy, xx = np.mgrid[:201, :201]
+    >>> image = np.exp(-np.hypot(xx - 100, yy - 100) / 10.0)
+    >>> labels = (image > 0.05).astype(int)
+    >>> fraction, _ = light_beyond(image, labels, [100.0], [100.0], 30.0)
+    >>> round(float(fraction[0]), 3)   # exponential: (0.983 - 0.801) / 0.801 = 0.227
+    0.228
+    """
+    image = np.asarray(image, dtype=float)
+    labels = np.asarray(labels)
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if segments_of is None:
+        segments_of = source_segments(labels, x, y)
+    ny, nx = labels.shape
+    outer = 2.0 * float(radius)
+    reach = int(np.ceil(outer))
+    fraction = np.full(x.size, np.nan)
+    significance = np.zeros(x.size)
+    for i in range(x.size):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+            continue
+        cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
+        y0, y1 = max(cy - reach, 0), min(cy + reach + 1, ny)
+        x0, x1 = max(cx - reach, 0), min(cx + reach + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        local = labels[y0:y1, x0:x1]
+        values = image[y0:y1, x0:x1]
+        used = ((local == 0) | (local == segments_of[i])) & np.isfinite(values)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        distance = np.hypot(xx - x[i], yy - y[i])
+        inner = used & (distance <= radius)
+        ring = used & (distance > radius) & (distance <= outer)
+        inside = values[inner].sum()
+        beyond = values[ring].sum()
+        if inside > 0:
+            fraction[i] = beyond / inside
+        if ring.any():
+            significance[i] = beyond / (noise * np.sqrt(ring.sum()))
+    return fraction, significance
 
 
 def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None,
-                       dilation=_NEIGHBOUR_DILATION, seed=_NEIGHBOUR_SEED):
-    """Replace the pixels of other sources in stamps by Gaussian noise.
+                       dilation=_NEIGHBOUR_DILATION, seed=_NEIGHBOUR_SEED,
+                       return_targets=False):
+    """Replace the pixels of other sources in stamps.
 
     The source's own segment is the one at its pixel (or the largest within
     3 pixels of it); every other segment of the stamp, dilated by
     ``dilation`` pixels but never into the source's own segment, is a
-    neighbour. Its pixels become draws of N(0, ``noise_sigma``), seeded by
-    the source's ``index`` so that a source gets the same stamps whatever
-    else is processed with it. Without this, a neighbour's light is
-    deconvolved with the source and counted in its flux.
+    neighbour. Each neighbour pixel takes the value of the pixel
+    point-symmetric to it about the source's pixel, where that one lies in
+    the stamp and is neither a neighbour nor masked (symmetric replacement:
+    a knot split off a galaxy by the deblending is refilled with the
+    galaxy's light at the same radius, and a neighbour on the sky with sky);
+    elsewhere it becomes a draw of N(0, ``noise_sigma``), seeded by the
+    source's ``index`` so that a source gets the same stamps whatever else
+    is processed with it. Without this, a neighbour's light is deconvolved
+    with the source and counted in its flux.
 
     Parameters
     ----------
@@ -274,7 +718,7 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
         The sources' positions in the stamps (pixels, 0-based), shape (n,).
     noise_sigma : `~numpy.ndarray`
         Per-pixel noise standard deviation, shape (n, n_bands); non-finite
-        entries leave that stamp unchanged.
+        entries leave the noise-filled pixels of that stamp unchanged.
     index : `~numpy.ndarray`
         Integer identity of each source (e.g. its row), shape (n,).
     masks : `~numpy.ndarray`, optional
@@ -283,6 +727,8 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
         Pixels by which neighbour segments grow.
     seed : int, optional
         Seed of the noise, combined with ``index``.
+    return_targets : bool, optional
+        Also return each source's own segment label (0: none).
 
     Returns
     -------
@@ -290,6 +736,8 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
         A copy with the neighbours' pixels replaced.
     neighbour : `~numpy.ndarray`
         bool (n, ny, nx), the replaced pixels.
+    targets : `~numpy.ndarray`
+        int64 (n,), only with ``return_targets``.
 
     Examples
     --------
@@ -311,7 +759,8 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
     """
     from scipy import ndimage
 
-    stamps = np.array(stamps, dtype=float)
+    original = np.asarray(stamps, dtype=float)
+    stamps = original.copy()
     segments = np.asarray(segments)
     n, n_bands, ny, nx = stamps.shape
     noise_sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (n, n_bands))
@@ -319,6 +768,7 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
     structure = np.hypot(*np.mgrid[-dilation:dilation + 1, -dilation:dilation + 1]) \
         <= dilation if dilation > 0 else None
     neighbour = np.zeros((n, ny, nx), dtype=bool)
+    targets = np.zeros(n, dtype=np.int64)
     for i in range(n):
         labels = segments[i]
         if not labels.any():
@@ -330,6 +780,7 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
         if target == 0 and (labels[near] > 0).any():
             found, counts = np.unique(labels[near][labels[near] > 0], return_counts=True)
             target = found[np.argmax(counts)]
+        targets[i] = target
         others = (labels > 0) & (labels != target)
         if not others.any():
             continue
@@ -338,9 +789,21 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
         if target:
             others &= labels != target
         neighbour[i] = others
+        # The point-symmetric pixel of each pixel about the source's pixel.
+        mirror_x, mirror_y = 2 * cx - xx, 2 * cy - yy
+        in_stamp = (mirror_x >= 0) & (mirror_x < nx) & (mirror_y >= 0) & (mirror_y < ny)
+        mirror_x, mirror_y = np.clip(mirror_x, 0, nx - 1), np.clip(mirror_y, 0, ny - 1)
+        symmetric = in_stamp & ~others[mirror_y, mirror_x]
         rng = np.random.default_rng([seed, int(index[i])])
         for b in range(n_bands):
             replace = others if masks is None else others & ~masks[i, b]
+            usable = symmetric if masks is None else \
+                symmetric & ~masks[i, b][mirror_y, mirror_x]
+            mirrored = replace & usable
+            stamps[i, b][mirrored] = original[i, b][mirror_y[mirrored], mirror_x[mirrored]]
+            noisy = replace & ~usable
             if np.isfinite(noise_sigma[i, b]) and noise_sigma[i, b] > 0:
-                stamps[i, b][replace] = rng.normal(0.0, noise_sigma[i, b], replace.sum())
+                stamps[i, b][noisy] = rng.normal(0.0, noise_sigma[i, b], noisy.sum())
+    if return_targets:
+        return stamps, neighbour, targets
     return stamps, neighbour

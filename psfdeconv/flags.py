@@ -131,10 +131,14 @@ FLAG_DESCRIPTIONS = {
                      'larger than a stamp (informational)',
 }
 
-#: Flags that make a measurement unusable for accuracy statistics
-#: (``OUTSIDE_TRAINING`` and ``PSF_EXTRAPOLATED`` only qualify it).
-UNUSABLE_FLAGS = ('EDGE', 'MASKED', 'OFF_IMAGE', 'HSM_FAILED', 'CENTROID_FALLBACK',
-                  'UNDETECTED', 'BLENDED', 'TRUNCATED')
+#: Flags that make a row's flux and shape unusable: its stamp lacks part of
+#: the source (EDGE, MASKED, OFF_IMAGE, TRUNCATED), holds another source's
+#: light (BLENDED), or holds no source (UNDETECTED, CENTROID_FALLBACK).
+#: ``HSM_FAILED`` (the adaptive-moment columns are NaN; the flux and the
+#: unweighted moments stand), ``OUTSIDE_TRAINING`` and ``PSF_EXTRAPOLATED``
+#: only qualify a row.
+UNUSABLE_FLAGS = ('EDGE', 'MASKED', 'OFF_IMAGE', 'CENTROID_FALLBACK', 'UNDETECTED',
+                  'BLENDED', 'TRUNCATED')
 
 #: Flags that say something about a measurement without making it worse
 #: (a stamp whose neighbours were replaced is the better measurement).

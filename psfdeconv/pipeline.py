@@ -43,7 +43,15 @@ import numpy as np
 
 from ._validation import angle_arcsec
 from .cutouts import align_to_reference
-from .detection import NEIGHBOUR_OPTIONS, detect_galaxies, neighbour_segments, replace_neighbours
+from .detection import (
+    NEIGHBOUR_OPTIONS,
+    blended_sources,
+    detect_galaxies,
+    neighbour_segments,
+    replace_neighbours,
+    segment_extents,
+    source_segments,
+)
 from .exceptions import (
     InvalidInputError,
     InvalidPSFError,
@@ -51,11 +59,15 @@ from .exceptions import (
     ShapeMismatchError,
 )
 from .flags import (
+    FLAG_BLENDED,
+    FLAG_BLOCK_REDUCED,
     FLAG_CENTROID_FALLBACK,
+    FLAG_EDGE,
     FLAG_HSM_FAILED,
     FLAG_NEIGHBOURS,
     FLAG_OUTSIDE_TRAINING,
     FLAG_PSF_EXTRAPOLATED,
+    FLAG_TRUNCATED,
     FLAG_UNDETECTED,
     FLAGS,
     UNUSABLE_FLAGS,
@@ -427,6 +439,17 @@ class _CatalogSetup:
     frame: object
     stamp_unit: object
     meta: dict
+    #: Per source: its light cannot be separated from a brighter source's
+    #: (BLENDED); the factor of the block-summed grid its stamps are cut from
+    #: (1: the native grid); its light reaches beyond the stamp even there
+    #: (TRUNCATED).
+    blended: np.ndarray = None
+    block_factor: np.ndarray = None
+    truncated: np.ndarray = None
+    #: Per source: its segment touches the image's border.
+    segment_at_edge: np.ndarray = None
+    #: Block factor -> (block-summed aligned bands, segments), made as needed.
+    coarse: dict = dataclasses.field(default_factory=dict)
     strict: bool = False
     symmetries: int = 1
     #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
@@ -536,13 +559,21 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     else:
         # No WCS: the bands share the reference band's pixel grid.
         aligned, reprojected = dict(work), dict.fromkeys(bands, False)
+    # The segments of the bands' combined signal-to-noise image: which
+    # sources are blended, how far each one's light reaches, and (with
+    # 'replace') the neighbours' pixels in each stamp.
+    from astropy.nddata import NDData
+
+    labels, combined = neighbour_segments([aligned[band].data for band in bands],
+                                          masks=[aligned[band].mask for band in bands],
+                                          return_image=True)
+    segments_of = source_segments(labels, x_in, y_in)
+    blended, _ = blended_sources(combined, labels, x_in, y_in, segments_of=segments_of)
+    extent, segment_at_edge = segment_extents(labels, x_in, y_in, segments_of=segments_of)
+    block_factor, truncated = _block_factors(extent, stamp_size, blended)
     segments = None
     if neighbours == 'replace':
-        from astropy.nddata import NDData
-
-        labels = neighbour_segments([aligned[band].data for band in bands],
-                                    masks=[aligned[band].mask for band in bands])
-        segments = NDData(labels.astype(float), wcs=aligned[reference_band].wcs)
+        segments = NDData(labels, wcs=aligned[reference_band].wcs)
 
     # Every band is on the reference grid now, so a source is off the image
     # in all bands or in none. make_cutouts refuses a call whose positions
@@ -594,6 +625,8 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         reference=reference, model=model, stamp_size=stamp_size, psf_size=psf_size,
         scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
         y_in=y_in, ids=ids, off_image=off_image, anchor=anchor, segments=segments,
+        blended=blended, block_factor=block_factor, truncated=truncated,
+        segment_at_edge=segment_at_edge,
         frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
         stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
 
@@ -685,6 +718,31 @@ def _pixel_positions_only(positions, reference_band):
     return positions
 
 
+#: A source whose segment reaches beyond the stamp is cut from the bands
+#: block-summed by the smallest factor that brings its segment within this
+#: fraction of the stamp side from the stamp's centre (on DECam's 0.262
+#: arcsec/pixel, a galaxy 45 pixels wide at half maximum came out with 0.44,
+#: 0.71, 0.81 and 0.99 of its Kron flux for factors 1 to 4, the last one
+#: leaving its segment 0.31 stamp sides from the centre), at most `_MAX_BLOCK_FACTOR`;
+#: beyond that it is TRUNCATED.
+_BLOCK_FILL = 0.33
+
+
+_MAX_BLOCK_FACTOR = 8
+
+
+def _block_factors(extent, stamp_size, blended):
+    """The block-sum factor of each source (1: the native grid) and whether
+    its light stays truncated, from `~psfdeconv.detection.segment_extents`.
+    Blended sources stay on the native grid (they are flagged anyway)."""
+    extent = np.asarray(extent, dtype=float)
+    large = (extent > stamp_size / 2 - 1) & ~np.asarray(blended, dtype=bool)
+    needed = np.ceil(extent / (_BLOCK_FILL * stamp_size))
+    factor = np.where(large, np.clip(needed, 2, _MAX_BLOCK_FACTOR), 1).astype(np.int64)
+    truncated = large & (needed > _MAX_BLOCK_FACTOR)
+    return factor, truncated
+
+
 def _off_image(x, y, shape):
     """Whether each position's nearest pixel lies off an image of ``shape``
     (the rule of `psfdeconv.cutouts.make_cutouts`)."""
@@ -720,7 +778,9 @@ def _deconvolve_chunk(setup, index, *, batch_size):
 
     cut = _cut_chunk(setup, index)
     flags = cut['flags']
-    images, details = deconvolve_stamps(cut['stamps'], cut['psfs'], pixel_scale=setup.scale,
+    # arcsec/pixel of each source's stamps (coarser for block-summed ones).
+    scale = setup.scale * cut['factor']
+    images, details = deconvolve_stamps(cut['stamps'], cut['psfs'], pixel_scale=scale,
                                         model=setup.model, noise_sigma=cut['noise_sigma'],
                                         batch_size=batch_size, return_details=True,
                                         strict=setup.strict, symmetries=setup.symmetries,
@@ -728,29 +788,98 @@ def _deconvolve_chunk(setup, index, *, batch_size):
     flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
     flags[~details['detected']] |= FLAG_UNDETECTED
     del cut['stamps'], cut['psfs']
-    moments = image_moments(images, pixel_scale=setup.scale)
-    shapes = hsm_moments(images, pixel_scale=setup.scale)
+    moments = image_moments(images, pixel_scale=scale[:, None])
+    shapes = hsm_moments(images, pixel_scale=scale[:, None])
     hsm_failed = (shapes['hsm_status'] != 0) & ~cut['empty']
     flags[hsm_failed.any(axis=1)] |= FLAG_HSM_FAILED
-    x_stamp, y_stamp = _reference_centroid(setup, images, shapes, cut['reference'], flags)
+    x_stamp, y_stamp = _reference_centroid(setup, images, shapes, cut['reference'], flags,
+                                           cut['factor'])
     columns = _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp)
     return columns, _chunk_stamps(setup, index, images, cut)
 
 
 def _cut_chunk(setup, index):
     """The stamps of the sources ``index`` in every band, with their masks,
-    PSFs, noise and flags, the neighbours replaced (`replace_neighbours`)."""
-    from .cutouts import make_cutouts
+    PSFs, noise and flags, the neighbours replaced (`replace_neighbours`);
+    sources larger than a stamp are cut from block-summed copies of the
+    bands (``factor`` > 1, `_block_factors`)."""
+    factors = setup.block_factor[index]
+    groups = [(factor, np.flatnonzero(factors == factor)) for factor in np.unique(factors)]
+    if len(groups) == 1:
+        return _cut_sources(setup, index, int(groups[0][0]))
+    parts = [(rows, _cut_sources(setup, index[rows], int(factor)))
+             for factor, rows in groups]
+    return _merge_cuts(parts, index.size)
+
+
+def _merge_cuts(parts, n):
+    """One `_cut_sources` result from those of groups of rows (``parts``:
+    (rows, cut) pairs) of a chunk of ``n`` sources."""
+    def merge(values):
+        first = values[0][1]
+        if isinstance(first, dict):
+            return {key: merge([(rows, value[key]) for rows, value in values])
+                    for key in first}
+        if first is None:
+            return None
+        if isinstance(first, list):
+            out = [None] * n
+            for rows, value in values:
+                for row, item in zip(rows, value, strict=True):
+                    out[row] = item
+            return out
+        if isinstance(first, np.ndarray) and first.ndim >= 1 and len(first) == len(values[0][0]):
+            out = np.empty((n,) + first.shape[1:], dtype=first.dtype)
+            for rows, value in values:
+                out[rows] = value
+            return out
+        return first
+
+    return merge(parts)
+
+
+def _coarse_bands(setup, factor):
+    """The aligned bands and the segment labels block-summed by ``factor``
+    (cached on the setup)."""
+    from astropy.nddata import NDData
+
+    from .cutouts import block_reduce_exposure, block_wcs
+
+    if factor not in setup.coarse:
+        bands = {band: block_reduce_exposure(setup.aligned[band], factor)
+                 for band in setup.bands}
+        segments = None
+        if setup.segments is not None:
+            labels = np.asarray(setup.segments.data)
+            ny, nx = bands[setup.reference_band].shape
+            # The label at each block's centre pixel.
+            centre = factor // 2
+            labels = labels[centre::factor, centre::factor][:ny, :nx]
+            segments = NDData(labels, wcs=block_wcs(setup.segments.wcs, factor))
+        setup.coarse[factor] = (bands, segments)
+    return setup.coarse[factor]
+
+
+def _cut_sources(setup, index, factor=1):
+    """`_cut_chunk` for sources on one grid: the native one (``factor`` 1) or
+    the bands block-summed by ``factor``."""
+    from .cutouts import block_psf_size, block_psfs, make_cutouts
 
     bands, reference_band = setup.bands, setup.reference_band
     stamp_size, psf_size = setup.stamp_size, setup.psf_size
     x_in, y_in = setup.x_in[index], setup.y_in[index]
     n = index.size
+    if factor == 1:
+        aligned, segments = setup.aligned, setup.segments
+    else:
+        aligned, segments = _coarse_bands(setup, factor)
     # A chunk entirely off the image gets the anchor as an extra last source,
     # dropped from make_cutouts' results (see _catalog_setup).
     cut_index = index if not setup.off_image[index].all() else \
         np.append(index, setup.anchor)
-    xy = np.column_stack([setup.x_in[cut_index], setup.y_in[cut_index]])
+    # Native pixel x lies at (x + 0.5) / factor - 0.5 on the coarse grid.
+    xy = (np.column_stack([setup.x_in[cut_index], setup.y_in[cut_index]]) + 0.5) \
+        / factor - 0.5
 
     sky_in = setup.reference.wcs.pixel_to_world(x_in, y_in) if setup.use_wcs else None
     flags = np.zeros(n, dtype=np.int32)
@@ -760,7 +889,7 @@ def _cut_chunk(setup, index):
     noise = np.full((n, len(bands)), np.nan)
     empty = np.zeros((n, len(bands)), dtype=bool)
     for b, band in enumerate(bands):
-        cut = make_cutouts(setup.aligned[band], xy, size=stamp_size)
+        cut = make_cutouts(aligned[band], xy, size=stamp_size)
         cut = {key: value[:n] if isinstance(value, np.ndarray | list) else value
                for key, value in cut.items()}
         if band == reference_band:
@@ -779,8 +908,14 @@ def _cut_chunk(setup, index):
         extrapolated = grid_extrapolated(setup.psf_models[band], bx, by)
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
         meta = setup.aligned[band].meta if setup.reprojected[band] else {}
-        stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
-                                             psf_size=psf_size, aligned_meta=meta)
+        if factor == 1:
+            stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
+                                                 psf_size=psf_size, aligned_meta=meta)
+        else:
+            native = render_stamp_psfs(setup.psf_models[band], bx, by,
+                                       psf_size=block_psf_size(psf_size, factor),
+                                       aligned_meta=meta)
+            stamp_psfs[:, b] = block_psfs(native, factor)
         if cut['uncertainty'] is not None:
             noise[:, b] = _stamp_noise(cut['uncertainty'], cut['mask'])
     if not any(setup.has_uncertainty.values()):
@@ -792,8 +927,8 @@ def _cut_chunk(setup, index):
         # Empty stamps have no noise estimate; any positive value will do
         # (their measurements are set to NaN below).
         noise_sigma = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
-    if setup.segments is not None:
-        labels = make_cutouts(setup.segments, xy, size=stamp_size)['data'][:n]
+    if segments is not None:
+        labels = make_cutouts(segments, xy, size=stamp_size)['data'][:n]
         sigma = noise.copy()
         for b in range(len(bands)):
             missing = ~np.isfinite(sigma[:, b])
@@ -803,13 +938,21 @@ def _cut_chunk(setup, index):
             stamps, np.rint(labels).astype(np.int64), ref_cut['x_stamp'],
             ref_cut['y_stamp'], sigma, index=index, masks=masks)
         flags[replaced.any(axis=(-2, -1))] |= FLAG_NEIGHBOURS
+    flags[setup.blended[index]] |= FLAG_BLENDED
+    flags[setup.truncated[index]] |= FLAG_TRUNCATED
+    if factor > 1:
+        flags |= FLAG_BLOCK_REDUCED
+        # A coarse stamp is wide: its padding beyond the image matters only
+        # where the source's own light reaches the image's border.
+        inside = ~setup.segment_at_edge[index]
+        flags[inside] &= ~FLAG_EDGE
 
     return {'stamps': stamps, 'masks': masks, 'psfs': stamp_psfs,
             'noise_sigma': noise_sigma, 'empty': empty, 'reference': ref_cut,
-            'flags': flags}
+            'flags': flags, 'factor': np.full(n, factor, dtype=np.int64)}
 
 
-def _reference_centroid(setup, images, shapes, ref_cut, flags):
+def _reference_centroid(setup, images, shapes, ref_cut, flags, cut_factor):
     """The centroid (stamp pixels) of the reference band's deconvolved
     images; sets ``FLAG_CENTROID_FALLBACK`` in ``flags`` where there is none
     and the input position is used."""
@@ -826,7 +969,7 @@ def _reference_centroid(setup, images, shapes, ref_cut, flags):
     x_start = np.where(hsm_ok, shapes['hsm_x'][:, ref_index], ref_cut['x_stamp'])
     y_start = np.where(hsm_ok, shapes['hsm_y'][:, ref_index], ref_cut['y_stamp'])
     radius = np.where(hsm_ok, _CENTROID_WINDOW * shapes['hsm_sigma'][:, ref_index]
-                      / setup.scale, _FALLBACK_WINDOW)
+                      / (setup.scale * cut_factor), _FALLBACK_WINDOW)
     x_stamp, y_stamp = windowed_centroid(images[:, ref_index], x_start, y_start, radius)
     fallback = ~(np.isfinite(x_stamp) & np.isfinite(y_stamp))
     flags[fallback] |= FLAG_CENTROID_FALLBACK
@@ -843,6 +986,11 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
     ids, x_in, y_in = setup.ids[index], setup.x_in[index], setup.y_in[index]
     ref_cut, flags, empty = cut['reference'], cut['flags'], cut['empty']
     n = index.size
+    # Coarse stamp pixel j of a block-summed source lies at native pixel
+    # factor * (j + 0.5) - 0.5.
+    factor = cut['factor']
+    x_exposure = factor * (ref_cut['origin'][:, 0] + x_stamp + 0.5) - 0.5
+    y_exposure = factor * (ref_cut['origin'][:, 1] + y_stamp + 0.5) - 0.5
     columns = []  # (name, values, description)
     columns += [
         ('id', np.asarray(ids), 'Source identifier (the input id or detection label)')]
@@ -858,10 +1006,10 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
              f'window around its HSM centroid (around the input position where '
              f'HSM fails)')]
     columns += [
-        ('x', (ref_cut['origin'][:, 0] + x_stamp) * u.pix,
+        ('x', x_exposure * u.pix,
          f'Column of the deconvolved {reference_band} centroid in the '
          f'{reference_band} exposure, 0-based'),
-        ('y', (ref_cut['origin'][:, 1] + y_stamp) * u.pix,
+        ('y', y_exposure * u.pix,
          f'Row of the deconvolved {reference_band} centroid in the '
          f'{reference_band} exposure, 0-based'),
         ('x_input', x_in * u.pix, 'Input (given or detected) column, 0-based'),
@@ -927,6 +1075,7 @@ def _chunk_stamps(setup, index, images, cut):
             meta={'id': ids[i].item() if hasattr(ids[i], 'item') else ids[i],
                   'bands': list(bands), 'flags': int(flags[i]),
                   'origin': [int(v) for v in ref_cut['origin'][i]],
+                  'block_factor': int(cut['factor'][i]),
                   'psf_source': dict(setup.psf_sources),
                   'model_weights_sha256': setup.model.sha256,
                   'units': {band: str(setup.aligned[band].unit) for band in bands}}))
@@ -998,7 +1147,17 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     paths : dict
         ``'catalog'``, ``'stamps'`` and each band name to the file written.
     """
-    from .io import check_writable, read_positions, stamp_writer, write_catalog
+    import warnings
+
+    from ._warnings import catch_warnings
+    from .exceptions import PSFDeconvWarning
+    from .io import (
+        check_writable,
+        pixel_scale_of,
+        read_positions,
+        stamp_writer,
+        write_catalog,
+    )
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
@@ -1041,7 +1200,13 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             ny, nx = exposures[band].shape
             psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
                                    size=catalog.meta['psf_size'])
-        write_psf_image(psf_model, paths[band], overwrite=overwrite)
+        wcs = getattr(exposures[band], 'wcs', None)
+        with catch_warnings():
+            # For PIXSCALE only; non-square pixels were reported at set-up.
+            warnings.simplefilter('ignore', PSFDeconvWarning)
+            # Without a WCS: the pixel_scale argument.
+            scale = band_scales[band] if wcs is None else pixel_scale_of(wcs)
+        write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
     return catalog, paths
 
 

@@ -10,11 +10,17 @@ A band's PSF can come from
   `~photutils.psf.EPSFBuilder`);
 * a Moffat model with a given FWHM, power index and ellipticity, drawn with
   GalSim (`moffat_psf`);
-* a FITS image (`read_psf_image`, written by `write_psf_image`);
+* an elliptical Moffat fitted to the stars there are (`fit_moffat_psf`),
+  which `build_psfs` falls back to when too few stars allow an ePSF;
+* a FITS image (`read_psf_image`, written by `write_psf_image`), resampled
+  to the exposure's pixel scale when its header says it differs;
+* a PSFEx model (`read_psfex`), spatially varying, rendered with GalSim;
+* an NDData/CCDData exposure's own ``psf`` array (`build_psfs`);
 * ePSFs built per region of the detector, interpolated by a
   `~photutils.psf.GriddedPSFModel` (`build_gridded_psf`).
 
-Each of these is a photutils PSF model. `render_psf` turns any of them into
+Each of these is a photutils PSF model (a PSFEx model is a `PSFExModel`).
+`render_psf` turns any of them into
 what the deconvolution needs (`~psfdeconv.deconvolve.validate_stamps`): an
 odd-sized array centred on its middle pixel and summing to 1, as seen by a
 source at a given position of the exposure. `psf_from_spec` parses the
@@ -56,7 +62,10 @@ __all__ = [
     'build_epsf',
     'build_gridded_psf',
     'moffat_psf',
+    'fit_moffat_psf',
     'read_psf_image',
+    'read_psfex',
+    'PSFExModel',
     'write_psf_image',
     'render_psf',
     'psf_from_spec',
@@ -811,6 +820,215 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
     return psf
 
 
+# --- Moffat fitted to a few stars ---------------------------------------------
+
+#: Peak signal-to-noise ratio of the stars a Moffat fit accepts (lower than
+#: the ePSF's 10: a few faint stars still constrain four parameters).
+_FIT_THRESHOLD_SIGMA = 5.0
+#: Sub-pixels per axis over which the fitted profile is integrated.
+_FIT_SUBSAMPLING = 4
+
+
+def _moffat_pixels(dx, dy, fwhm, beta, e1, e2):
+    r"""A unit-flux elliptical Moffat integrated over pixels (sub-sampled).
+
+    ``dx``, ``dy`` are pixel-centre offsets from the profile centre. The
+    round profile :math:`(1 + r^2/\alpha^2)^{-\beta}` has the integral
+    :math:`\pi \alpha^2 / (\beta - 1)`; the shear (GalSim's, from the
+    distortion :math:`(e_1, e_2)`) preserves area.
+    """
+    e = np.hypot(e1, e2)
+    factor = 1.0 / (1.0 + np.sqrt(max(1.0 - e * e, 1e-12)))  # g = e / (1 + sqrt(1 - e^2))
+    g1, g2 = e1 * factor, e2 * factor
+    norm = 1.0 / np.sqrt(max(1.0 - (g1 * g1 + g2 * g2), 1e-12))
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    sub = (np.arange(_FIT_SUBSAMPLING) + 0.5) / _FIT_SUBSAMPLING - 0.5
+    total = 0.0
+    for oy in sub:
+        for ox in sub:
+            x, y = dx + ox, dy + oy
+            # Inverse of the shear matrix (1 + g1, g2; g2, 1 - g1) * norm.
+            u = norm * ((1 - g1) * x - g2 * y)
+            v = norm * (-g2 * x + (1 + g1) * y)
+            total = total + (1.0 + (u * u + v * v) / alpha ** 2) ** (-beta)
+    return total * ((beta - 1.0) / (np.pi * alpha ** 2) / _FIT_SUBSAMPLING ** 2)
+
+
+def _fit_cutouts(subtracted, bad, x, y, half):
+    """Cutouts (n, 2 half + 1, 2 half + 1), their good-pixel weights and
+    the integer centres."""
+    ix = np.round(x).astype(int)
+    iy = np.round(y).astype(int)
+    sl = [(slice(j - half, j + half + 1), slice(i - half, i + half + 1))
+          for i, j in zip(ix, iy, strict=True)]
+    data = np.stack([subtracted[s] for s in sl])
+    good = np.stack([~bad[s] for s in sl]).astype(float)
+    return data, good, ix, iy
+
+
+def _fit_moffat(data, good, offsets, fwhm_guess):
+    """Least squares of elliptical Moffats sharing (FWHM, beta, e1, e2),
+    each star with its own flux, centre and background."""
+    from scipy.optimize import least_squares
+
+    n, size, _ = data.shape
+    half = size // 2
+    grid = np.arange(size) - half
+    flux0 = np.maximum((data * good).sum(axis=(1, 2)), 1e-3 * np.abs(data).max())
+    scale = np.abs(flux0)
+    shape0 = [np.log(fwhm_guess), 3.0, 0.0, 0.0]
+    stars0 = np.column_stack([flux0 / scale, offsets[:, 0], offsets[:, 1],
+                              np.zeros(n)])
+    p0 = np.concatenate([shape0, stars0.ravel()])
+    lower = np.concatenate([[np.log(0.5), 1.2, -0.6, -0.6],
+                            np.tile([0.0, -2.0, -2.0, -np.inf], n)])
+    upper = np.concatenate([[np.log(4.0 * half), 20.0, 0.6, 0.6],
+                            np.tile([np.inf, 2.0, 2.0, np.inf], n)])
+    p0 = np.clip(p0, lower + 1e-9, upper - 1e-9)
+    # Each star's residuals in units of its peak, so that one bright star
+    # does not decide the shape alone.
+    weights = good / np.maximum(data.max(axis=(1, 2)), 1e-30)[:, None, None]
+    yy, xx = np.meshgrid(grid, grid, indexing='ij')
+
+    def residuals(p):
+        fwhm, beta, e1, e2 = np.exp(p[0]), p[1], p[2], p[3]
+        out = np.empty_like(data)
+        for k in range(n):
+            f, cx, cy, b = p[4 + 4 * k: 8 + 4 * k]
+            model = f * scale[k] * _moffat_pixels(xx - cx, yy - cy, fwhm, beta, e1, e2)
+            out[k] = (data[k] - model - b * scale[k] / size ** 2) * weights[k]
+        return out.ravel()
+
+    result = least_squares(residuals, p0, bounds=(lower, upper), x_scale='jac')
+    p = result.x
+    return {'fwhm': float(np.exp(p[0])), 'beta': float(p[1]),
+            'e1': float(p[2]), 'e2': float(p[3]), 'success': bool(result.success),
+            'cost': float(result.cost)}
+
+
+def _fit_candidates(image, bad, background, rms, *, threshold_sigma, fwhm_guess,
+                    saturation, max_stars):
+    """Positions of point-like, isolated, unsaturated sources for a fit,
+    with relaxed thresholds, and the fit cutout half-size."""
+    table = _detect(image, bad, background, rms,
+                    threshold_sigma=min(threshold_sigma, _FIT_THRESHOLD_SIGMA),
+                    box_size=25, saturation=saturation)
+    locus = _select(table, fwhm_guess=fwhm_guess, max_stars=max_stars)
+    if not np.isfinite(locus):
+        return table, np.zeros(0), np.zeros(0), locus, 0
+    # A cutout of about 5 FWHM: enough wings for beta, small enough to
+    # stay clear of neighbours.
+    half = int(np.clip(np.ceil(2.5 * locus), 5, 20))
+    table = _detect(image, bad, background, rms,
+                    threshold_sigma=min(threshold_sigma, _FIT_THRESHOLD_SIGMA),
+                    box_size=2 * half + 1, saturation=saturation)
+    _select(table, fwhm_guess=locus, max_stars=max_stars)
+    keep = np.asarray(table['selected'], dtype=bool)
+    return (table, np.asarray(table['x'])[keep], np.asarray(table['y'])[keep],
+            locus, half)
+
+
+def fit_moffat_psf(data, *, stars=None, mask=None, pixel_scale=None,
+                   threshold_sigma=10.0, fwhm_guess=None, max_stars=20,
+                   saturation=None, box_size=None):
+    r"""Fit an elliptical Moffat PSF to the stars of an exposure.
+
+    For frames with too few stars for an ePSF (`build_epsf`). Candidate
+    stars are found as by `find_stars` but with a peak signal-to-noise
+    ratio of only ``min(threshold_sigma, 5)`` and an isolation box of
+    about 5 FWHM. A Moffat (`moffat_psf`: FWHM, :math:`\beta`,
+    :math:`e_1`, :math:`e_2`, integrated over the pixels) is fitted by
+    least squares to the background-subtracted cutouts of all the stars at
+    once, each star with its own flux, centre and constant background;
+    residuals are weighted by each star's peak so that the brightest star
+    does not decide alone.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`, `~astropy.nddata.NDData` or `~astropy.nddata.CCDData`
+        The exposure (2-D).
+    stars : `~astropy.table.Table`, optional
+        Star positions (``x``, ``y``, 0-based pixels; a ``selected``
+        column is honoured). Default: found as described above.
+    mask : array_like of bool, optional
+        Pixels to ignore (True = bad).
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        Native pixel scale (arcsec/pixel), recorded in the model's meta
+        (``fwhm_arcsec``). Default: 1 (the FWHM is then in pixels).
+    threshold_sigma, fwhm_guess, max_stars, saturation : optional
+        As for `find_stars` (``threshold_sigma`` is capped at 5).
+    box_size : int, optional
+        Ignored (accepted so that `build_epsf`'s options can be passed).
+
+    Returns
+    -------
+    psf : `~photutils.psf.ImagePSF`
+        From `moffat_psf`; ``meta`` holds ``fwhm_pixels``, ``fwhm_arcsec``,
+        ``beta``, ``e1``, ``e2``, ``n_stars`` and ``model = 'moffat'``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        If no usable star is found (naming what was found and the fixes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from photutils.psf import MoffatPSF, make_psf_model_image
+    >>> from psfdeconv.psf import fit_moffat_psf
+    >>> image, _ = make_psf_model_image(
+    ...     (101, 101), MoffatPSF(alpha=3.0, beta=3.0), 3, model_shape=(41, 41),
+    ...     min_separation=30, flux=(5000, 20000), seed=3)
+    >>> image += 0.5 * np.random.default_rng(1).standard_normal(image.shape)
+    >>> psf = fit_moffat_psf(image)
+    >>> print(psf.meta['n_stars'], round(psf.meta['fwhm_pixels'], 1))  # true: 3.06
+    3 3.0
+    """
+    del box_size
+    _validate_positive_int('max_stars', max_stars, 1)
+    image, bad, meta = as_image_and_mask(data, mask)
+    saturation = _saturation_level(saturation, meta)
+    background, rms = estimate_background(image, bad)
+    subtracted = image - background
+    subtracted[bad] = 0.0
+    ny, nx = image.shape
+    if stars is None:
+        table, x, y, locus, half = _fit_candidates(
+            image, bad, background, rms, threshold_sigma=threshold_sigma,
+            fwhm_guess=fwhm_guess, saturation=saturation, max_stars=max_stars)
+        found = (f'{len(table)} detections, {int(np.sum(table["point_like"]))} '
+                 f'point-like, none isolated and unmasked' if len(table) else
+                 'no detection')
+    else:
+        x, y = _star_positions(stars)
+        locus = float(fwhm_guess) if fwhm_guess is not None else 4.0
+        half = int(np.clip(np.ceil(2.5 * locus), 5, 20))
+        found = f'{len(x)} given star(s), none inside the image'
+    inside = ((np.round(x) - half >= 0) & (np.round(y) - half >= 0)
+              & (np.round(x) + half <= nx - 1) & (np.round(y) + half <= ny - 1))
+    x, y = x[inside], y[inside]
+    if len(x) == 0:
+        raise InvalidPSFError(
+            f'stars = 0 usable for a Moffat fit ({found} above '
+            f'{min(threshold_sigma, _FIT_THRESHOLD_SIGMA):g} sigma); give the '
+            f'PSF: --psf moffat:fwhm=...arcsec,beta=3 (psfs=\'moffat:...\') or '
+            f'--psf psf=FILE.')
+    cutouts, good, ix, iy = _fit_cutouts(subtracted, bad, x, y, half)
+    offsets = np.column_stack([x - ix, y - iy])
+    fit = _fit_moffat(cutouts, good, offsets, locus)
+    scale = 1.0 if pixel_scale is None else scalar_pixel_scale(pixel_scale)
+    e1, e2 = fit['e1'], fit['e2']
+    psf = moffat_psf(fit['fwhm'] * scale, fit['beta'], pixel_scale=scale,
+                     e1=e1, e2=e2)
+    psf.meta.update({'fwhm_pixels': fit['fwhm'], 'n_stars': int(len(x)),
+                     'fit_success': fit['success'],
+                     'star_x': x.tolist(), 'star_y': y.tolist()})
+    if pixel_scale is None:
+        psf.meta['fwhm_arcsec'] = None
+        psf.meta['pixel_scale'] = None
+    return psf
+
+
 # --- FITS files -------------------------------------------------------------
 
 def _first_image_hdu(hdulist, path):
@@ -836,14 +1054,33 @@ def _pad_to_odd(data):
     return np.pad(data, pad)
 
 
-def read_psf_image(path, *, hdu=None, background=None):
+def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
+                   psfex_offset=(0.0, 0.0)):
     """Read a PSF image from a FITS file as a photutils `~photutils.psf.ImagePSF`.
 
     The array is renormalised to photutils' convention (sum =
-    ``oversampling**2``) whatever its normalisation; integer, scaled
-    (BZERO/BSCALE) and big-endian data are converted to native float64.
-    The oversampling factor comes from the header keyword ``OVERSAMP``
-    (or ``OVERSAMPLING``), default 1.
+    ``oversampling**2``) whatever its normalisation (files written by
+    `write_psf_image`, with that sum, and older files summing to 1 both
+    read the same); integer, scaled (BZERO/BSCALE) and big-endian data are
+    converted to native float64. The oversampling factor comes from the
+    header keyword ``OVERSAMP`` (or ``OVERSAMPLING``), else from a PSFEx
+    ``PSF_SAMP`` (sampling step in image pixels: oversampling
+    ``1 / PSF_SAMP`` when that is an integer), default 1.
+
+    **Pixel scale.** The scale of the file's samples (arcsec per sample)
+    is read from the first of ``PIXSCALE``, ``PIXSCAL1``, ``SECPIX``
+    (arcsec), ``CDELT1`` or ``CD1_1``/``CD1_2`` (degrees; the CD matrix's
+    geometric mean scale). The file's native pixel scale is that times the
+    oversampling. When ``pixel_scale`` (the exposure's) is given and the
+    two differ by more than 1 percent, the array is resampled to the
+    exposure's grid (`psfdeconv.cutouts.resample_psf`, keeping the
+    oversampling) and ``meta['resampled_from']`` records the file's
+    scale.
+
+    **PSFEx.** A file without a 2-D image but with a PSFEx table (a
+    ``PSF_MASK`` column and POLNAME/POLZERO/POLSCAL keywords, or the
+    columns of legacypipe's merged files) is read with `read_psfex`
+    (``psfex_offset`` is passed on) and gives a `PSFExModel` instead.
 
     **Even sizes.** A PSF needs a centre pixel. An even axis is padded with
     one row (column) of zeros: after the array when the brightest pixel
@@ -863,12 +1100,19 @@ def read_psf_image(path, *, hdu=None, background=None):
         PSF reconstructions), or ``'border'`` for the median of the
         outermost ring of pixels. Default: none; a warning says when the
         border median is above 1 percent of the peak.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        The exposure's native pixel scale (arcsec/pixel): the PSF is
+        resampled to it when the file's differs by more than 1 percent.
+    psfex_offset : tuple of float, optional
+        For a PSFEx file: see `read_psfex`.
 
     Returns
     -------
-    psf : `~photutils.psf.ImagePSF`
+    psf : `~photutils.psf.ImagePSF` or `PSFExModel`
         With odd dimensions and the file's oversampling; ``meta`` holds
-        ``path``, ``oversampling`` and ``padded``.
+        ``path``, ``oversampling``, ``padded``, ``pixel_scale`` (native,
+        arcsec/pixel, or None if unknown) and, if resampled,
+        ``resampled_from``.
 
     Raises
     ------
@@ -902,6 +1146,10 @@ def read_psf_image(path, *, hdu=None, background=None):
         raise InvalidPSFError(f'PSF file {path} does not exist; give the path '
                               f'of a FITS image.')
     with fits.open(path) as hdulist:
+        if hdu is None and _psfex_hdu(hdulist) is not None and not any(
+                h.is_image and h.data is not None and h.data.ndim == 2
+                for h in hdulist):
+            return read_psfex(path, offset=psfex_offset)
         index = _first_image_hdu(hdulist, path) if hdu is None else hdu
         try:
             image_hdu = hdulist[index]
@@ -912,8 +1160,14 @@ def read_psf_image(path, *, hdu=None, background=None):
             raise InvalidPSFError(f'HDU {index!r} of {path} is not a 2-D '
                                   f'image; choose another with hdu=.')
         data = np.array(image_hdu.data, dtype=np.float64)
-        header = image_hdu.header
-        oversampling = header.get('OVERSAMP', header.get('OVERSAMPLING', 1))
+        header = image_hdu.header.copy()
+        oversampling = header.get('OVERSAMP', header.get('OVERSAMPLING'))
+    if oversampling is None:
+        samp = header.get('PSF_SAMP')
+        oversampling = 1
+        if isinstance(samp, int | float) and 0 < samp < 1 and \
+                abs(1 / samp - round(1 / samp)) < 1e-6:
+            oversampling = int(round(1 / samp))
     if (isinstance(oversampling, bool) or not isinstance(oversampling, int | float)
             or oversampling != int(oversampling) or oversampling < 1):
         raise InvalidPSFError(f'{path}: OVERSAMP = {oversampling!r}; it must '
@@ -955,20 +1209,235 @@ def read_psf_image(path, *, hdu=None, background=None):
     padded = shape[0] % 2 == 0 or shape[1] % 2 == 0
     if padded:
         data = _pad_to_odd(data)
-    data *= oversampling ** 2 / total
-    psf = ImagePSF(data, oversampling=oversampling)
-    psf.meta.update({'path': str(path), 'oversampling': oversampling,
-                     'padded': padded})
+    data /= total
+    sample_scale = _header_sample_scale(header)
+    file_scale = None if sample_scale is None else sample_scale * oversampling
+    meta = {'path': str(path), 'oversampling': oversampling, 'padded': padded,
+            'pixel_scale': file_scale}
+    if pixel_scale is not None:
+        target = scalar_pixel_scale(pixel_scale)
+        if file_scale is not None and abs(file_scale / target - 1) > 0.01:
+            from .cutouts import resample_psf
+
+            # 'hann', the narrower kernel: a PSF image is well sampled and
+            # needs no anti-aliasing (peak 2.6 percent low after 0.2 -> 0.25
+            # arcsec, against 12 percent with 'gaussian').
+            data = resample_psf(data, from_scale=sample_scale,
+                                to_scale=target / oversampling, kernel='hann')
+            meta['resampled_from'] = file_scale
+        meta['pixel_scale'] = target
+    psf = ImagePSF(data * oversampling ** 2, oversampling=oversampling)
+    psf.meta.update(meta)
     return psf
 
 
-def write_psf_image(psf_model, path, *, overwrite=False):
+#: Header keywords of a PSF image's sample scale, in arcsec, then in degrees.
+_SCALE_KEYWORDS_ARCSEC = ('PIXSCALE', 'PIXSCAL1', 'SECPIX')
+_SCALE_KEYWORDS_DEGREES = ('CDELT1',)
+
+
+def _header_sample_scale(header):
+    """Arcsec per sample of a PSF image from its header, or None."""
+    for key in _SCALE_KEYWORDS_ARCSEC:
+        value = header.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and np.isfinite(value) and value > 0:
+            return float(value)
+    if 'CD1_1' in header:
+        cd = np.array([[header.get('CD1_1', 0.0), header.get('CD1_2', 0.0)],
+                       [header.get('CD2_1', 0.0), header.get('CD2_2', 0.0)]],
+                      dtype=float)
+        scale = np.sqrt(abs(np.linalg.det(cd))) * 3600.0
+        if np.isfinite(scale) and scale > 0:
+            return float(scale)
+    for key in _SCALE_KEYWORDS_DEGREES:
+        value = header.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and np.isfinite(value) and value != 0:
+            return abs(float(value)) * 3600.0
+    return None
+
+
+# --- PSFEx ------------------------------------------------------------------
+
+def _psfex_hdu(hdulist):
+    """Index of a PSFEx table HDU (standard or legacypipe-merged), or None."""
+    for index, hdu in enumerate(hdulist):
+        if hdu.is_image or getattr(hdu, 'columns', None) is None:
+            continue
+        names = [n.upper() for n in hdu.columns.names]
+        if 'PSF_MASK' in names and ('POLNAME1' in hdu.header or 'POLNAME1' in names):
+            return index
+    return None
+
+
+def _standard_psfex_hdu(table_hdu, path, ccdname):
+    """A standard PSFEx ``PSF_DATA`` HDU (keywords in the header), as
+    `galsim.des.DES_PSFEx` reads it, from a standard or legacypipe-merged
+    table (one row per CCD, the keywords as columns)."""
+    from astropy.io import fits
+
+    if 'POLNAME1' in table_hdu.header:
+        return table_hdu
+    rows = table_hdu.data
+    names = [n.lower() for n in table_hdu.columns.names]
+    if 'ccdname' in names and len(rows) > 1:
+        ccds = [str(c).strip() for c in rows['ccdname']]
+        if ccdname is None or str(ccdname).strip() not in ccds:
+            raise InvalidPSFError(f'ccdname = {ccdname!r}; {path} holds the PSFEx '
+                                  f'models of CCDs {ccds}; choose one with '
+                                  f'ccdname=.')
+        row = rows[ccds.index(str(ccdname).strip())]
+    else:
+        row = rows[0]
+    header = fits.Header()
+    for key in ('POLNAXIS', 'POLGRP1', 'POLGRP2', 'POLNAME1', 'POLNAME2',
+                'POLZERO1', 'POLZERO2', 'POLSCAL1', 'POLSCAL2', 'POLNGRP',
+                'POLDEG1', 'PSFNAXIS', 'PSFAXIS1', 'PSFAXIS2', 'PSFAXIS3',
+                'PSF_SAMP', 'PSF_FWHM'):
+        if key.lower() in names:
+            value = row[key.lower()]
+            header[key] = value.strip() if isinstance(value, str) else value.item()
+    mask = np.asarray(row['psf_mask'], dtype=np.float32)
+    column = fits.Column(name='PSF_MASK', format=f'{mask.size}E',
+                         dim=str(mask.shape[::-1]), array=mask[None])
+    return fits.BinTableHDU.from_columns([column], header=header, name='PSF_DATA')
+
+
+class PSFExModel:
+    """A spatially varying PSFEx model, rendered with GalSim.
+
+    Made by `read_psfex`. `render_psf` and `render_stamp_psfs` evaluate it
+    at any (x, y) of the exposure (0-based pixels) through
+    `galsim.des.DES_PSFEx`: the polynomial of the PSFEx basis at
+    ``(x + 1 + offset_x, y + 1 + offset_y)`` (PSFEx positions are
+    SExtractor's 1-based ``X_IMAGE``, ``Y_IMAGE``), drawn on the native
+    grid without a further pixel (the PSFEx basis already includes it),
+    centred on the middle pixel and normalised to unit sum.
+
+    Attributes
+    ----------
+    meta : dict
+        ``path``, ``offset``, ``psfex_zero`` (POLZERO1, POLZERO2),
+        ``psfex_scale`` (POLSCAL1, POLSCAL2), ``psf_samp``, ``psf_fwhm``
+        (PSFEx's FWHM in pixels, if recorded), ``oversampling`` (1).
+    """
+
+    def __init__(self, psfex, *, offset=(0.0, 0.0), meta=None):
+        self._psfex = psfex
+        self.offset = (float(offset[0]), float(offset[1]))
+        self.meta = dict(meta or {})
+
+    @property
+    def default_position(self):
+        """(x, y), 0-based exposure pixels, of the PSFEx polynomial's zero
+        point (the mean position of its stars)."""
+        return (self._psfex.x_zero - 1.0 - self.offset[0],
+                self._psfex.y_zero - 1.0 - self.offset[1])
+
+    def render(self, position, size):
+        """Unit-sum (size, size) PSF at ``position`` (x, y, 0-based)."""
+        import galsim
+
+        x, y = self.default_position if position is None else position
+        image_pos = galsim.PositionD(float(x) + 1.0 + self.offset[0],
+                                     float(y) + 1.0 + self.offset[1])
+        profile = self._psfex.getPSF(image_pos)
+        image = profile.drawImage(nx=size, ny=size, scale=1.0, method='no_pixel')
+        return np.asarray(image.array, dtype=np.float64)
+
+    def __repr__(self):
+        return f'<PSFExModel {self.meta.get("path")}>'
+
+
+def read_psfex(path, *, offset=(0.0, 0.0), ccdname=None):
+    """Read a PSFEx model (``*.psf``) as a spatially varying `PSFExModel`.
+
+    Standard PSFEx files (a ``PSF_DATA`` BINTABLE with the POLNAME*,
+    POLZERO*, POLSCAL*, POLDEG1, PSFAXIS* and PSF_SAMP keywords and a
+    ``PSF_MASK`` basis cube) are read by `galsim.des.DES_PSFEx`;
+    legacypipe's merged files (one row per CCD, those keywords as
+    columns) are converted first.
+
+    **Coordinates.** PSFEx fits its polynomial in the pixel coordinates of
+    the image it ran on (1-based). ``offset`` is added to the exposure's
+    0-based (x, y), plus 1, to get them: give the position of the
+    exposure's first pixel in that image, e.g. ``(x0, y0)`` for a cutout
+    ``image[y0:, x0:]`` of the full CCD the PSFEx model describes. IRAF's
+    ``LTV1``/``LTV2`` and ``DETSEC`` relate a CCD image to the detector,
+    not to the PSFEx run, so they are not used. The DECam test frame
+    (``tests/data/decam-r-N6.fits``, a legacypipe test case) needs no
+    offset: legacypipe's ``create_testcase.py`` shifted both the header's
+    CRPIX and the PSFEx model (by ``ccd_x0``, ``ccd_y0``) to the cutout,
+    which is why its POLZERO (747.1, -851.3) are not near the centre of
+    the full CCD (about 1024, 2048).
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The PSFEx FITS file.
+    offset : tuple of float, optional
+        (x, y) added to exposure pixel coordinates, see above.
+    ccdname : str, optional
+        The CCD of a merged file holding several.
+
+    Returns
+    -------
+    model : `PSFExModel`
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidPSFError
+        If the file is missing, is not PSFEx, or GalSim cannot read it.
+
+    Examples
+    --------
+    >>> from psfdeconv.psf import read_psfex, render_psf
+    >>> model = read_psfex('tests/data/decam-r-psfex.fits')  # doctest: +SKIP
+    >>> psf = render_psf(model, (140.0, 187.0), size=25)  # doctest: +SKIP
+    """
+    import galsim.des
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidPSFError(f'PSF file {path} does not exist; give the path '
+                              f'of a PSFEx file.')
+    with fits.open(path) as hdulist:
+        index = _psfex_hdu(hdulist)
+        if index is None:
+            raise InvalidPSFError(f'{path} has no PSFEx table (a BINTABLE with '
+                                  f'PSF_MASK and POLNAME1); give a PSFEx .psf '
+                                  f'file or a PSF image.')
+        table = _standard_psfex_hdu(hdulist[index], path, ccdname)
+        try:
+            psfex = galsim.des.DES_PSFEx(table)
+        except (OSError, KeyError, ValueError) as error:
+            raise InvalidPSFError(f'{path}: GalSim cannot read its PSFEx model '
+                                  f'({error}); check that it is a PSFEx file '
+                                  f'with POLNGRP = 1 in X_IMAGE, Y_IMAGE.'
+                                  ) from error
+        header = table.header
+    meta = {'path': str(path), 'model': 'psfex', 'oversampling': 1,
+            'offset': tuple(float(v) for v in offset),
+            'psfex_zero': (float(header['POLZERO1']), float(header['POLZERO2'])),
+            'psfex_scale': (float(header['POLSCAL1']), float(header['POLSCAL2'])),
+            'psf_samp': float(header['PSF_SAMP']),
+            'psf_fwhm': float(header['PSF_FWHM']) if 'PSF_FWHM' in header else None}
+    return PSFExModel(psfex, offset=offset, meta=meta)
+
+
+def write_psf_image(psf_model, path, *, overwrite=False, pixel_scale=None):
     """Write an `~photutils.psf.ImagePSF` (or a 2-D array) to a FITS file.
 
-    The array is written normalised to unit sum, with the header keywords
-    ``OVERSAMP`` (oversampling factor) and ``PSFNORM`` (= 1, the sum), so
-    that `read_psf_image` and other tools read it back. The file is written
-    atomically (`psfdeconv.io.atomic_path`).
+    The array is written in photutils' convention, summing to
+    ``OVERSAMP**2``, so that ``photutils.psf.ImagePSF(data,
+    oversampling=OVERSAMP)`` evaluated with ``flux=1`` sums to 1 over
+    native pixels. Header keywords: ``OVERSAMP`` (oversampling factor),
+    ``PSFNORM`` (the array's sum) and, when the pixel scale is known,
+    ``PIXSCALE`` (arcsec per *sample* of the array: the exposure's pixel
+    scale divided by the oversampling). `read_psf_image` reads it back.
+    The file is written atomically (`psfdeconv.io.atomic_path`).
 
     Parameters
     ----------
@@ -978,6 +1447,10 @@ def write_psf_image(psf_model, path, *, overwrite=False):
         Output file.
     overwrite : bool, optional
         Replace an existing file.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        The exposure's native pixel scale (arcsec/pixel). Default: the
+        model's ``meta['pixel_scale']`` if any (e.g. `moffat_psf`), else
+        no ``PIXSCALE``.
 
     Returns
     -------
@@ -998,8 +1471,9 @@ def write_psf_image(psf_model, path, *, overwrite=False):
     >>> from psfdeconv.psf import moffat_psf, write_psf_image
     >>> path = pathlib.Path(tempfile.mkdtemp()) / 'psf.fits'
     >>> _ = write_psf_image(moffat_psf(0.8, 3.0, pixel_scale=0.2, size=21), path)
-    >>> print(fits.getval(path, 'OVERSAMP'), round(float(fits.getdata(path).sum()), 6))
-    2 1.0
+    >>> print(fits.getval(path, 'OVERSAMP'), fits.getval(path, 'PIXSCALE'),
+    ...       round(float(fits.getdata(path).sum()), 6))
+    2 0.1 4.0
     """
     from astropy.io import fits
 
@@ -1027,10 +1501,16 @@ def write_psf_image(psf_model, path, *, overwrite=False):
         raise InvalidPSFError(f'the PSF (shape {data.shape}) sums to {total}; '
                               f'a PSF must be 2-D with a positive, finite '
                               f'sum.')
+    if pixel_scale is None:
+        pixel_scale = (getattr(psf_model, 'meta', None) or {}).get('pixel_scale')
     header = fits.Header()
     header['OVERSAMP'] = (oversampling, 'PSF oversampling factor')
-    header['PSFNORM'] = (1.0, 'sum of the array')
-    hdu = fits.PrimaryHDU(data / total, header=header)
+    header['PSFNORM'] = (float(oversampling ** 2),
+                         'sum of the array (photutils: OVERSAMP**2)')
+    if pixel_scale is not None:
+        header['PIXSCALE'] = (scalar_pixel_scale(pixel_scale) / oversampling,
+                              '[arcsec] per sample of this array')
+    hdu = fits.PrimaryHDU(data * (oversampling ** 2 / total), header=header)
     path = Path(path)
     with atomic_path(path, overwrite=overwrite) as tmp:
         hdu.writeto(tmp, overwrite=True)
@@ -1048,8 +1528,9 @@ def render_psf(psf_model, position=None, *, size=41):
     then renormalised to unit sum. The PSF is centred on the middle pixel:
     the source's own sub-pixel offset belongs to the stamp, not to the
     PSF. For a `~photutils.psf.GriddedPSFModel` the position selects the
-    PSF interpolated between the grid points; any other model is the same
-    everywhere and ignores it.
+    PSF interpolated between the grid points, for a `PSFExModel` the PSFEx
+    polynomial's PSF there (default: its stars' mean position); any other
+    model is the same everywhere and ignores it.
 
     Parameters
     ----------
@@ -1103,6 +1584,8 @@ def render_psf(psf_model, position=None, *, size=41):
                               f'odd integer >= 3 (e.g. 41).')
     size = int(size)
     centre = (size - 1) / 2
+    if isinstance(psf_model, PSFExModel):
+        return _finish_render(psf_model.render(position, size), size)
     if isinstance(psf_model, np.ndarray):
         array = np.asarray(psf_model, dtype=np.float64)
         if array.ndim != 2 or array.shape[0] % 2 == 0 or \
@@ -1139,6 +1622,11 @@ def render_psf(psf_model, position=None, *, size=41):
     offsets = np.arange(size) - centre
     yy, xx = np.meshgrid(y_pos + offsets, x_pos + offsets, indexing='ij')
     psf = np.asarray(model(xx, yy), dtype=np.float64)
+    return _finish_render(psf, size)
+
+
+def _finish_render(psf, size):
+    """Check the sum and centre of a rendered PSF; normalise it."""
     total = float(psf.sum())
     if not np.isfinite(total) or total <= 0:
         raise InvalidPSFError(f'the PSF model sums to {total} over the '
@@ -1213,7 +1701,9 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
         A Moffat model (`moffat_psf`). ``fwhm`` is an angle, a plain
         number in arcsec, or pixels (``4pix``); needs ``pixel_scale``.
     ``'psf=FILE'``
-        A FITS PSF image (`read_psf_image`).
+        A FITS PSF image (`read_psf_image`, resampled to ``pixel_scale``
+        when the file's header gives another), or a PSFEx model
+        (`read_psfex`).
 
     Parameters
     ----------
@@ -1226,7 +1716,7 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
 
     Returns
     -------
-    psf_model : `~photutils.psf.ImagePSF` or `~photutils.psf.GriddedPSFModel`
+    psf_model : `~photutils.psf.ImagePSF`, `~photutils.psf.GriddedPSFModel` or `PSFExModel`
 
     Raises
     ------
@@ -1257,7 +1747,7 @@ def psf_from_spec(spec, *, data=None, pixel_scale=None):
         if not path:
             raise ConfigError(f'--psf {spec!r} names no file; accepted forms '
                               f'are {_SPEC_FORMS}.')
-        return read_psf_image(path)
+        return read_psf_image(path, pixel_scale=pixel_scale)
 
     if kind == 'epsf':
         if data is None:
@@ -1329,7 +1819,75 @@ def _psf_description(model):
     return type(model).__name__
 
 
-def build_psfs(exposures, psfs=None, *, epsf_options=None, pixel_scale=None):
+def _psf_from_array(array, name):
+    """An `~photutils.psf.ImagePSF` from a native-pixel PSF array (an
+    NDData's ``psf``): checked as `psfdeconv._validation.check_psfs` checks
+    stamp PSFs, padded to odd sides (`_pad_to_odd`) and normalised."""
+    from photutils.psf import ImagePSF
+
+    try:
+        data = np.array(array, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidPSFError(f'{name} is a {type(array).__name__}, not an array '
+                              f'of numbers; give a 2-D PSF image.') from None
+    if data.ndim != 2 or min(data.shape) < 1:
+        raise InvalidPSFError(f'{name} has shape {data.shape}; a PSF must be a '
+                              f'2-D image in the exposure\'s pixels.')
+    n_bad = int((~np.isfinite(data)).sum())
+    if n_bad:
+        raise InvalidPSFError(f'{name} has {n_bad} NaN/inf pixel(s); a PSF image '
+                              f'must be finite (replace them, e.g. by 0).')
+    total = float(data.sum())
+    if not total > 0:
+        raise InvalidPSFError(f'{name} sums to {total}; a PSF must have a '
+                              f'positive, finite sum.')
+    padded = data.shape[0] % 2 == 0 or data.shape[1] % 2 == 0
+    if padded:
+        data = _pad_to_odd(data)
+    psf = ImagePSF(data / total)
+    psf.meta.update({'oversampling': 1, 'padded': padded})
+    return psf
+
+
+def _epsf_or_moffat(exposure, epsf_options, *, fallback):
+    """`build_epsf`, or with too few stars a `fit_moffat_psf` marked as a
+    fallback (``meta['psf_fallback']``); the model and its description."""
+    options = dict(epsf_options or {})
+    # Bad options are errors, not a reason to fall back.
+    _check_epsf_options(options.get('size', 25), options.get('oversampling', 2),
+                        options.get('maxiters', 10), options.get('min_stars', 5))
+    try:
+        model = build_epsf(exposure, **options)
+    except InvalidPSFError as error:
+        if not fallback:
+            raise
+        reason = ('too few for an ePSF' if 'min_stars' in str(error)
+                  else 'the ePSF failed')
+        find = {key: options[key] for key in
+                ('threshold_sigma', 'fwhm_guess', 'saturation') if key in options}
+        scale = None
+        if getattr(exposure, 'wcs', None) is not None:
+            from .io import pixel_scale_of
+
+            with catch_warnings():
+                # Only recorded in the model's meta (fwhm_arcsec); the pipeline
+                # warns about non-square pixels where the scale matters.
+                warnings.filterwarnings('ignore', message='the WCS pixel scales differ',
+                                        category=PSFDeconvWarning)
+                scale = pixel_scale_of(exposure.wcs)
+        try:
+            model = fit_moffat_psf(exposure, pixel_scale=scale, **find)
+        except InvalidPSFError as fit_error:
+            raise InvalidPSFError(f'{error} The Moffat fallback failed too: '
+                                  f'{fit_error}') from fit_error
+        n_stars = model.meta['n_stars']
+        model.meta.update({'psf_fallback': True, 'epsf_error': str(error)})
+        return model, f'moffat fit ({n_stars} star{"s" * (n_stars != 1)}; {reason})'
+    model.meta['psf_fallback'] = False
+    return model, f'epsf ({model.meta["n_stars"]} stars)'
+
+
+def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True, pixel_scale=None):
     """A PSF model per band, in each band's own pixels.
 
     Parameters
@@ -1343,11 +1901,21 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, pixel_scale=None):
         `~photutils.psf.GriddedPSFModel`, ...), a native-pixel PSF array
         (odd, centred), or a command-line specification
         (`psfdeconv.psf.psf_from_spec`: ``'epsf'``, ``'epsf:grid=2x2'``,
-        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: an ePSF
-        from each band's stars (`psfdeconv.psf.build_epsf`).
+        ``'moffat:fwhm=0.8arcsec,beta=3'``, ``'psf=FILE'``). Default: the
+        exposure's own ``psf`` (`~astropy.nddata.NDData.psf`, a native-pixel
+        array; source ``'NDData.psf'``) if it has one, else an ePSF from the
+        band's stars (`psfdeconv.psf.build_epsf`). ``'epsf'`` forces the
+        ePSF even when the exposure has a ``psf``.
     epsf_options : dict, optional
         Keyword arguments of `psfdeconv.psf.build_epsf` (``maxiters``,
-        ``size``, ``threshold_sigma``, ...) for the default ePSF.
+        ``size``, ``threshold_sigma``, ``min_stars``, ...) for the default ePSF.
+    fallback : bool, optional
+        When fewer than ``min_stars`` stars (or no fit) allow an ePSF
+        (default or ``'epsf'``), fit an elliptical Moffat to the stars
+        there are (`fit_moffat_psf`) instead of raising. The model's
+        ``meta['psf_fallback']`` is then True (the pipeline flags the
+        band's rows ``PSF_FALLBACK``) and its source says so, e.g.
+        ``'moffat fit (4 stars; too few for an ePSF)'``.
     pixel_scale : float or `~astropy.units.Quantity`, optional
         arcsec/pixel of the bands without a celestial WCS, for
         specifications in arcsec (``'moffat:fwhm=0.8arcsec'``); a band with
@@ -1364,8 +1932,8 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, pixel_scale=None):
     Raises
     ------
     psfdeconv.exceptions.InvalidPSFError
-        Naming the band, if its ePSF cannot be built (too few stars) or a
-        PSF is unusable.
+        Naming the band, if its ePSF cannot be built and (with
+        ``fallback``) no star at all can be fitted, or a PSF is unusable.
     psfdeconv.exceptions.InvalidInputError
         If a mapping lacks a band or names one that is not an exposure.
     psfdeconv.exceptions.ConfigError
@@ -1406,15 +1974,23 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, pixel_scale=None):
         exposure = exposures[band]
         created = True
         try:
-            if value is None or (isinstance(value, str) and
-                                 value.strip().lower() == 'epsf'):
-                model = build_epsf(exposure, **(epsf_options or {}))
-                sources[band] = f'epsf ({model.meta["n_stars"]} stars)'
+            nddata_psf = getattr(exposure, 'psf', None)
+            if value is None and nddata_psf is not None:
+                model = _psf_from_array(nddata_psf, 'NDData.psf')
+                sources[band] = 'NDData.psf'
+            elif value is None or (isinstance(value, str) and
+                                   value.strip().lower() == 'epsf'):
+                model, sources[band] = _epsf_or_moffat(
+                    exposure, epsf_options, fallback=fallback)
             elif isinstance(value, str):
                 scale = pixel_scale_of(exposure.wcs) if getattr(
                     exposure, 'wcs', None) is not None else pixel_scale
                 model = psf_from_spec(value, data=exposure, pixel_scale=scale)
                 sources[band] = value.strip()
+                resampled = (getattr(model, 'meta', None) or {}).get('resampled_from')
+                if resampled is not None:
+                    sources[band] += (f' (resampled from {resampled:.4g} to '
+                                      f'{model.meta["pixel_scale"]:.4g} arcsec/pixel)')
                 if 'n_stars' in (getattr(model, 'meta', None) or {}):
                     sources[band] += f' ({model.meta["n_stars"]} stars)'
             else:
@@ -1501,12 +2077,17 @@ def render_stamp_psfs(model, x, y, *, psf_size, aligned_meta):
                             kernel=aligned_meta['kernel'])
 
     n = len(x)
-    if not isinstance(model, GriddedPSFModel):
+    if isinstance(model, PSFExModel):
+        default = model.default_position
+    elif isinstance(model, GriddedPSFModel):
+        default = tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+    else:
         return np.broadcast_to(one(None), (n, psf_size, psf_size))
     out = np.empty((n, psf_size, psf_size))
     for i in range(n):
-        # Off-image sources (NaN positions) get the PSF at the image centre.
+        # Off-image sources (NaN positions) get the PSF at the image centre
+        # (a PSFEx model: at its stars' mean position).
         position = (x[i], y[i]) if np.isfinite(x[i]) and np.isfinite(y[i]) else \
-            tuple(np.mean(np.asarray(model.grid_xypos, float), axis=0))
+            default
         out[i] = one(position)
     return out

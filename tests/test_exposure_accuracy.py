@@ -242,12 +242,20 @@ def test_replace_neighbours_noise_seed_and_target():
     x, y = np.array([31.5, 37.0]), np.array([31.5, 31.5])
     out, replaced = replace_neighbours(stamps, segments, x, y, sigma, index=np.array([4, 4]),
                                        masks=masks, dilation=2)
-    # The source is untouched, the neighbour (12 x 16 pixels + the dilation rim) is noise.
+    # The source is untouched; the neighbour (12 x 16 pixels + the dilation rim)
+    # takes the values of the pixels point-symmetric about the source's pixel
+    # (here the empty sky, 0) and noise where those lie off the stamp.
     assert (out[:, :, 28:36, 28:36] == 5.0).all()
     assert replaced[0].sum() > 12 * 16 and not replaced[:, 28:36, 28:36].any()
+    yy, xx = np.mgrid[:64, :64]
+    mirror_off = (2 * 32 - xx < 0) | (2 * 32 - xx > 63) | (2 * 32 - yy < 0) | \
+        (2 * 32 - yy > 63)
+    noisy, mirrored = replaced[0] & mirror_off, replaced[0] & ~mirror_off
+    assert noisy.sum() >= 10 and mirrored.sum() > 150
     for b, s in enumerate((1.0, 2.0)):
-        values = out[0, b][replaced[0]]
-        assert abs(values.mean()) < 0.3 * s and 0.8 * s < values.std() < 1.2 * s
+        assert (out[0, b][mirrored] == 0.0).all()
+        values = out[0, b][noisy]
+        assert abs(values.mean()) < 0.8 * s and 0.4 * s < values.std() < 1.6 * s
     # Seeded by the index: the same source gets the same noise.
     again, _ = replace_neighbours(stamps[:1], segments[:1], x[:1], y[:1], sigma[:1],
                                   index=np.array([4]))

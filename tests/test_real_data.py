@@ -52,8 +52,11 @@ def test_decam_stamps_carry_the_exposure_wcs(decam_run):
     assert len(stamps) == len(catalog)
     for stamp in stamps:
         assert stamp.data.shape == (1, 64, 64)
-        # Stamp pixel (0, 0) is exposure pixel `origin`, on the sky as well.
-        origin = stamp.meta['origin']
+        # Stamp pixel (0, 0) is exposure pixel `origin` (of the exposure
+        # block-summed by `block_factor` for a galaxy larger than a stamp), on
+        # the sky as well.
+        origin, factor = np.asarray(stamp.meta['origin']), stamp.meta['block_factor']
         sky = stamp.wcs.pixel_to_world(0, 0)
         x, y = exposure.wcs.world_to_pixel(sky)
-        assert abs(x - origin[0]) < 1e-3 and abs(y - origin[1]) < 1e-3
+        x_native, y_native = factor * (origin + 0.5) - 0.5
+        assert abs(x - x_native) < 1e-3 and abs(y - y_native) < 1e-3

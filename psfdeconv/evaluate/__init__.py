@@ -22,6 +22,8 @@ The names below are importable from ``psfdeconv.evaluate``; they live in
   posterior-mean floors of the ellipticity and size errors).
 * Exposure catalogues against simulated truth: `match_truth` and
   `exposure_accuracy`.
+* Real frames against photutils' own Kron photometry (the real-frame
+  acceptance check): `kron_reference` and `compare_with_kron`.
 
 Images are arrays of shape ``(n, n_bands, ny, nx)`` (channel first); PSFs
 are odd-sized, centred arrays of shape ``(n, n_bands, py, px)``.

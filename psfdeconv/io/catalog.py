@@ -130,7 +130,9 @@ def write_stamps(images, path, *, overwrite=False):
     one image HDU per source (``EXTNAME = 'STAMP'``, ``EXTVER`` = 1, 2, ...;
     data (n_bands, size, size) float32 with the stamp's celestial WCS, whose
     two axes are the image axes, and ``ID``, ``FLAGS``, ``BUNIT``, ``BANDS``,
-    ``ORIGINX``, ``ORIGINY``), an image HDU ``MASKS`` with every stamp's mask
+    ``ORIGINX``, ``ORIGINY``, ``BLOCKFAC``: the block-sum factor of the grid
+    the stamp was cut from, 1 for the exposure's own), an image HDU ``MASKS``
+    with every stamp's mask
     (n, n_bands, size, size) uint8, and a binary table ``INDEX`` (``id``,
     ``extver``, ``flags``, ``origin_x``, ``origin_y``).
 
@@ -301,6 +303,8 @@ class _StampFile:
             origin = meta.get('origin', (0, 0))
             header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
             header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
+            header['BLOCKFAC'] = (int(meta.get('block_factor', 1)),
+                                  'cut from the exposure block-summed by this')
             self._append_image(data, header)
             mask = np.zeros(self.shape, dtype=np.uint8)
             if image.mask is not None:
@@ -371,7 +375,8 @@ def read_stamps(path):
             unit = u.Unit(header['BUNIT']) if 'BUNIT' in header else None
             meta = {'id': header['ID'], 'flags': header['FLAGS'],
                     'bands': header['BANDS'].split(',') if 'BANDS' in header else None,
-                    'origin': [header['ORIGINX'], header['ORIGINY']]}
+                    'origin': [header['ORIGINX'], header['ORIGINY']],
+                    'block_factor': int(header.get('BLOCKFAC', 1))}
             out.append(NDData(np.array(hdu.data, dtype=np.float64), unit=unit,
                               wcs=wcs, mask=masks[k].copy(), meta=meta))
     return out

@@ -596,8 +596,9 @@ def _resolve_unit(unit, bunit, where, input_unit):
 
 
 def _finish_exposure(data, mask, sigma, wcs, unit, meta, where, *, unit_source,
-                     fits_warnings):
-    """Validate the pixels and assemble the CCDData."""
+                     fits_warnings, psf=None):
+    """Validate the pixels and assemble the CCDData (keeping an NDData's
+    ``psf``, which `psfdeconv.psf.build_psfs` uses by default)."""
     from astropy.nddata import CCDData, StdDevUncertainty
 
     if data.ndim != 2 or data.size == 0:
@@ -625,7 +626,7 @@ def _finish_exposure(data, mask, sigma, wcs, unit, meta, where, *, unit_source,
                 fits_warnings=list(fits_warnings), unit_source=unit_source)
     uncertainty = None if sigma is None else StdDevUncertainty(sigma, copy=False)
     return CCDData(data, unit=unit, mask=mask, uncertainty=uncertainty, wcs=wcs,
-                   meta=meta, copy=False)
+                   meta=meta, psf=psf, copy=False)
 
 
 def _exposure_from_nddata(nddata, *, plane, mask_hdu, weight_hdu,
@@ -713,7 +714,8 @@ def _exposure_from_nddata(nddata, *, plane, mask_hdu, weight_hdu,
     unit, unit_source = _resolve_unit(unit, bunit, where, input_unit)
     return _finish_exposure(data, mask, sigma, wcs, unit, meta, where,
                             unit_source=unit_source,
-                            fits_warnings=list(meta.get('fits_warnings', [])) + collected)
+                            fits_warnings=list(meta.get('fits_warnings', [])) + collected,
+                            psf=getattr(nddata, 'psf', None))
 
 
 def pixel_scale_of(wcs, *, position=None):
