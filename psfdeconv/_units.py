@@ -31,12 +31,12 @@ from .exceptions import UnitsError
 __all__ = ['is_surface_brightness', 'is_magnitude', 'is_magnitude_text',
            'check_flux_unit', 'flux_per_pixel', 'common_flux_unit']
 
-#: The fix quoted when a unit is refused. (The command line has no option
-#: to set a band's unit yet; name it here when it gets one.)
+#: The fix quoted when a unit is refused.
 _FLUX_FIX = ('give the data in a flux per pixel (e.g. adu, electron/s, '
              'nanomaggy, nJy): convert the image (and its BUNIT), or, if only '
-             'the header is wrong, set the unit with unit=... '
-             '(psfdeconv.io.read_exposure, or the unit of an NDData/CCDData)')
+             'the header is wrong, set the unit (--unit BAND=adu on the command '
+             'line; unit= of psfdeconv.io.read_exposure, or the unit of an '
+             'NDData/CCDData, in Python)')
 
 
 def _angle_bases():
@@ -250,8 +250,9 @@ def common_flux_unit(exposures, reference_band, pixel_scales):
                     f'{reference_band!r} is in {exposures[reference_band].unit}, and '
                     f'these cannot be converted to one another; give every band '
                     f'in one flux unit (convert the images, e.g. adu times the '
-                    f'gain for electron, or set the right unit with unit=... in '
-                    f'psfdeconv.io.read_exposure if a header is wrong).') from None
+                    f'gain for electron, or, if a header is wrong, set the right '
+                    f'unit: --unit BAND=UNIT on the command line, unit= of '
+                    f'psfdeconv.io.read_exposure in Python).') from None
             reasons.append(f"converted to the reference band's unit {target}")
         if reasons:
             converted[band] = _scaled(exposure, target, factor)

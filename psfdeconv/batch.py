@@ -9,7 +9,12 @@ per band holding the path of that band's FITS exposure (the columns' order
 is the bands' order, the order the model was trained on), an optional
 ``catalog`` column (a table of source positions; empty: detect them) and
 optional ``psf_<band>`` columns (a PSF specification as for ``psfdeconv run
---psf``, or the path of a PSF FITS file; empty: the batch's default).
+--psf``, or the path of a PSF FITS file; empty: the batch's default), and
+optional ``weight_<band>`` (inverse variance), ``variance_<band>``,
+``mask_<band>`` (non-zero = bad) and ``unit_<band>`` (where BUNIT is
+missing) columns, as ``psfdeconv run --weight/--variance/--mask/--unit``.
+FITS paths may name an HDU in CFITSIO style (``decam.fits[1]``,
+``decam.fits[SCI]``, ``decam.fits[SCI,2]``).
 Relative paths are relative to the manifest's directory::
 
     id,g,r,i,catalog,psf_r
@@ -59,8 +64,8 @@ from .exceptions import (
     OutputExistsError,
 )
 
-__all__ = ['read_manifest', 'run_batch', 'read_summary', 'MARKER_NAME',
-           'SUMMARY_NAME']
+__all__ = ['read_manifest', 'run_batch', 'read_summary', 'read_group_exposures',
+           'MARKER_NAME', 'SUMMARY_NAME']
 
 log = logging.getLogger('psfdeconv')
 
@@ -77,6 +82,13 @@ LOCAL_SCHEDULERS = ('threads', 'processes', 'synchronous')
 _SAFE_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
 #: Columns of a manifest that are not bands.
 _RESERVED_COLUMNS = ('id', 'catalog')
+#: Per-band manifest columns ``<prefix><band>``: the PSF, and how the band's
+#: exposure is read (`psfdeconv.io.read_exposure`): an inverse-variance or
+#: variance image, a bad-pixel mask (FITS paths, FILE[HDU] allowed) and the
+#: data unit where BUNIT is missing.
+_BAND_PREFIXES = ('psf_', 'weight_', 'variance_', 'mask_', 'unit_')
+#: The per-band columns holding FITS paths, and the read_exposure role of each.
+_PLANE_PREFIXES = {'weight_': 'weight', 'variance_': 'variance', 'mask_': 'mask'}
 #: PSF specifications understood by `psfdeconv.psf.psf_from_spec` (anything
 #: else in a ``psf_<band>`` cell is the path of a PSF file).
 _PSF_SPEC_KINDS = ('epsf', 'moffat')
@@ -108,7 +120,9 @@ def read_manifest(path):
         A CSV file (header line, comma-separated; every value read as text)
         or an ECSV file (recognised by its ``# %ECSV`` first line) with the
         columns ``id``, one per band (the band's FITS exposure), and
-        optionally ``catalog`` and ``psf_<band>`` (see the module docstring).
+        optionally ``catalog``, ``psf_<band>``, ``weight_<band>``,
+        ``variance_<band>``, ``mask_<band>`` and ``unit_<band>`` (see the
+        module docstring).
 
     Returns
     -------
@@ -117,7 +131,10 @@ def read_manifest(path):
         per band with the absolute path of the exposure, ``catalog`` (the
         absolute path, or '' to detect the sources) and ``psf_<band>`` for
         every band (a PSF specification with any file made absolute,
-        ``'psf=/abs/path.fits'``, or '' for the batch's default). ``meta``
+        ``'psf=/abs/path.fits'``, or '' for the batch's default), and
+        those of ``weight_<band>``, ``variance_<band>``, ``mask_<band>``
+        (absolute paths with any ``[HDU]``, or '') and ``unit_<band>`` (or
+        '') that the manifest has. ``meta``
         holds ``bands`` (in column order) and ``manifest`` (the path read).
 
     Raises
@@ -172,7 +189,7 @@ def read_manifest(path):
                           f'{list(columns)}); add one naming each group (the name '
                           f'of its output directory).')
     bands = [name for name in columns
-             if name not in _RESERVED_COLUMNS and not name.startswith('psf_')]
+             if name not in _RESERVED_COLUMNS and not name.startswith(_BAND_PREFIXES)]
     if not bands:
         raise ConfigError(f'{where} has no band columns (its columns are '
                           f'{list(columns)}); add one column per band, named by the '
@@ -182,12 +199,12 @@ def read_manifest(path):
         raise ConfigError(f'{where}: band column(s) {bad} are not identifiers; name '
                           f'bands with letters, digits and underscores (they become '
                           f'catalogue columns such as flux_<band>).')
-    orphans = [name for name in columns
-               if name.startswith('psf_') and name[4:] not in bands]
+    orphans = {name: name.split('_', 1)[1] for name in columns
+               if name.startswith(_BAND_PREFIXES) and name.split('_', 1)[1] not in bands}
     if orphans:
-        raise ConfigError(f'{where} has column(s) {orphans} but no band column(s) '
-                          f'{[name[4:] for name in orphans]}; the bands are {bands}: '
-                          f'add the band column or rename the PSF column.')
+        raise ConfigError(f'{where} has column(s) {list(orphans)} but no band '
+                          f'column(s) {list(orphans.values())}; the bands are {bands}: '
+                          f'add the band column or rename the per-band column.')
     if len(table) == 0:
         raise ConfigError(f'{where} has no rows; add one line per exposure group.')
 
@@ -196,6 +213,9 @@ def read_manifest(path):
     out.update({band: [] for band in bands})
     out['catalog'] = []
     out.update({f'psf_{band}': [] for band in bands})
+    # The reading columns only where the manifest has them.
+    out.update({name: [] for prefix in _BAND_PREFIXES[1:] for band in bands
+                if (name := f'{prefix}{band}') in columns})
     seen = {}
     for row in range(len(table)):
         line = f'{where}, row {row + 1}'
@@ -217,13 +237,8 @@ def read_manifest(path):
             if not text:
                 raise ConfigError(f'{line}: column {band!r} is empty; give the path '
                                   f'of the group\'s {band} exposure.')
-            exposure = _resolve(base, text)
-            if not exposure.is_file():
-                raise InvalidInputError(f'{line}, column {band!r}: exposure '
-                                        f'{exposure} does not exist; fix the path '
-                                        f'(relative paths are relative to the '
-                                        f'manifest\'s directory {base}).')
-            out[band].append(str(exposure))
+            out[band].append(_fits_cell(text, base, f'{line}, column {band!r}',
+                                        'exposure'))
         text = _cell(columns['catalog'], row) if 'catalog' in columns else ''
         if text:
             catalog = _resolve(base, text)
@@ -238,7 +253,60 @@ def read_manifest(path):
             name = f'psf_{band}'
             text = _cell(columns[name], row) if name in columns else ''
             out[name].append(_psf_cell(text, base, f'{line}, column {name!r}'))
+            for prefix, role in _PLANE_PREFIXES.items():
+                name = f'{prefix}{band}'
+                if name in columns:
+                    text = _cell(columns[name], row)
+                    out[name].append(text and _fits_cell(
+                        text, base, f'{line}, column {name!r}', role))
+            if all(out.get(f'{prefix}{band}', [''])[-1] for prefix in
+                   ('weight_', 'variance_')):
+                raise ConfigError(f'{line}: both weight_{band} and variance_{band} '
+                                  f'are given; give one of them (they describe the '
+                                  f'same noise).')
+            name = f'unit_{band}'
+            if name in columns:
+                text = _cell(columns[name], row)
+                out[name].append(text and _unit_cell(text, f'{line}, column {name!r}'))
     return Table(out, meta={'bands': bands, 'manifest': str(path)})
+
+
+def _fits_text(path, hdu):
+    """``path`` with its HDU in CFITSIO style (FILE[1], FILE[SCI], FILE[SCI,2])."""
+    if hdu is None:
+        return str(path)
+    inner = ','.join(map(str, hdu)) if isinstance(hdu, tuple) else str(hdu)
+    return f'{path}[{inner}]'
+
+
+def _fits_cell(text, base, where, role):
+    """A FITS path cell (with an optional HDU) made absolute, checked to exist."""
+    from .io import parse_fits_spec
+
+    try:
+        path, hdu = parse_fits_spec(text, role=role, must_exist=False)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f'{where}: {exc}') from None
+    if not path.is_absolute() and not (base / path).is_file() and \
+            (base / text).is_file():
+        path, hdu = Path(text), None  # a relative file name with brackets
+    path = _resolve(base, str(path))
+    if not path.is_file():
+        raise InvalidInputError(f'{where}: {role} {path} does not exist; fix the path '
+                                f'(relative paths are relative to the manifest\'s '
+                                f'directory {base}).')
+    return _fits_text(path, hdu)
+
+
+def _unit_cell(text, where):
+    import astropy.units as u
+
+    try:
+        u.Unit(text)
+    except (ValueError, TypeError):
+        raise ConfigError(f'{where}: {text!r} is not a unit astropy knows; give e.g. '
+                          f'adu, electron/s or nanomaggy.') from None
+    return text
 
 
 def _psf_cell(text, base, where):
@@ -504,11 +572,17 @@ def _run_group(group, out_dir, model_ref, options):
     group_dir = Path(out_dir) / group['id']
     try:
         model = _worker_model(*model_ref, threads=options['threads'])
+        extra = {key: options[key] for key in ('epsf_options', 'detect_options')
+                 if options.get(key)}
+        if options.get('pixel_scale') is not None:
+            extra['pixel_scale'] = options['pixel_scale']
+        exposures = read_group_exposures(group['exposures'], group.get('reads'),
+                                         pixel_scale=options.get('pixel_scale'))
         catalog, _ = run_exposure_set(
-            group['exposures'], group_dir, group['catalog'] or None, group['psfs'],
-            model=model, reference_band=options['reference_band'],
+            exposures, group_dir, group['catalog'] or None, group['psfs'], model=model,
+            reference_band=options['reference_band'],
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
-            overwrite=options['overwrite'], symmetries=options['symmetries'])
+            overwrite=options['overwrite'], symmetries=options['symmetries'], **extra)
         row.update(status='ok', n_sources=len(catalog),
                    n_flagged=n_flagged(catalog['flags']),
                    seconds=time.perf_counter() - start, finished=_utc_now())
@@ -520,6 +594,64 @@ def _run_group(group, out_dir, model_ref, options):
         row.update(status='failed', error=_error_text(exc),
                    seconds=time.perf_counter() - start, finished=_utc_now())
     return row
+
+
+def read_group_exposures(exposures, reads=None, *, pixel_scale=None):
+    """The exposures of one group (``psfdeconv run`` or one manifest row),
+    read as their options say.
+
+    Parameters
+    ----------
+    exposures : dict of str to str
+        Band name to the FITS path, with an optional CFITSIO-style HDU
+        (``decam.fits[1]``, `psfdeconv.io.parse_fits_spec`).
+    reads : dict of str to dict, optional
+        Band name to ``weight_hdu``, ``variance_hdu``, ``mask_hdu`` (FITS
+        paths with an optional HDU) and ``unit`` of that band; empty values
+        are not given.
+    pixel_scale : float, optional
+        Arcsec per pixel: the bands are read without requiring a celestial
+        WCS, and one they have must agree with it within 1 %.
+
+    Returns
+    -------
+    exposures : dict of str to str or `~astropy.nddata.CCDData`
+        A band with nothing to read but its path stays a path (the pipeline
+        checks the model and the outputs before reading it); the others are
+        read with `psfdeconv.io.read_exposure`.
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        For a file or HDU that does not exist (naming the file's HDUs).
+    psfdeconv.exceptions.ConfigError
+        If ``pixel_scale`` disagrees with a band's WCS.
+    """
+    from .io import parse_fits_spec, pixel_scale_of, read_exposure
+
+    read_exposures = {}
+    for band, text in exposures.items():
+        read = {key: value for key, value in ((reads or {}).get(band) or {}).items()
+                if value}
+        path, hdu = parse_fits_spec(text, must_exist=False)  # read_exposure checks
+        if not read and hdu is None and pixel_scale is None:
+            read_exposures[band] = str(text)
+            continue
+        for key in ('weight_hdu', 'variance_hdu', 'mask_hdu'):
+            if key in read:
+                aux_path, aux_hdu = parse_fits_spec(read[key], role=key[:-4])
+                read[key] = aux_path if aux_hdu is None else (str(aux_path), aux_hdu)
+        exposure = read_exposure(path, hdu=hdu, require_wcs=pixel_scale is None, **read)
+        wcs = exposure.wcs
+        if pixel_scale is not None and getattr(wcs, 'has_celestial', False):
+            scale = float(pixel_scale_of(wcs).value)
+            if abs(scale / pixel_scale - 1) > 0.01:
+                raise ConfigError(f'pixel_scale = {pixel_scale:g} (--pixel-scale) '
+                                  f'disagrees with the WCS of band {band!r} ({text}), '
+                                  f'{scale:.4g} arcsec/pixel; omit it to use the WCS, '
+                                  f'or fix it.')
+        read_exposures[band] = exposure
+    return read_exposures
 
 
 # --- The batch -------------------------------------------------------------------
@@ -584,7 +716,9 @@ def _load_batch_model(model, n_bands):
 
 def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads',
               workers=None, resume=False, overwrite=False, reference_band=None,
-              batch_size=128, chunk_size=None, symmetries=None):
+              batch_size=128, chunk_size=None, symmetries=None, units=None,
+              epsf_options=None, detect_options=None, pixel_scale=None,
+              progress=False):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into
@@ -630,6 +764,17 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         As for `psfdeconv.pipeline.run_exposure_set` (``chunk_size`` None:
         its default; ``symmetries`` None: the model card's). A resumed batch
         keeps only the groups made with the same model and symmetries.
+    units : dict of str to str, optional
+        Band name to the data unit of the bands whose ``unit_<band>`` cell is
+        empty (``psfdeconv batch --unit``).
+    epsf_options, detect_options : dict, optional
+        As for `psfdeconv.pipeline.run_exposure_set`, for every group.
+    pixel_scale : float, optional
+        Arcsec per pixel of exposures without a celestial WCS (``pixel_scale``
+        of `psfdeconv.pipeline.run_exposure_set`); the exposures are then read
+        without requiring one.
+    progress : bool, optional
+        Draw a `tqdm` bar on standard error counting the finished groups.
 
     Returns
     -------
@@ -746,6 +891,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         from .pipeline import CHUNK_SIZE as chunk_size
     options = {'reference_band': reference_band, 'batch_size': batch_size,
                'chunk_size': chunk_size, 'threads': threads, 'symmetries': symmetries,
+               'epsf_options': epsf_options, 'detect_options': detect_options,
+               'pixel_scale': pixel_scale,
                # Groups that run have no marker: whatever they hold is the
                # partial output of an interrupted or failed run.
                'overwrite': bool(resume or overwrite)}
@@ -755,8 +902,15 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         group = {'id': ids[row],
                  'exposures': {band: str(manifest[band][row]) for band in bands},
                  'catalog': str(manifest['catalog'][row]),
-                 'psfs': {band: str(manifest[f'psf_{band}'][row]) or psfs
-                          for band in bands}}
+                 'psfs': {band: str(manifest[f'psf_{band}'][row]) or
+                          (psfs[band] if hasattr(psfs, 'items') else psfs)
+                          for band in bands},
+                 'reads': {band: {
+                     'weight_hdu': _manifest_value(manifest, f'weight_{band}', row),
+                     'variance_hdu': _manifest_value(manifest, f'variance_{band}', row),
+                     'mask_hdu': _manifest_value(manifest, f'mask_{band}', row),
+                     'unit': _manifest_value(manifest, f'unit_{band}', row) or
+                     (units or {}).get(band, '')} for band in bands}}
         key = f'psfdeconv-group-{ids[row]}'
         keys[key] = ids[row]
         tasks.append(dask.delayed(_run_group, pure=False)(
@@ -768,8 +922,14 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         _write_summary(table, summary_path)
         return table
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc='groups', unit='group', disable=not progress,
+               leave=False, dynamic_ncols=True)
+
     def finished(result):
         rows[result['id']] = result
+        bar.update(1)
         nonlocal summary
         summary = write_summary()
         if result['status'] == 'failed':
@@ -804,6 +964,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                        error=f'the batch stopped: {_error_text(exc)}')
             summary = write_summary()
     finally:
+        bar.close()
         if client is not None and client is not scheduler:
             client.close()
 
@@ -817,6 +978,12 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         error.summary = summary
         raise error
     return summary
+
+
+def _manifest_value(manifest, name, row):
+    """A cell of a `read_manifest` table ('' for a column it lacks, as in a
+    table made before the column existed)."""
+    return str(manifest[name][row]) if name in manifest.colnames else ''
 
 
 def _compute_locally(tasks, keys, finished, scheduler, workers):

@@ -155,10 +155,12 @@ def _add_target_fwhm_argument(parser):
 def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
     """The options ``run`` and ``batch`` share: the PSF, the model, the
     reference band, the network batch and the symmetries."""
-    parser.add_argument('--psf', default='epsf',
+    parser.add_argument('--psf', action='append', metavar='[BAND=]SPEC',
                         help=f"PSF of {psf_for}: 'epsf' (from the stars, default), "
                              f"'epsf:grid=NYxNX', 'moffat:fwhm=0.8arcsec,beta=3' or "
-                             f"'psf=FILE'")
+                             f"'psf=FILE'; with a band prefix (--psf r=psf=FILE "
+                             f"--psf g=epsf, repeatable) the PSF of that band, and a "
+                             f"bare SPEC the one of the other bands")
     parser.add_argument('--model', help='model .keras file (default: shipped)')
     parser.add_argument('--reference-band', metavar='NAME',
                         help=f'band whose pixel grid the stamps are cut on (default: '
@@ -166,6 +168,138 @@ def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
     parser.add_argument('--batch-size', type=int, default=128,
                         help='objects per network call')
     _add_symmetries_argument(parser)
+    group = parser.add_argument_group('real exposures')
+    group.add_argument('--unit', action='append', metavar='BAND=UNIT',
+                       help='data unit of a band whose header has no BUNIT (e.g. '
+                            'r=adu, r=electron/s, r=nanomaggy); repeatable')
+    group.add_argument('--pixel-scale', type=_positive_float, metavar='ARCSEC',
+                       help='arcsec per pixel, for exposures without a celestial '
+                            'WCS (give --catalog with x/y pixel columns, or detect); '
+                            'with a WCS it must agree with it within 1 %%')
+    group = parser.add_argument_group('PSF stars and detection')
+    group.add_argument('--min-stars', type=_positive_int, metavar='N',
+                       help='fewest usable stars an ePSF is built from (default 5)')
+    group.add_argument('--star-threshold-sigma', type=_positive_float, metavar='SIGMA',
+                       help='peak signal-to-noise above which a source may be an ePSF '
+                            'star (default 10)')
+    group.add_argument('--box-size', type=_positive_int, metavar='PIXELS',
+                       help='side of the box an ePSF star must have to itself (no '
+                            'neighbour, no masked pixel; default: the ePSF size)')
+    group.add_argument('--threshold-sigma', type=_positive_float, metavar='SIGMA',
+                       help='galaxy detection threshold in background rms (default '
+                            '3 per pixel, 5 connected pixels)')
+
+
+def _positive_float(text):
+    """argparse type: a positive finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive finite number')
+    return value
+
+
+def _positive_int(text):
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number >= 1')
+    return value
+
+
+def _band_values(items, option, bands):
+    """{band: value} from the repeated ``BAND=VALUE`` items of ``option``."""
+    from .exceptions import ConfigError
+
+    values = {}
+    for item in items or ():
+        band, sep, value = item.partition('=')
+        band, value = band.strip(), value.strip()
+        if not sep or not band or not value:
+            raise ConfigError(f'{option} {item!r}: write BAND=VALUE, e.g. {option} '
+                              f'r=...')
+        if band not in bands:
+            raise ConfigError(f'{option} {item!r}: {band!r} is not one of the bands '
+                              f'{list(bands)}; prefix the value with a band name.')
+        if band in values:
+            raise ConfigError(f'{option} {band}=... is given twice; give each band '
+                              f'once.')
+        values[band] = value
+    return values
+
+
+def _psf_specs(items, bands):
+    """The PSF of each band from the ``--psf`` items: ``BAND=SPEC`` (a band
+    prefix only if it names one of ``bands``: ``psf=FILE`` contains '=' too)
+    or a bare SPEC for the bands without their own. Returns one spec (str)
+    when no band has its own, else a dict band -> spec."""
+    from .exceptions import ConfigError
+
+    default, own = None, {}
+    for item in items or ():
+        prefix, sep, rest = item.partition('=')
+        if sep and prefix.strip() in bands:
+            band = prefix.strip()
+            if band in own:
+                raise ConfigError(f'--psf {band}=... is given twice; give each '
+                                  f'band once.')
+            if not rest.strip():
+                raise ConfigError(f'--psf {item!r}: give the PSF after {band}=, e.g. '
+                                  f'--psf {band}=moffat:fwhm=0.8arcsec,beta=3.')
+            own[band] = rest.strip()
+        else:
+            default = item.strip()  # the last one, as for any repeated option
+    default = default or 'epsf'
+    if not own:
+        return default
+    return {band: own.get(band, default) for band in bands}
+
+
+def _epsf_options(args):
+    """``epsf_options`` and ``detect_options`` of the pipeline from the
+    command line (None where no option is given)."""
+    epsf = {key: value for key, value in (
+        ('min_stars', args.min_stars), ('threshold_sigma', args.star_threshold_sigma),
+        ('box_size', args.box_size)) if value is not None}
+    detect = ({'threshold_sigma': args.threshold_sigma}
+              if args.threshold_sigma is not None else {})
+    return epsf or None, detect or None
+
+
+def _check_unit(band, text, option='--unit'):
+    import astropy.units as u
+
+    from .exceptions import ConfigError
+
+    try:
+        u.Unit(text)
+    except (ValueError, TypeError):
+        raise ConfigError(f'{option} {band}={text!r}: {text!r} is not a unit astropy '
+                          f'knows; give e.g. adu, electron/s or nanomaggy.') from None
+    return text
+
+
+def _pixel_scale_keyword(pixel_scale):
+    """``pixel_scale=`` for `run_exposure_set` (empty without --pixel-scale)."""
+    import inspect
+
+    from .exceptions import ConfigError
+    from .pipeline import run_exposure_set
+
+    if pixel_scale is None:
+        return {}
+    if 'pixel_scale' not in inspect.signature(run_exposure_set).parameters:
+        raise ConfigError('--pixel-scale needs run_exposure_set(pixel_scale=), which '
+                          'this version of psfdeconv lacks; add a celestial WCS to '
+                          'the exposures instead.')
+    return {'pixel_scale': pixel_scale}
 
 
 def _cmd_deconvolve(args):
@@ -449,38 +583,60 @@ def _cmd_run(args):
     """Deconvolve the galaxies of one set of multi-band exposures."""
     import numpy as np
 
+    from .batch import read_group_exposures
     from .exceptions import ConfigError
     from .flags import FLAG_NEIGHBOURS, n_flagged
     from .io import example_exposures
     from .pipeline import run_exposure_set
 
+    real = (args.weight, args.variance, args.mask, args.unit, args.pixel_scale)
     if args.example:
-        if args.band or args.catalog:
+        if args.band or args.catalog or any(value is not None for value in real):
             raise ConfigError('--example runs on the bundled exposures; give '
-                              'either --example or --band/--catalog.')
+                              'either --example or --band/--catalog (with '
+                              '--weight, --variance, --mask, --unit, --pixel-scale).')
         exposures, truth_path = example_exposures()
     elif not args.band:
         raise ConfigError('give the exposures with --band NAME=FILE (one per '
                           'band), or --example for the bundled ones.')
     else:
-        exposures = {}
+        files = {}
         for item in args.band:
             band, sep, path = item.partition('=')
             band, path = band.strip(), path.strip()
             if not sep or not band or not path:
                 raise ConfigError(f'--band {item!r}: write NAME=FILE, e.g. --band '
-                                  f'r=r.fits (one --band per band, in the order '
-                                  f'the model was trained on).')
-            if band in exposures:
+                                  f'r=r.fits or r=r.fits[1] (one --band per band, in '
+                                  f'the order the model was trained on).')
+            if band in files:
                 raise ConfigError(f'--band {band} is given twice; give each band '
                                   f'once.')
-            exposures[band] = path
+            files[band] = path
+        weights = _band_values(args.weight, '--weight', files)
+        variances = _band_values(args.variance, '--variance', files)
+        both = [band for band in weights if band in variances]
+        if both:
+            raise ConfigError(f'--weight and --variance both given for band(s) '
+                              f'{both}; give one of them per band (they describe '
+                              f'the same noise).')
+        masks = _band_values(args.mask, '--mask', files)
+        units = {band: _check_unit(band, text) for band, text in
+                 _band_values(args.unit, '--unit', files).items()}
+        reads = {band: {'weight_hdu': weights.get(band),
+                        'variance_hdu': variances.get(band),
+                        'mask_hdu': masks.get(band), 'unit': units.get(band)}
+                 for band in files}
+        exposures = read_group_exposures(files, reads, pixel_scale=args.pixel_scale)
+    psfs = _psf_specs(args.psf, list(exposures))
+    epsf_options, detect_options = _epsf_options(args)
     catalog, paths = run_exposure_set(
-        exposures, args.out, args.catalog, args.psf, model=args.model,
+        exposures, args.out, args.catalog, psfs, model=args.model,
         reference_band=args.reference_band, batch_size=args.batch_size,
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace',
-        symmetries=args.symmetries, target_fwhm=args.target_fwhm)
+        symmetries=args.symmetries, target_fwhm=args.target_fwhm,
+        epsf_options=epsf_options, detect_options=detect_options,
+        progress=_progress_wanted(args), **_pixel_scale_keyword(args.pixel_scale))
     n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
@@ -504,13 +660,23 @@ def _cmd_run(args):
 
 
 def _cmd_batch(args):
-    from .batch import SUMMARY_NAME, run_batch
+    from .batch import SUMMARY_NAME, read_manifest, run_batch
 
-    summary = run_batch(args.manifest, args.out, psfs=args.psf, model=args.model,
-                        scheduler=args.scheduler, workers=args.workers,
-                        resume=args.resume, overwrite=args.overwrite,
-                        reference_band=args.reference_band,
-                        batch_size=args.batch_size, symmetries=args.symmetries)
+    manifest = read_manifest(args.manifest)
+    bands = list(manifest.meta['bands'])
+    units = {band: _check_unit(band, text) for band, text in
+             _band_values(args.unit, '--unit', bands).items()}
+    epsf_options, detect_options = _epsf_options(args)
+    if args.pixel_scale is not None:
+        _pixel_scale_keyword(args.pixel_scale)  # refused early if unsupported
+    summary = run_batch(manifest, args.out, psfs=_psf_specs(args.psf, bands),
+                        model=args.model, scheduler=args.scheduler,
+                        workers=args.workers, resume=args.resume,
+                        overwrite=args.overwrite, reference_band=args.reference_band,
+                        batch_size=args.batch_size, symmetries=args.symmetries,
+                        units=units, epsf_options=epsf_options,
+                        detect_options=detect_options, pixel_scale=args.pixel_scale,
+                        progress=_progress_wanted(args))
     counts = summary.meta['counts']
     print(f'{len(summary)} groups: {counts["ok"]} done, {counts["skipped"]} '
           f'finished earlier, {counts["failed"]} failed; '
@@ -743,17 +909,26 @@ def _add_run_parser(sub):
         examples=('psfdeconv run --example --out example_run --plots',
                   'psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
                   '--out run1/',
-                  'psfdeconv run --band g=g.fits --band r=r.fits --band i=i.fits '
-                  '--catalog sources.ecsv --psf moffat:fwhm=0.8arcsec,beta=3 '
-                  '--out run2/',
-                  'psfdeconv run --band r=r.fits --out run3/   # one band: the '
-                  'single-band model'))
+                  'psfdeconv run --band r=decam-r-N6.fits[1] --weight '
+                  'r=decam-r-N6-weight.fits[1] --psf moffat:fwhm=1.05arcsec,beta=3 '
+                  '--out n6/',
+                  'psfdeconv run --band r=kids-r.fits --unit r=adu --pixel-scale 0.2 '
+                  '--psf moffat:fwhm=0.7arcsec,beta=3 --out kids/'))
     p.add_argument('--example', action='store_true',
                    help='run on the bundled example exposures (g, r, i) and '
                         'compare with their truth')
     p.add_argument('--band', action='append', metavar='NAME=FILE',
-                   help='a band and its FITS exposure (with a celestial WCS); '
-                        'repeat, in the order the model was trained on')
+                   help='a band and its FITS exposure (with a celestial WCS, or '
+                        'see --pixel-scale), FILE[1], FILE[SCI] or FILE[SCI,2] for '
+                        'an HDU; repeat, in the order the model was trained on')
+    p.add_argument('--weight', action='append', metavar='BAND=FILE',
+                   help='inverse-variance image of a band (FILE[HDU] as for --band; '
+                        'weight <= 0 is masked); repeatable')
+    p.add_argument('--variance', action='append', metavar='BAND=FILE',
+                   help='variance image of a band (variance <= 0 is masked); '
+                        'instead of --weight')
+    p.add_argument('--mask', action='append', metavar='BAND=FILE',
+                   help='bad-pixel image of a band (non-zero = bad); repeatable')
     group = p.add_mutually_exclusive_group()
     group.add_argument('--catalog', metavar='FILE',
                        help='table of sources (ECSV/FITS/CSV) with a SkyCoord '
@@ -814,8 +989,10 @@ def _add_batch_parser(sub):
     p = _add_command(
         sub, 'batch', help='deconvolve many exposure groups (a manifest) on dask',
         description='Run "psfdeconv run" on every exposure group of a manifest (CSV '
-                    'or ECSV: id, one column per band with the FITS paths, optional '
-                    'catalog and psf_<band>), one dask task per group, into OUT/<id>/, '
+                    'or ECSV: id, one column per band with the FITS paths, FILE[HDU] '
+                    'allowed, optional catalog and per band psf_<band>, '
+                    'weight_<band>, variance_<band>, mask_<band> and unit_<band>), '
+                    'one dask task per group, into OUT/<id>/, '
                     'and write OUT/summary.fits (status, counts, time and error per '
                     'group). A failed group does not stop the others (exit code 6 at '
                     'the end); a killed batch continues with --resume.',
@@ -828,7 +1005,10 @@ def _add_batch_parser(sub):
         notes='manifest (groups.csv):\n'
               '  id,g,r,i,catalog\n'
               '  f001,f001/g.fits,f001/r.fits,f001/i.fits,\n'
-              '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv')
+              '  f002,f002/g.fits,f002/r.fits,f002/i.fits,f002/sources.ecsv\n'
+              'DECam CCDs with weight maps (n6.csv):\n'
+              '  id,r,weight_r\n'
+              '  N6,decam-r-N6.fits[1],decam-r-N6-weight.fits[1]')
     p.add_argument('manifest', help='CSV or ECSV table of exposure groups (relative '
                                     'paths are relative to its directory)')
     p.add_argument('--out', required=True,

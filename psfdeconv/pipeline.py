@@ -37,6 +37,8 @@ FITS (`run_exposure_set` does both, chunk by chunk).
 """
 
 import dataclasses
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ from .detection import (
     NEIGHBOUR_OPTIONS,
     blended_sources,
     detect_galaxies,
+    light_beyond,
     neighbour_segments,
     replace_neighbours,
     segment_extents,
@@ -67,6 +70,7 @@ from .flags import (
     FLAG_NEIGHBOURS,
     FLAG_OUTSIDE_TRAINING,
     FLAG_PSF_EXTRAPOLATED,
+    FLAG_PSF_FALLBACK,
     FLAG_TRUNCATED,
     FLAG_UNDETECTED,
     FLAGS,
@@ -88,6 +92,8 @@ _DEFAULT_PSF_SIZE = 41
 _CENTROID_WINDOW = 6.0
 #: Radius in pixels of the centroid window where the adaptive moments fail.
 _FALLBACK_WINDOW = 8.0
+log = logging.getLogger(__name__)
+
 #: Sources per chunk of `deconvolve_catalog` and `run_exposure_set`: the
 #: working memory of cutting, deconvolving and measuring is bounded by the
 #: chunk (about 1.5 MB per source), not by the number of sources.
@@ -145,7 +151,9 @@ def _positions(positions, reference, reference_band, detect_options):
                 f'no galaxies were detected on the reference band '
                 f'{reference_band!r} ({galaxies.meta["n_detected"]} detections, '
                 f'{galaxies.meta["n_stars"]} of them stars); give positions (a '
-                f'catalogue) or check the image.')
+                f'catalogue, --catalog), lower the detection threshold '
+                f'(--threshold-sigma, threshold_sigma of detect_options in '
+                f'Python) or check the image.')
         x, y = _pixels_of(galaxies['x']), _pixels_of(galaxies['y'])
         return x, y, np.asarray(galaxies['id']), 'detected'
     if isinstance(positions, SkyCoord):
@@ -570,7 +578,9 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     segments_of = source_segments(labels, x_in, y_in)
     blended, _ = blended_sources(combined, labels, x_in, y_in, segments_of=segments_of)
     extent, segment_at_edge = segment_extents(labels, x_in, y_in, segments_of=segments_of)
-    block_factor, truncated = _block_factors(extent, stamp_size, blended)
+    block_factor, truncated = _block_factors(combined, labels, x_in, y_in,
+                                             segments_of=segments_of, extent=extent,
+                                             blended=blended, stamp_size=stamp_size)
     segments = None
     if neighbours == 'replace':
         segments = NDData(labels, wcs=aligned[reference_band].wcs)
@@ -723,24 +733,51 @@ def _pixel_positions_only(positions, reference_band):
 #: fraction of the stamp side from the stamp's centre (on DECam's 0.262
 #: arcsec/pixel, a galaxy 45 pixels wide at half maximum came out with 0.44,
 #: 0.71, 0.81 and 0.99 of its Kron flux for factors 1 to 4, the last one
-#: leaving its segment 0.31 stamp sides from the centre), at most `_MAX_BLOCK_FACTOR`;
-#: beyond that it is TRUNCATED.
+#: leaving its segment 0.31 stamp sides from the centre), at most
+#: `_MAX_BLOCK_FACTOR`; beyond that it is TRUNCATED.
 _BLOCK_FILL = 0.33
 
 
 _MAX_BLOCK_FACTOR = 8
 
 
-def _block_factors(extent, stamp_size, blended):
+#: A source whose light beyond the stamp's inscribed circle (in the annulus
+#: out to twice its radius, other segments left out; `light_beyond`) is more
+#: than this fraction of the light within, at this significance (the
+#: annulus sum over its noise), reaches beyond its stamp even where its
+#: segment does not: the faint wings of a large galaxy lie below the
+#: segmentation threshold.
+_BEYOND_FRACTION = 0.1
+
+
+_BEYOND_SIGNIFICANCE = 5.0
+
+
+def _block_factors(combined, labels, x, y, *, segments_of, extent, blended, stamp_size):
     """The block-sum factor of each source (1: the native grid) and whether
-    its light stays truncated, from `~psfdeconv.detection.segment_extents`.
-    Blended sources stay on the native grid (they are flagged anyway)."""
+    its light stays truncated: the smallest factor (1, 2, 4 or 8 for the
+    light, any for the segment) whose stamp holds both its segment
+    (`~psfdeconv.detection.segment_extents`) and its light
+    (`~psfdeconv.detection.light_beyond`). Blended sources stay on the
+    native grid (they are flagged anyway)."""
     extent = np.asarray(extent, dtype=float)
-    large = (extent > stamp_size / 2 - 1) & ~np.asarray(blended, dtype=bool)
-    needed = np.ceil(extent / (_BLOCK_FILL * stamp_size))
-    factor = np.where(large, np.clip(needed, 2, _MAX_BLOCK_FACTOR), 1).astype(np.int64)
-    truncated = large & (needed > _MAX_BLOCK_FACTOR)
-    return factor, truncated
+    candidates = (segments_of > 0) & ~np.asarray(blended, dtype=bool)
+    beyond_segment = candidates & (extent > stamp_size / 2 - 1)
+    needed = np.where(beyond_segment,
+                      np.maximum(np.ceil(extent / (_BLOCK_FILL * stamp_size)), 2), 1)
+    radius = stamp_size / 2 - 2
+    factor, todo = 1, candidates.copy()
+    while todo.any() and factor <= _MAX_BLOCK_FACTOR:
+        rows = np.flatnonzero(todo)
+        fraction, significance = light_beyond(combined, labels, x[rows], y[rows],
+                                              factor * radius, segments_of=segments_of[rows])
+        with np.errstate(invalid='ignore'):
+            wider = (fraction > _BEYOND_FRACTION) & (significance > _BEYOND_SIGNIFICANCE)
+        needed[rows[wider]] = np.maximum(needed[rows[wider]], 2 * factor)
+        todo[rows[~wider]] = False
+        factor *= 2
+    truncated = needed > _MAX_BLOCK_FACTOR
+    return np.minimum(needed, _MAX_BLOCK_FACTOR).astype(np.int64), truncated
 
 
 def _off_image(x, y, shape):
@@ -907,6 +944,8 @@ def _cut_sources(setup, index, factor=1):
                           setup.exposures[band].wcs.world_to_pixel(sky_in))
         extrapolated = grid_extrapolated(setup.psf_models[band], bx, by)
         flags[extrapolated] |= FLAG_PSF_EXTRAPOLATED
+        if (getattr(setup.psf_models[band], 'meta', None) or {}).get('psf_fallback'):
+            flags |= FLAG_PSF_FALLBACK
         meta = setup.aligned[band].meta if setup.reprojected[band] else {}
         if factor == 1:
             stamp_psfs[:, b] = render_stamp_psfs(setup.psf_models[band], bx, by,
@@ -1105,7 +1144,8 @@ def _catalog_table(setup, parts):
 def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=None,
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
-                     symmetries=None, target_fwhm=None, pixel_scale=None):
+                     symmetries=None, target_fwhm=None, epsf_options=None,
+                     detect_options=None, progress=None, pixel_scale=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1134,11 +1174,19 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
     model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries, target_fwhm
         As for `deconvolve_catalog`.
+    epsf_options, detect_options
+        As for `deconvolve_catalog`.
     pixel_scale : float or `~astropy.units.Quantity`, optional
         arcsec/pixel, as for `deconvolve_catalog` (required for exposures
         without a celestial WCS; ``--pixel-scale``).
     overwrite : bool, optional
         Replace existing outputs.
+    progress : bool, optional
+        Draw a `tqdm` progress bar on standard error for each long stage:
+        the PSFs (per band), the sources (detection, background, alignment)
+        and the deconvolution and measurement (per source). Each stage's
+        start and duration are logged (``logging``, the ``psfdeconv.pipeline``
+        logger, level DEBUG) either way.
 
     Returns
     -------
@@ -1175,23 +1223,34 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         positions = read_positions(positions)
     # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
     band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
-    psf_models, _ = build_psfs(exposures, psfs,
-                               pixel_scale=None if use_wcs else next(iter(band_scales.values())))
-    setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
-                           reference_band=reference_band, psf_size=None,
-                           subtract_background=True, epsf_options=None,
-                           detect_options=None, neighbours=neighbours,
-                           pixel_scale=pixel_scale)
+    psf_models = _build_psfs_with_progress(
+        exposures, psfs, epsf_options, progress,
+        pixel_scale=None if use_wcs else next(iter(band_scales.values())))
+    start = _stage_start('finding the sources (detection, background, alignment)')
+    with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
+        setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
+                               reference_band=reference_band, psf_size=None,
+                               subtract_background=True, epsf_options=epsf_options,
+                               detect_options=detect_options, neighbours=neighbours,
+                               pixel_scale=pixel_scale)
+        bar.update(1)
+    log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_target(setup, target_fwhm)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
-    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer:
+    start = _stage_start(f'deconvolving and measuring {setup.n} sources')
+    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer, \
+            _progress_bar(progress, total=setup.n, desc='deconvolve',
+                          unit='source') as bar:
         for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
                                             batch_size=batch_size):
             parts.append(part)
             writer.write(stamps)
+            bar.update(len(stamps))
+    log.debug('deconvolved and measured %d sources in %.1f s', setup.n,
+              time.perf_counter() - start)
     catalog = _catalog_table(setup, parts)
     write_catalog(catalog, paths['catalog'], overwrite=overwrite)
     for band, psf_model in psf_models.items():
@@ -1208,6 +1267,43 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             scale = band_scales[band] if wcs is None else pixel_scale_of(wcs)
         write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
     return catalog, paths
+
+
+def _stage_start(text):
+    """Log the start of a stage of `run_exposure_set`; its start time."""
+    log.debug('%s', text)
+    return time.perf_counter()
+
+
+def _progress_bar(progress, *, total, desc, unit):
+    """A tqdm bar on standard error, or one that draws nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress,
+                leave=False, dynamic_ncols=True)
+
+
+def _build_psfs_with_progress(exposures, psfs, epsf_options, progress, pixel_scale=None):
+    """`build_psfs`, one band at a time so that a bar can count the bands
+    (``pixel_scale``: that of bands without a WCS)."""
+    bands = list(exposures)
+    if hasattr(psfs, 'items') and set(psfs) != set(bands):
+        build_psfs(exposures, psfs)  # raises the error naming the bands
+    start = _stage_start(f'building the PSFs of {len(bands)} band(s)')
+    models = {}
+    with _progress_bar(progress, total=len(bands), desc='PSFs', unit='band') as bar:
+        for band in bands:
+            value = psfs[band] if hasattr(psfs, 'items') else psfs
+            band_start = time.perf_counter()
+            built, sources = build_psfs({band: exposures[band]}, value,
+                                        epsf_options=epsf_options,
+                                        pixel_scale=pixel_scale)
+            models[band] = built[band]
+            log.debug('band %s: PSF %s in %.1f s', band, sources[band],
+                      time.perf_counter() - band_start)
+            bar.update(1)
+    log.debug('built the PSFs in %.1f s', time.perf_counter() - start)
+    return models
 
 
 # --- Files -----------------------------------------------------------------------------

@@ -432,7 +432,8 @@ def _build_epsf_from_positions(subtracted, bad, x, y, *, size, oversampling,
             f'found {n_stars} usable star(s){where} for the ePSF, fewer than '
             f'min_stars = {min_stars}; give --psf moffat:fwhm=...,beta=... '
             f'or a PSF file (--psf psf=FILE), or relax the star selection '
-            f'(threshold_sigma, box_size, min_stars).')
+            f'(--star-threshold-sigma, --box-size, --min-stars; threshold_sigma, '
+            f'box_size and min_stars of epsf_options in Python).')
     catalog = Table({'x': x[inside], 'y': y[inside]})
     stars = extract_stars(NDData(subtracted, mask=bad), catalog,
                           size=(size, size))
@@ -448,8 +449,8 @@ def _build_epsf_from_positions(subtracted, bad, x, y, *, size, oversampling,
     if n_used < min_stars:
         raise InvalidPSFError(
             f'only {n_used} of {n_stars} star(s){where} could be fitted by '
-            f'the ePSF builder, fewer than min_stars = {min_stars}; give '
-            f'--psf moffat:fwhm=...,beta=... or a PSF file (--psf psf=FILE).')
+            f'the ePSF builder, fewer than min_stars = {min_stars} (--min-stars); '
+            f'give --psf moffat:fwhm=...,beta=... or a PSF file (--psf psf=FILE).')
     epsf = result.epsf
     total = float(np.sum(epsf.data))
     if not np.all(np.isfinite(epsf.data)) or total <= 0:

@@ -137,7 +137,8 @@ def test_magnitudes_are_refused(field, write_field, bunit):
     units = dict.fromkeys(BANDS, ('adu', 1.0))
     units['r'] = (bunit, 1.0)
     paths = write_field(name, units)
-    with pytest.raises(UnitsError, match=r"band 'r'.*mag.*magnitude.*flux per pixel.*unit="):
+    with pytest.raises(UnitsError,
+                       match=r"band 'r'.*mag.*magnitude.*flux per pixel.*--unit BAND=adu"):
         read_exposure_set(paths)
     assert issubclass(UnitsError, PSFDeconvError)
 
@@ -173,7 +174,7 @@ def test_convertible_band_units_are_converted(field, write_field, tiny_model):
 def test_inconvertible_band_units_are_refused(field, write_field, tiny_model):
     units = {'g': ('adu', 1.0), 'r': ('electron', 1.0), 'i': ('adu', 1.0)}
     with pytest.raises(UnitsError, match=r"band 'r' is in electron.*reference band 'g' "
-                                         r"is in adu"):
+                                         r"is in adu.*--unit BAND=UNIT"):
         run(write_field('adu_electron', units), field, tiny_model)
 
 

@@ -28,7 +28,7 @@ from ..exceptions import (
 )
 
 __all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string',
-           'example_exposures', 'EXAMPLE_EXPOSURES', 'EXAMPLE_BANDS']
+           'parse_fits_spec', 'example_exposures', 'EXAMPLE_EXPOSURES', 'EXAMPLE_BANDS']
 
 #: The bundled exposure set (``psfdeconv run --example``; see data/README.md).
 EXAMPLE_EXPOSURES = Path(__file__).parent.parent / 'data' / 'example_exposures'
@@ -197,6 +197,78 @@ def _image_hdus(hdulist):
         if naxis and all(shape):
             found.append((index, shape))
     return found
+
+
+#: A CFITSIO-style HDU suffix: ``file.fits[1]``, ``file.fits[SCI]``,
+#: ``file.fits[SCI,2]`` (EXTNAME, EXTVER).
+_HDU_SUFFIX = re.compile(r'^(?P<path>.+?)\[(?P<hdu>[^\[\]]*)\]$')
+
+
+def parse_fits_spec(text, *, role='image', must_exist=True):
+    """A FITS path with an optional CFITSIO-style HDU, as ``(path, hdu)``.
+
+    ``'decam.fits[1]'`` is HDU 1 (the first extension, as CFITSIO counts),
+    ``'decam.fits[SCI]'`` the HDU whose EXTNAME is SCI and
+    ``'decam.fits[SCI,2]'`` the one with EXTNAME SCI and EXTVER 2. A path
+    without brackets, or one that exists as a file with its brackets, is
+    taken literally (``hdu`` None: the reader's default HDU).
+
+    Parameters
+    ----------
+    text : str or `~pathlib.Path`
+        The path, with or without an HDU suffix.
+    role : str, optional
+        What the file is ('image', 'weight', 'mask', ...), for the messages.
+    must_exist : bool, optional
+        Refuse a file that does not exist.
+
+    Returns
+    -------
+    path : `~pathlib.Path`
+        The file.
+    hdu : int, str, tuple of (str, int) or None
+        The HDU index, EXTNAME or (EXTNAME, EXTVER).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If the file does not exist (with ``must_exist``) or the bracket does
+        not hold an HDU.
+
+    Examples
+    --------
+    >>> from psfdeconv.io import parse_fits_spec
+    >>> parse_fits_spec('decam.fits[SCI,2]', must_exist=False)
+    (PosixPath('decam.fits'), ('SCI', 2))
+    >>> parse_fits_spec('decam.fits[1]', must_exist=False)[1]
+    1
+    """
+    text = str(text).strip()
+    if Path(text).expanduser().is_file():
+        return Path(text).expanduser(), None
+    match = _HDU_SUFFIX.match(text)
+    hdu = None
+    if match:
+        text, inner = match.group('path').strip(), match.group('hdu').strip()
+        parts = [part.strip() for part in inner.split(',')]
+        if not inner or not all(parts) or len(parts) > 2:
+            raise InvalidInputError(f'{text}[{inner}]: the bracket must hold an HDU '
+                                    f'index or EXTNAME, or EXTNAME,EXTVER (e.g. '
+                                    f'{text}[1], {text}[SCI] or {text}[SCI,2]).')
+        if len(parts) == 1:
+            hdu = int(parts[0]) if re.fullmatch(r'[0-9]+', parts[0]) else parts[0]
+        elif re.fullmatch(r'[0-9]+', parts[1]):
+            hdu = (parts[0], int(parts[1]))
+        else:
+            raise InvalidInputError(f'{text}[{inner}]: EXTVER {parts[1]!r} is not a '
+                                    f'whole number; write {text}[EXTNAME,EXTVER], '
+                                    f'e.g. {text}[SCI,2].')
+    path = Path(text).expanduser()
+    if must_exist and not path.is_file():
+        raise InvalidInputError(f'the {role} file {path} does not exist; give the '
+                                f'path of a FITS file, optionally with an HDU '
+                                f'(FILE[1], FILE[SCI] or FILE[SCI,2]).')
+    return path, hdu
 
 
 def _open_fits(path, role='image'):
@@ -369,7 +441,7 @@ def _meta_from_header(header):
 
 def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
                   weight_hdu=None, uncertainty_hdu=None, unit=None,
-                  require_wcs=True):
+                  require_wcs=True, variance_hdu=None):
     """Read one band of one exposure as a `~astropy.nddata.CCDData`.
 
     The pixels become native-endian float64 (integer data are scaled by
@@ -411,8 +483,12 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
         ``(path, hdu)`` pair. An uncertainty HDU holds standard deviations
         unless its header's ``UTYPE`` (as written by
         `~astropy.nddata.CCDData`) says ``VarianceUncertainty`` or
-        ``InverseVariance``. Give at most one of ``weight_hdu`` and
-        ``uncertainty_hdu``.
+        ``InverseVariance``. Give at most one of ``weight_hdu``,
+        ``uncertainty_hdu`` and ``variance_hdu``.
+    variance_hdu : int, str, `~pathlib.Path` or tuple, optional
+        Where a variance image is (as ``weight_hdu``): it becomes a
+        `~astropy.nddata.StdDevUncertainty` of ``sqrt(variance)``, with pixels
+        of variance <= 0 (or not finite) masked.
     unit : str or `~astropy.units.Unit`, optional
         The data unit. Default: the header's ``BUNIT``; without one the data
         are dimensionless (``meta['unit_source']`` says which).
@@ -484,14 +560,12 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
         return _exposure_from_nddata(path_or_nddata, plane=plane, mask_hdu=mask_hdu,
                                      weight_hdu=weight_hdu,
                                      uncertainty_hdu=uncertainty_hdu, unit=unit,
-                                     require_wcs=require_wcs)
+                                     require_wcs=require_wcs, variance_hdu=variance_hdu)
     if not isinstance(path_or_nddata, str | os.PathLike):
         raise InvalidInputError(f'cannot read an exposure from a '
                                 f'{type(path_or_nddata).__name__}; give the path '
                                 f'of a FITS file or an NDData/CCDData.')
-    if weight_hdu is not None and uncertainty_hdu is not None:
-        raise InvalidInputError('give weight_hdu or uncertainty_hdu, not both: '
-                                'they describe the same noise.')
+    _check_one_noise(weight_hdu, uncertainty_hdu, variance_hdu)
     from astropy.wcs import WCS
 
     path = Path(path_or_nddata)
@@ -548,6 +622,11 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
             kind = {'VarianceUncertainty': 'var',
                     'InverseVariance': 'ivar'}.get(utype, 'std')
             sigma, bad = _uncertainty_from(kind, values)
+            mask |= bad
+        if variance_hdu is not None:
+            values, _, _ = _read_auxiliary(variance_hdu, hdulist, path, data.shape,
+                                           plane, 'variance', collected)
+            sigma, bad = _uncertainty_from('var', values)
             mask |= bad
 
     meta = _meta_from_header(header)
@@ -629,16 +708,25 @@ def _finish_exposure(data, mask, sigma, wcs, unit, meta, where, *, unit_source,
                    meta=meta, psf=psf, copy=False)
 
 
+def _check_one_noise(weight_hdu, uncertainty_hdu, variance_hdu):
+    given = [name for name, value in (('weight_hdu', weight_hdu),
+                                      ('uncertainty_hdu', uncertainty_hdu),
+                                      ('variance_hdu', variance_hdu))
+             if value is not None]
+    if len(given) > 1:
+        raise InvalidInputError(f'give one of {" and ".join(given)}, not both: they '
+                                f'describe the same noise (on the command line, one '
+                                f'of --weight and --variance per band).')
+
+
 def _exposure_from_nddata(nddata, *, plane, mask_hdu, weight_hdu,
-                          uncertainty_hdu, unit, require_wcs):
+                          uncertainty_hdu, unit, require_wcs, variance_hdu=None):
     """`read_exposure` for an in-memory NDData: the same checks, on a copy."""
     from astropy.io import fits
     from astropy.nddata import StdDevUncertainty
 
     where = f'the input {type(nddata).__name__}'
-    if weight_hdu is not None and uncertainty_hdu is not None:
-        raise InvalidInputError('give weight_hdu or uncertainty_hdu, not both: '
-                                'they describe the same noise.')
+    _check_one_noise(weight_hdu, uncertainty_hdu, variance_hdu)
     data = nddata.data
     mask = None if nddata.mask is None else np.asarray(nddata.mask)
     if np.ma.isMaskedArray(data):
@@ -685,7 +773,7 @@ def _exposure_from_nddata(nddata, *, plane, mask_hdu, weight_hdu,
         mask |= bad
     collected = []
     for spec, role in ((mask_hdu, 'mask'), (weight_hdu, 'weight'),
-                       (uncertainty_hdu, 'uncertainty')):
+                       (uncertainty_hdu, 'uncertainty'), (variance_hdu, 'variance')):
         if spec is None:
             continue
         values, aux_header, _ = _read_auxiliary(spec, None, where, data.shape,
@@ -693,7 +781,7 @@ def _exposure_from_nddata(nddata, *, plane, mask_hdu, weight_hdu,
         if role == 'mask':
             mask |= (values != 0) | ~np.isfinite(values)
             continue
-        kind = 'ivar' if role == 'weight' else {
+        kind = 'ivar' if role == 'weight' else 'var' if role == 'variance' else {
             'VarianceUncertainty': 'var', 'InverseVariance': 'ivar'}.get(
                 str(aux_header.get('UTYPE', 'StdDevUncertainty')), 'std')
         sigma, bad = _uncertainty_from(kind, values)
