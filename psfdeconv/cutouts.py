@@ -361,18 +361,10 @@ def _local_jacobian(wcs, x, y, frame_centre):
 
 
 def _is_surface_brightness(unit):
-    """Whether a unit is per solid angle (e.g. MJy/sr, nmgy/arcsec2)."""
-    import astropy.units as u
+    """Whether a unit is per solid angle (`psfdeconv._units.is_surface_brightness`)."""
+    from ._units import is_surface_brightness
 
-    if unit is None:
-        return False
-    angles = (u.sr, u.deg, u.arcmin, u.arcsec, u.mas, u.rad)
-    try:
-        unit = u.Unit(unit)
-        return any(base in angles and power < 0
-                   for base, power in zip(unit.bases, unit.powers, strict=True))
-    except (ValueError, TypeError, AttributeError):
-        return False
+    return is_surface_brightness(unit)
 
 
 def align_bands(exposures, *, reference, kernel=None, mask_threshold=0.5,

@@ -45,6 +45,7 @@ from .exceptions import (
     InvalidPSFError,
     PixelScaleError,
     ShapeMismatchError,
+    UnitsError,
 )
 from .target import convolve_to_target, target_psf_images
 from .transforms import dilate_images, shear_images, square_symmetry
@@ -561,6 +562,37 @@ def refit_images(output, stamps, psfs, noise_sigma):
             'detection_snr': detection_snr(flux, flux_err)}
 
 
+#: The entries of `deconvolve_stamps`' details in the stamps' unit.
+_FLUX_DETAILS = ('amplitude', 'amplitude_err', 'flux', 'flux_err', 'flux_corrected',
+                 'noise_sigma')
+
+
+def _strip_units(stamps, noise_sigma):
+    """Plain stamps and noise, and the stamps' unit (None for plain
+    arrays); a Quantity noise_sigma is converted to the stamps' unit."""
+    import astropy.units as u
+
+    unit = stamps.unit if isinstance(stamps, u.Quantity) else None
+    if unit is not None:
+        stamps = stamps.value
+    if isinstance(noise_sigma, u.Quantity):
+        if unit is None:
+            if noise_sigma.unit.physical_type != 'dimensionless':
+                raise UnitsError(f'noise_sigma is in {noise_sigma.unit} but the '
+                                 f'stamps are a plain array; give the stamps as '
+                                 f'a Quantity in the same unit, or plain '
+                                 f'numbers for both.')
+            noise_sigma = noise_sigma.to_value(u.dimensionless_unscaled)
+        else:
+            try:
+                noise_sigma = noise_sigma.to_value(unit)
+            except u.UnitConversionError:
+                raise UnitsError(f'noise_sigma is in {noise_sigma.unit} but the '
+                                 f'stamps are in {unit}; give noise_sigma in '
+                                 f'the stamps\' unit.') from None
+    return stamps, noise_sigma, unit
+
+
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
                       target_psf=None, return_details=False, strict=False):
@@ -568,9 +600,10 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
 
     Parameters
     ----------
-    stamps : array-like
+    stamps : array-like or `~astropy.units.Quantity`
         Observed, background-subtracted stamps of shape (n, n_bands, ny,
         nx) in any flux unit; ny and nx must equal the model's stamp size.
+        A Quantity gives Quantity images and fluxes in its unit.
     psfs : array-like
         PSF images of shape (n, n_bands, py, px): odd sizes, centred, any
         positive sum (they are normalised here), py, px <= ny, nx.
@@ -579,9 +612,10 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         (shape (n,)).
     model : `~psfdeconv.model.DeconvolutionModel`, optional
         A loaded model; the shipped default if `None`.
-    noise_sigma : array-like, optional
+    noise_sigma : array-like or `~astropy.units.Quantity`, optional
         Per-pixel noise standard deviation, shape (n, n_bands) or
-        broadcastable; estimated from the refit residuals if not given.
+        broadcastable (a Quantity in a unit convertible to the stamps');
+        estimated from the refit residuals if not given.
     batch_size : int, optional
         Objects per network call.
     symmetries : {1, 2, 4, 8}, optional
@@ -618,8 +652,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
 
     Returns
     -------
-    images : `~numpy.ndarray`
-        Deconvolved images (n, n_bands, ny, nx) in the input's flux units,
+    images : `~numpy.ndarray` or `~astropy.units.Quantity`
+        Deconvolved images (n, n_bands, ny, nx) in the input's flux units
+        (a Quantity if ``stamps`` is one, as are then the details
+        ``'amplitude'``, ``'amplitude_err'``, ``'flux'``, ``'flux_err'``,
+        ``'flux_corrected'`` and ``'noise_sigma'``),
         after the amplitude refit: the sum of an image is its flux. Where
         the model's card has a ``detection`` threshold and a stamp's
         `detection_snr` lies below it, the images are 0 (no significant
@@ -632,7 +669,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     `~psfdeconv.exceptions.InvalidInputError`
         Subclasses for non-finite pixels, bad PSFs, shape or band-count
         mismatches and invalid pixel scales (and, with ``strict``, pixel
-        scales or PSFs outside the training range).
+        scales or PSFs outside the training range);
+        `~psfdeconv.exceptions.UnitsError` for a Quantity ``noise_sigma``
+        not convertible to the stamps' unit.
 
     Examples
     --------
@@ -646,6 +685,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     """
     from .model import load_model
 
+    stamps, noise_sigma, unit = _strip_units(stamps, noise_sigma)
     stamps, psfs, pixel_scale = validate_stamps(stamps, psfs, pixel_scale)
     if model is None:
         model = load_model(n_bands=stamps.shape[1])
@@ -677,6 +717,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                                model.card.get('detection'))
     if target_kernels is not None:
         images = convolve_to_target(images, target_kernels)
+    if unit is not None:
+        images = images * unit
     if not return_details:
         return images
     details = {
@@ -689,6 +731,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     }
     if target_kernels is not None:
         details['target_psf'] = target_kernels
+    if unit is not None:
+        details = {key: value * unit if key in _FLUX_DETAILS else value
+                   for key, value in details.items()}
     return images, details
 
 

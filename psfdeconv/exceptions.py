@@ -22,6 +22,7 @@ __all__ = [
     'ShapeMismatchError',
     'BandCountError',
     'PixelScaleError',
+    'UnitsError',
     'ConfigError',
     'ModelFileError',
     'OutputExistsError',
@@ -63,6 +64,11 @@ class BandCountError(InvalidInputError):
 class PixelScaleError(InvalidInputError):
     """A pixel scale that is not positive and finite, or outside the
     trained range when strict checking is asked for."""
+
+
+class UnitsError(InvalidInputError):
+    """A data unit psfdeconv cannot turn into flux per pixel (magnitudes,
+    Jy/beam), or bands whose units cannot be converted to one another."""
 
 
 class ConfigError(PSFDeconvError, ValueError):

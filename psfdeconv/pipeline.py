@@ -231,7 +231,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
                        batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
-                       symmetries=None, target_fwhm=None):
+                       symmetries=None, target_fwhm=None, pixel_scale=None):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -242,9 +242,15 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     ----------
     exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
         Band name (a column-name suffix) to the band's exposure: a FITS file
-        or an NDData/CCDData with a celestial WCS, read with
-        `psfdeconv.io.read_exposure`. The data must be in flux per pixel
-        (e.g. adu, electron/s, nanomaggy).
+        or an NDData/CCDData, read with `psfdeconv.io.read_exposure`, with a
+        celestial WCS or, given ``pixel_scale``, without one. The data are
+        in flux per pixel (e.g. adu, electron/s, nanomaggy) or in surface
+        brightness (e.g. MJy/sr, nanomaggy/arcsec2), which is multiplied
+        by the pixel area; magnitudes and Jy/beam are refused
+        (`~psfdeconv.exceptions.UnitsError`). Bands in different but
+        convertible units (nJy, uJy) are converted to the reference band's
+        unit; the conversions are recorded in the catalogue's meta
+        ``unit_conversion``.
     positions : `~astropy.coordinates.SkyCoord`, `~astropy.table.Table` or array-like, optional
         The sources: sky coordinates; a table with a SkyCoord column (e.g.
         ``sky_centroid``), ``ra`` and ``dec`` columns (degrees, ICRS), or
@@ -308,19 +314,30 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         pixel scale, or a source whose PSF FWHM, lies outside the model's
         training range, instead of warning and setting
         `FLAG_OUTSIDE_TRAINING`.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel (or an angle per pixel). Required when a band has no
+        celestial WCS: the bands are then taken to share one pixel grid
+        (they must have the same shape; reproject them first otherwise),
+        the positions must be pixels (given or detected; sky positions are
+        refused), the catalogue has no ``sky_centroid`` column and its meta
+        ``wcs`` is False, and the stamps' ``wcs`` is None. With WCSs too,
+        it must agree with the reference band's WCS within 1 percent.
+        Recorded in the meta as ``pixel_scale`` and ``pixel_scale_source``
+        (``'wcs'`` or ``'argument'``).
 
     Returns
     -------
     catalog : `~astropy.table.QTable`
         One row per source, in the order of ``positions``: ``id``,
-        ``sky_centroid`` (`~astropy.coordinates.SkyCoord` of the light
+        ``sky_centroid`` (only with a WCS: `~astropy.coordinates.SkyCoord` of the light
         centroid of the reference band's deconvolved image in a window
         around its adaptive-moment centroid, or around the input position
         where HSM fails), ``x``, ``y`` (that centroid
         in reference-band pixels), ``x_input``, ``y_input`` (the given or
         detected position), ``flags`` (see the module docstring), and per
         band ``flux_<band>``, ``flux_err_<band>``, ``flux_corrected_<band>``
-        (in the band's unit; the flux after the model's flux-bias correction),
+        (in the reference band's flux-per-pixel unit, dimensionless for
+        dimensionless data; the flux after the model's flux-bias correction),
         ``snr_<band>`` (flux / flux_err), ``noise_sigma_<band>`` (per-pixel
         noise used by the amplitude refit), ``e1_<band>``, ``e2_<band>``,
         ``e_<band>``, ``size_<band>`` (arcsec; unweighted moments,
@@ -331,12 +348,16 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         entirely masked are NaN. ``meta`` holds ``bands``, ``reference_band``,
         ``psf_source`` (per band), ``model`` (name, path,
         ``weights_sha256``), ``psfdeconv_version``, ``inputs`` (paths),
-        ``positions``, ``pixel_scale`` (arcsec/pixel), ``stamp_size``,
+        ``positions``, ``pixel_scale`` (arcsec/pixel), ``pixel_scale_source``,
+        ``wcs`` (whether the bands had celestial WCSs), ``unit`` (of the
+        fluxes), ``unit_conversion`` (per converted band: ``from``, ``to``,
+        ``factor``, ``reason``), ``stamp_size``,
         ``psf_size``, ``reprojected`` and ``noise_source`` (per band),
         ``background_subtracted``, ``neighbours`` and ``flag_bits``.
     stamps : list of `~astropy.nddata.NDData`
         Per source, the deconvolved images: ``data`` (n_bands, size, size) in
-        the exposures' unit, ``wcs`` the stamp's celestial WCS (pixel (0, 0)
+        the catalogue's unit, ``wcs`` the stamp's celestial WCS (None without
+        one; pixel (0, 0)
         of the stamp is exposure pixel ``meta['origin']``), ``mask`` (n_bands,
         size, size) the masked or off-image input pixels, and ``meta`` with
         ``id``, ``bands``, ``flags``, ``origin``, ``psf_source`` and
@@ -353,6 +374,13 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         the image, no galaxy detected, ...).
     psfdeconv.exceptions.ModelFileError
         If the model cannot be loaded.
+    psfdeconv.exceptions.UnitsError
+        For data in magnitudes or Jy/beam, or bands whose units cannot be
+        converted to the reference band's.
+    psfdeconv.exceptions.ShapeMismatchError
+        Without a WCS, for bands of different shapes.
+    psfdeconv.exceptions.PixelScaleError
+        If ``pixel_scale`` and a band's WCS disagree by more than 1 percent.
 
     Examples
     --------
@@ -370,7 +398,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                            reference_band=reference_band, psf_size=psf_size,
                            subtract_background=subtract_background,
                            epsf_options=epsf_options, detect_options=detect_options,
-                           neighbours=neighbours)
+                           neighbours=neighbours, pixel_scale=pixel_scale)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_target(setup, target_fwhm)
@@ -434,6 +462,9 @@ class _CatalogSetup:
     symmetries: int = 1
     #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
     target_fwhm: float = None
+    #: Whether the bands have celestial WCSs (False: one shared pixel grid,
+    #: pixel positions, no sky coordinates).
+    use_wcs: bool = True
 
     @property
     def n(self):
@@ -479,7 +510,7 @@ def _check_strict(setup, strict):
 
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
                    subtract_background, epsf_options, detect_options,
-                   neighbours='replace'):
+                   neighbours='replace', pixel_scale=None):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
     subtracted, aligned bands (a `_CatalogSetup`)."""
@@ -488,13 +519,13 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
 
     from . import __version__
     from . import background as sky
+    from ._units import common_flux_unit
     from .cutouts import make_cutouts
-    from .io import pixel_scale_of
 
     if neighbours not in NEIGHBOUR_OPTIONS:
         raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
                                 f'{NEIGHBOUR_OPTIONS}.')
-    exposures, paths = read_exposure_set(exposures)
+    exposures, paths = read_exposure_set(exposures, require_wcs=False)
     bands = list(exposures)
     model = _as_model(model, n_bands=len(bands))
     model.check_bands(len(bands))
@@ -509,10 +540,16 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     if reference_band not in exposures:
         raise InvalidInputError(f'reference_band = {reference_band!r} is not one of '
                                 f'the bands {bands}; give one of them.')
+    band_scales, scale_source, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+    if not use_wcs:
+        exposures = {band: _without_wcs(exposure) for band, exposure in exposures.items()}
+        positions = _pixel_positions_only(positions, reference_band)
+    exposures, unit_conversion = common_flux_unit(exposures, reference_band, band_scales)
     reference = exposures[reference_band]
-    pixel_scale = pixel_scale_of(reference.wcs)
+    scale = band_scales[reference_band]
 
-    psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options)
+    psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
+                                         pixel_scale=scale)
     x_in, y_in, ids, positions_source = _positions(positions, reference,
                                                    reference_band, detect_options)
     n = x_in.size
@@ -525,7 +562,11 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                 for band, exposure in exposures.items()}
     else:
         work = exposures
-    aligned, reprojected = align_to_reference(work, reference_band)
+    if use_wcs:
+        aligned, reprojected = align_to_reference(work, reference_band)
+    else:
+        # No WCS: the bands share the reference band's pixel grid.
+        aligned, reprojected = dict(work), dict.fromkeys(bands, False)
     # The segments of the bands' combined signal-to-noise image: which
     # sources are blended, how far each one's light reaches, and (with
     # 'replace') the neighbours' pixels in each stamp.
@@ -563,8 +604,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         noise_source = {band: 'uncertainty (median over the stamp)'
                         if has_uncertainty[band] else 'stamp pixels (1.4826 MAD)'
                         for band in bands}
-    units = {aligned[band].unit for band in bands}
-    scale = pixel_scale.to_value(u.arcsec / u.pix)
+    stamp_unit = aligned[reference_band].unit or u.dimensionless_unscaled
     model_info = {'name': model.card.get('name'), 'path': str(model.path)
                   if model.path is not None else None,
                   'weights_sha256': model.sha256}
@@ -577,6 +617,10 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'inputs': paths,
         'positions': positions_source,
         'pixel_scale': float(scale),
+        'pixel_scale_source': scale_source,
+        'wcs': use_wcs,
+        'unit': stamp_unit.to_string(),
+        'unit_conversion': unit_conversion,
         'stamp_size': stamp_size,
         'psf_size': psf_size,
         'reprojected': reprojected,
@@ -593,8 +637,95 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         y_in=y_in, ids=ids, off_image=off_image, anchor=anchor, segments=segments,
         blended=blended, block_factor=block_factor, truncated=truncated,
         segment_at_edge=segment_at_edge,
-        frame=wcs_to_celestial_frame(reference.wcs),
-        stamp_unit=units.pop() if len(units) == 1 else None, meta=meta)
+        frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
+        stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
+
+
+#: Relative difference above which a given pixel_scale and a WCS's disagree.
+_PIXEL_SCALE_TOLERANCE = 0.01
+
+
+def _band_pixel_scales(exposures, pixel_scale):
+    """arcsec/pixel of each band, where it came from ('wcs' or
+    'argument'), and whether every band has a celestial WCS.
+
+    Without a WCS in some band, ``pixel_scale`` is required and the bands
+    must share one pixel grid (the same shape); a WCS and ``pixel_scale``
+    must agree within `_PIXEL_SCALE_TOLERANCE`.
+    """
+    import astropy.units as u
+
+    from ._validation import scalar_pixel_scale
+    from .exceptions import PixelScaleError
+    from .io import pixel_scale_of
+
+    given = None if pixel_scale is None else scalar_pixel_scale(pixel_scale)
+    missing = [band for band, exposure in exposures.items() if exposure.wcs is None]
+    if missing and given is None:
+        where = ', '.join(f'{band!r} ({exposures[band].meta.get("path") or "NDData"})'
+                          for band in missing)
+        raise InvalidInputError(
+            f'band(s) {where} have no celestial WCS; give the pixel scale '
+            f'(pixel_scale=ARCSEC, e.g. pixel_scale=0.2; --pixel-scale ARCSEC on '
+            f'the command line) and pixel positions (or let psfdeconv detect '
+            f'the sources), or add a celestial WCS, e.g. with astrometry.net.')
+    scales = {}
+    for band, exposure in exposures.items():
+        if exposure.wcs is None:
+            scales[band] = given
+            continue
+        scales[band] = float(pixel_scale_of(exposure.wcs).to_value(u.arcsec / u.pix))
+        apart = abs(scales[band] / given - 1) if given is not None else 0.0
+        if apart > _PIXEL_SCALE_TOLERANCE:
+            raise PixelScaleError(
+                f'pixel_scale = {given} arcsec/pixel, but the WCS of band {band!r} '
+                f'gives {scales[band]:.5f} arcsec/pixel ({100 * apart:.1f} '
+                f'percent apart, more than {100 * _PIXEL_SCALE_TOLERANCE:.0f}); '
+                f'omit pixel_scale to use the WCS, or fix the WCS or the value.')
+    if not missing:
+        return scales, 'wcs', True
+    shapes = {band: tuple(exposure.shape) for band, exposure in exposures.items()}
+    if len(set(shapes.values())) > 1:
+        raise ShapeMismatchError(
+            f'band(s) {missing} have no celestial WCS, so the bands are taken to '
+            f'share one pixel grid, but their shapes differ: {shapes}; reproject '
+            f'them onto one grid first, or give every band a celestial WCS.')
+    return dict.fromkeys(exposures, given), 'argument', False
+
+
+def _without_wcs(exposure):
+    """The exposure without its WCS (a set with one band lacking a WCS is
+    used on one shared pixel grid)."""
+    from astropy.nddata import CCDData
+
+    if exposure.wcs is None:
+        return exposure
+    return CCDData(exposure.data, unit=exposure.unit, mask=exposure.mask,
+                   uncertainty=exposure.uncertainty, wcs=None, meta=exposure.meta,
+                   copy=False)
+
+
+def _pixel_positions_only(positions, reference_band):
+    """Positions usable without a WCS: pixels. Sky positions are refused;
+    a table with both keeps its x, y (and id) columns."""
+    from astropy.coordinates import SkyCoord
+    from astropy.table import Table
+
+    refuse = (f'the positions are sky coordinates, but the exposures have no '
+              f'celestial WCS to place them; give pixel positions of the '
+              f'reference band {reference_band!r} (x and y columns, or an (n, 2) '
+              f'array), omit positions to detect the sources, or give exposures '
+              f'with a celestial WCS.')
+    if isinstance(positions, SkyCoord):
+        raise InvalidInputError(refuse)
+    if isinstance(positions, Table):
+        if 'x' in positions.colnames and 'y' in positions.colnames:
+            keep = [name for name in ('id', 'x', 'y') if name in positions.colnames]
+            return positions[keep]
+        if any(isinstance(positions[name], SkyCoord) for name in positions.colnames) \
+                or ('ra' in positions.colnames and 'dec' in positions.colnames):
+            raise InvalidInputError(refuse)
+    return positions
 
 
 #: A source whose segment reaches beyond the stamp is cut from the bands
@@ -801,7 +932,7 @@ def _cut_sources(setup, index, factor=1):
     xy = (np.column_stack([setup.x_in[cut_index], setup.y_in[cut_index]]) + 0.5) \
         / factor - 0.5
 
-    sky_in = setup.reference.wcs.pixel_to_world(x_in, y_in)
+    sky_in = setup.reference.wcs.pixel_to_world(x_in, y_in) if setup.use_wcs else None
     flags = np.zeros(n, dtype=np.int32)
     stamps = np.empty((n, len(bands), stamp_size, stamp_size))
     masks = np.empty(stamps.shape, dtype=bool)
@@ -819,7 +950,7 @@ def _cut_sources(setup, index, factor=1):
         stamps[:, b] = np.where(cut['mask'], 0.0, cut['data'])
         empty[:, b] = cut['mask'].all(axis=(-2, -1))
         # The PSF where the source is in the band's own pixels.
-        if band == reference_band:
+        if band == reference_band or not setup.use_wcs:
             bx, by = x_in, y_in
         else:
             with np.errstate(invalid='ignore'):
@@ -913,18 +1044,21 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
     factor = cut['factor']
     x_exposure = factor * (ref_cut['origin'][:, 0] + x_stamp + 0.5) - 0.5
     y_exposure = factor * (ref_cut['origin'][:, 1] + y_stamp + 0.5) - 0.5
-    lon, lat = np.full(n, np.nan), np.full(n, np.nan)
-    for i in range(n):
-        lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i], y_stamp[i])
-
     columns = []  # (name, values, description)
     columns += [
-        ('id', np.asarray(ids), 'Source identifier (the input id or detection label)'),
+        ('id', np.asarray(ids), 'Source identifier (the input id or detection label)')]
+    if setup.use_wcs:
+        lon, lat = np.full(n, np.nan), np.full(n, np.nan)
+        for i in range(n):
+            lon[i], lat[i] = ref_cut['wcs'][i].pixel_to_world_values(x_stamp[i],
+                                                                     y_stamp[i])
         # (lon, lat) in degrees: the SkyCoord is made once, by _catalog_table.
-        ('sky_centroid', (lon, lat),
-         f'Light centroid of the deconvolved {reference_band} image in a '
-         f'window around its HSM centroid (around the input position where '
-         f'HSM fails)'),
+        columns += [
+            ('sky_centroid', (lon, lat),
+             f'Light centroid of the deconvolved {reference_band} image in a '
+             f'window around its HSM centroid (around the input position where '
+             f'HSM fails)')]
+    columns += [
         ('x', x_exposure * u.pix,
          f'Column of the deconvolved {reference_band} centroid in the '
          f'{reference_band} exposure, 0-based'),
@@ -1025,7 +1159,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
-                     detect_options=None, progress=None):
+                     detect_options=None, progress=None, pixel_scale=None):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1056,6 +1190,9 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         As for `deconvolve_catalog`.
     epsf_options, detect_options
         As for `deconvolve_catalog`.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel, as for `deconvolve_catalog` (required for exposures
+        without a celestial WCS; ``--pixel-scale``).
     overwrite : bool, optional
         Replace existing outputs.
     progress : bool, optional
@@ -1079,7 +1216,6 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     from .io import (
         check_writable,
         pixel_scale_of,
-        read_exposure,
         read_positions,
         stamp_writer,
         write_catalog,
@@ -1096,16 +1232,21 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         check_writable(path, overwrite=overwrite)
     model = _as_model(model, n_bands=len(exposures))
     model.check_bands(len(exposures))
-    exposures = {band: read_exposure(exposure) for band, exposure in exposures.items()}
+    exposures, _ = read_exposure_set(exposures, require_wcs=False)
     if isinstance(positions, str | Path):
         positions = read_positions(positions)
-    psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options, progress)
+    # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
+    band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+    psf_models = _build_psfs_with_progress(
+        exposures, psfs, epsf_options, progress,
+        pixel_scale=None if use_wcs else next(iter(band_scales.values())))
     start = _stage_start('finding the sources (detection, background, alignment)')
     with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
         setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
                                reference_band=reference_band, psf_size=None,
                                subtract_background=True, epsf_options=epsf_options,
-                               detect_options=detect_options, neighbours=neighbours)
+                               detect_options=detect_options, neighbours=neighbours,
+                               pixel_scale=pixel_scale)
         bar.update(1)
     log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
     _check_strict(setup, strict)
@@ -1136,7 +1277,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         with catch_warnings():
             # For PIXSCALE only; non-square pixels were reported at set-up.
             warnings.simplefilter('ignore', PSFDeconvWarning)
-            scale = None if wcs is None else pixel_scale_of(wcs)
+            # Without a WCS: the pixel_scale argument.
+            scale = band_scales[band] if wcs is None else pixel_scale_of(wcs)
         write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
     return catalog, paths
 
@@ -1155,8 +1297,9 @@ def _progress_bar(progress, *, total, desc, unit):
                 leave=False, dynamic_ncols=True)
 
 
-def _build_psfs_with_progress(exposures, psfs, epsf_options, progress):
-    """`build_psfs`, one band at a time so that a bar can count the bands."""
+def _build_psfs_with_progress(exposures, psfs, epsf_options, progress, pixel_scale=None):
+    """`build_psfs`, one band at a time so that a bar can count the bands
+    (``pixel_scale``: that of bands without a WCS)."""
     bands = list(exposures)
     if hasattr(psfs, 'items') and set(psfs) != set(bands):
         build_psfs(exposures, psfs)  # raises the error naming the bands
@@ -1167,7 +1310,8 @@ def _build_psfs_with_progress(exposures, psfs, epsf_options, progress):
             value = psfs[band] if hasattr(psfs, 'items') else psfs
             band_start = time.perf_counter()
             built, sources = build_psfs({band: exposures[band]}, value,
-                                        epsf_options=epsf_options)
+                                        epsf_options=epsf_options,
+                                        pixel_scale=pixel_scale)
             models[band] = built[band]
             log.debug('band %s: PSF %s in %.1f s', band, sources[band],
                       time.perf_counter() - band_start)

@@ -1888,7 +1888,7 @@ def _epsf_or_moffat(exposure, epsf_options, *, fallback):
     return model, f'epsf ({model.meta["n_stars"]} stars)'
 
 
-def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True):
+def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True, pixel_scale=None):
     """A PSF model per band, in each band's own pixels.
 
     Parameters
@@ -1917,6 +1917,10 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True):
         ``meta['psf_fallback']`` is then True (the pipeline flags the
         band's rows ``PSF_FALLBACK``) and its source says so, e.g.
         ``'moffat fit (4 stars; too few for an ePSF)'``.
+    pixel_scale : float or `~astropy.units.Quantity`, optional
+        arcsec/pixel of the bands without a celestial WCS, for
+        specifications in arcsec (``'moffat:fwhm=0.8arcsec'``); a band with
+        a WCS uses its own.
 
     Returns
     -------
@@ -1952,7 +1956,8 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True):
 
     if not hasattr(exposures, 'items') or \
             not all(isinstance(e, NDData) for e in exposures.values()):
-        exposures, _ = read_exposure_set(exposures)
+        exposures, _ = read_exposure_set(exposures,
+                                         require_wcs=pixel_scale is None)
     bands = list(exposures)
     if hasattr(psfs, 'items'):
         unknown = [band for band in psfs if band not in exposures]
@@ -1980,7 +1985,7 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True):
                     exposure, epsf_options, fallback=fallback)
             elif isinstance(value, str):
                 scale = pixel_scale_of(exposure.wcs) if getattr(
-                    exposure, 'wcs', None) is not None else None
+                    exposure, 'wcs', None) is not None else pixel_scale
                 model = psf_from_spec(value, data=exposure, pixel_scale=scale)
                 sources[band] = value.strip()
                 resampled = (getattr(model, 'meta', None) or {}).get('resampled_from')

@@ -24,6 +24,7 @@ from ..exceptions import (
     InvalidInputError,
     InvalidPixelsError,
     PSFDeconvWarning,
+    UnitsError,
 )
 
 __all__ = ['read_exposure', 'read_exposure_set', 'pixel_scale_of', 'fits_unit_string',
@@ -63,7 +64,9 @@ def example_exposures():
 
 #: Fix for an exposure without a celestial WCS, quoted in the error message.
 _NO_WCS_FIX = ('add a celestial WCS, e.g. with astrometry.net, or give pixel '
-               'positions and --pixel-scale (require_wcs=False in Python)')
+               'positions and the pixel scale: pixel_scale=ARCSEC in Python '
+               '(deconvolve_catalog, run_exposure_set; require_wcs=False for '
+               'read_exposure), --pixel-scale ARCSEC on the command line')
 
 #: Relative difference of the two pixel axes above which `pixel_scale_of`
 #: warns that the pixels are not square.
@@ -142,19 +145,35 @@ def fits_unit_string(unit):
 def _parse_unit(text):
     """An astropy unit from a BUNIT string, or None if it is not one.
 
-    Tries the string as written, in lower case, and with plural counts
-    ('ELECTRONS/S' -> electron / s, 'DNs' -> DN) made singular.
+    Tries the string as written, in lower case, with plural counts
+    ('ELECTRONS/S' -> electron / s, 'DNs' -> DN, 'nanomaggies' ->
+    nanomaggy) made singular, and with upper-case janskys in their astropy
+    spelling ('JY/BEAM' -> Jy / beam, 'MJY/SR' -> MJy / sr, the Spitzer and
+    Herschel convention), so that a per-beam or surface-brightness unit is
+    recognised (and refused or converted) rather than read as dimensionless.
     """
     import astropy.units as u
 
     low = text.strip().lower()
-    candidates = (text.strip(), low,
-                  re.sub(r'\b(electron|count|photon|adu|dn)s\b', r'\1', low))
+    singular = re.sub(r'\b(electron|count|photon|adu|dn)s\b', r'\1', low)
+    singular = re.sub(r'\b(nano)?maggies\b', lambda m: (m.group(1) or '') + 'maggy',
+                      singular)
+    # The prefix keeps its case (M: mega, m: milli); u, n are unambiguous.
+    janskys = re.sub(r'\b([MmUuNn]?)jy\b',
+                     lambda m: {'U': 'u', 'N': 'n'}.get(m.group(1), m.group(1)) + 'Jy',
+                     text.strip(), flags=re.IGNORECASE)
+    janskys = re.sub(r'[A-Za-z]+', lambda m: m.group(0) if m.group(0).endswith('Jy')
+                     else m.group(0).lower(), janskys)
+    candidates = (text.strip(), low, singular, janskys)
     for candidate in candidates:
         if not candidate:
             return None
         try:
-            return u.Unit(candidate)
+            # Real headers write 'erg/s/cm2/Hz/sr'; astropy parses it and
+            # warns that FITS discourages multiple slashes.
+            with catch_warnings():
+                warnings.simplefilter('ignore', u.UnitsWarning)
+                return u.Unit(candidate)
         except ValueError:
             continue
     return None
@@ -502,6 +521,10 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
         images of another shape.
     psfdeconv.exceptions.InvalidPixelsError
         If every pixel is non-finite or masked.
+    psfdeconv.exceptions.UnitsError
+        For data in magnitudes (BUNIT ``mag``, ``ABmag``, ``dex``, ...) or
+        per beam (``Jy/beam``), which cannot become flux per pixel
+        (`psfdeconv._units.check_flux_unit`).
 
     Warns
     -----
@@ -614,20 +637,36 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
 
 
 def _resolve_unit(unit, bunit, where, input_unit):
+    """The data unit from the argument, the input NDData or BUNIT (in that
+    order), and where it came from; magnitudes and per-beam units are
+    refused (`psfdeconv._units.check_flux_unit`)."""
     import astropy.units as u
 
+    from .._units import check_flux_unit, is_magnitude_text
+
     if unit is not None:
-        try:
-            return u.Unit(unit), 'argument'
-        except (ValueError, TypeError):
-            raise InvalidInputError(f'unit = {unit!r} is not a unit astropy '
-                                    f'knows; give e.g. "adu", "electron/s" or '
-                                    f'"nanomaggy".') from None
+        if isinstance(unit, u.UnitBase | u.FunctionUnitBase):
+            resolved = unit
+        else:
+            try:
+                resolved = u.Unit(unit)
+            except (ValueError, TypeError):
+                if isinstance(unit, str) and is_magnitude_text(unit):
+                    check_flux_unit(u.mag, f'{where} (unit = {unit!r})')
+                raise InvalidInputError(f'unit = {unit!r} is not a unit astropy '
+                                        f'knows; give e.g. "adu", "electron/s" or '
+                                        f'"nanomaggy".') from None
+        check_flux_unit(resolved, where)
+        return resolved, 'argument'
     if input_unit is not None:
+        check_flux_unit(input_unit, where)
         return u.Unit(input_unit), 'input'
     if bunit is not None and str(bunit).strip():
         parsed = _parse_unit(str(bunit))
+        if parsed is None and is_magnitude_text(bunit):
+            check_flux_unit(u.mag, f'{where} (BUNIT = {bunit!r})')
         if parsed is not None:
+            check_flux_unit(parsed, f'{where} (BUNIT = {bunit!r})')
             return parsed, 'BUNIT'
         warnings.warn(f'BUNIT = {bunit!r} of {where} is not a unit astropy '
                       f'knows; the data are read as dimensionless. Pass unit= '
@@ -845,7 +884,7 @@ def pixel_scale_of(wcs, *, position=None):
     return float(np.sqrt(scales.prod())) * u.arcsec / u.pix
 
 
-def read_exposure_set(exposures):
+def read_exposure_set(exposures, *, require_wcs=True):
     """Read the bands of one exposure set.
 
     Parameters
@@ -853,6 +892,9 @@ def read_exposure_set(exposures):
     exposures : mapping of str to str, `~pathlib.Path` or `~astropy.nddata.NDData`
         Band name (a column-name suffix) to the band's exposure, each read
         with `read_exposure`.
+    require_wcs : bool, optional
+        As for `read_exposure`: False reads exposures without a celestial
+        WCS (their ``wcs`` is None).
 
     Returns
     -------
@@ -881,7 +923,10 @@ def read_exposure_set(exposures):
                                 f'column names such as flux_<band>.')
     read, paths = {}, {}
     for band, exposure in exposures.items():
-        read[str(band)] = read_exposure(exposure)
+        try:
+            read[str(band)] = read_exposure(exposure, require_wcs=require_wcs)
+        except UnitsError as error:
+            raise UnitsError(f'band {band!r}: {error}') from error
         # An exposure read by read_exposure knows its file.
         paths[str(band)] = (dict(exposure.meta or {}).get('path')
                             if isinstance(exposure, NDData) else str(exposure))
