@@ -288,18 +288,7 @@ def _check_unit(band, text, option='--unit'):
 
 def _pixel_scale_keyword(pixel_scale):
     """``pixel_scale=`` for `run_exposure_set` (empty without --pixel-scale)."""
-    import inspect
-
-    from .exceptions import ConfigError
-    from .pipeline import run_exposure_set
-
-    if pixel_scale is None:
-        return {}
-    if 'pixel_scale' not in inspect.signature(run_exposure_set).parameters:
-        raise ConfigError('--pixel-scale needs run_exposure_set(pixel_scale=), which '
-                          'this version of psfdeconv lacks; add a celestial WCS to '
-                          'the exposures instead.')
-    return {'pixel_scale': pixel_scale}
+    return {} if pixel_scale is None else {'pixel_scale': pixel_scale}
 
 
 def _cmd_deconvolve(args):
@@ -667,8 +656,6 @@ def _cmd_batch(args):
     units = {band: _check_unit(band, text) for band, text in
              _band_values(args.unit, '--unit', bands).items()}
     epsf_options, detect_options = _epsf_options(args)
-    if args.pixel_scale is not None:
-        _pixel_scale_keyword(args.pixel_scale)  # refused early if unsupported
     summary = run_batch(manifest, args.out, psfs=_psf_specs(args.psf, bands),
                         model=args.model, scheduler=args.scheduler,
                         workers=args.workers, resume=args.resume,

@@ -645,10 +645,12 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         ``detection`` threshold, whose images are set to 0 (fluxes are
         still reported), and with ``target_psf`` the kernels applied,
         ``'target_psf'`` (n, py, px).
-    strict : bool, optional
+    strict : bool or None, optional
         Refuse stamps outside the training range
         (`~psfdeconv.exceptions.PixelScaleError`) instead of warning
-        (`~psfdeconv.exceptions.OutsideTrainingRangeWarning`).
+        (`~psfdeconv.exceptions.OutsideTrainingRangeWarning`); None does
+        neither (the caller has checked), ``details['outside_training']``
+        still says which stamps are outside.
 
     Returns
     -------
@@ -841,13 +843,15 @@ def outside_training_range(model, pixel_scale, psfs=None):
 def check_training_range(model, pixel_scale, psfs, *, strict):
     """`outside_training_range`, raised as a
     `~psfdeconv.exceptions.PixelScaleError` with ``strict``, else warned as an
-    `~psfdeconv.exceptions.OutsideTrainingRangeWarning`; returns the (n,)
-    bool array of stamps outside."""
+    `~psfdeconv.exceptions.OutsideTrainingRangeWarning` (``strict=None``:
+    neither); returns the (n,) bool array of stamps outside."""
     import warnings
 
     from .exceptions import OutsideTrainingRangeWarning
 
     outside, reasons = outside_training_range(model, pixel_scale, psfs)
+    if strict is None:
+        return outside
     if reasons and strict:
         raise PixelScaleError('; '.join(reasons) + '. Use a model trained on '
                               'such data (psfdeconv train), or drop strict '

@@ -824,17 +824,25 @@ def _catalog_chunks(setup, *, chunk_size, batch_size):
 
 def _deconvolve_chunk(setup, index, *, batch_size):
     """The catalogue columns and the stamps of the sources ``index``."""
-    from .deconvolve import deconvolve_stamps
+    from .deconvolve import check_training_range, deconvolve_stamps
     from .measure import hsm_moments, image_moments
 
     cut = _cut_chunk(setup, index)
     flags = cut['flags']
     # arcsec/pixel of each source's stamps (coarser for block-summed ones).
     scale = setup.scale * cut['factor']
+    native = cut['factor'] == 1
+    # The training range is checked (refused with strict, else warned) on
+    # the stamps on the exposure's own grid: a block-summed stamp's coarse
+    # pixels are the pipeline's choice, flagged BLOCK_REDUCED and
+    # OUTSIDE_TRAINING, not the user's input.
+    if native.any():
+        check_training_range(setup.model, scale[native], cut['psfs'][native],
+                             strict=setup.strict)
     images, details = deconvolve_stamps(cut['stamps'], cut['psfs'], pixel_scale=scale,
                                         model=setup.model, noise_sigma=cut['noise_sigma'],
                                         batch_size=batch_size, return_details=True,
-                                        strict=setup.strict, symmetries=setup.symmetries,
+                                        strict=None, symmetries=setup.symmetries,
                                         target_psf=setup.target_fwhm)
     flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
     flags[~details['detected']] |= FLAG_UNDETECTED

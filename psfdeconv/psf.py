@@ -1850,7 +1850,7 @@ def _psf_from_array(array, name):
     return psf
 
 
-def _epsf_or_moffat(exposure, epsf_options, *, fallback):
+def _epsf_or_moffat(exposure, epsf_options, *, fallback, pixel_scale=None):
     """`build_epsf`, or with too few stars a `fit_moffat_psf` marked as a
     fallback (``meta['psf_fallback']``); the model and its description."""
     options = dict(epsf_options or {})
@@ -1866,7 +1866,9 @@ def _epsf_or_moffat(exposure, epsf_options, *, fallback):
                   else 'the ePSF failed')
         find = {key: options[key] for key in
                 ('threshold_sigma', 'fwhm_guess', 'saturation') if key in options}
-        scale = None
+        # arcsec/pixel (the given one for an exposure without a WCS), for
+        # the model's meta only.
+        scale = None if pixel_scale is None else scalar_pixel_scale(pixel_scale)
         if getattr(exposure, 'wcs', None) is not None:
             from .io import pixel_scale_of
 
@@ -1982,7 +1984,7 @@ def build_psfs(exposures, psfs=None, *, epsf_options=None, fallback=True, pixel_
             elif value is None or (isinstance(value, str) and
                                    value.strip().lower() == 'epsf'):
                 model, sources[band] = _epsf_or_moffat(
-                    exposure, epsf_options, fallback=fallback)
+                    exposure, epsf_options, fallback=fallback, pixel_scale=pixel_scale)
             elif isinstance(value, str):
                 scale = pixel_scale_of(exposure.wcs) if getattr(
                     exposure, 'wcs', None) is not None else pixel_scale

@@ -201,13 +201,18 @@ def test_run_passes_the_options_to_the_pipeline(monkeypatch, tmp_path):
     assert calls['progress'] is False
 
 
-def test_min_stars_error_names_the_option(tmp_path, capsys):
-    # The header's seeing makes no difference: no CCD has 1000 isolated stars.
+def test_min_stars_reaches_the_epsf_and_too_few_fall_back(tmp_path):
+    # No CCD has 1000 isolated stars: the ePSF is refused and the PSF is an elliptical
+    # Moffat fitted to the stars there are, in the meta and in every row's flags.
+    from psfdeconv.flags import FLAG_PSF_FALLBACK
+
     assert run_main(['run', '--band', f'r={DECAM}[1]', '--min-stars', '1000', '-q',
-                     '--out', str(tmp_path)]) == 3
-    err = capsys.readouterr().err
-    assert 'fewer than min_stars = 1000' in err
-    assert '--min-stars' in err and '--star-threshold-sigma' in err
+                     '--out', str(tmp_path)]) == 0
+    catalog = read_catalog(tmp_path / 'catalog.fits')
+    assert catalog.meta['psf_source']['r'].startswith('moffat fit (')
+    assert 'too few for an ePSF' in catalog.meta['psf_source']['r']
+    assert ((np.asarray(catalog['flags']) & FLAG_PSF_FALLBACK) != 0).all()
+    assert np.asarray(catalog['usable']).any()
 
 
 # --- Every option a message suggests exists ------------------------------------------------
@@ -247,7 +252,6 @@ def test_every_suggested_option_exists():
 
 # --- No WCS --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason='needs pixel_scale in run_exposure_set', strict=False)
 def test_run_without_wcs_with_pixel_scale(tmp_path, capsys):
     # A KiDS cutout: no header keywords, no WCS, about 0.2 arcsec/pixel.
     frame = tmp_path / 'kids.fits'

@@ -123,7 +123,8 @@ def test_run_detect(exposure_set, tiny_model_path, tmp_path):
                  '--out', str(out)]) == 0
     catalog = read_catalog(out / 'catalog.fits')
     assert catalog.meta['positions'] == 'detected' and catalog.meta['reference_band'] == 'r'
-    assert 8 <= len(catalog) <= 10
+    # The 8 galaxies, and up to 4 star-forming knots the deblending splits off them.
+    assert 8 <= len(catalog) <= 12
     assert len(read_stamps(out / 'stamps.fits')) == len(catalog)
     assert catalog.meta['neighbours'] == 'replace'
     assert catalog.meta['symmetries'] == 8  # the card's
