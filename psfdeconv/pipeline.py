@@ -741,18 +741,21 @@ _BLOCK_FILL = 0.33
 _MAX_BLOCK_FACTOR = 8
 
 
-#: A source whose light beyond the stamp's inscribed circle (in the annulus
-#: out to twice its radius, other segments left out; `light_beyond`) is more
-#: than this fraction of the light within, at this significance (the
-#: annulus sum over its noise), reaches beyond its stamp even where its
-#: segment does not: the faint wings of a large galaxy lie below the
-#: segmentation threshold. On the simulated galaxies below, block-summing
-#: helped those above this significance and hurt three of 0.9-1.3 arcsec
-#: (1-15 % lower fluxes) at 5.9-6.3.
-_BEYOND_FRACTION = 0.1
+#: A source whose light beyond the stamp's inscribed circle (the median of
+#: the annulus out to twice its radius times its area, grown neighbour
+#: segments left out; `light_beyond`) is more than this fraction of the
+#: light within, at this significance, reaches beyond its stamp even where
+#: its segment does not: the faint wings of a large galaxy lie below the
+#: segmentation threshold. Compact sources (segments reaching less than
+#: `_BEYOND_MIN_EXTENT` pixels from their centre) are left alone: their
+#: annulus holds other sources' wings, not theirs.
+_BEYOND_FRACTION = 0.15
 
 
-_BEYOND_SIGNIFICANCE = 7.0
+_BEYOND_SIGNIFICANCE = 3.0
+
+
+_BEYOND_MIN_EXTENT = 8.0
 
 
 #: The largest block factor the light beyond the stamp alone leads to. On
@@ -786,7 +789,8 @@ def _block_factors(combined, labels, x, y, *, segments_of, extent, blended, stam
         fraction, significance = light_beyond(combined, labels, x[rows], y[rows],
                                               factor * radius, segments_of=segments_of[rows])
         with np.errstate(invalid='ignore'):
-            wider = (fraction > _BEYOND_FRACTION) & (significance > _BEYOND_SIGNIFICANCE)
+            wider = (fraction > _BEYOND_FRACTION) & (significance > _BEYOND_SIGNIFICANCE) \
+                & (extent[rows] >= _BEYOND_MIN_EXTENT)
         needed[rows[wider]] = np.maximum(needed[rows[wider]], 2 * factor)
         todo[rows[~wider]] = False
         factor *= 2
