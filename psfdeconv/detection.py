@@ -19,7 +19,6 @@ from .exceptions import InvalidInputError
 
 __all__ = ['detect_galaxies', 'deblend', 'neighbour_segments', 'blend_fractions',
            'source_segments', 'blended_sources', 'segment_extents',
-           'segment_half_light_radii', 'light_beyond',
            'replace_neighbours', 'NEIGHBOUR_OPTIONS', 'BLEND_LIMIT']
 
 
@@ -240,7 +239,7 @@ NEIGHBOUR_OPTIONS = ('replace', 'keep')
 
 def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
                        n_pixels=_NEIGHBOUR_NPIXELS, deblend_sources=True,
-                       return_image=False):
+                       return_image=False, return_parents=False):
     """Segmentation map of the sources in aligned, background-subtracted bands.
 
     The bands are combined into one signal-to-noise image (each divided by
@@ -248,9 +247,7 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     pixel, divided by the square root of their number), segmented with
     `~photutils.segmentation.detect_sources`, so that a neighbour bright in
     any band is found, and deblended (`deblend`), so that a source inside a
-    brighter one's light has a segment of its own. A galaxy's knots split
-    off by the deblending are not lost to it: `replace_neighbours` fills
-    their pixels from the point-symmetric side of the galaxy.
+    brighter one's light has a segment of its own.
 
     Parameters
     ----------
@@ -268,6 +265,8 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     return_image : bool, optional
         Also return the combined signal-to-noise image (for
         `blend_fractions`).
+    return_parents : bool, optional
+        Also return the segments before deblending.
 
     Returns
     -------
@@ -276,6 +275,9 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     combined : `~numpy.ndarray`
         The combined signal-to-noise image (0 where no band is valid); only
         with ``return_image``.
+    parents : `~numpy.ndarray`
+        int32 labels of the segments before deblending; only with
+        ``return_parents``.
 
     Examples
     --------
@@ -312,6 +314,7 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     # Each pixel's sum of unit-noise images over the bands valid there.
     bad = count == 0
     labels = np.zeros(combined.shape, dtype=np.int32)
+    parents = labels
     if not bad.all():
         combined /= np.sqrt(np.maximum(count, 1))
         with catch_warnings():
@@ -319,11 +322,14 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
             warnings.simplefilter('ignore', NoDetectionsWarning)
             segments = detect_sources(combined, threshold_sigma, n_pixels=n_pixels,
                                       mask=bad)
-        if segments is not None and deblend_sources:
-            segments = deblend(combined, segments, n_pixels)
         if segments is not None:
+            parents = segments.data.astype(np.int32)
+            if deblend_sources:
+                segments = deblend(combined, segments, n_pixels)
             labels = segments.data.astype(np.int32)
-    return (labels, combined) if return_image else labels
+    out = (labels,) + ((combined,) if return_image else ()) + \
+        ((parents,) if return_parents else ())
+    return out if len(out) > 1 else labels
 
 
 def blend_fractions(image, labels, *, ring=_BLEND_RING):
@@ -547,164 +553,6 @@ def segment_extents(labels, x, y, segments_of=None):
         extent[i] = max(x[i] - (cols.start - 0.5), (cols.stop - 0.5) - x[i],
                         y[i] - (rows.start - 0.5), (rows.stop - 0.5) - y[i])
     return extent, at_edge
-
-
-def segment_half_light_radii(image, labels, x, y, segments_of=None):
-    """The radius around each source that holds half the light of its segment.
-
-    The (positive) pixels of the source's segment are sorted by their
-    distance from the source's position; the radius is where their
-    cumulative sum reaches half the total. It is the observed size (the PSF
-    included) within the segment's isophote, so it underestimates a galaxy
-    whose wings lie below the detection threshold.
-
-    Parameters
-    ----------
-    image : `~numpy.ndarray`
-        Background-subtracted detection image (e.g. the combined
-        signal-to-noise image of `neighbour_segments`).
-    labels : `~numpy.ndarray`
-        Its segment labels.
-    x, y : array-like
-        Source positions in pixels, shape (n,).
-    segments_of : `~numpy.ndarray`, optional
-        `source_segments` of the sources, if already known.
-
-    Returns
-    -------
-    `~numpy.ndarray`
-        float64 (n,) in pixels; 0 for sources without a segment.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.detection import segment_half_light_radii
-    >>> yy, xx = np.mgrid[:101, :101]
-    >>> image = np.exp(-np.hypot(xx - 50, yy - 50) / 4.0)   # exponential, r50 = 6.7
-    >>> labels = (image > 1e-4).astype(int)
-    >>> segment_half_light_radii(image, labels, [50.0], [50.0]).round(1).tolist()
-    [6.7]
-    """
-    from scipy import ndimage
-
-    image = np.asarray(image, dtype=float)
-    labels = np.asarray(labels)
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    if segments_of is None:
-        segments_of = source_segments(labels, x, y)
-    boxes = ndimage.find_objects(labels)
-    radii = np.zeros(x.size)
-    for i, label in enumerate(segments_of):
-        if label <= 0 or label > len(boxes) or boxes[label - 1] is None:
-            continue
-        rows, cols = boxes[label - 1]
-        own = labels[rows, cols] == label
-        values = np.where(np.isfinite(image[rows, cols]), image[rows, cols], 0.0)[own]
-        values = np.maximum(values, 0.0)
-        yy, xx = np.nonzero(own)
-        distance = np.hypot(xx + cols.start - x[i], yy + rows.start - y[i])
-        order = np.argsort(distance)
-        cumulative = np.cumsum(values[order])
-        if cumulative[-1] <= 0:
-            continue
-        radii[i] = distance[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])]
-    return radii
-
-
-#: Pixels by which other sources' segments grow before `light_beyond`
-#: leaves them out (their wings below the threshold).
-_BEYOND_DILATION = 3
-
-
-def light_beyond(image, labels, x, y, radius, *, segments_of=None, noise=1.0):
-    """The light of each source beyond a radius, relative to the light within.
-
-    The pixels of other sources' segments, grown by 3 pixels, are left
-    out; the rest (the source's own segment and the unsegmented sky, where
-    a large galaxy's faint wings lie below the detection threshold) are
-    summed within ``radius``, and the annulus from ``radius`` to twice that
-    is taken as its median times its number of pixels: the median follows a
-    smooth profile and ignores what is left of compact neighbours' wings.
-
-    Parameters
-    ----------
-    image : `~numpy.ndarray`
-        Background-subtracted image (e.g. the combined signal-to-noise image
-        of `neighbour_segments`, whose noise is 1 per pixel).
-    labels : `~numpy.ndarray`
-        Its segment labels.
-    x, y : array-like
-        Source positions in pixels, shape (n,).
-    radius : float
-        In pixels.
-    segments_of : `~numpy.ndarray`, optional
-        `source_segments` of the sources, if already known.
-    noise : float, optional
-        Per-pixel noise standard deviation of ``image``.
-
-    Returns
-    -------
-    fraction : `~numpy.ndarray`
-        float64 (n,): annulus light over inner sum (NaN without light
-        within).
-    significance : `~numpy.ndarray`
-        float64 (n,): the annulus median over its standard error (1.2533
-        ``noise`` over the square root of the number of its pixels used).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from psfdeconv.detection import light_beyond
-    >>> yy, xx = np.mgrid[:201, :201]
-    >>> image = np.exp(-np.hypot(xx - 100, yy - 100) / 10.0)
-    >>> labels = (image > 0.05).astype(int)
-    >>> fraction, _ = light_beyond(image, labels, [100.0], [100.0], 30.0)
-    >>> round(float(fraction[0]), 2)   # the mean would give (0.983 - 0.801) / 0.801
-    0.15
-    """
-    from scipy import ndimage
-
-    image = np.asarray(image, dtype=float)
-    labels = np.asarray(labels)
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    if segments_of is None:
-        segments_of = source_segments(labels, x, y)
-    ny, nx = labels.shape
-    outer = 2.0 * float(radius)
-    reach = int(np.ceil(outer))
-    grow = np.ones((2 * _BEYOND_DILATION + 1,) * 2, dtype=bool)
-    fraction = np.full(x.size, np.nan)
-    significance = np.zeros(x.size)
-    for i in range(x.size):
-        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
-            continue
-        cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
-        y0, y1 = max(cy - reach, 0), min(cy + reach + 1, ny)
-        x0, x1 = max(cx - reach, 0), min(cx + reach + 1, nx)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        local = labels[y0:y1, x0:x1]
-        values = image[y0:y1, x0:x1]
-        others = (local > 0) & (local != segments_of[i])
-        if others.any():
-            others = ndimage.binary_dilation(others, structure=grow) & \
-                (local != segments_of[i])
-        used = ~others & np.isfinite(values)
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        distance = np.hypot(xx - x[i], yy - y[i])
-        inner = used & (distance <= radius)
-        ring = used & (distance > radius) & (distance <= outer)
-        n_ring = int(ring.sum())
-        if n_ring == 0:
-            continue
-        median = float(np.median(values[ring]))
-        inside = values[inner].sum()
-        if inside > 0:
-            fraction[i] = median * n_ring / inside
-        significance[i] = median / (1.2533 * noise / np.sqrt(n_ring))
-    return fraction, significance
 
 
 def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None,

@@ -49,7 +49,6 @@ from .detection import (
     NEIGHBOUR_OPTIONS,
     blended_sources,
     detect_galaxies,
-    light_beyond,
     neighbour_segments,
     replace_neighbours,
     segment_extents,
@@ -454,8 +453,13 @@ class _CatalogSetup:
     blended: np.ndarray = None
     block_factor: np.ndarray = None
     truncated: np.ndarray = None
-    #: Per source: its segment touches the image's border.
+    #: Per source: its segment touches the image's border; its own segment's
+    #: label.
     segment_at_edge: np.ndarray = None
+    segments_of: np.ndarray = None
+    #: Per segment label: the label of the segment it was deblended from and
+    #: whether a source lies in it (`_segment_pieces`).
+    pieces: tuple = None
     #: Block factor -> (block-summed aligned bands, segments), made as needed.
     coarse: dict = dataclasses.field(default_factory=dict)
     strict: bool = False
@@ -572,15 +576,18 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     # 'replace') the neighbours' pixels in each stamp.
     from astropy.nddata import NDData
 
-    labels, combined = neighbour_segments([aligned[band].data for band in bands],
-                                          masks=[aligned[band].mask for band in bands],
-                                          return_image=True)
+    labels, combined, parents = neighbour_segments(
+        [aligned[band].data for band in bands],
+        masks=[aligned[band].mask for band in bands], return_image=True,
+        return_parents=True)
     segments_of = source_segments(labels, x_in, y_in)
     blended, _ = blended_sources(combined, labels, x_in, y_in, segments_of=segments_of)
+    pieces = _segment_pieces(labels, parents, segments_of, blended)
+    if positions_source == 'detected':
+        x_in, y_in = _parent_centroids(x_in, y_in, np.where(blended, 0, segments_of),
+                                       pieces, parents, combined)
     extent, segment_at_edge = segment_extents(labels, x_in, y_in, segments_of=segments_of)
-    block_factor, truncated = _block_factors(combined, labels, x_in, y_in,
-                                             segments_of=segments_of, extent=extent,
-                                             blended=blended, stamp_size=stamp_size)
+    block_factor, truncated = _block_factors(extent, stamp_size, blended)
     segments = None
     if neighbours == 'replace':
         segments = NDData(labels, wcs=aligned[reference_band].wcs)
@@ -636,6 +643,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         scale=scale, psf_models=psf_models, psf_sources=psf_sources, x_in=x_in,
         y_in=y_in, ids=ids, off_image=off_image, anchor=anchor, segments=segments,
         blended=blended, block_factor=block_factor, truncated=truncated,
+        segments_of=segments_of, pieces=pieces,
         segment_at_edge=segment_at_edge,
         frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
         stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
@@ -741,61 +749,16 @@ _BLOCK_FILL = 0.33
 _MAX_BLOCK_FACTOR = 8
 
 
-#: A source whose light beyond the stamp's inscribed circle (the median of
-#: the annulus out to twice its radius times its area, grown neighbour
-#: segments left out; `light_beyond`) is more than this fraction of the
-#: light within, at this significance, reaches beyond its stamp even where
-#: its segment does not: the faint wings of a large galaxy lie below the
-#: segmentation threshold. Compact sources (segments reaching less than
-#: `_BEYOND_MIN_EXTENT` pixels from their centre) are left alone: their
-#: annulus holds other sources' wings, not theirs.
-_BEYOND_FRACTION = 0.15
-
-
-_BEYOND_SIGNIFICANCE = 3.0
-
-
-_BEYOND_MIN_EXTENT = 8.0
-
-
-#: The largest block factor the light beyond the stamp alone leads to. On
-#: simulated exponential and de Vaucouleurs galaxies with half-light radii of
-#: 2-5 arcsec at 0.2 arcsec/pixel (the training set's reach 0.8), the median
-#: flux ratio to truth was 0.60 on the native grid, 0.79 block-summed by 2
-#: and 0.93 by 4 but with three of ten galaxies 31-35 % high (PSF FWHM of one
-#: coarse pixel); factor 2 it is.
-_MAX_LIGHT_FACTOR = 2
-
-
-def _block_factors(combined, labels, x, y, *, segments_of, extent, blended, stamp_size):
+def _block_factors(extent, stamp_size, blended):
     """The block-sum factor of each source (1: the native grid) and whether
-    its light stays truncated: the smallest factor (1 or 2 for the
-    light, up to `_MAX_BLOCK_FACTOR` for the segment) whose stamp holds both
-    its segment
-    (`~psfdeconv.detection.segment_extents`) and its light
-    (`~psfdeconv.detection.light_beyond`). Blended sources stay on the
-    native grid (they are flagged anyway)."""
+    its light stays truncated, from `~psfdeconv.detection.segment_extents`.
+    Blended sources stay on the native grid (they are flagged anyway)."""
     extent = np.asarray(extent, dtype=float)
-    candidates = (segments_of > 0) & ~np.asarray(blended, dtype=bool)
-    beyond_segment = candidates & (extent > stamp_size / 2 - 1)
-    needed = np.where(beyond_segment,
-                      np.maximum(np.ceil(extent / (_BLOCK_FILL * stamp_size)), 2), 1)
-    radius = stamp_size / 2 - 2
-    factor, todo = 1, candidates.copy()
-    # Far out the annulus sums are dominated by the background's residuals
-    # and other sources' unsegmented wings, not by the source.
-    while todo.any() and factor <= _MAX_LIGHT_FACTOR // 2:
-        rows = np.flatnonzero(todo)
-        fraction, significance = light_beyond(combined, labels, x[rows], y[rows],
-                                              factor * radius, segments_of=segments_of[rows])
-        with np.errstate(invalid='ignore'):
-            wider = (fraction > _BEYOND_FRACTION) & (significance > _BEYOND_SIGNIFICANCE) \
-                & (extent[rows] >= _BEYOND_MIN_EXTENT)
-        needed[rows[wider]] = np.maximum(needed[rows[wider]], 2 * factor)
-        todo[rows[~wider]] = False
-        factor *= 2
-    truncated = needed > _MAX_BLOCK_FACTOR
-    return np.minimum(needed, _MAX_BLOCK_FACTOR).astype(np.int64), truncated
+    large = (extent > stamp_size / 2 - 1) & ~np.asarray(blended, dtype=bool)
+    needed = np.ceil(extent / (_BLOCK_FILL * stamp_size))
+    factor = np.where(large, np.clip(needed, 2, _MAX_BLOCK_FACTOR), 1).astype(np.int64)
+    truncated = large & (needed > _MAX_BLOCK_FACTOR)
+    return factor, truncated
 
 
 def _off_image(x, y, shape):
@@ -901,6 +864,65 @@ def _merge_cuts(parts, n):
     return merge(parts)
 
 
+def _segment_pieces(labels, parents, segments_of, blended):
+    """For each deblended segment label: the label of the segment it was
+    split from, and whether a source that is not blended lies in it (arrays
+    indexed by label)."""
+    from scipy import ndimage
+
+    n = int(labels.max()) if labels.size else 0
+    parent = np.zeros(n + 1, dtype=np.int64)
+    if n:
+        # Every pixel of a piece lies in its parent: any one of them will do.
+        parent[1:] = ndimage.maximum(parents, labels, np.arange(1, n + 1)).astype(np.int64)
+    claimed = np.zeros(n + 1, dtype=bool)
+    claimed[segments_of[(segments_of > 0) & (segments_of <= n) & ~blended]] = True
+    return parent, claimed
+
+
+def _parent_centroids(x, y, segments_of, pieces, parents, image):
+    """Detected positions moved to the light centroid of their whole segment
+    before deblending, for the sources alone in it (``segments_of`` 0 for
+    the sources to leave, e.g. blended ones): the deblending may split a
+    knotty galaxy, and the piece a detection lands on is off its centre
+    (the stamps are centred on the position, HSM starts there)."""
+    from scipy import ndimage
+
+    parent, claimed = pieces
+    x, y = x.copy(), y.copy()
+    has = segments_of > 0
+    source_parent = np.where(has, parent[np.where(has, segments_of, 0)], 0)
+    alone = has & (np.bincount(source_parent[has], minlength=parent.max() + 1)
+                   [source_parent] == 1)
+    if not alone.any():
+        return x, y
+    positive = np.where(np.isfinite(image), np.maximum(image, 0.0), 0.0)
+    centres = np.atleast_2d(ndimage.center_of_mass(positive, parents,
+                                                   source_parent[alone]))
+    x[alone], y[alone] = centres[:, 1], centres[:, 0]
+    return x, y
+
+
+def _with_own_pieces(labels, targets, pieces):
+    """Stamp labels with the pieces deblended off each source's own segment
+    merged into it, unless they hold another source that is not blended: a
+    galaxy's knots (or its other half) split off by the deblending are its
+    light, not a neighbour's, and so are the pieces of faint sources on its
+    disc, whose light cannot be told from its own (they are BLENDED; a
+    galaxy losing a knot costs it more than keeping a faint source)."""
+    parent, claimed = pieces
+    labels = labels.copy()
+    for i, target in enumerate(targets):
+        if target <= 0 or target >= parent.size:
+            continue
+        stamp = labels[i]
+        inside = (stamp > 0) & (stamp < parent.size)
+        own = inside.copy()
+        own[inside] = (parent[stamp[inside]] == parent[target]) & ~claimed[stamp[inside]]
+        stamp[own] = target
+    return labels
+
+
 def _coarse_bands(setup, factor):
     """The aligned bands and the segment labels block-summed by ``factor``
     (cached on the setup)."""
@@ -999,9 +1021,11 @@ def _cut_sources(setup, index, factor=1):
             missing = ~np.isfinite(sigma[:, b])
             if missing.any():
                 sigma[missing, b] = _stamp_mad(stamps[missing, b], masks[missing, b])
+        labels = _with_own_pieces(np.rint(labels).astype(np.int64),
+                                  setup.segments_of[index], setup.pieces)
         stamps, replaced = replace_neighbours(
-            stamps, np.rint(labels).astype(np.int64), ref_cut['x_stamp'],
-            ref_cut['y_stamp'], sigma, index=index, masks=masks)
+            stamps, labels, ref_cut['x_stamp'], ref_cut['y_stamp'], sigma, index=index,
+            masks=masks)
         flags[replaced.any(axis=(-2, -1))] |= FLAG_NEIGHBOURS
     flags[setup.blended[index]] |= FLAG_BLENDED
     flags[setup.truncated[index]] |= FLAG_TRUNCATED

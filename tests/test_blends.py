@@ -13,7 +13,6 @@ from psfdeconv.detection import (
     BLEND_LIMIT,
     blend_fractions,
     blended_sources,
-    light_beyond,
     replace_neighbours,
     segment_extents,
     source_segments,
@@ -91,22 +90,6 @@ def test_segment_extents_and_image_edges():
     extent, at_edge = segment_extents(labels, [45.0, 2.0], [15.0, 45.0])
     assert_allclose(extent, [15.5, 5.5])
     assert at_edge.tolist() == [False, True]
-
-
-def test_light_beyond_finds_faint_wings_below_the_segment():
-    rng = np.random.default_rng(1)
-    shape = (241, 241)
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    r = np.hypot(xx - 120, yy - 120)
-    # An exponential disc of scale 12 pixels (half-light radius 20): 21 % of its light
-    # within 60 pixels lies in 30-60, mostly below a 2-sigma segment.
-    wide = 3.0 * np.exp(-r / 12.0) + rng.normal(0, 1, shape)
-    compact = 300.0 * np.exp(-r / 1.5) + rng.normal(0, 1, shape)
-    for image, expect in ((wide, True), (compact, False)):
-        labels = (image > 2.0).astype(int)
-        fraction, significance = light_beyond(image, labels, [120.0], [120.0], 30.0)
-        assert (fraction[0] > 0.15 and significance[0] > 3) == expect, \
-            (fraction, significance)
 
 
 # --- Symmetric replacement --------------------------------------------------------------
@@ -201,8 +184,8 @@ def test_a_galaxy_larger_than_the_stamp_is_cut_from_block_sums():
 
     block_factors = pipeline._block_factors
     try:
-        pipeline._block_factors = lambda combined, labels, x, y, **options: (
-            np.ones(len(x), dtype=np.int64), np.zeros(len(x), dtype=bool))
+        pipeline._block_factors = lambda extent, stamp_size, blended: (
+            np.ones(len(extent), dtype=np.int64), np.zeros(len(extent), dtype=bool))
         native, _ = deconvolve_catalog({'r': exposure}, [[150.0, 150.0]], MOFFAT,
                                        symmetries=1)
     finally:
@@ -218,13 +201,8 @@ def test_a_galaxy_larger_than_the_stamp_is_cut_from_block_sums():
 def test_block_factors_truncated_beyond_the_largest_and_blended_kept_native():
     from psfdeconv.pipeline import _MAX_BLOCK_FACTOR, _block_factors
 
-    labels = np.zeros((40, 40), dtype=int)
-    combined = np.zeros((40, 40))
-    x = y = np.array([20.0, 20.0, 20.0, 20.0])
-    extent = np.array([10.0, 40.0, 1000.0, 1000.0])
-    factor, truncated = _block_factors(
-        combined, labels, x, y, segments_of=np.array([1, 1, 1, 1]), extent=extent,
-        blended=np.array([False, False, False, True]), stamp_size=64)
+    factor, truncated = _block_factors(np.array([10.0, 40.0, 1000.0, 1000.0]), 64,
+                                       np.array([False, False, False, True]))
     assert factor.tolist() == [1, 2, _MAX_BLOCK_FACTOR, 1]
     assert truncated.tolist() == [False, False, True, False]
     assert 'TRUNCATED' in UNUSABLE_FLAGS and FLAG_TRUNCATED not in (FLAG_EDGE, FLAG_BLOCK_REDUCED)

@@ -22,8 +22,8 @@ import numpy as np
 BINS = ((0.8, 1.6), (1.5, 2.0), (2.0, 3.0), (3.0, 5.0))
 
 
-def _on_native_grid(combined, labels, x, y, **options):
-    return np.ones(len(x), dtype=np.int64), np.zeros(len(x), dtype=bool)
+def _on_native_grid(extent, stamp_size, blended):
+    return np.ones(len(extent), dtype=np.int64), np.zeros(len(extent), dtype=bool)
 
 
 def _ratios(catalog, galaxies):
