@@ -630,8 +630,10 @@ def _cmd_run(args):
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
     n_bands = len(exposures)
+    n_usable = int(np.sum(np.asarray(catalog['usable'], dtype=bool)))
     print(f'deconvolved {len(catalog)} sources in {_plural(n_bands, "band")} '
-          f'({n_rows_flagged} flagged; neighbours replaced in {n_neighbours}) with '
+          f'({n_usable} usable; {n_rows_flagged} flagged; neighbours replaced in '
+          f'{n_neighbours}) with '
           f'{Path(str(model["path"])).name} (weights SHA-256 '
           f'{str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
           f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')

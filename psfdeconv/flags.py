@@ -77,22 +77,24 @@ FLAG_NEIGHBOURS = 128
 #: model card's detection threshold, so the deconvolved images are 0
 #: (`psfdeconv.deconvolve.deconvolve_stamps`); the fluxes are still reported.
 FLAG_UNDETECTED = 256
-#: The source's light cannot be separated from another source's: it was
-#: split from a brighter source by deblending and the other source's light
-#: under its segment is more than the documented fraction of its own
-#: (`psfdeconv.detection.blend_fractions`), so its flux and shape would
-#: include the other's light.
+#: The source's light cannot be separated from another source's: a brighter
+#: source's light under its segment is more than
+#: `psfdeconv.detection.BLEND_LIMIT` of its own
+#: (`psfdeconv.detection.blend_fractions`), or another source lies in the
+#: same segment nearer its centre (`psfdeconv.detection.blended_sources`),
+#: so its flux and shape would include the other's light.
 FLAG_BLENDED = 512
-#: The source's light reaches the stamp's edge even on the coarsest pixel
-#: grid the model accepts (`psfdeconv.cutouts`): its flux and size are
-#: underestimated.
+#: The source's segment reaches beyond the stamp even on the exposure
+#: block-summed by the largest factor the pipeline uses (8): its flux and
+#: size are underestimated.
 FLAG_TRUNCATED = 1024
 #: The band's PSF is an elliptical Moffat fitted to the few stars there were
 #: instead of an ePSF (`psfdeconv.psf.build_psfs`); informational.
 FLAG_PSF_FALLBACK = 2048
 #: The source is larger than a stamp on the exposure's pixel grid: it was
-#: cut from a block-averaged copy of the exposure (coarser pixels, PSF
-#: resampled the same way); informational.
+#: cut from a block-summed copy of the exposure (coarser pixels, PSF
+#: block-summed the same way, `psfdeconv.cutouts.block_reduce_exposure`);
+#: informational.
 FLAG_BLOCK_REDUCED = 4096
 
 #: Every flag bit with its name, as recorded in the catalogue's meta.
@@ -124,10 +126,10 @@ FLAG_DESCRIPTIONS = {
     'NEIGHBOURS': 'pixels of other sources were replaced by noise (informational)',
     'UNDETECTED': "detection SNR below the model card's threshold; images are 0",
     'BLENDED': "another source's light under the source's segment cannot be separated",
-    'TRUNCATED': 'the light reaches the stamp edge even on the coarsest grid',
+    'TRUNCATED': 'the segment reaches beyond the stamp even block-summed by 8',
     'PSF_FALLBACK': 'the PSF is a Moffat fitted to too few stars for an ePSF '
                     '(informational)',
-    'BLOCK_REDUCED': 'cut from a block-averaged copy of the exposure, the source being '
+    'BLOCK_REDUCED': 'cut from a block-summed copy of the exposure, the source being '
                      'larger than a stamp (informational)',
 }
 

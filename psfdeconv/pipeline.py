@@ -882,7 +882,8 @@ def _segment_pieces(labels, parents, segments_of, blended):
 
 def _parent_centroids(x, y, segments_of, pieces, parents, image):
     """Detected positions moved to the light centroid of their whole segment
-    before deblending, for the sources alone in it (``segments_of`` 0 for
+    before deblending, for the sources alone in a segment the deblending
+    split (``segments_of`` 0 for
     the sources to leave, e.g. blended ones): the deblending may split a
     knotty galaxy, and the piece a detection lands on is off its centre
     (the stamps are centred on the position, HSM starts there)."""
@@ -892,8 +893,11 @@ def _parent_centroids(x, y, segments_of, pieces, parents, image):
     x, y = x.copy(), y.copy()
     has = segments_of > 0
     source_parent = np.where(has, parent[np.where(has, segments_of, 0)], 0)
-    alone = has & (np.bincount(source_parent[has], minlength=parent.max() + 1)
-                   [source_parent] == 1)
+    counts = np.bincount(source_parent[has], minlength=parent.max() + 1)
+    n_pieces = np.bincount(parent, minlength=parent.max() + 1)
+    # Alone in a segment the deblending split: an unsplit one's detection is
+    # already its centroid.
+    alone = has & (counts[source_parent] == 1) & (n_pieces[source_parent] > 1)
     if not alone.any():
         return x, y
     positive = np.where(np.isfinite(image), np.maximum(image, 0.0), 0.0)

@@ -949,15 +949,22 @@ def _write_all(out_dir, figures, overwrite):
 
 def _observed_cutouts(exposure, stamps, size):
     """Reference-band cutouts of the exposure at each stamp's ``meta['origin']``
-    (NaN off the image)."""
+    (NaN off the image), block-summed like the stamp where it was cut from a
+    block-summed exposure (``meta['block_factor']``)."""
+    from astropy.nddata import block_reduce
+
     pixels = _image_array(exposure)
     cutouts = np.full((len(stamps), size, size), np.nan)
     for k, stamp in enumerate(stamps):
-        x0, y0 = (int(v) for v in stamp.meta.get('origin', (0, 0)))
-        ys = slice(max(y0, 0), min(y0 + size, pixels.shape[0]))
-        xs = slice(max(x0, 0), min(x0 + size, pixels.shape[1]))
+        factor = int(stamp.meta.get('block_factor', 1) or 1)
+        x0, y0 = (factor * int(v) for v in stamp.meta.get('origin', (0, 0)))
+        side = factor * size
+        region = np.full((side, side), np.nan)
+        ys = slice(max(y0, 0), min(y0 + side, pixels.shape[0]))
+        xs = slice(max(x0, 0), min(x0 + side, pixels.shape[1]))
         if ys.start < ys.stop and xs.start < xs.stop:
-            cutouts[k, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = pixels[ys, xs]
+            region[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = pixels[ys, xs]
+        cutouts[k] = region if factor == 1 else block_reduce(region, factor, np.sum)
     return cutouts
 
 
@@ -968,7 +975,7 @@ def write_run_plots(out_dir, catalog, *, stamps=None, exposure=None, overwrite=F
     band, over the exposure when given) and, with ``stamps``,
     ``stamps.png`` (`plot_stamp_grid` of the reference band: observed
     cutouts of the exposure when given, and the deconvolved stamps, two
-    sources per SNR tertile). Nothing is written if a target exists and
+    usable sources per SNR tertile). Nothing is written if a target exists and
     ``overwrite`` is False.
 
     Parameters
@@ -1017,6 +1024,9 @@ def write_run_plots(out_dir, catalog, *, stamps=None, exposure=None, overwrite=F
                     _observed_cutouts(exposure, stamps, deconvolved.shape[-1])[:, None])
         snr_name = f'snr_{band}'
         snr = _values(catalog[snr_name]) if snr_name in catalog.colnames else None
+        if snr is not None and 'usable' in catalog.colnames:
+            # The usable rows only (NaN drops a row out of the SNR bins).
+            snr = np.where(np.asarray(catalog['usable'], dtype=bool), snr, np.nan)
         figure = plot_stamp_grid(observed, None, deconvolved, snr=snr, rows_per_bin=2)
         figure.suptitle(f'band {band}', fontsize='small')
         return figure
