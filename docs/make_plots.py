@@ -23,9 +23,9 @@ DPI = 80
 
 def main(overwrite=False):
     from psfdeconv.deconvolve import deconvolve_stamps
+    from psfdeconv.evaluate import read_report
     from psfdeconv.model import default_model_path, load_model
     from psfdeconv.pipeline import deconvolve_catalog
-    from psfdeconv.evaluate import read_report
     from psfdeconv.plotting import (
         plot_catalog_overview,
         plot_confusion_matrix,

@@ -28,7 +28,7 @@ import numpy as np
 
 from .exceptions import UnitsError
 
-__all__ = ['is_surface_brightness', 'is_magnitude', 'is_magnitude_text',
+__all__ = ['unit_text', 'is_surface_brightness', 'is_magnitude', 'is_magnitude_text',
            'check_flux_unit', 'flux_per_pixel', 'common_flux_unit']
 
 #: The fix quoted when a unit is refused.
@@ -37,6 +37,22 @@ _FLUX_FIX = ('give the data in a flux per pixel (e.g. adu, electron/s, '
              'the header is wrong, set the unit (--unit BAND=adu on the command '
              'line; unit= of psfdeconv.io.read_exposure, or the unit of an '
              'NDData/CCDData, in Python)')
+
+
+def unit_text(text, where):
+    """``text`` if astropy parses it as a unit, else a
+    `~psfdeconv.exceptions.ConfigError` that starts with ``where`` (the
+    option or manifest cell) and names the value."""
+    import astropy.units as u
+
+    from .exceptions import ConfigError
+
+    try:
+        u.Unit(text)
+    except (ValueError, TypeError):
+        raise ConfigError(f'{where}: {text!r} is not a unit astropy knows; give e.g. '
+                          f'adu, electron/s or nanomaggy.') from None
+    return text
 
 
 def _angle_bases():

@@ -56,6 +56,7 @@ import threading
 import time
 from pathlib import Path
 
+from ._units import unit_text
 from .exceptions import (
     BatchFailureError,
     ConfigError,
@@ -267,7 +268,7 @@ def read_manifest(path):
             name = f'unit_{band}'
             if name in columns:
                 text = _cell(columns[name], row)
-                out[name].append(text and _unit_cell(text, f'{line}, column {name!r}'))
+                out[name].append(text and unit_text(text, f'{line}, column {name!r}'))
     return Table(out, meta={'bands': bands, 'manifest': str(path)})
 
 
@@ -296,17 +297,6 @@ def _fits_cell(text, base, where, role):
                                 f'(relative paths are relative to the manifest\'s '
                                 f'directory {base}).')
     return _fits_text(path, hdu)
-
-
-def _unit_cell(text, where):
-    import astropy.units as u
-
-    try:
-        u.Unit(text)
-    except (ValueError, TypeError):
-        raise ConfigError(f'{where}: {text!r} is not a unit astropy knows; give e.g. '
-                          f'adu, electron/s or nanomaggy.') from None
-    return text
 
 
 def _psf_cell(text, base, where):

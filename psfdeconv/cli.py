@@ -274,16 +274,9 @@ def _epsf_options(args):
 
 
 def _check_unit(band, text, option='--unit'):
-    import astropy.units as u
+    from ._units import unit_text
 
-    from .exceptions import ConfigError
-
-    try:
-        u.Unit(text)
-    except (ValueError, TypeError):
-        raise ConfigError(f'{option} {band}={text!r}: {text!r} is not a unit astropy '
-                          f'knows; give e.g. adu, electron/s or nanomaggy.') from None
-    return text
+    return unit_text(text, f'{option} {band}={text!r}')
 
 
 def _pixel_scale_keyword(pixel_scale):
