@@ -20,8 +20,10 @@ per band of the same field):
    (`psfdeconv.cutouts.resample_psf`);
 6. stamps of the model's size around each source in every band
    (`psfdeconv.cutouts.make_cutouts`; masked and off-image pixels are 0 and
-   flagged), the pixels of other sources replaced by noise
-   (`psfdeconv.detection.replace_neighbours`), and the PSF of each source
+   flagged), the pixels of other (deblended) sources refilled from the
+   source's other side or with noise (`psfdeconv.detection.replace_neighbours`;
+   blended sources and galaxies larger than a stamp: :doc:`/flags`), and the
+   PSF of each source
    rendered at its position (`psfdeconv.psf.render_stamp_psfs`);
 7. deconvolution with the amplitude refit and flux-bias correction
    (`psfdeconv.deconvolve.deconvolve_stamps`);
@@ -284,10 +286,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     neighbours : {'replace', 'keep'}, optional
         'replace' (default): the pixels of other sources in each stamp
         (segments of the bands' combined signal-to-noise image,
-        `~psfdeconv.detection.neighbour_segments`) are replaced by noise before deconvolution
-        (`~psfdeconv.detection.replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
-        not counted in the source's flux and shape. 'keep' deconvolves the
-        stamps as cut.
+        deblended, `~psfdeconv.detection.neighbour_segments`) are refilled from
+        the pixels point-symmetric about the source, or with noise, before
+        deconvolution (`~psfdeconv.detection.replace_neighbours`; flag
+        ``NEIGHBOURS``), so that their light is not counted in the source's
+        flux and shape. 'keep' deconvolves the stamps as cut (blends are
+        flagged either way).
     batch_size : int, optional
         Objects per network call.
     symmetries : {1, 2, 4, 8}, optional
