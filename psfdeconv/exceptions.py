@@ -27,6 +27,7 @@ __all__ = [
     'ModelFileError',
     'OutputExistsError',
     'BatchFailureError',
+    'MissingDependencyError',
     'PSFDeconvWarning',
     'OutsideTrainingRangeWarning',
 ]
@@ -96,6 +97,13 @@ class BatchFailureError(PSFDeconvError, RuntimeError):
     code 6)."""
 
     exit_code = 6
+
+
+class MissingDependencyError(PSFDeconvError, ImportError):
+    """An optional dependency a task needs is not installed, e.g. Keras and
+    its backend without the ``cpu``/``gpu`` extra (exit code 1)."""
+
+    exit_code = 1
 
 
 class PSFDeconvWarning(AstropyUserWarning):
