@@ -702,8 +702,10 @@ def _cmd_run(args):
 
 def _cmd_batch(args):
     _require_network(args)
+    from ._validation import check_output_location
     from .batch import SUMMARY_NAME, read_manifest, run_batch
 
+    check_output_location(args.out, '--out', directory=True)
     manifest = read_manifest(args.manifest)
     bands = list(manifest.meta['bands'])
     units = {band: _check_unit(band, text) for band, text in
