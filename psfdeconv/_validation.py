@@ -209,7 +209,7 @@ def positive_int(value, name, *, error=InvalidInputError):
     >>> positive_int(2.5, 'batch_size')
     Traceback (most recent call last):
     ...
-    psfdeconv.exceptions.InvalidInputError: batch_size = 2.5; it must be a whole number >= 1; give e.g. batch_size=128.
+    psfdeconv.exceptions.InvalidInputError: batch_size = 2.5; it must be a whole number >= 1; ...
     """
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise error(f'{name} = {value!r}; it must be a whole number >= 1; give e.g. '

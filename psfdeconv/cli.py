@@ -9,8 +9,9 @@ simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example),
 measured catalog), ``simulate-exposure`` (multi-band exposures with
 known truth) and ``batch`` (many exposure groups on dask).
 
-Exit codes: 0 success, 1 other failure (e.g. an I/O error writing an
-output), 2 usage error, 3 bad input data, 4 model file problem, 5 output
+Exit codes: 0 success, 1 other failure (an I/O error writing an output,
+Keras or its backend not installed, or an internal error: one line, the
+traceback with ``-v``), 2 usage error, 3 bad input data, 4 model file problem, 5 output
 exists without ``--overwrite``, 6 partial batch failure, 128 + N killed by
 signal N (SIGTERM: 143, after removing temporary files).
 """
