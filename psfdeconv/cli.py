@@ -142,10 +142,14 @@ def _keras_backend():
     import importlib.util
     import os
 
+    def importable(module):
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # 'a.b' without 'a'; a spec-less module
+            return False
+
     name = os.environ.get('KERAS_BACKEND', '').strip() or 'tensorflow'
-    found = (importlib.util.find_spec('keras') is not None and
-             importlib.util.find_spec(name) is not None)
-    return name, found
+    return name, importable('keras') and importable(name)
 
 
 def _backend_version(name):

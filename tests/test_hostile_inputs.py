@@ -111,11 +111,12 @@ def test_missing_keras_is_refused_before_any_work(without_keras, monkeypatch, ca
     assert not (tmp_path / 'out').exists()
 
 
-def test_missing_backend_named_by_keras_backend(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv('KERAS_BACKEND', 'jax_not_installed_here')
+@pytest.mark.parametrize('backend', ['jax_not_installed_here', 'no_such.module'])
+def test_missing_backend_named_by_keras_backend(monkeypatch, capsys, tmp_path, backend):
+    monkeypatch.setenv('KERAS_BACKEND', backend)
     code, err = call(['run', '--example', '--out', str(tmp_path / 'out')], capsys)
     assert code == 1
-    assert "KERAS_BACKEND = 'jax_not_installed_here'" in err
+    assert f"KERAS_BACKEND = {backend!r}; keras or {backend} is not installed" in err
     assert issubclass(MissingDependencyError, ImportError)
 
 
