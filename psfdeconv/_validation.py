@@ -272,8 +272,8 @@ def check_band_names(bands, n_bands):
                                  f'images have {n_bands} band(s); give one name per '
                                  f'band.')
     if len(set(bands)) != len(bands) or not all(is_band_name(b) for b in bands):
-        raise InvalidInputError(f'band names must be distinct ASCII identifiers '
-                                f'(letters, digits, underscores), got {bands}.')
+        raise InvalidInputError(f'band names must be distinct identifiers (ASCII '
+                                f'letters, digits, underscores), got {bands}.')
     return bands
 
 

@@ -919,8 +919,8 @@ def read_exposure_set(exposures, *, require_wcs=True):
                                 f'{type(exposures).__name__}.')
     bands = [str(band) for band in exposures]
     if len(set(bands)) != len(bands) or not all(is_band_name(b) for b in bands):
-        raise InvalidInputError(f'band names {bands} must be distinct ASCII identifiers '
-                                f'(letters, digits, underscores): they become '
+        raise InvalidInputError(f'band names {bands} must be distinct identifiers '
+                                f'(ASCII letters, digits, underscores): they become '
                                 f'column names such as flux_<band>.')
     read, paths = {}, {}
     for band, exposure in exposures.items():
