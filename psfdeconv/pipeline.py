@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import angle_arcsec
+from ._validation import angle_arcsec, check_output_location, positive_int
 from .cutouts import align_to_reference
 from .detection import (
     NEIGHBOUR_OPTIONS,
@@ -397,6 +397,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     """
     _check_chunk_size(chunk_size)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
+    positive_int(batch_size, 'batch_size')
     setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
                            reference_band=reference_band, psf_size=psf_size,
                            subtract_background=subtract_background,
@@ -1268,7 +1269,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
 
     _check_chunk_size(chunk_size)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
-    out_dir = Path(out_dir)
+    positive_int(batch_size, 'batch_size')
+    out_dir = check_output_location(out_dir, 'out_dir', directory=True)
     paths = {'catalog': out_dir / 'catalog.fits', 'stamps': out_dir / 'stamps.fits'}
     paths.update({str(band): out_dir / f'psf_{band}.fits' for band in exposures})
     # Refuse before any work rather than after it.
