@@ -993,7 +993,8 @@ def _add_run_parser(sub):
                         'was not trained on, instead of warning and flagging them')
     p.add_argument('--keep-neighbours', action='store_true',
                    help='deconvolve the stamps as cut; by default the pixels of other '
-                        'sources in a stamp are replaced by noise (flag NEIGHBOURS) '
+                        'sources in a stamp are replaced, from the source\'s other side '
+                        'or by noise (flag NEIGHBOURS), '
                         'so that their light does not enter the flux and shape')
     _add_target_fwhm_argument(p)
     p.add_argument('--overwrite', action='store_true')
