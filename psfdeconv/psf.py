@@ -1085,6 +1085,16 @@ def _half_maximum_centroid(data):
     return float((core * y).sum() / core.sum()), float((core * x).sum() / core.sum())
 
 
+def _check_psf_size(data, name, oversampling=1):
+    smallest = _MIN_PSF_SIZE * oversampling
+    if min(data.shape) < smallest:
+        raise InvalidPSFError(
+            f'{name} is {data.shape[0]}x{data.shape[1]} samples; a PSF image must '
+            f'be at least {smallest}x{smallest} ({_MIN_PSF_SIZE} native pixels '
+            f'per side) to describe a core and its wings; give a larger image '
+            f'(e.g. 25x25 pixels).')
+
+
 def _centred_odd(data, name, oversampling=1):
     """A PSF image on an odd grid with its core on the centre sample.
 
@@ -1098,13 +1108,7 @@ def _centred_odd(data, name, oversampling=1):
 
     Returns ``(data, padded, recentred)``.
     """
-    smallest = _MIN_PSF_SIZE * oversampling
-    if min(data.shape) < smallest:
-        raise InvalidPSFError(
-            f'{name} is {data.shape[0]}x{data.shape[1]} samples; a PSF image must '
-            f'be at least {smallest}x{smallest} ({_MIN_PSF_SIZE} native pixels '
-            f'per side) to describe a core and its wings; give a larger image '
-            f'(e.g. 25x25 pixels).')
+    _check_psf_size(data, name, oversampling)
     padded = data.shape[0] % 2 == 0 or data.shape[1] % 2 == 0
     recentred = False
     if padded:
@@ -1271,6 +1275,7 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
         raise InvalidPSFError(f'{path} has {int(bad.sum())} NaN/inf pixel(s); '
                               f'a PSF image must be finite (replace them, '
                               f'e.g. by 0).')
+    _check_psf_size(data, f'the PSF image in {path}', oversampling)
     border = np.concatenate([data[0], data[-1], data[1:-1, 0],
                              data[1:-1, -1]])
     subtracted = 0.0
