@@ -245,3 +245,23 @@ def test_psf_header_pixel_scale(tmp_path):
     rendered = render_psf(model, size=25)
     direct = render_psf(moffat_psf(0.8, 3.0, pixel_scale=0.2), size=25)
     assert_allclose(rendered.max(), direct.max(), rtol=0.05)
+
+
+# --- Units (refused by psfdeconv._units; here through run_exposure_set) --------------------
+
+@pytest.mark.parametrize('unit, match', [('mag', r"band 'r'.*magnitude"),
+                                         ('Jy/beam', r"band 'r'.*beam")])
+def test_magnitude_or_per_beam_exposure_is_refused_before_the_network(
+        galaxies, tmp_path, tiny_model_path, no_network, unit, match):
+    from astropy.nddata import NDData
+
+    from psfdeconv.exceptions import UnitsError
+
+    exposures, truth = galaxies
+    exposures = dict(exposures)
+    r = exposures['r']
+    exposures['r'] = NDData(np.array(r.data), wcs=r.wcs, unit=unit, meta=dict(r.meta))
+    table = Table({'id': [1, 2], 'ra': truth['ra'], 'dec': truth['dec']})
+    with pytest.raises(UnitsError, match=match):
+        run_exposure_set(exposures, tmp_path / 'out', table, psfs=MOFFAT,
+                         model=tiny_model_path)
