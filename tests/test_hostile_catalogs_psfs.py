@@ -265,3 +265,13 @@ def test_magnitude_or_per_beam_exposure_is_refused_before_the_network(
     with pytest.raises(UnitsError, match=match):
         run_exposure_set(exposures, tmp_path / 'out', table, psfs=MOFFAT,
                          model=tiny_model_path)
+
+
+def test_string_ids_from_a_fits_catalogue(galaxies, tmp_path, tiny_model_path):
+    """A FITS table's string column reads as bytes; the ids come out as the strings."""
+    _, truth = galaxies
+    path = tmp_path / 'sources.fits'
+    Table({'id': ['NGC 1', 'obj-2'], 'ra': truth['ra'], 'dec': truth['dec']}).write(path)
+    catalog, paths = run(galaxies, path, tmp_path, tiny_model_path)
+    assert [stamp.meta['id'] for stamp in read_stamps(paths['stamps'])] == ['NGC 1', 'obj-2']
+    assert list(read_catalog(paths['catalog'])['id']) == ['NGC 1', 'obj-2']

@@ -63,7 +63,8 @@ def check_source_ids(ids, *, name='id'):
     Returns
     -------
     `~numpy.ndarray`
-        The ids.
+        The ids, strings as `str` (a FITS table's string column reads as
+        bytes).
 
     Raises
     ------
@@ -98,8 +99,9 @@ def check_source_ids(ids, *, name='id'):
                                     f'or drop the {name} column to number the '
                                     f'sources 0, 1, ...')
     elif values.dtype.kind in 'USO':
-        for row, value in enumerate(values):
-            text = value.decode('latin-1') if isinstance(value, bytes) else str(value)
+        texts = [value.decode('latin-1') if isinstance(value, bytes) else str(value)
+                 for value in values]
+        for row, text in enumerate(texts):
             if not (text.isascii() and text.isprintable()):
                 raise InvalidInputError(
                     f'{name}[{row}] = {text!r}; source ids are written to FITS '
@@ -107,6 +109,8 @@ def check_source_ids(ids, *, name='id'):
                     f'ASCII only (no accents, newlines or tabs): rename it (e.g. '
                     f'{text.encode("ascii", "replace").decode().replace("?", "_")!r}'
                     f') or drop the {name} column to number the sources 0, 1, ...')
+        # A FITS table's string column reads as bytes, which a header refuses.
+        values = np.array(texts, dtype=str)
     seen = {}
     for row, value in enumerate(values.tolist()):
         if value in seen:
