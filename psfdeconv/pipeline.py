@@ -282,9 +282,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``unit_conversion``.
     positions : `~astropy.coordinates.SkyCoord`, `~astropy.table.Table` or array-like, optional
         The sources: sky coordinates; a table with a SkyCoord column (e.g.
-        ``sky_centroid``), ``ra`` and ``dec`` columns (degrees, ICRS), or
-        ``x`` and ``y`` columns (0-based pixels of the reference band), used
-        in that order of preference, its ``id`` column kept; or an (n, 2)
+        ``sky_centroid``), ``ra`` and ``dec`` columns (ICRS; numbers in
+        degrees, or sexagesimal strings with ra in hours and dec in degrees,
+        ``'10:00:01.2'``, ``'+02:10:03'``), or ``x`` and ``y`` columns
+        (0-based pixels of the reference band), used in that order of
+        preference, its ``id`` column kept (checked by
+        `~psfdeconv.io.check_source_ids`: unique, finite, printable ASCII); or an (n, 2)
         array of reference-band pixels. Default: the galaxies detected on the
         reference band (`~psfdeconv.detection.detect_galaxies`).
     psfs : mapping, str, PSF model or `~numpy.ndarray`, optional
