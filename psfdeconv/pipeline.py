@@ -79,7 +79,7 @@ from .flags import (
     flags_column_description,
     usable_rows,
 )
-from .io import read_exposure_set
+from .io import check_source_ids, read_exposure_set
 from .psf import build_psfs, grid_extrapolated, render_stamp_psfs
 
 __all__ = [
@@ -133,6 +133,43 @@ def _pixels_of(table_column):
     return np.asarray(getattr(table_column, 'value', table_column), dtype=np.float64)
 
 
+def _sky_from_columns(ra, dec):
+    """ICRS positions from ``ra`` and ``dec`` columns: Quantities, numbers
+    (degrees) or sexagesimal strings (``'10:00:01.2'``, ``'+02:10:03'``: ra
+    in hours, dec in degrees, as catalogues write them)."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    def degrees(column):
+        if getattr(column, 'unit', None) is not None:
+            return u.Quantity(column).to(u.deg)
+        try:
+            return np.asarray(column, dtype=float) * u.deg
+        except (TypeError, ValueError):
+            return None
+
+    ra_deg, dec_deg = degrees(ra), degrees(dec)
+    if ra_deg is not None and dec_deg is not None:
+        return SkyCoord(ra_deg, dec_deg, frame='icrs')
+    ra_text = [str(value).strip() for value in np.asarray(ra)]
+    dec_text = [str(value).strip() for value in np.asarray(dec)]
+    try:
+        return SkyCoord(ra_text, dec_text, unit=(u.hourangle, u.deg), frame='icrs')
+    except Exception:  # astropy raises several types for unparsable angles
+        pass
+    for row, (ra_value, dec_value) in enumerate(zip(ra_text, dec_text, strict=True)):
+        try:
+            SkyCoord(ra_value, dec_value, unit=(u.hourangle, u.deg))
+        except Exception as exc:  # as above
+            raise InvalidInputError(
+                f'(ra, dec)[{row}] = ({ra_value!r}, {dec_value!r}) cannot be read '
+                f'({exc}); give ra and dec in degrees (numbers, or columns with '
+                f'a unit), or sexagesimal strings with ra in hours and dec in '
+                f'degrees (e.g. 10:00:01.2 and +02:10:03).') from None
+    raise InvalidInputError('the ra and dec columns cannot be read as sky '
+                            'positions; give degrees or sexagesimal strings.')
+
+
 def _positions(positions, reference, reference_band, detect_options):
     """(x, y) reference-band pixels, ids, and a description of the source."""
     from astropy.coordinates import SkyCoord
@@ -162,7 +199,7 @@ def _positions(positions, reference, reference_band, detect_options):
         return x, y, np.arange(x.size), 'SkyCoord'
     if isinstance(positions, Table):
         table = positions
-        ids = np.asarray(table['id']) if 'id' in table.colnames else \
+        ids = check_source_ids(table['id']) if 'id' in table.colnames else \
             np.arange(len(table))
         sky_columns = [name for name in table.colnames
                        if isinstance(table[name], SkyCoord)]
@@ -171,14 +208,7 @@ def _positions(positions, reference, reference_band, detect_options):
             x, y = from_sky(table[name])
             return x, y, ids, f'table column {name!r}'
         if 'ra' in table.colnames and 'dec' in table.colnames:
-            import astropy.units as u
-
-            ra, dec = table['ra'], table['dec']
-            ra = ra.to(u.deg) if getattr(ra, 'unit', None) is not None else \
-                np.asarray(ra, float) * u.deg
-            dec = dec.to(u.deg) if getattr(dec, 'unit', None) is not None else \
-                np.asarray(dec, float) * u.deg
-            x, y = from_sky(SkyCoord(u.Quantity(ra), u.Quantity(dec), frame='icrs'))
+            x, y = from_sky(_sky_from_columns(table['ra'], table['dec']))
             return x, y, ids, 'table columns ra, dec'
         if 'x' in table.colnames and 'y' in table.colnames:
             return (_pixels_of(table['x']), _pixels_of(table['y']), ids,
@@ -254,9 +284,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``unit_conversion``.
     positions : `~astropy.coordinates.SkyCoord`, `~astropy.table.Table` or array-like, optional
         The sources: sky coordinates; a table with a SkyCoord column (e.g.
-        ``sky_centroid``), ``ra`` and ``dec`` columns (degrees, ICRS), or
-        ``x`` and ``y`` columns (0-based pixels of the reference band), used
-        in that order of preference, its ``id`` column kept; or an (n, 2)
+        ``sky_centroid``), ``ra`` and ``dec`` columns (ICRS; numbers in
+        degrees, or sexagesimal strings with ra in hours and dec in degrees,
+        ``'10:00:01.2'``, ``'+02:10:03'``), or ``x`` and ``y`` columns
+        (0-based pixels of the reference band), used in that order of
+        preference, its ``id`` column kept (checked by
+        `~psfdeconv.io.check_source_ids`: unique, finite, printable ASCII); or an (n, 2)
         array of reference-band pixels. Default: the galaxies detected on the
         reference band (`~psfdeconv.detection.detect_galaxies`).
     psfs : mapping, str, PSF model or `~numpy.ndarray`, optional

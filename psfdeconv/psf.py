@@ -91,6 +91,19 @@ _FWHM_TOLERANCE = 1.25
 #: (before renormalisation) triggers a warning.
 _RENDER_SUM_RANGE = (0.8, 1.25)
 
+#: Largest Moffat FWHM, arcsec and native pixels: seeing is a few arcsec,
+#: and a PSF this wide would not fit in any stamp (nor, drawn, in memory).
+_MAX_FWHM_ARCSEC = 100.0
+_MAX_FWHM_PIXELS = 100
+#: Smallest side (native pixels) of a PSF image: a 3x3 image cannot hold a
+#: core and its wings (the ePSFs are 25 pixels, the simulations' PSFs 41).
+_MIN_PSF_SIZE = 5
+#: A PSF image's pedestal (soft bias) is subtracted when the median of its
+#: border is above this fraction of the peak and the border is flat (its
+#: 10-90 percentile spread below `_PEDESTAL_FLATNESS` of its median).
+_PEDESTAL_FRACTION = 0.01
+_PEDESTAL_FLATNESS = 0.1
+
 _SPEC_FORMS = ("'epsf', 'epsf:grid=NYxNX' (e.g. 'epsf:grid=2x2'), "
                "'moffat:fwhm=0.8arcsec,beta=3[,e1=0.0,e2=0.0]' and "
                "'psf=FILE'")
@@ -780,6 +793,12 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
 
     fwhm_arcsec = angle_arcsec(fwhm, 'fwhm', error=InvalidPSFError)
     scale = scalar_pixel_scale(pixel_scale)
+    if fwhm_arcsec > _MAX_FWHM_ARCSEC or fwhm_arcsec / scale > _MAX_FWHM_PIXELS:
+        raise InvalidPSFError(
+            f'fwhm = {fwhm_arcsec:g} arcsec ({fwhm_arcsec / scale:g} pixels of '
+            f'{scale:g} arcsec); a PSF FWHM must be at most {_MAX_FWHM_ARCSEC:g} '
+            f'arcsec and {_MAX_FWHM_PIXELS} pixels (wider than any stamp); check '
+            f'the value and its unit (e.g. 0.8arcsec or 4pix).')
     beta = float(beta)
     if not np.isfinite(beta) or beta <= 1.1:
         raise InvalidPSFError(f'beta = {beta}; the Moffat power index must '
@@ -1040,19 +1059,79 @@ def _first_image_hdu(hdulist, path):
                           f'whose PSF image is 2-D.')
 
 
-def _pad_to_odd(data):
+def _pad_to_odd(data, after=(False, False)):
     """Pad each even axis by one zero row/column on the side that puts the
-    brightest pixel at (or nearest to) the centre of the new axis."""
+    brightest pixel at (or nearest to) the centre of the new axis (after
+    it where ``after`` says so)."""
     peak = np.unravel_index(np.argmax(data), data.shape)
     pad = []
-    for n, p in zip(data.shape, peak, strict=True):
+    for n, p, last in zip(data.shape, peak, after, strict=True):
         if n % 2:
             pad.append((0, 0))
+        elif last:
+            pad.append((0, 1))
         elif p >= n // 2:   # peak at n/2 (numpy/FFT convention): pad after
             pad.append((0, 1))
         else:               # peak at n/2 - 1: pad before
             pad.append((1, 0))
     return np.pad(data, pad)
+
+
+def _half_maximum_centroid(data):
+    """(y, x) centroid of the pixels at or above half the peak: the core,
+    free of truncated or noisy wings."""
+    core = np.where(data >= 0.5 * data.max(), data, 0.0)
+    y, x = np.indices(data.shape)
+    return float((core * y).sum() / core.sum()), float((core * x).sum() / core.sum())
+
+
+def _check_psf_size(data, name, oversampling=1):
+    smallest = _MIN_PSF_SIZE * oversampling
+    if min(data.shape) < smallest:
+        raise InvalidPSFError(
+            f'{name} is {data.shape[0]}x{data.shape[1]} samples; a PSF image must '
+            f'be at least {smallest}x{smallest} ({_MIN_PSF_SIZE} native pixels '
+            f'per side) to describe a core and its wings; give a larger image '
+            f'(e.g. 25x25 pixels).')
+
+
+def _centred_odd(data, name, oversampling=1):
+    """A PSF image on an odd grid with its core on the centre sample.
+
+    An image smaller than `_MIN_PSF_SIZE` native pixels is refused. An even
+    axis whose core is centred on a pixel corner (its half-maximum centroid
+    within a quarter sample of ``(n - 1) / 2``) gets a row (column) of zeros
+    after it and is shifted by half a sample with a Fourier shift on the odd
+    grid (exact for a band-limited image; the sum is kept); another even
+    axis is padded as `_pad_to_odd` does. An image whose peak is then more
+    than one native pixel from the centre is refused.
+
+    Returns ``(data, padded, recentred)``.
+    """
+    _check_psf_size(data, name, oversampling)
+    padded = data.shape[0] % 2 == 0 or data.shape[1] % 2 == 0
+    recentred = False
+    if padded:
+        centroid = _half_maximum_centroid(data)
+        corner = [n % 2 == 0 and abs(c - (n - 1) / 2) < 0.25
+                  for n, c in zip(data.shape, centroid, strict=True)]
+        data = _pad_to_odd(data, corner)
+        if any(corner):
+            from scipy.ndimage import fourier_shift
+
+            shift = [0.5 if axis else 0.0 for axis in corner]
+            data = np.fft.ifftn(fourier_shift(np.fft.fftn(data), shift)).real
+            recentred = True
+    peak = np.unravel_index(np.argmax(data), data.shape)
+    centre = tuple(n // 2 for n in data.shape)
+    off = max(abs(p - c) for p, c in zip(peak, centre, strict=True)) / oversampling
+    if off > 1:
+        raise InvalidPSFError(
+            f'{name} peaks at sample (y, x) = {tuple(int(p) for p in peak)}, '
+            f'{off:g} pixel(s) from its centre {centre}; a PSF must peak within '
+            f'one pixel of its centre: recentre the image on its peak (e.g. '
+            f'scipy.ndimage.shift) or crop it around the peak to an odd size.')
+    return data, padded, recentred
 
 
 def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
@@ -1087,8 +1166,18 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
     one row (column) of zeros: after the array when the brightest pixel
     is at index ``n // 2`` or beyond (the numpy/FFT convention), before it
     otherwise, so that the peak lands on the centre of the odd axis. A PSF
-    centred on a pixel corner (between ``n//2 - 1`` and ``n//2``) stays
-    half a pixel off centre; resample such a file to an odd grid first.
+    centred on a pixel corner (its core's centroid within a quarter sample
+    of ``(n - 1) / 2``) is padded after and shifted by half a sample with
+    a Fourier shift, so that its core is centred on the odd grid
+    (``meta['recentred']``). An image smaller than 5x5 native pixels, or
+    whose peak is more than one native pixel from its centre, is refused.
+
+    **Pedestal.** Without ``background``, a border whose median is above
+    1 percent of the peak and flat (10-90 percentile spread below 10
+    percent of the median: a soft bias, such as the 1000 of SDSS PSF
+    reconstructions) is subtracted; a border above 1 percent that is not
+    flat (a PSF cropped inside its wings) only warns. ``meta['background']``
+    records what was subtracted; pass ``background=0`` to subtract nothing.
 
     Parameters
     ----------
@@ -1099,8 +1188,8 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
     background : float or 'border', optional
         A constant to subtract first (e.g. the soft bias of 1000 of SDSS
         PSF reconstructions), or ``'border'`` for the median of the
-        outermost ring of pixels. Default: none; a warning says when the
-        border median is above 1 percent of the peak.
+        outermost ring of pixels. Default: a flat pedestal is subtracted
+        (see above).
     pixel_scale : float or `~astropy.units.Quantity`, optional
         The exposure's native pixel scale (arcsec/pixel): the PSF is
         resampled to it when the file's differs by more than 1 percent.
@@ -1118,13 +1207,15 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
     Raises
     ------
     psfdeconv.exceptions.InvalidPSFError
-        Naming the file, if it has no 2-D image, NaN/inf pixels, a
-        non-positive sum or a bad ``OVERSAMP``.
+        Naming the file, if it is not a FITS file, has no 2-D image,
+        NaN/inf pixels, a non-positive sum, a bad ``OVERSAMP``, fewer than
+        5x5 pixels or a peak more than one pixel off centre.
 
     Warns
     -----
     psfdeconv.exceptions.PSFDeconvWarning
-        If the image sits on a pedestal and ``background`` was not given.
+        If the border is well above zero but not flat and ``background``
+        was not given.
 
     Examples
     --------
@@ -1146,7 +1237,12 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
     if not path.exists():
         raise InvalidPSFError(f'PSF file {path} does not exist; give the path '
                               f'of a FITS image.')
-    with fits.open(path) as hdulist:
+    try:
+        opened = fits.open(path)
+    except OSError as exc:
+        raise InvalidPSFError(f'PSF file {path} is not a FITS file ({exc}); give '
+                              f'a FITS image (or a PSFEx .psf file).') from None
+    with opened as hdulist:
         if hdu is None and _psfex_hdu(hdulist) is not None and not any(
                 h.is_image and h.data is not None and h.data.ndim == 2
                 for h in hdulist):
@@ -1179,19 +1275,28 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
         raise InvalidPSFError(f'{path} has {int(bad.sum())} NaN/inf pixel(s); '
                               f'a PSF image must be finite (replace them, '
                               f'e.g. by 0).')
+    _check_psf_size(data, f'the PSF image in {path}', oversampling)
     border = np.concatenate([data[0], data[-1], data[1:-1, 0],
                              data[1:-1, -1]])
+    subtracted = 0.0
     if background is None:
         pedestal = float(np.median(border))
         peak = float(data.max())
-        if peak > 0 and pedestal > 0.01 * peak:
+        spread = float(np.subtract(*np.percentile(border, [90, 10])))
+        if peak > 0 and pedestal > _PEDESTAL_FRACTION * peak and \
+                spread <= _PEDESTAL_FLATNESS * pedestal:
+            # A flat border well above zero: a soft bias (SDSS adds 1000).
+            data = data - pedestal
+            subtracted = pedestal
+        elif peak > 0 and pedestal > _PEDESTAL_FRACTION * peak:
             warnings.warn(f'{path}: the border median {pedestal:g} is '
                           f'{100 * pedestal / peak:.1f} percent of the peak '
                           f'{peak:g}; if this is a pedestal (a soft bias), '
                           f"pass background='border' or its value.",
                           PSFDeconvWarning, stacklevel=2)
     elif isinstance(background, str) and background == 'border':
-        data = data - np.median(border)
+        subtracted = float(np.median(border))
+        data = data - subtracted
     else:
         try:
             value = float(background)
@@ -1202,18 +1307,18 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
             raise InvalidPSFError(f'background = {value}; give a finite '
                                   f'number.')
         data = data - value
+        subtracted = value
     total = float(data.sum())
     if not np.isfinite(total) or total <= 0:
         raise InvalidPSFError(f'the PSF image in {path} sums to {total}; a PSF '
                               f'must have a positive, finite sum.')
-    shape = data.shape
-    padded = shape[0] % 2 == 0 or shape[1] % 2 == 0
-    if padded:
-        data = _pad_to_odd(data)
+    data, padded, recentred = _centred_odd(data, f'the PSF image in {path}',
+                                           oversampling)
     data /= total
     sample_scale = _header_sample_scale(header)
     file_scale = None if sample_scale is None else sample_scale * oversampling
     meta = {'path': str(path), 'oversampling': oversampling, 'padded': padded,
+            'recentred': recentred, 'background': subtracted,
             'pixel_scale': file_scale}
     if pixel_scale is not None:
         target = scalar_pixel_scale(pixel_scale)
@@ -1842,11 +1947,9 @@ def _psf_from_array(array, name):
     if not total > 0:
         raise InvalidPSFError(f'{name} sums to {total}; a PSF must have a '
                               f'positive, finite sum.')
-    padded = data.shape[0] % 2 == 0 or data.shape[1] % 2 == 0
-    if padded:
-        data = _pad_to_odd(data)
+    data, padded, recentred = _centred_odd(data, name)
     psf = ImagePSF(data / total)
-    psf.meta.update({'oversampling': 1, 'padded': padded})
+    psf.meta.update({'oversampling': 1, 'padded': padded, 'recentred': recentred})
     return psf
 
 

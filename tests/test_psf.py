@@ -502,10 +502,9 @@ def test_read_real_sdss_psf(shared_data):
     path = shared_data / 'sdss-psf-example.fits'
     raw = fits.getdata(path)
     assert raw.dtype == np.uint16 and raw.shape == (51, 51)
-    with pytest.warns(PSFDeconvWarning, match=r'border median 1000 is 3\.3 percent of the '
-                      r"peak 30000; .* pass background='border'"):
-        read_psf_image(path)
-    for background in ('border', 1000):
+    # The flat border of 1000 is a pedestal: subtracted without being asked.
+    assert read_psf_image(path).meta['background'] == 1000
+    for background in (None, 'border', 1000):
         model = read_psf_image(path, background=background)
         assert model.oversampling.tolist() == [1, 1]
         rendered = render_psf(model, size=51)

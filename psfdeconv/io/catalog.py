@@ -17,7 +17,7 @@ import numpy as np
 from ..exceptions import InvalidInputError
 from .files import atomic_path, check_writable, read_table_with_meta, write_table_with_meta
 
-__all__ = ['read_positions', 'write_catalog', 'read_catalog', 'write_stamps',
+__all__ = ['read_positions', 'check_source_ids', 'write_catalog', 'read_catalog', 'write_stamps',
            'stamp_writer', 'read_stamps']
 
 
@@ -35,11 +35,92 @@ def read_positions(path):
                                 f'table file (.ecsv, .fits, .csv) with ra/dec or '
                                 f'x/y columns, or detect the sources.')
     try:
-        return Table.read(path)
+        table = Table.read(path)
     except Exception as exc:  # astropy raises many types for unreadable files
         raise InvalidInputError(f'source catalog {path} cannot be read as a table '
                                 f'({type(exc).__name__}: {exc}); give an ECSV, '
                                 f'FITS or CSV table.') from None
+    if len(table) == 0:
+        raise InvalidInputError(f'source catalog {path} has no rows; give at least '
+                                f'one source, or no catalogue to detect them.')
+    return table
+
+
+def check_source_ids(ids, *, name='id'):
+    """Source ids checked for the files of ``psfdeconv run``.
+
+    The ids go to the catalogue's ``id`` column and to the ``ID`` keyword of
+    each stamp's FITS header, which holds printable ASCII only, and they key
+    the catalogue's rows and the stamps, so they must be unique.
+
+    Parameters
+    ----------
+    ids : array-like
+        One id per source: integers, floats or strings.
+    name : str, optional
+        The column's name, for the messages.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The ids, strings as `str` (a FITS table's string column reads as
+        bytes).
+
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        For a masked (missing) id, a NaN or infinite number, a string with
+        characters other than printable ASCII (accents, newlines), or an id
+        that repeats an earlier one, naming the row.
+
+    Examples
+    --------
+    >>> from psfdeconv.io import check_source_ids
+    >>> check_source_ids(['a', 'b']).tolist()
+    ['a', 'b']
+    >>> check_source_ids(['a', 'a'])
+    Traceback (most recent call last):
+    ...
+    psfdeconv.exceptions.InvalidInputError: id[1] = 'a'; it repeats id[0]...
+    """
+    mask = np.ma.getmaskarray(ids)
+    if mask.any():
+        row = int(np.argmax(mask))
+        raise InvalidInputError(f'{name}[{row}] is missing (masked); every source '
+                                f'needs an id: fill it in, or drop the {name} '
+                                f'column to number the sources 0, 1, ...')
+    values = np.asarray(np.ma.getdata(ids))
+    if values.dtype.kind == 'f':
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InvalidInputError(f'{name}[{row}] = {values[row]}; a source id must '
+                                    f'be a finite number or a string: fill it in, '
+                                    f'or drop the {name} column to number the '
+                                    f'sources 0, 1, ...')
+    elif values.dtype.kind in 'USO':
+        texts = [value.decode('latin-1') if isinstance(value, bytes) else str(value)
+                 for value in values]
+        for row, text in enumerate(texts):
+            if not (text.isascii() and text.isprintable()):
+                raise InvalidInputError(
+                    f'{name}[{row}] = {text!r}; source ids are written to FITS '
+                    f'headers (the ID keyword of stamps.fits), which hold printable '
+                    f'ASCII only (no accents, newlines or tabs): rename it (e.g. '
+                    f'{text.encode("ascii", "replace").decode().replace("?", "_")!r}'
+                    f') or drop the {name} column to number the sources 0, 1, ...')
+        # A FITS table's string column reads as bytes, which a header refuses.
+        values = np.array(texts, dtype=str)
+    seen = {}
+    for row, value in enumerate(values.tolist()):
+        if value in seen:
+            raise InvalidInputError(f'{name}[{row}] = {value!r}; it repeats '
+                                    f'{name}[{seen[value]}], and the ids key the '
+                                    f'catalogue rows and the stamps: make them '
+                                    f'unique, or drop the {name} column to number '
+                                    f'the sources 0, 1, ...')
+        seen[value] = row
+    return values
 
 
 def write_catalog(table, path, *, overwrite=False):
