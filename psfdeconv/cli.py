@@ -979,8 +979,8 @@ def _add_run_parser(sub):
     group = p.add_mutually_exclusive_group()
     group.add_argument('--catalog', metavar='FILE',
                        help='table of sources (ECSV/FITS/CSV) with a SkyCoord '
-                            'column, ra/dec (deg) or x/y (pixels of the reference '
-                            'band) columns')
+                            'column, ra/dec (degrees, or sexagesimal strings with ra in '
+                            'hours) or x/y (pixels of the reference band) columns')
     group.add_argument('--detect', action='store_true',
                        help='detect the galaxies on the reference band (the '
                             'default without --catalog)')
