@@ -466,7 +466,7 @@ def _serial_model(model):
     return serial
 
 
-def _worker_model(path, sha256, n_bands, threads=None):
+def _worker_model(path, sha256, n_bands, verify=True, threads=None):
     """The model of a batch in this process, loaded on first use (after
     `_configure_threads`, under a lock: TensorFlow's import is not safe in
     two threads at once)."""
@@ -481,7 +481,7 @@ def _worker_model(path, sha256, n_bands, threads=None):
                 raise ModelFileError('the batch\'s model exists only in the memory of '
                                      'the process that started the batch; give it as '
                                      'a .keras file to run on processes or a cluster.')
-            model = load_model(path, n_bands=n_bands)
+            model = load_model(path, n_bands=n_bands, verify=verify)
             if sha256 and model.sha256 != sha256:
                 raise ModelFileError(f'model {path} has weights SHA-256 '
                                      f'{model.sha256} in this worker but '
@@ -688,14 +688,14 @@ def _check_options(scheduler, workers, resume, overwrite):
                           f'workers and threads you want.')
 
 
-def _load_batch_model(model, n_bands):
+def _load_batch_model(model, n_bands, verify=True):
     from .model import DeconvolutionModel, default_model_path, load_model
 
     if isinstance(model, DeconvolutionModel):
         loaded = model
     elif model is None or isinstance(model, str | Path):
         path = default_model_path(n_bands) if model is None else Path(model)
-        loaded = load_model(path, n_bands=n_bands)
+        loaded = load_model(path, n_bands=n_bands, verify=verify)
     else:
         raise ModelFileError(f'model is a {type(model).__name__}; give a '
                              f'DeconvolutionModel (psfdeconv.load_model), the path '
@@ -708,7 +708,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
               workers=None, resume=False, overwrite=False, reference_band=None,
               batch_size=128, chunk_size=None, symmetries=None, units=None,
               epsf_options=None, detect_options=None, pixel_scale=None,
-              progress=False):
+              progress=False, trust_model=False):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into
@@ -750,6 +750,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         the others (failed and interrupted ones included).
     overwrite : bool, optional
         Redo every group, replacing an earlier run's outputs and summary.
+    trust_model : bool, optional
+        Load a model given as a path with ``verify=False``
+        (`~psfdeconv.model.load_model`; ``--trust-model``).
     reference_band, batch_size, chunk_size, symmetries
         As for `psfdeconv.pipeline.run_exposure_set` (``chunk_size`` None:
         its default; ``symmetries`` None: the model card's). A resumed batch
@@ -817,7 +820,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                         f'--overwrite to redo them, or choose '
                                         f'another --out.')
 
-    loaded = _load_batch_model(model, len(bands))
+    loaded = _load_batch_model(model, len(bands), verify=not trust_model)
     from .deconvolve import check_symmetries
 
     symmetries = check_symmetries(symmetries, loaded)
@@ -861,7 +864,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         'psfdeconv_version': versions['psfdeconv'],
         'versions': versions,
         'model': {'name': loaded.card.get('name'), 'path': model_path,
-                  'weights_sha256': loaded.sha256},
+                  'weights_sha256': loaded.sha256,
+                  'verified': bool(getattr(loaded, 'verified', True))},
         'symmetries': symmetries,
         'manifest': manifest.meta.get('manifest'),
         'bands': bands,
@@ -886,7 +890,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                # Groups that run have no marker: whatever they hold is the
                # partial output of an interrupted or failed run.
                'overwrite': bool(resume or overwrite)}
-    model_ref = (model_path, loaded.sha256, len(bands))
+    model_ref = (model_path, loaded.sha256, len(bands), bool(getattr(loaded, 'verified', True)))
     tasks, keys = [], {}
     for row in todo:
         group = {'id': ids[row],

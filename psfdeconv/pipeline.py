@@ -102,11 +102,11 @@ CHUNK_SIZE = 512
 # --- Inputs ------------------------------------------------------------------------
 
 
-def _as_model(model, *, n_bands=None):
+def _as_model(model, *, n_bands=None, verify=True):
     from .model import DeconvolutionModel, load_model
 
     if model is None or isinstance(model, str | Path):
-        return load_model(model, n_bands=n_bands)
+        return load_model(model, n_bands=n_bands, verify=verify)
     if isinstance(model, DeconvolutionModel):
         return model
     raise ModelFileError(f'model is a {type(model).__name__}; give a '
@@ -614,7 +614,8 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     stamp_unit = aligned[reference_band].unit or u.dimensionless_unscaled
     model_info = {'name': model.card.get('name'), 'path': str(model.path)
                   if model.path is not None else None,
-                  'weights_sha256': model.sha256}
+                  'weights_sha256': model.sha256,
+                  'verified': bool(getattr(model, 'verified', True))}
     meta = {
         'bands': bands,
         'reference_band': reference_band,
@@ -1199,7 +1200,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
-                     detect_options=None, progress=None, pixel_scale=None):
+                     detect_options=None, progress=None, pixel_scale=None,
+                     trust_model=False):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1235,6 +1237,9 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         without a celestial WCS; ``--pixel-scale``).
     overwrite : bool, optional
         Replace existing outputs.
+    trust_model : bool, optional
+        Load a model given as a path with ``verify=False``
+        (`~psfdeconv.model.load_model`; ``--trust-model``).
     progress : bool, optional
         Draw a `tqdm` progress bar on standard error for each long stage:
         the PSFs (per band), the sources (detection, background, alignment)
@@ -1270,7 +1275,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     # Refuse before any work rather than after it.
     for path in paths.values():
         check_writable(path, overwrite=overwrite)
-    model = _as_model(model, n_bands=len(exposures))
+    model = _as_model(model, n_bands=len(exposures), verify=not trust_model)
     model.check_bands(len(exposures))
     exposures, _ = read_exposure_set(exposures, require_wcs=False)
     if isinstance(positions, str | Path):
