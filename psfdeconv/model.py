@@ -516,6 +516,8 @@ def check_model_file(path, card):
         raise ModelFileError(f'model file {path} is not a .keras (zip) '
                              f'archive: it is truncated or corrupt; '
                              f'download or retrain it.')
+    # Before testzip and Keras, both of which inflate every member.
+    _check_members(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
