@@ -421,8 +421,14 @@ def read_summary(path):
 
 def _read_marker(group_dir):
     """The summary row saved in a finished group's marker, or None (no
-    marker, or outputs that were removed since)."""
+    marker, or outputs that were removed or changed since: the run's
+    completion marker, `~psfdeconv.io.run_is_complete`, must list them with
+    their sizes and SHA-256)."""
+    from .io import run_is_complete
+
     if not all((group_dir / name).is_file() for name in _GROUP_OUTPUTS):
+        return None
+    if not run_is_complete(group_dir, check_hashes=True):
         return None
     try:
         return json.loads((group_dir / MARKER_NAME).read_text())
@@ -796,7 +802,6 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
     >>> summary = run_batch('groups.csv', 'out/')  # doctest: +SKIP
     >>> summary['id', 'status', 'n_sources', 'seconds']  # doctest: +SKIP
     """
-    import dask
     from astropy.table import Table
 
     _check_options(scheduler, workers, resume, overwrite)
@@ -804,6 +809,26 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         manifest = read_manifest(manifest)
     bands = list(manifest.meta['bands'])
     out_dir = Path(out_dir)
+    from .io import output_lock
+
+    # A second batch (or run) into out_dir fails here, before any work.
+    with output_lock(out_dir):
+        return _run_batch_locked(manifest, out_dir, bands, psfs=psfs, model=model,
+                                 scheduler=scheduler, workers=workers, resume=resume,
+                                 overwrite=overwrite, reference_band=reference_band,
+                                 batch_size=batch_size, chunk_size=chunk_size,
+                                 symmetries=symmetries, units=units,
+                                 epsf_options=epsf_options, detect_options=detect_options,
+                                 pixel_scale=pixel_scale, progress=progress,
+                                 trust_model=trust_model)
+
+
+def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, workers, resume,
+                      overwrite, reference_band, batch_size, chunk_size, symmetries, units,
+                      epsf_options, detect_options, pixel_scale, progress, trust_model):
+    """`run_batch` once ``out_dir`` is locked."""
+    import dask
+
     summary_path = out_dir / SUMMARY_NAME
     ids = [str(group) for group in manifest['id']]
 
