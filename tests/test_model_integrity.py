@@ -196,3 +196,14 @@ def test_zip_bomb_is_refused_unread(zip_bomb):
         assert peak < 10 * 2 ** 20
         assert 'model.weights.h5' in str(info.value) and str(zip_bomb) in str(info.value)
     assert MAX_MEMBER_BYTES < 2 << 30
+
+
+def test_cli_trust_model(tmp_path, capsys):
+    """``psfdeconv deconvolve --model`` refuses a cardless model (exit 4) unless
+    ``--trust-model``."""
+    from psfdeconv.cli import main
+
+    model = copy_shipped(tmp_path, card=False)
+    assert main(['deconvolve', '--example', '--model', str(model)]) == 4
+    assert '--trust-model' in capsys.readouterr().err
+    assert main(['deconvolve', '--example', '--model', str(model), '--trust-model']) == 0
