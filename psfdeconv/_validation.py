@@ -18,8 +18,16 @@ a message of the form ``"<name> = <value>; <what is wrong>; <the fix>"``
   with its bad pixels set to 0, the bad-pixel mask and the meta;
 * `check_psfs`: odd, not larger than the stamps, positive sums -> the PSFs
   normalised to unit sum (`~psfdeconv.exceptions.InvalidPSFError`);
-  `as_stamps_and_psfs` checks stamps and PSFs together.
+  `as_stamps_and_psfs` checks stamps and PSFs together;
+* `positive_int`: a count such as ``batch_size`` -> an int >= 1;
+* `is_band_name`, `check_band_names`: band names (ASCII identifiers: they
+  become column-name suffixes and FITS header values);
+* `check_output_location`: an output file or directory that can be created
+  (no regular file in the way, a writable directory), before any work.
 """
+
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +42,8 @@ from .exceptions import (
 
 __all__ = ['angle_arcsec', 'pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
            'check_band_names', 'as_image_array', 'as_image_stack', 'as_image_and_mask',
-           'check_psfs', 'as_stamps_and_psfs', 'config_from_dict']
+           'check_psfs', 'as_stamps_and_psfs', 'config_from_dict', 'positive_int',
+           'is_band_name', 'check_output_location']
 
 
 def angle_arcsec(value, name, *, error=InvalidInputError):
@@ -187,9 +196,74 @@ def broadcast_pixel_scale(pixel_scale, shape, name='pixel_scale', *, per_object=
             f'for (n, n_bands) stamps need shape (n, 1)).') from None
 
 
+def positive_int(value, name, *, error=InvalidInputError):
+    """A count that must be a whole number >= 1 (``batch_size``, ...).
+
+    Refuses booleans, floats (even 2.0: a count is given as an int), zero
+    and negative numbers with ``error`` naming the value.
+
+    Examples
+    --------
+    >>> positive_int(64, 'batch_size')
+    64
+    >>> positive_int(2.5, 'batch_size')
+    Traceback (most recent call last):
+    ...
+    psfdeconv.exceptions.InvalidInputError: batch_size = 2.5; it must be a whole number >= 1; ...
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise error(f'{name} = {value!r}; it must be a whole number >= 1; give e.g. '
+                    f'{name}=128.')
+    return int(value)
+
+
+def is_band_name(text):
+    """Whether ``text`` may name a band: an ASCII identifier (letters,
+    digits and underscores, not starting with a digit), because band names
+    become column names (``flux_<band>``), file names (``psf_<band>.fits``)
+    and FITS header values, which are ASCII.
+
+    >>> is_band_name('r'), is_band_name('F814W'), is_band_name('γ'), is_band_name('2')
+    (True, True, False, False)
+    """
+    return isinstance(text, str) and text.isascii() and text.isidentifier()
+
+
+def check_output_location(path, name, *, directory=False, error=ConfigError):
+    """Refuse, before any work, an output that could never be written.
+
+    ``path`` is an output file (``directory=False``: its parent directory is
+    created if missing) or an output directory (``directory=True``). Refused
+    with ``error``: a directory output that is an existing regular file, a
+    path below a regular file, or a path whose nearest existing directory may
+    not be written to. Existing outputs are left to
+    `~psfdeconv.io.check_writable` (``overwrite``).
+
+    Returns
+    -------
+    `~pathlib.Path`
+    """
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise error(f'{name} = {str(path)!r}; it is an existing file, not a directory; '
+                    f'give the path of a directory (it is created if missing).')
+    ancestor = path if directory else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise error(f'{name} = {str(path)!r}; {str(ancestor)!r} is a file, not a '
+                    f'directory, so nothing can be created under it; give a path in '
+                    f'a directory.')
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise error(f'{name} = {str(path)!r}; the directory {str(ancestor)!r} may not be '
+                    f'written to (permission denied); give a directory you may write '
+                    f'to.')
+    return path
+
+
 def check_band_names(bands, n_bands):
-    """Band names as a tuple of distinct identifiers (they become column-name
-    suffixes); ``b0``, ``b1``, ... if None."""
+    """Band names as a tuple of distinct ASCII identifiers (they become
+    column-name suffixes, `is_band_name`); ``b0``, ``b1``, ... if None."""
     if bands is None:
         return tuple(f'b{i}' for i in range(n_bands))
     bands = tuple(str(b) for b in bands)
@@ -197,9 +271,9 @@ def check_band_names(bands, n_bands):
         raise ShapeMismatchError(f'bands has {len(bands)} name(s) {bands} but the '
                                  f'images have {n_bands} band(s); give one name per '
                                  f'band.')
-    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
-        raise InvalidInputError(f'band names must be distinct identifiers (letters, '
-                                f'digits, underscores), got {bands}.')
+    if len(set(bands)) != len(bands) or not all(is_band_name(b) for b in bands):
+        raise InvalidInputError(f'band names must be distinct identifiers (ASCII '
+                                f'letters, digits, underscores), got {bands}.')
     return bands
 
 

@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 from ._units import unit_text
+from ._validation import check_output_location, is_band_name, positive_int
 from .exceptions import (
     BatchFailureError,
     ConfigError,
@@ -170,13 +171,16 @@ def read_manifest(path):
                                 f'table with the columns id, one per band (e.g. g, '
                                 f'r, i) and optionally catalog and psf_<band>.')
     try:
-        with path.open(encoding='utf-8') as stream:
-            is_ecsv = stream.readline().startswith('# %ECSV')
-        if is_ecsv:
-            table = Table.read(path, format='ascii.ecsv')
+        # 'utf-8-sig' drops the byte-order mark of spreadsheets' "CSV UTF-8"
+        # files (else the first column is '\ufeffid'); universal newlines
+        # turn their CRLF line ends into LF.
+        with path.open(encoding='utf-8-sig', newline=None) as stream:
+            lines = stream.read().splitlines()
+        if lines and lines[0].startswith('# %ECSV'):
+            table = Table.read(lines, format='ascii.ecsv')
         else:
             # Every value as text: ids such as 007 keep their zeros.
-            table = Table.read(path, format='ascii.csv',
+            table = Table.read(lines, format='ascii.csv',
                                converters={'*': [ascii.convert_numpy(str)]})
     except Exception as exc:  # astropy raises many types for unreadable tables
         raise InvalidInputError(f'manifest {path} cannot be read as a CSV or ECSV '
@@ -195,10 +199,10 @@ def read_manifest(path):
         raise ConfigError(f'{where} has no band columns (its columns are '
                           f'{list(columns)}); add one column per band, named by the '
                           f'band (e.g. g, r, i), holding the FITS paths.')
-    bad = [band for band in bands if not band.isidentifier()]
+    bad = [band for band in bands if not is_band_name(band)]
     if bad:
         raise ConfigError(f'{where}: band column(s) {bad} are not identifiers; name '
-                          f'bands with letters, digits and underscores (they become '
+                          f'bands with ASCII letters, digits and underscores (they become '
                           f'catalogue columns such as flux_<band>).')
     orphans = {name: name.split('_', 1)[1] for name in columns
                if name.startswith(_BAND_PREFIXES) and name.split('_', 1)[1] not in bands}
@@ -805,6 +809,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
     from astropy.table import Table
 
     _check_options(scheduler, workers, resume, overwrite)
+    positive_int(batch_size, 'batch_size', error=ConfigError)
+    check_output_location(out_dir, 'out_dir', directory=True)
     if not isinstance(manifest, Table):
         manifest = read_manifest(manifest)
     bands = list(manifest.meta['bands'])

@@ -9,8 +9,9 @@ simulations), ``deconvolve`` (deconvolve stamps, e.g. the bundled example),
 measured catalog), ``simulate-exposure`` (multi-band exposures with
 known truth) and ``batch`` (many exposure groups on dask).
 
-Exit codes: 0 success, 1 other failure (e.g. an I/O error writing an
-output), 2 usage error, 3 bad input data, 4 model file problem, 5 output
+Exit codes: 0 success, 1 other failure (an I/O error writing an output,
+Keras or its backend not installed, or an internal error: one line, the
+traceback with ``-v``), 2 usage error, 3 bad input data, 4 model file problem, 5 output
 exists without ``--overwrite``, 6 partial batch failure, 128 + N killed by
 signal N (SIGTERM: 143, after removing temporary files).
 """
@@ -65,6 +66,7 @@ def _cmd_simulate(args):
 
 
 def _cmd_train(args):
+    _require_network(args)
     from .calibrate import calibrate_model
     from .model import save_model
     from .train import TrainConfig, train_model
@@ -110,6 +112,7 @@ def _cmd_train(args):
 
 
 def _cmd_evaluate(args):
+    _require_network(args)
     from .evaluate import evaluate_simulation
 
     if args.plots and not args.report:
@@ -131,6 +134,51 @@ def _cmd_evaluate(args):
     return 0
 
 
+def _keras_backend():
+    """The Keras backend ``KERAS_BACKEND`` names (default tensorflow): its
+    name, the distribution ``importlib.metadata`` knows it by, and whether
+    Keras and it can be imported (found without importing them, which takes
+    seconds)."""
+    import importlib.util
+    import os
+
+    def importable(module):
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # 'a.b' without 'a'; a spec-less module
+            return False
+
+    name = os.environ.get('KERAS_BACKEND', '').strip() or 'tensorflow'
+    return name, importable('keras') and importable(name)
+
+
+def _backend_version(name):
+    """'tensorflow 2.16.1' (tensorflow or tensorflow-cpu), or 'tensorflow
+    (not installed)'."""
+    import importlib.metadata
+
+    for distribution in (name, f'{name}-cpu', f'{name}-gpu', f'{name}lib'):
+        try:
+            return f'{name} {importlib.metadata.version(distribution)}'
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f'{name} (not installed)'
+
+
+def _require_network(args):
+    """Refuse, before any work, a command that runs the network where Keras
+    or its backend is not installed (``pip install psfdeconv`` without the
+    ``cpu`` or ``gpu`` extra)."""
+    from .exceptions import MissingDependencyError
+
+    name, found = _keras_backend()
+    if not found:
+        raise MissingDependencyError(
+            f'KERAS_BACKEND = {name!r}; keras or {name} is not installed, and '
+            f'psfdeconv {args.command} runs the network; install them with pip '
+            f"install 'psfdeconv[cpu]' (or 'psfdeconv[gpu]' for a GPU).")
+
+
 def _load(path, n_bands=None, verify=True):
     from .model import load_model
 
@@ -146,7 +194,7 @@ def _add_symmetries_argument(parser):
 
 
 def _add_target_fwhm_argument(parser):
-    parser.add_argument('--target-fwhm', type=float, metavar='ARCSEC',
+    parser.add_argument('--target-fwhm', type=_positive_float, metavar='ARCSEC',
                         help='deconvolve to a round Gaussian PSF of this FWHM in arcsec '
                              '(e.g. 0.3) instead of to the pixel grid: small galaxies keep '
                              'a measurable size; fluxes are unchanged')
@@ -174,7 +222,7 @@ def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
     parser.add_argument('--reference-band', metavar='NAME',
                         help=f'band whose pixel grid the stamps are cut on (default: '
                              f'{first_band})')
-    parser.add_argument('--batch-size', type=int, default=128,
+    parser.add_argument('--batch-size', type=_positive_int, default=128, metavar='N',
                         help='objects per network call')
     _add_symmetries_argument(parser)
     group = parser.add_argument_group('real exposures')
@@ -294,12 +342,15 @@ def _pixel_scale_keyword(pixel_scale):
 
 
 def _cmd_deconvolve(args):
+    _require_network(args)
+    from ._validation import check_output_location
     from .deconvolve import deconvolve_stamps
     from .io import check_writable
     from .simulate import read_simulation
 
     source = EXAMPLE_STAMPS if args.example else args.stamps
     if args.out:
+        check_output_location(args.out, '--out')
         check_writable(args.out, overwrite=args.overwrite)
     sims = read_simulation(source)
     model = _load(args.model, n_bands=sims['observed'].shape[1],
@@ -377,7 +428,8 @@ def _versions():
 
     from . import __version__
 
-    versions = {'psfdeconv': __version__, 'python': platform.python_version()}
+    versions = {'psfdeconv': __version__, 'python': platform.python_version(),
+                'keras backend': _backend_version(_keras_backend()[0])}
     for name in _INFO_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
@@ -573,8 +625,10 @@ def _cmd_info(args):
 
 def _cmd_run(args):
     """Deconvolve the galaxies of one set of multi-band exposures."""
+    _require_network(args)
     import numpy as np
 
+    from ._validation import check_output_location, is_band_name
     from .batch import read_group_exposures
     from .exceptions import ConfigError
     from .flags import FLAG_NEIGHBOURS, n_flagged
@@ -582,6 +636,8 @@ def _cmd_run(args):
     from .pipeline import run_exposure_set
 
     real = (args.weight, args.variance, args.mask, args.unit, args.pixel_scale)
+    # Refuse an --out that can never be written before reading anything.
+    check_output_location(args.out, '--out', directory=True)
     if args.example:
         if args.band or args.catalog or any(value is not None for value in real):
             raise ConfigError('--example runs on the bundled exposures; give '
@@ -600,6 +656,12 @@ def _cmd_run(args):
                 raise ConfigError(f'--band {item!r}: write NAME=FILE, e.g. --band '
                                   f'r=r.fits or r=r.fits[1] (one --band per band, in '
                                   f'the order the model was trained on).')
+            if not is_band_name(band):
+                raise ConfigError(f'--band {item!r}: the band name {band!r} is not an '
+                                  f'ASCII identifier; band names become column names '
+                                  f'(flux_{{band}}) and FITS header values, so use '
+                                  f'ASCII letters, digits and underscores, e.g. '
+                                  f'--band g=g.fits.')
             if band in files:
                 raise ConfigError(f'--band {band} is given twice; give each band '
                                   f'once.')
@@ -655,8 +717,11 @@ def _cmd_run(args):
 
 
 def _cmd_batch(args):
+    _require_network(args)
+    from ._validation import check_output_location
     from .batch import SUMMARY_NAME, read_manifest, run_batch
 
+    check_output_location(args.out, '--out', directory=True)
     manifest = read_manifest(args.manifest)
     bands = list(manifest.meta['bands'])
     units = {band: _check_unit(band, text) for band, text in
@@ -941,7 +1006,8 @@ def _add_run_parser(sub):
                         'was not trained on, instead of warning and flagging them')
     p.add_argument('--keep-neighbours', action='store_true',
                    help='deconvolve the stamps as cut; by default the pixels of other '
-                        'sources in a stamp are replaced by noise (flag NEIGHBOURS) '
+                        'sources in a stamp are replaced, from the source\'s other side '
+                        'or by noise (flag NEIGHBOURS), '
                         'so that their light does not enter the flux and shape')
     _add_target_fwhm_argument(p)
     p.add_argument('--overwrite', action='store_true')
@@ -1076,6 +1142,12 @@ def main(argv=None):
     except OSError as exc:
         # Disk full, permissions, ...: the system's message, no traceback.
         print(f'psfdeconv {args.command}: error: {exc}', file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # A bug of ours or of a library: one line, the traceback only with -v.
+        log.debug('traceback of the internal error:', exc_info=True)
+        print(f'psfdeconv {args.command}: internal error: {type(exc).__name__}: {exc} '
+              f'(run with -v for the traceback)', file=sys.stderr)
         return 1
     finally:
         restore_logging()

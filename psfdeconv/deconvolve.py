@@ -38,9 +38,10 @@ This module applies the corrections; `psfdeconv.calibrate` fits them.
 import numpy as np
 
 from ._fourier import convolve_same
-from ._validation import check_psfs, pixel_scale_arcsec
+from ._validation import check_psfs, pixel_scale_arcsec, positive_int
 from .exceptions import (
     ConfigError,
+    InvalidInputError,
     InvalidPixelsError,
     InvalidPSFError,
     PixelScaleError,
@@ -62,6 +63,11 @@ __all__ = ['deconvolve_stamps', 'validate_stamps', 'normalize_psfs',
 #: to the 5 digits the shipped models' calibrations were fitted with
 #: (`astropy.stats.mad_std` uses 1.482602...).
 MAD_TO_SIGMA = 1.4826
+
+#: Largest absolute pixel value `validate_stamps` accepts: squares and sums
+#: of such pixels stay finite in float64 and the network's scaled inputs
+#: in float32.
+MAX_PIXEL_VALUE = 1e30
 
 
 def validate_stamps(stamps, psfs, pixel_scale):
@@ -111,6 +117,14 @@ def validate_stamps(stamps, psfs, pixel_scale):
             f'stamps contain {int(bad.sum())} non-finite pixel(s), the first '
             f'at index {index} = {stamps[index]}; replace them (e.g. by the '
             f'local background) and flag those objects.')
+    big = np.abs(stamps) > MAX_PIXEL_VALUE
+    if big.any():
+        index = tuple(int(i) for i in np.argwhere(big)[0])
+        raise InvalidPixelsError(
+            f'stamps{list(index)} = {stamps[index]:g}; {int(big.sum())} pixel(s) lie '
+            f'beyond +-{MAX_PIXEL_VALUE:g}, where the float32 network and the flux fit '
+            f'overflow; divide the stamps by a constant (or give them in a larger '
+            f'flux unit) and multiply the fluxes back.')
     psfs = check_psfs(psfs, stamps.shape[-2:])
     py, px = psfs.shape[-2:]
     peak = psfs.reshape(psfs.shape[:2] + (-1,)).argmax(axis=-1)
@@ -593,6 +607,27 @@ def _strip_units(stamps, noise_sigma):
     return stamps, noise_sigma, unit
 
 
+def _check_noise_sigma(noise_sigma, shape):
+    """``noise_sigma`` broadcast to ``shape`` (n, n_bands), refusing values
+    that are not positive and finite: a noise of 0 would make every flux
+    error 0 and a negative one negative, so neither can be a real noise."""
+    try:
+        values = np.broadcast_to(np.asarray(noise_sigma, float), shape)
+    except (TypeError, ValueError):
+        raise ShapeMismatchError(
+            f'noise_sigma of shape {np.shape(noise_sigma)} does not broadcast to '
+            f'(n, n_bands) = {shape}; give one value, one per band or one per '
+            f'stamp and band.') from None
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidInputError(
+            f'noise_sigma{list(index)} = {values[index]}; a per-pixel noise standard '
+            f'deviation must be positive and finite; give the noise in the stamps\' '
+            f'unit, or noise_sigma=None to estimate it from the residuals.')
+    return values
+
+
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
                       target_psf=None, return_details=False, strict=False):
@@ -689,6 +724,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
 
     stamps, noise_sigma, unit = _strip_units(stamps, noise_sigma)
     stamps, psfs, pixel_scale = validate_stamps(stamps, psfs, pixel_scale)
+    batch_size = positive_int(batch_size, 'batch_size')
+    if noise_sigma is not None:
+        noise_sigma = _check_noise_sigma(noise_sigma, stamps.shape[:2])
     if model is None:
         model = load_model(n_bands=stamps.shape[1])
     model.check_bands(stamps.shape[1])
@@ -704,9 +742,6 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                               symmetries=check_symmetries(symmetries, model),
                               batch_size=batch_size)
     output = remove_output_floor(output, model.card.get('output_floor'))
-    if noise_sigma is not None:
-        noise_sigma = np.broadcast_to(np.asarray(noise_sigma, float),
-                                      stamps.shape[:2])
     size_bias = model.card.get('size_bias')
     if size_bias:
         # The dilation depends on the refit's SNR; the images are refitted after it.

@@ -8,8 +8,8 @@ exception it refines (``ValueError``, ``FileExistsError``, ...), so that
 Messages name the value at fault and say how to fix it.
 
 Each error class carries ``exit_code``, the status the command-line
-interface exits with when it is raised (2 usage, 3 bad input data,
-4 model file, 5 output exists, 6 partial batch failure).
+interface exits with when it is raised (1 a missing dependency, 2 usage,
+3 bad input data, 4 model file, 5 output exists, 6 partial batch failure).
 """
 
 from astropy.utils.exceptions import AstropyUserWarning
@@ -30,6 +30,7 @@ __all__ = [
     'ModelFileError',
     'OutputExistsError',
     'BatchFailureError',
+    'MissingDependencyError',
     'PSFDeconvWarning',
     'OutsideTrainingRangeWarning',
 ]
@@ -111,6 +112,13 @@ class BatchFailureError(PSFDeconvError, RuntimeError):
     code 6)."""
 
     exit_code = 6
+
+
+class MissingDependencyError(PSFDeconvError, ImportError):
+    """An optional dependency a task needs is not installed, e.g. Keras and
+    its backend without the ``cpu``/``gpu`` extra (exit code 1)."""
+
+    exit_code = 1
 
 
 class PSFDeconvWarning(AstropyUserWarning):

@@ -68,10 +68,10 @@ FLAG_CENTROID_FALLBACK = 32
 #: trained on (`psfdeconv.deconvolve.outside_training_range`): its
 #: measurements are extrapolations.
 FLAG_OUTSIDE_TRAINING = 64
-#: Pixels of other sources (their detection segments, dilated) lay in the
-#: stamp and were replaced by noise before deconvolution
-#: (`psfdeconv.detection.replace_neighbours`); informational, the
-#: measurement is usable.
+#: Pixels of other sources (their deblended segments, dilated) lay in the
+#: stamp and were replaced before deconvolution, by the pixels point-symmetric
+#: about the source or by noise (`psfdeconv.detection.replace_neighbours`);
+#: informational, the measurement is usable.
 FLAG_NEIGHBOURS = 128
 #: The stamp holds no significant source: its detection SNR lies below the
 #: model card's detection threshold, so the deconvolved images are 0
@@ -123,7 +123,7 @@ FLAG_DESCRIPTIONS = {
     'PSF_EXTRAPOLATED': 'the PSF was extrapolated beyond its grid in at least one band',
     'CENTROID_FALLBACK': 'no centroid of the deconvolved image; the input position is used',
     'OUTSIDE_TRAINING': "pixel scale or PSF outside the model's training range",
-    'NEIGHBOURS': 'pixels of other sources were replaced by noise (informational)',
+    'NEIGHBOURS': 'pixels of other sources were replaced (informational)',
     'UNDETECTED': "detection SNR below the model card's threshold; images are 0",
     'BLENDED': "another source's light under the source's segment cannot be separated",
     'TRUNCATED': 'the segment reaches beyond the stamp even block-summed by 8',

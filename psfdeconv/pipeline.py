@@ -20,8 +20,10 @@ per band of the same field):
    (`psfdeconv.cutouts.resample_psf`);
 6. stamps of the model's size around each source in every band
    (`psfdeconv.cutouts.make_cutouts`; masked and off-image pixels are 0 and
-   flagged), the pixels of other sources replaced by noise
-   (`psfdeconv.detection.replace_neighbours`), and the PSF of each source
+   flagged), the pixels of other (deblended) sources refilled from the
+   source's other side or with noise (`psfdeconv.detection.replace_neighbours`;
+   blended sources and galaxies larger than a stamp: :doc:`/flags`), and the
+   PSF of each source
    rendered at its position (`psfdeconv.psf.render_stamp_psfs`);
 7. deconvolution with the amplitude refit and flux-bias correction
    (`psfdeconv.deconvolve.deconvolve_stamps`);
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import angle_arcsec
+from ._validation import angle_arcsec, check_output_location, positive_int
 from .cutouts import align_to_reference
 from .detection import (
     NEIGHBOUR_OPTIONS,
@@ -284,10 +286,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     neighbours : {'replace', 'keep'}, optional
         'replace' (default): the pixels of other sources in each stamp
         (segments of the bands' combined signal-to-noise image,
-        `~psfdeconv.detection.neighbour_segments`) are replaced by noise before deconvolution
-        (`~psfdeconv.detection.replace_neighbours`; flag ``NEIGHBOURS``), so that their light is
-        not counted in the source's flux and shape. 'keep' deconvolves the
-        stamps as cut.
+        deblended, `~psfdeconv.detection.neighbour_segments`) are refilled from
+        the pixels point-symmetric about the source, or with noise, before
+        deconvolution (`~psfdeconv.detection.replace_neighbours`; flag
+        ``NEIGHBOURS``), so that their light is not counted in the source's
+        flux and shape. 'keep' deconvolves the stamps as cut (blends are
+        flagged either way).
     batch_size : int, optional
         Objects per network call.
     symmetries : {1, 2, 4, 8}, optional
@@ -393,6 +397,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     """
     _check_chunk_size(chunk_size)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
+    positive_int(batch_size, 'batch_size')
     setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
                            reference_band=reference_band, psf_size=psf_size,
                            subtract_background=subtract_background,
@@ -1277,7 +1282,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
 
     _check_chunk_size(chunk_size)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
-    out_dir = Path(out_dir)
+    positive_int(batch_size, 'batch_size')
+    out_dir = check_output_location(out_dir, 'out_dir', directory=True)
     paths = {'catalog': out_dir / 'catalog.fits', 'stamps': out_dir / 'stamps.fits'}
     paths.update({str(band): out_dir / f'psf_{band}.fits' for band in exposures})
     # Refuse before any work rather than after it.

@@ -35,7 +35,7 @@ import numpy as np
 from astropy.nddata import block_reduce
 
 from ._fourier import convolve_same
-from ._validation import config_from_dict
+from ._validation import config_from_dict, is_band_name
 from .exceptions import ConfigError, OutputExistsError
 
 __all__ = ['SimulationConfig', 'simulate_stamps', 'write_simulation',
@@ -1003,9 +1003,9 @@ def simulate_exposure(shape=(512, 512), *, bands=('g', 'r', 'i'), n_galaxies=60,
         bands = (bands,)
     bands = tuple(str(b) for b in bands)
     if not bands or len(set(bands)) != len(bands) or \
-            not all(b.isidentifier() for b in bands):
+            not all(is_band_name(b) for b in bands):
         raise ConfigError(f'bands = {bands!r}; give distinct band names made of '
-                          f'letters, digits and underscores, e.g. ("g", "r", "i").')
+                          f'ASCII letters, digits and underscores, e.g. ("g", "r", "i").')
     for name, value in (('n_galaxies', n_galaxies), ('n_stars', n_stars)):
         if isinstance(value, bool) or int(value) != value or value < 0:
             raise ConfigError(f'{name} = {value!r}; give an integer >= 0.')

@@ -15,6 +15,7 @@ import psfdeconv.io.files as files
 from psfdeconv.batch import _read_marker
 from psfdeconv.cli import main
 from psfdeconv.exceptions import (
+    ConfigError,
     ModelFileError,
     OutputLockedError,
     OutputWriteError,
@@ -211,8 +212,14 @@ def test_not_a_directory(tmp_path, exposures, tiny_model, where):
     blocker = tmp_path / 'file'
     blocker.write_bytes(b'mine')
     out = blocker if where == 'out' else blocker / 'out'
-    with pytest.raises(OutputWriteError, match='is a file, not a directory'):
+    # Refused up front (check_output_location, a usage error); output_lock's own check
+    # (OutputWriteError) covers a file that appears later.
+    with pytest.raises(ConfigError, match='file, not a directory'):
         run_exposure_set(exposures, out, psfs=MOFFAT, model=tiny_model)
+    assert blocker.read_bytes() == b'mine'
+    with pytest.raises(OutputWriteError, match='is a file, not a directory'), \
+            files.output_lock(out):
+        pass
     assert blocker.read_bytes() == b'mine'
 
 

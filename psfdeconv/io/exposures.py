@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._validation import is_band_name
 from .._warnings import catch_warnings
 from ..exceptions import (
     InvalidInputError,
@@ -917,9 +918,9 @@ def read_exposure_set(exposures, *, require_wcs=True):
                                 f'"g.fits", "r": "r.fits"}}; got '
                                 f'{type(exposures).__name__}.')
     bands = [str(band) for band in exposures]
-    if len(set(bands)) != len(bands) or not all(b.isidentifier() for b in bands):
+    if len(set(bands)) != len(bands) or not all(is_band_name(b) for b in bands):
         raise InvalidInputError(f'band names {bands} must be distinct identifiers '
-                                f'(letters, digits, underscores): they become '
+                                f'(ASCII letters, digits, underscores): they become '
                                 f'column names such as flux_<band>.')
     read, paths = {}, {}
     for band, exposure in exposures.items():
