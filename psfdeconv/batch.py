@@ -425,8 +425,14 @@ def read_summary(path):
 
 def _read_marker(group_dir):
     """The summary row saved in a finished group's marker, or None (no
-    marker, or outputs that were removed since)."""
+    marker, or outputs that were removed or changed since: the run's
+    completion marker, `~psfdeconv.io.run_is_complete`, must list them with
+    their sizes and SHA-256)."""
+    from .io import run_is_complete
+
     if not all((group_dir / name).is_file() for name in _GROUP_OUTPUTS):
+        return None
+    if not run_is_complete(group_dir, check_hashes=True):
         return None
     try:
         return json.loads((group_dir / MARKER_NAME).read_text())
@@ -470,7 +476,7 @@ def _serial_model(model):
     return serial
 
 
-def _worker_model(path, sha256, n_bands, threads=None):
+def _worker_model(path, sha256, n_bands, verify=True, threads=None):
     """The model of a batch in this process, loaded on first use (after
     `_configure_threads`, under a lock: TensorFlow's import is not safe in
     two threads at once)."""
@@ -485,7 +491,7 @@ def _worker_model(path, sha256, n_bands, threads=None):
                 raise ModelFileError('the batch\'s model exists only in the memory of '
                                      'the process that started the batch; give it as '
                                      'a .keras file to run on processes or a cluster.')
-            model = load_model(path, n_bands=n_bands)
+            model = load_model(path, n_bands=n_bands, verify=verify)
             if sha256 and model.sha256 != sha256:
                 raise ModelFileError(f'model {path} has weights SHA-256 '
                                      f'{model.sha256} in this worker but '
@@ -692,14 +698,14 @@ def _check_options(scheduler, workers, resume, overwrite):
                           f'workers and threads you want.')
 
 
-def _load_batch_model(model, n_bands):
+def _load_batch_model(model, n_bands, verify=True):
     from .model import DeconvolutionModel, default_model_path, load_model
 
     if isinstance(model, DeconvolutionModel):
         loaded = model
     elif model is None or isinstance(model, str | Path):
         path = default_model_path(n_bands) if model is None else Path(model)
-        loaded = load_model(path, n_bands=n_bands)
+        loaded = load_model(path, n_bands=n_bands, verify=verify)
     else:
         raise ModelFileError(f'model is a {type(model).__name__}; give a '
                              f'DeconvolutionModel (psfdeconv.load_model), the path '
@@ -712,7 +718,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
               workers=None, resume=False, overwrite=False, reference_band=None,
               batch_size=128, chunk_size=None, symmetries=None, units=None,
               epsf_options=None, detect_options=None, pixel_scale=None,
-              progress=False):
+              progress=False, trust_model=False):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into
@@ -754,6 +760,9 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         the others (failed and interrupted ones included).
     overwrite : bool, optional
         Redo every group, replacing an earlier run's outputs and summary.
+    trust_model : bool, optional
+        Load a model given as a path with ``verify=False``
+        (`~psfdeconv.model.load_model`; ``--trust-model``).
     reference_band, batch_size, chunk_size, symmetries
         As for `psfdeconv.pipeline.run_exposure_set` (``chunk_size`` None:
         its default; ``symmetries`` None: the model card's). A resumed batch
@@ -797,7 +806,6 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
     >>> summary = run_batch('groups.csv', 'out/')  # doctest: +SKIP
     >>> summary['id', 'status', 'n_sources', 'seconds']  # doctest: +SKIP
     """
-    import dask
     from astropy.table import Table
 
     _check_options(scheduler, workers, resume, overwrite)
@@ -807,6 +815,26 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         manifest = read_manifest(manifest)
     bands = list(manifest.meta['bands'])
     out_dir = Path(out_dir)
+    from .io import output_lock
+
+    # A second batch (or run) into out_dir fails here, before any work.
+    with output_lock(out_dir):
+        return _run_batch_locked(manifest, out_dir, bands, psfs=psfs, model=model,
+                                 scheduler=scheduler, workers=workers, resume=resume,
+                                 overwrite=overwrite, reference_band=reference_band,
+                                 batch_size=batch_size, chunk_size=chunk_size,
+                                 symmetries=symmetries, units=units,
+                                 epsf_options=epsf_options, detect_options=detect_options,
+                                 pixel_scale=pixel_scale, progress=progress,
+                                 trust_model=trust_model)
+
+
+def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, workers, resume,
+                      overwrite, reference_band, batch_size, chunk_size, symmetries, units,
+                      epsf_options, detect_options, pixel_scale, progress, trust_model):
+    """`run_batch` once ``out_dir`` is locked."""
+    import dask
+
     summary_path = out_dir / SUMMARY_NAME
     ids = [str(group) for group in manifest['id']]
 
@@ -823,7 +851,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                                         f'--overwrite to redo them, or choose '
                                         f'another --out.')
 
-    loaded = _load_batch_model(model, len(bands))
+    loaded = _load_batch_model(model, len(bands), verify=not trust_model)
     from .deconvolve import check_symmetries
 
     symmetries = check_symmetries(symmetries, loaded)
@@ -867,7 +895,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         'psfdeconv_version': versions['psfdeconv'],
         'versions': versions,
         'model': {'name': loaded.card.get('name'), 'path': model_path,
-                  'weights_sha256': loaded.sha256},
+                  'weights_sha256': loaded.sha256,
+                  'verified': bool(getattr(loaded, 'verified', True))},
         'symmetries': symmetries,
         'manifest': manifest.meta.get('manifest'),
         'bands': bands,
@@ -892,7 +921,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
                # Groups that run have no marker: whatever they hold is the
                # partial output of an interrupted or failed run.
                'overwrite': bool(resume or overwrite)}
-    model_ref = (model_path, loaded.sha256, len(bands))
+    model_ref = (model_path, loaded.sha256, len(bands), bool(getattr(loaded, 'verified', True)))
     tasks, keys = [], {}
     for row in todo:
         group = {'id': ids[row],

@@ -179,10 +179,10 @@ def _require_network(args):
             f"install 'psfdeconv[cpu]' (or 'psfdeconv[gpu]' for a GPU).")
 
 
-def _load(path, n_bands=None):
+def _load(path, n_bands=None, verify=True):
     from .model import load_model
 
-    return load_model(path, n_bands=n_bands)
+    return load_model(path, n_bands=n_bands, verify=verify)
 
 
 def _add_symmetries_argument(parser):
@@ -200,6 +200,14 @@ def _add_target_fwhm_argument(parser):
                              'a measurable size; fluxes are unchanged')
 
 
+def _add_trust_model_argument(parser):
+    parser.add_argument('--trust-model', action='store_true',
+                        help='use a model without a card, or whose card lacks the '
+                             'checksums of its weights, configuration and card, '
+                             'unverified (recorded in the catalogue meta as '
+                             'model.verified = false)')
+
+
 def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
     """The options ``run`` and ``batch`` share: the PSF, the model, the
     reference band, the network batch and the symmetries."""
@@ -210,6 +218,7 @@ def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
                              f"--psf g=epsf, repeatable) the PSF of that band, and a "
                              f"bare SPEC the one of the other bands")
     parser.add_argument('--model', help='model .keras file (default: shipped)')
+    _add_trust_model_argument(parser)
     parser.add_argument('--reference-band', metavar='NAME',
                         help=f'band whose pixel grid the stamps are cut on (default: '
                              f'{first_band})')
@@ -344,7 +353,8 @@ def _cmd_deconvolve(args):
         check_output_location(args.out, '--out')
         check_writable(args.out, overwrite=args.overwrite)
     sims = read_simulation(source)
-    model = _load(args.model, n_bands=sims['observed'].shape[1])
+    model = _load(args.model, n_bands=sims['observed'].shape[1],
+                  verify=not args.trust_model)
     images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
         model=model, return_details=True, strict=args.strict,
@@ -675,6 +685,7 @@ def _cmd_run(args):
     epsf_options, detect_options = _epsf_options(args)
     catalog, paths = run_exposure_set(
         exposures, args.out, args.catalog, psfs, model=args.model,
+        trust_model=args.trust_model,
         reference_band=args.reference_band, batch_size=args.batch_size,
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace',
@@ -717,7 +728,8 @@ def _cmd_batch(args):
              _band_values(args.unit, '--unit', bands).items()}
     epsf_options, detect_options = _epsf_options(args)
     summary = run_batch(manifest, args.out, psfs=_psf_specs(args.psf, bands),
-                        model=args.model, scheduler=args.scheduler,
+                        model=args.model, trust_model=args.trust_model,
+                        scheduler=args.scheduler,
                         workers=args.workers, resume=args.resume,
                         overwrite=args.overwrite, reference_band=args.reference_band,
                         batch_size=args.batch_size, symmetries=args.symmetries,
@@ -915,6 +927,7 @@ def _add_deconvolve_parser(sub):
                        help='the bundled example stamps')
     group.add_argument('--stamps', help='simulation .h5 file')
     p.add_argument('--model', help='model .keras file (default: shipped)')
+    _add_trust_model_argument(p)
     p.add_argument('--out', help='write the images and fluxes to this FITS')
     p.add_argument('--strict', action='store_true',
                    help='refuse (exit 3) stamps whose pixel scale or PSF the model '

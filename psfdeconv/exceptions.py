@@ -23,6 +23,9 @@ __all__ = [
     'BandCountError',
     'PixelScaleError',
     'UnitsError',
+    'OutputLockedError',
+    'OutputWriteError',
+    'StaleLockWarning',
     'ConfigError',
     'ModelFileError',
     'OutputExistsError',
@@ -92,6 +95,18 @@ class OutputExistsError(PSFDeconvError, FileExistsError):
     exit_code = 5
 
 
+class OutputLockedError(OutputExistsError):
+    """Another process is writing into the output directory (its lock file
+    ``OUT/.psfdeconv.lock`` names it)."""
+
+
+class OutputWriteError(PSFDeconvError, OSError):
+    """The outputs cannot be written (full disk, read-only file system, not
+    a directory, no permission); the earlier outputs are left whole."""
+
+    exit_code = 5
+
+
 class BatchFailureError(PSFDeconvError, RuntimeError):
     """Some groups of a batch failed; the others were written (exit
     code 6)."""
@@ -113,3 +128,8 @@ class PSFDeconvWarning(AstropyUserWarning):
 class OutsideTrainingRangeWarning(PSFDeconvWarning):
     """An input (pixel scale, PSF size, ...) lies outside the range the
     model was trained on; results there are extrapolations."""
+
+
+class StaleLockWarning(PSFDeconvWarning):
+    """An output directory's lock was left by a process that no longer runs;
+    it is taken over."""

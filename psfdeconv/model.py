@@ -14,9 +14,16 @@ A model ships as two files: ``<name>.keras`` and ``<name>.json``, the
 model card (architecture, input kinds, bands, stamp size, training data
 and seed, metrics, the flux-bias correction and SHA-256 checksums). Keras
 reports corrupt files as "file not found", so `load_model` checks the
-file itself (existence, zip structure, checksums, architecture) before
-Keras sees it and raises `~psfdeconv.exceptions.ModelFileError` with the
-real reason.
+file itself (existence, zip structure, member sizes, checksums,
+architecture) before Keras sees it and raises
+`~psfdeconv.exceptions.ModelFileError` with the real reason.
+
+Three SHA-256 digests in the card cover everything that decides the
+output: ``weights_sha256`` (the weights member), ``config_sha256`` (the
+Keras ``config.json`` member: layers and activation slopes) and
+``card_sha256`` (the card itself, every key but this one, as canonical
+JSON; `card_sha256`). A model without a card, or a card without the three,
+is refused unless trusted (``verify=False``, ``--trust-model``).
 
 Keras and TensorFlow are imported only when a model is built or loaded.
 """
@@ -35,7 +42,8 @@ __all__ = ['build_cae', 'build_network', 'ARCHITECTURES',
            'DeconvolutionModel', 'load_model', 'save_model',
            'default_model_path', 'weights_sha256', 'file_sha256',
            'MODEL_CARD_VERSION', 'make_card', 'calibrated_card', 'training_ranges',
-           'check_card_version']
+           'check_card_version', 'card_sha256', 'config_sha256', 'sign_card',
+           'check_card_values', 'MAX_MEMBER_BYTES', 'MAX_COMPRESSION_RATIO']
 
 #: Version of the model card's layout, written by `save_model` and checked
 #: by `load_model` (a card of a later version is refused).
@@ -44,6 +52,14 @@ DEFAULT_MODEL_NAME = 'unet_psf_ipsf_ipsf1'
 #: The shipped model for each number of bands (``psfdeconv/data/``).
 DEFAULT_MODELS = {3: DEFAULT_MODEL_NAME, 1: 'unet1_psf_ipsf_ipsf1'}
 _WEIGHTS_MEMBER = 'model.weights.h5'
+_CONFIG_MEMBER = 'config.json'
+#: Card keys holding the model's checksums, all required unless trusted.
+_HASH_KEYS = ('weights_sha256', 'config_sha256', 'card_sha256')
+#: Largest uncompressed archive member accepted (bytes), checked before
+#: anything is inflated: a zip bomb is refused, not decompressed.
+MAX_MEMBER_BYTES = 200 * 2 ** 20
+#: Largest uncompressed/compressed ratio of a member above 1 MiB.
+MAX_COMPRESSION_RATIO = 50
 
 
 def _keras():
@@ -163,6 +179,62 @@ def weights_sha256(path):
     """
     with zipfile.ZipFile(path) as archive:
         return hashlib.sha256(archive.read(_WEIGHTS_MEMBER)).hexdigest()
+
+
+def config_sha256(path):
+    """SHA-256 of the Keras ``config.json`` member of a ``.keras`` file (the
+    layers and their settings, e.g. activation slopes)."""
+    with zipfile.ZipFile(path) as archive:
+        return hashlib.sha256(archive.read(_CONFIG_MEMBER)).hexdigest()
+
+
+def card_sha256(card):
+    """SHA-256 of a model card's canonical JSON without its ``card_sha256``.
+
+    Canonical: keys sorted, no whitespace (``separators=(',', ':')``), so the
+    digest does not depend on how the card file is indented.
+
+    Examples
+    --------
+    >>> from psfdeconv.model import card_sha256
+    >>> card_sha256({'a': 1, 'card_sha256': 'x'}) == card_sha256({'a': 1})
+    True
+    """
+    body = {key: value for key, value in card.items() if key != 'card_sha256'}
+    text = json.dumps(body, sort_keys=True, separators=(',', ':'), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sign_card(path):
+    """Record the checksums of a ``.keras`` file and of its card in the card.
+
+    Sets ``weights_sha256``, ``config_sha256`` (and ``card_sha256`` over
+    the rest) in ``<name>.json`` beside ``path``; no other value changes.
+    Use it on a model you trust whose card predates ``config_sha256`` or
+    ``card_sha256``.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The ``.keras`` file; its card must exist.
+
+    Returns
+    -------
+    dict
+        The card as written.
+    """
+    from .io import atomic_path
+
+    path = Path(path)
+    card = _read_card(_card_path(path))
+    check_card_values(card, path)
+    _check_members(path)
+    card['weights_sha256'] = weights_sha256(path)
+    card['config_sha256'] = config_sha256(path)
+    card['card_sha256'] = card_sha256(card)
+    with atomic_path(_card_path(path), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
+    return card
 
 
 def default_model_path(n_bands=3):
@@ -289,6 +361,151 @@ def check_card_version(card, path=None):
                              f'{MODEL_CARD_VERSION}; upgrade psfdeconv.')
 
 
+#: Card keys that must hold lists of finite numbers (dotted paths; a missing
+#: or null key is allowed).
+_NUMBER_LISTS = ('flux_bias.coefficients', 'flux_bias.log_snr_range',
+                 'flux_bias.per_band_coefficients', 'pixel_scale_range',
+                 'psf_fwhm_range_arcsec', 'training.simulation_config.pixel_scale_range',
+                 'training.simulation_config.psf_fwhm_range', 'size_bias.coefficients',
+                 'psf_leakage.coefficients')
+#: Card keys that must hold positive integers.
+_INTEGERS = ('n_bands', 'stamp_size', 'card_version', 'symmetries')
+
+
+def _is_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _walk(value, where):
+    """Yield (dotted key, value) of every leaf of a card."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f'{where}.{key}' if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk(item, f'{where}[{index}]')
+    else:
+        yield where, value
+
+
+def _lookup(card, dotted):
+    value = card
+    for key in dotted.split('.'):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def check_card_values(card, path=None):
+    """Refuse a card with non-finite numbers or values of the wrong type.
+
+    Every number anywhere in the card must be finite; the calibration
+    coefficients and training ranges must be lists of numbers; ``n_bands``,
+    ``stamp_size``, ``card_version`` and ``symmetries`` positive integers;
+    ``input_kinds`` a list of strings.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ModelFileError
+        Naming the key and its value.
+    """
+    def refuse(key, value, expected):
+        raise ModelFileError(f'the card of model {path or ""} has {key} = {value!r}; '
+                             f'{expected}. The card was edited or damaged: restore it '
+                             f'from the model release.')
+
+    if not isinstance(card, dict):
+        refuse('(top level)', type(card).__name__, 'a card is a JSON object')
+    for key, value in _walk(card, ''):
+        if isinstance(value, float) and not np.isfinite(value):
+            refuse(key, value, 'numbers in a card must be finite')
+    for key in _NUMBER_LISTS:
+        value = _lookup(card, key)
+        if value is None:
+            continue
+        if key.endswith('per_band_coefficients'):
+            ok = isinstance(value, list) and all(
+                isinstance(row, list) and row and all(map(_is_number, row)) for row in value)
+        else:
+            ok = isinstance(value, list) and value and all(map(_is_number, value))
+        if not ok:
+            refuse(key, value, 'it must be a list of numbers')
+    for key in _INTEGERS:
+        value = card.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            refuse(key, value, 'it must be a positive integer')
+    kinds = card.get('input_kinds')
+    if kinds is not None and not (isinstance(kinds, list) and kinds
+                                  and all(isinstance(kind, str) for kind in kinds)):
+        refuse('input_kinds', kinds, 'it must be a list of kind names')
+    for key in _HASH_KEYS + ('file_sha256',):
+        value = card.get(key)
+        if value is not None and not isinstance(value, str):
+            refuse(key, value, 'it must be a SHA-256 hex string')
+
+
+def _check_members(path):
+    """Refuse archive members too large to inflate (a zip bomb), from the
+    sizes the archive declares, before any member is decompressed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f'model file {path} is corrupt ({exc}); '
+                             f'download or retrain it.') from None
+    for info in infos:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > MAX_MEMBER_BYTES or (
+                info.file_size > 2 ** 20 and ratio > MAX_COMPRESSION_RATIO):
+            raise ModelFileError(
+                f'model file {path}: member {info.filename!r} would inflate to '
+                f'{info.file_size} bytes ({ratio:.0f} times its compressed size; the '
+                f'limits are {MAX_MEMBER_BYTES} bytes and {MAX_COMPRESSION_RATIO} times): '
+                f'refused unread as a likely zip bomb; use a model file made by '
+                f'psfdeconv train.')
+
+
+def _read_card(card_path):
+    try:
+        return json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f'model card {card_path} is not valid JSON '
+                             f'({exc}); restore it from the model '
+                             f'release.') from None
+
+
+def _untrusted(path, why):
+    return ModelFileError(
+        f'model {path} {why}, so its weights, configuration and calibrations cannot '
+        f'be verified; use a model with its card as made by psfdeconv train, record '
+        f'the checksums of a model you trust (psfdeconv.model.sign_card), or pass '
+        f'--trust-model (load_model(..., verify=False)) to use it unverified.')
+
+
+def _check_hashes(path, card):
+    """The three checksums of the card against the file and the card."""
+    missing = [key for key in _HASH_KEYS if not card.get(key)]
+    if missing:
+        raise _untrusted(path, f'has a card {_card_path(path)} without '
+                               f'{", ".join(missing)}')
+    actual = card_sha256(card)
+    if actual != card['card_sha256']:
+        raise ModelFileError(
+            f'the card {_card_path(path)} of model {path} has SHA-256 {actual}, but '
+            f'it records '
+            f'card_sha256 = {card["card_sha256"]}: the card (calibrations, ranges or '
+            f'other values) was edited; restore it from the model release.')
+    actual = config_sha256(path)
+    if actual != card['config_sha256']:
+        raise ModelFileError(
+            f'model configuration (config.json) in {path} has SHA-256 {actual}, but '
+            f'its card {_card_path(path)} records {card["config_sha256"]}: the '
+            f'network configuration was modified or belongs to another card; '
+            f'restore the model file from its release.')
+
+
 def check_model_file(path, card):
     """Everything Keras would misreport, checked before it sees the file."""
     if not path.exists():
@@ -299,6 +516,8 @@ def check_model_file(path, card):
         raise ModelFileError(f'model file {path} is not a .keras (zip) '
                              f'archive: it is truncated or corrupt; '
                              f'download or retrain it.')
+    # Before testzip and Keras, both of which inflate every member.
+    _check_members(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -320,7 +539,7 @@ def check_model_file(path, card):
             raise ModelFileError(
                 f'model weights in {path} have SHA-256 {actual}, but its '
                 f'card {_card_path(path)} records {expected}: the file was '
-                f'modified or belongs to another card.')
+                f'modified or belongs to another card; restore it from its release.')
 
 
 class DeconvolutionModel:
@@ -336,12 +555,16 @@ class DeconvolutionModel:
         The model card (see `save_model`).
     path : `~pathlib.Path`, optional
         Where it was loaded from.
+    verified : bool, optional
+        Whether its checksums were verified (False: loaded with
+        ``verify=False``, ``--trust-model``).
     """
 
-    def __init__(self, keras_model, card, path=None):
+    def __init__(self, keras_model, card, path=None, *, verified=True):
         self.keras_model = keras_model
         self.card = card
         self.path = path
+        self.verified = verified
 
     @property
     def kinds(self):
@@ -418,7 +641,13 @@ def load_model(path=None, *, n_bands=None, verify=True):
         Number of bands of the data, which picks the shipped model when
         ``path`` is None (default 3: g, r, i; 1 for single-band data).
     verify : bool, optional
-        Check the weights' SHA-256 against the card.
+        Require a card and check the SHA-256 of the weights, of the Keras
+        configuration and of the card itself against those it records.
+        False (``--trust-model``) loads a model without a card or whose card
+        lacks or contradicts them; the model's ``verified`` is then False,
+        and catalogues record it (``meta['model']['verified']``). The card's
+        values are checked for type and finiteness, and the archive's member
+        sizes, either way.
 
     Returns
     -------
@@ -427,9 +656,11 @@ def load_model(path=None, *, n_bands=None, verify=True):
     Raises
     ------
     `~psfdeconv.exceptions.ModelFileError`
-        If the file is missing, not a zip archive, corrupt, modified
-        (checksum), unsafe (e.g. a ``Lambda`` layer) or not a psfdeconv
-        network.
+        If the file is missing, not a zip archive, corrupt, a zip bomb,
+        modified (checksums of weights, configuration or card), without a
+        card or checksums (unless ``verify=False``), with non-finite or
+        wrongly typed card values, unsafe (e.g. a ``Lambda`` layer) or not a
+        psfdeconv network.
 
     Examples
     --------
@@ -443,17 +674,17 @@ def load_model(path=None, *, n_bands=None, verify=True):
     card_path = _card_path(path)
     card = {}
     if card_path.exists():
-        try:
-            card = json.loads(card_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFileError(f'model card {card_path} is not valid JSON '
-                                 f'({exc}); restore it from the model '
-                                 f'release.') from None
+        card = _read_card(card_path)
     elif path.parent == default_model_path().parent:
         raise ModelFileError(f'the shipped model card {card_path} is missing;'
                              f' reinstall psfdeconv.')
+    check_card_values(card, path)
     check_card_version(card, path)
     check_model_file(path, card if verify else {})
+    if verify and not card_path.exists():
+        raise _untrusted(path, f'has no card ({card_path.name} beside it)')
+    if verify:
+        _check_hashes(path, card)
 
     keras = _keras()
     try:
@@ -473,8 +704,10 @@ def load_model(path=None, *, n_bands=None, verify=True):
     if not card:
         card = _card_from_keras(keras_model)
     _check_architecture(keras_model, card, path)
-    card.setdefault('weights_sha256', weights_sha256(path))
-    return DeconvolutionModel(keras_model, card, path=path)
+    if not verify:
+        # The identity of what was actually used, not what a card claims.
+        card['weights_sha256'] = weights_sha256(path)
+    return DeconvolutionModel(keras_model, card, path=path, verified=bool(verify))
 
 
 def _card_from_keras(keras_model):
@@ -520,8 +753,9 @@ def save_model(keras_model, path, card, *, overwrite=False):
         Output ``.keras`` file; the card goes to the same name with
         ``.json``.
     card : dict
-        The model card; ``weights_sha256``, ``file_sha256`` and
-        ``card_version`` are set here.
+        The model card; ``weights_sha256``, ``config_sha256``,
+        ``file_sha256``, ``card_version`` and (last, over all the others)
+        ``card_sha256`` are set here.
     overwrite : bool, optional
         Replace existing files.
 
@@ -544,7 +778,10 @@ def save_model(keras_model, path, card, *, overwrite=False):
             keras_path.unlink(missing_ok=True)
         card['card_version'] = MODEL_CARD_VERSION
         card['weights_sha256'] = weights_sha256(tmp)
+        card['config_sha256'] = config_sha256(tmp)
         card['file_sha256'] = file_sha256(tmp)
+        card.pop('card_sha256', None)
+        card['card_sha256'] = card_sha256(card)
     with atomic_path(_card_path(path), overwrite=True) as tmp:
         tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
     return card

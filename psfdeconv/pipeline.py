@@ -104,11 +104,11 @@ CHUNK_SIZE = 512
 # --- Inputs ------------------------------------------------------------------------
 
 
-def _as_model(model, *, n_bands=None):
+def _as_model(model, *, n_bands=None, verify=True):
     from .model import DeconvolutionModel, load_model
 
     if model is None or isinstance(model, str | Path):
-        return load_model(model, n_bands=n_bands)
+        return load_model(model, n_bands=n_bands, verify=verify)
     if isinstance(model, DeconvolutionModel):
         return model
     raise ModelFileError(f'model is a {type(model).__name__}; give a '
@@ -652,7 +652,8 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     stamp_unit = aligned[reference_band].unit or u.dimensionless_unscaled
     model_info = {'name': model.card.get('name'), 'path': str(model.path)
                   if model.path is not None else None,
-                  'weights_sha256': model.sha256}
+                  'weights_sha256': model.sha256,
+                  'verified': bool(getattr(model, 'verified', True))}
     meta = {
         'bands': bands,
         'reference_band': reference_band,
@@ -1237,15 +1238,22 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      reference_band=None, batch_size=128, overwrite=False,
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
-                     detect_options=None, progress=None, pixel_scale=None):
+                     detect_options=None, progress=None, pixel_scale=None,
+                     trust_model=False):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
     (`~psfdeconv.io.write_stamps`) and ``OUT/psf_<band>.fits`` (the PSF model of each band;
-    a spatially varying one as its PSF at the image centre), each through a
-    temporary file and a rename, so an interrupted run leaves complete files
-    or none. Existing outputs are refused before any work unless
-    ``overwrite``.
+    a spatially varying one as its PSF at the image centre) as one transaction
+    (`~psfdeconv.io.output_transaction`): they are written into a staging
+    directory inside ``out_dir`` and moved into place together, and the
+    marker ``OUT/.psfdeconv-complete.json`` (names, sizes, SHA-256) is
+    written last, so a run that is killed, or meets a full disk, leaves the
+    earlier outputs or a directory without a marker
+    (`~psfdeconv.io.run_is_complete` is False), never a mix read as complete.
+    The directory is locked meanwhile (``OUT/.psfdeconv.lock``,
+    `~psfdeconv.io.output_lock`): a second run into it fails at once.
+    Existing outputs are refused before any work unless ``overwrite``.
 
     The sources are cut out, deconvolved and measured ``chunk_size`` at a
     time (as `deconvolve_catalog`), and each chunk's stamps are written to
@@ -1273,6 +1281,9 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         without a celestial WCS; ``--pixel-scale``).
     overwrite : bool, optional
         Replace existing outputs.
+    trust_model : bool, optional
+        Load a model given as a path with ``verify=False``
+        (`~psfdeconv.model.load_model`; ``--trust-model``).
     progress : bool, optional
         Draw a `tqdm` progress bar on standard error for each long stage:
         the PSFs (per band), the sources (detection, background, alignment)
@@ -1293,6 +1304,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     from .exceptions import PSFDeconvWarning
     from .io import (
         check_writable,
+        output_lock,
+        output_transaction,
         pixel_scale_of,
         read_positions,
         stamp_writer,
@@ -1309,56 +1322,62 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     # Refuse before any work rather than after it.
     for path in paths.values():
         check_writable(path, overwrite=overwrite)
-    model = _as_model(model, n_bands=len(exposures))
-    model.check_bands(len(exposures))
-    exposures, _ = read_exposure_set(exposures, require_wcs=False)
-    if isinstance(positions, str | Path):
-        positions = read_positions(positions)
-    # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
-    band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
-    psf_models = _build_psfs_with_progress(
-        exposures, psfs, epsf_options, progress,
-        pixel_scale=None if use_wcs else next(iter(band_scales.values())))
-    start = _stage_start('finding the sources (detection, background, alignment)')
-    with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
-        setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
-                               reference_band=reference_band, psf_size=None,
-                               subtract_background=True, epsf_options=epsf_options,
-                               detect_options=detect_options, neighbours=neighbours,
-                               pixel_scale=pixel_scale)
-        bar.update(1)
-    log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
-    _check_strict(setup, strict)
-    _set_symmetries(setup, symmetries)
-    _set_target(setup, target_fwhm)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
-    start = _stage_start(f'deconvolving and measuring {setup.n} sources')
-    with stamp_writer(paths['stamps'], setup.n, overwrite=overwrite) as writer, \
-            _progress_bar(progress, total=setup.n, desc='deconvolve',
-                          unit='source') as bar:
-        for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
-                                            batch_size=batch_size):
-            parts.append(part)
-            writer.write(stamps)
-            bar.update(len(stamps))
-    log.debug('deconvolved and measured %d sources in %.1f s', setup.n,
-              time.perf_counter() - start)
-    catalog = _catalog_table(setup, parts)
-    write_catalog(catalog, paths['catalog'], overwrite=overwrite)
-    for band, psf_model in psf_models.items():
-        if not (hasattr(psf_model, 'data') and hasattr(psf_model, 'oversampling')
-                and getattr(psf_model.data, 'ndim', 0) == 2):
-            ny, nx = exposures[band].shape
-            psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
-                                   size=catalog.meta['psf_size'])
-        wcs = getattr(exposures[band], 'wcs', None)
-        with catch_warnings():
-            # For PIXSCALE only; non-square pixels were reported at set-up.
-            warnings.simplefilter('ignore', PSFDeconvWarning)
-            # Without a WCS: the pixel_scale argument.
-            scale = band_scales[band] if wcs is None else pixel_scale_of(wcs)
-        write_psf_image(psf_model, paths[band], overwrite=overwrite, pixel_scale=scale)
+    with output_lock(out_dir):
+        if not overwrite:
+            # Again under the lock: another run may have finished meanwhile.
+            for path in paths.values():
+                check_writable(path, overwrite=overwrite)
+        model = _as_model(model, n_bands=len(exposures), verify=not trust_model)
+        model.check_bands(len(exposures))
+        exposures, _ = read_exposure_set(exposures, require_wcs=False)
+        if isinstance(positions, str | Path):
+            positions = read_positions(positions)
+        # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
+        band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+        psf_models = _build_psfs_with_progress(
+            exposures, psfs, epsf_options, progress,
+            pixel_scale=None if use_wcs else next(iter(band_scales.values())))
+        start = _stage_start('finding the sources (detection, background, alignment)')
+        with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
+            setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
+                                   reference_band=reference_band, psf_size=None,
+                                   subtract_background=True, epsf_options=epsf_options,
+                                   detect_options=detect_options, neighbours=neighbours,
+                                   pixel_scale=pixel_scale)
+            bar.update(1)
+        log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
+        _check_strict(setup, strict)
+        _set_symmetries(setup, symmetries)
+        _set_target(setup, target_fwhm)
+        parts = []
+        start = _stage_start(f'deconvolving and measuring {setup.n} sources')
+        with output_transaction(out_dir) as staging, \
+                stamp_writer(staging / paths['stamps'].name, setup.n) as writer, \
+                _progress_bar(progress, total=setup.n, desc='deconvolve',
+                              unit='source') as bar:
+            for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
+                                                batch_size=batch_size):
+                parts.append(part)
+                writer.write(stamps)
+                bar.update(len(stamps))
+            log.debug('deconvolved and measured %d sources in %.1f s', setup.n,
+                      time.perf_counter() - start)
+            catalog = _catalog_table(setup, parts)
+            write_catalog(catalog, staging / paths['catalog'].name)
+            for band, psf_model in psf_models.items():
+                if not (hasattr(psf_model, 'data') and hasattr(psf_model, 'oversampling')
+                        and getattr(psf_model.data, 'ndim', 0) == 2):
+                    ny, nx = exposures[band].shape
+                    psf_model = render_psf(psf_model, ((nx - 1) / 2, (ny - 1) / 2),
+                                           size=catalog.meta['psf_size'])
+                wcs = getattr(exposures[band], 'wcs', None)
+                with catch_warnings():
+                    # For PIXSCALE only; non-square pixels were reported at set-up.
+                    warnings.simplefilter('ignore', PSFDeconvWarning)
+                    # Without a WCS: the pixel_scale argument.
+                    scale = band_scales[band] if wcs is None else pixel_scale_of(wcs)
+                write_psf_image(psf_model, staging / paths[band].name,
+                                pixel_scale=scale)
     return catalog, paths
 
 

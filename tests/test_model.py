@@ -16,6 +16,7 @@ from psfdeconv.model import (
     build_cae,
     file_sha256,
     load_model,
+    sign_card,
     save_model,
     weights_sha256,
 )
@@ -236,6 +237,8 @@ def test_weights_checksum_mismatch(tiny_model_path, tmp_path):
 def test_card_of_another_architecture(tiny_model_path, tmp_path, changes):
     path = copy_model(tiny_model_path, tmp_path, 'wrongarch')
     edit_card(path, **changes)
+    # Re-signed, so that the architecture check, not the card's checksum, refuses it.
+    sign_card(path)
     assert_refused(path, 'wrong architecture')
 
 
@@ -265,7 +268,10 @@ def test_bare_keras_file_without_card(tiny_training, tmp_path):
     path = tmp_path / 'bare.keras'
     tiny_training.keras_model.save(path)
     assert not path.with_suffix('.json').exists()
-    model = load_model(path)
+    with pytest.raises(ModelFileError, match='has no card.*--trust-model'):
+        load_model(path)
+    model = load_model(path, verify=False)
+    assert model.verified is False
     assert model.card['name'] == 'unnamed'
     assert model.kinds == ('psf', 'ipsf', 'ipsf1')
     assert model.n_bands == 3
