@@ -16,8 +16,8 @@ from psfdeconv.model import (
     build_cae,
     file_sha256,
     load_model,
-    sign_card,
     save_model,
+    sign_card,
     weights_sha256,
 )
 
