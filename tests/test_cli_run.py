@@ -87,8 +87,10 @@ def test_run_with_a_catalog(exposure_set, tiny_model_path, tmp_path, capsys):
                  '--psf', MOFFAT, '--model', str(tiny_model_path), '--out', str(out)]
     assert main(arguments) == 0
     assert 'deconvolved 4 sources in 3 bands' in capsys.readouterr().out
+    # The outputs, and the marker written last that says they belong together.
     assert sorted(path.name for path in out.iterdir()) == [
-        'catalog.fits', 'psf_g.fits', 'psf_i.fits', 'psf_r.fits', 'stamps.fits']
+        '.psfdeconv-complete.json', 'catalog.fits', 'psf_g.fits', 'psf_i.fits',
+        'psf_r.fits', 'stamps.fits']
     catalog = read_catalog(out / 'catalog.fits')
     sources = QTable.read(catalog_path)
     assert list(catalog['id']) == list(sources['id'])

@@ -122,5 +122,8 @@ def test_run_to_a_target_records_it_and_keeps_fluxes(tmp_path, example_run):
 def test_cli_refuses_a_bad_target_fwhm(tmp_path, capsys):
     from psfdeconv.cli import main
 
-    assert main(['run', '--example', '--target-fwhm', '-1', '--out', str(tmp_path)]) != 0
-    assert 'target_fwhm' in capsys.readouterr().err
+    # argparse refuses it (exit 2), naming the option.
+    with pytest.raises(SystemExit) as exit_info:
+        main(['run', '--example', '--target-fwhm', '-1', '--out', str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert '--target-fwhm' in capsys.readouterr().err
