@@ -9,7 +9,9 @@ dictionaries of arrays of the leading shape ``(...)``:
   5.1, after HW23 Eq. 10), used for truth, prediction and PSF alike;
 * `hsm_moments`: GalSim's adaptive (elliptical Gaussian weighted)
   moments, a robust cross-check on noisy images;
-* `snr`: the matched-filter signal-to-noise ratio (HW23 Eq. 25).
+* `snr`: the matched-filter signal-to-noise ratio (HW23 Eq. 25);
+* `sky_jacobian`, `sky_ellipticity`: pixel-frame ellipticities carried
+  onto the sky axes (east, north) with the local WCS Jacobian.
 
 `measure_table` is the astropy edge: it measures a stack of multi-band
 stamps ``(n, n_bands, ny, nx)`` and returns a `~astropy.table.QTable`
@@ -27,7 +29,7 @@ from ._validation import as_image_array, broadcast_pixel_scale, check_band_names
 from .exceptions import InvalidInputError, ShapeMismatchError
 
 __all__ = ['image_moments', 'hsm_moments', 'windowed_centroid', 'measure_table',
-           'snr']
+           'snr', 'sky_jacobian', 'sky_ellipticity', 'SKY_SHAPE_CONVENTION']
 
 # Moment definitions recorded in the metadata of `measure_table`.
 _MOMENT_DEFINITIONS = {
@@ -383,6 +385,158 @@ def snr(images_noiseless, noise_sigma):
                f'the images\' leading shape {leading}.')
         raise ShapeMismatchError(msg) from exc
     return np.sqrt(np.sum(data**2, axis=(-2, -1))) / sigma
+
+
+#: The sky-frame ellipticity convention of `sky_ellipticity` (recorded in catalogue metadata).
+SKY_SHAPE_CONVENTION = (
+    'e1 = e cos(2 phi), e2 = e sin(2 phi), phi = 90 deg - PA, PA the position angle of '
+    'the major axis from north through east; in the local tangent plane (u = dRA cos(Dec) '
+    'east, v = dDec north): e1 = (Muu - Mvv)/(Muu + Mvv), e2 = 2 Muv/(Muu + Mvv); '
+    'e1 > 0 elongated east-west (along RA), e1 < 0 north-south, e2 > 0 along '
+    'north-east/south-west, e2 < 0 along north-west/south-east')
+
+
+def sky_jacobian(wcs, x, y, *, step=0.5):
+    r"""Local Jacobian of a celestial WCS, d(east, north) / d(x, y).
+
+    At each pixel position, the derivatives of :math:`u = \Delta\alpha
+    \cos\delta` (towards east: increasing longitude) and :math:`v =
+    \Delta\delta` (towards north) with respect to the pixel column ``x`` and
+    row ``y``, by central differences of ``wcs.pixel_to_world_values`` with
+    ``step`` pixels on either side. For a frame other than equatorial
+    (galactic, ecliptic) east and north mean increasing longitude and
+    latitude of that frame.
+
+    Parameters
+    ----------
+    wcs : `~astropy.wcs.WCS` or APE 14 WCS
+        A two-dimensional celestial WCS.
+    x, y : array_like
+        0-based pixel column and row, broadcast together to shape ``(...)``.
+    step : float, optional
+        Half-width of the difference, in pixels.
+
+    Returns
+    -------
+    jacobian : `~numpy.ndarray`
+        Shape ``(..., 2, 2)``, degrees per pixel: ``[[du/dx, du/dy],
+        [dv/dx, dv/dy]]``.
+
+    Examples
+    --------
+    >>> from astropy.wcs import WCS
+    >>> wcs = WCS(naxis=2)
+    >>> wcs.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    >>> wcs.wcs.crval = [150.0, 0.0]
+    >>> wcs.wcs.cd = [[-1e-4, 0.0], [0.0, 1e-4]]  # north up, east left
+    >>> print(np.round(sky_jacobian(wcs, 0.0, 0.0) / 1e-4, 6))
+    [[-1. -0.]
+     [ 0.  1.]]
+    """
+    x, y = np.broadcast_arrays(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+    inner = getattr(wcs, 'wcs', None)
+    lon_axis = getattr(inner, 'lng', 0)
+    lat_axis = getattr(inner, 'lat', 1)
+    if lon_axis < 0 or lat_axis < 0:
+        lon_axis, lat_axis = 0, 1
+
+    def world(dx, dy):
+        values = wcs.pixel_to_world_values(x + dx, y + dy)
+        return np.asarray(values[lon_axis], dtype=float), np.asarray(values[lat_axis],
+                                                                      dtype=float)
+
+    _, lat = world(0.0, 0.0)
+    cos_lat = np.cos(np.deg2rad(lat))
+    jacobian = np.empty(x.shape + (2, 2))
+    for column, (dx, dy) in enumerate(((step, 0.0), (0.0, step))):
+        lon_plus, lat_plus = world(dx, dy)
+        lon_minus, lat_minus = world(-dx, -dy)
+        # Longitude differences wrap at 0/360 deg.
+        d_lon = (lon_plus - lon_minus + 180.0) % 360.0 - 180.0
+        jacobian[..., 0, column] = d_lon * cos_lat / (2 * step)
+        jacobian[..., 1, column] = (lat_plus - lat_minus) / (2 * step)
+    return jacobian
+
+
+def sky_ellipticity(e1, e2, jacobian):
+    r"""Pixel-frame ellipticities in the sky frame.
+
+    ``e1``, ``e2`` are distortions measured on the pixel axes (``x``
+    column, ``y`` row), as `image_moments` and `hsm_moments` return them.
+    The second-moment tensor they define, :math:`M \propto \begin{pmatrix}
+    1 + e_1 & e_2 \\ e_2 & 1 - e_1 \end{pmatrix}`, is carried onto the sky
+    axes (``u`` east, ``v`` north; see `sky_jacobian`) as :math:`M' = J M
+    J^T` and the sky ellipticities are read off it:
+
+    .. math::
+
+        e_1' = \frac{M'_{uu} - M'_{vv}}{M'_{uu} + M'_{vv}}, \quad
+        e_2' = \frac{2 M'_{uv}}{M'_{uu} + M'_{vv}}.
+
+    This is exact for unweighted moments, and for the adaptive (HSM)
+    moments of an elliptical Gaussian, under the local linear map of the
+    WCS. For a conformal map (rotation by :math:`\theta` from the pixel
+    axes to the sky axes, a uniform scale) it is the spin-2 rotation
+    :math:`e' = e\, e^{2 i \theta}`; a mirrored one (positive CD
+    determinant: east to the right of north, as the pixels are shown) also
+    flips the sign of :math:`e_2`. The convention (`SKY_SHAPE_CONVENTION`):
+    :math:`e_1 = |e| \cos 2\phi`, :math:`e_2 = |e| \sin 2\phi`, with
+    :math:`\phi = 90^\circ - \mathrm{PA}` and PA the position angle of the
+    major axis measured from north through east; so :math:`e_1 > 0` is
+    elongated east-west, :math:`e_2 > 0` along north-east/south-west.
+
+    Parameters
+    ----------
+    e1, e2 : array_like
+        Pixel-frame distortions, broadcast together to shape ``(...)``;
+        NaN stays NaN.
+    jacobian : array_like
+        Shape ``(..., 2, 2)`` (or ``(2, 2)`` for all), d(east, north) /
+        d(x, y) as `sky_jacobian` returns it; any units (they cancel).
+
+    Returns
+    -------
+    e1_sky, e2_sky : `~numpy.ndarray`
+        Sky-frame distortions of the broadcast shape.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ShapeMismatchError
+        If ``jacobian`` does not end in ``(2, 2)`` or does not broadcast.
+
+    Examples
+    --------
+    A galaxy elongated along the pixel rows (``e1 = 0.5``) in an image with
+    north up and east left is elongated east-west on the sky:
+
+    >>> e1_sky, e2_sky = sky_ellipticity(0.5, 0.0, [[-1.0, 0.0], [0.0, 1.0]])
+    >>> print(np.round(e1_sky, 6), np.round(e2_sky, 6))
+    0.5 0.0
+    """
+    jacobian = np.asarray(jacobian, dtype=float)
+    if jacobian.ndim < 2 or jacobian.shape[-2:] != (2, 2):
+        msg = (f'jacobian must have shape (..., 2, 2), got {jacobian.shape}; '
+               f'give d(east, north)/d(x, y) from sky_jacobian.')
+        raise ShapeMismatchError(msg)
+    e1, e2 = np.asarray(e1, dtype=float), np.asarray(e2, dtype=float)
+    try:
+        shape = np.broadcast_shapes(e1.shape, e2.shape, jacobian.shape[:-2])
+    except ValueError as exc:
+        msg = (f'e1 {e1.shape}, e2 {e2.shape} and jacobian {jacobian.shape} do '
+               f'not broadcast together.')
+        raise ShapeMismatchError(msg) from exc
+    e1, e2 = np.broadcast_to(e1, shape), np.broadcast_to(e2, shape)
+    jacobian = np.broadcast_to(jacobian, shape + (2, 2))
+    moments = np.empty(shape + (2, 2))
+    moments[..., 0, 0] = 1.0 + e1
+    moments[..., 1, 1] = 1.0 - e1
+    moments[..., 0, 1] = moments[..., 1, 0] = e2
+    sky = jacobian @ moments @ np.swapaxes(jacobian, -1, -2)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        trace = sky[..., 0, 0] + sky[..., 1, 1]
+        e1_sky = (sky[..., 0, 0] - sky[..., 1, 1]) / trace
+        e2_sky = 2.0 * sky[..., 0, 1] / trace
+    return e1_sky, e2_sky
 
 
 def measure_table(images, *, pixel_scale, bands=None, unit=None,

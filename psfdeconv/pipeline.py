@@ -674,6 +674,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'background_subtracted': bool(subtract_background),
         'neighbours': neighbours,
         'flag_bits': dict(FLAGS),
+        'shape_frame': _shape_frame(use_wcs),
     }
     return _CatalogSetup(
         exposures=exposures, aligned=aligned, reprojected=reprojected,
@@ -686,6 +687,21 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         segment_at_edge=segment_at_edge,
         frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
         stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
+
+
+def _shape_frame(use_wcs):
+    """``meta['shape_frame']``: the axes of the catalogue's ellipticities."""
+    from .measure import SKY_SHAPE_CONVENTION
+
+    frame = {'pixel': 'reference-band pixel axes (e1_<band>, e2_<band>, hsm_e1_<band>, '
+                      'hsm_e2_<band>): x = column, y = row, e1 > 0 along the rows'}
+    if use_wcs:
+        frame['sky'] = ('e1_sky_<band>, e2_sky_<band>, hsm_e1_sky_<band>, hsm_e2_sky_<band>: '
+                        + SKY_SHAPE_CONVENTION)
+    else:
+        frame['sky'] = ('none: the exposures have no celestial WCS, so the *_sky_<band> '
+                        'columns are absent')
+    return frame
 
 
 #: Relative difference above which a given pixel_scale and a WCS's disagree.
@@ -1114,6 +1130,8 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
     """The catalogue columns of a chunk: name -> (values, description)."""
     import astropy.units as u
 
+    from .measure import sky_ellipticity, sky_jacobian
+
     bands, reference_band = setup.bands, setup.reference_band
     ids, x_in, y_in = setup.ids[index], setup.x_in[index], setup.y_in[index]
     ref_cut, flags, empty = cut['reference'], cut['flags'], cut['empty']
@@ -1152,6 +1170,13 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
          'True where no flag of the unusable set (' + ', '.join(UNUSABLE_FLAGS)
          + ') is raised'),
     ]
+    if setup.use_wcs:
+        # Every band is measured on the reference grid, so one local
+        # Jacobian per source carries all its shapes to the sky; a
+        # block-summed stamp's coarse WCS has the same rotation.
+        jacobian = np.full((n, 2, 2), np.nan)
+        for i in range(n):
+            jacobian[i] = sky_jacobian(ref_cut['wcs'][i], x_stamp[i], y_stamp[i])
     for b, band in enumerate(bands):
         unit = setup.aligned[band].unit or u.dimensionless_unscaled
         nan = empty[:, b]
@@ -1190,6 +1215,23 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
             (f'hsm_status_{band}', np.asarray(shapes['hsm_status'][:, b], dtype=np.int32),
              'HSM status: 0 ok, -1 failed, -2 non-positive fit'),
         ]
+        if setup.use_wcs:
+            e1_sky, e2_sky = sky_ellipticity(band_values(moments['e1'][:, b]),
+                                             band_values(moments['e2'][:, b]), jacobian)
+            hsm_e1_sky, hsm_e2_sky = sky_ellipticity(band_values(shapes['hsm_e1'][:, b]),
+                                                     band_values(shapes['hsm_e2'][:, b]),
+                                                     jacobian)
+            sky = 'on the sky axes (east, north)'
+            columns += [
+                (f'e1_sky_{band}', e1_sky,
+                 f'e1_{band} {sky}: > 0 elongated east-west, < 0 north-south'),
+                (f'e2_sky_{band}', e2_sky,
+                 f'e2_{band} {sky}: > 0 along NE-SW, < 0 along NW-SE'),
+                (f'hsm_e1_sky_{band}', hsm_e1_sky,
+                 f'hsm_e1_{band} {sky}: > 0 elongated east-west, < 0 north-south'),
+                (f'hsm_e2_sky_{band}', hsm_e2_sky,
+                 f'hsm_e2_{band} {sky}: > 0 along NE-SW, < 0 along NW-SE'),
+            ]
     return {name: (values, description) for name, values, description in columns}
 
 

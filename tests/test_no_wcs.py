@@ -67,7 +67,10 @@ def test_no_wcs_gives_the_same_catalogue(both_runs):
     assert len(without) == len(with_wcs) >= 3
     assert 'sky_centroid' in with_wcs.colnames
     assert 'sky_centroid' not in without.colnames
-    assert without.colnames == [name for name in with_wcs.colnames if name != 'sky_centroid']
+    # No WCS, no sky frame: sky_centroid and the *_sky_<band> shapes are absent.
+    assert without.colnames == [name for name in with_wcs.colnames
+                                if name != 'sky_centroid' and '_sky_' not in name]
+    assert 'no celestial WCS' in without.meta['shape_frame']['sky']
     for name in ('x', 'y', 'x_input', 'y_input'):
         assert_allclose(without[name], with_wcs[name], rtol=0, atol=1e-6 * u.pix)
     for band in 'gri':
