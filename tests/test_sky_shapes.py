@@ -113,21 +113,19 @@ def test_sky_ellipticity_rejects_a_bad_jacobian():
 
 # --- end to end ----------------------------------------------------------------------
 
-def _reoriented(exposure, matrix, data):
-    """``exposure`` with its pixels replaced by ``data``, where new 0-based pixel p'
-    is old pixel ``matrix @ p' + offset``; the WCS follows."""
-    ny, nx = exposure.shape
-    offset = {(-1, 0): np.array([nx - 1, 0.0]), (0, -1): np.array([nx - 1, 0.0])}[
-        (int(matrix[0, 0]), int(matrix[0, 1]))]
+def _reoriented(exposure, transform, matrix):
+    """``exposure`` with its pixel arrays passed through ``transform`` (np.fliplr,
+    np.rot90), where new 0-based pixel p' is old pixel ``matrix @ p' + (nx - 1, 0)``
+    (true of both); the WCS follows, so every pixel keeps its sky position."""
+    nx = exposure.shape[1]
     old = exposure.wcs
     cd = old.wcs.get_cdelt()[:, None] * old.wcs.get_pc()
-    crpix0 = np.linalg.solve(matrix, old.wcs.crpix - 1.0 - offset)
+    crpix0 = np.linalg.solve(matrix, old.wcs.crpix - 1.0 - np.array([nx - 1, 0.0]))
     wcs = _tan_wcs(cd @ matrix, crpix0 + 1.0, crval=old.wcs.crval)
     uncertainty = None
     if exposure.uncertainty is not None:
-        sigma = exposure.uncertainty.array
-        uncertainty = StdDevUncertainty(np.full(data.shape, np.median(sigma)))
-    return CCDData(np.ascontiguousarray(data), unit=exposure.unit, wcs=wcs,
+        uncertainty = StdDevUncertainty(transform(exposure.uncertainty.array).copy())
+    return CCDData(transform(exposure.data).copy(), unit=exposure.unit, wcs=wcs,
                    uncertainty=uncertainty, meta=dict(exposure.meta))
 
 
@@ -138,10 +136,8 @@ def three_orientations():
     exposures, truth = simulate_exposure((160, 160), bands=('r',), n_galaxies=3, n_stars=1,
                                          seed=8)
     exposure = exposures['r']
-    flipped = _reoriented(exposure, np.array([[-1.0, 0.0], [0.0, 1.0]]),
-                          np.fliplr(exposure.data))
-    rotated = _reoriented(exposure, np.array([[0.0, -1.0], [1.0, 0.0]]),
-                          np.rot90(exposure.data))
+    flipped = _reoriented(exposure, np.fliplr, np.array([[-1.0, 0.0], [0.0, 1.0]]))
+    rotated = _reoriented(exposure, np.rot90, np.array([[0.0, -1.0], [1.0, 0.0]]))
     galaxies = truth[truth['kind'] == 'galaxy']
     positions = SkyCoord(galaxies['ra'], galaxies['dec'])
     psf = f'moffat:fwhm={exposure.meta["SEEING"]}arcsec,beta=3.5'
@@ -204,3 +200,14 @@ def test_no_sky_columns_without_a_wcs():
     assert 'e1_r' in catalog.colnames
     assert not [name for name in catalog.colnames if '_sky_' in name]
     assert 'no celestial WCS' in catalog.meta['shape_frame']['sky']
+
+
+def test_sky_columns_and_frame_survive_fits(three_orientations, tmp_path):
+    from psfdeconv.io import read_catalog, write_catalog
+
+    catalog = three_orientations[0]
+    write_catalog(catalog, tmp_path / 'catalog.fits')
+    back = read_catalog(tmp_path / 'catalog.fits')
+    assert back.meta['shape_frame'] == catalog.meta['shape_frame']
+    assert_allclose(back['hsm_e2_sky_r'], catalog['hsm_e2_sky_r'])
+    assert back['e1_sky_r'].info.description == catalog['e1_sky_r'].info.description
