@@ -30,6 +30,7 @@ from psfdeconv.exceptions import (
     ConfigError,
     InvalidInputError,
     OutputExistsError,
+    StaleLockWarning,
 )
 from psfdeconv.flags import FLAG_NEIGHBOURS
 from psfdeconv.io import read_catalog, read_stamps
@@ -407,8 +408,10 @@ def test_killed_batch_resumes_without_losing_or_redoing_groups(groups, reference
         assert_same_catalog(read_catalog(out / group / 'catalog.fits'), reference[group])
     stamps = {group: (out / group / 'catalog.fits').stat().st_mtime_ns for group in done}
 
-    assert main(['batch', str(groups / 'groups.csv'), '--out', str(out), '--psf', MOFFAT,
-                 '--model', str(tiny_model_path), '--resume']) == 0
+    # The killed batch's lock (and its running group's) are taken over, with a warning.
+    with pytest.warns(StaleLockWarning, match='no longer runs'):
+        assert main(['batch', str(groups / 'groups.csv'), '--out', str(out), '--psf',
+                     MOFFAT, '--model', str(tiny_model_path), '--resume']) == 0
     summary = read_summary(out)
     assert list(summary['id']) == list(GROUPS)  # every group once
     assert [group for group in GROUPS
