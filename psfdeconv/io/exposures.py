@@ -430,6 +430,29 @@ def _as_celestial_wcs(wcs, where, require_wcs):
     return low_level.deepcopy()
 
 
+#: Primary-header keywords that describe the primary HDU itself, never
+#: inherited by an extension (FITS standard 4.0, section 4.4.2; the INHERIT
+#: convention of the FITS registry).
+_NOT_INHERITED = frozenset({'SIMPLE', 'BITPIX', 'NAXIS', 'EXTEND', 'BLANK', 'BSCALE',
+                            'BZERO', 'PCOUNT', 'GCOUNT', 'XTENSION', 'EXTNAME',
+                            'EXTVER', 'EXTLEVEL', 'INHERIT', 'CHECKSUM', 'DATASUM',
+                            'COMMENT', 'HISTORY', ''})
+
+
+def _inherit_primary(header, primary_header):
+    """Add to ``header`` (in place) the primary header's keywords it lacks,
+    as the FITS INHERIT convention says for an extension with ``INHERIT = T``:
+    the extension's own keywords win. Returns the keywords added."""
+    added = []
+    for card in primary_header.cards:
+        key = card.keyword
+        if key in _NOT_INHERITED or re.fullmatch(r'NAXIS\d+', key) or key in header:
+            continue
+        header.append(card)
+        added.append(key)
+    return added
+
+
 def _meta_from_header(header):
     meta = {}
     if header is None:
@@ -452,6 +475,11 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
     weight image becomes a `~astropy.nddata.StdDevUncertainty` of
     ``1 / sqrt(weight)``, with pixels of weight <= 0 masked and given an
     infinite standard deviation.
+
+    **INHERIT.** An image in an extension whose header says ``INHERIT = T``
+    gets the primary header's keywords it lacks (the WCS, BUNIT, ...), its
+    own keywords winning, as the FITS INHERIT convention says; the keywords
+    added are ``meta['inherited_keywords']``.
 
     **Header warnings.** Real headers are often not quite standard
     (deprecated RADECSYS, unparsable CD values, ESO-LOG cards). astropy repairs
@@ -508,8 +536,8 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
         celestial `~astropy.wcs.WCS` (with ``pixel_shape`` set) or None;
         ``meta`` a dict with the header's keywords (``meta['SATURATE']``
         ...) and psfdeconv's lower-case entries: ``header`` (the
-        `~astropy.io.fits.Header`), ``path``, ``hdu``, ``plane``,
-        ``n_nonfinite``, ``n_masked``, ``fits_warnings`` (list of str) and
+        `~astropy.io.fits.Header`, with inherited keywords), ``path``, ``hdu``,
+        ``plane``, ``inherited_keywords`` (list of str), ``n_nonfinite``, ``n_masked``, ``fits_warnings`` (list of str) and
         ``unit_source`` ('argument', 'BUNIT', 'input' or 'assumed'). To write
         the exposure back, use ``CCDData(exposure, meta=exposure.meta['header'])``.
 
@@ -597,6 +625,9 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
                                         f' give the HDU of the image with hdu=.')
             raw = image_hdu.data
             header = image_hdu.header.copy()
+            inherited = []
+            if index != 0 and header.get('INHERIT') is True:
+                inherited = _inherit_primary(header, hdulist[0].header)
             data = np.array(raw, dtype=np.float64)  # native byte order, a copy
             wcs = WCS(header, fobj=hdulist)
         data = _plane_of(data, plane, where)
@@ -631,7 +662,8 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
             mask |= bad
 
     meta = _meta_from_header(header)
-    meta.update(header=header, path=str(path), hdu=index, plane=plane)
+    meta.update(header=header, path=str(path), hdu=index, plane=plane,
+                inherited_keywords=inherited)
     unit, unit_source = _resolve_unit(unit, header.get('BUNIT'), where, None)
     return _finish_exposure(data, mask, sigma, wcs, unit, meta, where,
                             unit_source=unit_source, fits_warnings=collected)
