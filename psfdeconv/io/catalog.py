@@ -369,7 +369,7 @@ class _StampFile:
             k = self.count
             meta = dict(image.meta or {})
             wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
-            header = wcs.to_header() if wcs is not None else fits.Header()
+            header = wcs.to_header(relax=True) if wcs is not None else fits.Header()
             header['EXTNAME'] = 'STAMP'
             header['EXTVER'] = k + 1
             identifier = meta.get('id', k)
