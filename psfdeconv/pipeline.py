@@ -380,8 +380,9 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         `psfdeconv.measure.image_moments`), ``hsm_e1_<band>``,
         ``hsm_e2_<band>``, ``hsm_sigma_<band>`` (arcsec) and
         ``hsm_status_<band>`` (`psfdeconv.measure.hsm_moments`), each with a
-        description. Measurements of a band whose stamp is off the image or
-        entirely masked are NaN. ``meta`` holds ``bands``, ``reference_band``,
+        description. Measurements of a band whose stamp is off the image,
+        entirely masked, or masked at its centre and over more than half of
+        it (beyond a band's footprint, in a chip gap) are NaN. ``meta`` holds ``bands``, ``reference_band``,
         ``psf_source`` (per band), ``model`` (name, path,
         ``weights_sha256``), ``psfdeconv_version``, ``inputs`` (paths),
         ``positions``, ``pixel_scale`` (arcsec/pixel), ``pixel_scale_source``,
@@ -1041,7 +1042,7 @@ def _cut_sources(setup, index, factor=1):
         flags |= cut['flags']
         masks[:, b] = cut['mask']
         stamps[:, b] = np.where(cut['mask'], 0.0, cut['data'])
-        empty[:, b] = cut['mask'].all(axis=(-2, -1))
+        empty[:, b] = _mostly_masked(cut['mask'])
         # The PSF where the source is in the band's own pixels.
         if band == reference_band or not setup.use_wcs:
             bx, by = x_in, y_in
@@ -1124,6 +1125,17 @@ def _reference_centroid(setup, images, shapes, ref_cut, flags, cut_factor):
     x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)
     y_stamp = np.where(fallback, ref_cut['y_stamp'], y_stamp)
     return x_stamp, y_stamp
+
+
+def _mostly_masked(masks):
+    """(n,) True where a stamp of ``masks`` (n, size, size) cannot be measured:
+    every pixel masked, or its centre pixel and more than half of it masked --
+    a source beyond the footprint of a band that covers part of the field, or
+    in a chip gap (zero weights). Its measurements in that band are NaN."""
+    size = masks.shape[-1]
+    centre = masks[:, size // 2, size // 2]
+    fraction = masks.reshape(len(masks), -1).mean(axis=1)
+    return masks.all(axis=(-2, -1)) | (centre & (fraction > 0.5))
 
 
 def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp):

@@ -147,3 +147,98 @@ def test_sip_distortion_is_kept_by_run_exposure_set(sip_field, tiny_model, tmp_p
     stamps = read_stamps(tmp_path / 'out' / 'stamps.fits')
     assert len(stamps) == len(positions)
     _assert_stamp_wcs_matches(stamps, exposures['g'].wcs)
+
+
+# --- Partial coverage and chip gaps -------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def field_positions_psfs(simulated_field):
+    exposures, truth = simulated_field
+    galaxies = truth[np.asarray(truth['kind']) == 'galaxy']
+    positions = np.stack([galaxies['x'].value, galaxies['y'].value], axis=1)
+    psfs = {band: f'moffat:fwhm={exposures[band].meta["SEEING"]}arcsec,beta=3.5'
+            for band in exposures}
+    return exposures, positions, psfs
+
+
+def test_align_bands_masks_pixels_outside_a_bands_footprint(simulated_field):
+    from psfdeconv.cutouts import align_bands
+
+    exposures, _ = simulated_field
+    half = dict(exposures, r=exposures['r'][:, :128])  # r covers columns < 128 only
+    aligned, _ = align_bands(half, reference='g')
+    mask, data = aligned['r'].mask, aligned['r'].data
+    assert mask.shape == exposures['g'].shape
+    assert mask[:, 130:].all() and np.isnan(data[:, 130:]).all()
+    assert not mask[2:-2, 2:125].any()  # (the edge rows: r is offset by a fraction of a pixel)
+
+
+@pytest.mark.filterwarnings('ignore::psfdeconv.exceptions.OutsideTrainingRangeWarning')
+def test_partial_band_coverage_masks_flags_and_nans(field_positions_psfs, tiny_model):
+    from psfdeconv.flags import FLAG_MASKED
+    from psfdeconv.pipeline import deconvolve_catalog
+
+    exposures, positions, psfs = field_positions_psfs
+    full, _ = deconvolve_catalog(exposures, positions, psfs, model=tiny_model)
+    half = dict(exposures, r=exposures['r'][:, :128])
+    catalog, stamps = deconvolve_catalog(half, positions, psfs, model=tiny_model)
+    size = stamps[0].data.shape[-1]
+    x = positions[:, 0]
+    inside = x + size / 2 < 127          # the whole stamp inside r's footprint
+    beyond = x > 128 + 2                 # the centre beyond it: the stamp mostly outside
+    touching = ~inside & ~beyond
+    assert inside.any() and beyond.any() and touching.any()
+    flags = np.asarray(catalog['flags'])
+    flux_r = np.asarray(catalog['flux_r'].value)
+    assert np.all(flags[beyond | touching] & FLAG_MASKED)
+    assert np.isnan(flux_r[beyond]).all()
+    assert np.isfinite(flux_r[~beyond]).all()
+    # Whole stamps inside r's footprint are measured as on the full field, to the 1 %
+    # that the background and noise estimates of half an image change.
+    assert not np.any(flags[inside] & FLAG_MASKED)
+    np.testing.assert_allclose(flux_r[inside], full['flux_r'].value[inside], rtol=0.02)
+    for band in ('g', 'i'):
+        assert np.isfinite(catalog[f'flux_{band}'].value).all()
+    for k in np.flatnonzero(beyond):
+        r_mask = stamps[k].mask[1]
+        ox = stamps[k].meta['origin'][0]
+        assert r_mask[:, max(130 - ox, 0):].all()
+
+
+@pytest.mark.filterwarnings('ignore::psfdeconv.exceptions.OutsideTrainingRangeWarning')
+def test_chip_gap_of_zero_weight_is_masked_and_flagged(field_positions_psfs, tiny_model,
+                                                       tmp_path):
+    """A chip gap written as data 0 and weight 0 (DECam community pipeline style)."""
+    from psfdeconv.flags import FLAG_MASKED
+    from psfdeconv.pipeline import deconvolve_catalog
+
+    exposures, positions, psfs = field_positions_psfs
+    r = exposures['r']
+    data = np.array(r.data, dtype=np.float32)
+    weight = np.full(data.shape, 1 / np.median(r.uncertainty.array) ** 2, dtype=np.float32)
+    gap = slice(140, 150)
+    data[:, gap], weight[:, gap] = 0.0, 0.0
+    header = r.wcs.to_header()
+    header['BUNIT'] = 'adu'
+    path = tmp_path / 'r-gap.fits'
+    fits.HDUList([fits.PrimaryHDU(data, header=header),
+                  fits.ImageHDU(weight, name='WEIGHT')]).writeto(path)
+    r_gap = read_exposure(path, weight_hdu='WEIGHT')
+    assert r_gap.mask[:, gap].all() and r_gap.mask.sum() == data.shape[0] * 10
+    assert np.isinf(r_gap.uncertainty.array[:, gap]).all()
+
+    catalog, stamps = deconvolve_catalog(dict(exposures, r=r_gap), positions, psfs,
+                                         model=tiny_model)
+    size = stamps[0].data.shape[-1]
+    # Reference (g) columns 141-148 are in the gap whatever r's sub-pixel offset; 139 and
+    # 150 may be partly.
+    first = np.array([stamp.meta['origin'][0] for stamp in stamps])
+    crosses = (first + size - 1 >= 141) & (first <= 148)
+    clear = (first + size - 1 < 139) | (first > 150)
+    assert crosses.any() and clear.any()
+    flags = np.asarray(catalog['flags'])
+    assert np.all(flags[crosses] & FLAG_MASKED)
+    for k in np.flatnonzero(crosses):
+        columns = np.arange(size) + first[k]
+        assert stamps[k].mask[1][:, (columns >= 141) & (columns <= 148)].all()
+    assert not np.any(flags[clear] & FLAG_MASKED)
