@@ -382,7 +382,8 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         ``hsm_status_<band>`` (`psfdeconv.measure.hsm_moments`), each with a
         description. Measurements of a band whose stamp is off the image,
         entirely masked, or masked at its centre and over more than half of
-        it (beyond a band's footprint, in a chip gap) are NaN. ``meta`` holds ``bands``, ``reference_band``,
+        it (beyond a band's footprint, in a chip gap) are NaN. ``meta`` holds
+        ``bands``, ``reference_band``,
         ``psf_source`` (per band), ``model`` (name, path,
         ``weights_sha256``), ``psfdeconv_version``, ``inputs`` (paths),
         ``positions``, ``pixel_scale`` (arcsec/pixel), ``pixel_scale_source``,

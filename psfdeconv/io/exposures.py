@@ -537,7 +537,8 @@ def read_exposure(path_or_nddata, *, hdu=None, plane=None, mask_hdu=None,
         ``meta`` a dict with the header's keywords (``meta['SATURATE']``
         ...) and psfdeconv's lower-case entries: ``header`` (the
         `~astropy.io.fits.Header`, with inherited keywords), ``path``, ``hdu``,
-        ``plane``, ``inherited_keywords`` (list of str), ``n_nonfinite``, ``n_masked``, ``fits_warnings`` (list of str) and
+        ``plane``, ``inherited_keywords`` (list of str), ``n_nonfinite``,
+        ``n_masked``, ``fits_warnings`` (list of str) and
         ``unit_source`` ('argument', 'BUNIT', 'input' or 'assumed'). To write
         the exposure back, use ``CCDData(exposure, meta=exposure.meta['header'])``.
 
