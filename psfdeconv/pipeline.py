@@ -258,6 +258,17 @@ def _stamp_mad(stamps, mask):
     return out
 
 
+def _mostly_masked(masks):
+    """(n,) True where a stamp of ``masks`` (n, size, size) cannot be measured:
+    every pixel masked, or its centre pixel and more than half of it masked --
+    a source beyond the footprint of a band that covers part of the field, or
+    in a chip gap (zero weights). Its measurements in that band are NaN."""
+    size = masks.shape[-1]
+    centre = masks[:, size // 2, size // 2]
+    fraction = masks.reshape(len(masks), -1).mean(axis=1)
+    return masks.all(axis=(-2, -1)) | (centre & (fraction > 0.5))
+
+
 def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size=None,
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
@@ -1126,17 +1137,6 @@ def _reference_centroid(setup, images, shapes, ref_cut, flags, cut_factor):
     x_stamp = np.where(fallback, ref_cut['x_stamp'], x_stamp)
     y_stamp = np.where(fallback, ref_cut['y_stamp'], y_stamp)
     return x_stamp, y_stamp
-
-
-def _mostly_masked(masks):
-    """(n,) True where a stamp of ``masks`` (n, size, size) cannot be measured:
-    every pixel masked, or its centre pixel and more than half of it masked --
-    a source beyond the footprint of a band that covers part of the field, or
-    in a chip gap (zero weights). Its measurements in that band are NaN."""
-    size = masks.shape[-1]
-    centre = masks[:, size // 2, size // 2]
-    fraction = masks.reshape(len(masks), -1).mean(axis=1)
-    return masks.all(axis=(-2, -1)) | (centre & (fraction > 0.5))
 
 
 def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp):
