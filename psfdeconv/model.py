@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .exceptions import BandCountError, ConfigError, ModelFileError
+from .io.files import file_sha256
 
 __all__ = ['build_cae', 'build_network', 'ARCHITECTURES',
            'DeconvolutionModel', 'load_model', 'save_model',
@@ -160,15 +161,6 @@ def build_network(architecture, input_shape, **kwargs):
                           f'got {architecture!r}.')
     return build_cae(input_shape, skip_connections=architecture == 'unet',
                      **kwargs)
-
-
-def file_sha256(path):
-    """SHA-256 hex digest of a whole file."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(path):

@@ -42,7 +42,7 @@ from ..exceptions import OutputExistsError, OutputLockedError, OutputWriteError
 __all__ = ['atomic_path', 'check_writable', 'write_table', 'META_KEYWORD',
            'write_table_with_meta', 'read_table_with_meta', 'LOCK_NAME',
            'COMPLETE_NAME', 'output_lock', 'output_transaction', 'read_complete_marker',
-           'run_is_complete', 'output_error']
+           'run_is_complete', 'output_error', 'file_sha256']
 
 #: A directory's lock file, created exclusively, holding the writer's PID.
 LOCK_NAME = '.psfdeconv.lock'
@@ -339,7 +339,8 @@ def output_lock(directory):
                 directory.rmdir()  # only if nothing was written
 
 
-def _sha256(path):
+def file_sha256(path):
+    """SHA-256 hex digest of a whole file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, 'rb') as file:
         for block in iter(lambda: file.read(1 << 20), b''):
@@ -377,7 +378,7 @@ def output_transaction(directory):
             yield staging
             names = sorted(path.name for path in staging.iterdir() if path.is_file())
             files = {name: {'bytes': (staging / name).stat().st_size,
-                            'sha256': _sha256(staging / name)} for name in names}
+                            'sha256': file_sha256(staging / name)} for name in names}
             for name in names:
                 os.chmod(staging / name, 0o644)
             (directory / COMPLETE_NAME).unlink(missing_ok=True)
@@ -419,7 +420,7 @@ def run_is_complete(directory, *, check_hashes=False):
         try:
             if not path.is_file() or path.stat().st_size != record['bytes']:
                 return False
-            if check_hashes and _sha256(path) != record['sha256']:
+            if check_hashes and file_sha256(path) != record['sha256']:
                 return False
         except (OSError, KeyError, TypeError):
             return False
