@@ -638,13 +638,8 @@ def replace_neighbours(stamps, segments, x, y, noise_sigma, *, index, masks=None
         labels = segments[i]
         if not labels.any():
             continue
-        with np.errstate(invalid='ignore'):
-            near = np.hypot(xx - x[i], yy - y[i]) <= _TARGET_RADIUS
         cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
-        target = labels[cy, cx] if 0 <= cy < ny and 0 <= cx < nx else 0
-        if target == 0 and (labels[near] > 0).any():
-            found, counts = np.unique(labels[near][labels[near] > 0], return_counts=True)
-            target = found[np.argmax(counts)]
+        target = source_segments(labels, x[i:i + 1], y[i:i + 1])[0]
         targets[i] = target
         others = (labels > 0) & (labels != target)
         if not others.any():
