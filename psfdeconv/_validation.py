@@ -27,6 +27,7 @@ a message of the form ``"<name> = <value>; <what is wrong>; <the fix>"``
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +237,8 @@ def check_output_location(path, name, *, directory=False, error=ConfigError):
     created if missing) or an output directory (``directory=True``). Refused
     with ``error``: a directory output that is an existing regular file, a
     path below a regular file, or a path whose nearest existing directory may
-    not be written to. Existing outputs are left to
+    not be written to (by its permissions, or because a file cannot be created
+    in it). Existing outputs are left to
     `~psfdeconv.io.check_writable` (``overwrite``).
 
     Returns
@@ -258,6 +260,15 @@ def check_output_location(path, name, *, directory=False, error=ConfigError):
         raise error(f'{name} = {str(path)!r}; the directory {str(ancestor)!r} may not be '
                     f'written to (permission denied); give a directory you may write '
                     f'to.')
+    # Permission bits do not tell a read-only mount, a pseudo file system
+    # (/proc) or a full disk: create and remove a file there.
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise error(f'{name} = {str(path)!r}; nothing can be created in '
+                    f'{str(ancestor)!r} ({exc.strerror or exc}); give a directory '
+                    f'you may write to.') from None
     return path
 
 

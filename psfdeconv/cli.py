@@ -54,8 +54,13 @@ def _progress_wanted(args, stream=None):
 
 
 def _cmd_simulate(args):
+    from ._validation import check_output_location
+    from .io import check_writable
     from .simulate import SimulationConfig, write_simulation
 
+    # Refuse before simulating rather than after.
+    check_output_location(args.out, '--out')
+    check_writable(args.out, overwrite=args.overwrite)
     config = (SimulationConfig.from_json(args.config) if args.config
               else SimulationConfig())
     path = write_simulation(args.out, args.n, config=config, seed=args.seed,
@@ -67,6 +72,7 @@ def _cmd_simulate(args):
 
 def _cmd_train(args):
     _require_network(args)
+    from ._validation import check_output_location
     from .calibrate import calibrate_model
     from .model import save_model
     from .train import TrainConfig, train_model
@@ -82,6 +88,7 @@ def _cmd_train(args):
         values['kinds'] = args.kinds.split(',')
     config = TrainConfig.from_dict(values)
     out = Path(args.out)
+    check_output_location(out, '--out', directory=True)
     model_path = out / f'{args.name}.keras'
     if model_path.exists() and not args.overwrite:
         from .exceptions import OutputExistsError
@@ -120,6 +127,10 @@ def _cmd_evaluate(args):
 
         raise ConfigError('--plots writes the figures into the report '
                           'directory: give --report DIR too.')
+    if args.report:
+        from ._validation import check_output_location
+
+        check_output_location(args.report, '--report', directory=True)
     results = evaluate_simulation(
         args.sims, model=_load(args.model) if args.model else None, n_objects=args.n,
         baselines=args.baselines.split(',') if args.baselines else (),
@@ -766,12 +777,14 @@ def _print_exposure_truth_comparison(catalog, truth_path):
 
 def _cmd_simulate_exposure(args):
     """Simulate a multi-band exposure set with its truth."""
+    from ._validation import check_output_location
     from .exceptions import ConfigError
     from .io import check_writable
     from .simulate import simulate_exposure, write_exposure_set
 
     bands = tuple(band.strip() for band in args.bands.split(','))
     # Refuse before simulating rather than after.
+    check_output_location(args.out, '--out', directory=True)
     for name in (*(f'{band}.fits' for band in bands), 'truth.ecsv'):
         check_writable(Path(args.out) / name, overwrite=args.overwrite)
     seeing = None

@@ -7,6 +7,7 @@ message names the value, and no Python traceback reaches a command-line user
 import importlib.metadata
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,6 +307,45 @@ def test_unwritable_out_directory(monkeypatch, capsys, tmp_path):
     with pytest.raises(ConfigError, match='may not be written to'):
         check_output_location(tmp_path / 'x.fits', 'out')
 
+
+
+@pytest.mark.parametrize('argv', [
+    ['simulate', '--n', '5', '--out', '{file}/x.h5'],
+    ['simulate-exposure', '--size', '128', '--n-galaxies', '2', '--n-stars', '2',
+     '--out', '{file}'],
+    ['train', 'sims.h5', '--out', '{file}'],
+    ['evaluate', 'sims.h5', '--report', '{file}'],
+])
+def test_simulate_train_evaluate_outputs_checked_first(capsys, a_file, argv):
+    """The commands that simulate or train for hours refuse an output that can
+    never be written before they start, with the usage exit code."""
+    argv = [arg.format(file=a_file) for arg in argv]
+    code, err = call(argv, capsys)
+    assert code == 2
+    assert f"'{a_file}'" in err and ('is a file, not a directory' in err
+                                     or 'it is an existing file, not a directory' in err)
+    assert 'Traceback' not in err and 'Errno' not in err
+    assert a_file.read_text() == 'not a directory'
+
+
+def test_output_in_a_directory_nothing_can_be_created_in(capsys, tmp_path, monkeypatch):
+    """A read-only mount, a pseudo file system or a full disk pass the
+    permission bits; a file created and removed there finds them."""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path:
+            raise OSError(30, 'Read-only file system')
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, 'TemporaryFile', refuse)
+    code, err = call(['simulate', '--n', '5', '--out', str(tmp_path / 'x.h5')], capsys)
+    assert code == 2
+    assert (f"--out = '{tmp_path / 'x.h5'}'; nothing can be created in '{tmp_path}' "
+            f"(Read-only file system)") in err
+    assert not (tmp_path / 'x.h5').exists()
 
 # --- 7. fuzzing the options of psfdeconv run ------------------------------------
 
