@@ -452,13 +452,22 @@ def _versions():
 def _model_info(path):
     """What ``psfdeconv info`` reports of one model file (a JSON-able dict).
 
-    ``check`` is 'verified' (the weights' SHA-256 matches the card),
-    'MISMATCH' (it does not), 'no card' (no NAME.json beside the file) or
-    'error' (the file is missing or corrupt, or the card unreadable:
-    ``error`` says why).
+    ``check`` is 'verified' (the SHA-256 of the weights, of the Keras
+    configuration and of the card itself all match what the card records, as
+    `~psfdeconv.model.load_model` checks them), 'MISMATCH' (one does not:
+    ``checksums`` says which), 'unsigned' (the card records not all three),
+    'no card' (no NAME.json beside the file) or 'error' (the file is missing
+    or corrupt, or the card unreadable: ``error`` says why).
     """
     from .exceptions import ModelFileError
-    from .model import check_model_file, file_sha256, training_ranges, weights_sha256
+    from .model import (
+        card_sha256,
+        check_model_file,
+        config_sha256,
+        file_sha256,
+        training_ranges,
+        weights_sha256,
+    )
 
     path = Path(path)
     card_path = path.with_suffix('.json')
@@ -478,6 +487,11 @@ def _model_info(path):
         check_model_file(path, {})  # exists, zip, CRCs, Keras members
         info['weights_sha256'] = weights_sha256(path)
         info['file_sha256'] = file_sha256(path)
+        actual = {'weights_sha256': info['weights_sha256'],
+                  'config_sha256': config_sha256(path),
+                  'card_sha256': card_sha256(card) if card else None}
+        info['checksums'] = {key: {'actual': value, 'card': card.get(key)}
+                             for key, value in actual.items()}
     except ModelFileError as exc:
         info['check'], info['error'] = 'error', str(exc)
     info['name'] = card.get('name', info['name'])
@@ -494,9 +508,12 @@ def _model_info(path):
     info['metrics'] = card.get('metrics')
     info['card_weights_sha256'] = card.get('weights_sha256')
     if info['check'] is None:
+        checksums = info['checksums'].values()
         info['check'] = ('no card' if not card else
-                         'verified' if card.get('weights_sha256') == info['weights_sha256']
-                         else 'MISMATCH')
+                         'MISMATCH' if any(c['card'] and c['card'] != c['actual']
+                                           for c in checksums) else
+                         'unsigned' if not all(c['card'] for c in checksums) else
+                         'verified')
     return info
 
 
@@ -595,16 +612,21 @@ def _print_model_info(info):
             for line in _metric_lines(metrics):
                 print(line)
     if info.get('weights_sha256'):
-        check = info['check']
-        text = f'{info["weights_sha256"]} '
-        if check == 'verified':
-            text += '(verified)'
-        elif check == 'MISMATCH':
-            text += (f'MISMATCH (NOT verified): the card records '
-                     f'{info["card_weights_sha256"]}')
-        else:
-            text += f'({check})'
-        print(label('weights SHA-256') + text)
+        for key, name in (('weights_sha256', 'weights'), ('config_sha256', 'config'),
+                          ('card_sha256', 'card')):
+            checksum = info['checksums'][key]
+            if checksum['actual'] is None:
+                continue  # no card to hash
+            text = f'{checksum["actual"]} '
+            if not info['card']:
+                text += '(no card)'
+            elif not checksum['card']:
+                text += '(NOT verified: the card does not record it)'
+            elif checksum['card'] == checksum['actual']:
+                text += '(verified)'
+            else:
+                text += f'MISMATCH (NOT verified): the card records {checksum["card"]}'
+            print(label(f'{name} SHA-256') + text)
         print(label('file SHA-256') + info['file_sha256'])
 
 

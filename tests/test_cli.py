@@ -164,7 +164,8 @@ def test_info_shipped_models(capsys):
     assert '{' not in stdout
     paths = sorted(default_model_path().parent.glob('*.keras'))
     assert default_model_path(1) in paths and default_model_path(3) in paths
-    assert stdout.count('(verified)') == len(paths)
+    # The weights', the configuration's and the card's checksums of each.
+    assert stdout.count('(verified)') == 3 * len(paths)
     blocks = stdout.split('\nmodel ')[1:]
     for path, block in zip(paths, blocks, strict=True):
         card = json.loads(path.with_suffix('.json').read_text())

@@ -207,3 +207,57 @@ def test_cli_trust_model(tmp_path, capsys):
     assert main(['deconvolve', '--example', '--model', str(model)]) == 4
     assert '--trust-model' in capsys.readouterr().err
     assert main(['deconvolve', '--example', '--model', str(model), '--trust-model']) == 0
+
+
+def _info_lines(path, capsys):
+    from psfdeconv.cli import main
+
+    assert main(['info', '--model', str(path)]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_info_verifies_all_three_checksums(tmp_path, capsys):
+    """``psfdeconv info`` reports each checksum load_model verifies."""
+    path = copy_shipped(tmp_path)
+    card = read_card(path)
+    lines = _info_lines(path, capsys)
+    for key, name in (('weights_sha256', 'weights'), ('config_sha256', 'config'),
+                      ('card_sha256', 'card')):
+        assert f'  {name + " SHA-256":<17s}{card[key]} (verified)' in lines
+
+
+def test_info_names_an_edited_card_or_config(tmp_path, capsys):
+    from psfdeconv.cli import main
+
+    path = copy_shipped(tmp_path)
+    card = read_card(path)
+    card['flux_bias']['coefficients'] = [2 * c for c in card['flux_bias']['coefficients']]
+    write_card(path, card)
+    lines = _info_lines(path, capsys)
+    assert (f'  card SHA-256     {card_sha256(card)} MISMATCH (NOT verified): the card '
+            f'records {card["card_sha256"]}') in lines
+    assert f'  weights SHA-256  {card["weights_sha256"]} (verified)' in lines
+    rewrite_member(path, 'config.json', lambda data: data.replace(
+        b'"negative_slope": 0.2', b'"negative_slope": 0.5'))
+    lines = _info_lines(path, capsys)
+    assert any(line.startswith('  config SHA-256') and 'MISMATCH' in line for line in lines)
+    assert main(['info', '--json', '--model', str(path)]) == 0
+    [model] = json.loads(capsys.readouterr().out)['models']
+    assert model['check'] == 'MISMATCH'
+    assert model['checksums']['config_sha256']['actual'] != card['config_sha256']
+
+
+def test_info_card_without_checksums_is_unsigned(tmp_path, capsys):
+    from psfdeconv.cli import main
+
+    path = copy_shipped(tmp_path)
+    card = read_card(path)
+    for key in ('config_sha256', 'card_sha256'):
+        del card[key]
+    write_card(path, card)
+    lines = _info_lines(path, capsys)
+    assert any(line.startswith('  card SHA-256') and 'NOT verified: the card does not '
+               'record it' in line for line in lines)
+    assert main(['info', '--json', '--model', str(path)]) == 0
+    [model] = json.loads(capsys.readouterr().out)['models']
+    assert model['check'] == 'unsigned'
