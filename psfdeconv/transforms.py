@@ -89,17 +89,50 @@ def shear_images(images, g1, g2):
     >>> round(float(image_moments(sheared)['e1']), 3)  # 2 g / (1 + g^2)
     0.1
     """
+    return _dilate_and_shear(images, 0.0, g1, g2)
+
+
+def _dilate_and_shear(images, dilation, g1, g2):
+    """The map ``f S`` about each image's light centroid: a dilation by
+    ``f`` (`dilate_images`) and a shear ``S`` (`shear_images`) as one
+    interpolation, ``I((f S)^-1 (x - c) + c) / f**2``.
+
+    Parameters
+    ----------
+    images : `~numpy.ndarray`
+        (..., ny, nx).
+    dilation : `~numpy.ndarray` or float
+        ``f - 1`` per image, broadcastable to ``images.shape[:-2]``,
+        ``f > 0``.
+    g1, g2 : `~numpy.ndarray` or float
+        Reduced shear per image, broadcastable likewise,
+        ``g1**2 + g2**2 < 1``.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The transformed images, same shape and dtype; images whose map is
+        the identity, or with no positive flux, unchanged.
+    """
     images = np.asarray(images)
     leading = images.shape[:-2]
+    factor = 1.0 + np.broadcast_to(np.asarray(dilation, dtype=float), leading)
+    if np.any(~(factor > 0)):
+        raise InvalidInputError(f'dilate_images needs dilation > -1, got '
+                                f'{np.min(factor) - 1.0:g}; give f - 1 with f > 0.')
     g1 = np.broadcast_to(np.asarray(g1, dtype=float), leading)
     g2 = np.broadcast_to(np.asarray(g2, dtype=float), leading)
-    if np.any(g1**2 + g2**2 >= 1):
-        raise InvalidInputError('shear_images needs g1**2 + g2**2 < 1.')
-    # The inverse shear S(-g) in (row, column) order, (..., 2, 2).
+    if np.any(~(g1**2 + g2**2 < 1)):
+        raise InvalidInputError(f'shear_images needs g1**2 + g2**2 < 1, got '
+                                f'{np.max(g1**2 + g2**2):g}; give reduced shears.')
+    # The inverse map (f S(g))^-1 = S(-g) / f in (row, column) order, (..., 2, 2).
     inverse = np.stack([np.stack([1 + g1, -g2], axis=-1),
                         np.stack([-g2, 1 - g1], axis=-1)], axis=-2)
-    inverse /= np.sqrt(1 - g1**2 - g2**2)[..., None, None]
-    return _transform_about_centroids(images, inverse, np.ones(leading))
+    no_shear = (g1 == 0) & (g2 == 0)
+    # Exactly the identity where there is no shear (the transform is then skipped).
+    inverse[no_shear] = np.eye(2)
+    inverse /= (np.where(no_shear, 1.0, np.sqrt(1 - g1**2 - g2**2)) * factor)[..., None, None]
+    return _transform_about_centroids(images, inverse, 1.0 / factor**2)
 
 
 def _transform_about_centroids(images, inverse, flux_scale):
@@ -116,16 +149,17 @@ def _transform_about_centroids(images, inverse, flux_scale):
     from .measure import image_moments
 
     moments = image_moments(images)
-    out = np.array(images, copy=True)
-    identity = np.eye(2)
-    for index in np.ndindex(images.shape[:-2]):
-        centre = np.array([moments['y'][index], moments['x'][index]])
-        if not np.all(np.isfinite(centre)) or np.array_equal(inverse[index], identity):
-            continue
-        out[index] = ndimage.affine_transform(images[index], inverse[index],
-                                              offset=centre - inverse[index] @ centre,
-                                              order=3, mode='constant') * flux_scale[index]
-    return np.clip(out, 0, None)
+    centres = np.stack([moments['y'], moments['x']], axis=-1)
+    moved = np.isfinite(centres).all(axis=-1) & ~(inverse == np.eye(2)).all(axis=(-2, -1))
+    out = np.clip(images, 0, None)
+    # One spline per image that moves (scipy's affine_transform takes one matrix).
+    for index in zip(*np.nonzero(moved)):
+        matrix, centre = inverse[index], centres[index]
+        transformed = ndimage.affine_transform(images[index], matrix,
+                                               offset=centre - matrix @ centre,
+                                               order=3, mode='constant')
+        out[index] = np.clip(transformed * flux_scale[index], 0, None)
+    return out
 
 
 def dilate_images(images, dilation):
@@ -161,10 +195,4 @@ def dilate_images(images, dilation):
     >>> print(f'{float(ratio):.3f}')
     1.200
     """
-    images = np.asarray(images)
-    leading = images.shape[:-2]
-    factor = 1.0 + np.broadcast_to(np.asarray(dilation, dtype=float), leading)
-    if np.any(~(factor > 0)):
-        raise InvalidInputError('dilate_images needs dilation > -1.')
-    inverse = np.eye(2) / factor[..., None, None]
-    return _transform_about_centroids(images, inverse, 1.0 / factor**2)
+    return _dilate_and_shear(images, dilation, 0.0, 0.0)
