@@ -125,9 +125,9 @@ def _channel_planes(stamps, psfs, *, pixel_scale, kinds, regularization,
             spectrum = _scale_complex(inverse, _inverse_weight(psf_fft, regularization),
                                       out=np.empty_like(inverse) if 'ipsf1' in kinds else None)
         else:
-            weight = _inverse_weight(psf_fft, regularization_ipsf1)
-            weight *= _gaussians(fft_shape, gaussian_sigma, pixel_scale,
-                                 stamps.shape[0], weight.dtype)[:, None]
+            weight = _inverse_weight(psf_fft, regularization_ipsf1) * _gaussians(
+                fft_shape, gaussian_sigma, pixel_scale, stamps.shape[0], stamp_fft.real.dtype
+            )[:, None]
             spectrum = _scale_complex(inverse, weight)
         yield k, inverse_fft(spectrum, fft_shape, image_shape)
 

@@ -153,7 +153,9 @@ def _transform_about_centroids(images, inverse, flux_scale):
     moved = np.isfinite(centres).all(axis=-1) & ~(inverse == np.eye(2)).all(axis=(-2, -1))
     out = np.clip(images, 0, None)
     # One spline per image that moves (scipy's affine_transform takes one matrix).
-    for index in zip(*np.nonzero(moved)):
+    for index in np.ndindex(moved.shape):
+        if not moved[index]:
+            continue
         matrix, centre = inverse[index], centres[index]
         transformed = ndimage.affine_transform(images[index], matrix,
                                                offset=centre - matrix @ centre,
