@@ -148,20 +148,73 @@ def _transform_about_centroids(images, inverse, flux_scale):
 
     from .measure import image_moments
 
+    shape = images.shape
+    # One leading axis (a single image included).
+    images = images.reshape((-1,) + shape[-2:])
+    inverse = np.reshape(inverse, (-1, 2, 2))
+    flux_scale = np.broadcast_to(flux_scale, shape[:-2]).reshape(-1)
     moments = image_moments(images)
     centres = np.stack([moments['y'], moments['x']], axis=-1)
     moved = np.isfinite(centres).all(axis=-1) & ~(inverse == np.eye(2)).all(axis=(-2, -1))
+    offsets = centres - (inverse @ centres[..., None])[..., 0]
     out = np.clip(images, 0, None)
-    # One spline per image that moves (scipy's affine_transform takes one matrix).
-    for index in np.ndindex(moved.shape):
-        if not moved[index]:
-            continue
-        matrix, centre = inverse[index], centres[index]
-        transformed = ndimage.affine_transform(images[index], matrix,
-                                               offset=centre - matrix @ centre,
-                                               order=3, mode='constant')
+    # A diagonal map (a dilation, a shear along the axes) is separable: all
+    # such images at once as matrix products, the same values as scipy's.
+    diagonal = moved & (inverse[..., 0, 1] == 0) & (inverse[..., 1, 0] == 0)
+    index = np.flatnonzero(diagonal)
+    for start in range(0, len(index), _CHUNK):
+        part = index[start:start + _CHUNK]
+        transformed = _diagonal_splines(images[part], inverse[part, 0, 0],
+                                        inverse[part, 1, 1], offsets[part])
+        out[part] = np.clip(transformed * flux_scale[part, None, None], 0, None)
+    # One spline per other image (scipy's affine_transform takes one matrix).
+    for index in np.flatnonzero(moved & ~diagonal):
+        transformed = ndimage.affine_transform(images[index], inverse[index],
+                                               offset=offsets[index], order=3,
+                                               mode='constant')
         out[index] = np.clip(transformed * flux_scale[index], 0, None)
-    return out
+    return out.reshape(shape)
+
+
+#: Images per batch of `_diagonal_splines` (bounds its float64 temporaries).
+_CHUNK = 512
+
+
+def _diagonal_splines(images, scale_y, scale_x, offsets):
+    """``scipy.ndimage.affine_transform(image, diag(scale_y, scale_x),
+    offset, order=3, mode='constant')`` of each image of a stack (m, ny, nx).
+
+    The cubic-spline coefficients (scipy's prefilter) are mapped along y and
+    along x by two banded matrices, so the stack takes two batched matrix
+    products instead of one 16-point sum per pixel in a loop over images.
+    """
+    from scipy import ndimage
+
+    coefficients = ndimage.spline_filter1d(images, 3, axis=-1, mode='constant',
+                                           output=np.float64)
+    ndimage.spline_filter1d(coefficients, 3, axis=-2, mode='constant', output=coefficients)
+    rows = _spline_matrices(scale_y, offsets[:, 0], images.shape[-2])
+    columns = _spline_matrices(scale_x, offsets[:, 1], images.shape[-1])
+    return rows @ coefficients @ np.swapaxes(columns, -1, -2)
+
+
+def _spline_matrices(scale, shift, length):
+    """Matrices W (m, length, length) with ``W @ c`` the cubic spline of
+    coefficients ``c`` at ``scale * o + shift`` (o = 0, ..., length - 1), as
+    scipy's mode 'constant': 0 outside [0, length - 1], mirrored
+    coefficients at the edges."""
+    u = np.arange(length) * scale[:, None] + shift[:, None]
+    floor = np.floor(u)
+    t = u - floor
+    weights = np.stack([(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6,
+                        (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6], axis=-1)
+    weights *= ((u >= 0) & (u <= length - 1))[..., None]
+    index = np.abs(floor.astype(np.int64)[..., None] - 1 + np.arange(4))
+    index = np.where(index >= length, 2 * length - 2 - index, index)
+    matrices = np.zeros(u.shape + (length,))
+    np.add.at(matrices, (np.arange(len(u))[:, None, None], np.arange(length)[:, None], index),
+              weights)
+    return matrices
 
 
 def dilate_images(images, dilation):
