@@ -167,12 +167,17 @@ def _transform_about_centroids(images, inverse, flux_scale):
         transformed = _diagonal_splines(images[part], inverse[part, 0, 0],
                                         inverse[part, 1, 1], offsets[part])
         out[part] = np.clip(transformed * flux_scale[part, None, None], 0, None)
-    # One spline per other image (scipy's affine_transform takes one matrix).
-    for index in np.flatnonzero(moved & ~diagonal):
-        transformed = ndimage.affine_transform(images[index], inverse[index],
-                                               offset=offsets[index], order=3,
-                                               mode='constant')
-        out[index] = np.clip(transformed * flux_scale[index], 0, None)
+    # One spline per other image (scipy's affine_transform takes one matrix),
+    # from coefficients prefiltered for the whole batch at once.
+    index = np.flatnonzero(moved & ~diagonal)
+    for start in range(0, len(index), _CHUNK):
+        part = index[start:start + _CHUNK]
+        coefficients = _spline_coefficients(images[part])
+        for i, coefficient in zip(part, coefficients, strict=True):
+            transformed = ndimage.affine_transform(
+                coefficient, inverse[i], offset=offsets[i], order=3, mode='constant',
+                prefilter=False, output=images.dtype)
+            out[i] = np.clip(transformed * flux_scale[i], 0, None)
     return out.reshape(shape)
 
 
@@ -188,14 +193,21 @@ def _diagonal_splines(images, scale_y, scale_x, offsets):
     along x by two banded matrices, so the stack takes two batched matrix
     products instead of one 16-point sum per pixel in a loop over images.
     """
+    coefficients = _spline_coefficients(images)
+    rows = _spline_matrices(scale_y, offsets[:, 0], images.shape[-2])
+    columns = _spline_matrices(scale_x, offsets[:, 1], images.shape[-1])
+    return rows @ coefficients @ np.swapaxes(columns, -1, -2)
+
+
+def _spline_coefficients(images):
+    """Cubic-spline coefficients of each image of a stack (m, ny, nx), in
+    float64: scipy's prefilter for mode 'constant', one axis at a time."""
     from scipy import ndimage
 
     coefficients = ndimage.spline_filter1d(images, 3, axis=-1, mode='constant',
                                            output=np.float64)
-    ndimage.spline_filter1d(coefficients, 3, axis=-2, mode='constant', output=coefficients)
-    rows = _spline_matrices(scale_y, offsets[:, 0], images.shape[-2])
-    columns = _spline_matrices(scale_x, offsets[:, 1], images.shape[-1])
-    return rows @ coefficients @ np.swapaxes(columns, -1, -2)
+    return ndimage.spline_filter1d(coefficients, 3, axis=-2, mode='constant',
+                                   output=coefficients)
 
 
 def _spline_matrices(scale, shift, length):

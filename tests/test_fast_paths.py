@@ -168,7 +168,8 @@ def test_separable_dilation_matches_scipy_affine_transform():
     dilation = np.array([-0.3, -0.05, 0.0, 0.02, 0.25, 0.6])
     result = dilate_images(images, dilation)
     moments = image_moments(images)
-    for image, d, out, cy, cx in zip(images, dilation, result, moments['y'], moments['x']):
+    for image, d, out, cy, cx in zip(images, dilation, result, moments['y'], moments['x'],
+                                     strict=True):
         matrix = np.eye(2) / (1 + d)
         centre = np.array([cy, cx])
         expected = ndimage.affine_transform(image, matrix, offset=centre - matrix @ centre,
