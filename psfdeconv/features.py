@@ -27,7 +27,7 @@ zero-padded FFTs, so a whole batch costs a few FFTs.
 
 import numpy as np
 
-from ._fourier import gaussian_fft, image_fft, inverse_fft, kernel_fft, padded_shape
+from ._fourier import gaussian_fft, image_fft, inverse_fft
 
 __all__ = ['KINDS', 'check_kinds', 'make_channels', 'make_cube', 'cube_scale',
            'inverse_filter_fft']
@@ -41,6 +41,12 @@ DEFAULT_REGULARIZATION = 1e-3
 DEFAULT_REGULARIZATION_IPSF1 = 1e-6
 #: Standard deviation of the iPSF1 Gaussian, arcsec (paper section III.1).
 DEFAULT_GAUSSIAN_SIGMA_ARCSEC = 1.0
+
+
+#: The regularisation options of `make_channels` and their defaults.
+_CHANNEL_DEFAULTS = {'regularization': DEFAULT_REGULARIZATION,
+                     'regularization_ipsf1': DEFAULT_REGULARIZATION_IPSF1,
+                     'gaussian_sigma': DEFAULT_GAUSSIAN_SIGMA_ARCSEC}
 
 
 def check_kinds(kinds):
@@ -57,6 +63,26 @@ def check_kinds(kinds):
     return tuple(k for k in KINDS if k in kinds)
 
 
+def _inverse_weight(psf_fft, regularization):
+    """The real factor :math:`1 / (|\\hat{P}|^2 + \\epsilon)` of the inverse
+    filter, in the precision of ``psf_fft``."""
+    # re^2 + im^2 in place: abs()**2 would take a square root and square it.
+    weight = np.square(psf_fft.real)
+    weight += np.square(psf_fft.imag)
+    weight += regularization * weight.max(axis=(-2, -1), keepdims=True)
+    return np.reciprocal(weight, out=weight)
+
+
+def _scale_complex(values, weight, out=None):
+    """``values * weight`` (complex times a broadcastable real array) into
+    ``out`` (``values`` itself if None), without casting ``weight`` to
+    complex."""
+    out = values if out is None else out
+    pairs = values.view(values.real.dtype).reshape(values.shape + (2,))
+    np.multiply(pairs, weight[..., None], out=out.view(out.real.dtype).reshape(out.shape + (2,)))
+    return out
+
+
 def inverse_filter_fft(psf_fft, regularization):
     """Tikhonov-regularised inverse of PSF transforms.
 
@@ -70,23 +96,62 @@ def inverse_filter_fft(psf_fft, regularization):
     Returns
     -------
     `~numpy.ndarray`
-        :math:`\\hat{P}^* / (|\\hat{P}|^2 + \\epsilon)`, same shape.
+        :math:`\\hat{P}^* / (|\\hat{P}|^2 + \\epsilon)`, same shape and
+        precision.
     """
-    power = np.abs(psf_fft) ** 2
-    epsilon = regularization * power.max(axis=(-2, -1), keepdims=True)
-    return np.conj(psf_fft) / (power + epsilon)
+    return _scale_complex(np.conj(psf_fft), _inverse_weight(psf_fft, regularization))
+
+
+def _channel_planes(stamps, psfs, *, pixel_scale, kinds, regularization,
+                    regularization_ipsf1, gaussian_sigma, psf_transforms):
+    """Yield ``(k, channel)`` for each kind: the channel's images (n,
+    n_bands, ny, nx) in float32 (float64 for float64 stamps), computed one
+    kind at a time to bound the complex temporaries."""
+    from ._fourier import KernelTransforms
+
+    dtype = stamps.dtype
+    image_shape = stamps.shape[-2:]
+    if psf_transforms is None:
+        psf_transforms = KernelTransforms(psfs, image_shape, dtype=dtype)
+    fft_shape = psf_transforms.fft_shape
+    psf_fft = psf_transforms.transform
+    stamp_fft = image_fft(stamps, fft_shape)
+    # N P* is shared by the iPSF and iPSF1 channels, which only weight it.
+    inverse = stamp_fft * np.conj(psf_fft) if {'ipsf', 'ipsf1'} & set(kinds) else None
+    for k, kind in enumerate(kinds):
+        if kind == 'psf':
+            spectrum = stamp_fft * psf_fft
+        elif kind == 'ipsf':
+            spectrum = _scale_complex(inverse, _inverse_weight(psf_fft, regularization),
+                                      out=np.empty_like(inverse) if 'ipsf1' in kinds else None)
+        else:
+            weight = _inverse_weight(psf_fft, regularization_ipsf1) * _gaussians(
+                fft_shape, gaussian_sigma, pixel_scale, stamps.shape[0], stamp_fft.real.dtype
+            )[:, None]
+            spectrum = _scale_complex(inverse, weight)
+        yield k, inverse_fft(spectrum, fft_shape, image_shape)
+
+
+def _gaussians(fft_shape, gaussian_sigma, pixel_scale, n, dtype):
+    """`gaussian_fft` of sigma ``gaussian_sigma / pixel_scale`` pixels per
+    object (n, fy, fx // 2 + 1), each distinct scale computed once."""
+    scale = np.broadcast_to(np.asarray(pixel_scale, dtype=float), (n,))
+    unique, index = np.unique(scale, return_inverse=True)
+    return gaussian_fft(fft_shape, gaussian_sigma / unique).astype(dtype)[index]
 
 
 def make_channels(stamps, psfs, *, pixel_scale, kinds=KINDS,
                   regularization=DEFAULT_REGULARIZATION,
                   regularization_ipsf1=DEFAULT_REGULARIZATION_IPSF1,
-                  gaussian_sigma=DEFAULT_GAUSSIAN_SIGMA_ARCSEC):
+                  gaussian_sigma=DEFAULT_GAUSSIAN_SIGMA_ARCSEC, psf_transforms=None):
     """Filter stamps with their PSFs into the PSF/iPSF/iPSF1 channels.
 
     Parameters
     ----------
     stamps : `~numpy.ndarray`
         Observed images, shape (n, n_bands, ny, nx), in any flux unit.
+        float32 stamps (or any other type but float64) are filtered in
+        float32, float64 stamps in float64.
     psfs : `~numpy.ndarray`
         Unit-sum, odd-sized, centred PSFs, shape (n, n_bands, py, px).
     pixel_scale : float or `~numpy.ndarray`
@@ -99,6 +164,9 @@ def make_channels(stamps, psfs, *, pixel_scale, kinds=KINDS,
         Tikhonov regularisation of the inverse for iPSF and iPSF1.
     gaussian_sigma : float, optional
         Standard deviation of the iPSF1 Gaussian in arcsec.
+    psf_transforms : `~psfdeconv._fourier.KernelTransforms`, optional
+        The transforms of ``psfs`` on the stamps' FFT grid, when the caller
+        has them already (they then replace ``psfs``).
 
     Returns
     -------
@@ -120,32 +188,22 @@ def make_channels(stamps, psfs, *, pixel_scale, kinds=KINDS,
     True
     """
     kinds = check_kinds(kinds)
-    stamps = np.asarray(stamps, dtype=np.float64)
-    psfs = np.asarray(psfs, dtype=np.float64)
-    image_shape = stamps.shape[-2:]
-    fft_shape = padded_shape(image_shape, psfs.shape[-2:])
-    stamp_fft = image_fft(stamps, fft_shape)
-    psf_fft = kernel_fft(psfs, fft_shape)
-
-    filters = {}
-    if 'psf' in kinds:
-        filters['psf'] = psf_fft
-    if 'ipsf' in kinds:
-        filters['ipsf'] = inverse_filter_fft(psf_fft, regularization)
-    if 'ipsf1' in kinds:
-        scale = np.broadcast_to(np.asarray(pixel_scale, dtype=float),
-                                (stamps.shape[0],))
-        sigma_pixels = gaussian_sigma / scale
-        gaussian = gaussian_fft(fft_shape, sigma_pixels)[:, None]
-        filters['ipsf1'] = inverse_filter_fft(
-            psf_fft, regularization_ipsf1) * gaussian
-
+    stamps = _real_array(stamps)
     channels = np.empty((stamps.shape[0], len(kinds)) + stamps.shape[1:],
                         dtype=np.float32)
-    for k, kind in enumerate(kinds):
-        channels[:, k] = inverse_fft(stamp_fft * filters[kind], fft_shape,
-                                     image_shape)
+    for k, plane in _channel_planes(
+            stamps, None if psf_transforms is not None else _real_array(psfs),
+            pixel_scale=pixel_scale, kinds=kinds, regularization=regularization,
+            regularization_ipsf1=regularization_ipsf1, gaussian_sigma=gaussian_sigma,
+            psf_transforms=psf_transforms):
+        channels[:, k] = plane
     return channels
+
+
+def _real_array(values):
+    """``values`` as a float32 array, or float64 if they are float64."""
+    values = np.asarray(values)
+    return values.astype(np.float64 if values.dtype == np.float64 else np.float32, copy=False)
 
 
 def cube_scale(channels):
@@ -168,7 +226,9 @@ def cube_scale(channels):
     `~numpy.ndarray`
         Shape (n,), strictly positive (1 for an all-zero object).
     """
-    scale = np.abs(channels).reshape(channels.shape[0], -1).max(axis=1)
+    flat = channels.reshape(channels.shape[0], -1)
+    # max(|x|) as max(max, -min): no temporary |x| array.
+    scale = np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)
     return np.where(scale > 0, scale, 1.0)
 
 
@@ -180,7 +240,8 @@ def make_cube(stamps, psfs, *, pixel_scale, kinds=KINDS, **kwargs):
     stamps, psfs, pixel_scale, kinds
         As for `make_channels`.
     **kwargs
-        Regularisation options passed to `make_channels`.
+        Regularisation options of `make_channels` and its
+        ``psf_transforms``.
 
     Returns
     -------
@@ -202,10 +263,17 @@ def make_cube(stamps, psfs, *, pixel_scale, kinds=KINDS, **kwargs):
     >>> cube.shape, float(np.abs(cube).max())
     ((2, 64, 64, 9), 1.0)
     """
-    channels = make_channels(stamps, psfs, pixel_scale=pixel_scale,
-                             kinds=kinds, **kwargs)
-    scale = cube_scale(channels)
-    n, n_kinds, n_bands, ny, nx = channels.shape
-    cube = channels / scale[:, None, None, None, None].astype(np.float32)
-    cube = cube.reshape(n, n_kinds * n_bands, ny, nx).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(cube), scale
+    kinds = check_kinds(kinds)
+    psf_transforms = kwargs.pop('psf_transforms', None)
+    stamps = _real_array(stamps)
+    n, n_bands, ny, nx = stamps.shape
+    # Each channel goes straight to its place in the channels-last cube.
+    cube = np.empty((n, ny, nx, len(kinds) * n_bands), dtype=np.float32)
+    for k, plane in _channel_planes(
+            stamps, None if psf_transforms is not None else _real_array(psfs),
+            pixel_scale=pixel_scale, kinds=kinds, psf_transforms=psf_transforms,
+            **{**_CHANNEL_DEFAULTS, **kwargs}):
+        cube[..., k * n_bands:(k + 1) * n_bands] = np.moveaxis(plane, 1, -1)
+    scale = cube_scale(cube)
+    np.divide(cube, scale.astype(np.float32)[:, None, None, None], out=cube)
+    return cube, scale
