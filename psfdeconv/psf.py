@@ -130,10 +130,15 @@ def _saturation_level(saturation, meta):
 # --- Star selection ----------------------------------------------------------
 
 def _segment_peaks(subtracted, segm):
-    """The highest pixel of each segment of ``segm`` (in ``segm.labels`` order)."""
-    from scipy import ndimage
+    """The highest pixel of each segment of ``segm`` (in ``segm.labels`` order).
 
-    return np.asarray(ndimage.maximum(subtracted, segm.data, segm.labels), dtype=float)
+    Over each segment's bounding box: `scipy.ndimage.maximum` visits every
+    pixel of the frame with a slow generic loop (a second per 3k x 3k frame).
+    """
+    data = segm.data
+    return np.array([subtracted[box][data[box] == label].max()
+                     for label, box in zip(segm.labels, segm.slices, strict=True)],
+                    dtype=float)
 
 
 def _bright_labels(subtracted, segm, rms, threshold_sigma):
