@@ -21,8 +21,10 @@ Relative paths are relative to the manifest's directory::
     field001,field001/g.fits,field001/r.fits,field001/i.fits,,
     field002,field002/g.fits,field002/r.fits,field002/i.fits,field002/sources.ecsv,psf_r.fits
 
-`run_batch` runs each group as one dask task (`dask.delayed`), on local
-threads (the default), a local process pool or a ``dask.distributed``
+`run_batch` runs each group as one dask task (`dask.delayed`), on a local
+process pool (the default for a model given as a file: one group per
+process, each process's TensorFlow limited to CPUs / workers threads),
+local threads (the default for a model in memory), or a ``dask.distributed``
 cluster, through `psfdeconv.pipeline.run_exposure_set`, which writes the
 group's ``catalog.fits``, ``stamps.fits`` and ``psf_<band>.fits`` into
 ``OUT/<id>/`` (each atomically) and keeps memory bounded by deconvolving
@@ -680,6 +682,8 @@ def _check_options(scheduler, workers, resume, overwrite):
                                 not isinstance(workers, int) or workers < 1):
         raise ConfigError(f'workers = {workers!r}; give a number of threads or '
                           f'processes >= 1, or None for one per CPU.')
+    if scheduler is None:
+        return  # a local scheduler, chosen by _default_scheduler
     if isinstance(scheduler, str):
         if scheduler in LOCAL_SCHEDULERS:
             return
@@ -714,7 +718,7 @@ def _load_batch_model(model, n_bands, verify=True):
     return loaded
 
 
-def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads',
+def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
               workers=None, resume=False, overwrite=False, reference_band=None,
               batch_size=128, chunk_size=None, symmetries=None, units=None,
               epsf_options=None, detect_options=None, pixel_scale=None,
@@ -743,8 +747,11 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler='threads'
         it from its file, once per process; an in-memory model without a
         file works with the ``threads`` and ``synchronous`` schedulers only.
     scheduler : str or `distributed.Client`, optional
-        ``'threads'`` (default: a thread pool in this process),
-        ``'processes'`` (a local process pool), ``'synchronous'`` (one group
+        ``'processes'`` (a local process pool; the default when the model
+        is a file, or None, and more than one worker runs: the exposure-level
+        work of a group holds Python's GIL much of the time, so threads
+        share one core for it), ``'threads'`` (a thread pool in this
+        process; the default for an in-memory model or one worker), ``'synchronous'`` (one group
         after the other, for debugging), the address of a running
         ``dask.distributed`` scheduler (``'tcp://host:8786'``; needs the
         ``dask`` extra, and the inputs, outputs and model must be on file
@@ -856,7 +863,7 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
 
     symmetries = check_symmetries(symmetries, loaded)
     model_path = None if loaded.path is None else str(Path(loaded.path).resolve())
-    if model_path is None and not (isinstance(scheduler, str) and
+    if model_path is None and not (scheduler is None or isinstance(scheduler, str) and
                                    scheduler in ('threads', 'synchronous')):
         raise ConfigError('the model has no file, so workers in other processes '
                           'cannot load it; save it (psfdeconv.model.save_model) and '
@@ -887,6 +894,8 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
     todo = [row for row in range(len(manifest)) if ids[row] not in rows]
     for row in todo:
         rows[ids[row]] = _row(ids[row])
+    if scheduler is None:
+        scheduler = _default_scheduler(model, model_path, workers, len(todo))
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     if workers is None and local:
         workers = max(1, min(os.cpu_count() or 1, len(todo)))
@@ -1003,6 +1012,23 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
         error.summary = summary
         raise error
     return summary
+
+
+def _default_scheduler(model, model_path, workers, n_todo):
+    """The local scheduler of ``scheduler=None``: processes for a model file
+    (or the shipped one) when more than one worker would run, else threads.
+
+    A group spends much of its time in Python (segmentation, measurement,
+    I/O) that holds the GIL, so threads run the groups nearly one at a time;
+    processes each load the model from its file once. A model passed in
+    memory stays in this process (threads share it), and a single worker
+    gains nothing from a second process.
+    """
+    n_workers = workers if workers is not None else min(os.cpu_count() or 1, n_todo)
+    if model_path is None or n_workers <= 1 or not (model is None or
+                                                     isinstance(model, str | Path)):
+        return 'threads'
+    return 'processes'
 
 
 def _manifest_value(manifest, name, row):

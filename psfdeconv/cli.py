@@ -1109,13 +1109,15 @@ def _add_batch_parser(sub):
                                     'paths are relative to its directory)')
     p.add_argument('--out', required=True,
                    help='output directory: OUT/<id>/ per group and OUT/summary.fits')
-    p.add_argument('--scheduler', default='threads',
-                   help="'threads' (default), 'processes', 'synchronous' or the "
+    p.add_argument('--scheduler', default=None,
+                   help="'processes' (default with more than one worker: one group "
+                        "per process, TensorFlow threads = CPUs / workers), "
+                        "'threads' (default with one worker), 'synchronous' or the "
                         "address of a dask.distributed scheduler (tcp://host:8786; "
                         "pip install 'psfdeconv[dask]')")
     p.add_argument('--workers', type=int,
                    help='threads or processes of a local scheduler (default: one '
-                        'per CPU)')
+                        'per CPU, at most one per group)')
     _add_exposure_set_options(p, first_band='the first band column',
                               psf_for='the bands without a psf_<band> value')
     group = p.add_mutually_exclusive_group()

@@ -154,14 +154,14 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
 
     from ._validation import as_image_and_mask
     from .background import estimate_background
-    from .psf import find_stars
+    from .psf import _point_sources, find_stars
 
     if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
         raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give a '
                                 f'positive number of sigma (e.g. 3).')
     if isinstance(n_pixels, bool) or int(n_pixels) != n_pixels or n_pixels < 1:
         raise InvalidInputError(f'n_pixels = {n_pixels!r}; give an integer >= 1.')
-    image, bad, _ = as_image_and_mask(exposure)
+    image, bad, image_meta = as_image_and_mask(exposure)
     background, rms = estimate_background(image, bad)
     subtracted = image - background
     subtracted[bad] = 0.0
@@ -172,8 +172,16 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
                               mask=bad)
     if deblend_sources:
         segm = deblend(subtracted, segm, n_pixels)
-    stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
-                       all_sources=True)
+    if (deblend_sources and segm is not None and int(n_pixels) == _DETECTION_NPIXELS
+            and float(threshold_sigma) == min(_DETECTION_SIGMA, star_threshold_sigma)):
+        # find_stars would segment and deblend the same image the same way:
+        # measure its star candidates on these segments instead.
+        stars = _point_sources(image, bad, background, rms, segm,
+                               threshold_sigma=star_threshold_sigma,
+                               meta=image_meta)
+    else:
+        stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
+                           all_sources=True)
     wcs = getattr(exposure, 'wcs', None)
     table = QTable()
     meta = {'n_detected': 0, 'n_stars': 0, 'background_rms': float(rms),

@@ -246,6 +246,22 @@ def test_threads_batch_gives_the_catalogs_of_single_runs(threads_batch, referenc
     assert read_catalog(out / 'f0' / 'catalog.fits').meta['positions'] == 'detected'
 
 
+def test_default_scheduler_is_processes_for_a_model_file(tiny_model, tiny_model_path):
+    from psfdeconv.batch import _default_scheduler
+
+    path = str(tiny_model_path)
+    # A model file and several workers: one group per process.
+    assert _default_scheduler(path, path, 2, 4) == 'processes'
+    assert _default_scheduler(None, path, None, 4) == ('processes' if (os.cpu_count() or 1) > 1
+                                                       else 'threads')
+    # One worker (or one group) gains nothing from a second process.
+    assert _default_scheduler(path, path, 1, 4) == 'threads'
+    assert _default_scheduler(path, path, None, 1) == 'threads'
+    # A model in memory stays in this process.
+    assert _default_scheduler(tiny_model, path, 2, 4) == 'threads'
+    assert _default_scheduler(tiny_model, None, 2, 4) == 'threads'
+
+
 @pytest.mark.slow
 def test_processes_batch(groups, reference, tiny_model, tmp_path):
     (groups / 'two.csv').write_text(

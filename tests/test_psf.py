@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import NDData
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from psfdeconv import psf as psfmod
 from psfdeconv.exceptions import (
@@ -122,6 +122,13 @@ def test_find_stars_rejects_galaxies_and_saturated_star(field):
     assert_allclose(stars.meta['background_rms'], 1.0, rtol=0.1)
     # The stellar locus is the stars' half-maximum FWHM (true FWHM 3.98 px).
     assert_allclose(stars.meta['fwhm_locus'], 3.98, rtol=0.1)
+    # Only the bright detections are deblended and measured for the selection:
+    # the same stars, measured the same, as in the table of every detection.
+    chosen = everything[everything['selected']]
+    assert len(stars) == len(chosen)
+    for name in ('x', 'y', 'flux', 'peak', 'fwhm', 'ellipticity', 'centroid_shift'):
+        assert_array_equal(np.asarray(stars[name]), np.asarray(chosen[name]))
+    assert stars.meta['fwhm_locus'] == everything.meta['fwhm_locus']
 
     x, y = stars['x'].value, stars['y'].value
     # Every selected star is a true star (centroid within 0.5 px) ...
@@ -147,6 +154,32 @@ def test_find_stars_rejects_galaxies_and_saturated_star(field):
                   & ~stars['edge'] & ~stars['masked'])
     assert np.all(stars['ellipticity'] < 0.25)
     assert np.all(np.diff(stars['flux']) <= 0)   # brightest first
+
+
+def test_point_sources_on_given_segments_match_find_stars():
+    from photutils.segmentation import detect_sources
+
+    from psfdeconv._validation import as_image_and_mask
+    from psfdeconv.background import estimate_background
+    from psfdeconv.detection import deblend
+    from psfdeconv.simulate import simulate_exposure
+
+    exposures, _ = simulate_exposure((400, 400), n_galaxies=20, n_stars=20, seed=5)
+    exposure = exposures['r']
+    image, bad, meta = as_image_and_mask(exposure)
+    background, rms = estimate_background(image, bad)
+    subtracted = np.where(bad, 0.0, image - background)
+    segments = deblend(subtracted, detect_sources(subtracted, 3.0 * rms, 5, mask=bad), 5)
+    reused = psfmod._point_sources(image, bad, background, rms, segments,
+                                   threshold_sigma=10.0, meta=meta)
+    everything = find_stars(exposure, all_sources=True)
+    expected = everything[everything['point_like']]
+    point_like = reused[reused['point_like']]
+    assert len(point_like) >= 10
+    assert_array_equal(point_like['x'], expected['x'])
+    assert_array_equal(point_like['y'], expected['y'])
+    assert reused.meta['fwhm_locus'] == everything.meta['fwhm_locus']
+
 
 
 def test_find_stars_saturation_from_nddata_meta_and_mask(field):

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Exposure-level throughput of ``psfdeconv run`` and ``psfdeconv batch``, in one run.
+
+Prints, all measured in the same run on the same machine:
+
+* **run vs deconvolve_stamps**: sources/s of ``run_exposure_set`` on a simulated
+  g, r, i field (detected galaxies, ePSFs from the stars, one network call per
+  stamp) against ``deconvolve_stamps`` on the same stamps and PSFs, timed
+  separately in the same process; their ratio (the target is >= 0.5), and the
+  run's stage timings (the pipeline's DEBUG log: PSFs; detection, background and
+  alignment; deconvolution and measurement);
+* **memory**: the peak resident set (``VmHWM``) of ``run_exposure_set`` on the
+  field with 1x and 4x its galaxies as the sources (a catalogue; each in a fresh
+  process), flat in the number of sources being the target;
+* **batch workers**: the wall time of ``run_batch`` on 4 small groups with 1 and 2
+  worker processes (model loading included) and the speed-up (target >= 1.8 on
+  2 cores).
+
+Usage (about 12 minutes on 2 cores with the defaults; ``--quick``, a 1024-pixel
+field of 300 galaxies, about 3 minutes)::
+
+    python benchmarks/bench_exposure.py [--field DIR] [--quick] [--skip-memory]
+        [--skip-batch]
+
+``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure`` (e.g.
+``--size 3072 --n-galaxies 1600 --n-stars 150 --seed 7``) instead of simulating one.
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_batch import _peak_rss_kb, make_field, source_table  # noqa: E402
+
+BANDS = ('g', 'r', 'i')
+MOFFAT = 'moffat:fwhm=0.8arcsec,beta=3.5'
+
+
+class _StageLog(logging.Handler):
+    """Keeps the pipeline's DEBUG messages (its stage timings)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def run_vs_deconvolve(field, model, work):
+    """Sources/s of run_exposure_set on the field and of deconvolve_stamps on
+    the same stamps and PSFs; the stage log."""
+    import numpy as np
+
+    from psfdeconv.cutouts import make_cutouts
+    from psfdeconv.deconvolve import deconvolve_stamps
+    from psfdeconv.io import read_exposure
+    from psfdeconv.pipeline import run_exposure_set
+    from psfdeconv.psf import read_psf_image, render_psf
+
+    exposures = {band: field / f'{band}.fits' for band in BANDS}
+    # Warm up the network (graph building) outside the timings.
+    model.predict(np.zeros((8, model.stamp_size, model.stamp_size,
+                            len(model.kinds) * len(BANDS)), np.float32))
+    stages = _StageLog()
+    logger = logging.getLogger('psfdeconv.pipeline')
+    logger.addHandler(stages)
+    logger.setLevel(logging.DEBUG)
+    try:
+        start = time.perf_counter()
+        catalog, paths = run_exposure_set(exposures, work / 'run', psfs='epsf',
+                                          model=model, symmetries=1, overwrite=True)
+        seconds_run = time.perf_counter() - start
+    finally:
+        logger.removeHandler(stages)
+    n = len(catalog)
+    xy = np.column_stack([catalog['x_input'].value, catalog['y_input'].value])
+    stamps = np.stack([make_cutouts(read_exposure(exposures[band]), xy,
+                                    size=model.stamp_size)['data'] for band in BANDS], axis=1)
+    psfs = np.stack([render_psf(read_psf_image(paths[band]), size=catalog.meta['psf_size'])
+                     for band in BANDS])
+    psfs = np.broadcast_to(psfs, (n,) + psfs.shape)
+    start = time.perf_counter()
+    deconvolve_stamps(stamps, psfs, pixel_scale=catalog.meta['pixel_scale'], model=model,
+                      symmetries=1)
+    seconds_deconvolve = time.perf_counter() - start
+    return {'n': n, 'run_seconds': seconds_run, 'run_rate': n / seconds_run,
+            'deconvolve_seconds': seconds_deconvolve,
+            'deconvolve_rate': n / seconds_deconvolve,
+            'ratio': seconds_deconvolve / seconds_run, 'stages': stages.lines}
+
+
+def rss_child(field, n, model_path):
+    """In a fresh process: run_exposure_set on n catalogue sources; print its
+    peak RSS."""
+    from astropy.table import QTable
+
+    from psfdeconv.model import load_model
+    from psfdeconv.pipeline import run_exposure_set
+
+    galaxies = QTable.read(field / 'truth.ecsv')
+    galaxies = galaxies[galaxies['kind'] == 'galaxy']
+    model = load_model(model_path) if model_path else None
+    with tempfile.TemporaryDirectory() as work:
+        source_table(galaxies, n, seed=3).write(Path(work) / 'sources.ecsv')
+        start = time.perf_counter()
+        run_exposure_set({band: field / f'{band}.fits' for band in BANDS}, work,
+                         Path(work) / 'sources.ecsv', MOFFAT, model=model, symmetries=1)
+        seconds = time.perf_counter() - start
+    print(json.dumps({'n': n, 'max_rss_kb': _peak_rss_kb(), 'seconds': seconds}))
+
+
+def peak_rss(field, sizes, model_path):
+    results = []
+    for n in sizes:
+        command = [sys.executable, __file__, '--rss-child', str(n), '--field', str(field)]
+        if model_path:
+            command += ['--model', str(model_path)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f'memory run with {n} sources failed ({done.returncode})')
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_stars=25):
+    """Wall time of run_batch on n_groups small fields with 1 and 2 worker
+    processes (each process starts TensorFlow and loads the model)."""
+    from psfdeconv.batch import run_batch
+
+    lines = ['id,g,r,i']
+    for k in range(n_groups):
+        group = f'f{k}'
+        make_field(root / group, size=size, n_galaxies=n_galaxies, n_stars=n_stars,
+                   seed=200 + k)
+        lines.append(f'{group},{group}/g.fits,{group}/r.fits,{group}/i.fits')
+    (root / 'groups.csv').write_text('\n'.join(lines) + '\n')
+    times = {}
+    for workers in (1, 2):
+        start = time.perf_counter()
+        summary = run_batch(root / 'groups.csv', root / f'out_{workers}', model=model_path,
+                            scheduler='processes', workers=workers, symmetries=1,
+                            overwrite=True)
+        times[workers] = time.perf_counter() - start
+    return times, int(summary['n_sources'].sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--field', type=Path, help='an existing g, r, i field directory')
+    parser.add_argument('--quick', action='store_true', help='a small field')
+    parser.add_argument('--model', help='model .keras file (default: shipped)')
+    parser.add_argument('--skip-memory', action='store_true')
+    parser.add_argument('--skip-batch', action='store_true')
+    parser.add_argument('--rss-child', type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.field, args.rss_child, args.model)
+        return
+    from psfdeconv.model import default_model_path, load_model
+
+    model_path = args.model or default_model_path(len(BANDS))
+    model = load_model(model_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        field = args.field
+        if field is None:
+            size, n_galaxies, n_stars = (1024, 300, 60) if args.quick else (3072, 1600, 150)
+            field = tmp / 'field'
+            make_field(field, size=size, n_galaxies=n_galaxies, n_stars=n_stars, seed=7)
+        print(f'CPU: {os.cpu_count()} cores; field {field}')
+        result = run_vs_deconvolve(field, model, tmp)
+        print(f"run_exposure_set: {result['n']} sources in {result['run_seconds']:.1f} s "
+              f"= {result['run_rate']:.1f} sources/s")
+        print(f"deconvolve_stamps (same stamps): {result['deconvolve_seconds']:.1f} s "
+              f"= {result['deconvolve_rate']:.1f} sources/s")
+        print(f"ratio run / deconvolve_stamps: {result['ratio']:.2f} (target >= 0.5)")
+        print('stages:')
+        for line in result['stages']:
+            print(f'  {line}')
+        if not args.skip_memory:
+            n = result['n']
+            for row in peak_rss(field, (n, 4 * n), args.model):
+                print(f"peak RSS with {row['n']} sources: {row['max_rss_kb'] / 1e6:.2f} GB "
+                      f"({row['seconds']:.0f} s)")
+        if not args.skip_batch:
+            times, n_sources = batch_workers(tmp / 'batch', str(model_path))
+            print(f'batch of 4 groups ({n_sources} sources): 1 worker {times[1]:.1f} s, '
+                  f'2 workers {times[2]:.1f} s, speed-up {times[1] / times[2]:.2f}')
+
+
+if __name__ == '__main__':
+    main()
