@@ -933,7 +933,9 @@ def _add_calibrate_parser(sub):
                     'objects of its training run, without training; the weights are '
                     'copied unchanged and the new card is signed.',
         examples=('psfdeconv calibrate run/my_model.keras train.h5 --symmetries 1 '
-                  '--out one_pass/my_model.keras',),
+                  '--out one_pass/my_model.keras',
+                  'psfdeconv calibrate run/my_model.keras train.h5 --out run/my_model.keras '
+                  '--overwrite'),
         notes='sims is the file the model was trained on (the card\'s training '
               'configuration\ngives the validation split); a card without a size-bias '
               'correction stays without.')

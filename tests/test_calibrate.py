@@ -116,3 +116,22 @@ def test_cli_calibrate_rewrites_the_card_in_place(tiny_model_path, tiny_simulati
     # Without --overwrite the existing file is refused.
     assert main(['calibrate', str(path), str(tiny_simulation_path),
                  '--out', str(path)]) != 0
+
+
+def test_cli_calibrate_help_examples_parse(capsys):
+    import shlex
+
+    from psfdeconv.cli import _parser, main
+
+    with pytest.raises(SystemExit):
+        main(['calibrate', '--help'])
+    stdout = capsys.readouterr().out
+    examples = [line for line in stdout[stdout.index('examples:'):].splitlines()
+                if line.startswith('  psfdeconv ')]
+    assert len(examples) == 2
+    for line in examples:
+        args = _parser().parse_args(shlex.split(line)[1:])
+        assert args.command == 'calibrate' and args.out
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    assert 'calibrate' in capsys.readouterr().out
