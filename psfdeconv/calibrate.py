@@ -10,7 +10,9 @@ remaining flux bias (`fit_flux_bias`, paper section III.3) and the
 detection threshold that separates blank stamps (`fit_detection_threshold`).
 `calibrate_card` fits them all in the order they are applied;
 `calibrate_model` does what ``psfdeconv train`` does after training: the
-calibrations, the card's validation metrics and training ranges.
+calibrations, the card's validation metrics and training ranges;
+`recalibrate_model` refits the card of a saved model (e.g. for another
+number of symmetries) without training (``psfdeconv calibrate``).
 
 This module fits; `psfdeconv.deconvolve` applies (``correct_*``).
 """
@@ -33,6 +35,7 @@ from .transforms import shear_images
 __all__ = ['fit_flux_bias', 'calibrate_flux_bias',
            'fit_detection_threshold', 'fit_size_bias', 'fit_psf_leakage',
            'calibrate_card', 'validation_metrics', 'calibrate_model',
+           'recalibrate_model',
            'DETECTION_BLANK_RECALL', 'DETECTION_MAX_SOURCES_BELOW']
 
 
@@ -263,7 +266,7 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                    noise_sigma=None, batch_size=128,
                    blank_recall=DETECTION_BLANK_RECALL,
                    max_sources_below=DETECTION_MAX_SOURCES_BELOW,
-                   return_images=False):
+                   size_bias=True, return_images=False):
     """Fit a model card's PSF-leakage, size-bias and flux-bias corrections
     and detection threshold.
 
@@ -286,6 +289,10 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
         bool (n,), True for blank stamps.
     blank_recall, max_sources_below : float, optional
         As for `fit_detection_threshold`.
+    size_bias : bool, optional
+        Fit the size-bias correction; with False the card gets none
+        (``size_bias`` None) and the leakage is fitted on the network outputs
+        as they are.
     return_images : bool, optional
         Also return the deconvolved images as the calibrated card gives
         them, e.g. to measure the card's metrics without deconvolving the
@@ -312,10 +319,13 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     is_blank = np.asarray(is_blank, dtype=bool)
     output = details['network_output']
     noise = details['noise_sigma'] if noise_sigma is not None else None
-    first = refit_images(output, stamps, unit_psfs, noise)
-    size_bias = fit_size_bias(output[~is_blank], truth[~is_blank],
-                              first['flux'][~is_blank], first['flux_err'][~is_blank])
-    output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
+    if size_bias:
+        first = refit_images(output, stamps, unit_psfs, noise)
+        size_bias = fit_size_bias(output[~is_blank], truth[~is_blank],
+                                  first['flux'][~is_blank], first['flux_err'][~is_blank])
+        output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
+    else:
+        size_bias = None
     # The leakage is measured on the images as the size correction leaves them:
     # the dilation moves the unweighted moments it is defined with.
     psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
@@ -538,7 +548,7 @@ def validation_metrics(images, truth, is_blank):
     return metrics
 
 
-def calibrate_model(keras_model, card, simulation_path):
+def calibrate_model(keras_model, card, simulation_path, *, size_bias=True):
     """The complete model card of a trained network, as ``psfdeconv train``
     writes it.
 
@@ -557,6 +567,8 @@ def calibrate_model(keras_model, card, simulation_path):
         added first.
     simulation_path : str or `~pathlib.Path`
         The simulation file the network was trained on.
+    size_bias : bool, optional
+        Fit the size-bias correction (`calibrate_card`).
 
     Returns
     -------
@@ -586,6 +598,116 @@ def calibrate_model(keras_model, card, simulation_path):
     val = validation_objects(simulation_path, config)
     calibration, images = calibrate_card(
         model, val['observed'], val['psf'], val['pixel_scale'], val['truth'],
-        val['is_blank'], return_images=True)
+        val['is_blank'], size_bias=size_bias, return_images=True)
     return calibrated_card(card, calibration,
                            validation_metrics(images, val['truth'], val['is_blank']))
+
+
+#: Keys `calibrate_model` writes; `recalibrate_model` drops the old ones first.
+_CALIBRATION_KEYS = ('psf_leakage', 'size_bias', 'flux_bias', 'detection', 'metrics',
+                     'pixel_scale_range', 'psf_fwhm_range_arcsec', 'n_validation_objects')
+
+
+def recalibrate_model(model_path, simulation_path, *, out, symmetries=None,
+                      size_bias=None, overwrite=False):
+    """Refit the card of a saved model without training it again.
+
+    The calibrations and validation metrics of `calibrate_model`, fitted
+    on the validation objects of the card's training run
+    (`~psfdeconv.train.validation_objects`, the split its training
+    configuration gives), e.g. after changing the number of
+    ``symmetries`` the network output is averaged over: the corrections
+    are fitted on the outputs as they will be used. The ``.keras`` file is
+    copied unchanged, so its ``file_sha256``, ``weights_sha256`` and
+    ``config_sha256`` stay; the new card is signed
+    (`~psfdeconv.model.sign_card`).
+
+    Parameters
+    ----------
+    model_path : str or `~pathlib.Path`
+        A ``.keras`` file with its card (checked by
+        `~psfdeconv.model.load_model`).
+    simulation_path : str or `~pathlib.Path`
+        The simulation file the network was trained on (the card's
+        ``training.simulation_file``); its length and the card's training
+        configuration give the validation split.
+    out : str or `~pathlib.Path`
+        The new ``.keras`` file; its card goes beside it. May be
+        ``model_path`` itself (with ``overwrite``): only the card changes.
+    symmetries : int, optional
+        Symmetries to average over (1, 2, 4 or 8), recorded in the card and
+        in its training configuration (which ``psfdeconv train`` would use to
+        rebuild it); the card's own if None.
+    size_bias : bool, optional
+        Fit the size-bias correction; if None, only if the card has one
+        (a card without one stays without).
+    overwrite : bool, optional
+        Replace an existing ``out`` and its card.
+
+    Returns
+    -------
+    dict
+        The new card as written.
+
+    Raises
+    ------
+    `~psfdeconv.exceptions.ConfigError`
+        If the simulation file does not hold as many objects as the card's
+        training run (training plus validation objects): the split would
+        not be the run's.
+
+    Examples
+    --------
+    Refit the shipped card for one network pass per stamp::
+
+        from psfdeconv.calibrate import recalibrate_model
+        recalibrate_model('psfdeconv/data/unet_psf_ipsf_ipsf1.keras', 'train_v3_s5.h5',
+                          symmetries=1, out='one_pass/unet_psf_ipsf_ipsf1.keras')
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .deconvolve import check_symmetries
+    from .io import atomic_path
+    from .io.files import check_writable
+    from .model import load_model, sign_card
+    from .simulate import SimulationFile
+
+    model_path, out = Path(model_path), Path(out)
+    # Refuse before the fit, not after it.
+    check_writable(out, overwrite=overwrite)
+    check_writable(out.with_suffix('.json'), overwrite=overwrite)
+    model = load_model(model_path)
+    card = json.loads(json.dumps(model.card))
+    training = card.get('training') or {}
+    if 'config' not in training:
+        raise ConfigError(f'the card of {model_path} has no training configuration: '
+                          f'its validation split is unknown.')
+    with SimulationFile(simulation_path) as sims:
+        n_objects = len(sims)
+    # n_train and n_validation count objects (split_bands or not); the split is
+    # seeded on the file's length, so another length gives another split.
+    expected = training.get('n_train', 0) + training.get('n_validation', 0)
+    if expected != n_objects:
+        raise ConfigError(f'{simulation_path} holds {n_objects} objects; the training run '
+                          f'of {model_path} had {expected}: not its simulation file.')
+    if symmetries is not None:
+        check_symmetries(symmetries)
+        card['symmetries'] = int(symmetries)
+        training['config']['symmetries'] = int(symmetries)
+    if size_bias is None:
+        size_bias = bool(card.get('size_bias'))
+    had_size_bias = 'size_bias' in card
+    for key in _CALIBRATION_KEYS + ('card_sha256',):
+        card.pop(key, None)
+    card = calibrate_model(model.keras_model, card, simulation_path, size_bias=size_bias)
+    if card.get('size_bias') is None and not had_size_bias:
+        # Keep the layout of a card that never had the key.
+        card.pop('size_bias', None)
+    if not (out.exists() and out.resolve() == model_path.resolve()):
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            shutil.copyfile(model_path, tmp)
+    with atomic_path(out.with_suffix('.json'), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
+    return sign_card(out)

@@ -145,6 +145,18 @@ def _cmd_evaluate(args):
     return 0
 
 
+def _cmd_calibrate(args):
+    _require_network(args)
+    from .calibrate import recalibrate_model
+
+    card = recalibrate_model(args.model, args.sims, out=args.out,
+                             symmetries=args.symmetries, overwrite=args.overwrite)
+    log.info('wrote %s (card SHA-256 %s)', Path(args.out).with_suffix('.json'),
+             card['card_sha256'])
+    print(json.dumps(card['metrics'], indent=2))
+    return 0
+
+
 def _keras_backend():
     """The Keras backend ``KERAS_BACKEND`` names (default tensorflow): its
     name, the distribution ``importlib.metadata`` knows it by, and whether
@@ -858,6 +870,7 @@ def _parser():
     _add_simulate_parser(sub)
     _add_train_parser(sub)
     _add_evaluate_parser(sub)
+    _add_calibrate_parser(sub)
     _add_deconvolve_parser(sub)
     _add_info_parser(sub)
     _add_run_parser(sub)
@@ -945,6 +958,29 @@ def _add_evaluate_parser(sub):
                         'confusion-matrix PNGs into the --report directory')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_calibrate_parser(sub):
+    """The ``calibrate`` subcommand."""
+    p = _add_command(
+        sub, 'calibrate', help="refit a trained model's card",
+        description="Refit a trained model's calibrations and metrics on the validation "
+                    'objects of its training run, without training; the weights are '
+                    'copied unchanged and the new card is signed.',
+        examples=('psfdeconv calibrate run/my_model.keras train.h5 --symmetries 1 '
+                  '--out one_pass/my_model.keras',
+                  'psfdeconv calibrate run/my_model.keras train.h5 --out run/my_model.keras '
+                  '--overwrite'),
+        notes='sims is the file the model was trained on (the card\'s training '
+              'configuration\ngives the validation split); a card without a size-bias '
+              'correction stays without.')
+    p.add_argument('model', help='model .keras file with its card')
+    p.add_argument('sims', help='the simulation .h5 file it was trained on')
+    p.add_argument('--symmetries', type=int, choices=(1, 2, 4, 8),
+                   help='symmetries to average the network over (default: the card\'s)')
+    p.add_argument('--out', required=True, help='output .keras file (card beside it)')
+    p.add_argument('--overwrite', action='store_true')
+    p.set_defaults(func=_cmd_calibrate)
 
 
 def _add_deconvolve_parser(sub):
