@@ -415,7 +415,7 @@ def check_symmetries(symmetries, model=None):
 
 
 def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
-                     batch_size=128):
+                     batch_size=128, precision='auto'):
     """Network output averaged over symmetries of the square.
 
     The network runs on flipped and rotated copies of each stamp and its
@@ -437,6 +437,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
         quarter turns; 8: all eight symmetries.
     batch_size : int, optional
         Objects per network call.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        Arithmetic of the network (`~psfdeconv.inference.resolve_precision`).
 
     Returns
     -------
@@ -458,7 +460,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
         planes = np.moveaxis(cube, -1, 1)
         for transform in transforms:
             view = np.ascontiguousarray(np.moveaxis(square_symmetry(planes, transform), 1, -1))
-            output[sl] += square_symmetry(model.predict(view, batch_size=batch_size),
+            output[sl] += square_symmetry(model.predict(view, batch_size=batch_size,
+                                                         precision=precision),
                                            transform, inverse=True)
     output /= len(transforms)
     return output
@@ -630,7 +633,8 @@ def _check_noise_sigma(noise_sigma, shape):
 
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
-                      target_psf=None, return_details=False, strict=False):
+                      target_psf=None, return_details=False, strict=False,
+                      precision='auto'):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -686,6 +690,12 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         (`~psfdeconv.exceptions.OutsideTrainingRangeWarning`); None does
         neither (the caller has checked), ``details['outside_training']``
         still says which stamps are outside.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        Arithmetic of the network: ``'auto'`` is bfloat16 where the CPU has
+        it (faster; :doc:`/precision` gives its effect on fluxes and
+        shapes), else float32. ``details['precision']`` records the
+        ``(precision, runtime)`` that ran
+        (`~psfdeconv.inference.resolve_precision`).
 
     Returns
     -------
@@ -720,8 +730,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     >>> images.shape
     (4, 3, 64, 64)
     """
+    from .inference import resolve_precision
     from .model import load_model
 
+    # A bad precision is refused before any work.
+    resolved_precision = resolve_precision(precision)
     stamps, noise_sigma, unit = _strip_units(stamps, noise_sigma)
     stamps, psfs, pixel_scale = validate_stamps(stamps, psfs, pixel_scale)
     batch_size = positive_int(batch_size, 'batch_size')
@@ -740,7 +753,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     outside = check_training_range(model, pixel_scale, psfs, strict=strict)
     output = symmetric_output(model, stamps, psfs, pixel_scale,
                               symmetries=check_symmetries(symmetries, model),
-                              batch_size=batch_size)
+                              batch_size=batch_size, precision=precision)
     output = remove_output_floor(output, model.card.get('output_floor'))
     size_bias = model.card.get('size_bias')
     if size_bias:
@@ -765,6 +778,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         'network_output': output,
         'outside_training': outside,
         'detected': detected,
+        'precision': resolved_precision,
     }
     if target_kernels is not None:
         details['target_psf'] = target_kernels
