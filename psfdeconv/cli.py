@@ -628,7 +628,8 @@ def _cmd_info(args):
         default_model_path().parent.glob('*.keras'))
     models = [_model_info(path) for path in paths]
     if args.json:
-        print(json.dumps({'versions': versions, 'models': models}, indent=2))
+        print(json.dumps({'versions': versions, 'precision': _precision_text(),
+                          'models': models}, indent=2))
     else:
         print(f'psfdeconv {versions["psfdeconv"]}')
         width = max(len(name) for name in versions)
