@@ -584,7 +584,8 @@ def _run_group(group, out_dir, model_ref, options):
             exposures, group_dir, group['catalog'] or None, group['psfs'], model=model,
             reference_band=options['reference_band'],
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
-            overwrite=options['overwrite'], symmetries=options['symmetries'], **extra)
+            overwrite=options['overwrite'], symmetries=options['symmetries'],
+            precision=options.get('precision', 'auto'), **extra)
         row.update(status='ok', n_sources=len(catalog),
                    n_flagged=n_flagged(catalog['flags']),
                    seconds=time.perf_counter() - start, finished=_utc_now())
@@ -722,7 +723,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
               workers=None, resume=False, overwrite=False, reference_band=None,
               batch_size=128, chunk_size=None, symmetries=None, units=None,
               epsf_options=None, detect_options=None, pixel_scale=None,
-              progress=False, trust_model=False):
+              progress=False, trust_model=False, precision='auto'):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into
@@ -774,6 +775,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
         As for `psfdeconv.pipeline.run_exposure_set` (``chunk_size`` None:
         its default; ``symmetries`` None: the model card's). A resumed batch
         keeps only the groups made with the same model and symmetries.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        As for `psfdeconv.pipeline.run_exposure_set`.
     units : dict of str to str, optional
         Band name to the data unit of the bands whose ``unit_<band>`` cell is
         empty (``psfdeconv batch --unit``).
@@ -833,12 +836,13 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
                                  symmetries=symmetries, units=units,
                                  epsf_options=epsf_options, detect_options=detect_options,
                                  pixel_scale=pixel_scale, progress=progress,
-                                 trust_model=trust_model)
+                                 trust_model=trust_model, precision=precision)
 
 
 def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, workers, resume,
                       overwrite, reference_band, batch_size, chunk_size, symmetries, units,
-                      epsf_options, detect_options, pixel_scale, progress, trust_model):
+                      epsf_options, detect_options, pixel_scale, progress, trust_model,
+                      precision):
     """`run_batch` once ``out_dir`` is locked."""
     import dask
 
@@ -926,7 +930,7 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
     options = {'reference_band': reference_band, 'batch_size': batch_size,
                'chunk_size': chunk_size, 'threads': threads, 'symmetries': symmetries,
                'epsf_options': epsf_options, 'detect_options': detect_options,
-               'pixel_scale': pixel_scale,
+               'pixel_scale': pixel_scale, 'precision': precision,
                # Groups that run have no marker: whatever they hold is the
                # partial output of an interrupted or failed run.
                'overwrite': bool(resume or overwrite)}

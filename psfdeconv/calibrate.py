@@ -152,7 +152,9 @@ def calibrate_flux_bias(model, observed, psfs, pixel_scale, truth, *,
     """
     _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
                                    model=model, noise_sigma=noise_sigma,
-                                   batch_size=batch_size, return_details=True)
+                                   batch_size=batch_size, return_details=True,
+                                   # Calibrations are fitted, and hold, in float32.
+                                   precision='float32')
     return _fit_band_flux_bias(details['flux'], details['flux_err'],
                                truth.sum(axis=(-2, -1), dtype=np.float64))
 
@@ -314,7 +316,9 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     bare = type(model)(model.keras_model, card, path=model.path)
     _, details = deconvolve_stamps(observed, psfs, pixel_scale=pixel_scale,
                                    model=bare, noise_sigma=noise_sigma,
-                                   batch_size=batch_size, return_details=True)
+                                   batch_size=batch_size, return_details=True,
+                                   # Calibrations are fitted, and hold, in float32.
+                                   precision='float32')
     stamps, unit_psfs, _ = validate_stamps(observed, psfs, pixel_scale)
     is_blank = np.asarray(is_blank, dtype=bool)
     output = details['network_output']

@@ -134,7 +134,7 @@ def _cmd_evaluate(args):
     results = evaluate_simulation(
         args.sims, model=_load(args.model) if args.model else None, n_objects=args.n,
         baselines=args.baselines.split(',') if args.baselines else (),
-        report_dir=args.report, overwrite=args.overwrite)
+        report_dir=args.report, overwrite=args.overwrite, precision=args.precision)
     print(results['summary_text'])
     if args.plots:
         from .plotting import write_evaluation_plots
@@ -216,6 +216,16 @@ def _add_symmetries_argument(parser):
                              'models; 1 runs the network once per stamp, fastest)')
 
 
+def _add_precision_argument(parser, default='auto'):
+    # inference.PRECISIONS, not imported: building the parser stays fast.
+    parser.add_argument('--precision', choices=('auto', 'float32', 'bfloat16'),
+                        default=default,
+                        help=f'arithmetic of the network (default: {default}); auto is '
+                             f'bfloat16 where the CPU has it (AVX512-BF16 or AMX), '
+                             f'several times faster, else float32; the catalogue meta '
+                             f'records what ran')
+
+
 def _add_target_fwhm_argument(parser):
     parser.add_argument('--target-fwhm', type=_positive_float, metavar='ARCSEC',
                         help='deconvolve to a round Gaussian PSF of this FWHM in arcsec '
@@ -248,6 +258,7 @@ def _add_exposure_set_options(parser, *, first_band, psf_for='every band'):
     parser.add_argument('--batch-size', type=_positive_int, default=128, metavar='N',
                         help='objects per network call')
     _add_symmetries_argument(parser)
+    _add_precision_argument(parser)
     group = parser.add_argument_group('real exposures')
     group.add_argument('--unit', action='append', metavar='BAND=UNIT',
                        help='data unit of a band whose header has no BUNIT (e.g. '
@@ -381,7 +392,8 @@ def _cmd_deconvolve(args):
     images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
         model=model, return_details=True, strict=args.strict,
-        symmetries=args.symmetries, target_psf=args.target_fwhm)
+        symmetries=args.symmetries, target_psf=args.target_fwhm,
+        precision=args.precision)
     n = len(images)
     print(f'deconvolved {n} stamps of {_plural(images.shape[1], "band")} with '
           f'{Path(model.path).name} (weights SHA-256 {model.sha256[:12]})')
@@ -459,6 +471,16 @@ def _versions():
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def _precision_text():
+    """What ``precision='auto'`` runs here and the runtimes available."""
+    from .inference import available_runtimes, cpu_has_bfloat16, resolve_precision
+
+    precision, runtime = resolve_precision('auto')
+    return (f'auto = {precision} ({runtime}); CPU bfloat16: '
+            f'{"yes" if cpu_has_bfloat16() else "no"}; runtimes: '
+            f'{", ".join(available_runtimes())}')
 
 
 def _model_info(path):
@@ -651,13 +673,15 @@ def _cmd_info(args):
         default_model_path().parent.glob('*.keras'))
     models = [_model_info(path) for path in paths]
     if args.json:
-        print(json.dumps({'versions': versions, 'models': models}, indent=2))
+        print(json.dumps({'versions': versions, 'precision': _precision_text(),
+                          'models': models}, indent=2))
     else:
         print(f'psfdeconv {versions["psfdeconv"]}')
         width = max(len(name) for name in versions)
         for name, version in versions.items():
             if name != 'psfdeconv':
                 print(f'  {name:<{width}s}  {version}')
+        print(f'  {"precision":<{width}s}  {_precision_text()}')
         for info in models:
             print()
             _print_model_info(info)
@@ -735,7 +759,7 @@ def _cmd_run(args):
         overwrite=args.overwrite, strict=args.strict,
         neighbours='keep' if args.keep_neighbours else 'replace',
         symmetries=args.symmetries, target_fwhm=args.target_fwhm,
-        epsf_options=epsf_options, detect_options=detect_options,
+        precision=args.precision, epsf_options=epsf_options, detect_options=detect_options,
         progress=_progress_wanted(args), **_pixel_scale_keyword(args.pixel_scale))
     n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
@@ -778,6 +802,7 @@ def _cmd_batch(args):
                         workers=args.workers, resume=args.resume,
                         overwrite=args.overwrite, reference_band=args.reference_band,
                         batch_size=args.batch_size, symmetries=args.symmetries,
+                        precision=args.precision,
                         units=units, epsf_options=epsf_options,
                         detect_options=detect_options, pixel_scale=args.pixel_scale,
                         progress=_progress_wanted(args))
@@ -956,6 +981,8 @@ def _add_evaluate_parser(sub):
     p.add_argument('--plots', action='store_true',
                    help='also write the flux, ellipticity-correlation and '
                         'confusion-matrix PNGs into the --report directory')
+    # float32 by default: the metrics compare with the card's, fitted in float32.
+    _add_precision_argument(p, default='float32')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
 
@@ -1004,6 +1031,7 @@ def _add_deconvolve_parser(sub):
                    help='refuse (exit 3) stamps whose pixel scale or PSF the model '
                         'was not trained on, instead of warning')
     _add_symmetries_argument(p)
+    _add_precision_argument(p)
     _add_target_fwhm_argument(p)
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_deconvolve)

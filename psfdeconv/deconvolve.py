@@ -444,7 +444,7 @@ def check_symmetries(symmetries, model=None):
 
 
 def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
-                     batch_size=128, psf_transforms=None):
+                     batch_size=128, psf_transforms=None, precision='auto'):
     """Network output averaged over symmetries of the square.
 
     The network runs on flipped and rotated copies of each stamp and its
@@ -469,6 +469,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
     psf_transforms : `~psfdeconv._fourier.KernelTransforms`, optional
         The transforms of ``psfs`` on the stamps' FFT grid, if computed
         already (`~psfdeconv.features.make_channels`).
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        Arithmetic of the network (`~psfdeconv.inference.resolve_precision`).
 
     Returns
     -------
@@ -491,7 +493,8 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
             # turned cube: built once, turned for each view (a view of the
             # cube itself, no copy, for the identity).
             view = np.ascontiguousarray(square_symmetry(cube, transform, axes=(1, 2)))
-            output[sl] += square_symmetry(model.predict(view, batch_size=batch_size),
+            output[sl] += square_symmetry(model.predict(view, batch_size=batch_size,
+                                                         precision=precision),
                                            transform, inverse=True)
     output /= len(transforms)
     return output
@@ -710,7 +713,8 @@ def _check_noise_sigma(noise_sigma, shape):
 
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
-                      target_psf=None, return_details=False, strict=False):
+                      target_psf=None, return_details=False, strict=False,
+                      precision='auto'):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -766,6 +770,12 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         (`~psfdeconv.exceptions.OutsideTrainingRangeWarning`); None does
         neither (the caller has checked), ``details['outside_training']``
         still says which stamps are outside.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        Arithmetic of the network: ``'auto'`` is bfloat16 where the CPU has
+        it (faster; :doc:`/precision` gives its effect on fluxes and
+        shapes), else float32. ``details['precision']`` records the
+        ``(precision, runtime)`` that ran
+        (`~psfdeconv.inference.resolve_precision`).
 
     Returns
     -------
@@ -800,8 +810,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     >>> images.shape
     (4, 3, 64, 64)
     """
+    from .inference import resolve_precision
     from .model import load_model
 
+    # A bad precision is refused before any work.
+    resolved_precision = resolve_precision(precision)
     stamps, noise_sigma, unit = _strip_units(stamps, noise_sigma)
     stamps, psfs, pixel_scale = validate_stamps(stamps, psfs, pixel_scale)
     batch_size = positive_int(batch_size, 'batch_size')
@@ -824,7 +837,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     psf_transforms = KernelTransforms(psfs, stamps.shape[-2:], dtype=np.float32)
     output = symmetric_output(model, stamps32, psfs, pixel_scale,
                               symmetries=check_symmetries(symmetries, model),
-                              batch_size=batch_size, psf_transforms=psf_transforms)
+                              batch_size=batch_size, psf_transforms=psf_transforms,
+                              precision=precision)
     output = remove_output_floor(output, model.card.get('output_floor'))
     output = _correct_output(output, stamps32, psfs, noise_sigma, model.card, psf_transforms)
     fit = refit_images(output, stamps32, psfs, noise_sigma, psf_transforms=psf_transforms)
@@ -844,6 +858,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         'network_output': output,
         'outside_training': outside,
         'detected': detected,
+        'precision': resolved_precision,
     }
     if target_kernels is not None:
         details['target_psf'] = target_kernels

@@ -557,6 +557,8 @@ class DeconvolutionModel:
         self.card = card
         self.path = path
         self.verified = verified
+        # Compiled runners by (precision, runtime): psfdeconv.inference.get_runner.
+        self._runners = {}
 
     @property
     def kinds(self):
@@ -592,7 +594,7 @@ class DeconvolutionModel:
                 f'{self.path or ""} was trained for {self.n_bands}; give '
                 f'{self.n_bands} bands or a model trained for {n_bands}.')
 
-    def predict(self, cubes, *, batch_size=128):
+    def predict(self, cubes, *, batch_size=128, precision='auto'):
         """Run the network on input cubes.
 
         Parameters
@@ -601,17 +603,24 @@ class DeconvolutionModel:
             Shape (n, ny, nx, n_channels) from `~psfdeconv.features.make_cube`.
         batch_size : int, optional
             Objects per forward pass.
+        precision : {'auto', 'float32', 'bfloat16'}, optional
+            Arithmetic of the network (`~psfdeconv.inference`): ``'auto'``
+            is bfloat16 where the CPU has it, else float32;
+            `~psfdeconv.inference.resolve_precision` says what it gives.
 
         Returns
         -------
         `~numpy.ndarray`
             Shape (n, n_bands, ny, nx), float32, in the scaled units.
         """
+        from .inference import get_runner
+
+        runner, _ = get_runner(self, precision)
+        cubes = np.asarray(cubes, dtype=np.float32)
         out = np.empty((cubes.shape[0], self.n_bands) + cubes.shape[1:3],
                        dtype=np.float32)
         for start in range(0, cubes.shape[0], batch_size):
-            batch = cubes[start:start + batch_size]
-            pred = np.asarray(self.keras_model(batch, training=False))
+            pred = runner(cubes[start:start + batch_size])
             out[start:start + batch_size] = pred.transpose(0, 3, 1, 2)
         return out
 

@@ -273,7 +273,8 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                        reference_band=None, psf_size=None, subtract_background=True,
                        epsf_options=None, detect_options=None, neighbours='replace',
                        batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
-                       symmetries=None, target_fwhm=None, pixel_scale=None):
+                       symmetries=None, target_fwhm=None, pixel_scale=None,
+                       precision='auto'):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -343,6 +344,9 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         (`~psfdeconv.deconvolve.deconvolve_stamps`); default: the model
         card's. Fewer run faster (the network's share of the run time
         scales with it) but leave the card's calibrations slightly off.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        Arithmetic of the network (`~psfdeconv.inference.resolve_precision`),
+        recorded in ``meta['model']`` (``precision`` and ``runtime``).
     target_fwhm : float or `~astropy.units.Quantity`, optional
         Deconvolve to a round Gaussian PSF of this FWHM (arcsec, or an
         angle) instead of to the pixel grid (``target_psf`` of
@@ -451,6 +455,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                            neighbours=neighbours, pixel_scale=pixel_scale)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
+    _set_precision(setup, precision)
     _set_target(setup, target_fwhm)
     parts, nddata = [], []
     for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
@@ -515,6 +520,8 @@ class _CatalogSetup:
     coarse: dict = dataclasses.field(default_factory=dict)
     strict: bool = False
     symmetries: int = 1
+    #: Network arithmetic (`~psfdeconv.inference.resolve_precision`).
+    precision: str = 'auto'
     #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
     target_fwhm: float = None
     #: Whether the bands have celestial WCSs (False: one shared pixel grid,
@@ -536,6 +543,16 @@ def _set_symmetries(setup, symmetries):
     symmetries = check_symmetries(symmetries, setup.model)
     setup.symmetries = symmetries
     setup.meta['symmetries'] = symmetries
+
+
+def _set_precision(setup, precision):
+    """The network's precision, checked before any stamp is cut; what it
+    resolves to here is recorded with the model in the catalogue's meta."""
+    from .inference import resolve_precision
+
+    setup.meta['model']['precision'], setup.meta['model']['runtime'] = \
+        resolve_precision(precision)
+    setup.precision = precision
 
 
 def _target_fwhm_arcsec(target_fwhm):
@@ -878,7 +895,8 @@ def _deconvolve_chunk(setup, index, *, batch_size):
                                         model=setup.model, noise_sigma=cut['noise_sigma'],
                                         batch_size=batch_size, return_details=True,
                                         strict=None, symmetries=setup.symmetries,
-                                        target_psf=setup.target_fwhm)
+                                        target_psf=setup.target_fwhm,
+                                        precision=setup.precision)
     flags[details['outside_training']] |= FLAG_OUTSIDE_TRAINING
     flags[~details['detected']] |= FLAG_UNDETECTED
     del cut['stamps'], cut['psfs']
@@ -1294,7 +1312,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
                      detect_options=None, progress=None, pixel_scale=None,
-                     trust_model=False):
+                     trust_model=False, precision='auto'):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1328,6 +1346,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     psfs : optional
         As for `~psfdeconv.psf.build_psfs`; default ``'epsf'``.
     model, reference_band, batch_size, chunk_size, strict, neighbours, symmetries, target_fwhm
+        As for `deconvolve_catalog`.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
         As for `deconvolve_catalog`.
     epsf_options, detect_options
         As for `deconvolve_catalog`.
@@ -1403,6 +1423,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
         _check_strict(setup, strict)
         _set_symmetries(setup, symmetries)
+        _set_precision(setup, precision)
         _set_target(setup, target_fwhm)
         parts = []
         start = _stage_start(f'deconvolving and measuring {setup.n} sources')

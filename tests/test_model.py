@@ -145,13 +145,15 @@ def test_save_model_refuses_to_overwrite(tiny_training, tmp_path):
 
 def test_predict_shape_and_batching(tiny_model):
     cubes = random_cubes(5, seed=1)
-    out = tiny_model.predict(cubes)
+    # float32: compared with Keras' eager float32 call below.
+    out = tiny_model.predict(cubes, precision='float32')
     assert out.shape == (5, 3, 64, 64)
     assert out.dtype == np.float32
     assert (out >= 0).all()  # softplus
     # Batching only splits the work (inference-mode batch normalisation); oneDNN may sum
     # in a different order for another batch size, hence rtol 1e-5 rather than equality.
-    assert_allclose(tiny_model.predict(cubes, batch_size=2), out, rtol=1e-5, atol=1e-7)
+    assert_allclose(tiny_model.predict(cubes, batch_size=2, precision='float32'), out,
+                    rtol=1e-5, atol=1e-7)
     # Channels-last network output -> (n, bands, ny, nx).
     direct = np.asarray(tiny_model.keras_model(cubes, training=False))
     assert_allclose(out, direct.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-7)

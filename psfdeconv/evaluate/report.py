@@ -474,7 +474,7 @@ def write_report(results, directory, *, overwrite=False):
 
 def evaluate_simulation(path, *, model=None, n_objects=None,
                         baselines=('observed', 'wiener', 'richardson_lucy'),
-                        report_dir=None, overwrite=False):
+                        report_dir=None, overwrite=False, precision='float32'):
     """Evaluate a model and baselines on a simulation file with truth.
 
     Deconvolves the stamps with the model (`~psfdeconv.deconvolve_stamps`,
@@ -499,6 +499,9 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
         Write the report there.
     overwrite : bool, optional
         Replace an existing report.
+    precision : {'float32', 'bfloat16', 'auto'}, optional
+        Arithmetic of the network (`~psfdeconv.inference.resolve_precision`);
+        float32 by default, in which the card's metrics were measured.
 
     Returns
     -------
@@ -528,7 +531,7 @@ def evaluate_simulation(path, *, model=None, n_objects=None,
     model = load_model(n_bands=sims['observed'].shape[1]) if model is None else model
     images, details = deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
-        model=model, return_details=True)
+        model=model, return_details=True, precision=precision)
     predictions = {'model': images}
     predictions.update(baseline_predictions(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],

@@ -1,0 +1,237 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The runners that execute the network for `~psfdeconv.model.DeconvolutionModel.predict`.
+
+Two precisions are offered:
+
+``'float32'``
+    The Keras model traced once into a TensorFlow graph
+    (`tf.function` with a fixed input signature). Its output equals the
+    eager Keras call to float32 rounding.
+``'bfloat16'``
+    The network in bfloat16 arithmetic (float32 accumulation), which CPUs
+    with AVX512-BF16 or AMX-BF16 run several times faster. Run by OpenVINO
+    (the CPU plugin with ``INFERENCE_PRECISION_HINT`` bf16) when the
+    ``openvino`` package is installed, else by TensorFlow with the
+    ``mixed_bfloat16`` Keras policy (the network cloned with the float32
+    weights). The output layer stays float32 in both.
+
+``'auto'`` (the default everywhere) picks bfloat16 where the CPU has it
+(`cpu_has_bfloat16`) and float32 elsewhere; `resolve_precision` says what
+a setting gives on this machine, as ``(precision, runtime)``. Calibrations
+are fitted in float32: :doc:`/precision` gives the effect of bfloat16 on
+fluxes and shapes.
+
+The runners are built on first use and kept on the model (one per
+precision and runtime); each takes float32 cubes of any batch size and
+returns float32 arrays.
+"""
+
+import sys
+
+import numpy as np
+
+from .exceptions import ConfigError
+
+__all__ = ['PRECISIONS', 'RUNTIMES', 'cpu_has_bfloat16', 'openvino_available',
+           'available_runtimes', 'resolve_precision', 'get_runner']
+
+#: Values of the ``precision`` options.
+PRECISIONS = ('auto', 'float32', 'bfloat16')
+#: Runtimes a runner can use.
+RUNTIMES = ('tensorflow', 'openvino')
+#: /proc/cpuinfo flags of x86 CPUs with bfloat16 dot products.
+_BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16'})
+
+
+def cpu_has_bfloat16(cpuinfo='/proc/cpuinfo'):
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16).
+
+    Read from the ``flags`` of ``/proc/cpuinfo`` on Linux; False elsewhere
+    (and where the file cannot be read), so that ``precision='auto'`` never
+    picks a precision the CPU would only emulate.
+
+    Parameters
+    ----------
+    cpuinfo : str, optional
+        The file to read.
+
+    Returns
+    -------
+    bool
+    """
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith('flags'):
+                    return bool(_BF16_FLAGS & set(line.split(':', 1)[-1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def openvino_available():
+    """Whether the optional ``openvino`` package can be imported."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_runtimes():
+    """The runtimes psfdeconv can run the network with here, e.g.
+    ``('tensorflow', 'openvino')``."""
+    return ('tensorflow',) + (('openvino',) if openvino_available() else ())
+
+
+def resolve_precision(precision='auto'):
+    """The precision and runtime a ``precision`` setting runs with here.
+
+    Parameters
+    ----------
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        ``'auto'``: bfloat16 where the CPU has it (`cpu_has_bfloat16`),
+        else float32. ``'bfloat16'`` is honoured on any CPU (emulated, and
+        slow, where the CPU lacks it).
+
+    Returns
+    -------
+    tuple of str
+        ``(precision, runtime)``: ``('float32', 'tensorflow')``,
+        ``('bfloat16', 'openvino')`` or, without OpenVINO,
+        ``('bfloat16', 'tensorflow')``.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ConfigError
+        For a value not in `PRECISIONS`.
+
+    Examples
+    --------
+    >>> from psfdeconv.inference import resolve_precision
+    >>> resolve_precision('float32')
+    ('float32', 'tensorflow')
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f'precision must be one of {PRECISIONS}, got {precision!r}; '
+                          f"'auto' uses bfloat16 where the CPU has it.")
+    if precision == 'auto':
+        precision = 'bfloat16' if cpu_has_bfloat16() else 'float32'
+    if precision == 'float32':
+        return 'float32', 'tensorflow'
+    return 'bfloat16', 'openvino' if openvino_available() else 'tensorflow'
+
+
+def get_runner(model, precision='auto'):
+    """The runner of a model at a precision, built on first use and kept on
+    the model.
+
+    Parameters
+    ----------
+    model : `~psfdeconv.model.DeconvolutionModel`
+        The network.
+    precision : {'auto', 'float32', 'bfloat16'}, optional
+        See `resolve_precision`.
+
+    Returns
+    -------
+    runner : callable
+        ``runner(batch)`` maps a float32 array (n, ny, nx, n_channels) to
+        the float32 output (n, ny, nx, n_bands).
+    resolved : tuple of str
+        ``(precision, runtime)`` that ran.
+    """
+    resolved = resolve_precision(precision)
+    cache = model.__dict__.setdefault('_runners', {})
+    keras_model = model.keras_model
+    cached = cache.get(resolved)
+    # Rebuilt if the Keras model was replaced on the same object.
+    if cached is None or cached[0] is not keras_model:
+        build = {('float32', 'tensorflow'): _tensorflow_runner,
+                 ('bfloat16', 'tensorflow'): _mixed_bfloat16_runner,
+                 ('bfloat16', 'openvino'): _openvino_runner}[resolved]
+        cached = (keras_model, build(keras_model))
+        cache[resolved] = cached
+    return cached[1], resolved
+
+
+def _input_signature(keras_model):
+    import tensorflow as tf
+
+    # Any batch size, the model's own stamp and channel sizes: one trace.
+    return [tf.TensorSpec((None,) + tuple(keras_model.input_shape[1:]), tf.float32)]
+
+
+def _graph(keras_model):
+    import tensorflow as tf
+
+    @tf.function(input_signature=_input_signature(keras_model))
+    def forward(batch):
+        return keras_model(batch, training=False)
+
+    return forward
+
+
+def _tensorflow_runner(keras_model):
+    """float32: the Keras model as one TensorFlow graph."""
+    forward = _graph(keras_model)
+
+    def run(batch):
+        return np.asarray(forward(batch), dtype=np.float32)
+
+    return run
+
+
+def _mixed_bfloat16_clone(keras_model):
+    """The network under the ``mixed_bfloat16`` policy (bfloat16 compute,
+    float32 variables) with the same weights; the output layer, float32 in
+    the original, stays float32."""
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is not keras_model.layers[-1]:
+            config['dtype'] = 'mixed_bfloat16'
+        return layer.__class__.from_config(config)
+
+    mixed = keras.models.clone_model(keras_model, clone_function=clone)
+    mixed.set_weights(keras_model.get_weights())
+    return mixed
+
+
+def _mixed_bfloat16_runner(keras_model):
+    """bfloat16 without OpenVINO: TensorFlow's mixed precision in a graph."""
+    return _tensorflow_runner(_mixed_bfloat16_clone(keras_model))
+
+
+def _openvino_threads():
+    """TensorFlow's intra-op thread limit (set by a batch's ``threads``), or 0:
+    OpenVINO's default, one thread per core."""
+    import tensorflow as tf
+
+    return int(tf.config.threading.get_intra_op_parallelism_threads())
+
+
+def _openvino_runner(keras_model, precision='bf16'):
+    """The network converted to OpenVINO and compiled for the CPU at
+    ``precision`` (``'bf16'`` or ``'f32'``)."""
+    import openvino
+
+    converted = openvino.convert_model(_graph(keras_model))
+    config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': 'LATENCY'}
+    threads = _openvino_threads()
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = threads
+    compiled = openvino.Core().compile_model(converted, 'CPU', config)
+
+    def run(batch):
+        # One request per call: a request is not safe to share between threads.
+        request = compiled.create_infer_request()
+        result = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.array(result[0], dtype=np.float32)
+
+    return run
+

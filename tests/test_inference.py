@@ -1,0 +1,174 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""The network runners of psfdeconv.inference: float32 graph, bfloat16
+(OpenVINO or TensorFlow mixed precision) and the precision setting."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from psfdeconv.exceptions import ConfigError
+from psfdeconv.inference import (
+    available_runtimes,
+    cpu_has_bfloat16,
+    get_runner,
+    openvino_available,
+    resolve_precision,
+)
+
+#: Largest |bfloat16 - float32| network output relative to the largest
+#: float32 output (measured 0.006-0.008 on the shipped U-Net; bfloat16 keeps
+#: 8 bits of mantissa, 0.4 % per rounding).
+BF16_OUTPUT_TOLERANCE = 0.03
+#: Median |flux change| / flux of SNR > 10 objects (measured 1.3e-3 on 2000 objects,
+#: benchmarks/bench_precision.py).
+BF16_FLUX_TOLERANCE = 0.005
+
+
+@pytest.fixture(scope='module')
+def model():
+    import psfdeconv
+
+    return psfdeconv.load_model()
+
+
+@pytest.fixture(scope='module')
+def sims():
+    from psfdeconv.simulate import simulate_stamps
+
+    return simulate_stamps(24, seed=3)
+
+
+@pytest.fixture(scope='module')
+def cube(model, sims):
+    from psfdeconv.features import make_cube
+
+    cube, _ = make_cube(sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+                        kinds=model.kinds, **model.feature_options)
+    return cube.astype(np.float32)
+
+
+def eager(model, cube):
+    """The network as Keras runs it eagerly, (n, n_bands, ny, nx)."""
+    return np.asarray(model.keras_model(cube, training=False)).transpose(0, 3, 1, 2)
+
+
+def test_bad_precision_is_refused():
+    with pytest.raises(ConfigError, match=r"precision must be one of .*'float16'"):
+        resolve_precision('float16')
+
+
+def test_float32_is_always_float32():
+    assert resolve_precision('float32') == ('float32', 'tensorflow')
+
+
+def test_auto_follows_the_cpu():
+    precision, runtime = resolve_precision('auto')
+    assert precision == ('bfloat16' if cpu_has_bfloat16() else 'float32')
+    assert runtime in available_runtimes()
+
+
+def test_cpu_flags(tmp_path):
+    with_bf16 = tmp_path / 'bf16'
+    with_bf16.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n')
+    without = tmp_path / 'plain'
+    without.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2\n')
+    linux = sys.platform.startswith('linux')
+    assert cpu_has_bfloat16(with_bf16) is linux
+    assert cpu_has_bfloat16(without) is False
+    assert cpu_has_bfloat16(tmp_path / 'missing') is False
+
+
+def test_float32_graph_equals_eager(model, cube):
+    expected = eager(model, cube)
+    # 10 of 24: the last batch is partial.
+    got = model.predict(cube, batch_size=10, precision='float32')
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_runner_is_cached(model):
+    first, _ = get_runner(model, 'float32')
+    second, _ = get_runner(model, 'float32')
+    assert first is second
+
+
+def test_bfloat16_is_close_to_float32(model, cube):
+    reference = model.predict(cube, precision='float32')
+    got = model.predict(cube, batch_size=10, precision='bfloat16')
+    assert got.dtype == np.float32 and got.shape == reference.shape
+    difference = np.abs(got - reference).max() / reference.max()
+    assert difference < BF16_OUTPUT_TOLERANCE
+    if cpu_has_bfloat16():
+        # Really reduced precision, not float32 under another name.
+        assert difference > 1e-5
+
+
+def test_tensorflow_bfloat16_without_openvino(model, cube, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'openvino', None)
+    assert not openvino_available()
+    assert resolve_precision('bfloat16') == ('bfloat16', 'tensorflow')
+    assert resolve_precision('auto')[1] == 'tensorflow'
+    reference = model.predict(cube, precision='float32')
+    got = model.predict(cube, precision='bfloat16')
+    assert np.abs(got - reference).max() / reference.max() < BF16_OUTPUT_TOLERANCE
+
+
+def test_deconvolve_stamps_float32_reproduces_eager(model, sims, cube):
+    from psfdeconv.deconvolve import deconvolve_stamps
+
+    class EagerModel(type(model)):
+        """The model as it ran before the compiled runners: eager Keras."""
+
+        def predict(self, cubes, *, batch_size=128, precision='auto'):
+            return eager(self, cubes)
+
+    old = EagerModel(model.keras_model, model.card, path=model.path)
+    args = (sims['observed'], sims['psf'])
+    kwargs = dict(pixel_scale=sims['pixel_scale'], symmetries=1, return_details=True)
+    images, details = deconvolve_stamps(*args, model=model, precision='float32', **kwargs)
+    expected, expected_details = deconvolve_stamps(*args, model=old, **kwargs)
+    assert details['precision'] == ('float32', 'tensorflow')
+    np.testing.assert_allclose(images, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    np.testing.assert_allclose(details['flux'], expected_details['flux'], rtol=1e-4)
+
+
+def test_deconvolve_stamps_bfloat16_fluxes(model, sims):
+    from psfdeconv.deconvolve import deconvolve_stamps
+
+    args = (sims['observed'], sims['psf'])
+    kwargs = dict(pixel_scale=sims['pixel_scale'], symmetries=1, return_details=True)
+    _, single = deconvolve_stamps(*args, model=model, precision='float32', **kwargs)
+    _, reduced = deconvolve_stamps(*args, model=model, precision='bfloat16', **kwargs)
+    assert reduced['precision'][0] == 'bfloat16'
+    bright = single['flux'] / single['flux_err'] > 10
+    assert bright.sum() >= 10
+    change = np.abs(reduced['flux'][bright] / single['flux'][bright] - 1)
+    assert np.median(change) < BF16_FLUX_TOLERANCE
+
+
+def test_deconvolve_stamps_refuses_bad_precision(sims):
+    from psfdeconv.deconvolve import deconvolve_stamps
+
+    with pytest.raises(ConfigError, match='precision'):
+        deconvolve_stamps(sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'],
+                          precision='half')
+
+
+def test_run_records_precision(example_run):
+    from psfdeconv.io import read_catalog
+
+    model = read_catalog(example_run.out / 'catalog.fits').meta['model']
+    assert (model['precision'], model['runtime']) == resolve_precision('auto')
+
+
+@pytest.mark.slow
+def test_cli_precision_float32_recorded(tmp_path):
+    from psfdeconv.cli import main
+    from psfdeconv.io import read_catalog
+
+    out = tmp_path / 'out'
+    assert main(['run', '--example', '--precision', 'float32', '--symmetries', '1',
+                 '--out', str(out)]) == 0
+    model = read_catalog(out / 'catalog.fits').meta['model']
+    assert (model['precision'], model['runtime']) == ('float32', 'tensorflow')
