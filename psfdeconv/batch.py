@@ -585,7 +585,7 @@ def _run_group(group, out_dir, model_ref, options):
             reference_band=options['reference_band'],
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'], symmetries=options['symmetries'],
-            precision=options.get('precision', 'auto'), **extra)
+            precision=options.get('precision', 'float32'), **extra)
         row.update(status='ok', n_sources=len(catalog),
                    n_flagged=n_flagged(catalog['flags']),
                    seconds=time.perf_counter() - start, finished=_utc_now())
@@ -723,7 +723,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
               workers=None, resume=False, overwrite=False, reference_band=None,
               batch_size=128, chunk_size=None, symmetries=None, units=None,
               epsf_options=None, detect_options=None, pixel_scale=None,
-              progress=False, trust_model=False, precision='auto'):
+              progress=False, trust_model=False, precision='float32'):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into

@@ -444,7 +444,7 @@ def check_symmetries(symmetries, model=None):
 
 
 def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
-                     batch_size=128, psf_transforms=None, precision='auto'):
+                     batch_size=128, psf_transforms=None, precision='float32'):
     """Network output averaged over symmetries of the square.
 
     The network runs on flipped and rotated copies of each stamp and its
@@ -714,7 +714,7 @@ def _check_noise_sigma(noise_sigma, shape):
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
                       target_psf=None, return_details=False, strict=False,
-                      precision='auto'):
+                      precision='float32'):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -771,8 +771,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         neither (the caller has checked), ``details['outside_training']``
         still says which stamps are outside.
     precision : {'auto', 'float32', 'bfloat16'}, optional
-        Arithmetic of the network: ``'auto'`` is bfloat16 where the CPU has
-        it (faster; :doc:`/precision` gives its effect on fluxes and
+        Arithmetic of the network: float32 by default (what the card's
+        calibrations were fitted with); ``'auto'`` is bfloat16 where the CPU
+        has it (faster; :doc:`/precision` gives its effect on fluxes and
         shapes), else float32. ``details['precision']`` records the
         ``(precision, runtime)`` that ran
         (`~psfdeconv.inference.resolve_precision`).

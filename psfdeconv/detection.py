@@ -154,7 +154,7 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
 
     from ._validation import as_image_and_mask
     from .background import estimate_background
-    from .psf import _point_sources, find_stars
+    from .psf import find_stars, point_sources
 
     if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
         raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give a '
@@ -176,7 +176,7 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
             and float(threshold_sigma) == min(_DETECTION_SIGMA, star_threshold_sigma)):
         # find_stars would segment and deblend the same image the same way:
         # measure its star candidates on these segments instead.
-        stars = _point_sources(image, bad, background, rms, segm,
+        stars = point_sources(image, bad, background, rms, segm,
                                threshold_sigma=star_threshold_sigma,
                                meta=image_meta)
     else:

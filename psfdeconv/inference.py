@@ -28,6 +28,7 @@ returns float32 arrays.
 """
 
 import sys
+import threading
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def resolve_precision(precision='auto'):
     return 'bfloat16', 'openvino' if openvino_available() else 'tensorflow'
 
 
-def get_runner(model, precision='auto'):
+def get_runner(model, precision='float32'):
     """The runner of a model at a precision, built on first use and kept on
     the model.
 
@@ -145,17 +146,23 @@ def get_runner(model, precision='auto'):
         ``(precision, runtime)`` that ran.
     """
     resolved = resolve_precision(precision)
-    cache = model.__dict__.setdefault('_runners', {})
-    keras_model = model.keras_model
-    cached = cache.get(resolved)
-    # Rebuilt if the Keras model was replaced on the same object.
-    if cached is None or cached[0] is not keras_model:
-        build = {('float32', 'tensorflow'): _tensorflow_runner,
-                 ('bfloat16', 'tensorflow'): _mixed_bfloat16_runner,
-                 ('bfloat16', 'openvino'): _openvino_runner}[resolved]
-        cached = (keras_model, build(keras_model))
-        cache[resolved] = cached
+    # One build per model and precision, also when threads of a batch ask at
+    # once: a conversion (OpenVINO, a mixed-precision clone) is not thread-safe.
+    with _BUILD_LOCK:
+        cache = model.__dict__.setdefault('_runners', {})
+        keras_model = model.keras_model
+        cached = cache.get(resolved)
+        # Rebuilt if the Keras model was replaced on the same object.
+        if cached is None or cached[0] is not keras_model:
+            build = {('float32', 'tensorflow'): _tensorflow_runner,
+                     ('bfloat16', 'tensorflow'): _mixed_bfloat16_runner,
+                     ('bfloat16', 'openvino'): _openvino_runner}[resolved]
+            cached = (keras_model, build(keras_model))
+            cache[resolved] = cached
     return cached[1], resolved
+
+
+_BUILD_LOCK = threading.Lock()
 
 
 def _input_signature(keras_model):

@@ -594,7 +594,7 @@ class DeconvolutionModel:
                 f'{self.path or ""} was trained for {self.n_bands}; give '
                 f'{self.n_bands} bands or a model trained for {n_bands}.')
 
-    def predict(self, cubes, *, batch_size=128, precision='auto'):
+    def predict(self, cubes, *, batch_size=128, precision='float32'):
         """Run the network on input cubes.
 
         Parameters
@@ -604,8 +604,8 @@ class DeconvolutionModel:
         batch_size : int, optional
             Objects per forward pass.
         precision : {'auto', 'float32', 'bfloat16'}, optional
-            Arithmetic of the network (`~psfdeconv.inference`): ``'auto'``
-            is bfloat16 where the CPU has it, else float32;
+            Arithmetic of the network (`~psfdeconv.inference`), float32 by
+            default; ``'auto'`` is bfloat16 where the CPU has it, else float32;
             `~psfdeconv.inference.resolve_precision` says what it gives.
 
         Returns

@@ -274,7 +274,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                        epsf_options=None, detect_options=None, neighbours='replace',
                        batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
                        symmetries=None, target_fwhm=None, pixel_scale=None,
-                       precision='auto'):
+                       precision='float32'):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -521,7 +521,7 @@ class _CatalogSetup:
     strict: bool = False
     symmetries: int = 1
     #: Network arithmetic (`~psfdeconv.inference.resolve_precision`).
-    precision: str = 'auto'
+    precision: str = 'float32'
     #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
     target_fwhm: float = None
     #: Whether the bands have celestial WCSs (False: one shared pixel grid,
@@ -1312,7 +1312,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
                      detect_options=None, progress=None, pixel_scale=None,
-                     trust_model=False, precision='auto'):
+                     trust_model=False, precision='float32'):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``

@@ -455,7 +455,7 @@ def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
                          all_sources=all_sources)
 
 
-def _point_sources(image, bad, background, rms, segments, *, threshold_sigma, meta):
+def point_sources(image, bad, background, rms, segments, *, threshold_sigma, meta):
     """The bright detections of `find_stars` with their ``point_like`` flag and
     the ``fwhm_locus``, from a segmentation the caller already made.
 

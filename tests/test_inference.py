@@ -159,7 +159,7 @@ def test_run_records_precision(example_run):
     from psfdeconv.io import read_catalog
 
     model = read_catalog(example_run.out / 'catalog.fits').meta['model']
-    assert (model['precision'], model['runtime']) == resolve_precision('auto')
+    assert (model['precision'], model['runtime']) == resolve_precision('float32')
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ def test_point_sources_on_given_segments_match_find_stars():
     background, rms = estimate_background(image, bad)
     subtracted = np.where(bad, 0.0, image - background)
     segments = deblend(subtracted, detect_sources(subtracted, 3.0 * rms, 5, mask=bad), 5)
-    reused = psfmod._point_sources(image, bad, background, rms, segments,
+    reused = psfmod.point_sources(image, bad, background, rms, segments,
                                    threshold_sigma=10.0, meta=meta)
     everything = find_stars(exposure, all_sources=True)
     expected = everything[everything['point_like']]
