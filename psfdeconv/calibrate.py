@@ -19,6 +19,7 @@ This module fits; `psfdeconv.deconvolve` applies (``correct_*``).
 
 import numpy as np
 
+from ._fourier import KernelTransforms
 from .deconvolve import (
     apply_detection,
     correct_psf_leakage,
@@ -320,11 +321,15 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                                    # Calibrations are fitted, and hold, in float32.
                                    precision='float32')
     stamps, unit_psfs, _ = validate_stamps(observed, psfs, pixel_scale)
+    # The refits as deconvolve_stamps does them: float32 stamps, one transform
+    # of each PSF, so that the calibrated card gives these images exactly.
+    stamps = stamps.astype(np.float32)
+    transforms = KernelTransforms(unit_psfs, stamps.shape[-2:], dtype=np.float32)
     is_blank = np.asarray(is_blank, dtype=bool)
     output = details['network_output']
     noise = details['noise_sigma'] if noise_sigma is not None else None
     if size_bias:
-        first = refit_images(output, stamps, unit_psfs, noise)
+        first = refit_images(output, stamps, unit_psfs, noise, psf_transforms=transforms)
         size_bias = fit_size_bias(output[~is_blank], truth[~is_blank],
                                   first['flux'][~is_blank], first['flux_err'][~is_blank])
         output = correct_size_bias(output, first['flux'], first['flux_err'], size_bias)
@@ -335,7 +340,7 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
     psf_leakage = fit_psf_leakage(output[~is_blank], truth[~is_blank],
                                   unit_psfs[~is_blank])
     output = correct_psf_leakage(output, unit_psfs, psf_leakage)
-    fit = refit_images(output, stamps, unit_psfs, noise)
+    fit = refit_images(output, stamps, unit_psfs, noise, psf_transforms=transforms)
     flux_bias = _fit_band_flux_bias(fit['flux'], fit['flux_err'],
                                     truth.sum(axis=(-2, -1), dtype=np.float64))
     if is_blank.sum() < _MIN_BLANKS:
