@@ -87,10 +87,9 @@ def convolve_same(images, kernels):
     `~numpy.ndarray`
         Shape of the broadcast ``(..., ny, nx)``.
     """
-    image_shape = images.shape[-2:]
-    fft_shape = padded_shape(image_shape, kernels.shape[-2:])
-    transform = image_fft(images, fft_shape) * kernel_fft(kernels, fft_shape)
-    return inverse_fft(transform, fft_shape, image_shape)
+    # One-off transforms, in the precision of the inputs.
+    dtype = np.result_type(images.dtype, kernels.dtype, np.float32)
+    return KernelTransforms(kernels, images.shape[-2:], dtype=dtype).convolve(images)
 
 
 class KernelTransforms:
