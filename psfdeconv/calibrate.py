@@ -19,12 +19,12 @@ This module fits; `psfdeconv.deconvolve` applies (``correct_*``).
 
 import numpy as np
 
-from ._fourier import KernelTransforms
 from .deconvolve import (
     apply_detection,
     correct_psf_leakage,
     correct_size_bias,
     deconvolve_stamps,
+    float32_work,
     log10_snr,
     psf_ellipticity,
     refit_images,
@@ -321,10 +321,9 @@ def calibrate_card(model, observed, psfs, pixel_scale, truth, is_blank, *,
                                    # Calibrations are fitted, and hold, in float32.
                                    precision='float32')
     stamps, unit_psfs, _ = validate_stamps(observed, psfs, pixel_scale)
-    # The refits as deconvolve_stamps does them: float32 stamps, one transform
-    # of each PSF, so that the calibrated card gives these images exactly.
-    stamps = stamps.astype(np.float32)
-    transforms = KernelTransforms(unit_psfs, stamps.shape[-2:], dtype=np.float32)
+    # The refits as deconvolve_stamps does them, so that the calibrated card
+    # gives these images exactly.
+    stamps, transforms = float32_work(stamps, unit_psfs)
     is_blank = np.asarray(is_blank, dtype=bool)
     output = details['network_output']
     noise = details['noise_sigma'] if noise_sigma is not None else None

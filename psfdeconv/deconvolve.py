@@ -644,6 +644,16 @@ def refit_images(output, stamps, psfs, noise_sigma, *, psf_transforms=None):
             'detection_snr': detection_snr(flux, flux_err)}
 
 
+def float32_work(stamps, psfs):
+    """The stamps in float32 and one transform of each PSF on their FFT
+    grid: the per-stamp work of `deconvolve_stamps` (and of the calibration
+    that must reproduce it) runs in float32, the sums of the refit in
+    float64, with the PSF transforms shared by the input channels and both
+    refits."""
+    return (stamps.astype(np.float32),
+            KernelTransforms(psfs, stamps.shape[-2:], dtype=np.float32))
+
+
 def _correct_output(output, stamps, psfs, noise_sigma, card, psf_transforms):
     """`correct_size_bias` then `correct_psf_leakage` of the card, with the
     first refit sharing the PSF transforms."""
@@ -832,10 +842,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     target_kernels = (None if target_psf is None else target_psf_images(
         target_psf, pixel_scale, len(stamps), stamps.shape[-2:]))
     outside = check_training_range(model, pixel_scale, psfs, strict=strict)
-    # The per-stamp work runs in float32 (the sums of the refit in float64),
-    # with one FFT of each PSF shared by the input channels and both refits.
-    stamps32 = stamps.astype(np.float32)
-    psf_transforms = KernelTransforms(psfs, stamps.shape[-2:], dtype=np.float32)
+    stamps32, psf_transforms = float32_work(stamps, psfs)
     output = symmetric_output(model, stamps32, psfs, pixel_scale,
                               symmetries=check_symmetries(symmetries, model),
                               batch_size=batch_size, psf_transforms=psf_transforms,
