@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The speed targets of psfdeconv on a CPU, all measured in one run.
+
+Prints one table of measurements and the ratios the speed targets are set on:
+
+* **stamps**: a bare float32 Keras forward pass of the paper's CAE (64/128/256
+  filters, 9 channels, batch 128, ``predict_on_batch``) against
+  ``deconvolve_stamps`` end to end (input cube, network, amplitude refits and
+  the card's corrections) with the shipped 3-band model: the card's
+  configuration (its symmetry views) in float32, one view in float32, and one
+  view in ``precision='auto'`` (bfloat16 where the CPU has AVX512-BF16 or AMX);
+  target: ``deconvolve_stamps`` >= 0.7x the CAE forward;
+* **exposures** (`bench_exposure.run_vs_deconvolve`): ``run_exposure_set`` on a
+  simulated 3-band field against ``deconvolve_stamps`` on the same stamps and
+  PSFs (target >= 0.5), its stage timings, and its peak resident memory with 1x
+  and 4x the sources, each in a fresh process (target: flat);
+* **batch** (`bench_exposure.batch_workers`): ``run_batch`` on 4 groups with 1
+  and 2 worker processes (target >= 1.8 on 2 cores).
+
+Usage (about 25 minutes on 2 cores with the defaults)::
+
+    python benchmarks/bench_speed.py [--n 512] [--field DIR] [--quick]
+        [--skip-exposure] [--skip-memory] [--skip-batch]
+
+``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure --size 3072
+--n-galaxies 1600 --n-stars 150 --seed 7 DIR``; ``--quick`` simulates a
+1024-pixel field of 300 galaxies instead of the 3072-pixel one.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_exposure import BANDS, batch_workers, peak_rss, run_vs_deconvolve  # noqa: E402
+from bench_batch import make_field  # noqa: E402
+
+
+def _best(func, *args, repeat=2, **kwargs):
+    best = float('inf')
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func(*args, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_name():
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
+def cae_forward_rate(n, batch_size=128):
+    """Stamps/s of a bare float32 Keras forward pass of the paper's CAE on
+    random 64x64x9 cubes (the weights do not change the arithmetic)."""
+    import keras
+    import numpy as np
+
+    from psfdeconv.model import build_cae
+
+    keras.config.set_dtype_policy('float32')
+    network = build_cae((64, 64, 9))
+    cubes = np.random.default_rng(0).random((n, 64, 64, 9), dtype=np.float32)
+
+    def forward():
+        for start in range(0, n, batch_size):
+            network.predict_on_batch(cubes[start:start + batch_size])
+
+    forward()  # build the function once
+    return n / _best(forward)
+
+
+def stamp_rates(n, model):
+    """Stamps/s of deconvolve_stamps in the card's configuration and with one
+    view, float32 and 'auto' precision, on n simulated stamps."""
+    from psfdeconv.deconvolve import deconvolve_stamps
+    from psfdeconv.inference import resolve_precision
+    from psfdeconv.simulate import simulate_stamps
+
+    sims = simulate_stamps(n, seed=1)
+    observed, psfs, scale = sims['observed'], sims['psf'], sims['pixel_scale']
+    views = model.card.get('symmetries') or 1
+    auto = resolve_precision('auto')
+    variants = {f'card ({views} views), float32': dict(precision='float32'),
+                '1 view, float32': dict(symmetries=1, precision='float32'),
+                f'1 view, auto ({auto[0]}, {auto[1]})': dict(symmetries=1,
+                                                              precision='auto')}
+    rates = {}
+    for name, options in variants.items():
+        deconvolve_stamps(observed[:32], psfs[:32], pixel_scale=scale[:32], model=model,
+                          **options)  # build the runner outside the timing
+        rates[name] = n / _best(deconvolve_stamps, observed, psfs, pixel_scale=scale,
+                                model=model, **options)
+    return rates
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--n', type=int, default=512, help='stamps per stamp measurement')
+    parser.add_argument('--field', type=Path, help='an existing g, r, i field directory')
+    parser.add_argument('--quick', action='store_true', help='a small field')
+    parser.add_argument('--skip-exposure', action='store_true')
+    parser.add_argument('--skip-memory', action='store_true')
+    parser.add_argument('--skip-batch', action='store_true')
+    args = parser.parse_args()
+
+    from psfdeconv.model import default_model_path, load_model
+
+    model_path = default_model_path(len(BANDS))
+    model = load_model(model_path)
+    rows = []  # (what, value, target or '')
+    print(f'CPU: {cpu_name()}, {os.cpu_count()} cores')
+
+    cae = cae_forward_rate(args.n)
+    rows.append(('paper CAE, bare float32 Keras forward (stamps/s)', f'{cae:.1f}', ''))
+    for name, rate in stamp_rates(args.n, model).items():
+        rows.append((f'deconvolve_stamps, {name} (stamps/s)', f'{rate:.1f}', ''))
+        rows.append((f'  / CAE forward', f'{rate / cae:.2f}', '>= 0.7'))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if not args.skip_exposure:
+            field = args.field
+            if field is None:
+                size, n_galaxies, n_stars = ((1024, 300, 60) if args.quick
+                                             else (3072, 1600, 150))
+                field = tmp / 'field'
+                make_field(field, size=size, n_galaxies=n_galaxies, n_stars=n_stars, seed=7)
+            result = run_vs_deconvolve(field, model, tmp)
+            rows.append((f'run_exposure_set, {result["n"]} sources, 1 view (sources/s)',
+                         f'{result["run_rate"]:.1f}', ''))
+            rows.append(('deconvolve_stamps, same stamps, 1 view (sources/s)',
+                         f'{result["deconvolve_rate"]:.1f}', ''))
+            rows.append(('  run / deconvolve_stamps', f'{result["ratio"]:.2f}', '>= 0.5'))
+            if not args.skip_memory:
+                n = result['n']
+                peaks = peak_rss(field, (n, 4 * n), None)
+                for row in peaks:
+                    rows.append((f'peak RSS, {row["n"]} sources (GB)',
+                                 f'{row["max_rss_kb"] / 1e6:.2f}', ''))
+                rows.append(('  4x sources / 1x sources',
+                             f'{peaks[1]["max_rss_kb"] / peaks[0]["max_rss_kb"]:.2f}',
+                             'flat'))
+            print('run_exposure_set stages:')
+            for line in result['stages']:
+                print(f'  {line}')
+        if not args.skip_batch:
+            times, n_sources = batch_workers(tmp / 'batch', str(model_path))
+            rows.append((f'run_batch, 4 groups ({n_sources} sources), 1 worker (s)',
+                         f'{times[1]:.1f}', ''))
+            rows.append(('run_batch, 2 workers (s)', f'{times[2]:.1f}', ''))
+            rows.append(('  speed-up 2 workers / 1', f'{times[1] / times[2]:.2f}', '>= 1.8'))
+
+    width = max(len(what) for what, _, _ in rows)
+    print()
+    print(f'{"measurement":{width}s}  {"value":>8s}  target')
+    for what, value, target in rows:
+        print(f'{what:{width}s}  {value:>8s}  {target}')
+
+
+if __name__ == '__main__':
+    main()
