@@ -41,8 +41,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_exposure import BANDS, batch_workers, peak_rss, run_vs_deconvolve  # noqa: E402
 from bench_batch import make_field  # noqa: E402
+from bench_exposure import BANDS, batch_workers, peak_rss, run_vs_deconvolve  # noqa: E402
 
 
 def _best(func, *args, repeat=2, **kwargs):
@@ -130,7 +130,7 @@ def main():
     rows.append(('paper CAE, bare float32 Keras forward (stamps/s)', f'{cae:.1f}', ''))
     for name, rate in stamp_rates(args.n, model).items():
         rows.append((f'deconvolve_stamps, {name} (stamps/s)', f'{rate:.1f}', ''))
-        rows.append((f'  / CAE forward', f'{rate / cae:.2f}', '>= 0.7'))
+        rows.append(('  / CAE forward', f'{rate / cae:.2f}', '>= 0.7'))
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

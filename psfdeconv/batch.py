@@ -818,8 +818,12 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
     """
     from astropy.table import Table
 
+    from .inference import resolve_precision
+
     _check_options(scheduler, workers, resume, overwrite)
     positive_int(batch_size, 'batch_size', error=ConfigError)
+    # A bad precision would otherwise fail every group, each after its PSFs.
+    resolve_precision(precision)
     check_output_location(out_dir, 'out_dir', directory=True)
     if not isinstance(manifest, Table):
         manifest = read_manifest(manifest)

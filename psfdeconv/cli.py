@@ -760,7 +760,8 @@ def _cmd_run(args):
         neighbours='keep' if args.keep_neighbours else 'replace',
         symmetries=args.symmetries, target_fwhm=args.target_fwhm,
         precision=args.precision, epsf_options=epsf_options, detect_options=detect_options,
-        progress=_progress_wanted(args), **_pixel_scale_keyword(args.pixel_scale))
+        plots=args.plots, progress=_progress_wanted(args),
+        **_pixel_scale_keyword(args.pixel_scale))
     n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
     model = catalog.meta['model']
@@ -772,14 +773,6 @@ def _cmd_run(args):
           f'{Path(str(model["path"])).name} (weights SHA-256 '
           f'{str(model["weights_sha256"])[:12]}); wrote {paths["catalog"]}, '
           f'{paths["stamps"]} and {_plural(n_bands, "PSF file")}')
-    if args.plots:
-        from .io import read_stamps
-        from .plotting import write_run_plots
-
-        for path in write_run_plots(args.out, catalog,
-                                    stamps=read_stamps(paths['stamps']),
-                                    exposure=exposures, overwrite=args.overwrite):
-            log.info('wrote %s', path)
     if args.example:
         _print_exposure_truth_comparison(catalog, truth_path)
     return 0

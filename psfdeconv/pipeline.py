@@ -1312,7 +1312,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
                      detect_options=None, progress=None, pixel_scale=None,
-                     trust_model=False, precision='float32'):
+                     trust_model=False, precision='float32', plots=False):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1359,6 +1359,10 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     trust_model : bool, optional
         Load a model given as a path with ``verify=False``
         (`~psfdeconv.model.load_model`; ``--trust-model``).
+    plots : bool, optional
+        Also write the figures of `~psfdeconv.plotting.write_run_plots`
+        (``catalog_overview.png``, ``stamps.png``; ``--plots``), as part of
+        the same transaction.
     progress : bool, optional
         Draw a `tqdm` progress bar on standard error for each long stage:
         the PSFs (per band), the sources (detection, background, alignment)
@@ -1394,6 +1398,10 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     out_dir = check_output_location(out_dir, 'out_dir', directory=True)
     paths = {'catalog': out_dir / 'catalog.fits', 'stamps': out_dir / 'stamps.fits'}
     paths.update({str(band): out_dir / f'psf_{band}.fits' for band in exposures})
+    if plots:
+        from .plotting import RUN_PLOTS
+
+        paths.update({name: out_dir / name for name in RUN_PLOTS})
     # Refuse before any work rather than after it.
     for path in paths.values():
         check_writable(path, overwrite=overwrite)
@@ -1427,15 +1435,15 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         _set_target(setup, target_fwhm)
         parts = []
         start = _stage_start(f'deconvolving and measuring {setup.n} sources')
-        with output_transaction(out_dir) as staging, \
-                stamp_writer(staging / paths['stamps'].name, setup.n) as writer, \
-                _progress_bar(progress, total=setup.n, desc='deconvolve',
-                              unit='source') as bar:
-            for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
-                                                batch_size=batch_size):
-                parts.append(part)
-                writer.write(stamps)
-                bar.update(len(stamps))
+        with output_transaction(out_dir) as staging:
+            with stamp_writer(staging / paths['stamps'].name, setup.n) as writer, \
+                    _progress_bar(progress, total=setup.n, desc='deconvolve',
+                                  unit='source') as bar:
+                for part, stamps in _catalog_chunks(setup, chunk_size=chunk_size,
+                                                    batch_size=batch_size):
+                    parts.append(part)
+                    writer.write(stamps)
+                    bar.update(len(stamps))
             log.debug('deconvolved and measured %d sources in %.1f s', setup.n,
                       time.perf_counter() - start)
             catalog = _catalog_table(setup, parts)
@@ -1454,6 +1462,21 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                     scale = band_scales[band] if wcs is None else pixel_scale_of(wcs)
                 write_psf_image(psf_model, staging / paths[band].name,
                                 pixel_scale=scale)
+            if plots:
+                # Inside the transaction: figures of older outputs never stay
+                # beside a new catalogue.
+                from .io import read_stamps
+                from .plotting import write_run_plots
+
+                write_run_plots(staging, catalog,
+                                stamps=read_stamps(staging / paths['stamps'].name),
+                                exposure=exposures)
+        if not plots:
+            from .plotting import RUN_PLOTS
+
+            # Figures of the outputs just replaced would describe another run.
+            for name in RUN_PLOTS:
+                (out_dir / name).unlink(missing_ok=True)
     return catalog, paths
 
 

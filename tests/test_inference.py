@@ -155,6 +155,15 @@ def test_deconvolve_stamps_refuses_bad_precision(sims):
                           precision='half')
 
 
+def test_batch_refuses_bad_precision_before_any_group(tmp_path):
+    from psfdeconv.batch import run_batch
+
+    (tmp_path / 'groups.csv').write_text('id,g\nf0,missing.fits\n')
+    with pytest.raises(ConfigError, match="precision must be one of .*'half'"):
+        run_batch(tmp_path / 'groups.csv', tmp_path / 'out', precision='half')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_run_records_precision(example_run):
     from psfdeconv.io import read_catalog
 

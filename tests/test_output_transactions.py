@@ -236,3 +236,31 @@ def test_trusted_model_is_recorded(tiny_model_path, tmp_path, exposures):
                                   trust_model=True)
     assert catalog.meta['model']['verified'] is False
     assert read_catalog(tmp_path / 'out' / 'catalog.fits').meta['model']['verified'] is False
+
+
+def test_plots_are_part_of_the_transaction(first_run, tmp_path, exposures, tiny_model,
+                                           monkeypatch):
+    out, _ = copy_run(first_run, tmp_path)
+    run_exposure_set(exposures, out, psfs=MOFFAT, model=tiny_model, overwrite=True,
+                     plots=True)
+    marker = read_complete_marker(out)
+    assert {'catalog_overview.png', 'stamps.png'} <= set(marker['files'])
+    assert run_is_complete(out, check_hashes=True)
+    # A run that fails while plotting leaves the outputs (figures included) as they were.
+    before = snapshot(out)
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr('psfdeconv.plotting.write_run_plots', broken)
+    with pytest.raises(OutputWriteError):
+        run_exposure_set(exposures, out, psfs=MOFFAT, model=tiny_model, overwrite=True,
+                         plots=True)
+    assert snapshot(out) == before
+    assert_clean(out)
+    monkeypatch.undo()
+    # A run without --plots removes the figures of the outputs it replaces.
+    run_exposure_set(exposures, out, psfs=MOFFAT, model=tiny_model, overwrite=True)
+    assert not (out / 'catalog_overview.png').exists()
+    assert not (out / 'stamps.png').exists()
+    assert run_is_complete(out, check_hashes=True)
