@@ -53,7 +53,8 @@ def run(galaxies, table, tmp_path, model):
 @pytest.mark.parametrize('ids, match', [
     (['gal\u00e9', 'b'], r"id\[0\] = 'gal\u00e9'; source ids are written to FITS headers "
                          r".*printable ASCII only.* rename it \(e\.g\. 'gal_'\)"),
-    (['a', 'b\nc'], r"id\[1\] = 'b\\nc'; .*no accents, newlines or tabs"),
+    (['a', 'b\nc'], r"id\[1\] = 'b\\nc'; .*no accents, newlines or tabs.* "
+                     r"rename it \(e\.g\. 'b_c'\)"),
     ([1.0, np.nan], r'id\[1\] = nan; a source id must be a finite number'),
     (['a', 'a'], r"id\[1\] = 'a'; it repeats id\[0\], .* make them unique, or drop the id"),
 ])

@@ -2,11 +2,14 @@
 stamps' WCS, partial band coverage and chip gaps (the "Hostile and unlucky
 inputs" issue, WCS class). See docs/robustness.rst."""
 
+import warnings
+
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from psfdeconv.exceptions import PSFDeconvWarning
 from psfdeconv.io.exposures import read_exposure
 
 SEED = 20261205
@@ -242,6 +245,61 @@ def test_chip_gap_of_zero_weight_is_masked_and_flagged(field_positions_psfs, tin
         columns = np.arange(size) + first[k]
         assert stamps[k].mask[1][:, (columns >= 141) & (columns <= 148)].all()
     assert not np.any(flags[clear] & FLAG_MASKED)
+
+
+@pytest.mark.filterwarnings('ignore::psfdeconv.exceptions.OutsideTrainingRangeWarning')
+def test_chip_gap_of_zeros_without_a_weight_map_is_masked(field_positions_psfs, tiny_model,
+                                                          tmp_path):
+    """The same gap read without its weight map: blocks of exact zeros in a noisy
+    image are no data, masked with a warning, and the band's fluxes there are NaN (a
+    flux of 0 was reported as usable)."""
+    from psfdeconv.exceptions import PSFDeconvWarning
+    from psfdeconv.flags import FLAG_MASKED
+    from psfdeconv.pipeline import deconvolve_catalog
+
+    exposures, positions, psfs = field_positions_psfs
+    r = exposures['r']
+    data = np.array(r.data, dtype=np.float32)
+    data[:, 128:] = 0.0  # the right half of r has no data
+    data[5, 7] = data[9, 20:22] = 0.0  # isolated zeros are data
+    header = r.wcs.to_header()
+    header['BUNIT'] = 'adu'
+    path = tmp_path / 'r-half.fits'
+    fits.PrimaryHDU(data, header=header).writeto(path)
+    with pytest.warns(PSFDeconvWarning, match=r'blocks of exact zeros .* masked'):
+        r_half = read_exposure(path)
+    assert r_half.mask[:, 128:].all() and r_half.mask.sum() == data.shape[0] * 128
+    assert r_half.meta['n_zero_filled'] == data.shape[0] * 128
+
+    catalog, stamps = deconvolve_catalog(dict(exposures, r=r_half), positions, psfs,
+                                         model=tiny_model)
+    first = np.array([stamp.meta['origin'][0] for stamp in stamps])
+    centre = first + stamps[0].data.shape[-1] // 2
+    inside = centre > 140
+    assert inside.any() and (centre < 110).any()
+    flags = np.asarray(catalog['flags'])
+    assert np.all(flags[inside] & FLAG_MASKED)
+    assert np.isnan(catalog['flux_r'].value[inside]).all()
+    assert np.isfinite(catalog['flux_r'].value[centre < 110]).all()
+    assert not np.asarray(catalog['usable'])[inside].any()
+
+
+def test_noiseless_zero_sky_is_data(tmp_path):
+    """A simulation without sky noise is exactly 0 away from its sources: not masked."""
+    from psfdeconv.simulate import simulate_exposure
+
+    field, _ = simulate_exposure((160, 160), bands=('r',), n_galaxies=2, n_stars=1,
+                                 sky_sigma=0.0, seed=4)
+    data = np.asarray(field['r'].data)
+    assert (data == 0).sum() > 100
+    path = tmp_path / 'noiseless.fits'
+    header = field['r'].wcs.to_header()
+    header['BUNIT'] = 'adu'
+    fits.PrimaryHDU(data, header=header).writeto(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', PSFDeconvWarning)
+        exposure = read_exposure(path)
+    assert not exposure.mask.any() and exposure.meta['n_zero_filled'] == 0
 
 
 # --- Mirrored bands -----------------------------------------------------------------------

@@ -46,6 +46,11 @@ def read_positions(path):
     return table
 
 
+def _printable_ascii(text):
+    """``text`` with every character FITS headers cannot hold replaced by '_'."""
+    return ''.join(c if c.isascii() and c.isprintable() else '_' for c in text)
+
+
 def check_source_ids(ids, *, name='id'):
     """Source ids checked for the files of ``psfdeconv run``.
 
@@ -107,7 +112,7 @@ def check_source_ids(ids, *, name='id'):
                     f'{name}[{row}] = {text!r}; source ids are written to FITS '
                     f'headers (the ID keyword of stamps.fits), which hold printable '
                     f'ASCII only (no accents, newlines or tabs): rename it (e.g. '
-                    f'{text.encode("ascii", "replace").decode().replace("?", "_")!r}'
+                    f'{_printable_ascii(text)!r}'
                     f') or drop the {name} column to number the sources 0, 1, ...')
         # A FITS table's string column reads as bytes, which a header refuses.
         values = np.array(texts, dtype=str)

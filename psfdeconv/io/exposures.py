@@ -708,6 +708,34 @@ def _resolve_unit(unit, bunit, where, input_unit):
     return u.dimensionless_unscaled, 'assumed'
 
 
+#: Side of the smallest square of exact zeros `_zero_filled` takes for missing data.
+ZERO_BLOCK_SIZE = 3
+
+
+def _zero_filled(data, mask):
+    """The pixels of ``data`` in `ZERO_BLOCK_SIZE` squares of exact zeros, when
+    the rest of the image is noisy (many negative pixels) or its sky lies far
+    above 0: no data written as 0, which nine noisy pixels never all are. None
+    where there are none, or in a noiseless image (a simulation without sky
+    noise, whose empty sky is exactly 0)."""
+    from scipy import ndimage
+
+    zero = (data == 0) & ~mask
+    if zero.sum() < ZERO_BLOCK_SIZE ** 2:
+        return None
+    blocks = ndimage.binary_opening(zero, np.ones((ZERO_BLOCK_SIZE,) * 2, dtype=bool))
+    if not blocks.any():
+        return None
+    values = data[~mask & ~zero]
+    if values.size == 0:
+        return None
+    values = values[::max(values.size // 200_000, 1)]  # enough for the quantiles
+    median = np.median(values)
+    sigma = 1.4826 * np.median(np.abs(values - median))
+    noisy = np.mean(values < 0) >= 0.01 or (sigma > 0 and median > 5 * sigma)
+    return blocks if noisy else None
+
+
 def _finish_exposure(data, mask, sigma, wcs, unit, meta, where, *, unit_source,
                      fits_warnings, psf=None):
     """Validate the pixels and assemble the CCDData (keeping an NDData's
@@ -719,6 +747,14 @@ def _finish_exposure(data, mask, sigma, wcs, unit, meta, where, *, unit_source,
                                 f'non-empty 2-D image.')
     nonfinite = ~np.isfinite(data)
     mask = mask | nonfinite
+    zero_filled = _zero_filled(data, mask)
+    if zero_filled is not None:
+        mask |= zero_filled
+        warnings.warn(f'{int(zero_filled.sum())} pixels of {where} lie in blocks of '
+                      f'exact zeros in a noisy image: no data written as 0 (a chip gap, '
+                      f'beyond a coadd\'s footprint); they are masked, and sources on '
+                      f'them flagged MASKED. Give the weight map (--weight, weight_hdu=) '
+                      f'or a mask to say so explicitly.', PSFDeconvWarning, stacklevel=3)
     if nonfinite.all():
         raise InvalidPixelsError(f'every pixel of {where} is NaN or infinite; '
                                  f'give an image with data (check hdu= and '
@@ -736,6 +772,7 @@ def _finish_exposure(data, mask, sigma, wcs, unit, meta, where, *, unit_source,
     if wcs is not None:
         wcs.pixel_shape = data.shape[::-1]
     meta.update(n_nonfinite=int(nonfinite.sum()), n_masked=int(mask.sum()),
+                n_zero_filled=0 if zero_filled is None else int(zero_filled.sum()),
                 fits_warnings=list(fits_warnings), unit_source=unit_source)
     uncertainty = None if sigma is None else StdDevUncertainty(sigma, copy=False)
     return CCDData(data, unit=unit, mask=mask, uncertainty=uncertainty, wcs=wcs,
