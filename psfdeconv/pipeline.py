@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ._validation import angle_arcsec, check_output_location, positive_int
+from .background import shared_estimates
 from .cutouts import align_to_reference
 from .detection import (
     NEIGHBOUR_OPTIONS,
@@ -448,11 +449,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     _check_chunk_size(chunk_size)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
     positive_int(batch_size, 'batch_size')
-    setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
-                           reference_band=reference_band, psf_size=psf_size,
-                           subtract_background=subtract_background,
-                           epsf_options=epsf_options, detect_options=detect_options,
-                           neighbours=neighbours, pixel_scale=pixel_scale)
+    with shared_estimates():
+        setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
+                               reference_band=reference_band, psf_size=psf_size,
+                               subtract_background=subtract_background,
+                               epsf_options=epsf_options, detect_options=detect_options,
+                               neighbours=neighbours, pixel_scale=pixel_scale)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_precision(setup, precision)
@@ -1409,17 +1411,21 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             positions = read_positions(positions)
         # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
         band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
-        psf_models = _build_psfs_with_progress(
-            exposures, psfs, epsf_options, progress,
-            pixel_scale=None if use_wcs else next(iter(band_scales.values())))
-        start = _stage_start('finding the sources (detection, background, alignment)')
-        with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
-            setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
-                                   reference_band=reference_band, psf_size=None,
-                                   subtract_background=True, epsf_options=epsf_options,
-                                   detect_options=detect_options, neighbours=neighbours,
-                                   pixel_scale=pixel_scale)
-            bar.update(1)
+        # The ePSFs, the detection and the background subtraction start from
+        # the same background mesh of each band: computed once.
+        with shared_estimates():
+            psf_models = _build_psfs_with_progress(
+                exposures, psfs, epsf_options, progress,
+                pixel_scale=None if use_wcs else next(iter(band_scales.values())))
+            start = _stage_start('finding the sources (detection, background, alignment)')
+            with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
+                setup = _catalog_setup(exposures, positions, psf_models, model=model,
+                                       size=None, reference_band=reference_band,
+                                       psf_size=None, subtract_background=True,
+                                       epsf_options=epsf_options,
+                                       detect_options=detect_options,
+                                       neighbours=neighbours, pixel_scale=pixel_scale)
+                bar.update(1)
         log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
         _check_strict(setup, strict)
         _set_symmetries(setup, symmetries)
