@@ -45,6 +45,13 @@ Resampling convolves with the resampling kernel: the PSF of a reprojected
 band is a little wider than in its own pixels (less with the 'hann' kernel
 used by default onto finer grids than with reproject's anti-aliasing
 'gaussian' kernel), and `resample_psf` includes that widening.
+The planes of a band (data, mask, uncertainty) are resampled together with
+one pixel mapping, in strips of rows run in threads (`reproject_region`);
+each output pixel depends only on its own position, so any region -- a
+stamp -- equals the same pixels of the whole-frame reprojection. The
+whole frame is reprojected because the neighbour segmentation of the
+pipeline (`psfdeconv.detection.neighbour_segments`) combines every band's
+full frame on the reference grid.
 """
 
 import numpy as np

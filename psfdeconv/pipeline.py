@@ -867,21 +867,46 @@ def _check_chunk_size(chunk_size):
                                 f'sources >= 1 (e.g. {CHUNK_SIZE}).')
 
 
+#: Whether `_catalog_chunks` cuts the next chunk's stamps in a thread while
+#: the current chunk is deconvolved.
+_PREFETCH = True
+
+
 def _catalog_chunks(setup, *, chunk_size, batch_size):
     """Deconvolve and measure the sources of a `_catalog_setup` in chunks of
     ``chunk_size``: yields, per chunk, the catalogue columns (a dict of name
-    to (values, description)) and the stamps (a list of NDData)."""
-    for start in range(0, setup.n, int(chunk_size)):
-        index = np.arange(start, min(start + int(chunk_size), setup.n))
-        yield _deconvolve_chunk(setup, index, batch_size=batch_size)
+    to (values, description)) and the stamps (a list of NDData).
+
+    With `_PREFETCH`, the stamps of chunk k + 1 are cut (`_cut_chunk`) in a
+    thread while chunk k is deconvolved and measured: at most two chunks'
+    stamps exist at once, and each source's stamps do not depend on when
+    they are cut.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    indices = [np.arange(start, min(start + int(chunk_size), setup.n))
+               for start in range(0, setup.n, int(chunk_size))]
+    if not _PREFETCH or len(indices) == 1:
+        for index in indices:
+            yield _deconvolve_chunk(setup, index, batch_size=batch_size)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_cut_chunk, setup, indices[0])
+        for k, index in enumerate(indices):
+            cut = pending.result()
+            if k + 1 < len(indices):
+                pending = pool.submit(_cut_chunk, setup, indices[k + 1])
+            yield _deconvolve_chunk(setup, index, batch_size=batch_size, cut=cut)
 
 
-def _deconvolve_chunk(setup, index, *, batch_size):
-    """The catalogue columns and the stamps of the sources ``index``."""
+def _deconvolve_chunk(setup, index, *, batch_size, cut=None):
+    """The catalogue columns and the stamps of the sources ``index`` (their
+    `_cut_chunk`, if already cut)."""
     from .deconvolve import check_training_range, deconvolve_stamps
     from .measure import hsm_moments, image_moments
 
-    cut = _cut_chunk(setup, index)
+    if cut is None:
+        cut = _cut_chunk(setup, index)
     flags = cut['flags']
     # arcsec/pixel of each source's stamps (coarser for block-summed ones).
     scale = setup.scale * cut['factor']
