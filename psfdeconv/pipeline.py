@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ._validation import angle_arcsec, check_output_location, positive_int
+from .background import shared_estimates
 from .cutouts import align_to_reference
 from .detection import (
     NEIGHBOUR_OPTIONS,
@@ -448,11 +449,12 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
     _check_chunk_size(chunk_size)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
     positive_int(batch_size, 'batch_size')
-    setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
-                           reference_band=reference_band, psf_size=psf_size,
-                           subtract_background=subtract_background,
-                           epsf_options=epsf_options, detect_options=detect_options,
-                           neighbours=neighbours, pixel_scale=pixel_scale)
+    with shared_estimates():
+        setup = _catalog_setup(exposures, positions, psfs, model=model, size=size,
+                               reference_band=reference_band, psf_size=psf_size,
+                               subtract_background=subtract_background,
+                               epsf_options=epsf_options, detect_options=detect_options,
+                               neighbours=neighbours, pixel_scale=pixel_scale)
     _check_strict(setup, strict)
     _set_symmetries(setup, symmetries)
     _set_precision(setup, precision)
@@ -865,21 +867,46 @@ def _check_chunk_size(chunk_size):
                                 f'sources >= 1 (e.g. {CHUNK_SIZE}).')
 
 
+#: Whether `_catalog_chunks` cuts the next chunk's stamps in a thread while
+#: the current chunk is deconvolved.
+_PREFETCH = True
+
+
 def _catalog_chunks(setup, *, chunk_size, batch_size):
     """Deconvolve and measure the sources of a `_catalog_setup` in chunks of
     ``chunk_size``: yields, per chunk, the catalogue columns (a dict of name
-    to (values, description)) and the stamps (a list of NDData)."""
-    for start in range(0, setup.n, int(chunk_size)):
-        index = np.arange(start, min(start + int(chunk_size), setup.n))
-        yield _deconvolve_chunk(setup, index, batch_size=batch_size)
+    to (values, description)) and the stamps (a list of NDData).
+
+    With `_PREFETCH`, the stamps of chunk k + 1 are cut (`_cut_chunk`) in a
+    thread while chunk k is deconvolved and measured: at most two chunks'
+    stamps exist at once, and each source's stamps do not depend on when
+    they are cut.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    indices = [np.arange(start, min(start + int(chunk_size), setup.n))
+               for start in range(0, setup.n, int(chunk_size))]
+    if not _PREFETCH or len(indices) == 1:
+        for index in indices:
+            yield _deconvolve_chunk(setup, index, batch_size=batch_size)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_cut_chunk, setup, indices[0])
+        for k, index in enumerate(indices):
+            cut = pending.result()
+            if k + 1 < len(indices):
+                pending = pool.submit(_cut_chunk, setup, indices[k + 1])
+            yield _deconvolve_chunk(setup, index, batch_size=batch_size, cut=cut)
 
 
-def _deconvolve_chunk(setup, index, *, batch_size):
-    """The catalogue columns and the stamps of the sources ``index``."""
+def _deconvolve_chunk(setup, index, *, batch_size, cut=None):
+    """The catalogue columns and the stamps of the sources ``index`` (their
+    `_cut_chunk`, if already cut)."""
     from .deconvolve import check_training_range, deconvolve_stamps
     from .measure import hsm_moments, image_moments
 
-    cut = _cut_chunk(setup, index)
+    if cut is None:
+        cut = _cut_chunk(setup, index)
     flags = cut['flags']
     # arcsec/pixel of each source's stamps (coarser for block-summed ones).
     scale = setup.scale * cut['factor']
@@ -1417,17 +1444,21 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             positions = read_positions(positions)
         # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
         band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
-        psf_models = _build_psfs_with_progress(
-            exposures, psfs, epsf_options, progress,
-            pixel_scale=None if use_wcs else next(iter(band_scales.values())))
-        start = _stage_start('finding the sources (detection, background, alignment)')
-        with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
-            setup = _catalog_setup(exposures, positions, psf_models, model=model, size=None,
-                                   reference_band=reference_band, psf_size=None,
-                                   subtract_background=True, epsf_options=epsf_options,
-                                   detect_options=detect_options, neighbours=neighbours,
-                                   pixel_scale=pixel_scale)
-            bar.update(1)
+        # The ePSFs, the detection and the background subtraction start from
+        # the same background mesh of each band: computed once.
+        with shared_estimates():
+            psf_models = _build_psfs_with_progress(
+                exposures, psfs, epsf_options, progress,
+                pixel_scale=None if use_wcs else next(iter(band_scales.values())))
+            start = _stage_start('finding the sources (detection, background, alignment)')
+            with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
+                setup = _catalog_setup(exposures, positions, psf_models, model=model,
+                                       size=None, reference_band=reference_band,
+                                       psf_size=None, subtract_background=True,
+                                       epsf_options=epsf_options,
+                                       detect_options=detect_options,
+                                       neighbours=neighbours, pixel_scale=pixel_scale)
+                bar.update(1)
         log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
         _check_strict(setup, strict)
         _set_symmetries(setup, symmetries)

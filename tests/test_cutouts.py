@@ -11,7 +11,15 @@ from astropy.nddata import CCDData, Cutout2D, NDData, StdDevUncertainty
 from astropy.wcs import WCS
 from numpy.testing import assert_allclose, assert_array_equal
 
-from psfdeconv.cutouts import _shifted_wcs, align_bands, make_cutouts, resample_psf
+from psfdeconv.cutouts import (
+    _STRIP_ROWS,
+    _shifted_wcs,
+    align_bands,
+    align_to_reference,
+    make_cutouts,
+    reproject_region,
+    resample_psf,
+)
 from psfdeconv.exceptions import InvalidInputError, InvalidPSFError, PixelScaleError
 from psfdeconv.flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
 
@@ -493,3 +501,73 @@ def test_mirrored_band_is_flagged_and_its_flipped_psf_matches(two_bands):
     psf = resample_psf(stamp[:, ::-1], from_scale=0.3, to_scale=0.2,
                        rotation=meta['rotation'])
     assert_allclose(moments(psf)[3], moments(aligned['i'].data)[3], rtol=0.02, atol=0.02)
+
+
+# --- Reprojection of regions --------------------------------------------------------
+
+
+def _sip_wcs(shape, *, scale, rotation, crpix_offset):
+    """A rotated TAN-SIP WCS (a distortion of a few tenths of a pixel at the corners)."""
+    from astropy.wcs import Sip
+
+    wcs = tan_wcs(shape, scale=scale, rotation=rotation)
+    wcs.wcs.ctype = ['RA---TAN-SIP', 'DEC--TAN-SIP']
+    wcs.wcs.crpix = np.asarray(wcs.wcs.crpix) + crpix_offset
+    a, b = np.zeros((3, 3)), np.zeros((3, 3))
+    a[2, 0], a[1, 1], b[0, 2] = 2e-6, 1e-6, -3e-6
+    wcs.sip = Sip(a, b, None, None, wcs.wcs.crpix)
+    return wcs
+
+
+@pytest.mark.parametrize('distorted', [False, True])
+def test_reproject_region_equals_the_whole_frame_on_stamps(distorted):
+    """Stamp regions (and strips, in threads) of the reprojection equal the whole-frame
+    reprojection of one reproject_adaptive call at the same pixels, to 1e-9 of the
+    values' scale (floating-point rounding of the mapping)."""
+    from reproject import reproject_adaptive
+
+    ref_shape = (2 * _STRIP_ROWS + 40, 150)  # three strips
+    ref_wcs = tan_wcs(ref_shape, scale=0.2)
+    if distorted:
+        band_shape = (400, 130)
+        band_wcs = _sip_wcs(band_shape, scale=0.27, rotation=12.0,
+                            crpix_offset=(0.3, -0.4))
+    else:  # a plain TAN grid shifted by a fraction of a pixel: no round trip
+        band_shape = ref_shape
+        band_wcs = tan_wcs(ref_shape, scale=0.2)
+        band_wcs.wcs.crpix = np.asarray(band_wcs.wcs.crpix) + (0.37, -0.21)
+    rng = np.random.default_rng(5)
+    planes = np.stack([rng.normal(3.0, 1.0, band_shape), np.ones(band_shape)])
+    whole = reproject_adaptive((planes, band_wcs), ref_wcs, shape_out=(2,) + ref_shape,
+                               conserve_flux=True, kernel='gaussian',
+                               return_footprint=False)
+    scale = 1e-9 * np.nanmax(np.abs(whole))
+    for ox, oy in [(10, 20), (70, _STRIP_ROWS - 30), (86, ref_shape[0] - SIZE)]:
+        region = reproject_region(planes, band_wcs, ref_wcs, (ox, oy), (SIZE, SIZE),
+                                  conserve_flux=True, kernel='gaussian')
+        expected = whole[:, oy:oy + SIZE, ox:ox + SIZE]
+        assert np.isfinite(expected).mean() > 0.25  # the band covers part of it
+        assert_array_equal(np.isnan(region), np.isnan(expected))
+        assert_allclose(region, expected, rtol=0, atol=scale)
+    for threads in (1, 3):
+        frame = reproject_region(planes, band_wcs, ref_wcs, (0, 0), ref_shape,
+                                 conserve_flux=True, kernel='gaussian', threads=threads)
+        assert_array_equal(np.isnan(frame), np.isnan(whole))
+        assert_allclose(frame, whole, rtol=0, atol=scale)
+
+
+def test_align_to_reference_leaves_a_band_on_the_reference_grid_untouched():
+    ref_wcs = tan_wcs(REF_SHAPE)
+    rng = np.random.default_rng(2)
+    exposures = {band: CCDData(rng.normal(size=REF_SHAPE), unit='adu', wcs=ref_wcs.deepcopy())
+                 for band in ('g', 'r', 'i')}
+    shifted = ref_wcs.deepcopy()
+    shifted.wcs.crpix = np.asarray(shifted.wcs.crpix) + (0.25, 0.0)
+    exposures['i'] = CCDData(exposures['i'].data, unit='adu', wcs=shifted)
+    aligned, reprojected = align_to_reference(exposures, 'r')
+    assert reprojected == {'g': False, 'r': False, 'i': True}
+    assert aligned['g'] is exposures['g'] and aligned['r'] is exposures['r']
+    assert aligned['i'] is not exposures['i']
+    assert_array_equal(aligned['i'].wcs.wcs.crpix, ref_wcs.wcs.crpix)
+    # A quarter-pixel shift moves the values: the band was resampled.
+    assert not np.allclose(aligned['i'].data[5:-5, 5:-5], exposures['i'].data[5:-5, 5:-5])

@@ -1,0 +1,76 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of psfdeconv.background: the estimate shared within a set-up."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from psfdeconv.background import estimate_background, shared_estimates, subtract_background
+from psfdeconv.detection import detect_galaxies
+from psfdeconv.psf import build_epsf
+from psfdeconv.simulate import simulate_exposure
+
+
+@pytest.fixture(scope='module')
+def band():
+    exposures, _ = simulate_exposure((256, 256), n_galaxies=6, n_stars=20, seed=11,
+                                     bands=('r',))
+    return exposures['r']
+
+
+def _image(size=256, seed=0):
+    image = np.random.default_rng(seed).normal(5.0, 1.0, (size, size))
+    image[100:110, 40:60] += 50.0
+    return image, np.zeros(image.shape, dtype=bool)
+
+
+def test_shared_estimate_is_the_unshared_one():
+    image, bad = _image()
+    alone, rms_alone = estimate_background(image, bad)
+    with shared_estimates():
+        first, rms = estimate_background(image, bad)
+        again, rms_again = estimate_background(image.copy(), bad.copy())
+        # With the sources masked: the same first estimate, then its own.
+        masked, _ = estimate_background(image, bad, mask_sources=True)
+    assert again is first
+    assert rms == rms_again == rms_alone
+    assert_array_equal(first, alone)
+    assert not first.flags.writeable  # shared: nobody may change it
+    assert_array_equal(masked, estimate_background(image, bad, mask_sources=True)[0])
+
+
+def test_changed_image_or_mask_gets_its_own_estimate():
+    image, bad = _image()
+    with shared_estimates():
+        first, _ = estimate_background(image, bad)
+        scaled, _ = estimate_background(2.0 * image, bad)
+        bad[:, :3] = True
+        masked, _ = estimate_background(image, bad)
+    assert scaled is not first and masked is not first
+    assert_array_equal(scaled, estimate_background(2.0 * image, np.zeros_like(bad))[0])
+    assert_array_equal(masked, estimate_background(image, bad)[0])
+
+
+def test_nothing_shared_outside_the_block():
+    image, bad = _image()
+    with shared_estimates():
+        with shared_estimates():  # nested: the outer block holds the estimates
+            inner, _ = estimate_background(image, bad)
+        assert estimate_background(image, bad)[0] is inner
+    outside, _ = estimate_background(image, bad)
+    assert outside is not inner and outside.flags.writeable
+
+
+def test_stages_give_the_same_results_shared(band):
+    """The ePSF, the detection and the subtraction, shared or not."""
+    def stages():
+        epsf = build_epsf(band, maxiters=2)
+        galaxies = detect_galaxies(band)
+        subtracted, rms = subtract_background(band)
+        return epsf.data, np.asarray(galaxies['x']), subtracted.data, rms
+
+    alone = stages()
+    with shared_estimates():
+        shared = stages()
+    for a, b in zip(alone, shared, strict=True):
+        assert_array_equal(a, b)
