@@ -21,32 +21,26 @@ estimate ``g = e / R - c - alpha e_PSF`` (`shear_estimates`).
 
 import numpy as np
 
-from .exceptions import ConfigError, InvalidInputError, ModelFileError
+from .exceptions import ConfigError, InvalidInputError
+from .shear_response import (
+    RESPONSE_FORM,
+    SHEAR_KERNEL_SIGMA,
+    apply_shear_response,
+    check_shear_response,
+    shear_estimates,
+    shear_kernel,
+    shear_shapes,
+)
 
 __all__ = ['simulate_ring_test', 'measure_ring_test', 'fit_shear_bias',
            'fit_shear_response', 'shear_estimates', 'check_shear_response',
            'ring_shears', 'shear_kernel', 'shear_shapes', 'apply_shear_response',
-           'truth_responsivity']
+           'truth_responsivity', 'ring_test_table']
 
-#: Sigma, in pixels, of the round Gaussian the deconvolved images are
-#: convolved with before their shapes are measured for shear: images
-#: deconvolved to the pixel grid are often narrower than a pixel, where HSM
-#: fails or its response to a shear scatters widely from one galaxy to the
-#: next; a round kernel leaves the mean response to a shear isotropic and
-#: the response calibration absorbs its dilution.
-SHEAR_KERNEL_SIGMA = 1.5
 
 #: Shear states of a ring member, in units of the input shear g.
 _STATES = np.array([(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)])
 
-#: Form of a model card's ``shear_response``.
-RESPONSE_FORM = ('g_i = e_i / R_i - c_i - alpha e_PSF_i, e the HSM distortion of the '
-                 'deconvolved band image convolved with a round Gaussian of '
-                 'kernel_sigma_pixels (pixel frame), R_i interpolated bilinearly in '
-                 '(log10 SNR, log10 size) between bin centres and clipped outside, '
-                 'SNR = flux / flux_err of the amplitude refit, size = HSM sigma of '
-                 'that image in pixels, e_PSF the unweighted-moment '
-                 'distortion of the band PSF')
 
 
 def ring_shears(shear):
@@ -62,158 +56,6 @@ def ring_shears(shear):
     if not 0 < shear < 0.2:
         raise ConfigError(f'shear must be in (0, 0.2), got {shear}.')
     return _STATES * shear
-
-
-def shear_kernel(sigma):
-    """A unit-sum round Gaussian image of ``sigma`` pixels (odd side
-    ``2 ceil(4 sigma) + 1``), centred on its middle pixel.
-
-    Examples
-    --------
-    >>> from psfdeconv.shear import shear_kernel
-    >>> k = shear_kernel(1.5)
-    >>> k.shape, round(float(k.sum()), 6)
-    ((13, 13), 1.0)
-    """
-    sigma = float(sigma)
-    if not (np.isfinite(sigma) and 0 < sigma <= 8):
-        raise InvalidInputError(f'the shear kernel sigma must be in (0, 8] pixels, got '
-                                f'{sigma}.')
-    half = int(np.ceil(4 * sigma))
-    x = np.arange(-half, half + 1)
-    profile = np.exp(-0.5 * (x / sigma)**2)
-    kernel = np.outer(profile, profile)
-    return kernel / kernel.sum()
-
-
-def shear_shapes(images, kernel_sigma=SHEAR_KERNEL_SIGMA):
-    """HSM shapes of images convolved with `shear_kernel`: the input of
-    `shear_estimates`.
-
-    Parameters
-    ----------
-    images : `~numpy.ndarray`
-        (..., ny, nx), e.g. deconvolved images (n, n_bands, ny, nx).
-    kernel_sigma : float, optional
-        Kernel sigma in pixels (a card's ``shear_response['kernel_sigma_pixels']``).
-
-    Returns
-    -------
-    dict of `~numpy.ndarray`
-        ``'e1'``, ``'e2'`` (distortions, pixel frame), ``'sigma'`` (pixels)
-        and ``'status'``, of shape (...); NaN where HSM fails.
-    """
-    from ._fourier import convolve_same
-    from .measure import hsm_moments
-
-    images = np.asarray(images, dtype=np.float64)
-    smoothed = convolve_same(images, shear_kernel(kernel_sigma))
-    shapes = hsm_moments(smoothed, guess_sigma=max(2.0, 2 * float(kernel_sigma)))
-    return {'e1': shapes['hsm_e1'], 'e2': shapes['hsm_e2'], 'sigma': shapes['hsm_sigma'],
-            'status': shapes['hsm_status']}
-
-
-def apply_shear_response(images, psfs, flux, flux_err, response):
-    """Shear estimates of deconvolved images with a card's ``shear_response``.
-
-    Parameters
-    ----------
-    images : `~numpy.ndarray`
-        Deconvolved images (n, n_bands, ny, nx) on the pixel grid.
-    psfs : `~numpy.ndarray`
-        Their PSFs (n, n_bands, py, px).
-    flux, flux_err : `~numpy.ndarray`
-        (n, n_bands), the amplitude refit's.
-    response : dict
-        `fit_shear_response`.
-
-    Returns
-    -------
-    dict of `~numpy.ndarray`
-        ``'shear_R1'``, ``'shear_R2'``, ``'shear_g1'``, ``'shear_g2'``,
-        each (n, n_bands), pixel frame; NaN where HSM fails (e.g. blank or
-        undetected images).
-    """
-    from .deconvolve import psf_ellipticity
-
-    check_shear_response(response)
-    shapes = shear_shapes(images, response['kernel_sigma_pixels'])
-    psf_e1, psf_e2 = psf_ellipticity(psfs)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        snr = np.asarray(flux, float) / np.asarray(flux_err, float)
-    r1, r2, g1, g2 = shear_estimates(shapes['e1'], shapes['e2'], snr, shapes['sigma'],
-                                     psf_e1, psf_e2, response)
-    return {'shear_R1': r1, 'shear_R2': r2, 'shear_g1': g1, 'shear_g2': g2}
-
-
-def _rotate_position(x, y, k):
-    """A position relative to the array centre after ``np.rot90(., k)``
-    (arrays indexed [y, x]): each turn maps (x, y) to (y, -x)."""
-    for _ in range(k % 4):
-        x, y = y, -x
-    return x, y
-
-
-def _ring_galaxy(config, shear, snr_range, seed_sequence):
-    """The 2 x 4 stamps of one galaxy (rotation, shear state)."""
-    import galsim
-
-    from ._fourier import convolve_same
-    from .simulate import (
-        _band_transforms,
-        _bin,
-        _draw_log_uniform,
-        _draw_psfs,
-        _draw_uniform,
-        _galaxy_profile,
-    )
-
-    rng = np.random.default_rng(seed_sequence)
-    size, nb, ov = config.stamp_size, config.n_bands, config.oversampling
-    pixel_scale = float(_draw_uniform(rng, config.pixel_scale_range))
-    offset = _draw_uniform(rng, config.offset_range, 2)
-    psfs, psf_params = _draw_psfs(rng, config, np.array([pixel_scale]), 1)
-    hlr = min(float(_draw_log_uniform(rng, config.half_light_radius_range)),
-              config.max_half_light_radius_pixels * pixel_scale)
-    profile = _galaxy_profile(rng, config, hlr, max_shift=min(
-        22.0, size / 2 - 10) * pixel_scale)
-    # One seed for the band transforms of every stamp: the same colours.
-    band_seed = int(rng.integers(2**62))
-    noise_sigma = _draw_uniform(rng, config.noise_sigma_range, nb)
-    target_snr = float(_draw_log_uniform(rng, snr_range))
-    noise = rng.normal(size=(nb, size, size))
-
-    shears = ring_shears(shear)
-    band1 = np.empty((2, len(shears), size, size))
-    for r in range(2):
-        # GalSim's rotation by -90 degrees is np.rot90 of the array (y
-        # rows increasing upwards): the rotated member with the rotated
-        # noise is the first member's stamp turned, except for the PSF.
-        rotated = profile.rotate(-90.0 * r * galsim.degrees)
-        # Position relative to the array centre (an even image's centre
-        # lies between pixels; the stamp centre is pixel size // 2).
-        x, y = _rotate_position(0.5 + offset[0], 0.5 + offset[1], r)
-        for s, (g1, g2) in enumerate(shears):
-            image = rotated.shear(g1=g1, g2=g2).drawImage(
-                nx=size * ov, ny=size * ov, scale=pixel_scale / ov, method='no_pixel',
-                offset=(ov * x, ov * y))
-            band1[r, s] = _bin(image.array, ov)
-    truth = np.stack([_band_transforms(np.random.default_rng(band_seed), config,
-                                       stamp[None])[0]
-                      for stamp in band1.reshape(-1, size, size)])
-    truth = truth.reshape(2, len(shears), nb, size, size)
-    noiseless = convolve_same(truth, psfs[0].astype(np.float64))
-    # Flux set by the band-1 matched-filter SNR of the first stamp.
-    scale = target_snr * noise_sigma[0] / np.sqrt((noiseless[0, 0, 0]**2).sum())
-    truth, noiseless = truth * scale, noiseless * scale
-    fields = np.stack([noise, np.rot90(noise, 1, axes=(-2, -1))])
-    observed = noiseless + (fields * noise_sigma[:, None, None])[:, None]
-    snr = np.sqrt((noiseless**2).sum(axis=(-2, -1))) / noise_sigma
-    return {'truth': truth.astype(np.float32), 'observed': observed.astype(np.float32),
-            'psf': psfs[0], 'pixel_scale': pixel_scale, 'noise_sigma': noise_sigma,
-            'snr': snr, 'offset': offset, 'half_light_radius': hlr,
-            'psf_g1': psf_params['psf_g1'][0], 'psf_g2': psf_params['psf_g2'][0],
-            'psf_fwhm': psf_params['psf_fwhm'][0]}
 
 
 def simulate_ring_test(n_galaxies, *, shear=0.02, snr_range=(10.0, 300.0), seed=0,
@@ -265,7 +107,7 @@ def simulate_ring_test(n_galaxies, *, shear=0.02, snr_range=(10.0, 300.0), seed=
     >>> bool(np.abs(noise).max() < np.abs(ring['observed']).max())
     True
     """
-    from .simulate import SimulationConfig
+    from .simulate import SimulationConfig, draw_ring_galaxy
 
     config = SimulationConfig() if config is None else config
     if int(n_galaxies) != n_galaxies or n_galaxies < 1:
@@ -277,7 +119,7 @@ def simulate_ring_test(n_galaxies, *, shear=0.02, snr_range=(10.0, 300.0), seed=
         raise ConfigError(f'start must be a non-negative integer, got {start}.')
     shears = ring_shears(shear)
     children = np.random.SeedSequence(seed).spawn(int(start) + int(n_galaxies))[start:]
-    galaxies = [_ring_galaxy(config, shear, snr_range, child) for child in children]
+    galaxies = [draw_ring_galaxy(config, shears, snr_range, child) for child in children]
     out = {key: np.stack([np.asarray(g[key]) for g in galaxies]) for key in galaxies[0]}
     out['shear'] = shears
     out['galaxy'] = np.arange(start, start + n_galaxies)
@@ -385,6 +227,62 @@ def measure_ring_test(ring, *, model=None, symmetries=None, batch_size=64,
     table = Table({key: np.asarray(value).ravel() for key, value in columns.items()})
     table.meta['shear'] = float(np.abs(shears).max())
     table.meta['kernel_sigma_pixels'] = float(kernel_sigma)
+    return table
+
+
+def ring_test_table(n_galaxies, *, seed, shear=0.02, snr_range=(10.0, 300.0),
+                    config=None, model=None, symmetries=None, chunk=50, directory=None,
+                    log=None):
+    """`simulate_ring_test` and `measure_ring_test` in chunks of galaxies.
+
+    Parameters
+    ----------
+    n_galaxies, seed, shear, snr_range, config :
+        As for `simulate_ring_test`.
+    model, symmetries :
+        As for `measure_ring_test`.
+    chunk : int, optional
+        Galaxies per call (the result does not depend on it).
+    directory : str or `~pathlib.Path`, optional
+        Keep each chunk's table there as
+        ``ring_seed<seed>_<start>_<n>.ecsv`` and reuse the ones that exist
+        (a run can be resumed or extended; the file names hold the seed
+        and the galaxies, not ``shear`` or ``snr_range``: use one
+        directory per setting).
+    log : callable, optional
+        Called with a line of progress per chunk.
+
+    Returns
+    -------
+    `~astropy.table.Table`
+        As `measure_ring_test`, all chunks.
+    """
+    from pathlib import Path
+
+    from astropy.table import Table, vstack
+
+    if int(chunk) != chunk or chunk < 1:
+        raise InvalidInputError(f'chunk must be a positive integer, got {chunk}.')
+    if directory is not None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for start in range(0, int(n_galaxies), int(chunk)):
+        n = min(int(chunk), int(n_galaxies) - start)
+        path = None if directory is None else directory / f'ring_seed{seed}_{start:06d}_{n}.ecsv'
+        if path is not None and path.exists():
+            parts.append(Table.read(path))
+            continue
+        ring = simulate_ring_test(n, shear=shear, snr_range=snr_range, seed=seed,
+                                  config=config, start=start)
+        part = measure_ring_test(ring, model=model, symmetries=symmetries)
+        if path is not None:
+            part.write(path, overwrite=True)
+        if log is not None:
+            log(f'ring test seed {seed}: galaxies {start}-{start + n - 1} measured')
+        parts.append(part)
+    table = vstack(parts, metadata_conflicts='silent')
+    table.meta['shear'] = float(shear)
     return table
 
 
@@ -711,123 +609,3 @@ def fit_shear_response(table, *, n_snr_bins=4, n_size_bins=3, min_units=20,
     return response
 
 
-def check_shear_response(response, where='shear_response'):
-    """Refuse a malformed or non-finite ``shear_response``.
-
-    Raises
-    ------
-    psfdeconv.exceptions.ModelFileError
-        Naming the key and its value.
-
-    Examples
-    --------
-    >>> from psfdeconv.shear import check_shear_response
-    >>> check_shear_response({'log_snr_centres': [1.5], 'log_size_centres': [0.4],
-    ...                       'R1': [[1.5]], 'R2': [[float('nan')]], 'c1': 0.0,
-    ...                       'c2': 0.0, 'alpha': 0.0, 'kernel_sigma_pixels': 1.5})
-    Traceback (most recent call last):
-    ...
-    psfdeconv.exceptions.ModelFileError: shear_response.R2 = [[nan]]; it must be a 1 x 1 grid ...
-    """
-    def refuse(key, value, expected):
-        raise ModelFileError(f'{where}.{key} = {value!r}; {expected}. Refit it with '
-                             f'fit_shear_response (psfdeconv calibrate --shear).')
-
-    if not isinstance(response, dict):
-        refuse('(value)', response, 'it must be a JSON object')
-    shape = []
-    for key in ('log_snr_centres', 'log_size_centres'):
-        value = response.get(key)
-        try:
-            array = np.asarray(value, dtype=float)
-        except (TypeError, ValueError):
-            array = np.array([np.nan])
-        if (value is None or array.ndim != 1 or array.size < 1
-                or not np.isfinite(array).all() or np.any(np.diff(array) <= 0)):
-            refuse(key, value, 'it must be an increasing list of finite numbers')
-        shape.append(array.size)
-    for key in ('R1', 'R2'):
-        value = response.get(key)
-        try:
-            array = np.asarray(value, dtype=float)
-        except (TypeError, ValueError):
-            array = np.array([np.nan])
-        if array.shape != tuple(shape) or not (np.isfinite(array).all()
-                                               and (array > 0).all()):
-            refuse(key, value, f'it must be a {shape[0]} x {shape[1]} grid of finite '
-                               f'positive numbers')
-    for key in ('c1', 'c2', 'alpha', 'kernel_sigma_pixels'):
-        value = response.get(key)
-        if (not isinstance(value, int | float) or isinstance(value, bool)
-                or not np.isfinite(value)):
-            refuse(key, value, 'it must be a finite number')
-
-
-def _interpolate(grid, x_centres, y_centres, x, y):
-    """Bilinear interpolation of a (nx, ny) grid at (x, y), clipped to the
-    centres (constant outside); NaN where x or y is NaN."""
-    from scipy.interpolate import RegularGridInterpolator
-
-    grid = np.asarray(grid, float)
-    x_centres, y_centres = np.asarray(x_centres, float), np.asarray(y_centres, float)
-    # A single centre along an axis is constant along it: duplicate it.
-    if x_centres.size == 1:
-        x_centres, grid = np.r_[x_centres, x_centres + 1], np.vstack([grid, grid])
-    if y_centres.size == 1:
-        y_centres, grid = np.r_[y_centres, y_centres + 1], np.hstack([grid, grid])
-    x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
-    bad = ~(np.isfinite(x) & np.isfinite(y))
-    points = np.stack([np.clip(np.where(bad, x_centres[0], x), x_centres[0], x_centres[-1]),
-                       np.clip(np.where(bad, y_centres[0], y), y_centres[0], y_centres[-1])],
-                      axis=-1)
-    values = RegularGridInterpolator((x_centres, y_centres), grid)(points.reshape(-1, 2))
-    return np.where(bad, np.nan, values.reshape(x.shape))
-
-
-def shear_estimates(e1, e2, snr, size, psf_e1, psf_e2, response):
-    """Calibrated shear estimates of deconvolved distortions.
-
-    Parameters
-    ----------
-    e1, e2 : array_like
-        HSM distortions of the deconvolved images (pixel frame).
-    snr : array_like
-        ``flux / flux_err`` of the amplitude refit.
-    size : array_like
-        HSM sigma of the deconvolved images, pixels.
-    psf_e1, psf_e2 : array_like
-        Unweighted-moment distortions of the PSFs
-        (`~psfdeconv.deconvolve.psf_ellipticity`).
-    response : dict
-        A model card's ``shear_response`` (`fit_shear_response`).
-
-    Returns
-    -------
-    R1, R2, g1, g2 : `~numpy.ndarray`
-        The response, interpolated bilinearly in ``(log10 snr, log10 size)``
-        between the bin centres and constant beyond the outer ones, and the
-        shear estimates ``g_i = e_i / R_i - c_i - alpha e_PSF_i``; NaN
-        where an input is NaN or snr, size are not positive.
-
-    Examples
-    --------
-    >>> from psfdeconv.shear import shear_estimates
-    >>> response = {'log_snr_centres': [1.0, 2.0], 'log_size_centres': [0.3],
-    ...             'R1': [[1.2], [1.6]], 'R2': [[1.2], [1.6]],
-    ...             'c1': 0.001, 'c2': 0.0, 'alpha': 0.02, 'kernel_sigma_pixels': 1.5}
-    >>> R1, R2, g1, g2 = shear_estimates(0.08, 0.0, 10**1.5, 2.0, 0.05, 0.0, response)
-    >>> print(f'{float(R1):.2f} {float(g1):.4f}')
-    1.40 0.0551
-    """
-    check_shear_response(response)
-    e1, e2, snr, size, psf_e1, psf_e2 = np.broadcast_arrays(
-        *(np.asarray(v, dtype=float) for v in (e1, e2, snr, size, psf_e1, psf_e2)))
-    with np.errstate(divide='ignore', invalid='ignore'):
-        x = np.where(snr > 0, np.log10(snr), np.nan)
-        y = np.where(size > 0, np.log10(size), np.nan)
-    grids = [_interpolate(response[key], response['log_snr_centres'],
-                          response['log_size_centres'], x, y) for key in ('R1', 'R2')]
-    r1, r2 = grids
-    g1 = e1 / r1 - response['c1'] - response['alpha'] * psf_e1
-    g2 = e2 / r2 - response['c2'] - response['alpha'] * psf_e2
-    return r1, r2, g1, g2

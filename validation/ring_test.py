@@ -20,35 +20,18 @@ written as JSON (the held-out figures must come from another seed).
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 
 def _table(args, model):
-    from astropy.table import Table, vstack
+    from psfdeconv.shear import ring_test_table
 
-    from psfdeconv.shear import measure_ring_test, simulate_ring_test
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for start in range(0, args.n_galaxies, args.chunk):
-        n = min(args.chunk, args.n_galaxies - start)
-        path = out / f'ring_seed{args.seed}_{start:06d}_{n}.ecsv'
-        if not path.exists():
-            t0 = time.time()
-            ring = simulate_ring_test(n, shear=args.shear, snr_range=args.snr_range,
-                                      seed=args.seed, start=start)
-            part = measure_ring_test(ring, model=model, symmetries=args.symmetries)
-            part.write(path, overwrite=True)
-            print(f'galaxies {start}-{start + n - 1}: {time.time() - t0:.0f} s',
-                  flush=True)
-        parts.append(Table.read(path))
-    table = vstack(parts, metadata_conflicts='silent')
-    table.meta['shear'] = args.shear
-    return table
+    return ring_test_table(args.n_galaxies, seed=args.seed, shear=args.shear,
+                           snr_range=args.snr_range, model=model,
+                           symmetries=args.symmetries, chunk=args.chunk,
+                           directory=args.out, log=lambda line: print(line, flush=True))
 
 
 def _print(name, bias):
