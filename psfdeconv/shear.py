@@ -30,6 +30,7 @@ from .shear_response import (
     shear_estimates,
     shear_kernel,
     shear_shapes,
+    shear_size,
 )
 
 __all__ = ['simulate_ring_test', 'measure_ring_test', 'fit_shear_bias',
@@ -342,9 +343,10 @@ def _estimates(table, estimator, response):
                 raise InvalidInputError('the calibrated estimator needs a response '
                                         '(fit_shear_response) or shear_g1/shear_g2 columns.')
             return np.asarray(table['shear_g1']), np.asarray(table['shear_g2'])
-        _, _, g1, g2 = shear_estimates(table['e1'], table['e2'], table['snr'],
-                                       table['sigma'], table['psf_e1'], table['psf_e2'],
-                                       response)
+        size = shear_size(table['e1'], table['e2'], table['sigma'],
+                          response['kernel_sigma_pixels'])
+        _, _, g1, g2 = shear_estimates(table['e1'], table['e2'], table['snr'], size,
+                                       table['psf_e1'], table['psf_e2'], response)
         return g1, g2
     raise InvalidInputError(f"estimator must be 'truth', 'raw' or 'calibrated', got "
                             f'{estimator!r}.')
@@ -491,24 +493,18 @@ def fit_shear_bias(table, *, estimator='calibrated', response=None, snr_edges=No
     return result
 
 
-def _bin_centres(values, edges):
-    """Median of the values in each bin (the bin's midpoint where empty)."""
-    centres = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        inside = values[(values >= low) & (values < high)]
-        centres.append(float(np.median(inside)) if inside.size else 0.5 * (low + high))
-    return np.array(centres)
-
-
-def fit_shear_response(table, *, n_snr_bins=4, n_size_bins=3, min_units=20,
+def fit_shear_response(table, *, n_snr_bins=4, n_size_bins=5, min_units=20,
                        seed=None):
     """Fit the shear response of deconvolved distortions per SNR and size.
 
     For each ring member (galaxy, band, rotation), ``R_1 = (e_1(+g, 0) -
     e_1(-g, 0)) / 2g`` and ``R_2 = (e_2(0, +g) - e_2(0, -g)) / 2g`` of the
-    deconvolved HSM distortions, binned by the member's mean ``log10(flux /
-    flux_err)`` and mean ``log10`` HSM size (pixels) of the output, with
-    bin edges at quantiles of the members: the mean R per bin. The
+    `shear_shapes` distortions of the output, binned by the member's mean
+    ``log10(flux / flux_err)`` and mean ``log10`` `shear_size` (pixels),
+    with bin edges at quantiles of the members: the mean R per bin, times
+    ``1 + m_sel``, the selection response of binning each stamp by its own
+    SNR and size (``selection_m1``, ``selection_m2``, measured on the same
+    stamps). The
     additive ``c_i`` and leakage ``alpha`` are then fitted on ``e_i / R_i``
     (`fit_shear_bias` with that response) and stored so that
     `shear_estimates` subtracts them.
@@ -528,8 +524,8 @@ def fit_shear_response(table, *, n_snr_bins=4, n_size_bins=3, min_units=20,
     Returns
     -------
     dict
-        JSON-serialisable: ``'form'``, ``'log_snr_centres'``,
-        ``'log_size_centres'``, ``'R1'``, ``'R2'`` (lists of lists, SNR
+        JSON-serialisable: ``'form'``, ``'log_snr_edges'``,
+        ``'log_size_edges'``, ``'R1'``, ``'R2'`` (lists of lists, SNR
         rows by size columns), ``'n_members'`` per bin, ``'c1'``, ``'c2'``,
         ``'alpha'``, ``'shear'``, ``'n_galaxies'``, ``'seed'``.
 
@@ -557,11 +553,12 @@ def fit_shear_response(table, *, n_snr_bins=4, n_size_bins=3, min_units=20,
     for name, value in (('n_snr_bins', n_snr_bins), ('n_size_bins', n_size_bins)):
         if int(value) != value or value < 1:
             raise InvalidInputError(f'{name} must be a positive integer, got {value}.')
+    kernel_sigma = float(table.meta.get('kernel_sigma_pixels', SHEAR_KERNEL_SIGMA))
     arrays, galaxies = _ring_arrays(table, ('e1', 'e2', 'snr', 'sigma'))
     e1, e2 = arrays['e1'], arrays['e2']
     with np.errstate(divide='ignore', invalid='ignore'):
         log_snr = np.log10(arrays['snr']).mean(axis=3)
-        log_size = np.log10(arrays['sigma']).mean(axis=3)
+        log_size = np.log10(shear_size(e1, e2, arrays['sigma'], kernel_sigma)).mean(axis=3)
     r1 = (e1[..., 0] - e1[..., 1]) / (2 * shear)
     r2 = (e2[..., 2] - e2[..., 3]) / (2 * shear)
     ok = (np.isfinite(e1).all(axis=3) & np.isfinite(e2).all(axis=3)
@@ -591,17 +588,26 @@ def fit_shear_response(table, *, n_snr_bins=4, n_size_bins=3, min_units=20,
             grid_r1[a, b], grid_r2[a, b] = r1[use].mean(), r2[use].mean()
     response = {
         'form': RESPONSE_FORM,
-        'log_snr_centres': _bin_centres(x, snr_edges).tolist(),
-        'log_size_centres': _bin_centres(y, size_edges).tolist(),
+        'log_snr_edges': snr_edges.tolist(),
+        'log_size_edges': size_edges.tolist(),
         'R1': grid_r1.tolist(), 'R2': grid_r2.tolist(),
         'n_members': counts.tolist(),
         'c1': 0.0, 'c2': 0.0, 'alpha': 0.0,
         'shear': shear, 'n_galaxies': int(len(galaxies)),
-        'kernel_sigma_pixels': float(table.meta.get('kernel_sigma_pixels',
-                                                    SHEAR_KERNEL_SIGMA)),
+        'kernel_sigma_pixels': kernel_sigma,
     }
     if seed is not None:
         response['seed'] = int(seed)
+    # A stamp is binned by its own SNR and size, which the shear moves a
+    # little, across bin edges where R jumps: the mean of the binned estimates
+    # then responds by 1 + m_sel instead of 1 (a selection response, -0.01
+    # to -0.02 with five size bins). It is measured here, on the fit's own
+    # stamps, and folded into R.
+    selection = fit_shear_bias(table, estimator='calibrated', response=response,
+                               n_bootstrap=2)
+    response['R1'] = (grid_r1 * (1 + selection['m1'])).tolist()
+    response['R2'] = (grid_r2 * (1 + selection['m2'])).tolist()
+    response['selection_m1'], response['selection_m2'] = selection['m1'], selection['m2']
     additive = fit_shear_bias(table, estimator='calibrated', response=response,
                               n_bootstrap=2)
     response.update(c1=additive['c1'], c2=additive['c2'], alpha=additive['alpha'])

@@ -13,7 +13,7 @@ import numpy as np
 
 from .exceptions import InvalidInputError, ModelFileError
 
-__all__ = ['shear_kernel', 'shear_shapes', 'shear_estimates', 'apply_shear_response',
+__all__ = ['shear_kernel', 'shear_shapes', 'shear_size', 'shear_estimates', 'apply_shear_response',
            'check_shear_response', 'SHEAR_KERNEL_SIGMA', 'RESPONSE_FORM']
 
 #: Sigma, in pixels, of the round Gaussian the deconvolved images are
@@ -27,10 +27,11 @@ SHEAR_KERNEL_SIGMA = 1.5
 #: Form of a model card's ``shear_response``.
 RESPONSE_FORM = ('g_i = e_i / R_i - c_i - alpha e_PSF_i, e the HSM distortion of the '
                  'deconvolved band image convolved with a round Gaussian of '
-                 'kernel_sigma_pixels (pixel frame), R_i interpolated bilinearly in '
-                 '(log10 SNR, log10 size) between bin centres and clipped outside, '
-                 'SNR = flux / flux_err of the amplitude refit, size = HSM sigma of '
-                 'that image in pixels, e_PSF the unweighted-moment '
+                 'kernel_sigma_pixels (pixel frame), R_i the mean response of the '
+                 '(log10 SNR, log10 size) bin (the outer bins extend to infinity), '
+                 'SNR = flux / flux_err of the amplitude refit, size = det(M - k^2 I)^(1/4) '
+                 'in pixels, M the HSM moments of that image and k the kernel sigma '
+                 '(shear_size), e_PSF the unweighted-moment '
                  'distortion of the band PSF')
 
 
@@ -83,6 +84,32 @@ def shear_shapes(images, kernel_sigma=SHEAR_KERNEL_SIGMA):
             'status': shapes['hsm_status']}
 
 
+def shear_size(e1, e2, sigma, kernel_sigma):
+    """Size of a deconvolved image from the HSM shape of its smoothed version.
+
+    ``det(M - k^2 I)^(1/4)``, M the adaptive moments (distortion ``e``, width
+    ``sigma = det(M)^(1/4)``) of the image convolved with the round kernel of
+    sigma ``k``: the kernel's moments removed, the size no longer changes at
+    first order with a shear (the smoothed image's width does, by ``e g``),
+    so that a galaxy's shear states fall in the same size bin of the
+    response. A small floor (0.05 pixels) where the determinant is not
+    positive; NaN where an input is NaN.
+
+    Examples
+    --------
+    >>> from psfdeconv.shear_response import shear_size
+    >>> print(f'{float(shear_size(0.0, 0.0, 2.5, 1.5)):.3f}')
+    2.000
+    """
+    e1, e2, sigma = (np.asarray(v, dtype=float) for v in (e1, e2, sigma))
+    with np.errstate(invalid='ignore'):
+        scale = sigma**2 / np.sqrt(1 - e1**2 - e2**2)
+        k2 = float(kernel_sigma)**2
+        det = (scale * (1 + e1) - k2) * (scale * (1 - e1) - k2) - (scale * e2)**2
+        size = np.where(det > 0, np.abs(det)**0.25, 0.05)
+    return np.where(np.isfinite(det), size, np.nan)
+
+
 def apply_shear_response(images, psfs, flux, flux_err, response):
     """Shear estimates of deconvolved images with a card's ``shear_response``.
 
@@ -114,7 +141,9 @@ def apply_shear_response(images, psfs, flux, flux_err, response):
     psf_e1, psf_e2 = psf_moments['e1'], psf_moments['e2']
     with np.errstate(divide='ignore', invalid='ignore'):
         snr = np.asarray(flux, float) / np.asarray(flux_err, float)
-    r1, r2, g1, g2 = shear_estimates(shapes['e1'], shapes['e2'], snr, shapes['sigma'],
+    size = shear_size(shapes['e1'], shapes['e2'], shapes['sigma'],
+                      response['kernel_sigma_pixels'])
+    r1, r2, g1, g2 = shear_estimates(shapes['e1'], shapes['e2'], snr, size,
                                      psf_e1, psf_e2, response)
     return {'shear_R1': r1, 'shear_R2': r2, 'shear_g1': g1, 'shear_g2': g2}
 
@@ -130,7 +159,7 @@ def check_shear_response(response, where='shear_response'):
     Examples
     --------
     >>> from psfdeconv.shear_response import check_shear_response
-    >>> check_shear_response({'log_snr_centres': [1.5], 'log_size_centres': [0.4],
+    >>> check_shear_response({'log_snr_edges': [1, 2], 'log_size_edges': [0.2, 0.6],
     ...                       'R1': [[1.5]], 'R2': [[float('nan')]], 'c1': 0.0,
     ...                       'c2': 0.0, 'alpha': 0.0, 'kernel_sigma_pixels': 1.5})
     Traceback (most recent call last):
@@ -144,16 +173,16 @@ def check_shear_response(response, where='shear_response'):
     if not isinstance(response, dict):
         refuse('(value)', response, 'it must be a JSON object')
     shape = []
-    for key in ('log_snr_centres', 'log_size_centres'):
+    for key in ('log_snr_edges', 'log_size_edges'):
         value = response.get(key)
         try:
             array = np.asarray(value, dtype=float)
         except (TypeError, ValueError):
             array = np.array([np.nan])
-        if (value is None or array.ndim != 1 or array.size < 1
+        if (value is None or array.ndim != 1 or array.size < 2
                 or not np.isfinite(array).all() or np.any(np.diff(array) <= 0)):
-            refuse(key, value, 'it must be an increasing list of finite numbers')
-        shape.append(array.size)
+            refuse(key, value, 'it must be an increasing list of at least two finite numbers')
+        shape.append(array.size - 1)
     for key in ('R1', 'R2'):
         value = response.get(key)
         try:
@@ -171,25 +200,15 @@ def check_shear_response(response, where='shear_response'):
             refuse(key, value, 'it must be a finite number')
 
 
-def _interpolate(grid, x_centres, y_centres, x, y):
-    """Bilinear interpolation of a (nx, ny) grid at (x, y), clipped to the
-    centres (constant outside); NaN where x or y is NaN."""
-    from scipy.interpolate import RegularGridInterpolator
-
+def _bin_values(grid, x_edges, y_edges, x, y):
+    """The value of the (x, y) bin of a grid, the outer bins extending to
+    infinity; NaN where x or y is NaN."""
     grid = np.asarray(grid, float)
-    x_centres, y_centres = np.asarray(x_centres, float), np.asarray(y_centres, float)
-    # A single centre along an axis is constant along it: duplicate it.
-    if x_centres.size == 1:
-        x_centres, grid = np.r_[x_centres, x_centres + 1], np.vstack([grid, grid])
-    if y_centres.size == 1:
-        y_centres, grid = np.r_[y_centres, y_centres + 1], np.hstack([grid, grid])
     x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
     bad = ~(np.isfinite(x) & np.isfinite(y))
-    points = np.stack([np.clip(np.where(bad, x_centres[0], x), x_centres[0], x_centres[-1]),
-                       np.clip(np.where(bad, y_centres[0], y), y_centres[0], y_centres[-1])],
-                      axis=-1)
-    values = RegularGridInterpolator((x_centres, y_centres), grid)(points.reshape(-1, 2))
-    return np.where(bad, np.nan, values.reshape(x.shape))
+    i = np.searchsorted(np.asarray(x_edges, float)[1:-1], np.where(bad, 0.0, x), side='right')
+    j = np.searchsorted(np.asarray(y_edges, float)[1:-1], np.where(bad, 0.0, y), side='right')
+    return np.where(bad, np.nan, grid[i, j])
 
 
 def shear_estimates(e1, e2, snr, size, psf_e1, psf_e2, response):
@@ -202,7 +221,7 @@ def shear_estimates(e1, e2, snr, size, psf_e1, psf_e2, response):
     snr : array_like
         ``flux / flux_err`` of the amplitude refit.
     size : array_like
-        HSM sigma of the deconvolved images, pixels.
+        `shear_size` of the deconvolved images, pixels.
     psf_e1, psf_e2 : array_like
         Unweighted-moment distortions of the PSFs
         (`~psfdeconv.deconvolve.psf_ellipticity`).
@@ -212,16 +231,18 @@ def shear_estimates(e1, e2, snr, size, psf_e1, psf_e2, response):
     Returns
     -------
     R1, R2, g1, g2 : `~numpy.ndarray`
-        The response, interpolated bilinearly in ``(log10 snr, log10 size)``
-        between the bin centres and constant beyond the outer ones, and the
-        shear estimates ``g_i = e_i / R_i - c_i - alpha e_PSF_i``; NaN
-        where an input is NaN or snr, size are not positive.
+        The response of the ``(log10 snr, log10 size)`` bin (the outer bins
+        extend to infinity; a bin's mean response divides its members'
+        distortions, so that their mean shear is unbiased even where R varies
+        steeply across bins, as it does with size), and the shear estimates
+        ``g_i = e_i / R_i - c_i - alpha e_PSF_i``; NaN where an input is NaN
+        or snr, size are not positive.
 
     Examples
     --------
     >>> from psfdeconv.shear_response import shear_estimates
-    >>> response = {'log_snr_centres': [1.0, 2.0], 'log_size_centres': [0.3],
-    ...             'R1': [[1.2], [1.6]], 'R2': [[1.2], [1.6]],
+    >>> response = {'log_snr_edges': [1.0, 1.5, 2.0], 'log_size_edges': [0.2, 0.6],
+    ...             'R1': [[1.2], [1.4]], 'R2': [[1.2], [1.4]],
     ...             'c1': 0.001, 'c2': 0.0, 'alpha': 0.02, 'kernel_sigma_pixels': 1.5}
     >>> R1, R2, g1, g2 = shear_estimates(0.08, 0.0, 10**1.5, 2.0, 0.05, 0.0, response)
     >>> print(f'{float(R1):.2f} {float(g1):.4f}')
@@ -233,8 +254,8 @@ def shear_estimates(e1, e2, snr, size, psf_e1, psf_e2, response):
     with np.errstate(divide='ignore', invalid='ignore'):
         x = np.where(snr > 0, np.log10(snr), np.nan)
         y = np.where(size > 0, np.log10(size), np.nan)
-    grids = [_interpolate(response[key], response['log_snr_centres'],
-                          response['log_size_centres'], x, y) for key in ('R1', 'R2')]
+    grids = [_bin_values(response[key], response['log_snr_edges'],
+                         response['log_size_edges'], x, y) for key in ('R1', 'R2')]
     r1, r2 = grids
     g1 = e1 / r1 - response['c1'] - response['alpha'] * psf_e1
     g2 = e2 / r2 - response['c2'] - response['alpha'] * psf_e2

@@ -150,13 +150,14 @@ def test_the_response_fit_and_shear_estimates_recover_a_known_calibration():
     assert bias['m1_err'] < 0.02
 
 
-def test_shear_estimates_invert_the_response_exactly_on_the_bin_centres():
-    response = {'log_snr_centres': [1.0, 2.0], 'log_size_centres': [0.2, 0.5],
+def test_shear_estimates_invert_the_response_of_each_bin_exactly():
+    response = {'log_snr_edges': [1.0, 1.5, 2.0], 'log_size_edges': [0.2, 0.35, 0.5],
                 'R1': [[1.0, 1.2], [1.4, 1.8]], 'R2': [[1.1, 1.3], [1.5, 1.9]],
                 'c1': 0.002, 'c2': -0.001, 'alpha': 0.03, 'kernel_sigma_pixels': 1.5}
     g1, g2 = np.array([0.01, -0.02, 0.03]), np.array([0.0, 0.015, -0.01])
-    snr = 10**np.array([1.0, 2.0, 3.0])        # the last beyond the grid: clipped
-    size = 10**np.array([0.2, 0.5, 0.0])
+    # The last beyond the edges: the outer bins extend to infinity.
+    snr = 10**np.array([1.2, 1.7, 3.0])
+    size = 10**np.array([0.25, 0.45, 0.0])
     psf1, psf2 = np.array([0.05, -0.04, 0.0]), np.array([0.0, 0.02, 0.07])
     r1 = np.array([1.0, 1.8, 1.4])
     r2 = np.array([1.1, 1.9, 1.5])
@@ -167,19 +168,16 @@ def test_shear_estimates_invert_the_response_exactly_on_the_bin_centres():
     assert_allclose(out[1], r2)
     assert_allclose(out[2], g1, atol=1e-12)
     assert_allclose(out[3], g2, atol=1e-12)
-    # Between centres: bilinear in log10 snr.
-    mid = shear_estimates(0.1, 0.1, 10**1.5, 10**0.2, 0.0, 0.0, response)
-    assert_allclose(mid[0], 1.2)
     nan = shear_estimates(np.nan, 0.1, 0.0, 2.0, 0.0, 0.0, response)
     assert np.isnan(nan[2]) and np.isnan(nan[0])
 
 
 @pytest.mark.parametrize('key, value', [('R1', [[np.nan]]), ('R2', [[1.0, 2.0]]),
                                          ('R1', [[-1.0]]), ('c1', None),
-                                         ('log_snr_centres', [2.0, 1.0]),
+                                         ('log_snr_edges', [2.0, 1.0]),
                                          ('alpha', float('inf'))])
 def test_a_malformed_response_is_refused(key, value):
-    response = {'log_snr_centres': [1.5], 'log_size_centres': [0.4], 'R1': [[1.5]],
+    response = {'log_snr_edges': [1, 2], 'log_size_edges': [0.2, 0.6], 'R1': [[1.5]],
                 'R2': [[1.5]], 'c1': 0.0, 'c2': 0.0, 'alpha': 0.0,
                 'kernel_sigma_pixels': 1.5}
     check_shear_response(response)
