@@ -26,6 +26,58 @@ def _section(title, paragraph, none='None.'):
     return [title, '=' * len(title), '', paragraph or none, '']
 
 
+def _shear_lines(shear):
+    """The card's shear response and its held-out ring-test validation."""
+    def ranges(edges, fmt):
+        values = [fmt.format(10**x) for x in edges]
+        return ([f'< {values[1]}'] + [f'{a}-{b}' for a, b in zip(values[1:-2], values[2:-1],
+                                                                   strict=True)]
+                + [f'> {values[-2]}'])
+
+    snr = ranges(shear['log_snr_edges'], '{:.0f}')
+    size = ranges(shear['log_size_edges'], '{:.2f}')
+    lines = [f'Calibrated shear estimates ``{shear["form"]}`` (`~psfdeconv.shear_response.'
+             f'shear_estimates`), applied by `~psfdeconv.deconvolve.deconvolve_stamps` '
+             f'(details ``shear_g1``, ``shear_g2``, ``shear_R1``, ``shear_R2``) and in the '
+             f'catalogue of ``psfdeconv run``. Fitted by '
+             f'`~psfdeconv.shear.fit_shear_response` on a ring test of '
+             f'{shear["n_galaxies"]} galaxies (seed {shear.get("seed")}, g = '
+             f'{shear["shear"]}, kernel sigma {shear["kernel_sigma_pixels"]} pixels); '
+             f'c1 = {shear["c1"]:+.5f}, c2 = {shear["c2"]:+.5f}, alpha = '
+             f'{shear["alpha"]:+.4f}. R1 / R2 per bin (rows: SNR = flux / '
+             f'flux_err, columns: shear_size in pixels):', '']
+    header = ['SNR \\ size'] + size
+    rows = [[snr[i]] + [f'{a:.3f} / {b:.3f}' for a, b in zip(r1, r2, strict=True)]
+            for i, (r1, r2) in enumerate(zip(shear['R1'], shear['R2'], strict=True))]
+    widths = [max(len(r[k]) for r in [header] + rows) for k in range(len(header))]
+    rule = '  '.join('=' * w for w in widths)
+    lines += [rule, '  '.join(c.ljust(w) for c, w in zip(header, widths, strict=True)), rule]
+    lines += ['  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += [rule, '']
+    validation = shear.get('validation')
+    if validation:
+        keys = ('m1', 'm2', 'c1', 'c2', 'alpha')
+        lines += [f'Held-out validation (ring test seed {validation.get("seed")}, '
+                  f'{validation["n_galaxies"]} galaxies, {validation["n_units"]} '
+                  f'galaxy-bands; calibrated estimates; 1-sigma bootstrap errors over '
+                  f'galaxies; SNR: the band\'s matched-filter SNR; :doc:`validation`):', '']
+        header = ['SNR', 'galaxies'] + list(keys)
+        rows = [['all', str(validation['n_galaxies'])]
+                + [f'{validation[k]:+.4f} +- {validation[k + "_err"]:.4f}' for k in keys]]
+        for b in validation.get('bins', []):
+            low, high = b['snr_range']
+            name = f'{low:.0f}-{high:.0f}' if high < 1e3 else f'> {low:.0f}'
+            rows.append([name, str(b['n_galaxies'])]
+                        + [f'{b[k]:+.4f} +- {b[k + "_err"]:.4f}' for k in keys])
+        widths = [max(len(r[k]) for r in [header] + rows) for k in range(len(header))]
+        rule = '  '.join('=' * w for w in widths)
+        lines += [rule, '  '.join(c.ljust(w) for c, w in zip(header, widths, strict=True)),
+                  rule]
+        lines += ['  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines += [rule, '']
+    return lines
+
+
 def rst_table(table, floatfmt='{:.4g}'):
     rows = [[str(c) for c in table.colnames]]
     for row in table:
@@ -122,6 +174,14 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
         f'blanks unless that takes more than '
         f'{100 * detection.get("max_sources_below", 0.01):.0f} % of the '
         f'sources).'), none='None (no detection gate).')
+    shear = card.get('shear_response')
+    if shear:
+        lines += ['Shear response', '==============', ''] + _shear_lines(shear)
+    else:
+        lines += _section('Shear response', None, none=(
+            'None: `~psfdeconv.deconvolve.deconvolve_stamps` gives no shear estimates and '
+            'the catalogue\'s ``shear_*`` columns are NaN (``psfdeconv calibrate-shear`` '
+            'fits one).'))
     lines += ['Validation metrics (unweighted moments, bands pooled)',
               '=====================================================', '',
               '.. code-block:: json', '']

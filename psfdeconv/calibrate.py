@@ -13,6 +13,9 @@ detection threshold that separates blank stamps (`fit_detection_threshold`).
 calibrations, the card's validation metrics and training ranges;
 `recalibrate_model` refits the card of a saved model (e.g. for another
 number of symmetries) without training (``psfdeconv calibrate``).
+`calibrate_shear` adds the shear response of a ring test
+(`psfdeconv.shear`) to a card (``psfdeconv calibrate-shear``), fitted on one
+seed and validated on another.
 
 This module fits; `psfdeconv.deconvolve` applies (``correct_*``).
 """
@@ -36,7 +39,7 @@ from .transforms import shear_images
 __all__ = ['fit_flux_bias', 'calibrate_flux_bias',
            'fit_detection_threshold', 'fit_size_bias', 'fit_psf_leakage',
            'calibrate_card', 'validation_metrics', 'calibrate_model',
-           'recalibrate_model',
+           'recalibrate_model', 'calibrate_shear', 'write_shear_response',
            'DETECTION_BLANK_RECALL', 'DETECTION_MAX_SOURCES_BELOW']
 
 
@@ -613,7 +616,8 @@ def calibrate_model(keras_model, card, simulation_path, *, size_bias=True):
 
 #: Keys `calibrate_model` writes; `recalibrate_model` drops the old ones first.
 _CALIBRATION_KEYS = ('psf_leakage', 'size_bias', 'flux_bias', 'detection', 'metrics',
-                     'pixel_scale_range', 'psf_fwhm_range_arcsec', 'n_validation_objects')
+                     'pixel_scale_range', 'psf_fwhm_range_arcsec', 'n_validation_objects',
+                     'shear_response')
 
 
 def recalibrate_model(model_path, simulation_path, *, out, symmetries=None,
@@ -719,3 +723,140 @@ def recalibrate_model(model_path, simulation_path, *, out, symmetries=None,
     with atomic_path(out.with_suffix('.json'), overwrite=True) as tmp:
         tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
     return sign_card(out)
+
+
+def write_shear_response(model_path, response, *, validation=None, out=None,
+                         overwrite=False):
+    """Store a shear response (and its held-out validation) in a model card.
+
+    Parameters
+    ----------
+    model_path : str or `~pathlib.Path`
+        A ``.keras`` file with its card (checked by
+        `~psfdeconv.model.load_model`).
+    response : dict
+        From `~psfdeconv.shear.fit_shear_response`.
+    validation : dict, optional
+        From `~psfdeconv.shear.fit_shear_bias` on another seed (the
+        calibrated m, c, alpha and their errors), stored as
+        ``shear_response['validation']``.
+    out : str or `~pathlib.Path`, optional
+        The new ``.keras`` file (a copy of ``model_path``); ``model_path``
+        itself (its card is rewritten, the weights are untouched) if None.
+    overwrite : bool, optional
+        Replace an existing ``out`` (other than ``model_path``).
+
+    Returns
+    -------
+    dict
+        The card as written and signed (`~psfdeconv.model.sign_card`).
+
+    Raises
+    ------
+    psfdeconv.exceptions.ModelFileError
+        If the response is malformed or not finite
+        (`~psfdeconv.shear.check_shear_response`).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .io import atomic_path
+    from .io.files import check_writable
+    from .model import load_model, sign_card
+    from .shear_response import check_shear_response
+
+    model_path = Path(model_path)
+    out = model_path if out is None else Path(out)
+    same = out.exists() and out.resolve() == model_path.resolve()
+    if not same:
+        check_writable(out, overwrite=overwrite)
+        check_writable(out.with_suffix('.json'), overwrite=overwrite)
+    entry = json.loads(json.dumps(response))
+    if validation is not None:
+        entry['validation'] = json.loads(json.dumps(validation))
+    check_shear_response(entry)
+    card = json.loads(json.dumps(load_model(model_path).card))
+    card['shear_response'] = entry
+    card.pop('card_sha256', None)
+    if not same:
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            shutil.copyfile(model_path, tmp)
+    with atomic_path(out.with_suffix('.json'), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + '\n')
+    return sign_card(out)
+
+
+def calibrate_shear(model_path, *, n_galaxies=1000, seed=1, test_galaxies=1000,
+                    test_seed=2, shear=0.02, snr_range=(10.0, 300.0), out=None,
+                    tables=None, n_bootstrap=200, overwrite=False, log=None):
+    """Fit a card's shear response on a ring test and validate it on another.
+
+    Runs `~psfdeconv.shear.ring_test_table` (the whole
+    `~psfdeconv.deconvolve.deconvolve_stamps` path with the card's own
+    symmetries and corrections) on ``seed``, fits
+    `~psfdeconv.shear.fit_shear_response` on it, then measures the
+    calibrated m, c and alpha (`~psfdeconv.shear.fit_shear_bias`, also per
+    SNR bin) on ``test_seed``, and writes both into the card
+    (`write_shear_response`).
+
+    Parameters
+    ----------
+    model_path : str or `~pathlib.Path`
+        A ``.keras`` file with its card.
+    n_galaxies, seed : int, optional
+        Galaxies (8 stamps each) and seed of the fit.
+    test_galaxies, test_seed : int, optional
+        Galaxies and seed of the held-out validation (``test_seed`` must
+        differ from ``seed``).
+    shear : float, optional
+        Input shear of the ring test.
+    snr_range : tuple of float, optional
+        As for `~psfdeconv.shear.simulate_ring_test`.
+    out : str or `~pathlib.Path`, optional
+        As for `write_shear_response`.
+    tables : str or `~pathlib.Path`, optional
+        Directory keeping the per-chunk tables (``seed<seed>/``,
+        ``seed<test_seed>/``), reused when they exist.
+    n_bootstrap : int, optional
+        Bootstrap resamplings of the validation errors.
+    overwrite : bool, optional
+        As for `write_shear_response`.
+    log : callable, optional
+        Called with a line of progress.
+
+    Returns
+    -------
+    dict
+        The card as written.
+    """
+    from pathlib import Path
+
+    from .model import load_model
+    from .shear import fit_shear_bias, fit_shear_response, ring_test_table
+    from .simulate import SimulationConfig
+
+    if seed == test_seed:
+        raise ConfigError(f'the validation seed must differ from the fit seed, both are '
+                          f'{seed}: a calibration validated on its own stamps says nothing.')
+    model = load_model(model_path)
+    # The model's band count; the other ranges of the default simulation.
+    config = SimulationConfig(n_bands=int(model.card['n_bands']))
+
+    def table(n, s):
+        directory = None if tables is None else Path(tables) / f'seed{s}'
+        return ring_test_table(n, seed=s, shear=shear, snr_range=snr_range, model=model,
+                               config=config, directory=directory, log=log)
+
+    response = fit_shear_response(table(n_galaxies, seed), seed=seed)
+    test = table(test_galaxies, test_seed)
+    validation = fit_shear_bias(test, estimator='calibrated', response=response,
+                                snr_edges=_SHEAR_SNR_EDGES, n_bootstrap=n_bootstrap,
+                                seed=test_seed)
+    validation['seed'] = int(test_seed)
+    return write_shear_response(model_path, response, validation=validation, out=out,
+                                overwrite=overwrite)
+
+
+#: Bins of matched-filter SNR the card's shear validation is reported in.
+_SHEAR_SNR_EDGES = (10.0, 20.0, 40.0, 80.0, 1e4)

@@ -772,8 +772,14 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         (`outside_training_range`), ``'detection_snr'`` (n,) (`detection_snr`),
         ``'detected'`` (n,): False where it is below the card's
         ``detection`` threshold, whose images are set to 0 (fluxes are
-        still reported), and with ``target_psf`` the kernels applied,
-        ``'target_psf'`` (n, py, px).
+        still reported), with ``target_psf`` the kernels applied,
+        ``'target_psf'`` (n, py, px), and where the card has a
+        ``shear_response`` (:doc:`/validation`), the calibrated shear
+        estimates ``'shear_g1'``, ``'shear_g2'`` and their responses
+        ``'shear_R1'``, ``'shear_R2'`` (each (n, n_bands), pixel frame: g1 > 0
+        along the x axis; NaN where HSM fails, e.g. undetected stamps;
+        measured on the pixel-grid images, before any ``target_psf``;
+        `psfdeconv.shear.apply_shear_response`).
     strict : bool or None, optional
         Refuse stamps outside the training range
         (`~psfdeconv.exceptions.PixelScaleError`) instead of warning
@@ -853,6 +859,14 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     images = fit.pop('images')
     detected = apply_detection(images, fit['detection_snr'],
                                model.card.get('detection'))
+    shear = None
+    if return_details and model.card.get('shear_response'):
+        from .shear_response import apply_shear_response
+
+        # Measured on the pixel-grid images the response was fitted on,
+        # before any target PSF.
+        shear = apply_shear_response(images, psfs, fit['flux'], fit['flux_err'],
+                                     model.card['shear_response'])
     if target_kernels is not None:
         images = convolve_to_target(images, target_kernels)
     if unit is not None:
@@ -870,6 +884,8 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     }
     if target_kernels is not None:
         details['target_psf'] = target_kernels
+    if shear is not None:
+        details.update(shear)
     if unit is not None:
         details = {key: value * unit if key in _FLUX_DETAILS else value
                    for key, value in details.items()}

@@ -428,6 +428,11 @@ def check_card_values(card, path=None):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):
             refuse(key, value, 'it must be a positive integer')
+    if card.get('shear_response') is not None:
+        from .shear_response import check_shear_response
+
+        check_shear_response(card['shear_response'],
+                             where=f'the card of model {path or ""} has shear_response')
     kinds = card.get('input_kinds')
     if kinds is not None and not (isinstance(kinds, list) and kinds
                                   and all(isinstance(kind, str) for kind in kinds)):

@@ -1273,6 +1273,25 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
             (f'hsm_status_{band}', np.asarray(shapes['hsm_status'][:, b], dtype=np.int32),
              'HSM status: 0 ok, -1 failed, -2 non-positive fit'),
         ]
+        # NaN without a card shear_response (e.g. the 1-band model).
+        shear = {key: band_values(details[key][:, b]) if key in details
+                 else np.full(n, np.nan)
+                 for key in ('shear_g1', 'shear_g2', 'shear_R1', 'shear_R2')}
+        frame = (f'pixel frame as hsm_e1_{band} (g1 > 0 elongated along the exposure '
+                 f'x axis, g2 > 0 along x = y)')
+        columns += [
+            (f'shear_g1_{band}', shear['shear_g1'],
+             f'Calibrated shear estimate g1 of the deconvolved {band} image (HSM '
+             f'distortion of the image convolved with the card shear kernel, divided by '
+             f'shear_R1_{band}, minus the card additive bias and PSF leakage), {frame}'),
+            (f'shear_g2_{band}', shear['shear_g2'],
+             f'Calibrated shear estimate g2, as shear_g1_{band}'),
+            (f'shear_R1_{band}', shear['shear_R1'],
+             f'Shear response d<e1>/dg1 of the model card at this SNR and size, '
+             f'used by shear_g1_{band}'),
+            (f'shear_R2_{band}', shear['shear_R2'],
+             f'Shear response d<e2>/dg2, used by shear_g2_{band}'),
+        ]
         if setup.use_wcs:
             e1_sky, e2_sky = sky_ellipticity(band_values(moments['e1'][:, b]),
                                              band_values(moments['e2'][:, b]), jacobian)

@@ -502,6 +502,80 @@ def _simulate_chunk(n, config, seed_sequence):
     }
 
 
+def _rotate_position(x, y, k):
+    """A position relative to the array centre after ``np.rot90(., k)``
+    (arrays indexed [y, x]): each turn maps (x, y) to (y, -x)."""
+    for _ in range(k % 4):
+        x, y = y, -x
+    return x, y
+
+
+def draw_ring_galaxy(config, shears, snr_range, seed_sequence):
+    """The ring-test stamps of one galaxy (`psfdeconv.shear.simulate_ring_test`).
+
+    The galaxy (`_galaxy_profile`, unit flux), its PSFs (`_draw_psfs`, fixed
+    for all its stamps) and its band transforms are drawn once; it is drawn
+    at two intrinsic orientations 90 degrees apart, each sheared by every
+    row ``(g1, g2)`` of ``shears`` before the PSF. One noise field per
+    orientation, the second the first turned by 90 degrees with the galaxy,
+    is shared by its shear states; the flux sets the band-1 matched-filter
+    SNR of the first stamp to a value drawn log-uniformly in ``snr_range``.
+
+    Returns
+    -------
+    dict
+        ``'truth'``, ``'observed'`` (2, n_shears, n_bands, ny, nx), ``'psf'``,
+        ``'snr'`` (2, n_shears, n_bands) and the drawn parameters.
+    """
+    import galsim
+
+    rng = np.random.default_rng(seed_sequence)
+    size, nb, ov = config.stamp_size, config.n_bands, config.oversampling
+    pixel_scale = float(_draw_uniform(rng, config.pixel_scale_range))
+    offset = _draw_uniform(rng, config.offset_range, 2)
+    psfs, psf_params = _draw_psfs(rng, config, np.array([pixel_scale]), 1)
+    hlr = min(float(_draw_log_uniform(rng, config.half_light_radius_range)),
+              config.max_half_light_radius_pixels * pixel_scale)
+    profile = _galaxy_profile(rng, config, hlr, max_shift=min(
+        22.0, size / 2 - 10) * pixel_scale)
+    # One seed for the band transforms of every stamp: the same colours.
+    band_seed = int(rng.integers(2**62))
+    noise_sigma = _draw_uniform(rng, config.noise_sigma_range, nb)
+    target_snr = float(_draw_log_uniform(rng, snr_range))
+    noise = rng.normal(size=(nb, size, size))
+
+    band1 = np.empty((2, len(shears), size, size))
+    for r in range(2):
+        # GalSim's rotation by -90 degrees is np.rot90 of the array (y
+        # rows increasing upwards): the rotated member with the rotated
+        # noise is the first member's stamp turned, except for the PSF.
+        rotated = profile.rotate(-90.0 * r * galsim.degrees)
+        # Position relative to the array centre (an even image's centre
+        # lies between pixels; the stamp centre is pixel size // 2).
+        x, y = _rotate_position(0.5 + offset[0], 0.5 + offset[1], r)
+        for s, (g1, g2) in enumerate(shears):
+            image = rotated.shear(g1=g1, g2=g2).drawImage(
+                nx=size * ov, ny=size * ov, scale=pixel_scale / ov, method='no_pixel',
+                offset=(ov * x, ov * y))
+            band1[r, s] = _bin(image.array, ov)
+    truth = np.stack([_band_transforms(np.random.default_rng(band_seed), config,
+                                       stamp[None])[0]
+                      for stamp in band1.reshape(-1, size, size)])
+    truth = truth.reshape(2, len(shears), nb, size, size)
+    noiseless = convolve_same(truth, psfs[0].astype(np.float64))
+    # Flux set by the band-1 matched-filter SNR of the first stamp.
+    scale = target_snr * noise_sigma[0] / np.sqrt((noiseless[0, 0, 0]**2).sum())
+    truth, noiseless = truth * scale, noiseless * scale
+    fields = np.stack([noise, np.rot90(noise, 1, axes=(-2, -1))])
+    observed = noiseless + (fields * noise_sigma[:, None, None])[:, None]
+    snr = np.sqrt((noiseless**2).sum(axis=(-2, -1))) / noise_sigma
+    return {'truth': truth.astype(np.float32), 'observed': observed.astype(np.float32),
+            'psf': psfs[0], 'pixel_scale': pixel_scale, 'noise_sigma': noise_sigma,
+            'snr': snr, 'offset': offset, 'half_light_radius': hlr,
+            'psf_g1': psf_params['psf_g1'][0], 'psf_g2': psf_params['psf_g2'][0],
+            'psf_fwhm': psf_params['psf_fwhm'][0]}
+
+
 def _chunk_plan(n_objects, seed):
     sizes = [_CHUNK_SIZE] * (n_objects // _CHUNK_SIZE)
     if n_objects % _CHUNK_SIZE:
