@@ -87,6 +87,13 @@ _MAX_ELLIPTICITY = 0.25
 _MAX_CENTROID_SHIFT = 0.1
 #: A point-like source's FWHM lies within this factor of the stellar locus.
 _FWHM_TOLERANCE = 1.25
+#: The stellar locus is the most compact cluster of at least this fraction
+#: of the largest cluster's members ...
+_LOCUS_MIN_FRACTION = 0.2
+#: ... and of at least this many sources.
+_LOCUS_MIN_MEMBERS = 5
+#: Smallest FWHM (pixels) of a star: a single hot pixel's is 1.13.
+_MIN_STAR_FWHM = 1.2
 #: A rendered PSF whose model sum over the stamp falls outside this range
 #: (before renormalisation) triggers a warning.
 _RENDER_SUM_RANGE = (0.8, 1.25)
@@ -267,16 +274,30 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
 
 
 def _stellar_locus(fwhm):
-    """The FWHM around which most sources cluster within the tolerance.
+    """The FWHM of the most compact well-populated cluster of sources.
 
-    A mode rather than a median, so that galaxies (larger) or a few
-    blends cannot pull the locus off the stars.
+    Each source counts the sources within the tolerance of its FWHM; the
+    locus is the smallest FWHM whose count reaches `_LOCUS_MIN_FRACTION` of
+    the largest count (and `_LOCUS_MIN_MEMBERS`), the median of its
+    members. Stars are the most compact sources, but on a deep frame the
+    compact galaxies can outnumber them: the largest cluster (a mode) then
+    sits on the galaxies and every star is rejected as too small. Single-pixel
+    spikes (FWHM below `_MIN_STAR_FWHM`) cannot be stars.
     """
+    fwhm = np.asarray(fwhm, dtype=float)
+    if (fwhm >= _MIN_STAR_FWHM).any():
+        fwhm = fwhm[fwhm >= _MIN_STAR_FWHM]
     log_fwhm = np.log(fwhm)
     window = np.log(_FWHM_TOLERANCE)
     counts = (np.abs(log_fwhm[:, None] - log_fwhm[None, :]) <= window).sum(1)
-    # Ties go to the smaller FWHM: stars are the most compact sources.
-    best = np.flatnonzero(counts == counts.max())
+    needed = min(max(_LOCUS_MIN_FRACTION * counts.max(), _LOCUS_MIN_MEMBERS),
+                 counts.max())
+    candidates = np.flatnonzero(counts >= needed)
+    start = candidates[np.argmin(fwhm[candidates])]
+    # The densest point of that cluster: the most compact clusters' edges
+    # reach the counts needed before their centres.
+    near = np.flatnonzero(np.abs(log_fwhm - log_fwhm[start]) <= window)
+    best = near[counts[near] == counts[near].max()]
     centre = fwhm[best[np.argmin(fwhm[best])]]
     members = np.abs(log_fwhm - np.log(centre)) <= window
     return float(np.median(fwhm[members]))
@@ -366,9 +387,11 @@ def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
       other (a star sitting on a galaxy fails this), and a FWHM within a
       factor 1.25 of the stellar locus. The FWHM is that of a disc with
       the area of the pixels above half the peak; the locus is
-      ``fwhm_guess`` or, by default, the FWHM around which most of the
-      200 brightest compact sources cluster (a mode, so that galaxies and
-      blends do not move it).
+      ``fwhm_guess`` or, by default, the most compact cluster of FWHMs
+      among the 200 brightest compact sources that holds at least a fifth
+      as many sources as the largest cluster (so that compact galaxies,
+      which outnumber the stars on a deep frame, and blends do not move it
+      off the stars).
 
     Detections are deblended (`~photutils.segmentation.deblend_sources`)
     before the isolation test, so that a star and a galaxy or companion

@@ -182,6 +182,37 @@ def test_point_sources_on_given_segments_match_find_stars():
 
 
 
+def test_stellar_locus_is_the_stars_when_compact_galaxies_outnumber_them():
+    """A deep frame: 60 compact round galaxies (FWHM ~7 pixels) and 20 stars (FWHM 4.65).
+    The largest cluster of FWHMs is the galaxies'; the locus must still be the stars'
+    (it was the galaxies', and every star was rejected as too small)."""
+    import galsim
+
+    rng = np.random.default_rng(11)
+    moffat = galsim.Moffat(beta=3.5, fwhm=4.5)
+    image = galsim.ImageF(720, 720, scale=1.0)
+    slots = rng.permutation([(x, y) for x in range(40, 700, 44) for y in range(40, 700, 44)])
+    is_star = np.zeros(80, dtype=bool)
+    is_star[:20] = True
+    for (x, y), star in zip(slots[:80], is_star, strict=True):
+        flux = rng.uniform(3e4, 1e5)
+        profile = (moffat if star else galsim.Convolve(
+            galsim.Exponential(half_light_radius=rng.uniform(2.3, 2.8)), moffat))
+        profile.withFlux(flux).drawImage(
+            image=image[galsim.BoundsI(int(x) - 20, int(x) + 20, int(y) - 20, int(y) + 20)],
+            add_to_image=True, offset=rng.uniform(-0.5, 0.5, 2))
+    data = image.array + rng.normal(0.0, 5.0, image.array.shape)
+    table = find_stars(data, all_sources=True)
+    positions = np.array(slots[:80], dtype=float) - 1  # GalSim is 1-based
+    xy = np.column_stack([table['x'].value, table['y'].value])
+    nearest = np.hypot(*(xy[:, None] - positions[None]).T).T.argmin(1)
+    selected = np.asarray(table['selected'])
+    assert selected.sum() >= 15
+    assert is_star[nearest[selected]].all()
+    star_fwhm = np.median(table['fwhm'].value[is_star[nearest]])
+    assert table.meta['fwhm_locus'] == pytest.approx(star_fwhm, rel=0.05)
+
+
 def test_find_stars_saturation_from_nddata_meta_and_mask(field):
     image, _, saturated_xy, _ = field
     mask = np.zeros(SHAPE, dtype=bool)
