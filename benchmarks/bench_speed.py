@@ -17,12 +17,15 @@ Prints one table of measurements and the ratios the speed targets are set on:
   PSFs (target >= 0.5), its stage timings, and its peak resident memory with 1x
   and 4x the sources, each in a fresh process (target: flat);
 * **batch** (`bench_exposure.batch_workers`): ``run_batch`` on 4 groups with 1
-  and 2 worker processes (target >= 1.8 on 2 cores).
+  and 2 worker processes (target >= 1.8 on 2 cores); each group is a simulated
+  field of ``--batch-field`` pixels a side (1024, 250 galaxies and 60 stars, by
+  default; 512 gives 40 galaxies and 25 stars), and each worker process starts
+  TensorFlow and loads the model once, a fixed cost the groups share.
 
 Usage (about 25 minutes on 2 cores with the defaults)::
 
     python benchmarks/bench_speed.py [--n 512] [--field DIR] [--quick]
-        [--skip-exposure] [--skip-memory] [--skip-batch]
+        [--skip-exposure] [--skip-memory] [--skip-batch] [--batch-field 1024]
 
 ``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure --size 3072
 --n-galaxies 1600 --n-stars 150 --seed 7 DIR``; ``--quick`` simulates a
@@ -117,6 +120,8 @@ def main():
     parser.add_argument('--skip-exposure', action='store_true')
     parser.add_argument('--skip-memory', action='store_true')
     parser.add_argument('--skip-batch', action='store_true')
+    parser.add_argument('--batch-field', type=int, choices=(512, 1024), default=1024,
+                        help='side in pixels of each batch group')
     args = parser.parse_args()
 
     from psfdeconv.model import default_model_path, load_model
@@ -160,8 +165,12 @@ def main():
             for line in result['stages']:
                 print(f'  {line}')
         if not args.skip_batch:
-            times, n_sources = batch_workers(tmp / 'batch', str(model_path))
-            rows.append((f'run_batch, 4 groups ({n_sources} sources), 1 worker (s)',
+            sources = {512: (40, 25), 1024: (250, 60)}[args.batch_field]
+            times, n_sources = batch_workers(tmp / 'batch', str(model_path),
+                                             size=args.batch_field, n_galaxies=sources[0],
+                                             n_stars=sources[1])
+            rows.append((f'run_batch, 4 groups of {args.batch_field}x{args.batch_field} '
+                         f'({n_sources} sources), 1 worker (s)',
                          f'{times[1]:.1f}', ''))
             rows.append(('run_batch, 2 workers (s)', f'{times[2]:.1f}', ''))
             rows.append(('  speed-up 2 workers / 1', f'{times[1] / times[2]:.2f}', '>= 1.8'))

@@ -10,8 +10,9 @@ dictionaries of arrays of the leading shape ``(...)``:
 * `hsm_moments`: GalSim's adaptive (elliptical Gaussian weighted)
   moments, a robust cross-check on noisy images;
 * `snr`: the matched-filter signal-to-noise ratio (HW23 Eq. 25);
-* `sky_jacobian`, `sky_ellipticity`: pixel-frame ellipticities carried
-  onto the sky axes (east, north) with the local WCS Jacobian.
+* `sky_jacobian`, `sky_ellipticity`, `sky_shear`: pixel-frame ellipticities
+  and shear estimates carried onto the sky axes (east, north) with the local
+  WCS Jacobian.
 
 `measure_table` is the astropy edge: it measures a stack of multi-band
 stamps ``(n, n_bands, ny, nx)`` and returns a `~astropy.table.QTable`
@@ -29,7 +30,7 @@ from ._validation import as_image_array, broadcast_pixel_scale, check_band_names
 from .exceptions import InvalidInputError, ShapeMismatchError
 
 __all__ = ['image_moments', 'hsm_moments', 'windowed_centroid', 'measure_table',
-           'snr', 'sky_jacobian', 'sky_ellipticity', 'SKY_SHAPE_CONVENTION']
+           'snr', 'sky_jacobian', 'sky_ellipticity', 'sky_shear', 'SKY_SHAPE_CONVENTION']
 
 # Moment definitions recorded in the metadata of `measure_table`.
 _MOMENT_DEFINITIONS = {
@@ -660,3 +661,65 @@ def measure_table(images, *, pixel_scale, bands=None, unit=None,
                                       'pixel centres on integers')
     table.meta['moment_definitions'] = dict(_MOMENT_DEFINITIONS)
     return table
+
+
+def sky_shear(g1, g2, jacobian):
+    r"""Pixel-frame shear estimates on the sky axes.
+
+    A shear estimate is a spin-2 quantity: on axes turned by :math:`\theta`
+    it becomes :math:`g' = g\, e^{2 i \theta}`, and a mirrored frame also
+    flips the sign of :math:`g_2`. The turn and the parity are those of the
+    local WCS Jacobian's orthogonal polar factor :math:`U` (:math:`J = U
+    P`, :math:`P` symmetric positive definite); the scale and the small
+    shear of the WCS itself (:math:`P`) are left out, because a shear
+    estimate is calibrated in the pixel frame it was measured in. The
+    convention is `sky_ellipticity`'s (`SKY_SHAPE_CONVENTION`):
+    :math:`g_1 > 0` east-west, :math:`g_2 > 0` along north-east/south-west.
+
+    Parameters
+    ----------
+    g1, g2 : array_like
+        Pixel-frame shear estimates (as ``deconvolve_stamps`` details
+        ``'shear_g1'``, ``'shear_g2'``), broadcast together; NaN stays NaN.
+    jacobian : array_like
+        Shape ``(..., 2, 2)`` or ``(2, 2)``, d(east, north) / d(x, y) as
+        `sky_jacobian` returns it.
+
+    Returns
+    -------
+    g1_sky, g2_sky : `~numpy.ndarray`
+        Sky-frame shear estimates of the broadcast shape.
+
+    Raises
+    ------
+    psfdeconv.exceptions.ShapeMismatchError
+        If ``jacobian`` does not end in ``(2, 2)`` or does not broadcast.
+
+    Examples
+    --------
+    North up and east left (the usual orientation): the pixel rows run
+    east-west, so a shear along them stays ``g1 > 0``, and one along the
+    pixel diagonal x = y runs north-west/south-east on the sky (``g2 < 0``);
+    on the same sky with north to the left and east down (turned by 90
+    degrees) both signs change:
+
+    >>> import numpy as np
+    >>> from psfdeconv.measure import sky_shear
+    >>> print(np.round(sky_shear(0.02, 0.01, [[-1.0, 0.0], [0.0, 1.0]]), 6))
+    [ 0.02 -0.01]
+    >>> print(np.round(sky_shear(0.02, 0.01, [[0.0, -1.0], [-1.0, 0.0]]), 6))
+    [-0.02  0.01]
+    """
+    jacobian = np.asarray(jacobian, dtype=float)
+    if jacobian.ndim < 2 or jacobian.shape[-2:] != (2, 2):
+        msg = (f'jacobian must have shape (..., 2, 2), got {jacobian.shape}; '
+               f'give d(east, north)/d(x, y) from sky_jacobian.')
+        raise ShapeMismatchError(msg)
+    # Orthogonal polar factor U = W V^T of J = W S V^T; a NaN Jacobian stays NaN.
+    finite = np.isfinite(jacobian).all(axis=(-2, -1))
+    safe = np.where(finite[..., None, None], jacobian, np.eye(2))
+    w, _, vt = np.linalg.svd(safe)
+    turn = np.where(finite[..., None, None], w @ vt, np.nan)
+    # M = [[1 + g1, g2], [g2, 1 - g1]] turned by an orthogonal U keeps its
+    # trace, so sky_ellipticity is exactly the spin-2 rotation here.
+    return sky_ellipticity(g1, g2, turn)

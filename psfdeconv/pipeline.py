@@ -728,8 +728,8 @@ def _shape_frame(use_wcs):
     frame = {'pixel': 'reference-band pixel axes (e1_<band>, e2_<band>, hsm_e1_<band>, '
                       'hsm_e2_<band>): x = column, y = row, e1 > 0 along the rows'}
     if use_wcs:
-        frame['sky'] = ('e1_sky_<band>, e2_sky_<band>, hsm_e1_sky_<band>, hsm_e2_sky_<band>: '
-                        + SKY_SHAPE_CONVENTION)
+        frame['sky'] = ('e1_sky_<band>, e2_sky_<band>, hsm_e1_sky_<band>, hsm_e2_sky_<band>, '
+                        'shear_g1_sky_<band>, shear_g2_sky_<band>: ' + SKY_SHAPE_CONVENTION)
     else:
         frame['sky'] = ('none: the exposures have no celestial WCS, so the *_sky_<band> '
                         'columns are absent')
@@ -1188,7 +1188,7 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
     """The catalogue columns of a chunk: name -> (values, description)."""
     import astropy.units as u
 
-    from .measure import sky_ellipticity, sky_jacobian
+    from .measure import sky_ellipticity, sky_jacobian, sky_shear
 
     bands, reference_band = setup.bands, setup.reference_band
     ids, x_in, y_in = setup.ids[index], setup.x_in[index], setup.y_in[index]
@@ -1308,6 +1308,15 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
                  f'hsm_e1_{band} {sky}: > 0 elongated east-west, < 0 north-south'),
                 (f'hsm_e2_sky_{band}', hsm_e2_sky,
                  f'hsm_e2_{band} {sky}: > 0 along NE-SW, < 0 along NW-SE'),
+            ]
+            shear_g1_sky, shear_g2_sky = sky_shear(shear['shear_g1'], shear['shear_g2'],
+                                                   jacobian)
+            columns += [
+                (f'shear_g1_sky_{band}', shear_g1_sky,
+                 f'shear_g1_{band} {sky} (turned by the local WCS, its own shear '
+                 f'left out): > 0 east-west'),
+                (f'shear_g2_sky_{band}', shear_g2_sky,
+                 f'shear_g2_{band} {sky}: > 0 along NE-SW'),
             ]
     return {name: (values, description) for name, values, description in columns}
 

@@ -15,6 +15,7 @@ from psfdeconv.measure import (
     image_moments,
     sky_ellipticity,
     sky_jacobian,
+    sky_shear,
 )
 
 SCALE = 0.2 / 3600.0  # deg/pixel
@@ -181,8 +182,39 @@ def test_shape_frame_is_recorded(three_orientations):
     catalog = three_orientations[0]
     frame = catalog.meta['shape_frame']
     assert frame['pixel'].startswith('reference-band pixel axes')
-    assert SKY_SHAPE_CONVENTION in frame['sky']
+    assert SKY_SHAPE_CONVENTION in frame['sky'] and 'shear_g1_sky_<band>' in frame['sky']
     assert 'NE-SW' in catalog['e2_sky_r'].info.description
+    # The 1-band model has no shear response: the sky shear columns are there, NaN.
+    assert 'NE-SW' in catalog['shear_g2_sky_r'].info.description
+    assert np.all(np.isnan(catalog['shear_g1_sky_r']))
+
+
+@pytest.mark.parametrize('mirrored', [False, True])
+@pytest.mark.parametrize('angle', [0.0, 17.0, 90.0, 135.0, -60.0])
+def test_sky_shear_is_a_spin2_turn(angle, mirrored):
+    rng = np.random.default_rng(3)
+    g1, g2 = rng.normal(0, 0.03, (2, 50))
+    parity = np.diag([-1.0, 1.0]) if mirrored else np.eye(2)
+    turn = _rotation(angle) @ parity
+    # The WCS's own scale and a small shear are left out: only the turn counts.
+    jacobian = 3e-5 * turn @ np.array([[1.02, 0.01], [0.01, 0.98]])
+    got1, got2 = sky_shear(g1, g2, jacobian)
+    phase = np.exp(2j * np.deg2rad(angle))
+    expected = (g1 + 1j * (-g2 if mirrored else g2)) * phase
+    assert_allclose(got1, expected.real, atol=1e-12)
+    assert_allclose(got2, expected.imag, atol=1e-12)
+    # For a conformal Jacobian it is the ellipticity transform.
+    assert_allclose(sky_shear(g1, g2, 5 * turn), sky_ellipticity(g1, g2, turn), atol=1e-12)
+
+
+def test_sky_shear_nan_and_shapes():
+    jacobians = np.array([np.eye(2), np.full((2, 2), np.nan), -np.eye(2)])
+    g1, g2 = sky_shear(np.array([0.01, 0.01, 0.01]), np.array([np.nan, 0.02, 0.02]),
+                       jacobians)
+    assert np.isnan(g2[0]) and np.isnan(g1[1]) and np.isnan(g2[1])
+    assert_allclose([g1[2], g2[2]], [0.01, 0.02])  # a half turn is the identity
+    with pytest.raises(ShapeMismatchError, match=r'jacobian must have shape'):
+        sky_shear(0.01, 0.0, np.eye(3))
 
 
 def test_no_sky_columns_without_a_wcs():
