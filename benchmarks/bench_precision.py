@@ -10,20 +10,22 @@ them), each run as
 
 * ``eager float32``: ``keras_model(x, training=False)`` per batch;
 * ``graph float32``: the ``tf.function`` runner of ``precision='float32'``;
-* ``OpenVINO float32`` and ``OpenVINO bfloat16`` (if installed);
+* ``OpenVINO float32`` (the runner of ``precision='float32'`` where OpenVINO is
+  installed) and ``OpenVINO bfloat16`` (if installed);
 * ``TF mixed bfloat16 graph``: the runner used for bfloat16 without OpenVINO.
 
 Every variant runs once per round, the rounds interleave them (the machine's
 load hits them alike) and the best round counts.
 
 Accuracy: ``deconvolve_stamps(..., symmetries=1)`` of a held-out simulation
-(``simulate_stamps(M, seed=4)``) in float32 and in bfloat16: the flux ratio
-bfloat16/float32 of the objects with SNR > 10, and the change of the HSM
-ellipticity (``hsm_moments``) of the deconvolved images.
+(``simulate_stamps(M, seed=4)``) in float32 and in bfloat16 (``--accuracy
+bfloat16``), or in float32 through OpenVINO and through TensorFlow's graph
+(``--accuracy float32``): the flux ratio of the objects with SNR > 10, and the
+change of the HSM ellipticity (``hsm_moments``) of the deconvolved images.
 
 Usage::
 
-    python benchmarks/bench_precision.py --n 512 --n-accuracy 2000
+    python benchmarks/bench_precision.py --n 512 --n-accuracy 2000 [--accuracy both]
 """
 
 import argparse
@@ -56,7 +58,7 @@ def _runners(keras_model):
         'graph float32': inference._tensorflow_runner(keras_model),
     }
     if inference.openvino_available():
-        runners['OpenVINO float32'] = inference._openvino_runner(keras_model, 'f32')
+        runners['OpenVINO float32'] = inference._openvino_float32_runner(keras_model)
         runners['OpenVINO bfloat16'] = inference._openvino_runner(keras_model, 'bf16')
     runners['TF mixed bfloat16 graph'] = inference._mixed_bfloat16_runner(keras_model)
     return runners
@@ -77,8 +79,28 @@ def speed(keras_model, cube, batch_size, rounds):
     return {name: len(cube) / seconds for name, seconds in best.items()}
 
 
-def accuracy(model, n, seed):
-    """Flux ratio and HSM ellipticity change, bfloat16 vs float32."""
+def _tensorflow_float32(model):
+    """The model with its network run by TensorFlow's float32 graph, whatever
+    runtime ``precision='float32'`` would pick."""
+    import numpy as np
+
+    from psfdeconv import inference
+
+    class TensorFlowModel(type(model)):
+        def predict(self, cubes, *, batch_size=128, precision='float32'):
+            run = self.__dict__.setdefault(
+                '_tf_runner', inference._tensorflow_runner(self.keras_model))
+            return np.concatenate([run(cubes[first:first + batch_size])
+                                   for first in range(0, len(cubes), batch_size)]
+                                  ).transpose(0, 3, 1, 2)
+
+    return TensorFlowModel(model.keras_model, model.card, path=model.path)
+
+
+def accuracy(model, n, seed, compare='bfloat16'):
+    """Flux ratio and HSM ellipticity change of ``compare`` against float32:
+    ``'bfloat16'`` (precision='bfloat16' against 'float32') or ``'float32'``
+    (float32 through OpenVINO against TensorFlow's graph)."""
     import numpy as np
 
     from psfdeconv.deconvolve import deconvolve_stamps
@@ -86,13 +108,15 @@ def accuracy(model, n, seed):
     from psfdeconv.simulate import simulate_stamps
 
     sims = simulate_stamps(n, seed=seed)
-    results = {}
-    for precision in ('float32', 'bfloat16'):
+    runs = ([(model, 'float32'), (model, 'bfloat16')] if compare == 'bfloat16'
+            else [(_tensorflow_float32(model), 'float32'), (model, 'float32')])
+    results = []
+    for network, precision in runs:
         images, details = deconvolve_stamps(
-            sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'], model=model,
+            sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'], model=network,
             symmetries=1, return_details=True, precision=precision)
-        results[precision] = (images, details)
-    (im32, d32), (im16, d16) = results['float32'], results['bfloat16']
+        results.append((images, details))
+    (im32, d32), (im16, d16) = results
     bright = (d32['flux'] / d32['flux_err'] > 10) & ~sims['is_blank'][:, None]
     ratio = d16['flux'][bright] / d32['flux'][bright]
     m32, m16 = hsm_moments(im32[bright]), hsm_moments(im16[bright])
@@ -111,6 +135,8 @@ def main():
     parser.add_argument('--n', type=int, default=512, help='stamps for the speed')
     parser.add_argument('--n-accuracy', type=int, default=2000,
                         help='objects for the accuracy (0: skip it)')
+    parser.add_argument('--accuracy', choices=('bfloat16', 'float32', 'both'),
+                        default='both', help='what the accuracy compares with float32')
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--rounds', type=int, default=3)
     args = parser.parse_args()
@@ -145,9 +171,14 @@ def main():
             cells.append(f'{rate:8.0f}/s ({rate / rates[name]["eager float32"]:4.2f}x)')
         print(f'{variant:26s}' + ''.join(f'{cell:>26s}' for cell in cells))
 
-    if args.n_accuracy:
-        result = accuracy(model, args.n_accuracy, seed=4)
-        print(f'\nbfloat16 ({result["precision"][1]}) vs float32, deconvolve_stamps '
+    compares = ('bfloat16', 'float32') if args.accuracy == 'both' else (args.accuracy,)
+    for compare in compares if args.n_accuracy else ():
+        if compare == 'float32' and 'openvino' not in available_runtimes():
+            continue
+        result = accuracy(model, args.n_accuracy, seed=4, compare=compare)
+        what = (f'bfloat16 ({result["precision"][1]}) vs float32' if compare == 'bfloat16'
+                else 'float32 OpenVINO vs float32 TensorFlow graph')
+        print(f'\n{what}, deconvolve_stamps '
               f'symmetries=1, {args.n_accuracy} objects (seed 4), {result["n_bright"]} '
               f'band images with SNR > 10:')
         print(f'  flux ratio median {result["flux_ratio_median"]:.5f}; |ratio - 1| median '

@@ -660,16 +660,27 @@ def reproject_region(planes, wcs, reference_wcs, origin, shape, *, conserve_flux
     roundtrip = not (_tan_only(wcs) and _tan_only(reference_wcs))
     out = np.empty((k, ny, nx))
 
-    def strip(start):
-        rows = min(_STRIP_ROWS, ny - start)
-        out[:, start:start + rows] = reproject_adaptive(
-            (planes, wcs), _offset_wcs(reference_wcs, ox, oy + start, (rows, nx)),
-            shape_out=(k, rows, nx), conserve_flux=conserve_flux, kernel=kernel,
-            roundtrip_coords=roundtrip, return_footprint=False)
-
     starts = range(0, ny, _STRIP_ROWS)
     threads = _threads() if threads is None else max(1, int(threads))
-    if threads == 1 or len(starts) == 1:
+    threaded = threads > 1 and len(starts) > 1
+    # An astropy WCS is not safe to share between threads: concurrent
+    # all_world2pix calls on one SIP WCS corrupt each other's iterations
+    # (NoConvergence, then values off by up to 10 %). Each strip gets its own
+    # copies, made here in the calling thread.
+    strip_wcs = {
+        start: (wcs.deepcopy() if threaded else wcs,
+                _offset_wcs(reference_wcs, ox, oy + start, (min(_STRIP_ROWS, ny - start), nx)))
+        for start in starts}
+
+    def strip(start):
+        rows = min(_STRIP_ROWS, ny - start)
+        band_wcs, region_wcs = strip_wcs[start]
+        out[:, start:start + rows] = reproject_adaptive(
+            (planes, band_wcs), region_wcs, shape_out=(k, rows, nx),
+            conserve_flux=conserve_flux, kernel=kernel, roundtrip_coords=roundtrip,
+            return_footprint=False)
+
+    if not threaded:
         for start in starts:
             strip(start)
     else:
