@@ -44,7 +44,25 @@ from .exceptions import (
 __all__ = ['angle_arcsec', 'pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcast_pixel_scale',
            'check_band_names', 'as_image_array', 'as_image_stack', 'as_image_and_mask',
            'check_psfs', 'as_stamps_and_psfs', 'config_from_dict', 'positive_int',
-           'is_band_name', 'check_output_location']
+           'is_band_name', 'check_output_location', 'exception_text']
+
+
+def exception_text(exc, *, limit=200):
+    """``'TypeName: first line'`` of a third-party exception, for one-line
+    messages: astropy's unidentified-format error, for one, appends a
+    30-line table of every format it knows.
+
+    Examples
+    --------
+    >>> from psfdeconv._validation import exception_text
+    >>> exception_text(ValueError('no format\n  ascii  Yes\n  fits  Yes'))
+    'ValueError: no format'
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ''
+    if len(text) > limit:
+        text = text[:limit - 3] + '...'
+    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
 
 
 def angle_arcsec(value, name, *, error=InvalidInputError):

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 from ._units import unit_text
-from ._validation import check_output_location, is_band_name, positive_int
+from ._validation import check_output_location, exception_text, is_band_name, positive_int
 from .exceptions import (
     BatchFailureError,
     ConfigError,
@@ -186,7 +186,7 @@ def read_manifest(path):
                                converters={'*': [ascii.convert_numpy(str)]})
     except Exception as exc:  # astropy raises many types for unreadable tables
         raise InvalidInputError(f'manifest {path} cannot be read as a CSV or ECSV '
-                                f'table ({type(exc).__name__}: {exc}); write a '
+                                f'table ({exception_text(exc)}); write a '
                                 f'header line (id,g,r,i,...) and one line per '
                                 f'group.') from None
     columns = {name.strip(): table[name] for name in table.colnames}
@@ -414,7 +414,7 @@ def read_summary(path):
         table = read_table_with_meta(path, required=True)
     except Exception as exc:  # astropy raises many types for unreadable files
         raise InvalidInputError(f'{path} is not a psfdeconv batch summary '
-                                f'({type(exc).__name__}: {exc}).') from None
+                                f'({exception_text(exc)}).') from None
     for name in ('id', 'status', 'error', 'worker', 'finished'):
         # FITS stores '' as a null string, which astropy reads as masked.
         column = table[name]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validation import exception_text
 from .exceptions import BandCountError, ConfigError, ModelFileError
 from .io.files import file_sha256
 
@@ -705,7 +706,7 @@ def load_model(path=None, *, n_bands=None, verify=True):
                              f'{exc}') from None
     except Exception as exc:  # Keras raises many types on bad configs
         raise ModelFileError(f'model file {path} cannot be loaded by Keras '
-                             f'({type(exc).__name__}: {exc}).') from None
+                             f'({exception_text(exc)}).') from None
 
     if not card:
         card = _card_from_keras(keras_model)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import angle_arcsec, as_image_and_mask, scalar_pixel_scale
+from ._validation import angle_arcsec, as_image_and_mask, exception_text, scalar_pixel_scale
 from ._warnings import catch_warnings
 from .background import estimate_background
 from .exceptions import (
@@ -1329,8 +1329,9 @@ def read_psf_image(path, *, hdu=None, background=None, pixel_scale=None,
     try:
         opened = fits.open(path)
     except OSError as exc:
-        raise InvalidPSFError(f'PSF file {path} is not a FITS file ({exc}); give '
-                              f'a FITS image (or a PSFEx .psf file).') from None
+        raise InvalidPSFError(f'PSF file {path} is not a FITS file '
+                              f'({exception_text(exc)}); give a FITS image (or a PSFEx '
+                              f'.psf file).') from None
     with opened as hdulist:
         if hdu is None and _psfex_hdu(hdulist) is not None and not any(
                 h.is_image and h.data is not None and h.data.ndim == 2

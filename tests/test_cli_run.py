@@ -164,6 +164,11 @@ def run_arguments(directory, model, out, bands=BANDS):
      'nothing.ecsv does not exist'),
     (lambda d, m, o: run_arguments(d, m, o) + ['--catalog', str(d / 'g.fits')], 3,
      'cannot be read as a table'),
+    # astropy's error for an unidentified format carries a table of every format it
+    # knows: the message keeps its first line.
+    (lambda d, m, o: run_arguments(d, m, o) + ['--catalog', str(_garbage(d / 'sources.txt'))],
+     3, r'cannot be read as a table \(IORegistryError: Format could not be identified.*\); '
+        'give an ECSV'),
     (lambda d, m, o: run_arguments(d, m, o) + ['--reference-band', 'z'], 3,
      "reference_band = 'z' is not one of the bands"),
 ])
@@ -175,7 +180,13 @@ def test_run_errors(exposure_set, tiny_model_path, tmp_path, capsys, change, cod
     err = capsys.readouterr().err
     assert 'psfdeconv run: error:' in err
     assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def _garbage(path):
+    path.write_bytes(b'not a table\x00\x01' * 8)
+    return path
 
 
 def test_run_usage_errors(exposure_set, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._validation import exception_text
 from ..exceptions import InvalidInputError
 from .files import atomic_path, check_writable, read_table_with_meta, write_table_with_meta
 
@@ -38,7 +39,7 @@ def read_positions(path):
         table = Table.read(path)
     except Exception as exc:  # astropy raises many types for unreadable files
         raise InvalidInputError(f'source catalog {path} cannot be read as a table '
-                                f'({type(exc).__name__}: {exc}); give an ECSV, '
+                                f'({exception_text(exc)}); give an ECSV, '
                                 f'FITS or CSV table.') from None
     if len(table) == 0:
         raise InvalidInputError(f'source catalog {path} has no rows; give at least '
