@@ -101,6 +101,9 @@ def validate_stamps(stamps, psfs, pixel_scale):
     if stamps.ndim != 4:
         raise ShapeMismatchError(f'stamps must have shape (n, n_bands, ny, '
                                  f'nx), got {stamps.shape}.')
+    if 0 in stamps.shape:
+        raise ShapeMismatchError(f'stamps have shape {stamps.shape}: no pixels to '
+                                 f'deconvolve; give at least one object, band and pixel.')
     if psfs.ndim != 4 or psfs.shape[:2] != stamps.shape[:2]:
         raise ShapeMismatchError(
             f'psfs must have shape (n, n_bands, py, px) with (n, n_bands) = '

@@ -24,6 +24,7 @@ from psfdeconv.exceptions import (
     InvalidInputError,
     InvalidPixelsError,
     MissingDependencyError,
+    ShapeMismatchError,
 )
 from psfdeconv.io import read_exposure_set
 from psfdeconv.pipeline import deconvolve_catalog, run_exposure_set
@@ -190,6 +191,16 @@ def test_noise_sigma_of_wrong_shape():
     stamps, psfs = one_stamp()
     with pytest.raises(InvalidInputError, match='does not broadcast'):
         deconvolve_stamps(stamps, psfs, pixel_scale=0.2, noise_sigma=[1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize('cut', [np.s_[:0], np.s_[:, :0], np.s_[..., :0, :]])
+def test_empty_stamps_are_refused(cut):
+    """No objects, no bands or no rows: one clear error (it was numpy's reshape
+    error for zero objects)."""
+    stamps, psfs = one_stamp()
+    psf_cut = cut if cut != np.s_[..., :0, :] else np.s_[:]
+    with pytest.raises(ShapeMismatchError, match=r'^stamps have shape \(.*0.*\): no pixels'):
+        deconvolve_stamps(stamps[cut], psfs[psf_cut], pixel_scale=0.2)
 
 
 @pytest.mark.parametrize('value', [1e300, -1e31, 2e30])
