@@ -407,6 +407,8 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         fluxes), ``unit_conversion`` (per converted band: ``from``, ``to``,
         ``factor``, ``reason``), ``stamp_size``,
         ``psf_size``, ``reprojected`` and ``noise_source`` (per band),
+        ``dequantized`` (the lattice step of each band of integer counts
+        dithered off it, `~psfdeconv.background.dequantize_exposure`),
         ``background_subtracted``, ``neighbours`` and ``flag_bits``.
     stamps : list of `~astropy.nddata.NDData`
         Per source, the deconvolved images: ``data`` (n_bands, size, size) in
@@ -582,6 +584,20 @@ def _check_strict(setup, strict):
         check_training_range(setup.model, np.array([setup.scale]), None, strict=True)
 
 
+#: Seed of the dither of integer-valued exposures (with the band's index).
+DITHER_SEED = 20261205
+
+
+def _dequantized(exposures):
+    """The exposures, those on a lattice of integer values dithered off it
+    (`~psfdeconv.background.dequantize_exposure`): the median background and
+    MAD noise of every later stage would otherwise snap to the lattice."""
+    from .background import dequantize_exposure
+
+    return {band: dequantize_exposure(exposure, seed=(DITHER_SEED, b))
+            for b, (band, exposure) in enumerate(exposures.items())}
+
+
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
                    subtract_background, epsf_options, detect_options,
                    neighbours='replace', pixel_scale=None):
@@ -600,6 +616,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         raise InvalidInputError(f'neighbours = {neighbours!r}; give one of '
                                 f'{NEIGHBOUR_OPTIONS}.')
     exposures, paths = read_exposure_set(exposures, require_wcs=False)
+    exposures = _dequantized(exposures)
     bands = list(exposures)
     model = _as_model(model, n_bands=len(bands))
     model.check_bands(len(bands))
@@ -703,6 +720,9 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         'psf_size': psf_size,
         'reprojected': reprojected,
         'noise_source': noise_source,
+        # Bands whose integer values were dithered off their lattice, and its step.
+        'dequantized': {band: float(exposures[band].meta['dequantized'])
+                        for band in bands if 'dequantized' in (exposures[band].meta or {})},
         'background_subtracted': bool(subtract_background),
         'neighbours': neighbours,
         'flag_bits': dict(FLAGS),
@@ -1468,6 +1488,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         model = _as_model(model, n_bands=len(exposures), verify=not trust_model)
         model.check_bands(len(exposures))
         exposures, _ = read_exposure_set(exposures, require_wcs=False)
+        exposures = _dequantized(exposures)
         if isinstance(positions, str | Path):
             positions = read_positions(positions)
         # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
