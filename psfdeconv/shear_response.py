@@ -173,22 +173,22 @@ def check_shear_response(response, where='shear_response'):
     if not isinstance(response, dict):
         refuse('(value)', response, 'it must be a JSON object')
     shape = []
+    def as_floats(value):
+        try:
+            return np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            return np.array([np.nan])
+
     for key in ('log_snr_edges', 'log_size_edges'):
         value = response.get(key)
-        try:
-            array = np.asarray(value, dtype=float)
-        except (TypeError, ValueError):
-            array = np.array([np.nan])
+        array = as_floats(value)
         if (value is None or array.ndim != 1 or array.size < 2
                 or not np.isfinite(array).all() or np.any(np.diff(array) <= 0)):
             refuse(key, value, 'it must be an increasing list of at least two finite numbers')
         shape.append(array.size - 1)
     for key in ('R1', 'R2'):
         value = response.get(key)
-        try:
-            array = np.asarray(value, dtype=float)
-        except (TypeError, ValueError):
-            array = np.array([np.nan])
+        array = as_floats(value)
         if array.shape != tuple(shape) or not (np.isfinite(array).all()
                                                and (array > 0).all()):
             refuse(key, value, f'it must be a {shape[0]} x {shape[1]} grid of finite '
