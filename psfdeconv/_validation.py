@@ -48,7 +48,7 @@ __all__ = ['angle_arcsec', 'pixel_scale_arcsec', 'scalar_pixel_scale', 'broadcas
 
 
 def exception_text(exc, *, limit=200):
-    """``'TypeName: first line'`` of a third-party exception, for one-line
+    r"""``'TypeName: first line'`` of a third-party exception, for one-line
     messages: astropy's unidentified-format error, for one, appends a
     30-line table of every format it knows.
 
