@@ -517,8 +517,9 @@ class _CatalogSetup:
     #: label.
     segment_at_edge: np.ndarray = None
     segments_of: np.ndarray = None
-    #: Per segment label: the label of the segment it was deblended from and
-    #: whether a source lies in it (`_segment_pieces`).
+    #: Per segment label: the label of the segment it was deblended from,
+    #: whether a source that is not blended lies in it, whether any source
+    #: does, and its light (`_segment_pieces`).
     pieces: tuple = None
     #: Block factor -> (block-summed aligned bands, segments), made as needed.
     coarse: dict = dataclasses.field(default_factory=dict)
@@ -669,7 +670,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         return_parents=True)
     segments_of = source_segments(labels, x_in, y_in)
     blended, _ = blended_sources(combined, labels, x_in, y_in, segments_of=segments_of)
-    pieces = _segment_pieces(labels, parents, segments_of, blended)
+    pieces = _segment_pieces(labels, parents, segments_of, blended, combined)
     if positions_source == 'detected':
         x_in, y_in = _parent_centroids(x_in, y_in, np.where(blended, 0, segments_of),
                                        pieces, parents, combined)
@@ -997,20 +998,27 @@ def _merge_cuts(parts, n):
     return merge(parts)
 
 
-def _segment_pieces(labels, parents, segments_of, blended):
+def _segment_pieces(labels, parents, segments_of, blended, image):
     """For each deblended segment label: the label of the segment it was
-    split from, and whether a source that is not blended lies in it (arrays
-    indexed by label)."""
+    split from, whether a source that is not blended lies in it, whether any
+    source does, and the sum of ``image`` over it (arrays indexed by
+    label)."""
     from scipy import ndimage
 
     n = int(labels.max()) if labels.size else 0
     parent = np.zeros(n + 1, dtype=np.int64)
+    light = np.zeros(n + 1)
     if n:
         # Every pixel of a piece lies in its parent: any one of them will do.
         parent[1:] = ndimage.maximum(parents, labels, np.arange(1, n + 1)).astype(np.int64)
+        light[1:] = ndimage.sum_labels(np.where(np.isfinite(image), image, 0.0), labels,
+                                       np.arange(1, n + 1))
+    inside = (segments_of > 0) & (segments_of <= n)
     claimed = np.zeros(n + 1, dtype=bool)
-    claimed[segments_of[(segments_of > 0) & (segments_of <= n) & ~blended]] = True
-    return parent, claimed
+    claimed[segments_of[inside & ~blended]] = True
+    occupied = np.zeros(n + 1, dtype=bool)
+    occupied[segments_of[inside]] = True
+    return parent, claimed, occupied, light
 
 
 def _parent_centroids(x, y, segments_of, pieces, parents, image):
@@ -1022,7 +1030,7 @@ def _parent_centroids(x, y, segments_of, pieces, parents, image):
     (the stamps are centred on the position, HSM starts there)."""
     from scipy import ndimage
 
-    parent, claimed = pieces
+    parent = pieces[0]
     x, y = x.copy(), y.copy()
     has = segments_of > 0
     source_parent = np.where(has, parent[np.where(has, segments_of, 0)], 0)
@@ -1042,20 +1050,26 @@ def _parent_centroids(x, y, segments_of, pieces, parents, image):
 
 def _with_own_pieces(labels, targets, pieces):
     """Stamp labels with the pieces deblended off each source's own segment
-    merged into it, unless they hold another source that is not blended: a
-    galaxy's knots (or its other half) split off by the deblending are its
-    light, not a neighbour's, and so are the pieces of faint sources on its
-    disc, whose light cannot be told from its own (they are BLENDED; a
-    galaxy losing a knot costs it more than keeping a faint source)."""
-    parent, claimed = pieces
+    merged into it, unless they hold another source that is not blended, or
+    a blended source brighter than the target's segment: a galaxy's knots
+    (or its other half) split off by the deblending are its light, not a
+    neighbour's, and so are the pieces of faint sources on its disc, whose
+    light cannot be told from its own (they are BLENDED; a galaxy losing a
+    knot costs it more than keeping a faint source). A brighter blended
+    source in the same parent segment (a faint galaxy in a bright pair's
+    halo, connected to it at the segmentation threshold) is a neighbour: as
+    its own light, it doubled the faint galaxy's flux."""
+    parent, claimed, occupied, light = pieces
     labels = labels.copy()
     for i, target in enumerate(targets):
         if target <= 0 or target >= parent.size:
             continue
         stamp = labels[i]
         inside = (stamp > 0) & (stamp < parent.size)
+        piece = stamp[inside]
         own = inside.copy()
-        own[inside] = (parent[stamp[inside]] == parent[target]) & ~claimed[stamp[inside]]
+        own[inside] = ((parent[piece] == parent[target]) & ~claimed[piece]
+                       & (~occupied[piece] | (light[piece] <= light[target])))
         stamp[own] = target
     return labels
 

@@ -112,6 +112,33 @@ def test_a_knot_split_off_a_galaxy_is_refilled_with_the_galaxys_light():
     assert_allclose(out.sum(), galaxy.sum(), rtol=1e-3)
 
 
+def test_pieces_of_the_targets_parent_merge_unless_a_brighter_source_holds_them():
+    """One parent segment deblended into five pieces: the target's (light 100), a knot
+    with no source (300: the galaxy's own light however bright), a faint blended
+    source (50: cannot be told from the galaxy), a brighter blended source (500: a
+    neighbour, replaced) and an unblended source (20: its own segment)."""
+    from psfdeconv.pipeline import _segment_pieces, _with_own_pieces
+
+    labels = np.zeros((10, 12), dtype=int)
+    image = np.zeros(labels.shape)
+    for label, light in zip((1, 2, 3, 4, 5), (100.0, 300.0, 50.0, 500.0, 20.0), strict=True):
+        labels[:, 2 * label:2 * label + 2] = label
+        image[:, 2 * label:2 * label + 2] = light / 20
+    parents = (labels > 0).astype(int)
+    # Sources: the target in piece 1, blended ones in 3 and 4, an unblended one in 5.
+    segments_of = np.array([1, 3, 4, 5])
+    blended = np.array([False, True, True, False])
+    pieces = _segment_pieces(labels, parents, segments_of, blended, image)
+    parent, claimed, occupied, light = pieces
+    assert parent.tolist() == [0, 1, 1, 1, 1, 1]
+    assert claimed.tolist() == [False, True, False, False, False, True]
+    assert occupied.tolist() == [False, True, False, True, True, True]
+    assert_allclose(light, [0, 100, 300, 50, 500, 20])
+    merged = _with_own_pieces(labels[None], np.array([1]), pieces)[0]
+    assert sorted(np.unique(merged).tolist()) == [0, 1, 4, 5]
+    assert (merged[labels == 2] == 1).all() and (merged[labels == 3] == 1).all()
+
+
 # --- The pipeline ----------------------------------------------------------------------
 
 def _field(sources, *, size=200, scale=0.2, noise=1.0, seed=8):

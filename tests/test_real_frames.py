@@ -19,6 +19,7 @@ from psfdeconv.io import read_catalog, read_exposure
 DATA = Path(__file__).parent / 'data'
 CTIO = DATA / 'ctio-mosaic2-cdfs-I.fits'
 KIDS = DATA / 'kids-r-2600.fits'
+VISTA = DATA / 'vista-viking-Z.fits'
 
 
 @pytest.mark.filterwarnings('ignore:the WCS pixel scales differ')
@@ -73,3 +74,21 @@ def test_kids_cutout_without_header_against_kron(tmp_path):
 def test_kids_whole_frame_against_kron(tmp_path):
     catalog, result = _check_kids(tmp_path, None, 150)
     assert np.mean(np.asarray(catalog['usable'])) > 0.8
+
+
+@pytest.mark.filterwarnings('ignore::psfdeconv.exceptions.OutsideTrainingRangeWarning')
+def test_vista_galaxies_near_a_bright_pair_keep_their_neighbours_out(tmp_path):
+    """Two galaxies of the VIKING frame are connected at 2 sigma to a bright pair and a
+    compact source, which are BLENDED with each other: those are neighbours of the
+    galaxies, replaced in their stamps. As their own light (deblended pieces of the
+    shared parent segment holding no unblended source) they made the galaxies' fluxes
+    2.2 times photutils' Kron fluxes, unflagged. The pair's faint halo still adds to
+    them (1.2-1.4 times Kron, whose apertures take some of it too)."""
+    out = tmp_path / 'vista'
+    assert main(['run', '--band', f'Z={VISTA}', '--symmetries', '1', '-q',
+                 '--out', str(out)]) == 0
+    catalog = read_catalog(out / 'catalog.fits')
+    result = compare_with_kron(catalog, kron_reference(read_exposure(VISTA)), band='Z')
+    matches = result['matches']
+    assert len(matches) == 2 and np.all(matches['usable']), matches
+    assert np.all(matches['ratio'] < 1.7), matches['ratio']
