@@ -224,10 +224,18 @@ def quantization_step(data, mask=None, *, scale=1.0, zero=0.0):
         good &= ~np.asarray(mask, dtype=bool)
     values = data[good]
     scale = float(scale)
-    if not values.size or not scale > 0 or values.min() == values.max():
+    if not values.size or not scale > 0:
         return None
-    steps = (values - float(zero)) / scale
-    return scale if np.array_equal(steps, np.round(steps)) else None
+
+    def on_lattice(part):
+        steps = (part - float(zero)) / scale
+        return np.array_equal(steps, np.round(steps))
+
+    # A float image is off the lattice within its first pixels: no
+    # full-frame temporaries for it (the pipeline tests every band).
+    if not on_lattice(values[:4096]) or values.min() == values.max():
+        return None
+    return scale if on_lattice(values) else None
 
 
 def dequantize_exposure(exposure, *, seed):
@@ -259,10 +267,9 @@ def dequantize_exposure(exposure, *, seed):
                              zero=meta.get('BZERO', 0.0) or 0.0)
     if step is None:
         return exposure
-    data = np.array(exposure.data, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    data += (rng.random(data.shape) - 0.5) * step
     copy = exposure.copy()
-    copy.data = data
+    copy.data = copy.data.astype(np.float64, copy=False)
+    rng = np.random.default_rng(seed)
+    copy.data += (rng.random(copy.data.shape) - 0.5) * step
     copy.meta['dequantized'] = step
     return copy

@@ -170,15 +170,15 @@ def check_shear_response(response, where='shear_response'):
         raise ModelFileError(f'{where}.{key} = {value!r}; {expected}. Refit it with '
                              f'fit_shear_response (psfdeconv calibrate --shear).')
 
-    if not isinstance(response, dict):
-        refuse('(value)', response, 'it must be a JSON object')
-    shape = []
     def as_floats(value):
         try:
             return np.asarray(value, dtype=float)
         except (TypeError, ValueError):
             return np.array([np.nan])
 
+    if not isinstance(response, dict):
+        refuse('(value)', response, 'it must be a JSON object')
+    shape = []
     for key in ('log_snr_edges', 'log_size_edges'):
         value = response.get(key)
         array = as_floats(value)
