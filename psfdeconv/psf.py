@@ -673,7 +673,8 @@ def build_epsf(data, *, stars=None, mask=None, size=25, oversampling=2,
         saturation = _saturation_level(options['saturation'], meta)
         table = _detect(image, bad, background, rms,
                         threshold_sigma=options['threshold_sigma'],
-                        box_size=options['box_size'], saturation=saturation)
+                        box_size=options['box_size'], saturation=saturation,
+                        bright_only=True)
         _select(table, fwhm_guess=options['fwhm_guess'],
                 max_stars=options['max_stars'])
         keep = np.asarray(table['selected'], dtype=bool)
@@ -775,7 +776,8 @@ def build_gridded_psf(data, *, grid_shape=(2, 2), mask=None, size=25,
     background, rms = estimate_background(image, bad)
     table = _detect(image, bad, background, rms,
                     threshold_sigma=options['threshold_sigma'],
-                    box_size=options['box_size'], saturation=saturation)
+                    box_size=options['box_size'], saturation=saturation,
+                    bright_only=True)
     subtracted = image - background
     subtracted[bad] = 0.0
 
@@ -1021,7 +1023,7 @@ def _fit_candidates(image, bad, background, rms, *, threshold_sigma, fwhm_guess,
     with relaxed thresholds, and the fit cutout half-size."""
     table = _detect(image, bad, background, rms,
                     threshold_sigma=min(threshold_sigma, _FIT_THRESHOLD_SIGMA),
-                    box_size=25, saturation=saturation)
+                    box_size=25, saturation=saturation, bright_only=True)
     locus = _select(table, fwhm_guess=fwhm_guess, max_stars=max_stars)
     if not np.isfinite(locus):
         return table, np.zeros(0), np.zeros(0), locus, 0
@@ -1030,7 +1032,7 @@ def _fit_candidates(image, bad, background, rms, *, threshold_sigma, fwhm_guess,
     half = int(np.clip(np.ceil(2.5 * locus), 5, 20))
     table = _detect(image, bad, background, rms,
                     threshold_sigma=min(threshold_sigma, _FIT_THRESHOLD_SIGMA),
-                    box_size=2 * half + 1, saturation=saturation)
+                    box_size=2 * half + 1, saturation=saturation, bright_only=True)
     _select(table, fwhm_guess=locus, max_stars=max_stars)
     keep = np.asarray(table['selected'], dtype=bool)
     return (table, np.asarray(table['x'])[keep], np.asarray(table['y'])[keep],

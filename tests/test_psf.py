@@ -182,6 +182,50 @@ def test_point_sources_on_given_segments_match_find_stars():
 
 
 
+def test_star_selection_splits_only_bright_segments_and_selects_the_same_stars(monkeypatch):
+    # The ePSF and Moffat star selections deblend only the segments whose peak
+    # can make a star: the stars, the locus and the selection are those of
+    # deblending the whole frame, and the faint segments are never split.
+    import photutils.segmentation
+
+    from psfdeconv._validation import as_image_and_mask
+    from psfdeconv.background import estimate_background
+    from psfdeconv.simulate import simulate_exposure
+
+    exposures, _ = simulate_exposure((400, 400), n_galaxies=40, n_stars=20, seed=5)
+    image, bad, _ = as_image_and_mask(exposures['r'])
+    background, rms = estimate_background(image, bad)
+    threshold_sigma = 10.0
+    tables = {}
+    for bright_only in (False, True):
+        table = psfmod._detect(image, bad, background, rms, threshold_sigma=threshold_sigma,
+                               box_size=25, saturation=None, bright_only=bright_only)
+        locus = psfmod._select(table, fwhm_guess=None, max_stars=100)
+        tables[bright_only] = (table, locus)
+    (everything, locus_all), (bright, locus_bright) = tables[False], tables[True]
+    assert len(bright) < len(everything)
+    assert locus_bright == locus_all
+    for name in ('point_like', 'selected'):
+        expected = everything[everything[name]]
+        found = bright[bright[name]]
+        assert len(found) >= 10
+        assert_array_equal(np.sort(found['x']), np.sort(expected['x']))
+        assert_array_equal(np.sort(found['y']), np.sort(expected['y']))
+
+    split = []
+    original = photutils.segmentation.deblend_sources
+
+    def spy(data, segment_img, npixels, **kwargs):
+        split.append((segment_img.n_labels, kwargs.get('labels')))
+        return original(data, segment_img, npixels, **kwargs)
+
+    monkeypatch.setattr(photutils.segmentation, 'deblend_sources', spy)
+    build_epsf(exposures['r'], threshold_sigma=threshold_sigma, maxiters=2)
+    assert len(split) == 1
+    n_segments, labels = split[0]
+    assert labels is not None and 0 < len(labels) < n_segments
+
+
 def test_stellar_locus_is_the_stars_when_compact_galaxies_outnumber_them():
     """A deep frame: 60 compact round galaxies (FWHM ~7 pixels) and 20 stars (FWHM 4.65).
     The largest cluster of FWHMs is the galaxies'; the locus must still be the stars'

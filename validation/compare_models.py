@@ -2,44 +2,78 @@
 
 For each simulation file, model and number of symmetries, deconvolve the first N source
 stamps with `psfdeconv.deconvolve_stamps` and print the RMS of the HSM distortion errors
-against the truth (bands pooled, objects where HSM succeeds on both), the HSM failure rate
-of the outputs (objects whose truth fails too included), the median HSM size ratio and the
-median ``flux_corrected`` / true flux::
+against the truth (bands pooled, objects where HSM succeeds on both), the same per band
+SNR bin (the simulation's matched-filter ``snr``), the HSM failure rate of the outputs
+(objects whose truth fails too included), the median HSM size ratio, the median
+``flux_corrected`` / true flux and the stamps per second of the call. With several
+symmetry counts, the last line gives each count's e RMS over that of the last count
+listed, on the same band images (those every count measures), with a bootstrap error
+over objects::
 
     python validation/compare_models.py TEST.h5 [TEST2.h5 ...] --models A.keras B.keras
-        [--n 600] [--symmetries 1 8]
+        [--n 600] [--symmetries 1 2 4 8]
 
 ``--models shipped`` names the shipped model of the files' band count.
 """
 
 import argparse
+import time
 
 import numpy as np
 
+SNR_BINS = ((0.0, 20.0), (20.0, 40.0), (40.0, 80.0), (80.0, np.inf))
 
-def compare(path, model, n, symmetries):
-    """One result line per number of symmetries."""
+
+def _rms(error1, error2):
+    return float(np.sqrt(np.mean(np.concatenate([error1, error2]) ** 2)))
+
+
+def compare(path, model, n, symmetries, n_bootstrap=300, seed=0):
+    """One result line per number of symmetries, then their paired e RMS ratios."""
     import psfdeconv
     from psfdeconv.measure import hsm_moments
 
     sims = psfdeconv.read_simulation(path, 0, n)
     source = ~sims['is_blank']
     truth = hsm_moments(sims['truth'][source])
-    lines = []
+    snr = sims['snr'][source]
+    lines, errors = [], {}
     for views in symmetries:
+        start = time.perf_counter()
         images, details = psfdeconv.deconvolve_stamps(
             sims['observed'][source], sims['psf'][source],
             pixel_scale=sims['pixel_scale'][source], model=model,
             noise_sigma=sims['noise_sigma'][source], symmetries=views, return_details=True)
+        rate = source.sum() / (time.perf_counter() - start)
         out = hsm_moments(images)
         ok = (out['hsm_status'] == 0) & (truth['hsm_status'] == 0)
-        error = np.concatenate([(out['hsm_e1'] - truth['hsm_e1'])[ok],
-                                (out['hsm_e2'] - truth['hsm_e2'])[ok]])
+        d1, d2 = out['hsm_e1'] - truth['hsm_e1'], out['hsm_e2'] - truth['hsm_e2']
+        errors[views] = (d1, d2, ok)
+        in_bins = [ok & (snr >= low) & (snr < high) for low, high in SNR_BINS]
+        by_snr = ' / '.join(f'{_rms(d1[sel], d2[sel]):.4f}' for sel in in_bins)
         flux = details['flux_corrected'] / sims['truth'][source].sum(axis=(-2, -1))
         size = np.median(out['hsm_sigma'][ok] / truth['hsm_sigma'][ok]) - 1
-        lines.append(f'symmetries {views}: HSM e RMS {np.sqrt(np.mean(error ** 2)):.4f} '
+        lines.append(f'symmetries {views}: HSM e RMS {_rms(d1[ok], d2[ok]):.4f} '
+                     f'(SNR <20 / 20-40 / 40-80 / >80: {by_snr}) '
                      f'fail {np.mean(out["hsm_status"] != 0):.3f} size {size:+.3f} '
-                     f'flux med {np.median(flux) - 1:+.4f}')
+                     f'flux med {np.median(flux) - 1:+.4f} {rate:.1f} stamps/s')
+    if len(symmetries) > 1:
+        reference = symmetries[-1]
+        common = np.logical_and.reduce([ok for _, _, ok in errors.values()])
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, len(common), (n_bootstrap, len(common)))
+        ratios = []
+        for views in symmetries[:-1]:
+            d1, d2, _ = errors[views]
+            r1, r2, _ = errors[reference]
+            values = []
+            for index in draws:
+                keep = common[index]
+                values.append(_rms(d1[index][keep], d2[index][keep])
+                              / _rms(r1[index][keep], r2[index][keep]))
+            ratios.append(f'{views}: {np.mean(values):.4f} +- {np.std(values):.4f}')
+        lines.append(f'e RMS / that of symmetries {reference} ({common.sum()} band images): '
+                     + ', '.join(ratios))
     return lines
 
 
