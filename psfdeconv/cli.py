@@ -1033,8 +1033,8 @@ def _add_calibrate_shear_parser(sub):
         examples=('psfdeconv calibrate-shear run/my_model.keras --out run/shear/my_model.keras',
                   'psfdeconv calibrate-shear run/my_model.keras --galaxies 1000 --seed 1 '
                   '--test-galaxies 2000 --test-seed 2 --tables ring/'),
-        notes='Each galaxy gives 8 stamps; 1000 galaxies take ~10 minutes on 2 CPU cores '
-              'with 8 symmetries.\n--tables keeps the per-chunk tables and reuses them.')
+        notes='Each galaxy gives 8 stamps; 1000 galaxies take ~5 minutes on 2 CPU cores '
+              'with 4 symmetries.\n--tables keeps the per-chunk tables and reuses them.')
     p.add_argument('model', help='model .keras file with its card')
     p.add_argument('--galaxies', type=int, default=1000, help='galaxies of the fit')
     p.add_argument('--seed', type=int, default=1, help='seed of the fit')

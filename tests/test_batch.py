@@ -382,7 +382,7 @@ def test_resume_keeps_only_groups_of_the_same_symmetries(groups, tiny_model, tmp
     assert summary.meta['symmetries'] == 1
     assert read_catalog(tmp_path / 'f0' / 'catalog.fits').meta['symmetries'] == 1
     before = (tmp_path / 'f0' / MARKER_NAME).read_bytes()
-    # The card's 8 symmetries would not give these catalogues: refused, nothing touched.
+    # The card's 4 symmetries would not give these catalogues: refused, nothing touched.
     with pytest.raises(ConfigError, match=r"groups \['f0'\] .* another model or symmetries"):
         run_batch(groups / 'one.csv', tmp_path, psfs=MOFFAT, model=tiny_model, resume=True)
     assert (tmp_path / 'f0' / MARKER_NAME).read_bytes() == before

@@ -129,7 +129,7 @@ def test_run_detect(exposure_set, tiny_model_path, tmp_path):
     assert 8 <= len(catalog) <= 12
     assert len(read_stamps(out / 'stamps.fits')) == len(catalog)
     assert catalog.meta['neighbours'] == 'replace'
-    assert catalog.meta['symmetries'] == 8  # the card's
+    assert catalog.meta['symmetries'] == 4  # the card's
     # --keep-neighbours deconvolves the stamps as cut: no NEIGHBOURS flag.
     kept = tmp_path / 'kept'
     assert main(['run', *band_arguments(directory), '--detect', '--psf', MOFFAT,

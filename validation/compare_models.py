@@ -13,7 +13,8 @@ over objects::
     python validation/compare_models.py TEST.h5 [TEST2.h5 ...] --models A.keras B.keras
         [--n 600] [--symmetries 1 2 4 8]
 
-``--models shipped`` names the shipped model of the files' band count.
+``--models shipped`` names the shipped model of the files' band count; a single-band model
+is run on every band of every object.
 """
 
 import argparse
@@ -34,6 +35,11 @@ def compare(path, model, n, symmetries, n_bootstrap=300, seed=0):
     from psfdeconv.measure import hsm_moments
 
     sims = psfdeconv.read_simulation(path, 0, n)
+    if model.n_bands == 1 < sims['observed'].shape[1]:
+        # A single-band model sees every band of every object on its own.
+        from psfdeconv.train import split_bands
+
+        sims = split_bands(sims)
     source = ~sims['is_blank']
     truth = hsm_moments(sims['truth'][source])
     snr = sims['snr'][source]
