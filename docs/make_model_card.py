@@ -20,6 +20,14 @@ def _device(training):
         return '2 CPU cores'
     return f'{device} (Keras on {training.get("keras_backend", "?")})'
 
+def _symmetry_line(symmetries):
+    """The card's symmetry average, as a bullet."""
+    if symmetries == 1:
+        return '* one network pass per stamp (no symmetry average)'
+    return (f'* output averaged over {symmetries} symmetries of the square '
+            f'(`~psfdeconv.deconvolve.symmetric_output`)')
+
+
 def _section(title, paragraph, none='None.'):
     """Lines of a card section: its title, underlined, and the paragraph,
     or ``none`` where the card has no such entry."""
@@ -114,8 +122,7 @@ def main(card_path, report_dir, out='docs/model_card.rst'):
              f'* input kinds: {", ".join(card["input_kinds"])}; bands: {card["n_bands"]}; '
              f'stamps: {card["stamp_size"]}x{card["stamp_size"]} pixels',
              f'* output floor removal: {card.get("output_floor")}',
-             f'* output averaged over {card.get("symmetries") or 1} symmetries of the square '
-             f'(`~psfdeconv.deconvolve.symmetric_output`)',
+             _symmetry_line(card.get('symmetries') or 1),
              f'* weights SHA-256: ``{card["weights_sha256"]}``', '',
              'Training data', '=============', '',
              f'* simulation seed {training["simulation_seed"]}, file '
