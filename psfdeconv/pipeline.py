@@ -1009,8 +1009,10 @@ def _segment_pieces(labels, parents, segments_of, blended, image):
     parent = np.zeros(n + 1, dtype=np.int64)
     light = np.zeros(n + 1)
     if n:
-        # Every pixel of a piece lies in its parent: any one of them will do.
-        parent[1:] = ndimage.maximum(parents, labels, np.arange(1, n + 1)).astype(np.int64)
+        # Every pixel of a piece lies in its parent: any one of them will do,
+        # so a scatter over the pixels (ndimage.maximum sorts them).
+        parent[labels.ravel()] = parents.ravel()
+        parent[0] = 0
         light[1:] = ndimage.sum_labels(np.where(np.isfinite(image), image, 0.0), labels,
                                        np.arange(1, n + 1))
     inside = (segments_of > 0) & (segments_of <= n)
