@@ -68,15 +68,15 @@ def compare(path, model, n, symmetries, n_bootstrap=300, seed=0):
         common = np.logical_and.reduce([ok for _, _, ok in errors.values()])
         rng = np.random.default_rng(seed)
         draws = rng.integers(0, len(common), (n_bootstrap, len(common)))
+
+        def draw_rms(d1, d2):
+            return np.array([_rms(d1[index][common[index]], d2[index][common[index]])
+                             for index in draws])
+
+        reference_rms = draw_rms(*errors[reference][:2])
         ratios = []
         for views in symmetries[:-1]:
-            d1, d2, _ = errors[views]
-            r1, r2, _ = errors[reference]
-            values = []
-            for index in draws:
-                keep = common[index]
-                values.append(_rms(d1[index][keep], d2[index][keep])
-                              / _rms(r1[index][keep], r2[index][keep]))
+            values = draw_rms(*errors[views][:2]) / reference_rms
             ratios.append(f'{views}: {np.mean(values):.4f} +- {np.std(values):.4f}')
         lines.append(f'e RMS / that of symmetries {reference} ({common.sum()} band images): '
                      + ', '.join(ratios))
