@@ -80,10 +80,45 @@ def cpu_has_bfloat16(cpuinfo='/proc/cpuinfo'):
     return False
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _import_openvino():
+    """``import openvino``, without OpenVINO's usage telemetry.
+
+    ``openvino`` sends usage events (to Google Analytics, through the
+    ``openvino-telemetry`` package it depends on) when it is imported and on
+    every ``convert_model`` call, unless the user has opted out, and writes
+    a client ID under ``~/intel``; each event forks the process. A library
+    must not report its users' runs, and the forks break what other threads
+    are doing at that moment (scipy.fft's worker pool is shut down around a
+    fork, failing a concurrent transform with "Work item submitted after
+    shutdown"). OpenVINO falls back to its own no-op telemetry stub where
+    ``openvino_telemetry`` cannot be imported: the first import is done with
+    that module hidden, so OpenVINO's modules keep the stub; the module is
+    importable again afterwards. Where the application imported
+    ``openvino`` first, its telemetry is left as the application set it up.
+    """
+    with _IMPORT_LOCK:
+        if 'openvino' in sys.modules:
+            import openvino
+
+            return openvino
+        hide = 'openvino_telemetry' not in sys.modules
+        if hide:
+            sys.modules['openvino_telemetry'] = None  # import raises ImportError
+        try:
+            import openvino
+        finally:
+            if hide and sys.modules.get('openvino_telemetry', 0) is None:
+                del sys.modules['openvino_telemetry']
+        return openvino
+
+
 def openvino_available():
     """Whether the optional ``openvino`` package can be imported."""
     try:
-        import openvino  # noqa: F401
+        _import_openvino()
     except ImportError:
         return False
     return True
@@ -232,8 +267,7 @@ def _openvino_threads():
 def _openvino_runner(keras_model, precision='bf16'):
     """The network converted to OpenVINO and compiled for the CPU at
     ``precision`` (``'bf16'`` or ``'f32'``)."""
-    import openvino
-
+    openvino = _import_openvino()
     converted = openvino.convert_model(_graph(keras_model))
     config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': 'LATENCY'}
     threads = _openvino_threads()

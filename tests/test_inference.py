@@ -114,6 +114,43 @@ def test_openvino_float32_does_not_depend_on_the_batch_size(model, cube):
     assert np.abs(whole - graph).max() < 1e-5 * graph.max()
 
 
+#: Builds an OpenVINO runner in a fresh interpreter and prints the forks it
+#: made, whether a client ID appeared under HOME, and whether the telemetry
+#: package is importable afterwards.
+_TELEMETRY_SCRIPT = """
+import os, pathlib, sys, types
+import numpy as np
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+import keras
+from psfdeconv.inference import get_runner
+inputs = keras.Input((8, 8, 2))
+network = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding='same',
+                                                  activation='softplus')(inputs))
+for precision in ('float32', 'bfloat16'):
+    runner, resolved = get_runner(types.SimpleNamespace(keras_model=network), precision)
+    assert resolved[1] == 'openvino', resolved
+    runner(np.ones((2, 8, 8, 2), np.float32))
+import openvino_telemetry
+print(len(forks), (pathlib.Path.home() / 'intel').exists())
+"""
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_openvino_sends_no_telemetry(tmp_path):
+    # openvino's import and convert_model report usage (each event a fork,
+    # which fails scipy.fft calls in other threads) unless opted out.
+    import os
+    import subprocess
+
+    env = dict(os.environ, HOME=str(tmp_path), KERAS_HOME=str(tmp_path / 'keras'))
+    env.pop('CI', None)  # OpenVINO sends nothing in CI: test the user's case
+    result = subprocess.run([sys.executable, '-c', _TELEMETRY_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ['0', 'False']
+
+
 def test_runner_is_cached(model):
     first, _ = get_runner(model, 'float32')
     second, _ = get_runner(model, 'float32')
