@@ -58,6 +58,7 @@ import threading
 import time
 from pathlib import Path
 
+from ._cpus import usable_cpus
 from ._units import unit_text
 from ._validation import check_output_location, exception_text, is_band_name, positive_int
 from .exceptions import (
@@ -758,7 +759,8 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
         ``dask`` extra, and the inputs, outputs and model must be on file
         systems the workers share) or a connected ``distributed.Client``.
     workers : int, optional
-        Threads or processes of a local scheduler; default one per CPU, at
+        Threads or processes of a local scheduler; default one per CPU this
+        process may use (its CPU affinity: a batch job's allocation), at
         most one per group. Each process of the ``processes`` scheduler
         limits TensorFlow (and OpenMP/BLAS libraries it loads later) to
         CPUs / workers threads, so the processes do not oversubscribe the
@@ -906,7 +908,7 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
         scheduler = _default_scheduler(model, model_path, workers, len(todo))
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     if workers is None and local:
-        workers = max(1, min(os.cpu_count() or 1, len(todo)))
+        workers = max(1, min(usable_cpus(), len(todo)))
     versions = _versions()
     meta = {
         'psfdeconv_version': versions['psfdeconv'],
@@ -926,7 +928,7 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
 
     threads = None
     if scheduler == 'processes':
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, usable_cpus() // workers)
     elif not local:
         threads = 'worker'
     if chunk_size is None:
@@ -1032,7 +1034,7 @@ def _default_scheduler(model, model_path, workers, n_todo):
     memory stays in this process (threads share it), and a single worker
     gains nothing from a second process.
     """
-    n_workers = workers if workers is not None else min(os.cpu_count() or 1, n_todo)
+    n_workers = workers if workers is not None else min(usable_cpus(), n_todo)
     if model_path is None or n_workers <= 1 or not (model is None or
                                                      isinstance(model, str | Path)):
         return 'threads'

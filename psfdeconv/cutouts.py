@@ -56,6 +56,7 @@ full frame on the reference grid.
 
 import numpy as np
 
+from ._cpus import usable_cpus
 from ._validation import scalar_pixel_scale
 from .exceptions import InvalidInputError, InvalidPSFError
 from .flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
@@ -569,10 +570,7 @@ def _threads():
     except ValueError:
         limit = None
     if not limit or limit < 1:
-        try:
-            limit = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            limit = os.cpu_count() or 1
+        limit = usable_cpus()
     return max(1, min(limit, _MAX_THREADS))
 
 

@@ -27,13 +27,13 @@ convolution.
 import contextlib
 import dataclasses
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from astropy.nddata import block_reduce
 
+from ._cpus import usable_cpus
 from ._fourier import convolve_same
 from ._validation import config_from_dict, is_band_name
 from .exceptions import ConfigError, OutputExistsError
@@ -656,7 +656,7 @@ def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
     seed : int, optional
         Seed of the run.
     n_workers : int, optional
-        Worker processes (default: the number of CPUs).
+        Worker processes (default: the CPUs this process may use).
     overwrite : bool, optional
         Replace an existing file.
     progress : bool, optional
@@ -683,7 +683,7 @@ def write_simulation(path, n_objects, *, config=None, seed=0, n_workers=None,
     config = SimulationConfig() if config is None else config
     if n_objects < 1:
         raise ConfigError(f'n_objects must be >= 1, got {n_objects}.')
-    n_workers = os.cpu_count() if n_workers is None else n_workers
+    n_workers = usable_cpus() if n_workers is None else n_workers
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f'{path} exists; pass overwrite=True '

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cpus import usable_cpus
 from ._validation import config_from_dict
 from .deconvolve import OUTPUT_FLOORS, check_symmetries
 from .exceptions import ConfigError, InvalidInputError
@@ -479,7 +480,7 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
     if config.cache_cubes and not nothing_left:
         for name, data in (('train', train_data), ('validation', val_data)):
             caches[name] = build_cache(
-                data, n_workers=os.cpu_count() or 1, kinds=config.kinds,
+                data, n_workers=usable_cpus(), kinds=config.kinds,
                 target_headroom=config.target_headroom, **config.features)
             # Only the cubes are used from here on.
             for key in ('observed', 'truth', 'psf'):

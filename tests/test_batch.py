@@ -270,6 +270,24 @@ def test_default_scheduler_is_processes_for_a_model_file(tiny_model, tiny_model_
     assert _default_scheduler(tiny_model, None, 2, 4) == 'threads'
 
 
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='needs CPU affinity')
+def test_default_workers_follow_the_cpu_affinity(tiny_model_path):
+    # A batch job given one CPU of a larger machine (SLURM, taskset): one worker, in
+    # threads, not one process per CPU of the machine.
+    from psfdeconv._cpus import usable_cpus
+    from psfdeconv.batch import _default_scheduler
+
+    path = str(tiny_model_path)
+    allowed = os.sched_getaffinity(0)
+    assert usable_cpus() == len(allowed)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        assert usable_cpus() == 1
+        assert _default_scheduler(path, path, None, 4) == 'threads'
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 @pytest.mark.slow
 def test_processes_batch(groups, reference, tiny_model, tmp_path):
     (groups / 'two.csv').write_text(
