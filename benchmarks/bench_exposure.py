@@ -14,9 +14,11 @@ Prints, all measured in the same run on the same machine:
 * **memory**: the peak resident set (``VmHWM``) of ``run_exposure_set`` on the
   field with 1x and 4x its galaxies as the sources (a catalogue; each in a fresh
   process), flat in the number of sources being the target;
-* **batch workers**: the wall time of ``run_batch`` on 4 small groups with 1 and 2
-  worker processes (model loading included) and the speed-up (target >= 1.8 on
-  2 cores).
+* **batch workers**: the wall time of ``run_batch`` on 4 small groups with one
+  worker process on one CPU (pinned by CPU affinity), one worker process with
+  every CPU, and 2 worker processes (model loading included), and the speed-ups
+  of 2 workers over each single worker (target >= 1.8 on 2 cores over the
+  one-CPU worker).
 
 Usage (about 12 minutes on 2 cores with the defaults; ``--quick``, a 1024-pixel
 field of 300 galaxies, about 3 minutes)::
@@ -137,8 +139,12 @@ def peak_rss(field, sizes, model_path):
 
 
 def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_stars=25):
-    """Wall time of run_batch on n_groups small fields with 1 and 2 worker
-    processes (each process starts TensorFlow and loads the model)."""
+    """Wall time of run_batch on n_groups small fields with worker processes
+    (each starts TensorFlow and loads the model): ``times['1 cpu']``, one
+    worker on one CPU (the process pinned with CPU affinity, which the worker
+    inherits); ``times[1]``, one worker with every CPU (its TensorFlow,
+    FFT and reprojection threads); ``times[2]``, two workers."""
+    from psfdeconv._cpus import usable_cpus
     from psfdeconv.batch import run_batch
 
     lines = ['id,g,r,i']
@@ -148,13 +154,20 @@ def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_st
                    seed=200 + k)
         lines.append(f'{group},{group}/g.fits,{group}/r.fits,{group}/i.fits')
     (root / 'groups.csv').write_text('\n'.join(lines) + '\n')
+    allowed = os.sched_getaffinity(0)
     times = {}
-    for workers in (1, 2):
-        start = time.perf_counter()
-        summary = run_batch(root / 'groups.csv', root / f'out_{workers}', model=model_path,
-                            scheduler='processes', workers=workers, symmetries=1,
-                            overwrite=True)
-        times[workers] = time.perf_counter() - start
+    for name, workers, cpus in (('1 cpu', 1, {min(allowed)}), (1, 1, allowed),
+                                (2, 2, allowed)):
+        os.sched_setaffinity(0, cpus)
+        try:
+            assert usable_cpus() == len(cpus)
+            start = time.perf_counter()
+            summary = run_batch(root / 'groups.csv', root / f'out_{workers}_{len(cpus)}',
+                                model=model_path, scheduler='processes', workers=workers,
+                                symmetries=1, overwrite=True)
+            times[name] = time.perf_counter() - start
+        finally:
+            os.sched_setaffinity(0, allowed)
     return times, int(summary['n_sources'].sum())
 
 
@@ -198,8 +211,10 @@ def main():
                       f"({row['seconds']:.0f} s)")
         if not args.skip_batch:
             times, n_sources = batch_workers(tmp / 'batch', str(model_path))
-            print(f'batch of 4 groups ({n_sources} sources): 1 worker {times[1]:.1f} s, '
-                  f'2 workers {times[2]:.1f} s, speed-up {times[1] / times[2]:.2f}')
+            print(f'batch of 4 groups ({n_sources} sources): 1 worker on 1 CPU '
+                  f'{times["1 cpu"]:.1f} s, on every CPU {times[1]:.1f} s, 2 workers '
+                  f'{times[2]:.1f} s; speed-up {times["1 cpu"] / times[2]:.2f} over the '
+                  f'one-CPU worker, {times[1] / times[2]:.2f} over the other')
 
 
 if __name__ == '__main__':
