@@ -169,3 +169,51 @@ def test_warning_blocks_wait_for_each_other():
     thread.join()
     assert order == ['silenced', 'recording']
     assert store == []
+
+
+def test_streamed_stamp_headers_are_astropys(tmp_path):
+    # write_stamps formats each stamp's header cards itself: the HDUs must be those
+    # astropy.io.fits writes for the same header, and the file must verify.
+    from astropy.io import fits
+    from astropy.nddata import NDData
+    from astropy.wcs import WCS
+
+    from psfdeconv.io import read_stamps, write_stamps
+
+    rng = np.random.default_rng(3)
+    stamps = []
+    for k in range(3):
+        wcs = WCS(naxis=2)
+        wcs.wcs.ctype = ['RA---TAN-SIP', 'DEC--TAN-SIP'] if k == 2 else ['RA---TAN', 'DEC--TAN']
+        wcs.wcs.crval, wcs.wcs.crpix = [150.0, 2.0], [10.5 - k, -3.25 * k]
+        wcs.wcs.cd = [[-5e-5, 1e-6], [1e-6, 5e-5]]
+        if k == 2:  # with SIP distortion cards
+            header = wcs.to_header(relax=True)
+            header.update({'A_ORDER': 2, 'B_ORDER': 2, 'A_2_0': 1e-6, 'B_0_2': -2e-6})
+            wcs = WCS(header)
+        meta = {'id': np.int64(7 + k), 'flags': 5 * k, 'bands': ['g', 'r'],
+                'origin': (np.int64(100 + k), 40), 'block_factor': 1 + k}
+        stamps.append(NDData(rng.normal(size=(2, 16, 16)).astype(np.float32), wcs=wcs,
+                             unit=u.nJy, mask=rng.random((2, 16, 16)) > 0.9, meta=meta))
+    path = tmp_path / 'stamps.fits'
+    write_stamps(stamps, path)
+    with fits.open(path) as hdus:
+        hdus.verify('exception')
+        for k, stamp in enumerate(stamps):
+            header = stamp.wcs.to_header(relax=True)
+            header['EXTNAME'] = 'STAMP'
+            header['EXTVER'] = k + 1
+            header['ID'] = 7 + k
+            header['FLAGS'] = 5 * k
+            header['BUNIT'] = 'nJy'
+            header['BANDS'] = 'g,r'
+            header['ORIGINX'] = (100 + k, 'exposure column of stamp pixel 0')
+            header['ORIGINY'] = (40, 'exposure row of stamp pixel 0')
+            header['BLOCKFAC'] = (1 + k, 'cut from the exposure block-summed by this')
+            expected = fits.ImageHDU(stamp.data, header=header)
+            assert hdus[k + 1].header.tostring() == expected.header.tostring()
+            assert_array_equal(hdus[k + 1].data, stamp.data)
+        assert hdus[3].header['A_ORDER'] == 2
+    read = read_stamps(path)
+    assert [int(stamp.meta['id']) for stamp in read] == [7, 8, 9]
+    assert_array_equal(read[2].mask, stamps[2].mask)

@@ -317,6 +317,7 @@ class _StampFile:
         self.path, self.n_stamps, self.spill = str(path), int(n_stamps), spill
         self.count = 0
         self.shape = None
+        self.structural = self.end = None
         self.index = {'id': [], 'extver': [], 'flags': [], 'origin_x': [],
                       'origin_y': []}
 
@@ -334,22 +335,28 @@ class _StampFile:
         primary.header['EXTEND'] = True
         primary.writeto(self.path, overwrite=True)
 
-    def _append_image(self, data, header):
-        """Append a float32 image HDU: the bytes `astropy.io.fits.ImageHDU`
-        writes (the same structural cards first), without building one, which
-        took most of the time of writing many stamps."""
+    def _append_image(self, data, cards):
+        """Append a float32 image HDU with these header cards (after the
+        structural ones): the bytes `astropy.io.fits.ImageHDU` writes, without
+        building an `astropy.io.fits.Header`, whose card handling took most
+        of the time of writing many stamps."""
         from astropy.io import fits
 
-        full = fits.Header([('XTENSION', 'IMAGE', 'Image extension'),
-                            ('BITPIX', -32, 'array data type'),
-                            ('NAXIS', data.ndim, 'number of array dimensions')]
-                           + [(f'NAXIS{k + 1}', n) for k, n in enumerate(data.shape[::-1])]
-                           + [('PCOUNT', 0, 'number of parameters'),
-                              ('GCOUNT', 1, 'number of groups')])
-        full.extend(header)
+        if self.structural is None:
+            structural = [fits.Card('XTENSION', 'IMAGE', 'Image extension'),
+                          fits.Card('BITPIX', -32, 'array data type'),
+                          fits.Card('NAXIS', data.ndim, 'number of array dimensions')]
+            structural += [fits.Card(f'NAXIS{k + 1}', n)
+                           for k, n in enumerate(data.shape[::-1])]
+            structural += [fits.Card('PCOUNT', 0, 'number of parameters'),
+                           fits.Card('GCOUNT', 1, 'number of groups')]
+            self.structural = ''.join(card.image for card in structural)
+            self.end = 'END'.ljust(80)
+        text = ''.join([self.structural] + [card.image for card in cards] + [self.end])
+        text += ' ' * (-len(text) % 2880)
         raw = np.ascontiguousarray(data, dtype='>f4').tobytes()
         with open(self.path, 'ab') as stream:
-            stream.write(full.tostring().encode('ascii'))
+            stream.write(text.encode('ascii'))
             stream.write(raw)
             stream.write(bytes(-len(raw) % 2880))
 
@@ -375,33 +382,38 @@ class _StampFile:
             k = self.count
             meta = dict(image.meta or {})
             wcs = getattr(image.wcs, 'low_level_wcs', image.wcs)
-            header = wcs.to_header(relax=True) if wcs is not None else fits.Header()
-            header['EXTNAME'] = 'STAMP'
-            header['EXTVER'] = k + 1
+            cards = list(wcs.to_header(relax=True).cards) if wcs is not None else []
             identifier = meta.get('id', k)
-            header['ID'] = identifier.item() if hasattr(identifier, 'item') else identifier
-            header['FLAGS'] = int(meta.get('flags', 0))
+            identifier = identifier.item() if hasattr(identifier, 'item') else identifier
+            flags = int(meta.get('flags', 0))
+            origin = [int(value) for value in meta.get('origin', (0, 0))]
+            stamp_cards = [('EXTNAME', 'STAMP'), ('EXTVER', k + 1), ('ID', identifier),
+                           ('FLAGS', flags)]
             if image.unit is not None:
                 from .exposures import fits_unit_string
 
-                header['BUNIT'] = fits_unit_string(image.unit)
+                stamp_cards.append(('BUNIT', fits_unit_string(image.unit)))
             if meta.get('bands'):
-                header['BANDS'] = ','.join(meta['bands'])
-            origin = meta.get('origin', (0, 0))
-            header['ORIGINX'] = (int(origin[0]), 'exposure column of stamp pixel 0')
-            header['ORIGINY'] = (int(origin[1]), 'exposure row of stamp pixel 0')
-            header['BLOCKFAC'] = (int(meta.get('block_factor', 1)),
-                                  'cut from the exposure block-summed by this')
-            self._append_image(data, header)
+                stamp_cards.append(('BANDS', ','.join(meta['bands'])))
+            stamp_cards += [('ORIGINX', origin[0], 'exposure column of stamp pixel 0'),
+                            ('ORIGINY', origin[1], 'exposure row of stamp pixel 0'),
+                            ('BLOCKFAC', int(meta.get('block_factor', 1)),
+                             'cut from the exposure block-summed by this')]
+            # The stamp's own keywords win over a WCS card of the same name
+            # (a celestial WCS has none of them).
+            ours = {card[0] for card in stamp_cards}
+            cards = [card for card in cards if card.keyword not in ours]
+            cards += [fits.Card(*card) for card in stamp_cards]
+            self._append_image(data, cards)
             mask = np.zeros(self.shape, dtype=np.uint8)
             if image.mask is not None:
                 mask[...] = np.asarray(image.mask, dtype=bool)
             self.spill.write(mask.tobytes())
-            self.index['id'].append(header['ID'])
+            self.index['id'].append(identifier)
             self.index['extver'].append(k + 1)
-            self.index['flags'].append(header['FLAGS'])
-            self.index['origin_x'].append(header['ORIGINX'])
-            self.index['origin_y'].append(header['ORIGINY'])
+            self.index['flags'].append(flags)
+            self.index['origin_x'].append(origin[0])
+            self.index['origin_y'].append(origin[1])
             self.count += 1
 
     def finish(self):
