@@ -931,7 +931,7 @@ def _add_simulate_parser(sub):
     p.add_argument('--seed', type=int, default=0, help='seed of the run')
     p.add_argument('--config', help='JSON file of SimulationConfig values')
     p.add_argument('--workers', type=int, default=None,
-                   help='worker processes (default: all CPUs)')
+                   help='worker processes (default: the CPUs this process may use)')
     p.add_argument('--out', required=True, help='output .h5 file')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_simulate)
@@ -1219,7 +1219,7 @@ def _add_batch_parser(sub):
                         "pip install 'psfdeconv[dask]')")
     p.add_argument('--workers', type=int,
                    help='threads or processes of a local scheduler (default: one '
-                        'per CPU, at most one per group)')
+                        'per CPU this process may use, at most one per group)')
     _add_exposure_set_options(p, first_band='the first band column',
                               psf_for='the bands without a psf_<band> value')
     group = p.add_mutually_exclusive_group()
