@@ -109,9 +109,25 @@ def test_openvino_float32_does_not_depend_on_the_batch_size(model, cube):
     whole = run(cube)
     pieces = np.concatenate([run(cube[first:first + 5]) for first in range(0, len(cube), 5)])
     assert np.array_equal(whole, pieces)
+    # Nor on the chunks a call is spread over (one stamp: one request).
+    ones = np.concatenate([run(cube[k:k + 1]) for k in range(len(cube))])
+    assert np.array_equal(whole, ones)
     # Really float32, not a reduced precision under its name.
     graph = inference._tensorflow_runner(model.keras_model)(cube)
     assert np.abs(whole - graph).max() < 1e-5 * graph.max()
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_openvino_bfloat16_chunks_give_one_request_values(model, cube, monkeypatch):
+    # A call spreads its batch over the streams in chunks; every stamp's output is the one
+    # a single request for the whole batch gives.
+    from psfdeconv import inference
+
+    monkeypatch.setattr(inference, '_OPENVINO_CHUNK', 3)
+    run = inference._openvino_runner(model.keras_model)
+    chunked = run(cube)
+    ones = np.concatenate([run(cube[k:k + 1]) for k in range(len(cube))])
+    assert chunked.shape == ones.shape and np.array_equal(chunked, ones)
 
 
 #: Builds an OpenVINO runner in a fresh interpreter and prints the forks it
