@@ -457,7 +457,8 @@ def _write_deconvolved(path, images, details, sims, *, overwrite):
 
     table = Table()
     n_bands = images.shape[1]
-    for key in ('flux', 'flux_err', 'flux_corrected', 'amplitude'):
+    for key in ('flux', 'flux_err', 'flux_corrected', 'flux_residual', 'flux_residual_err',
+                'amplitude'):
         for b in range(n_bands):
             table[f'{key}_{b}'] = details[key][:, b]
     table['pixel_scale'] = sims['pixel_scale']

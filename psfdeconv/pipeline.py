@@ -390,6 +390,8 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         band ``flux_<band>``, ``flux_err_<band>``, ``flux_corrected_<band>``
         (in the reference band's flux-per-pixel unit, dimensionless for
         dimensionless data; the flux after the model's flux-bias correction),
+        ``flux_residual_<band>``, ``flux_residual_err_<band>`` (the flux corrected
+        by the refit's residual near the source, `psfdeconv.deconvolve.residual_flux`),
         ``snr_<band>`` (flux / flux_err), ``noise_sigma_<band>`` (per-pixel
         noise used by the amplitude refit), ``e1_<band>``, ``e2_<band>``,
         ``e_<band>``, ``size_<band>`` (arcsec; unweighted moments,
@@ -1289,6 +1291,14 @@ def _chunk_columns(setup, index, cut, details, moments, shapes, x_stamp, y_stamp
             (f'flux_corrected_{band}',
              band_values(details['flux_corrected'][:, b]) * unit,
              f'flux_{band} after the flux-bias correction of the model card'),
+            (f'flux_residual_{band}',
+             band_values(details['flux_residual'][:, b]) * unit,
+             f'flux_{band} corrected by the refit residual within twice the 90 % '
+             f'light radius, as far as its noise allows, else by the card '
+             f'(psfdeconv.deconvolve.residual_flux)'),
+            (f'flux_residual_err_{band}',
+             band_values(details['flux_residual_err'][:, b]) * unit,
+             f'1-sigma error of flux_residual_{band}'),
             (f'snr_{band}', snr, f'flux_{band} / flux_err_{band}'),
             (f'noise_sigma_{band}', band_values(details['noise_sigma'][:, b]) * unit,
              f'Per-pixel noise of the {band} stamp used by the amplitude refit'),

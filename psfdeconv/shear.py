@@ -262,6 +262,8 @@ def ring_test_table(n_galaxies, *, seed, shear=0.02, snr_range=(10.0, 300.0),
 
     from astropy.table import Table, vstack
 
+    from .io.files import write_table
+
     if int(chunk) != chunk or chunk < 1:
         raise InvalidInputError(f'chunk must be a positive integer, got {chunk}.')
     if directory is not None:
@@ -278,7 +280,9 @@ def ring_test_table(n_galaxies, *, seed, shear=0.02, snr_range=(10.0, 300.0),
                                   config=config, start=start)
         part = measure_ring_test(ring, model=model, symmetries=symmetries)
         if path is not None:
-            part.write(path, overwrite=True)
+            # Atomic, so that a killed run leaves no truncated chunk for the
+            # resume to read.
+            write_table(part, path, overwrite=True)
         if log is not None:
             log(f'ring test seed {seed}: galaxies {start}-{start + n - 1} measured')
         parts.append(part)

@@ -17,9 +17,11 @@ from psfdeconv.deconvolve import (
     correct_size_bias,
     deconvolve_stamps,
     estimate_noise_sigma,
+    light_radius,
     normalize_psfs,
     psf_ellipticity,
     refit_amplitude,
+    residual_flux,
     symmetric_output,
     validate_stamps,
 )
@@ -248,8 +250,9 @@ def test_deconvolve_stamps_shapes_and_fluxes(tiny_model, test_stamps):
                                         return_details=True)
     assert images.shape == (12, 3, 64, 64)
     for key in ('amplitude', 'amplitude_err', 'flux', 'flux_err', 'flux_corrected',
-                'noise_sigma'):
+                'flux_residual', 'flux_residual_err', 'noise_sigma'):
         assert details[key].shape == (12, 3), key
+    assert np.all(details['flux_residual_err'] >= details['flux_err'])
     assert details['network_output'].shape == (12, 3, 64, 64)
     # The image is amplitude x network output, so its sum is the flux (float32 images).
     assert_allclose(images.sum(axis=(-2, -1), dtype=np.float64), details['flux'], rtol=1e-5)
@@ -460,6 +463,88 @@ def test_calibrate_flux_bias_fits_each_band(tiny_model_path, tiny_simulation_pat
     assert per_band.shape == (3, 3) and np.all(np.isfinite(per_band))
     # Each band's fit is its own: not the pooled coefficients repeated.
     assert not np.allclose(per_band, np.asarray(fit['coefficients'])[None])
+
+
+# --- residual flux ------------------------------------------------------------------------
+
+
+def test_light_radius_of_a_gaussian():
+    sigma = 3.0
+    image = gaussian((65, 65), sigma, sigma, 0.0, 32, 32)
+    # Enclosed fraction of a circular Gaussian: 1 - exp(-r^2 / 2 sigma^2).
+    for fraction in (0.5, 0.9):
+        expected = sigma * np.sqrt(-2 * np.log(1 - fraction))
+        assert abs(light_radius(image, fraction) - expected) < 0.6
+    stack = np.stack([image, 0 * image, -image])
+    assert_array_equal(light_radius(stack, 0.9)[1:], 0.0)
+
+
+def _missing_wings(n, noise, seed):
+    """Stamps of an exponential galaxy (1000 counts) and models that lack its
+    light beyond 4 pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64] - 32
+    radius = np.hypot(yy, xx)
+    galaxy = np.exp(-radius / 2.0)
+    galaxy /= galaxy.sum()
+    psf = gaussian((15, 15), 2.0, 2.0, 0.0, 7, 7)
+    noiseless = 1000.0 * fftconvolve(galaxy, psf, mode='same')
+    stamps = noiseless + noise * rng.normal(size=(n, 1, 64, 64))
+    model = 1000.0 * np.where(radius < 4, galaxy, 0.0)
+    models = np.broadcast_to(model, stamps.shape).copy()
+    psfs = np.broadcast_to(psf, (n, 1) + psf.shape)
+    flux = np.full((n, 1), model.sum())
+    return models, stamps, psfs, flux, np.full((n, 1), noise), 1000.0
+
+
+def test_residual_flux_recovers_missing_wings_where_the_noise_allows():
+    # Bright: the 45 % missing comes back but for what lies beyond the aperture.
+    models, stamps, psfs, flux, sigma, true = _missing_wings(20, 0.05, seed=1)
+    assert flux[0, 0] < 0.6 * true
+    total, err, weight = residual_flux(models, stamps, psfs, flux, np.zeros_like(flux),
+                                       sigma)
+    assert np.all(weight > 0.99)
+    assert abs(np.median(total) / true - 1) < 0.05
+    # Its error (the models have none here) is its scatter over noise realisations.
+    assert 0.7 < np.std(total) / np.median(err) < 1.3
+    # Faint: the residual is mostly noise, and is shrunk.
+    models, stamps, psfs, flux, sigma, true = _missing_wings(200, 20.0, seed=2)
+    total, err, weight = residual_flux(models, stamps, psfs, flux, 0.05 * flux, sigma)
+    assert np.all(weight < 0.1)
+    # The whole residual (a prior so wide that k = 1) is ten times noisier.
+    unweighted = residual_flux(models, stamps, psfs, flux, 0.05 * flux, sigma,
+                               mismatch=1e6)[0]
+    assert np.std(total) < 0.1 * np.std(unweighted)
+    # Faint stamps keep the card's correction: the expected profile error
+    # (here the truth's) replaces the noisy residual.
+    corrected = np.full_like(flux, true)
+    total, err, weight = residual_flux(models, stamps, psfs, corrected, 0.05 * flux, sigma)
+    assert abs(np.median(total) / true - 1) < 0.01
+    assert np.std(total) < 0.1 * np.std(unweighted)
+    # No prior, or an empty model: the corrected flux as given.
+    total, err, weight = residual_flux(models, stamps, psfs, corrected, 0.05 * flux, sigma,
+                                       mismatch=0.0)
+    assert_array_equal(total, corrected)
+    assert_array_equal(err, 0.05 * flux)
+    total, err, weight = residual_flux(0 * models, stamps, psfs, 0 * flux, 0 * flux, sigma)
+    assert_array_equal(total, 0.0)
+    assert_array_equal(weight, 0.0)
+
+
+def test_residual_flux_of_a_right_model_is_unbiased():
+    yy, xx = np.mgrid[:64, :64] - 32
+    galaxy = gaussian((64, 64), 3.0, 2.0, 0.3, 32, 32, flux=500.0)
+    psf = gaussian((15, 15), 2.0, 2.0, 0.0, 7, 7)
+    rng = np.random.default_rng(3)
+    stamps = fftconvolve(galaxy, psf, mode='same') + rng.normal(size=(400, 1, 64, 64))
+    models = np.broadcast_to(galaxy, stamps.shape)
+    psfs = np.broadcast_to(psf, (400, 1, 15, 15))
+    flux = np.full((400, 1), 500.0)
+    total, err, weight = residual_flux(models, stamps, psfs, flux, np.zeros_like(flux),
+                                       np.ones_like(flux))
+    # Residual = noise only: mean 0 within 3 errors of the mean, scatter = error.
+    assert abs(np.mean(total) - 500.0) < 3 * np.std(total) / np.sqrt(400)
+    assert 0.85 < np.std(total) / np.median(err) < 1.15
 
 
 # --- Detection gate -------------------------------------------------------------------

@@ -96,7 +96,8 @@ def test_catalog_columns_units_and_meta(detected, field, tiny_model):
         assert catalog[name].unit == u.pix
     assert catalog['flags'].dtype == np.int32
     for band in BANDS:
-        for name in ('flux', 'flux_err', 'flux_corrected', 'noise_sigma'):
+        for name in ('flux', 'flux_err', 'flux_corrected', 'flux_residual',
+                     'flux_residual_err', 'noise_sigma'):
             assert catalog[f'{name}_{band}'].unit == u.adu
         for name in ('size', 'hsm_sigma'):
             assert catalog[f'{name}_{band}'].unit == u.arcsec

@@ -78,7 +78,8 @@ def test_flux_columns_carry_the_input_unit(field, write_field, tiny_model, bunit
     catalog, stamps = run(write_field(name, dict.fromkeys(BANDS, (bunit, 1.0))), field,
                           tiny_model)
     for band in BANDS:
-        for column in ('flux', 'flux_err', 'flux_corrected', 'noise_sigma'):
+        for column in ('flux', 'flux_err', 'flux_corrected', 'flux_residual',
+                       'noise_sigma'):
             assert catalog[f'{column}_{band}'].unit == unit
         assert np.isfinite(catalog[f'flux_{band}'].value).all()
     assert stamps[0].unit == unit
@@ -205,7 +206,8 @@ def test_deconvolve_stamps_keeps_quantities(stamps, tiny_model):
         model=tiny_model, noise_sigma=1e-3 * u.uJy, return_details=True)
     assert isinstance(images, u.Quantity) and images.unit == u.nJy
     assert_allclose(images.value, plain)
-    for key in ('flux', 'flux_err', 'flux_corrected', 'noise_sigma', 'amplitude'):
+    for key in ('flux', 'flux_err', 'flux_corrected', 'flux_residual', 'flux_residual_err',
+                'noise_sigma', 'amplitude'):
         assert details[key].unit == u.nJy, key
         assert_allclose(details[key].value, plain_details[key])
     assert not isinstance(details['network_output'], u.Quantity)

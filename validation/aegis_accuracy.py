@@ -13,7 +13,11 @@ The 3-band models see F606W, the mean of F606W and F814W, and F814W as their thr
 the 1-band model sees F814W. Per SNR bin the script prints the median flux error of
 ``flux_corrected`` against the truth, the median HSM size ratio, the RMS of the HSM
 ellipticity errors (distortion e1, e2), and the HSM failure rates of the output, the
-observed stamp and the Wiener output. With ``--target-fwhm`` the outputs and the truth are
+observed stamp and the Wiener output. Per galaxy it then prints what limits the flux check:
+the noise of the truth flux itself (the sum of a noisy HST stamp; the catalogue's pixel
+variance with the ACS correlation function) and the errors of ``flux_corrected`` and
+``flux_residual`` (the refit's profile error taken from its residual,
+`psfdeconv.deconvolve.residual_flux`). With ``--target-fwhm`` the outputs and the truth are
 both convolved with a round Gaussian of that FWHM (arcsec) before they are measured: the
 shapes of a deconvolution to a small target PSF instead of to the pixel scale::
 
@@ -94,6 +98,46 @@ def make_stamps(directory, n_per_galaxy, seed, n_bands):
                 noise_sigma=noise_sigma, snr=snr, galaxy=galaxy_index)
 
 
+def truth_flux_noise(directory):
+    """Per galaxy, F814W: catalogue IDENT, HST stamp shape and the relative 1-sigma
+    noise of the stamp's flux.
+
+    The truth flux is the sum of a noisy HST stamp: the noise of the sum over N pixels
+    is sqrt(N var sum(xi) / xi(0)), xi the correlation function of the ACS noise (the
+    catalogue's ``NOISE_FILENAME``; its sum is 6 times its peak, so the noise is 2.4 times
+    that of white noise).
+    """
+    import galsim
+    from astropy.io import fits
+
+    catalog = galsim.RealGalaxyCatalog('AEGIS_F814w_catalog.fits', dir=directory)
+    rows = []
+    for i in range(catalog.nobjects):
+        image = catalog.getGalImage(i).array.astype(float)
+        flux = image.sum()
+        cf = fits.getdata(catalog.noise_file_name[i])
+        variance = catalog.variance[i] * image.size * cf.sum() / cf.max()
+        rows.append(dict(ident=int(catalog.ident[i]), shape=image.shape,
+                         noise=np.sqrt(variance) / flux))
+    return rows
+
+
+def per_galaxy_flux(sims, flux_corrected, flux_residual):
+    """Per galaxy, reddest band: stamps, median ``flux_corrected`` error (all and SNR > 80)
+    and median ``flux_residual`` error (SNR > 80)."""
+    true_flux = sims['truth'][:, -1].sum(axis=(-2, -1))
+    error = flux_corrected[:, -1] / true_flux - 1
+    residual = flux_residual[:, -1] / true_flux - 1
+    rows = []
+    for g in np.unique(sims['galaxy']):
+        sel = sims['galaxy'] == g
+        high = sel & (sims['snr'] >= SNR_BINS[-1][0])
+        rows.append(dict(n=int(sel.sum()), n_high=int(high.sum()),
+                         flux=np.median(error[sel]), flux_high=np.median(error[high]),
+                         residual_high=np.median(residual[high])))
+    return rows
+
+
 def oracle_wiener(observed, psfs, truth):
     """The Wiener filter whose constant regularisation minimises each stamp's squared
     error against the truth (an upper bound of what a Wiener filter can do)."""
@@ -119,7 +163,14 @@ def to_target(images, pixel_scale, fwhm):
     return convolve_to_target(images, kernels)
 
 
-def summarise(name, sims, images, flux_corrected=None, target_fwhm=None):
+def _median_and_mad(values):
+    """Median and normalised median absolute deviation."""
+    median = np.median(values)
+    return median, 1.4826 * np.median(np.abs(values - median))
+
+
+def summarise(name, sims, images, flux_corrected=None, target_fwhm=None,
+              flux_residual=None):
     """Rows per SNR bin for one method (reddest band)."""
     from psfdeconv.measure import hsm_moments
 
@@ -139,8 +190,10 @@ def summarise(name, sims, images, flux_corrected=None, target_fwhm=None):
         flux = (flux_corrected[sel, -1] if flux_corrected is not None
                 else images[sel, -1].sum(axis=(-2, -1)))
         true_flux = sims['truth'][sel, -1].sum(axis=(-2, -1))
+        residual = (None if flux_residual is None
+                    else _median_and_mad(flux_residual[sel, -1] / true_flux - 1))
         rows.append(dict(method=name, snr=f'{low:g}-{high:g}', n=int(sel.sum()),
-                         flux=np.median(flux / true_flux) - 1,
+                         flux=_median_and_mad(flux / true_flux - 1), flux_residual=residual,
                          size=np.median(out['hsm_sigma'][ok] / truth['hsm_sigma'][ok]) - 1,
                          e_rms=np.sqrt(np.mean(de ** 2)),
                          hsm_failed=np.mean(out['hsm_status'][sel] != 0)))
@@ -170,20 +223,37 @@ def main(argv=None):
         target_psf=args.target_fwhm, return_details=True)
     wiener = oracle_wiener(sims['observed'], sims['psf'], sims['truth'])
     rows = (summarise('psfdeconv', sims, images, details['flux_corrected'],
-                      target_fwhm=args.target_fwhm)
+                      target_fwhm=args.target_fwhm, flux_residual=details['flux_residual'])
             + summarise('wiener_oracle', sims, wiener, target_fwhm=args.target_fwhm)
             + summarise('observed', sims, sims['observed']))
     print(f'model {model.card.get("name")} (weights SHA-256 '
           f'{model.card.get("weights_sha256", "?")[:12]}), {len(sims["snr"])} stamps, '
           f'seed {args.seed}, target FWHM {args.target_fwhm} arcsec')
-    print(f'{"method":14s} {"SNR":>7s} {"n":>4s} {"flux-1":>7s} {"size-1":>7s} '
-          f'{"e RMS":>6s} {"HSM fail":>8s}')
+    print('flux: flux_corrected and flux_residual against the truth, median / MAD')
+    print(f'{"method":14s} {"SNR":>7s} {"n":>4s} {"flux-1":>13s} {"resid-1":>13s} '
+          f'{"size-1":>7s} {"e RMS":>6s} {"HSM fail":>8s}')
     for row in rows:
         size = '' if row['method'] == 'observed' else f'{row["size"]:+7.3f}'
         e_rms = '' if row['method'] == 'observed' else f'{row["e_rms"]:6.3f}'
-        flux = '' if row['method'] == 'observed' else f'{row["flux"]:+7.3f}'
-        print(f'{row["method"]:14s} {row["snr"]:>7s} {row["n"]:4d} {flux:>7s} {size:>7s} '
-              f'{e_rms:>6s} {row["hsm_failed"]:8.1%}')
+        flux = ('' if row['method'] == 'observed'
+                else '{:+7.3f}/{:.3f}'.format(*row['flux']))
+        resid = ('' if row['flux_residual'] is None
+                 else '{:+7.3f}/{:.3f}'.format(*row['flux_residual']))
+        print(f'{row["method"]:14s} {row["snr"]:>7s} {row["n"]:4d} {flux:>13s} {resid:>13s} '
+              f'{size:>7s} {e_rms:>6s} {row["hsm_failed"]:8.1%}')
+    if args.target_fwhm is None:
+        print(f'\nper galaxy, {"F814W" if n_bands == 3 else "the band"}: truth flux noise, '
+              f'flux_corrected-1 (all, SNR > 80), flux_residual-1 (SNR > 80)')
+        print(f'{"IDENT":>6s} {"HST px":>8s} {"noise":>6s} {"n":>3s} '
+              f'{"flux-1":>7s} {"n>80":>4s} {"flux-1":>7s} {"resid-1":>7s}')
+        noise_rows = truth_flux_noise(args.aegis_dir)
+        flux_rows = per_galaxy_flux(sims, details['flux_corrected'],
+                                    details['flux_residual'])
+        for nr, fr in zip(noise_rows, flux_rows, strict=True):
+            shape = f'{nr["shape"][1]}x{nr["shape"][0]}'
+            print(f'{nr["ident"]:6d} {shape:>8s} {nr["noise"]:6.1%} '
+                  f'{fr["n"]:3d} {fr["flux"]:+7.3f} {fr["n_high"]:4d} {fr["flux_high"]:+7.3f} '
+                  f'{fr["residual_high"]:+7.3f}')
 
 
 if __name__ == '__main__':
