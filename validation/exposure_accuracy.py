@@ -75,6 +75,11 @@ def main(argv=None):
               f"{e['flux']['median']:+.4f}   {e['hsm_e1']['rms']:.4f}      "
               f"{e['hsm_e2']['rms']:.4f}      ({t['hsm_e1']['rms']:.4f}, "
               f"{t['hsm_e2']['rms']:.4f})  {r1:.2f}, {r2:.2f}")
+    print('band  flux_residual: median|dF/F| (SNR>20)  bias  (ePSF; true PSF)')
+    for band in truth.meta['bands']:
+        e, t = epsf[band]['flux_residual'], true[band]['flux_residual']
+        print(f"{band:4s}  {e['median_abs']:.4f}  {e['median']:+.4f}  "
+              f"({t['median_abs']:.4f}  {t['median']:+.4f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + '\n')
 

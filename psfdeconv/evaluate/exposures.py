@@ -101,8 +101,9 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         the median of ``flux_corrected / true - 1``, over matches above
         ``min_snr``, with their count, and ``noise_median_abs``: the median
         that the catalogue's flux errors alone would give, the floor set by
-        the photometric noise), ``e1``, ``e2`` (RMS and mean of the unweighted
-        ellipticity difference), ``hsm_e1``, ``hsm_e2`` (same, adaptive
+        the photometric noise), ``flux_residual`` (the same two medians of
+        ``flux_residual``, where the catalogue has it), ``e1``, ``e2`` (RMS and
+        mean of the unweighted ellipticity difference), ``hsm_e1``, ``hsm_e2`` (same, adaptive
         moments, finite values only) and ``size_percent`` (mean and RMS of
         100 (size / size_true - 1)). Statistics use the matches without a
         flag that makes the measurement unusable
@@ -146,6 +147,13 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
                           'noise_median_abs': _noise_median_abs(
                               np.asarray(u.Quantity(cat[f'flux_err_{band}']).value)[snr_ok]
                               / true_flux[snr_ok])}}
+        if f'flux_residual_{band}' in cat.colnames:
+            residual = (np.asarray(u.Quantity(cat[f'flux_residual_{band}']).value)[snr_ok]
+                        / true_flux[snr_ok] - 1.0)
+            entry['flux_residual'] = {
+                'n': int(residual.size),
+                'median_abs': float(np.median(np.abs(residual))) if residual.size else None,
+                'median': float(np.median(residual)) if residual.size else None}
         for name in ('e1', 'e2', 'hsm_e1', 'hsm_e2'):
             if f'{name}_true' in tru.colnames:
                 entry[name] = stats(np.asarray(cat[f'{name}_{band}'])[good]
