@@ -346,9 +346,27 @@ RESIDUAL_MISMATCH = 0.05
 RESIDUAL_APERTURE = 2.0
 
 
+def _annulus_matrix(shape):
+    """One-hot matrix (ny nx, n_annuli) of each pixel's annulus ceil(r) about the
+    stamp centre ``(ny // 2, nx // 2)``: ``images @ matrix`` are annulus sums, whose
+    cumulative sum at R is the light within radius R."""
+    ny, nx = shape
+    y, x = np.mgrid[:ny, :nx]
+    annulus = np.ceil(np.hypot(y - ny // 2, x - nx // 2)).astype(int).ravel()
+    matrix = np.zeros((annulus.size, annulus.max() + 1))
+    matrix[np.arange(annulus.size), annulus] = 1.0
+    return matrix
+
+
+def _enclosed(images, matrix):
+    """Cumulative annulus sums (..., n_annuli) of images (..., ny, nx), in float64."""
+    flat = np.reshape(images, np.shape(images)[:-2] + (-1,))
+    return np.cumsum(flat @ matrix.astype(flat.dtype), axis=-1, dtype=np.float64)
+
+
 def light_radius(images, fraction):
-    """Radius (pixels) about the stamp centre ``(ny // 2, nx // 2)`` enclosing a
-    fraction of each image's sum.
+    """The smallest whole radius (pixels) about the stamp centre ``(ny // 2, nx // 2)``
+    within which lies a fraction of each image's sum.
 
     Parameters
     ----------
@@ -360,7 +378,7 @@ def light_radius(images, fraction):
     Returns
     -------
     `~numpy.ndarray`
-        (...); 0 where an image's sum is not positive.
+        (...) of int; 0 where an image's sum is not positive.
 
     Examples
     --------
@@ -368,18 +386,16 @@ def light_radius(images, fraction):
     >>> from psfdeconv.deconvolve import light_radius
     >>> image = np.zeros((9, 9))
     >>> image[4, 4], image[4, 7] = 1.0, 1.0
-    >>> float(light_radius(image, 0.5)), float(light_radius(image, 0.9))
-    (0.0, 3.0)
+    >>> int(light_radius(image, 0.5)), int(light_radius(image, 0.9))
+    (0, 3)
     """
-    images = np.asarray(images, dtype=float)
-    ny, nx = images.shape[-2:]
-    y, x = np.mgrid[:ny, :nx]
-    radius = np.hypot(y - ny // 2, x - nx // 2).ravel()
-    order = np.argsort(radius, kind='stable')
-    cumulative = np.cumsum(images.reshape(images.shape[:-2] + (-1,))[..., order], axis=-1)
-    total = cumulative[..., -1:]
-    enclosed = np.argmax(cumulative >= fraction * total, axis=-1)
-    return np.where(total[..., 0] > 0, radius[order][enclosed], 0.0)
+    images = np.asarray(images)
+    if not np.issubdtype(images.dtype, np.floating):
+        images = images.astype(float)
+    enclosed = _enclosed(images, _annulus_matrix(images.shape[-2:]))
+    total = enclosed[..., -1:]
+    radius = np.argmax(enclosed >= fraction * total, axis=-1)
+    return np.where(total[..., 0] > 0, radius, 0)
 
 
 def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *,
@@ -392,7 +408,7 @@ def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *
     is wrong (wings the network adds or misses) the light it misplaces stays in
     the residual ``r``, the sum of ``N - P * O`` (O the refitted images, P the
     PSF) within ``aperture`` times the 90 % light radius of ``P * O``
-    (`light_radius`). The flux-bias correction of the model card expects a
+    (`light_radius`, whole pixels). The flux-bias correction of the model card expects a
     profile error ``c = flux_corrected - flux`` (``flux`` the sum of O); ``r``
     measures it with the noise ``sigma_r = noise_sigma sqrt(N_aperture)``
     (white noise). With a prior spread of ``s = mismatch |flux_corrected|``
@@ -458,13 +474,16 @@ def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *
                                           dtype=np.result_type(images, np.float32))
     flux = np.sum(images, axis=(-2, -1), dtype=np.float64)
     reconvolved = psf_transforms.convolve(images)
-    ny, nx = reconvolved.shape[-2:]
-    y, x = np.mgrid[:ny, :nx]
-    radius = np.hypot(y - ny // 2, x - nx // 2)
-    inside = radius <= (aperture * light_radius(reconvolved, 0.9))[..., None, None]
-    residual = np.sum(np.where(inside, np.subtract(stamps, reconvolved, dtype=float), 0.0),
-                      axis=(-2, -1))
-    sigma_r = np.asarray(noise_sigma, dtype=float) * np.sqrt(inside.sum(axis=(-2, -1)))
+    matrix = _annulus_matrix(reconvolved.shape[-2:])
+    # The aperture: the whole annuli within aperture x r90 (the 90 % radius of
+    # the re-convolved model, as `light_radius`).
+    model_light = _enclosed(reconvolved, matrix)
+    r90 = np.argmax(model_light >= 0.9 * model_light[..., -1:], axis=-1)
+    edge = np.minimum(np.floor(aperture * r90).astype(int), matrix.shape[1] - 1)[..., None]
+    residual = np.take_along_axis(
+        _enclosed(np.subtract(stamps, reconvolved, dtype=float), matrix), edge, axis=-1)[..., 0]
+    n_inside = np.cumsum(matrix.sum(axis=0))[edge[..., 0]]
+    sigma_r = np.asarray(noise_sigma, dtype=float) * np.sqrt(n_inside)
     prior = (mismatch * flux_corrected) ** 2
     with np.errstate(divide='ignore', invalid='ignore'):
         weight = np.where(prior > 0, prior / (prior + sigma_r ** 2), 0.0)
