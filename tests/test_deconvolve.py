@@ -695,6 +695,19 @@ def test_shear_images():
         shear_images(round_image, 0.8, 0.7)
 
 
+def test_shear_images_in_threads_equals_one_at_a_time():
+    # A stack large enough for several threads gives each image's own result.
+    rng = np.random.default_rng(4)
+    n = 300
+    images = np.stack([gaussian((32, 32), rng.uniform(1.5, 4), rng.uniform(1.5, 4),
+                                rng.uniform(0, np.pi), 15.5 + rng.normal(), 16.0, flux=10.0)
+                       for _ in range(n)]).astype(np.float32)
+    g1, g2 = rng.uniform(-0.1, 0.1, n), rng.uniform(-0.1, 0.1, n)
+    together = shear_images(images, g1, g2)
+    for i in range(0, n, 37):
+        assert_array_equal(together[i], shear_images(images[i], g1[i], g2[i]))
+
+
 def test_fit_and_correct_psf_leakage():
     # Deconvolved images that keep 10 % of their PSFs' ellipticity.
     rng = np.random.default_rng(5)
