@@ -90,7 +90,7 @@ _STAR_MATCH_RADIUS = 1.0
 
 def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
                     n_pixels=_DETECTION_NPIXELS, star_threshold_sigma=10.0,
-                    deblend_sources=True):
+                    deblend_sources=True, psf_fwhm=None):
     """Detect the sources of an exposure and keep those that are not stars.
 
     The background (the mesh of `psfdeconv.psf.find_stars`) is subtracted and
@@ -121,6 +121,12 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
         `~psfdeconv.psf.find_stars`).
     deblend_sources : bool, optional
         Deblend the segments (default); False keeps touching sources as one.
+    psf_fwhm : float, optional
+        The FWHM in pixels of a known PSF (``psf_fwhm`` of
+        `~psfdeconv.psf.find_stars`, e.g. `~psfdeconv.psf.half_peak_fwhm`):
+        the stars' FWHM where the image has fewer than 5 compact sources
+        to make a stellar locus of, which would otherwise be its most
+        compact galaxy (a bulge, dropped as a star).
 
     Returns
     -------
@@ -161,6 +167,9 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
                                 f'positive number of sigma (e.g. 3).')
     if isinstance(n_pixels, bool) or int(n_pixels) != n_pixels or n_pixels < 1:
         raise InvalidInputError(f'n_pixels = {n_pixels!r}; give an integer >= 1.')
+    if psf_fwhm is not None and not (np.isfinite(psf_fwhm) and psf_fwhm > 0):
+        raise InvalidInputError(f'psf_fwhm = {psf_fwhm!r}; give the PSF\'s FWHM in '
+                                f'pixels (a positive number) or None.')
     image, bad, image_meta = as_image_and_mask(exposure)
     background, rms = estimate_background(image, bad)
     subtracted = image - background
@@ -178,10 +187,10 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
         # measure its star candidates on these segments instead.
         stars = point_sources(image, bad, background, rms, segm,
                                threshold_sigma=star_threshold_sigma,
-                               meta=image_meta)
+                               meta=image_meta, psf_fwhm=psf_fwhm)
     else:
         stars = find_stars(exposure, threshold_sigma=star_threshold_sigma,
-                           all_sources=True)
+                           all_sources=True, psf_fwhm=psf_fwhm)
     wcs = getattr(exposure, 'wcs', None)
     table = QTable()
     meta = {'n_detected': 0, 'n_stars': 0, 'background_rms': float(rms),

@@ -81,7 +81,7 @@ from .flags import (
     usable_rows,
 )
 from .io import check_source_ids, read_exposure_set
-from .psf import build_psfs, grid_extrapolated, render_stamp_psfs
+from .psf import build_psfs, grid_extrapolated, half_peak_fwhm, render_stamp_psfs
 
 __all__ = [
     'deconvolve_catalog',
@@ -169,6 +169,18 @@ def _sky_from_columns(ra, dec):
                 f'degrees (e.g. 10:00:01.2 and +02:10:03).') from None
     raise InvalidInputError('the ra and dec columns cannot be read as sky '
                             'positions; give degrees or sexagesimal strings.')
+
+
+def _detect_options(detect_options, reference_psf, shape):
+    """``detect_options`` with the FWHM of a PSF not built from the image's
+    own stars (a Moffat specification, a file; at the image centre): the
+    stars' FWHM where the frame has too few compact sources for a stellar
+    locus, which its most compact galaxy (a bulge) would otherwise make."""
+    options = dict(detect_options or {})
+    if 'n_stars' not in (getattr(reference_psf, 'meta', None) or {}):
+        centre = ((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+        options.setdefault('psf_fwhm', half_peak_fwhm(reference_psf, centre))
+    return options
 
 
 def _positions(positions, reference, reference_band, detect_options):
@@ -644,8 +656,9 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
 
     psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
                                          pixel_scale=scale)
-    x_in, y_in, ids, positions_source = _positions(positions, reference,
-                                                   reference_band, detect_options)
+    x_in, y_in, ids, positions_source = _positions(
+        positions, reference, reference_band,
+        _detect_options(detect_options, psf_models[reference_band], reference.shape))
     n = x_in.size
     if n == 0:
         raise InvalidInputError('no positions given; give at least one source '

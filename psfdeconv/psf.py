@@ -68,6 +68,8 @@ __all__ = [
     'PSFExModel',
     'write_psf_image',
     'render_psf',
+    'half_peak_fwhm',
+    'MIN_MOFFAT_BETA',
     'psf_from_spec',
     'build_psfs',
     'grid_extrapolated',
@@ -92,6 +94,10 @@ _FWHM_TOLERANCE = 1.25
 _LOCUS_MIN_FRACTION = 0.2
 #: ... and of at least this many sources.
 _LOCUS_MIN_MEMBERS = 5
+#: Smallest Moffat power index `moffat_psf` draws (GalSim's FFT of a Moffat
+#: of beta 1.2 would take petabytes; 1.5 takes a second) and `fit_moffat_psf`
+#: fits: seeing has 2 to 5.
+MIN_MOFFAT_BETA = 1.5
 #: Smallest FWHM (pixels) of a star: a single hot pixel's is 1.13.
 _MIN_STAR_FWHM = 1.2
 #: A rendered PSF whose model sum over the stamp falls outside this range
@@ -300,12 +306,14 @@ def _stellar_locus(fwhm):
     best = near[counts[near] == counts[near].max()]
     centre = fwhm[best[np.argmin(fwhm[best])]]
     members = np.abs(log_fwhm - np.log(centre)) <= window
-    return float(np.median(fwhm[members]))
+    return float(np.median(fwhm[members])), int(members.sum())
 
 
-def _select(table, *, fwhm_guess, max_stars):
+def _select(table, *, fwhm_guess, max_stars, psf_fwhm=None):
     """Fill ``point_like`` and ``selected`` in a `_detect` table (in place)
-    and return the stellar-locus FWHM (NaN when there is no candidate)."""
+    and return the stellar-locus FWHM (NaN when there is no candidate):
+    ``fwhm_guess`` if given, else the locus of the compact sources, or
+    ``psf_fwhm`` where fewer than `_LOCUS_MIN_MEMBERS` of them make it."""
     fwhm = np.asarray(table['fwhm'])
     compact = (table['_bright'] & ~table['saturated'] & ~table['edge']
                & (table['ellipticity'] < _MAX_ELLIPTICITY) & (fwhm > 0)
@@ -318,7 +326,13 @@ def _select(table, *, fwhm_guess, max_stars):
         # the pairwise mode stays cheap on crowded frames).
         index = np.flatnonzero(compact)
         index = index[np.argsort(-np.asarray(table['flux'][index]))][:200]
-        locus = _stellar_locus(np.asarray(table['fwhm'][index]))
+        locus, members = _stellar_locus(np.asarray(table['fwhm'][index]))
+        if members < _LOCUS_MIN_MEMBERS and psf_fwhm is not None:
+            # Too few compact sources to tell stars from compact galaxies
+            # (a lone bulge would be its own locus): a known PSF decides.
+            locus = float(psf_fwhm)
+    elif psf_fwhm is not None:
+        locus = float(psf_fwhm)
     else:
         locus = np.nan
     if np.isfinite(locus):
@@ -367,7 +381,7 @@ def _validate_positive_int(name, value, minimum=1):
 
 def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
                box_size=25, max_stars=100, saturation=None,
-               all_sources=False):
+               all_sources=False, psf_fwhm=None):
     """Find isolated, unsaturated, point-like stars in an exposure.
 
     The background (a 64-pixel `~photutils.background.Background2D` mesh,
@@ -422,6 +436,11 @@ def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
     all_sources : bool, optional
         Return every detection with its flags instead of the selected
         stars only.
+    psf_fwhm : float, optional
+        The FWHM (pixels) of a known PSF (e.g. `half_peak_fwhm`): the stellar
+        locus where fewer than 5 compact sources make one, so that a frame
+        with few stars does not take its most compact galaxy (a bulge) for
+        the stars' FWHM.
 
     Returns
     -------
@@ -463,22 +482,23 @@ def find_stars(data, *, mask=None, threshold_sigma=10.0, fwhm_guess=None,
     if not np.isfinite(threshold_sigma) or threshold_sigma <= 0:
         raise InvalidInputError(f'threshold_sigma = {threshold_sigma}; give '
                                 f'a positive number of sigma (e.g. 10).')
-    if fwhm_guess is not None and not (np.isfinite(fwhm_guess)
-                                       and fwhm_guess > 0):
-        raise InvalidInputError(f'fwhm_guess = {fwhm_guess}; give a '
-                                f'positive FWHM in pixels, or None.')
+    for name, value in (('fwhm_guess', fwhm_guess), ('psf_fwhm', psf_fwhm)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise InvalidInputError(f'{name} = {value}; give a positive FWHM in '
+                                    f'pixels, or None.')
     image, bad, meta = as_image_and_mask(data, mask)
     saturation = _saturation_level(saturation, meta)
     background, rms = estimate_background(image, bad)
     table = _detect(image, bad, background, rms,
                     threshold_sigma=threshold_sigma, box_size=box_size,
                     saturation=saturation, bright_only=not all_sources)
-    locus = _select(table, fwhm_guess=fwhm_guess, max_stars=max_stars)
+    locus = _select(table, fwhm_guess=fwhm_guess, max_stars=max_stars, psf_fwhm=psf_fwhm)
     return _finish_table(table, locus=locus, background=background, rms=rms,
                          all_sources=all_sources)
 
 
-def point_sources(image, bad, background, rms, segments, *, threshold_sigma, meta):
+def point_sources(image, bad, background, rms, segments, *, threshold_sigma, meta,
+                  psf_fwhm=None):
     """The bright detections of `find_stars` with their ``point_like`` flag and
     the ``fwhm_locus``, from a segmentation the caller already made.
 
@@ -487,13 +507,14 @@ def point_sources(image, bad, background, rms, segments, *, threshold_sigma, met
     background-subtracted image at `find_stars`'s threshold and connected
     pixels (as `~psfdeconv.detection.detect_galaxies` makes it with its
     defaults): the same point-like rows and locus as
-    ``find_stars(exposure, threshold_sigma=..., all_sources=True)``, without
-    segmenting and deblending the image a second time.
+    ``find_stars(exposure, threshold_sigma=..., all_sources=True,
+    psf_fwhm=...)``, without segmenting and deblending the image a second
+    time.
     """
     table = _detect(image, bad, background, rms, threshold_sigma=threshold_sigma,
                     box_size=25, saturation=_saturation_level(None, meta),
                     bright_only=True, segments=segments)
-    locus = _select(table, fwhm_guess=None, max_stars=100)
+    locus = _select(table, fwhm_guess=None, max_stars=100, psf_fwhm=psf_fwhm)
     return _finish_table(table, locus=locus, background=background, rms=rms,
                          all_sources=True)
 
@@ -840,7 +861,8 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
     fwhm : float or `~astropy.units.Quantity`
         FWHM of the round profile (before the shear), arcsec if a float.
     beta : float
-        Moffat power index (> 1.1, the smallest GalSim draws untruncated).
+        Moffat power index (>= `MIN_MOFFAT_BETA`: below it GalSim needs an FFT
+        too large to draw the untruncated profile; seeing has 2 to 5).
     pixel_scale : float or `~astropy.units.Quantity`
         Native pixel scale, arcsec/pixel if a float.
     e1, e2 : float, optional
@@ -891,9 +913,9 @@ def moffat_psf(fwhm, beta, *, pixel_scale, e1=0.0, e2=0.0, size=None,
             f'arcsec and {_MAX_FWHM_PIXELS} pixels (wider than any stamp); check '
             f'the value and its unit (e.g. 0.8arcsec or 4pix).')
     beta = float(beta)
-    if not np.isfinite(beta) or beta <= 1.1:
+    if not np.isfinite(beta) or beta < MIN_MOFFAT_BETA:
         raise InvalidPSFError(f'beta = {beta}; the Moffat power index must '
-                              f'be > 1.1 (typical seeing: 2.5 to 4.5).')
+                              f'be >= {MIN_MOFFAT_BETA} (typical seeing: 2.5 to 4.5).')
     e1, e2 = float(e1), float(e2)
     e = float(np.hypot(e1, e2))
     if not np.isfinite(e) or e >= 1:
@@ -991,7 +1013,7 @@ def _fit_moffat(data, good, offsets, fwhm_guess):
     stars0 = np.column_stack([flux0 / scale, offsets[:, 0], offsets[:, 1],
                               np.zeros(n)])
     p0 = np.concatenate([shape0, stars0.ravel()])
-    lower = np.concatenate([[np.log(0.5), 1.2, -0.6, -0.6],
+    lower = np.concatenate([[np.log(0.5), MIN_MOFFAT_BETA, -0.6, -0.6],
                             np.tile([0.0, -2.0, -2.0, -np.inf], n)])
     upper = np.concatenate([[np.log(4.0 * half), 20.0, 0.6, 0.6],
                             np.tile([np.inf, 2.0, 2.0, np.inf], n)])
@@ -1127,6 +1149,15 @@ def fit_moffat_psf(data, *, stars=None, mask=None, pixel_scale=None,
     cutouts, good, ix, iy = _fit_cutouts(subtracted, bad, x, y, half)
     offsets = np.column_stack([x - ix, y - iy])
     fit = _fit_moffat(cutouts, good, offsets, locus)
+    if fit['beta'] <= MIN_MOFFAT_BETA + 1e-3:
+        # Wings as heavy as the fit allows: the sources fitted are galaxies
+        # (a compact bulge in its disc), not stars.
+        raise InvalidPSFError(
+            f'the Moffat fit to the {len(x)} point-like source(s) of this frame '
+            f'(FWHM {fit["fwhm"]:.3g} pixels) has beta = {fit["beta"]:.3g}, at its '
+            f'lower bound {MIN_MOFFAT_BETA}: they are not stars (a galaxy\'s bulge?); '
+            f'give the PSF: --psf moffat:fwhm=...arcsec,beta=3 (psfs=\'moffat:...\') '
+            f'or --psf psf=FILE.')
     scale = 1.0 if pixel_scale is None else scalar_pixel_scale(pixel_scale)
     e1, e2 = fit['e1'], fit['e2']
     psf = moffat_psf(fit['fwhm'] * scale, fit['beta'], pixel_scale=scale,
@@ -1716,6 +1747,33 @@ def write_psf_image(psf_model, path, *, overwrite=False, pixel_scale=None):
 
 
 # --- The stamp-level PSF -----------------------------------------------------
+
+def half_peak_fwhm(psf_model, position=None):
+    """FWHM (pixels) of a PSF as `find_stars` measures a star's: the diameter
+    of a disc with the area of the pixels above half the peak.
+
+    Parameters
+    ----------
+    psf_model : PSF model or `~numpy.ndarray`
+        As for `render_psf`.
+    position : tuple of float, optional
+        As for `render_psf`.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from psfdeconv.psf import half_peak_fwhm, moffat_psf
+    >>> model = moffat_psf(1.0, 3.0, pixel_scale=0.2)
+    >>> bool(abs(half_peak_fwhm(model) - 5.0) < 0.5)
+    True
+    """
+    image = render_psf(psf_model, position, size=61)
+    return float(2.0 * np.sqrt(np.count_nonzero(image >= 0.5 * image.max()) / np.pi))
+
 
 def render_psf(psf_model, position=None, *, size=41):
     """The PSF seen by a source at ``position``, as a stamp-level array.

@@ -464,7 +464,7 @@ def test_moffat_psf_errors():
     with pytest.raises(InvalidPSFError, match=r'fwhm = 0\.8 kg; give an angle'):
         moffat_psf(0.8 * u.kg, 3.0, pixel_scale=0.2)
     with pytest.raises(InvalidPSFError,
-                       match=r'beta = 1\.0; the Moffat power index must be > 1\.1'):
+                       match=r'beta = 1\.0; the Moffat power index must be >= 1\.5'):
         moffat_psf(0.8, 1.0, pixel_scale=0.2)
     with pytest.raises(InvalidPSFError, match=r'\(e1, e2\) = \(0\.9, 0\.5\) has \|e\| = 1\.02'):
         moffat_psf(0.8, 3.0, pixel_scale=0.2, e1=0.9, e2=0.5)
