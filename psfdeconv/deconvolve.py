@@ -239,6 +239,12 @@ def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None,
     >>> print(f'{float(a):.6f}')
     2.500000
     """
+    return _refit_amplitude(model_images, observed, psfs, noise_sigma=noise_sigma,
+                            psf_transforms=psf_transforms)[:3]
+
+
+def _refit_amplitude(model_images, observed, psfs, *, noise_sigma, psf_transforms):
+    """`refit_amplitude`, and the refitted model re-convolved, ``A (O * PSF)``."""
     if psf_transforms is None:
         dtype = np.result_type(np.asarray(model_images).dtype, np.asarray(observed).dtype,
                                np.float32)
@@ -250,16 +256,16 @@ def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None,
     cross = _sum_of_products(reconvolved, observed)
     with np.errstate(divide='ignore', invalid='ignore'):
         amplitude = np.where(power > 0, cross / power, 0.0)
+    reconvolved *= amplitude.astype(reconvolved.dtype)[..., None, None]
     if noise_sigma is None:
-        reconvolved *= amplitude.astype(reconvolved.dtype)[..., None, None]
-        noise_sigma = _noise_sigma(np.subtract(observed, reconvolved, out=reconvolved,
-                                               dtype=reconvolved.dtype, casting='same_kind'))
+        noise_sigma = _noise_sigma(np.subtract(observed, reconvolved, dtype=reconvolved.dtype,
+                                               casting='same_kind'))
     noise_sigma = np.broadcast_to(np.asarray(noise_sigma, float),
                                   amplitude.shape)
     with np.errstate(divide='ignore'):
         amplitude_err = np.where(power > 0, noise_sigma / np.sqrt(power),
                                  np.inf)
-    return amplitude, amplitude_err, noise_sigma
+    return amplitude, amplitude_err, noise_sigma, reconvolved
 
 
 def _sum_of_products(a, b):
@@ -400,7 +406,7 @@ def light_radius(images, fraction):
 
 def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *,
                   mismatch=RESIDUAL_MISMATCH, aperture=RESIDUAL_APERTURE,
-                  psf_transforms=None):
+                  psf_transforms=None, reconvolved=None):
     """The refitted flux corrected by the residual near the source, as far as
     the noise lets it.
 
@@ -440,6 +446,10 @@ def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *
         Aperture radius in 90 % light radii.
     psf_transforms : `~psfdeconv._fourier.KernelTransforms`, optional
         Transforms of ``psfs`` on the stamps' FFT grid (replace ``psfs``).
+    reconvolved : `~numpy.ndarray`, optional
+        ``images`` re-convolved with their PSFs, when the caller has them
+        (`refit_images` with ``return_reconvolved``); ``psfs`` and
+        ``psf_transforms`` are then not used.
 
     Returns
     -------
@@ -470,11 +480,12 @@ def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *
     682 -> 689, k = 0.026
     """
     flux_corrected = np.asarray(flux_corrected, dtype=float)
-    if psf_transforms is None:
-        psf_transforms = KernelTransforms(psfs, np.shape(stamps)[-2:],
-                                          dtype=np.result_type(images, np.float32))
     flux = np.sum(images, axis=(-2, -1), dtype=np.float64)
-    reconvolved = psf_transforms.convolve(images)
+    if reconvolved is None:
+        if psf_transforms is None:
+            psf_transforms = KernelTransforms(psfs, np.shape(stamps)[-2:],
+                                              dtype=np.result_type(images, np.float32))
+        reconvolved = psf_transforms.convolve(images)
     matrix = _annulus_matrix(reconvolved.shape[-2:])
     # The aperture: the whole annuli within aperture x r90 (the 90 % radius of
     # the re-convolved model, as `light_radius`).
@@ -779,7 +790,8 @@ def correct_psf_leakage(output, psfs, psf_leakage):
     return shear_images(output, *_leakage_shear(psfs, psf_leakage))
 
 
-def refit_images(output, stamps, psfs, noise_sigma, *, psf_transforms=None):
+def refit_images(output, stamps, psfs, noise_sigma, *, psf_transforms=None,
+                 return_reconvolved=False):
     """The amplitude refit of `deconvolve_stamps`: images and fluxes.
 
     Parameters
@@ -792,6 +804,9 @@ def refit_images(output, stamps, psfs, noise_sigma, *, psf_transforms=None):
         (n, n_bands); None estimates it from the residuals.
     psf_transforms : `~psfdeconv._fourier.KernelTransforms`, optional
         As for `refit_amplitude`.
+    return_reconvolved : bool, optional
+        Also return ``'reconvolved'``: the refitted images re-convolved with
+        their PSFs (for `residual_flux`).
 
     Returns
     -------
@@ -800,15 +815,18 @@ def refit_images(output, stamps, psfs, noise_sigma, *, psf_transforms=None):
         ``'amplitude_err'``, ``'noise_sigma'``, ``'flux'``, ``'flux_err'``
         (each (n, n_bands)) and ``'detection_snr'`` (n,).
     """
-    amplitude, amplitude_err, noise_sigma = refit_amplitude(
+    amplitude, amplitude_err, noise_sigma, reconvolved = _refit_amplitude(
         output, stamps, psfs, noise_sigma=noise_sigma, psf_transforms=psf_transforms)
     total = output.sum(axis=(-2, -1), dtype=np.float64)
     flux = amplitude * total
     flux_err = amplitude_err * total
-    return {'images': output * amplitude.astype(output.dtype)[..., None, None],
-            'amplitude': amplitude, 'amplitude_err': amplitude_err,
-            'noise_sigma': noise_sigma, 'flux': flux, 'flux_err': flux_err,
-            'detection_snr': detection_snr(flux, flux_err)}
+    fit = {'images': output * amplitude.astype(output.dtype)[..., None, None],
+           'amplitude': amplitude, 'amplitude_err': amplitude_err,
+           'noise_sigma': noise_sigma, 'flux': flux, 'flux_err': flux_err,
+           'detection_snr': detection_snr(flux, flux_err)}
+    if return_reconvolved:
+        fit['reconvolved'] = reconvolved
+    return fit
 
 
 def float32_work(stamps, psfs):
@@ -1023,15 +1041,18 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                               precision=precision)
     output = remove_output_floor(output, model.card.get('output_floor'))
     output = _correct_output(output, stamps32, psfs, noise_sigma, model.card, psf_transforms)
-    fit = refit_images(output, stamps32, psfs, noise_sigma, psf_transforms=psf_transforms)
+    fit = refit_images(output, stamps32, psfs, noise_sigma, psf_transforms=psf_transforms,
+                       return_reconvolved=return_details)
     images = fit.pop('images')
+    reconvolved = fit.pop('reconvolved', None)
     flux_corrected = correct_flux_bias(fit['flux'], fit['flux_err'],
                                        model.card.get('flux_bias'))
     if return_details:
         # Before the detection gate empties the images of faint stamps.
         flux_residual, flux_residual_err, _ = residual_flux(
             images, stamps32, psfs, flux_corrected, fit['flux_err'], fit['noise_sigma'],
-            psf_transforms=psf_transforms)
+            reconvolved=reconvolved)
+        del reconvolved
     detected = apply_detection(images, fit['detection_snr'],
                                model.card.get('detection'))
     shear = None

@@ -531,6 +531,26 @@ def test_residual_flux_recovers_missing_wings_where_the_noise_allows():
     assert_array_equal(weight, 0.0)
 
 
+def test_residual_flux_takes_the_refits_reconvolution(tiny_model, test_stamps):
+    from psfdeconv.deconvolve import float32_work, refit_images
+
+    sims = test_stamps
+    stamps32, transforms = float32_work(sims['observed'], normalize_psfs(sims['psf']))
+    output = np.abs(sims['truth']).astype(np.float32) + 1e-3
+    fit = refit_images(output, stamps32, sims['psf'], None, psf_transforms=transforms,
+                       return_reconvolved=True)
+    assert_allclose(fit['reconvolved'], transforms.convolve(fit['images']),
+                    rtol=1e-5, atol=1e-6 * np.abs(fit['reconvolved']).max())
+    assert 'reconvolved' not in refit_images(output, stamps32, sims['psf'], None,
+                                             psf_transforms=transforms)
+    args = (fit['images'], stamps32, sims['psf'], fit['flux'], fit['flux_err'],
+            fit['noise_sigma'])
+    given = residual_flux(*args, reconvolved=fit['reconvolved'])
+    computed = residual_flux(*args, psf_transforms=transforms)
+    for a, b in zip(given, computed, strict=True):
+        assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
 def test_residual_flux_of_a_right_model_is_unbiased():
     yy, xx = np.mgrid[:64, :64] - 32
     galaxy = gaussian((64, 64), 3.0, 2.0, 0.3, 32, 32, flux=500.0)
