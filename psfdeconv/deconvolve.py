@@ -370,6 +370,12 @@ def _enclosed(images, matrix):
     return np.cumsum(flat @ matrix.astype(flat.dtype), axis=-1, dtype=np.float64)
 
 
+def _enclosing_radius(enclosed, fraction):
+    """The first whole radius whose enclosed light (`_enclosed`) reaches
+    ``fraction`` of the total."""
+    return np.argmax(enclosed >= fraction * enclosed[..., -1:], axis=-1)
+
+
 def light_radius(images, fraction):
     """The smallest whole radius (pixels) about the stamp centre ``(ny // 2, nx // 2)``
     within which lies a fraction of each image's sum.
@@ -399,9 +405,7 @@ def light_radius(images, fraction):
     if not np.issubdtype(images.dtype, np.floating):
         images = images.astype(float)
     enclosed = _enclosed(images, _annulus_matrix(images.shape[-2:]))
-    total = enclosed[..., -1:]
-    radius = np.argmax(enclosed >= fraction * total, axis=-1)
-    return np.where(total[..., 0] > 0, radius, 0)
+    return np.where(enclosed[..., -1] > 0, _enclosing_radius(enclosed, fraction), 0)
 
 
 def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *,
@@ -489,8 +493,7 @@ def residual_flux(images, stamps, psfs, flux_corrected, flux_err, noise_sigma, *
     matrix = _annulus_matrix(reconvolved.shape[-2:])
     # The aperture: the whole annuli within aperture x r90 (the 90 % radius of
     # the re-convolved model, as `light_radius`).
-    model_light = _enclosed(reconvolved, matrix)
-    r90 = np.argmax(model_light >= 0.9 * model_light[..., -1:], axis=-1)
+    r90 = _enclosing_radius(_enclosed(reconvolved, matrix), 0.9)
     edge = np.minimum(np.floor(aperture * r90).astype(int), matrix.shape[1] - 1)[..., None]
     residual = np.take_along_axis(
         _enclosed(np.subtract(stamps, reconvolved, dtype=float), matrix), edge, axis=-1)[..., 0]

@@ -163,10 +163,10 @@ def to_target(images, pixel_scale, fwhm):
     return convolve_to_target(images, kernels)
 
 
-def _median_and_mad(values):
-    """Median and normalised median absolute deviation."""
-    median = np.median(values)
-    return median, 1.4826 * np.median(np.abs(values - median))
+def _median_and_mad_std(values):
+    from astropy.stats import mad_std
+
+    return np.median(values), mad_std(values)
 
 
 def summarise(name, sims, images, flux_corrected=None, target_fwhm=None,
@@ -191,9 +191,9 @@ def summarise(name, sims, images, flux_corrected=None, target_fwhm=None,
                 else images[sel, -1].sum(axis=(-2, -1)))
         true_flux = sims['truth'][sel, -1].sum(axis=(-2, -1))
         residual = (None if flux_residual is None
-                    else _median_and_mad(flux_residual[sel, -1] / true_flux - 1))
+                    else _median_and_mad_std(flux_residual[sel, -1] / true_flux - 1))
         rows.append(dict(method=name, snr=f'{low:g}-{high:g}', n=int(sel.sum()),
-                         flux=_median_and_mad(flux / true_flux - 1), flux_residual=residual,
+                         flux=_median_and_mad_std(flux / true_flux - 1), flux_residual=residual,
                          size=np.median(out['hsm_sigma'][ok] / truth['hsm_sigma'][ok]) - 1,
                          e_rms=np.sqrt(np.mean(de ** 2)),
                          hsm_failed=np.mean(out['hsm_status'][sel] != 0)))

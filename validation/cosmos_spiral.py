@@ -60,9 +60,9 @@ def main(argv=None):
 
     from astropy import units as u
     from astropy.io import fits
-    from astropy.table import QTable
 
     from psfdeconv.cli import main as cli_main
+    from psfdeconv.io import read_catalog
 
     data, header, true_flux = reobserve(args.image, pixel_scale=args.pixel_scale,
                                         fwhm=args.fwhm, size=args.size,
@@ -73,7 +73,7 @@ def main(argv=None):
                        f'moffat:fwhm={args.fwhm}arcsec,beta=3', '--out', str(work / 'run')])
     if status:
         raise SystemExit(status)
-    catalog = QTable.read(work / 'run' / 'catalog.fits')
+    catalog = read_catalog(work / 'run' / 'catalog.fits')
     centre = (args.size - 1) / 2
     distance = np.hypot(catalog['x'].value - centre,
                         catalog['y'].value - centre) * args.pixel_scale
@@ -82,7 +82,7 @@ def main(argv=None):
     rows.sort('distance')
     print(f'true flux {true_flux:.2f}; {len(rows)} rows within {args.radius:g} arcsec of '
           f'the galaxy ({int(np.sum(rows["usable"]))} usable); flag bits '
-          f'{catalog.meta.get("FLAGBITS", catalog.meta.get("flag_bits", ""))}')
+          f'{catalog.meta["flag_bits"]}')
     rows[['id', 'distance', 'flags', 'usable', 'flux_corrected_r',
           'flux_residual_r']].pprint(max_lines=-1, max_width=-1)
     for name in ('flux_corrected_r', 'flux_residual_r'):

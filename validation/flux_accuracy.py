@@ -17,11 +17,6 @@ import numpy as np
 SNR_BINS = ((0.0, 20.0), (20.0, 40.0), (40.0, 80.0), (80.0, np.inf))
 
 
-def _median_and_mad(values):
-    median = np.median(values)
-    return median, 1.4826 * np.median(np.abs(values - median))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('simulation')
@@ -29,6 +24,8 @@ def main(argv=None):
     parser.add_argument('--model', default=None,
                         help='a .keras model (default: the shipped model of the band count)')
     args = parser.parse_args(argv)
+
+    from astropy.stats import mad_std
 
     import psfdeconv
     from psfdeconv.deconvolve import normalize_psfs, residual_flux
@@ -63,7 +60,7 @@ def main(argv=None):
     bins += [(f'SNR {low:g}-{high:g}', np.flatnonzero((snr >= low) & (snr < high)))
              for low, high in SNR_BINS]
     for label, index in bins:
-        row = [_median_and_mad(errors[name][index])
+        row = [(np.median(errors[name][index]), mad_std(errors[name][index]))
                for name in ('flux_corrected', 'flux_residual')]
         print(f'{label:>14s} {len(index):5d} ' + ' '.join(
             f'{m:+8.4f}/{s:.4f}' for m, s in row) + f' {np.median(weight[index]):5.2f}')

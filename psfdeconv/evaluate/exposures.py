@@ -135,25 +135,22 @@ def exposure_accuracy(catalog, truth, *, min_snr=20.0,
         return {'n': int(diff.size), 'mean': float(diff.mean()),
                 'rms': float(np.sqrt(np.mean(diff ** 2)))}
 
+    def flux_medians(ratio):
+        return {'n': int(ratio.size),
+                'median_abs': float(np.median(np.abs(ratio))) if ratio.size else None,
+                'median': float(np.median(ratio)) if ratio.size else None}
+
     for band in catalog.meta.get('bands', []):
         flux = np.asarray(u.Quantity(cat[f'flux_corrected_{band}']).value)
         true_flux = np.asarray(u.Quantity(tru[f'flux_{band}']).value)
         snr_ok = good & (np.asarray(cat[f'snr_{band}']) > min_snr)
-        ratio = flux[snr_ok] / true_flux[snr_ok] - 1.0
-        entry = {'flux': {'n': int(ratio.size),
-                          'median_abs': float(np.median(np.abs(ratio)))
-                          if ratio.size else None,
-                          'median': float(np.median(ratio)) if ratio.size else None,
+        entry = {'flux': {**flux_medians(flux[snr_ok] / true_flux[snr_ok] - 1.0),
                           'noise_median_abs': _noise_median_abs(
                               np.asarray(u.Quantity(cat[f'flux_err_{band}']).value)[snr_ok]
                               / true_flux[snr_ok])}}
         if f'flux_residual_{band}' in cat.colnames:
-            residual = (np.asarray(u.Quantity(cat[f'flux_residual_{band}']).value)[snr_ok]
-                        / true_flux[snr_ok] - 1.0)
-            entry['flux_residual'] = {
-                'n': int(residual.size),
-                'median_abs': float(np.median(np.abs(residual))) if residual.size else None,
-                'median': float(np.median(residual)) if residual.size else None}
+            residual = np.asarray(u.Quantity(cat[f'flux_residual_{band}']).value)
+            entry['flux_residual'] = flux_medians(residual[snr_ok] / true_flux[snr_ok] - 1.0)
         for name in ('e1', 'e2', 'hsm_e1', 'hsm_e2'):
             if f'{name}_true' in tru.colnames:
                 entry[name] = stats(np.asarray(cat[f'{name}_{band}'])[good]
