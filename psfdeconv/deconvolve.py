@@ -53,7 +53,7 @@ from .exceptions import (
     ShapeMismatchError,
     UnitsError,
 )
-from .target import convolve_to_target, target_psf_images
+from .target import convolve_to_target, residual_update, target_psf_images
 from .transforms import dilate_images, shear_images, square_symmetry
 
 __all__ = ['deconvolve_stamps', 'validate_stamps', 'normalize_psfs',
@@ -911,8 +911,8 @@ def _check_noise_sigma(noise_sigma, shape):
 
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
-                      target_psf=None, return_details=False, strict=False,
-                      precision='float32'):
+                      target_psf=None, target_update=True, return_details=False,
+                      strict=False, precision='float32'):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -949,6 +949,12 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         unchanged. Small galaxies then keep a measurable size instead of
         collapsing to a spike; compare their shapes with the truth
         convolved with the same target.
+    target_update : bool, optional
+        With ``target_psf``, add to the output the part of the refit's
+        residual the observed stamp constrains at the target's resolution
+        (`~psfdeconv.target.residual_update`): bright galaxies' shapes come
+        closer to what their noise allows (:doc:`/validation`). False only
+        convolves the output with the target.
     return_details : bool, optional
         Also return a dict with ``'amplitude'``, ``'amplitude_err'``,
         ``'flux'``, ``'flux_err'``, ``'flux_corrected'``, ``'flux_residual'``,
@@ -1066,7 +1072,10 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         # before any target PSF.
         shear = apply_shear_response(images, psfs, fit['flux'], fit['flux_err'],
                                      model.card['shear_response'])
-    if target_kernels is not None:
+    if target_kernels is not None and target_update:
+        images = residual_update(images, stamps32, psfs, target_kernels,
+                                 fit['noise_sigma'])
+    elif target_kernels is not None:
         images = convolve_to_target(images, target_kernels)
     if unit is not None:
         images = images * unit

@@ -636,6 +636,32 @@ def test_information_floor_shrinks_to_the_population():
     assert_array_equal(again['floor_e1'], faint['floor_e1'])
 
 
+def test_information_floor_through_a_target_psf():
+    # A Gaussian target of sigma t widens a Gaussian galaxy of sigma s to
+    # sqrt(s^2 + t^2) and scales its distortion's response to a shear by
+    # s^2 / (s^2 + t^2); the observed stamps, hence the Fisher information,
+    # are the same.
+    truth, psfs = _gaussian_population(4, seed=5)
+    noise = np.full((4, 1), 0.5)
+    plain = evaluate.shape_information_floor(truth, psfs, noise)
+    y, x = np.mgrid[-10:11, -10:11]
+    target = np.exp(-0.5 * (x**2 + y**2) / 2.0**2)
+    through = evaluate.shape_information_floor(truth, psfs, noise, target_psf=target)
+    assert_allclose(through['truth_size'].value, np.hypot(plain['truth_size'].value, 2.0),
+                    rtol=0.02)
+    ratio = 9.0 / (9.0 + 4.0)
+    assert_allclose(through['crb_e1'], plain['crb_e1'] * ratio, rtol=0.05)
+    assert_allclose(through['truth_e1'], plain['truth_e1'] * ratio, rtol=0.05, atol=1e-3)
+    # A one-pixel target changes nothing; a FWHM needs the pixel scale.
+    delta = evaluate.shape_information_floor(truth, psfs, noise, target_psf=np.ones((1, 1)))
+    assert_allclose(delta['crb_e1'], plain['crb_e1'], rtol=1e-9)
+    fwhm = evaluate.shape_information_floor(truth, psfs, noise, target_psf=0.4 * u.arcsec,
+                                            pixel_scale=0.2)
+    assert np.all(fwhm['truth_size'] > plain['truth_size'])
+    with pytest.raises(InvalidInputError, match='needs pixel_scale'):
+        evaluate.shape_information_floor(truth, psfs, noise, target_psf=0.4)
+
+
 def test_information_floor_leaves_out_blanks_and_checks_inputs():
     truth, psfs = _gaussian_population(5, seed=3)
     is_blank = np.array([False, True, False, False, False])

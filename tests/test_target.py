@@ -8,7 +8,12 @@ import pytest
 from numpy.testing import assert_allclose
 
 from psfdeconv.exceptions import InvalidInputError, InvalidPSFError
-from psfdeconv.target import convolve_to_target, gaussian_target_psfs, target_psf_images
+from psfdeconv.target import (
+    convolve_to_target,
+    gaussian_target_psfs,
+    residual_update,
+    target_psf_images,
+)
 
 
 @pytest.mark.parametrize('fwhm, scale', [(0.3, 0.1), (0.3 * u.arcsec, 0.2),
@@ -83,13 +88,76 @@ def test_deconvolve_stamps_to_a_target(tiny_model):
     plain, details = deconvolve_stamps(sims['observed'], sims['psf'], **kwargs)
     target, target_details = deconvolve_stamps(sims['observed'], sims['psf'],
                                                target_psf=0.3 * u.arcsec, **kwargs)
-    # The target is applied to the refitted images, nothing else changes.
+    convolved, _ = deconvolve_stamps(sims['observed'], sims['psf'], target_psf=0.3 * u.arcsec,
+                                     target_update=False, **kwargs)
+    # The target (and the residual update) apply to the refitted images, nothing
+    # else changes.
     kernels = target_details['target_psf']
     assert kernels.shape[0] == 3
-    assert_allclose(target, convolve_to_target(plain, kernels), atol=1e-9)
+    assert_allclose(convolved, convolve_to_target(plain, kernels), atol=1e-9)
+    psfs = sims['psf'] / sims['psf'].sum(axis=(-2, -1), keepdims=True)
+    assert_allclose(target, residual_update(plain, sims['observed'], psfs, kernels,
+                                            sims['noise_sigma']), atol=1e-6)
+    assert np.abs(target - convolved).max() > 1e-3 * np.abs(convolved).max()
     for key in ('flux', 'flux_err', 'flux_corrected', 'amplitude'):
         assert_allclose(target_details[key], details[key])
     assert 'target_psf' not in details
+
+
+def _gaussian_galaxies(sigmas, e1=0.0, size=64, flux=1e4):
+    y, x = np.mgrid[:size, :size] - size / 2
+    images = []
+    for sigma in sigmas:
+        image = np.exp(-0.5 * (x**2 / (1 + e1) + y**2 / (1 - e1)) / sigma**2)
+        images.append(flux * image / image.sum())
+    return np.array(images)[:, None]
+
+
+def _psf(sigma=2.5, half=12):
+    y, x = np.mgrid[-half:half + 1, -half:half + 1]
+    psf = np.exp(-0.5 * (x**2 + y**2) / sigma**2)
+    return (psf / psf.sum())[None, None]
+
+
+def test_residual_update_leaves_a_right_output_alone():
+    from psfdeconv._fourier import convolve_same
+
+    truth = _gaussian_galaxies([2.0, 3.0], e1=0.2)
+    psfs = np.broadcast_to(_psf(), (2, 1, 25, 25))
+    kernels = gaussian_target_psfs(0.4, 0.2)[[0, 0]]
+    observed = convolve_same(truth, psfs)
+    updated = residual_update(truth, observed, psfs, kernels, 0.01)
+    assert_allclose(updated, convolve_to_target(truth, kernels), atol=1e-9 * truth.max())
+
+
+@pytest.mark.parametrize('noise, pulled', [(0.01, True), (100.0, False)])
+def test_residual_update_pulls_a_wrong_shape_where_the_noise_allows(noise, pulled):
+    from psfdeconv._fourier import convolve_same
+    from psfdeconv.measure import hsm_moments
+
+    truth = _gaussian_galaxies([3.0], e1=0.3)
+    output = _gaussian_galaxies([3.0], e1=0.0)  # right size and flux, round
+    psfs = _psf()
+    kernels = gaussian_target_psfs(0.4, 0.2)
+    observed = convolve_same(truth, psfs) + np.random.default_rng(3).normal(0, noise, truth.shape)
+    updated = residual_update(output, observed, psfs, kernels, noise)
+    e1 = {name: float(hsm_moments(image)['hsm_e1'][0, 0]) for name, image in
+          [('truth', convolve_to_target(truth, kernels)),
+           ('output', convolve_to_target(output, kernels)), ('updated', updated)]}
+    # The flux is the output's (the refit's) whatever the residual.
+    assert_allclose(updated.sum(), output.sum(), rtol=1e-9)
+    if pulled:
+        assert abs(e1['updated'] - e1['truth']) < 0.1 * abs(e1['output'] - e1['truth'])
+    else:
+        assert abs(e1['updated'] - e1['output']) < 0.1 * abs(e1['truth'] - e1['output'])
+
+
+def test_residual_update_keeps_blank_outputs_blank():
+    psfs = _psf()
+    kernels = gaussian_target_psfs(0.4, 0.2)
+    observed = np.random.default_rng(4).normal(0, 1.0, (1, 1, 64, 64))
+    updated = residual_update(np.zeros((1, 1, 64, 64)), observed, psfs, kernels, 1.0)
+    assert np.all(updated == 0)
 
 
 def test_deconvolve_stamps_refuses_a_bad_target_before_the_network(tiny_model):

@@ -19,10 +19,11 @@ variance with the ACS correlation function) and the errors of ``flux_corrected``
 ``flux_residual`` (the refit's profile error taken from its residual,
 `psfdeconv.deconvolve.residual_flux`). With ``--target-fwhm`` the outputs and the truth are
 both convolved with a round Gaussian of that FWHM (arcsec) before they are measured: the
-shapes of a deconvolution to a small target PSF instead of to the pixel scale::
+shapes of a deconvolution to a small target PSF instead of to the pixel scale, with the
+residual update of `psfdeconv.target.residual_update` unless ``--no-target-update``::
 
     python validation/aegis_accuracy.py AEGIS_DIR [--model M.keras] [--n-per-galaxy 64]
-        [--seed 0] [--symmetries N] [--target-fwhm ARCSEC]
+        [--seed 0] [--symmetries N] [--target-fwhm ARCSEC] [--no-target-update]
 
 AEGIS_DIR holds ``AEGIS_F606w_catalog.fits``, ``AEGIS_F814w_catalog.fits`` and the image
 files they name (GalSim's ``tests/real_comparison_images``).
@@ -210,6 +211,8 @@ def main(argv=None):
     parser.add_argument('--symmetries', type=int, default=None)
     parser.add_argument('--target-fwhm', type=float, default=None,
                         help='measure shapes after a Gaussian of this FWHM (arcsec)')
+    parser.add_argument('--no-target-update', action='store_true',
+                        help='only convolve the output with the target (no residual update)')
     args = parser.parse_args(argv)
 
     import psfdeconv
@@ -220,7 +223,8 @@ def main(argv=None):
     images, details = psfdeconv.deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'], model=model,
         noise_sigma=sims['noise_sigma'], symmetries=args.symmetries,
-        target_psf=args.target_fwhm, return_details=True)
+        target_psf=args.target_fwhm, target_update=not args.no_target_update,
+        return_details=True)
     wiener = oracle_wiener(sims['observed'], sims['psf'], sims['truth'])
     rows = (summarise('psfdeconv', sims, images, details['flux_corrected'],
                       target_fwhm=args.target_fwhm, flux_residual=details['flux_residual'])
@@ -228,7 +232,8 @@ def main(argv=None):
             + summarise('observed', sims, sims['observed']))
     print(f'model {model.card.get("name")} (weights SHA-256 '
           f'{model.card.get("weights_sha256", "?")[:12]}), {len(sims["snr"])} stamps, '
-          f'seed {args.seed}, target FWHM {args.target_fwhm} arcsec')
+          f'seed {args.seed}, target FWHM {args.target_fwhm} arcsec'
+          + (', no residual update' if args.no_target_update else ''))
     print('flux: flux_corrected and flux_residual against the truth, median / MAD')
     print(f'{"method":14s} {"SNR":>7s} {"n":>4s} {"flux-1":>13s} {"resid-1":>13s} '
           f'{"size-1":>7s} {"e RMS":>6s} {"HSM fail":>8s}')

@@ -25,6 +25,10 @@ psfdeconv evaluate "$test" --n 2000 --baselines observed,wiener,richardson_lucy 
 psfdeconv evaluate "$test" --model psfdeconv/data/unet1_psf_ipsf_ipsf1.keras --n 700 \
     --baselines observed,wiener --report docs/report_1band --overwrite
 python validation/information_floor.py "$test" --n 2000 --out docs/report --overwrite
+python validation/information_floor.py "$test" --n 2000 --target-fwhm 0.5 --out docs/report \
+    --overwrite
+python validation/information_floor.py "$test" --n 2000 --target-fwhm 0.5 --no-target-update \
+    --out docs/report --overwrite
 python validation/ablation.py "$train" "$test" --out docs/ablation --runs "$runs" \
     --n-train 16000 --epochs 2 --n-test 1000
 python docs/make_plots.py --overwrite

@@ -14,6 +14,7 @@ from ..exceptions import (
     InvalidInputError,
     ShapeMismatchError,
 )
+from ..target import convolve_to_target, target_psf_images
 
 __all__ = ['shape_information_floor']
 
@@ -78,6 +79,7 @@ def _gaussian_mixture_floor(values, covariances, *, n_draws, rng):
 
 
 def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
+                            target_psf=None, pixel_scale=None,
                             n_draws=16, seed=0, step=0.01):
     """Smallest ellipticity and size errors the noise allows (estimate).
 
@@ -102,6 +104,12 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
     `evaluate_predictions` (``table2_hsm``); sizes are percent of the
     HSM sigma.
 
+    With ``target_psf`` the shapes are those of the truth convolved with
+    the target (what `~psfdeconv.deconvolve.deconvolve_stamps` returns with
+    the same ``target_psf``): the information in the observed stamps is
+    the same, but the structure the target smooths away no longer has to
+    be measured.
+
     Parameters
     ----------
     truth : `~numpy.ndarray`
@@ -112,6 +120,12 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
         Per-pixel noise of the observed stamps, shape (n, n_bands).
     is_blank : array-like of bool, optional
         (n,); blank objects get no rows.
+    target_psf : float, `~astropy.units.Quantity` or array-like, optional
+        A target PSF in any form `~psfdeconv.target.target_psf_images`
+        takes (a FWHM needs ``pixel_scale``); the floor is then that of the
+        HSM shapes of the truth convolved with it.
+    pixel_scale : float or array-like, optional
+        arcsec/pixel, scalar or (n,); needed for a FWHM ``target_psf``.
     n_draws : int, optional
         Noise draws per object for the posterior-mean floor.
     seed : int, optional
@@ -126,9 +140,10 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
         One row per non-blank object and band where HSM succeeds on the
         truth: ``id``, ``band``, ``snr`` (matched-filter SNR of the noiseless
         observed stamp), ``truth_e1``, ``truth_e2``, ``truth_size`` (HSM
-        sigma, pixels), ``crb_e1``, ``crb_e2``, ``crb_size`` (percent) and
-        ``floor_e1``, ``floor_e2``, ``floor_size``. ``meta['n_failed']``
-        counts the rows left out because HSM fails on the truth.
+        sigma, pixels; with ``target_psf``, of the truth convolved with it),
+        ``crb_e1``, ``crb_e2``, ``crb_size`` (percent) and ``floor_e1``,
+        ``floor_e2``, ``floor_size``. ``meta['n_failed']`` counts the rows
+        left out because HSM fails on the truth.
 
     Raises
     ------
@@ -169,6 +184,14 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
         raise ShapeMismatchError(f'psfs must have shape ({n}, {n_bands}, py, px) '
                                  f'like truth, got {psfs.shape}.')
     psfs = psfs / psfs.sum(axis=(-2, -1), keepdims=True)
+    targets = None
+    if target_psf is not None:
+        if pixel_scale is None and (isinstance(target_psf, u.Quantity)
+                                    or np.ndim(target_psf) == 0):
+            raise InvalidInputError('A target_psf FWHM needs pixel_scale (arcsec/pixel); '
+                                    'give pixel_scale or target images.')
+        targets = target_psf_images(target_psf, 1.0 if pixel_scale is None else pixel_scale,
+                                    n, truth.shape[-2:])
     noise_sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (n, n_bands))
     if not np.all(np.isfinite(noise_sigma) & (noise_sigma > 0)):
         raise InvalidInputError('noise_sigma must be positive and finite.')
@@ -177,6 +200,13 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
         raise ShapeMismatchError(f'is_blank must have shape ({n},), got {is_blank.shape}.')
     ids = np.flatnonzero(~is_blank)
     truth, psfs, noise_sigma = truth[ids], psfs[ids], noise_sigma[ids]
+
+    def measured_shapes(images):
+        # HSM of what is compared with a deconvolution: the truth, or it
+        # convolved with the target.
+        if targets is not None:
+            images = convolve_to_target(images, targets[ids])
+        return hsm_moments(images)
 
     observed = convolve_same(truth, psfs)
     # d(observed) / d(parameter) of the shared parameters, (m, 5, bands, ny, nx),
@@ -190,7 +220,7 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
         derivatives.append(convolve_same(plus - minus, psfs) / (2 * step))
         if name in ('g1', 'g2', 'k'):
             column = ('g1', 'g2', 'k').index(name)
-            plus, minus = hsm_moments(plus), hsm_moments(minus)
+            plus, minus = measured_shapes(plus), measured_shapes(minus)
             response[..., 0, column] = (plus['hsm_e1'] - minus['hsm_e1']) / (2 * step)
             response[..., 1, column] = (plus['hsm_e2'] - minus['hsm_e2']) / (2 * step)
             response[..., 2, column] = np.log(plus['hsm_sigma'] / minus['hsm_sigma']) / (2 * step)
@@ -211,7 +241,7 @@ def shape_information_floor(truth, psfs, noise_sigma, *, is_blank=None,
     # (no flux) carries no information rather than failing.
     covariance = np.linalg.pinv(fisher)[:, [0, 1, 4]][:, :, [0, 1, 4]]
 
-    reference = hsm_moments(truth)
+    reference = measured_shapes(truth)
     crb = response @ covariance[:, None] @ np.swapaxes(response, -1, -2)
     ok = (reference['hsm_status'] == 0) & np.all(np.isfinite(crb), axis=(-2, -1))
 
