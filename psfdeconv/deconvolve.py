@@ -951,10 +951,10 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         convolved with the same target.
     target_update : bool, optional
         With ``target_psf``, add to the output the part of the refit's
-        residual the observed stamp constrains at the target's resolution
-        (`~psfdeconv.target.residual_update`): bright galaxies' shapes come
-        closer to what their noise allows (:doc:`/validation`). False only
-        convolves the output with the target.
+        residuals the observed stamps constrain at the target's resolution,
+        pooling the bands (`~psfdeconv.target.residual_update`): galaxies'
+        shapes come closer to what their noise allows (:doc:`/validation`).
+        False only convolves the output with the target.
     return_details : bool, optional
         Also return a dict with ``'amplitude'``, ``'amplitude_err'``,
         ``'flux'``, ``'flux_err'``, ``'flux_corrected'``, ``'flux_residual'``,

@@ -12,10 +12,10 @@ compared with the truth convolved with the same target.
 The functions here take per-stamp pixel scales in arcsec/pixel and return or apply
 odd-sized, centred, unit-sum kernels, so that fluxes are kept.
 
-At the target's resolution the observed stamp itself carries information the network's
-output may lack: `residual_update` adds the part of the refit's residual that the data
-constrain (a Wiener filter of the residual with the network output as prior), which
-brings bright galaxies' shapes closer to what their noise allows.
+At the target's resolution the observed stamps themselves carry information the network's
+output may lack: `residual_update` adds the part of the refit's residuals that the data
+constrain (a Wiener filter of the residuals with the network output as prior, pooling
+the bands), which brings galaxies' shapes closer to what their noise allows.
 """
 
 import numpy as np
@@ -27,7 +27,7 @@ from ._validation import angle_arcsec, check_psfs, pixel_scale_arcsec
 from .exceptions import InvalidInputError, InvalidPSFError
 
 __all__ = ['gaussian_target_psfs', 'target_psf_images', 'convolve_to_target',
-           'residual_update', 'PRIOR_FRACTION']
+           'residual_update', 'PRIOR_FRACTION', 'BAND_COHERENCE']
 
 #: Half-size of a Gaussian kernel in standard deviations.
 _HALF_WIDTH_SIGMA = 4.0
@@ -35,10 +35,18 @@ _HALF_WIDTH_SIGMA = 4.0
 #: Prior variance of the galaxy about the network's output at each spatial
 #: frequency, as a fraction of the output's own power there (`residual_update`).
 #: Chosen on 1,000 simulated objects of seed 5 (not the test set) through a
-#: 0.5 arcsec target (``validation/target_update.py``): among 0.1, 0.2, 0.3, 0.5
-#: and 1, 0.3 gives the smallest HSM ellipticity errors at SNR 40-160 and is
-#: within 1 % of the smallest at SNR 20-40 and 2.5 % in the other bins.
+#: 0.5 arcsec target (``validation/target_update.py``): with the bands updated
+#: independently, 0.3 gives the smallest HSM ellipticity errors at SNR 40-160
+#: among 0.1, 0.2, 0.3, 0.5 and 1, and is within 2.5 % of the smallest
+#: elsewhere; with ``BAND_COHERENCE`` 0.3 and 0.5 are within 3 % of each other.
 PRIOR_FRACTION = 0.3
+
+#: Share of the prior's variance that is the same relative error in every band
+#: (`residual_update`). On the same simulation more is better (0.95 lowers the
+#: errors above SNR 160 by a further 3 %), but its bands share one morphology by
+#: construction; real galaxies' bands differ by colour gradients, and on the AEGIS
+#: galaxies (:doc:`/validation`) 0.8 and 0.95 agree within 2 %.
+BAND_COHERENCE = 0.8
 
 
 def gaussian_target_psfs(fwhm, pixel_scale, *, max_size=None):
@@ -154,26 +162,32 @@ def convolve_to_target(images, kernels):
 
 
 def residual_update(images, stamps, psfs, kernels, noise_sigma, *,
-                    prior_fraction=PRIOR_FRACTION):
+                    prior_fraction=PRIOR_FRACTION, band_coherence=BAND_COHERENCE):
     """Deconvolved images at a target's resolution, updated with the data.
 
     The network's output ``O`` is taken as the mean of a Gaussian prior on
-    the galaxy whose variance at each spatial frequency ``k`` is
-    ``prior_fraction * |O(k)|**2``; the observed stamp ``N = P * X + n``
-    (white noise of ``noise_sigma``) updates it by the Wiener filter of the
-    refit's residual ``R = N - P * O``, and the result is convolved with the
-    target ``T``::
+    the galaxy. At each spatial frequency ``k`` its covariance over the bands
+    is ``prior_fraction`` times ``(1 - c) diag(|O_b|**2) + c O O^H`` with
+    ``c = band_coherence``: an error of the output is mostly the same
+    relative error in every band (a galaxy's structure is shared by its
+    bands), the rest independent. The observed stamps ``N_b = P_b X_b + n_b``
+    (white noise of ``noise_sigma``) update it by the Wiener filter of the
+    refit's residuals ``R_b = N_b - P_b O_b``, and the result is convolved
+    with the target ``T``::
 
-        T (O + P^* S / (|P|^2 S + sigma^2 n_pix) R),   S = prior_fraction |O|^2
+        T (O + S P^H (P S P^H + sigma^2 n_pix)^-1 R)
 
-    Where the PSF passes the galaxy's structure and the noise is low, the
-    data correct the network; where the PSF removes it or the noise
-    dominates, the output is the network's. The update moves light without
-    adding any: its sum is removed in proportion to the target-convolved
-    output, so each image's sum is that of `convolve_to_target` (the
-    refit's flux, less what the target spreads beyond the stamp). The
-    output is not clipped at 0: the residual's noise can make faint wings
-    negative.
+    (``S`` the prior covariance, ``P`` the diagonal of the bands' PSF
+    transforms), in closed form per frequency (a diagonal plus a rank-one
+    matrix). With one band it is ``T (O + P^* S / (|P|^2 S + sigma^2 n_pix) R)``,
+    ``S = prior_fraction |O|**2``. Where the PSFs pass a galaxy's structure
+    and the noise is low, the data correct the network, pooling the bands;
+    where the PSFs remove it or the noise dominates, the output is the
+    network's. The update moves light without adding any: its sum is
+    removed in proportion to the target-convolved output, so each image's
+    sum is that of `convolve_to_target` (the refit's flux, less what the
+    target spreads beyond the stamp). The output is not clipped at 0: the
+    residual's noise can make faint wings negative.
 
     Parameters
     ----------
@@ -188,7 +202,9 @@ def residual_update(images, stamps, psfs, kernels, noise_sigma, *,
     noise_sigma : array-like
         Per-pixel noise of the stamps, broadcastable to (n, n_bands).
     prior_fraction : float, optional
-        ``S`` above over ``|O|**2``: larger trusts the data more.
+        The prior's variance over ``|O|**2``: larger trusts the data more.
+    band_coherence : float, optional
+        ``c`` above, in [0, 1): 0 updates each band from its own stamp.
 
     Returns
     -------
@@ -222,10 +238,32 @@ def residual_update(images, stamps, psfs, kernels, noise_sigma, *,
     >>> print(f'{updated.sum():.1f}')
     10000.0
     """
+    if not 0 <= band_coherence < 1:
+        raise InvalidInputError(f'band_coherence must be in [0, 1), got {band_coherence}.')
     images = np.asarray(images, dtype=np.float64)
     stamps = np.asarray(stamps, dtype=np.float64)
     psfs = np.asarray(psfs, dtype=np.float64)
     kernels = np.asarray(kernels, dtype=np.float64)
+    noise = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), images.shape[:2])
+    out = np.empty(images.shape)
+    # Chunks bound the complex temporaries (a few per stamp and band).
+    for start in range(0, len(images), _UPDATE_CHUNK):
+        part = slice(start, start + _UPDATE_CHUNK)
+        out[part] = _residual_update(images[part], stamps[part], psfs[part], kernels[part],
+                                     noise[part], prior_fraction, band_coherence)
+    return out
+
+
+#: Stamps per chunk of `residual_update`.
+_UPDATE_CHUNK = 128
+
+
+def _power(values):
+    """``|values|**2`` without a square root."""
+    return np.square(values.real) + np.square(values.imag)
+
+
+def _residual_update(images, stamps, psfs, kernels, noise, prior_fraction, coherence):
     image_shape = images.shape[-2:]
     # One grid for both kernels: linear convolutions, no wrap-around.
     fft_shape = padded_shape(image_shape, np.maximum(psfs.shape[-2:], kernels.shape[-2:]))
@@ -233,16 +271,24 @@ def residual_update(images, stamps, psfs, kernels, noise_sigma, *,
     output_fft = image_fft(images, fft_shape)
     residual = image_fft(stamps, fft_shape)
     residual -= psf_fft * output_fft
-    prior = prior_fraction * (np.square(output_fft.real) + np.square(output_fft.imag))
-    noise = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), images.shape[:2])
-    noise = (noise**2 * image_shape[0] * image_shape[1])[..., None, None]
-    psf_power = np.square(psf_fft.real) + np.square(psf_fft.imag)
-    denominator = psf_power * prior + noise
-    # A blank output has no prior variance: nothing to update (0 / 0).
-    gain = np.divide(prior, denominator, out=np.zeros_like(prior), where=denominator > 0)
+    output_power = _power(output_fft)
+    # The observation's covariance P S P^H + D per frequency: a diagonal over
+    # the bands plus the rank-one u u^H, inverted by Sherman-Morrison.
+    diagonal = prior_fraction * (1 - coherence) * _power(psf_fft) * output_power
+    diagonal += (noise**2 * image_shape[0] * image_shape[1])[..., None, None]
+    inverse = np.divide(1.0, diagonal, out=np.zeros_like(diagonal), where=diagonal > 0)
+    rank_one = np.sqrt(prior_fraction * coherence) * psf_fft * output_fft
+    weighted = inverse * residual
+    projection = np.sum(np.conj(rank_one) * weighted, axis=1, keepdims=True)
+    projection /= 1 + np.sum(_power(rank_one) * inverse, axis=1, keepdims=True)
+    weighted -= inverse * rank_one * projection
+    # S P^H applied to it: the update of the galaxy's transform.
+    weighted *= np.conj(psf_fft)
+    update = prior_fraction * (1 - coherence) * output_power * weighted
+    update += prior_fraction * coherence * output_fft * np.sum(
+        np.conj(output_fft) * weighted, axis=1, keepdims=True)
     target_fft = kernel_fft(kernels, fft_shape)[:, None]
-    update = inverse_fft(target_fft * np.conj(psf_fft) * gain * residual, fft_shape,
-                         image_shape)
+    update = inverse_fft(target_fft * update, fft_shape, image_shape)
     convolved = inverse_fft(target_fft * output_fft, fft_shape, image_shape)
     # No net flux from the residual (its noise included): the refit sets it.
     total = convolved.sum(axis=(-2, -1), keepdims=True)

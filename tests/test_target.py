@@ -195,3 +195,46 @@ def test_cli_refuses_a_bad_target_fwhm(tmp_path, capsys):
         main(['run', '--example', '--target-fwhm', '-1', '--out', str(tmp_path)])
     assert exit_info.value.code == 2
     assert '--target-fwhm' in capsys.readouterr().err
+
+
+def _three_band_case(noise, seed=5):
+    from psfdeconv._fourier import convolve_same
+
+    truth = np.repeat(_gaussian_galaxies([3.0], e1=0.3), 3, axis=1)
+    output = np.repeat(_gaussian_galaxies([3.0], e1=0.0), 3, axis=1)
+    psfs = np.concatenate([_psf(2.0), _psf(2.5), _psf(3.0)], axis=1)
+    observed = convolve_same(truth, psfs)
+    observed += np.random.default_rng(seed).normal(0, noise, observed.shape)
+    return truth, output, psfs, observed, gaussian_target_psfs(0.4, 0.2)
+
+
+def test_residual_update_pools_the_bands_when_they_are_coherent():
+    from psfdeconv.measure import hsm_moments
+
+    squared = {0.0: [], 0.8: []}
+    for seed in range(6):
+        truth, output, psfs, observed, kernels = _three_band_case(noise=3.0, seed=seed)
+        reference = hsm_moments(convolve_to_target(truth, kernels))['hsm_e1'][0]
+        for coherence in squared:
+            updated = residual_update(output, observed, psfs, kernels, 3.0,
+                                      band_coherence=coherence)
+            squared[coherence].append((hsm_moments(updated)['hsm_e1'][0] - reference) ** 2)
+    rms = {c: np.sqrt(np.mean(values)) for c, values in squared.items()}
+    # Three stamps of the same structure tell more than one.
+    assert rms[0.8] < 0.8 * rms[0.0]
+
+
+def test_residual_update_bands_are_independent_without_coherence():
+    truth, output, psfs, observed, kernels = _three_band_case(noise=0.1)
+    other = observed.copy()
+    other[:, 2] += 5.0 * np.random.default_rng(9).normal(size=other.shape[-2:])
+    for coherence, same in ((0.0, True), (0.8, False)):
+        first = residual_update(output, observed, psfs, kernels, 0.1, band_coherence=coherence)
+        second = residual_update(output, other, psfs, kernels, 0.1, band_coherence=coherence)
+        assert np.allclose(first[:, 0], second[:, 0], rtol=0, atol=1e-9) == same
+    # One band: the coherence has nothing to pool.
+    one = [residual_update(output[:, :1], observed[:, :1], psfs[:, :1], kernels, 0.1,
+                           band_coherence=c) for c in (0.0, 0.8)]
+    assert_allclose(one[0], one[1], atol=1e-9 * one[0].max())
+    with pytest.raises(InvalidInputError, match='band_coherence must be in'):
+        residual_update(output, observed, psfs, kernels, 0.1, band_coherence=1.0)

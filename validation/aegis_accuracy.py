@@ -20,10 +20,13 @@ variance with the ACS correlation function) and the errors of ``flux_corrected``
 `psfdeconv.deconvolve.residual_flux`). With ``--target-fwhm`` the outputs and the truth are
 both convolved with a round Gaussian of that FWHM (arcsec) before they are measured: the
 shapes of a deconvolution to a small target PSF instead of to the pixel scale, with the
-residual update of `psfdeconv.target.residual_update` unless ``--no-target-update``::
+residual update of `psfdeconv.target.residual_update` unless ``--no-target-update``
+(``--band-coherence C`` applies the update with that band coherence instead of the
+shipped one)::
 
     python validation/aegis_accuracy.py AEGIS_DIR [--model M.keras] [--n-per-galaxy 64]
         [--seed 0] [--symmetries N] [--target-fwhm ARCSEC] [--no-target-update]
+        [--band-coherence C]
 
 AEGIS_DIR holds ``AEGIS_F606w_catalog.fits``, ``AEGIS_F814w_catalog.fits`` and the image
 files they name (GalSim's ``tests/real_comparison_images``).
@@ -213,18 +216,33 @@ def main(argv=None):
                         help='measure shapes after a Gaussian of this FWHM (arcsec)')
     parser.add_argument('--no-target-update', action='store_true',
                         help='only convolve the output with the target (no residual update)')
+    parser.add_argument('--band-coherence', type=float, default=None,
+                        help='the residual update\'s band coherence (default: the shipped one)')
     args = parser.parse_args(argv)
+    if args.band_coherence is not None and (args.target_fwhm is None
+                                            or args.no_target_update):
+        parser.error('--band-coherence needs --target-fwhm and the residual update')
 
     import psfdeconv
 
     model = psfdeconv.load_model(args.model)
     n_bands = model.card['n_bands']
     sims = make_stamps(args.aegis_dir, args.n_per_galaxy, args.seed, n_bands)
+    own_update = args.band_coherence is not None
     images, details = psfdeconv.deconvolve_stamps(
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'], model=model,
         noise_sigma=sims['noise_sigma'], symmetries=args.symmetries,
-        target_psf=args.target_fwhm, target_update=not args.no_target_update,
-        return_details=True)
+        target_psf=None if own_update else args.target_fwhm,
+        target_update=not args.no_target_update, return_details=True)
+    if own_update:
+        # deconvolve_stamps' own last step, with another band coherence.
+        from psfdeconv.target import residual_update, target_psf_images
+
+        kernels = target_psf_images(args.target_fwhm, sims['pixel_scale'], len(images),
+                                    images.shape[-2:])
+        psfs = sims['psf'] / sims['psf'].sum(axis=(-2, -1), keepdims=True)
+        images = residual_update(images, sims['observed'].astype(np.float32), psfs, kernels,
+                                 details['noise_sigma'], band_coherence=args.band_coherence)
     wiener = oracle_wiener(sims['observed'], sims['psf'], sims['truth'])
     rows = (summarise('psfdeconv', sims, images, details['flux_corrected'],
                       target_fwhm=args.target_fwhm, flux_residual=details['flux_residual'])
@@ -233,7 +251,8 @@ def main(argv=None):
     print(f'model {model.card.get("name")} (weights SHA-256 '
           f'{model.card.get("weights_sha256", "?")[:12]}), {len(sims["snr"])} stamps, '
           f'seed {args.seed}, target FWHM {args.target_fwhm} arcsec'
-          + (', no residual update' if args.no_target_update else ''))
+          + (', no residual update' if args.no_target_update else '')
+          + (f', band coherence {args.band_coherence:g}' if own_update else ''))
     print('flux: flux_corrected and flux_residual against the truth, median / MAD')
     print(f'{"method":14s} {"SNR":>7s} {"n":>4s} {"flux-1":>13s} {"resid-1":>13s} '
           f'{"size-1":>7s} {"e RMS":>6s} {"HSM fail":>8s}')
