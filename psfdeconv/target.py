@@ -240,6 +240,9 @@ def residual_update(images, stamps, psfs, kernels, noise_sigma, *,
     """
     if not 0 <= band_coherence < 1:
         raise InvalidInputError(f'band_coherence must be in [0, 1), got {band_coherence}.')
+    if not 0 < prior_fraction < np.inf:
+        raise InvalidInputError(f'prior_fraction must be positive and finite, got '
+                                f'{prior_fraction}; use convolve_to_target for no update.')
     images = np.asarray(images, dtype=np.float64)
     stamps = np.asarray(stamps, dtype=np.float64)
     psfs = np.asarray(psfs, dtype=np.float64)
@@ -264,6 +267,7 @@ def _power(values):
 
 
 def _residual_update(images, stamps, psfs, kernels, noise, prior_fraction, coherence):
+    """`residual_update` of one chunk of stamps (float64 arrays, noise (n, n_bands))."""
     image_shape = images.shape[-2:]
     # One grid for both kernels: linear convolutions, no wrap-around.
     fft_shape = padded_shape(image_shape, np.maximum(psfs.shape[-2:], kernels.shape[-2:]))

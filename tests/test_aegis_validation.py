@@ -67,3 +67,17 @@ def test_target_gaussian_keeps_flux_and_widens(aegis, stamps):
     wide = aegis.to_target(images, stamps['pixel_scale'][:2], 0.5)
     assert_allclose(wide.sum(axis=(-2, -1)), images.sum(axis=(-2, -1)), rtol=1e-3)
     assert np.all(wide.max(axis=(-2, -1)) < images.max(axis=(-2, -1)))
+
+
+def test_flux_tertiles_split_by_snr(aegis):
+    # Thirds of the SNR, each with its median error and the error of that median.
+    rng = np.random.default_rng(4)
+    snr = rng.uniform(10, 200, 300)
+    truth = np.ones((300, 3, 4, 4))
+    flux = np.where(snr < np.quantile(snr, 1 / 3), 1.1, 1.0) * 16.0
+    flux = np.repeat(flux[:, None], 3, axis=1) + rng.normal(0, 0.01, (300, 3))
+    rows = aegis.per_tertile_flux({'truth': truth, 'snr': snr}, flux, 2 * flux - 16.0)
+    assert [row['n'] for row in rows] == [100, 100, 100]
+    assert_allclose([row['flux_corrected'][0] for row in rows], [0.1, 0, 0], atol=2e-3)
+    assert_allclose([row['flux_residual'][0] for row in rows], [0.2, 0, 0], atol=4e-3)
+    assert all(0 < row['flux_corrected'][1] < 1e-3 for row in rows)

@@ -238,3 +238,5 @@ def test_residual_update_bands_are_independent_without_coherence():
     assert_allclose(one[0], one[1], atol=1e-9 * one[0].max())
     with pytest.raises(InvalidInputError, match='band_coherence must be in'):
         residual_update(output, observed, psfs, kernels, 0.1, band_coherence=1.0)
+    with pytest.raises(InvalidInputError, match='prior_fraction must be positive'):
+        residual_update(output, observed, psfs, kernels, 0.1, prior_fraction=0.0)

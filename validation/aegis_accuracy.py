@@ -142,6 +142,26 @@ def per_galaxy_flux(sims, flux_corrected, flux_residual):
     return rows
 
 
+def per_tertile_flux(sims, flux_corrected, flux_residual):
+    """Per tertile of the matched-filter SNR, reddest band: stamps, and the median
+    errors of ``flux_corrected`` and ``flux_residual`` with the error of each median
+    (1.25 MAD / sqrt(n), as standard deviation)."""
+    from astropy.stats import mad_std
+
+    true_flux = sims['truth'][:, -1].sum(axis=(-2, -1))
+    edges = np.quantile(sims['snr'], [0, 1 / 3, 2 / 3, 1])
+    third = np.clip(np.searchsorted(edges, sims['snr'], side='right') - 1, 0, 2)
+    rows = []
+    for k in range(3):
+        sel = third == k
+        row = dict(snr=f'{edges[k]:.0f}-{edges[k + 1]:.0f}', n=int(sel.sum()))
+        for name, flux in (('flux_corrected', flux_corrected), ('flux_residual', flux_residual)):
+            error = flux[sel, -1] / true_flux[sel] - 1
+            row[name] = (np.median(error), 1.25 * mad_std(error) / np.sqrt(sel.sum()))
+        rows.append(row)
+    return rows
+
+
 def oracle_wiener(observed, psfs, truth):
     """The Wiener filter whose constant regularisation minimises each stamp's squared
     error against the truth (an upper bound of what a Wiener filter can do)."""
@@ -278,6 +298,12 @@ def main(argv=None):
             print(f'{nr["ident"]:6d} {shape:>8s} {nr["noise"]:6.1%} '
                   f'{fr["n"]:3d} {fr["flux"]:+7.3f} {fr["n_high"]:4d} {fr["flux_high"]:+7.3f} '
                   f'{fr["residual_high"]:+7.3f}')
+        print('\nper SNR tertile: median flux error +- the error of the median')
+        print(f'{"SNR":>8s} {"n":>4s} {"flux_corrected":>16s} {"flux_residual":>16s}')
+        for row in per_tertile_flux(sims, details['flux_corrected'], details['flux_residual']):
+            cells = ['{:+.3f} +- {:.3f}'.format(*row[name])
+                     for name in ('flux_corrected', 'flux_residual')]
+            print(f'{row["snr"]:>8s} {row["n"]:4d} {cells[0]:>16s} {cells[1]:>16s}')
 
 
 if __name__ == '__main__':
