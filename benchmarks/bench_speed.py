@@ -10,7 +10,8 @@ Prints one table of measurements and the ratios the speed targets are set on:
   ``deconvolve_stamps`` end to end (input cube, network, amplitude refits and
   the card's corrections) with the shipped 3-band model: the card's
   configuration (its symmetry views) in float32, one view in float32, and one
-  view in ``precision='auto'`` (bfloat16 where the CPU has AVX512-BF16 or AMX);
+  view in ``precision='auto'`` (bfloat16 where the CPU has AVX512-BF16 or AMX), and
+  that through a 0.4 arcsec target PSF with its residual update;
   target: ``deconvolve_stamps`` >= 0.7x the CAE forward;
 * **exposures** (`bench_exposure.run_vs_deconvolve`): ``run_exposure_set`` on a
   simulated 3-band field against ``deconvolve_stamps`` on the same stamps and
@@ -93,7 +94,8 @@ def cae_forward_rate(n, batch_size=128):
 
 def stamp_rates(n, model):
     """Stamps/s of deconvolve_stamps in the card's configuration and with one
-    view, float32 and 'auto' precision, on n simulated stamps."""
+    view, float32 and 'auto' precision, and with one view in 'auto' through a
+    0.4 arcsec target PSF, on n simulated stamps."""
     from psfdeconv.deconvolve import deconvolve_stamps
     from psfdeconv.inference import resolve_precision
     from psfdeconv.simulate import simulate_stamps
@@ -105,7 +107,9 @@ def stamp_rates(n, model):
     variants = {f'card ({views} views), float32': dict(precision='float32'),
                 '1 view, float32': dict(symmetries=1, precision='float32'),
                 f'1 view, auto ({auto[0]}, {auto[1]})': dict(symmetries=1,
-                                                              precision='auto')}
+                                                              precision='auto'),
+                '1 view, auto, target 0.4 arcsec (residual update)': dict(
+                    symmetries=1, precision='auto', target_psf=0.4)}
     rates = {}
     for name, options in variants.items():
         deconvolve_stamps(observed[:32], psfs[:32], pixel_scale=scale[:32], model=model,

@@ -96,8 +96,9 @@ def test_deconvolve_stamps_to_a_target(tiny_model):
     assert kernels.shape[0] == 3
     assert_allclose(convolved, convolve_to_target(plain, kernels), atol=1e-9)
     psfs = sims['psf'] / sims['psf'].sum(axis=(-2, -1), keepdims=True)
+    # (float32 arithmetic: the stamps are float32 inside deconvolve_stamps.)
     assert_allclose(target, residual_update(plain, sims['observed'], psfs, kernels,
-                                            sims['noise_sigma']), atol=1e-6)
+                                            sims['noise_sigma']), atol=1e-5 * target.max())
     assert np.abs(target - convolved).max() > 1e-3 * np.abs(convolved).max()
     for key in ('flux', 'flux_err', 'flux_corrected', 'amplitude'):
         assert_allclose(target_details[key], details[key])
@@ -127,7 +128,7 @@ def test_residual_update_leaves_a_right_output_alone():
     kernels = gaussian_target_psfs(0.4, 0.2)[[0, 0]]
     observed = convolve_same(truth, psfs)
     updated = residual_update(truth, observed, psfs, kernels, 0.01)
-    assert_allclose(updated, convolve_to_target(truth, kernels), atol=1e-9 * truth.max())
+    assert_allclose(updated, convolve_to_target(truth, kernels), atol=1e-6 * truth.max())
 
 
 @pytest.mark.parametrize('noise, pulled', [(0.01, True), (100.0, False)])
@@ -145,7 +146,7 @@ def test_residual_update_pulls_a_wrong_shape_where_the_noise_allows(noise, pulle
           [('truth', convolve_to_target(truth, kernels)),
            ('output', convolve_to_target(output, kernels)), ('updated', updated)]}
     # The flux is the output's (the refit's) whatever the residual.
-    assert_allclose(updated.sum(), output.sum(), rtol=1e-9)
+    assert_allclose(updated.sum(), output.sum(), rtol=1e-6)
     if pulled:
         assert abs(e1['updated'] - e1['truth']) < 0.1 * abs(e1['output'] - e1['truth'])
     else:
@@ -235,7 +236,7 @@ def test_residual_update_bands_are_independent_without_coherence():
     # One band: the coherence has nothing to pool.
     one = [residual_update(output[:, :1], observed[:, :1], psfs[:, :1], kernels, 0.1,
                            band_coherence=c) for c in (0.0, 0.8)]
-    assert_allclose(one[0], one[1], atol=1e-9 * one[0].max())
+    assert_allclose(one[0], one[1], atol=1e-6 * one[0].max())
     with pytest.raises(InvalidInputError, match='band_coherence must be in'):
         residual_update(output, observed, psfs, kernels, 0.1, band_coherence=1.0)
     with pytest.raises(InvalidInputError, match='prior_fraction must be positive'):
