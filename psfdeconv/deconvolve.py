@@ -40,8 +40,11 @@ dilation that depends on the signal-to-noise ratio (`correct_size_bias`).
 This module applies the corrections; `psfdeconv.calibrate` fits them.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
+from ._cpus import usable_cpus
 from ._fourier import KernelTransforms, convolve_same
 from ._validation import check_psfs, pixel_scale_arcsec, positive_int
 from .exceptions import (
@@ -186,11 +189,34 @@ def estimate_noise_sigma(residuals):
 def _noise_sigma(residuals):
     """`estimate_noise_sigma` of a temporary array, which it overwrites
     (the medians partition it in place), as float64."""
-    flat = residuals.reshape(residuals.shape[:-2] + (-1,))
-    # astropy's median_absolute_deviation, without its copies.
-    flat -= np.median(flat, axis=-1, keepdims=True, overwrite_input=True)
-    np.abs(flat, out=flat)
-    return MAD_TO_SIGMA * np.median(flat, axis=-1, overwrite_input=True).astype(np.float64)
+    rows = residuals.reshape(-1, residuals.shape[-2] * residuals.shape[-1])
+    sigma = np.empty(len(rows))
+
+    def mad(part):
+        # astropy's median_absolute_deviation, without its copies.
+        values = rows[part]
+        values -= np.median(values, axis=-1, keepdims=True, overwrite_input=True)
+        np.abs(values, out=values)
+        sigma[part] = MAD_TO_SIGMA * np.median(values, axis=-1,
+                                               overwrite_input=True).astype(np.float64)
+
+    # numpy's partition releases the GIL: one contiguous share of the rows
+    # per thread (the same values as one call).
+    threads = min(usable_cpus(), max(1, len(rows) // _MIN_ROWS_PER_THREAD))
+    bounds = [len(rows) * k // threads for k in range(threads + 1)]
+    shares = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    if threads == 1:
+        mad(shares[0])
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(mad, share) for share in shares]:
+                done.result()
+    # [()]: a float64 scalar for a single image, as before.
+    return sigma.reshape(residuals.shape[:-2])[()]
+
+
+#: Fewest images per thread of the noise estimate's medians (below, one thread).
+_MIN_ROWS_PER_THREAD = 128
 
 
 def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None,

@@ -63,12 +63,22 @@ def check_kinds(kinds):
     return tuple(k for k in KINDS if k in kinds)
 
 
-def _inverse_weight(psf_fft, regularization):
-    """The real factor :math:`1 / (|\\hat{P}|^2 + \\epsilon)` of the inverse
-    filter, in the precision of ``psf_fft``."""
+def _psf_power(psf_fft):
+    """:math:`|\\hat{P}|^2` in the precision of ``psf_fft``."""
     # re^2 + im^2 in place: abs()**2 would take a square root and square it.
-    weight = np.square(psf_fft.real)
-    weight += np.square(psf_fft.imag)
+    power = np.square(psf_fft.real)
+    power += np.square(psf_fft.imag)
+    return power
+
+
+def _inverse_weight(psf_fft, regularization, power=None):
+    """The real factor :math:`1 / (|\\hat{P}|^2 + \\epsilon)` of the inverse
+    filter, in the precision of ``psf_fft``; ``power`` (`_psf_power`), when
+    given, is not changed."""
+    if power is None:
+        weight = _psf_power(psf_fft)
+    else:
+        weight = power.copy()
     weight += regularization * weight.max(axis=(-2, -1), keepdims=True)
     return np.reciprocal(weight, out=weight)
 
@@ -116,16 +126,20 @@ def _channel_planes(stamps, psfs, *, pixel_scale, kinds, regularization,
     fft_shape = psf_transforms.fft_shape
     psf_fft = psf_transforms.transform
     stamp_fft = image_fft(stamps, fft_shape)
-    # N P* is shared by the iPSF and iPSF1 channels, which only weight it.
-    inverse = stamp_fft * np.conj(psf_fft) if {'ipsf', 'ipsf1'} & set(kinds) else None
+    # N P* and |P|^2 are shared by the iPSF and iPSF1 channels, which only
+    # weight N P*.
+    inverse = power = None
+    if {'ipsf', 'ipsf1'} & set(kinds):
+        inverse = stamp_fft * np.conj(psf_fft)
+        power = _psf_power(psf_fft)
     for k, kind in enumerate(kinds):
         if kind == 'psf':
             spectrum = stamp_fft * psf_fft
         elif kind == 'ipsf':
-            spectrum = _scale_complex(inverse, _inverse_weight(psf_fft, regularization),
+            spectrum = _scale_complex(inverse, _inverse_weight(psf_fft, regularization, power),
                                       out=np.empty_like(inverse) if 'ipsf1' in kinds else None)
         else:
-            weight = _inverse_weight(psf_fft, regularization_ipsf1) * _gaussians(
+            weight = _inverse_weight(psf_fft, regularization_ipsf1, power) * _gaussians(
                 fft_shape, gaussian_sigma, pixel_scale, stamps.shape[0], stamp_fft.real.dtype
             )[:, None]
             spectrum = _scale_complex(inverse, weight)

@@ -111,6 +111,18 @@ def test_estimate_noise_sigma():
     assert estimate_noise_sigma(noise).shape == (3,)
 
 
+def test_estimate_noise_sigma_batch_equals_each_image():
+    # Large batches take their medians in threads: the same values as one
+    # image at a time, and a float64 scalar for a single image.
+    rng = np.random.default_rng(5)
+    noise = (rng.standard_t(3, size=(300, 2, 16, 16)) + 1).astype(np.float32)
+    batch = estimate_noise_sigma(noise)
+    assert batch.shape == (300, 2) and batch.dtype == np.float64
+    each = np.array([[estimate_noise_sigma(image) for image in row] for row in noise])
+    assert_array_equal(batch, each)
+    assert isinstance(estimate_noise_sigma(noise[0, 0]), np.float64)
+
+
 # --- input validation ------------------------------------------------------------------------
 
 
