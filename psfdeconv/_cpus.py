@@ -2,6 +2,7 @@
 """The CPUs this process may run on."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = []
 
@@ -18,3 +19,24 @@ def usable_cpus():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # no affinity on this platform (macOS, Windows)
         return max(1, os.cpu_count() or 1)
+
+
+def thread_count(n_items, min_per_thread):
+    """Threads for ``n_items`` independent pieces of work: one per usable CPU,
+    each with at least ``min_per_thread`` items (one thread below that)."""
+    return min(usable_cpus(), max(1, n_items // min_per_thread))
+
+
+def run_in_threads(function, n_items, threads):
+    """Call ``function(share)`` on contiguous slices of ``range(n_items)``, one
+    per thread (in this thread when ``threads`` is 1), and re-raise the first
+    error. For work that releases the GIL (numpy, scipy.ndimage): each item
+    is computed as in one call, so the results do not depend on ``threads``."""
+    bounds = [n_items * k // threads for k in range(threads + 1)]
+    shares = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    if threads == 1:
+        function(shares[0])
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(function, share) for share in shares]:
+            done.result()

@@ -72,6 +72,14 @@ def inverse_fft(transform, fft_shape, image_shape):
     return out[..., :image_shape[1]]
 
 
+def squared_magnitude(transform):
+    """``|transform|**2`` of complex values in their real precision (re^2 +
+    im^2: ``abs()**2`` would take a square root and square it)."""
+    power = np.square(transform.real)
+    power += np.square(transform.imag)
+    return power
+
+
 def convolve_same(images, kernels):
     """Linear convolution of images with centred odd kernels ("same" size).
 

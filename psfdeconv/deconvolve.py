@@ -40,11 +40,9 @@ dilation that depends on the signal-to-noise ratio (`correct_size_bias`).
 This module applies the corrections; `psfdeconv.calibrate` fits them.
 """
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from ._cpus import usable_cpus
+from ._cpus import run_in_threads, thread_count
 from ._fourier import KernelTransforms, convolve_same
 from ._validation import check_psfs, pixel_scale_arcsec, positive_int
 from .exceptions import (
@@ -200,17 +198,8 @@ def _noise_sigma(residuals):
         sigma[part] = MAD_TO_SIGMA * np.median(values, axis=-1,
                                                overwrite_input=True).astype(np.float64)
 
-    # numpy's partition releases the GIL: one contiguous share of the rows
-    # per thread (the same values as one call).
-    threads = min(usable_cpus(), max(1, len(rows) // _MIN_ROWS_PER_THREAD))
-    bounds = [len(rows) * k // threads for k in range(threads + 1)]
-    shares = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
-    if threads == 1:
-        mad(shares[0])
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            for done in [pool.submit(mad, share) for share in shares]:
-                done.result()
+    # numpy's partition releases the GIL.
+    run_in_threads(mad, len(rows), thread_count(len(rows), _MIN_ROWS_PER_THREAD))
     # [()]: a float64 scalar for a single image, as before.
     return sigma.reshape(residuals.shape[:-2])[()]
 

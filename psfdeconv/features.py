@@ -27,7 +27,7 @@ zero-padded FFTs, so a whole batch costs a few FFTs.
 
 import numpy as np
 
-from ._fourier import gaussian_fft, image_fft, inverse_fft
+from ._fourier import gaussian_fft, image_fft, inverse_fft, squared_magnitude
 
 __all__ = ['KINDS', 'check_kinds', 'make_channels', 'make_cube', 'cube_scale',
            'inverse_filter_fft']
@@ -63,20 +63,12 @@ def check_kinds(kinds):
     return tuple(k for k in KINDS if k in kinds)
 
 
-def _psf_power(psf_fft):
-    """:math:`|\\hat{P}|^2` in the precision of ``psf_fft``."""
-    # re^2 + im^2 in place: abs()**2 would take a square root and square it.
-    power = np.square(psf_fft.real)
-    power += np.square(psf_fft.imag)
-    return power
-
-
 def _inverse_weight(psf_fft, regularization, power=None):
     """The real factor :math:`1 / (|\\hat{P}|^2 + \\epsilon)` of the inverse
-    filter, in the precision of ``psf_fft``; ``power`` (`_psf_power`), when
-    given, is not changed."""
+    filter, in the precision of ``psf_fft``; ``power`` (:math:`|\\hat{P}|^2`),
+    when given, is not changed."""
     if power is None:
-        weight = _psf_power(psf_fft)
+        weight = squared_magnitude(psf_fft)
     else:
         weight = power.copy()
     weight += regularization * weight.max(axis=(-2, -1), keepdims=True)
@@ -131,7 +123,7 @@ def _channel_planes(stamps, psfs, *, pixel_scale, kinds, regularization,
     inverse = power = None
     if {'ipsf', 'ipsf1'} & set(kinds):
         inverse = stamp_fft * np.conj(psf_fft)
-        power = _psf_power(psf_fft)
+        power = squared_magnitude(psf_fft)
     for k, kind in enumerate(kinds):
         if kind == 'psf':
             spectrum = stamp_fft * psf_fft

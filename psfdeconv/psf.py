@@ -160,6 +160,12 @@ def _bright_labels(subtracted, segm, rms, threshold_sigma):
     return np.asarray(segm.labels)[_segment_peaks(subtracted, segm) / rms >= threshold_sigma]
 
 
+def _area_fwhm(area):
+    """FWHM (pixels) from the area above half the peak: the diameter of a disc
+    of that area (a star's in `find_stars`, a PSF's in `half_peak_fwhm`)."""
+    return 2.0 * np.sqrt(np.asarray(area, dtype=float) / np.pi)
+
+
 def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
             saturation, bright_only=False, segments=None):
     """Every detection with its measurements and flags (no locus yet).
@@ -229,7 +235,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     half[labels] = 0.5 * peak
     above = (subtracted >= half[segm.data]) & (segm.data > 0)
     area = ndimage.sum_labels(above, segm.data, labels)
-    fwhm = 2.0 * np.sqrt(np.asarray(area, dtype=float) / np.pi)
+    fwhm = _area_fwhm(area)
 
     x = np.asarray(catalog.x_centroid, dtype=float)
     y = np.asarray(catalog.y_centroid, dtype=float)
@@ -1772,7 +1778,7 @@ def half_peak_fwhm(psf_model, position=None):
     True
     """
     image = render_psf(psf_model, position, size=61)
-    return float(2.0 * np.sqrt(np.count_nonzero(image >= 0.5 * image.max()) / np.pi))
+    return float(_area_fwhm(np.count_nonzero(image >= 0.5 * image.max())))
 
 
 def render_psf(psf_model, position=None, *, size=41):

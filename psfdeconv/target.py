@@ -22,7 +22,14 @@ import numpy as np
 from astropy import units as u
 from scipy.special import erf
 
-from ._fourier import convolve_same, image_fft, inverse_fft, kernel_fft, padded_shape
+from ._fourier import (
+    convolve_same,
+    image_fft,
+    inverse_fft,
+    kernel_fft,
+    padded_shape,
+    squared_magnitude,
+)
 from ._validation import angle_arcsec, check_psfs, pixel_scale_arcsec
 from .exceptions import InvalidInputError, InvalidPSFError
 
@@ -263,11 +270,6 @@ def residual_update(images, stamps, psfs, kernels, noise_sigma, *,
 _UPDATE_CHUNK = 128
 
 
-def _power(values):
-    """``|values|**2`` without a square root."""
-    return np.square(values.real) + np.square(values.imag)
-
-
 def _residual_update(images, stamps, psfs, kernels, noise, prior_fraction, coherence):
     """`residual_update` of one chunk of stamps, in float32 (noise (n, n_bands))."""
     image_shape = images.shape[-2:]
@@ -278,9 +280,9 @@ def _residual_update(images, stamps, psfs, kernels, noise, prior_fraction, coher
     residual = image_fft(stamps.astype(np.float32), fft_shape)
     reconvolved = psf_fft * output_fft
     residual -= reconvolved
-    output_power = _power(output_fft)
+    output_power = squared_magnitude(output_fft)
     # |P|^2 |O|^2, shared by the diagonal and the rank-one term's norm.
-    signal = _power(psf_fft)
+    signal = squared_magnitude(psf_fft)
     signal *= output_power
     # The observation's covariance P S P^H + D per frequency: a diagonal over
     # the bands plus the rank-one u u^H (u = sqrt(a c) P O), inverted by

@@ -10,11 +10,11 @@ PSF-leakage and size-bias corrections (`psfdeconv.deconvolve`,
 `psfdeconv.calibrate`).
 """
 
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
-from ._cpus import usable_cpus
+from ._cpus import run_in_threads, thread_count
 from .exceptions import InvalidInputError
 
 __all__ = ['square_symmetry', 'shear_images', 'dilate_images']
@@ -174,27 +174,19 @@ def _transform_about_centroids(images, inverse, flux_scale):
     # from coefficients prefiltered for the whole batch at once.
     index = np.flatnonzero(moved & ~diagonal)
 
-    def transform(part, coefficients):
-        for i, coefficient in zip(part, coefficients, strict=True):
+    def transform(part, coefficients, share):
+        for i, coefficient in zip(part[share], coefficients[share], strict=True):
             transformed = ndimage.affine_transform(
                 coefficient, inverse[i], offset=offsets[i], order=3, mode='constant',
                 prefilter=False, output=images.dtype)
             out[i] = np.clip(transformed * flux_scale[i], 0, None)
 
-    threads = min(usable_cpus(), max(1, len(index) // _MIN_IMAGES_PER_THREAD))
+    threads = thread_count(len(index), _MIN_IMAGES_PER_THREAD)
     for start in range(0, len(index), _CHUNK):
         part = index[start:start + _CHUNK]
         coefficients = _spline_coefficients(images[part])
-        if threads == 1:
-            transform(part, coefficients)
-            continue
-        # scipy.ndimage releases the GIL: one contiguous share of the images
-        # per thread (the same values as one loop).
-        shares = np.array_split(np.arange(len(part)), threads)
-        with ThreadPoolExecutor(threads) as pool:
-            for done in [pool.submit(transform, part[share], coefficients[share])
-                         for share in shares]:
-                done.result()
+        # scipy.ndimage releases the GIL.
+        run_in_threads(partial(transform, part, coefficients), len(part), threads)
     return out.reshape(shape)
 
 
