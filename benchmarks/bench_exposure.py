@@ -61,9 +61,9 @@ class _StageLog(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def run_vs_deconvolve(field, model, work):
-    """Sources/s of run_exposure_set on the field and of deconvolve_stamps on
-    the same stamps and PSFs; the stage log."""
+def run_vs_deconvolve(field, model, work, psf_process='auto'):
+    """Sources/s of run_exposure_set on the field (``psf_process`` as for it)
+    and of deconvolve_stamps on the same stamps and PSFs; the stage log."""
     import numpy as np
 
     from psfdeconv.cutouts import make_cutouts
@@ -83,7 +83,8 @@ def run_vs_deconvolve(field, model, work):
     try:
         start = time.perf_counter()
         catalog, paths = run_exposure_set(exposures, work / 'run', psfs='epsf',
-                                          model=model, symmetries=1, overwrite=True)
+                                          model=model, symmetries=1, overwrite=True,
+                                          psf_process=psf_process)
         seconds_run = time.perf_counter() - start
     finally:
         logger.removeHandler(stages)

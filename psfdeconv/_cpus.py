@@ -21,6 +21,17 @@ def usable_cpus():
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_share():
+    """The CPUs this process's work may keep busy: ``OMP_NUM_THREADS`` where
+    it is set to a positive integer (a batch worker's share of the CPUs),
+    else `usable_cpus`."""
+    try:
+        share = int(os.environ.get('OMP_NUM_THREADS', ''))
+    except ValueError:
+        share = 0
+    return share if share >= 1 else usable_cpus()
+
+
 def thread_count(n_items, min_per_thread):
     """Threads for ``n_items`` independent pieces of work: one per usable CPU,
     each with at least ``min_per_thread`` items (one thread below that)."""

@@ -779,6 +779,7 @@ def _cmd_run(args):
         symmetries=args.symmetries, target_fwhm=args.target_fwhm,
         precision=args.precision, epsf_options=epsf_options, detect_options=detect_options,
         plots=args.plots, progress=_progress_wanted(args),
+        psf_process={'on': True, 'off': False}.get(args.psf_process, 'auto'),
         **_pixel_scale_keyword(args.pixel_scale))
     n_rows_flagged = n_flagged(catalog['flags'])
     n_neighbours = int(((np.asarray(catalog['flags']) & FLAG_NEIGHBOURS) != 0).sum())
@@ -1148,6 +1149,11 @@ def _add_run_parser(sub):
                         'or by noise (flag NEIGHBOURS), '
                         'so that their light does not enter the flux and shape')
     _add_target_fwhm_argument(p)
+    p.add_argument('--psf-process', choices=('auto', 'on', 'off'), default='auto',
+                   help='build the PSFs in a helper process '
+                        'while the bands are background-subtracted, aligned and '
+                        'segmented (same outputs); auto (default): for ePSFs from at '
+                        'least 4 million pixels where two CPUs are free')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 

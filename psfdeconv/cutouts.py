@@ -56,7 +56,7 @@ full frame on the reference grid.
 
 import numpy as np
 
-from ._cpus import usable_cpus
+from ._cpus import cpu_share
 from ._validation import scalar_pixel_scale
 from .exceptions import InvalidInputError, InvalidPSFError
 from .flags import FLAG_EDGE, FLAG_MASKED, FLAG_OFF_IMAGE
@@ -563,15 +563,7 @@ def _threads():
     """Threads for the reprojection strips: ``OMP_NUM_THREADS`` where set
     (the batch runner's workers set it to their share of the CPUs), else the
     CPUs this process may use, at most `_MAX_THREADS`."""
-    import os
-
-    try:
-        limit = int(os.environ.get('OMP_NUM_THREADS', ''))
-    except ValueError:
-        limit = None
-    if not limit or limit < 1:
-        limit = usable_cpus()
-    return max(1, min(limit, _MAX_THREADS))
+    return max(1, min(cpu_share(), _MAX_THREADS))
 
 
 def _tan_only(wcs):

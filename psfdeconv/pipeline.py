@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cpus import cpu_share
+from ._offload import HelperCall
 from ._validation import angle_arcsec, check_output_location, positive_int
 from .background import shared_estimates
 from .cutouts import align_to_reference
@@ -623,7 +625,6 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     from astropy.wcs.utils import wcs_to_celestial_frame
 
     from . import __version__
-    from . import background as sky
     from ._units import common_flux_unit
     from .cutouts import make_cutouts
 
@@ -654,6 +655,14 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     reference = exposures[reference_band]
     scale = band_scales[reference_band]
 
+    # PSFs still being built in a helper process (run_exposure_set): the
+    # work that needs neither them nor the positions is done meanwhile.
+    pending = isinstance(psfs, HelperCall)
+    if pending:
+        aligned, reprojected, labels, combined, parents = _segmented_bands(
+            exposures, reference_band, subtract_background=subtract_background,
+            use_wcs=use_wcs)
+        psfs = psfs.result()
     psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
                                          pixel_scale=scale)
     x_in, y_in, ids, positions_source = _positions(
@@ -663,26 +672,12 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     if n == 0:
         raise InvalidInputError('no positions given; give at least one source '
                                 '(or positions=None to detect them).')
-
-    if subtract_background:
-        work = {band: sky.subtract_background(exposure)[0]
-                for band, exposure in exposures.items()}
-    else:
-        work = exposures
-    if use_wcs:
-        aligned, reprojected = align_to_reference(work, reference_band)
-    else:
-        # No WCS: the bands share the reference band's pixel grid.
-        aligned, reprojected = dict(work), dict.fromkeys(bands, False)
-    # The segments of the bands' combined signal-to-noise image: which
-    # sources are blended, how far each one's light reaches, and (with
-    # 'replace') the neighbours' pixels in each stamp.
+    if not pending:
+        aligned, reprojected, labels, combined, parents = _segmented_bands(
+            exposures, reference_band, subtract_background=subtract_background,
+            use_wcs=use_wcs)
     from astropy.nddata import NDData
 
-    labels, combined, parents = neighbour_segments(
-        [aligned[band].data for band in bands],
-        masks=[aligned[band].mask for band in bands], return_image=True,
-        return_parents=True)
     segments_of = source_segments(labels, x_in, y_in)
     blended, _ = blended_sources(combined, labels, x_in, y_in, segments_of=segments_of)
     pieces = _segment_pieces(labels, parents, segments_of, blended, combined)
@@ -755,6 +750,35 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         segment_at_edge=segment_at_edge,
         frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
         stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
+
+
+def _segmented_bands(exposures, reference_band, *, subtract_background, use_wcs):
+    """The bands background-subtracted (if asked) and on the reference grid,
+    and the segments of their combined signal-to-noise image: ``(aligned,
+    reprojected, labels, combined, parents)``.
+
+    The segments say which sources are blended, how far each one's light
+    reaches, and (with ``neighbours='replace'``) which pixels of a stamp
+    are its neighbours'.
+    """
+    from . import background as sky
+
+    bands = list(exposures)
+    if subtract_background:
+        work = {band: sky.subtract_background(exposure)[0]
+                for band, exposure in exposures.items()}
+    else:
+        work = exposures
+    if use_wcs:
+        aligned, reprojected = align_to_reference(work, reference_band)
+    else:
+        # No WCS: the bands share the reference band's pixel grid.
+        aligned, reprojected = dict(work), dict.fromkeys(bands, False)
+    labels, combined, parents = neighbour_segments(
+        [aligned[band].data for band in bands],
+        masks=[aligned[band].mask for band in bands], return_image=True,
+        return_parents=True)
+    return aligned, reprojected, labels, combined, parents
 
 
 def _shape_frame(use_wcs):
@@ -1426,7 +1450,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
                      detect_options=None, progress=None, pixel_scale=None,
-                     trust_model=False, precision='float32', plots=False):
+                     trust_model=False, precision='float32', plots=False,
+                     psf_process='auto'):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 
     Writes ``OUT/catalog.fits`` (`~psfdeconv.io.write_catalog`), ``OUT/stamps.fits``
@@ -1477,6 +1502,13 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         Also write the figures of `~psfdeconv.plotting.write_run_plots`
         (``catalog_overview.png``, ``stamps.png``; ``--plots``), as part of
         the same transaction.
+    psf_process : {'auto', True, False}, optional
+        Build the PSFs in a helper Python process while this one subtracts
+        the backgrounds, aligns the bands and segments them; the outputs are
+        the same. ``'auto'`` does so where the PSFs are built from the
+        bands' stars (ePSFs, the default), the bands hold at least 4 million
+        such pixels and this process may keep two CPUs or more busy
+        (``OMP_NUM_THREADS``, else its CPU affinity); ``--psf-process``.
     progress : bool, optional
         Draw a `tqdm` progress bar on standard error for each long stage:
         the PSFs (per band), the sources (detection, background, alignment)
@@ -1507,6 +1539,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     from .psf import render_psf, write_psf_image
 
     _check_chunk_size(chunk_size)
+    _check_psf_process(psf_process)
     target_fwhm = _target_fwhm_arcsec(target_fwhm)
     positive_int(batch_size, 'batch_size')
     out_dir = check_output_location(out_dir, 'out_dir', directory=True)
@@ -1533,11 +1566,21 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
         band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
         # The ePSFs, the detection and the background subtraction start from
-        # the same background mesh of each band: computed once.
+        # the same background mesh of each band: computed once (in each
+        # process, with the PSFs in a helper one).
         with shared_estimates():
-            psf_models = _build_psfs_with_progress(
-                exposures, psfs, epsf_options, progress,
-                pixel_scale=None if use_wcs else next(iter(band_scales.values())))
+            no_wcs_scale = None if use_wcs else next(iter(band_scales.values()))
+            if _psf_process_wanted(psf_process, exposures, psfs):
+                _check_psf_bands(exposures, psfs)
+                _stage_start(f'building the PSFs of {len(exposures)} band(s) in a helper '
+                             f'process')
+                # Waited for after the background, the alignment and the
+                # segments (_catalog_setup).
+                psf_models = HelperCall(_build_psfs_with_progress, exposures, psfs,
+                                        epsf_options, None, pixel_scale=no_wcs_scale)
+            else:
+                psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options,
+                                                       progress, pixel_scale=no_wcs_scale)
             start = _stage_start('finding the sources (detection, background, alignment)')
             with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
                 setup = _catalog_setup(exposures, positions, psf_models, model=model,
@@ -1567,7 +1610,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                       time.perf_counter() - start)
             catalog = _catalog_table(setup, parts)
             write_catalog(catalog, staging / paths['catalog'].name)
-            for band, psf_model in psf_models.items():
+            for band, psf_model in setup.psf_models.items():
                 if not (hasattr(psf_model, 'data') and hasattr(psf_model, 'oversampling')
                         and getattr(psf_model.data, 'ndim', 0) == 2):
                     ny, nx = exposures[band].shape
@@ -1613,12 +1656,46 @@ def _progress_bar(progress, *, total, desc, unit):
                 leave=False, dynamic_ncols=True)
 
 
+#: Pixels, summed over the bands whose PSFs are built from their stars, from
+#: which ``psf_process='auto'`` builds them in a helper process: the helper
+#: takes about 2 s to start, an ePSF about 1 s per million pixels.
+_PSF_PROCESS_MIN_PIXELS = 4_000_000
+
+def _check_psf_process(setting):
+    if not (isinstance(setting, bool) or (isinstance(setting, str) and setting == 'auto')):
+        raise InvalidInputError(f"psf_process = {setting!r}; give 'auto', True or False.")
+
+
+def _psf_process_wanted(setting, exposures, psfs):
+    """Whether `run_exposure_set` builds the PSFs in a helper process."""
+    if isinstance(setting, bool):
+        return setting
+    if cpu_share() < 2:
+        return False
+    per_band = psfs if hasattr(psfs, 'items') else dict.fromkeys(exposures, psfs)
+    pixels = sum(exposure.data.size for band, exposure in exposures.items()
+                 if _psf_from_stars(exposure, per_band.get(band)))
+    return pixels >= _PSF_PROCESS_MIN_PIXELS
+
+
+def _psf_from_stars(exposure, value):
+    """Whether `build_psfs` builds a band's PSF from its stars (an ePSF)."""
+    if value is None:
+        return getattr(exposure, 'psf', None) is None
+    return isinstance(value, str) and value.strip().lower().startswith('epsf')
+
+
+def _check_psf_bands(exposures, psfs):
+    """A mapping of PSFs must name the bands: refused before any PSF is built."""
+    if hasattr(psfs, 'items') and set(psfs) != set(exposures):
+        build_psfs(exposures, psfs)  # raises the error naming the bands
+
+
 def _build_psfs_with_progress(exposures, psfs, epsf_options, progress, pixel_scale=None):
     """`build_psfs`, one band at a time so that a bar can count the bands
     (``pixel_scale``: that of bands without a WCS)."""
     bands = list(exposures)
-    if hasattr(psfs, 'items') and set(psfs) != set(bands):
-        build_psfs(exposures, psfs)  # raises the error naming the bands
+    _check_psf_bands(exposures, psfs)
     start = _stage_start(f'building the PSFs of {len(bands)} band(s)')
     models = {}
     with _progress_bar(progress, total=len(bands), desc='PSFs', unit='band') as bar:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'psfdeconv'
 LAYERS = {
     'foundations': ('psfdeconv', 'psfdeconv._version', 'psfdeconv._warnings',
                     'psfdeconv.exceptions', 'psfdeconv._fourier', 'psfdeconv._validation',
-                    'psfdeconv._units', 'psfdeconv._cpus',
+                    'psfdeconv._units', 'psfdeconv._cpus', 'psfdeconv._offload',
                     'psfdeconv.flags', 'psfdeconv.io', 'psfdeconv.io.'),
     'stages': ('psfdeconv.simulate', 'psfdeconv.background', 'psfdeconv.psf',
                'psfdeconv.detection', 'psfdeconv.cutouts', 'psfdeconv.features',

@@ -1,0 +1,171 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""The helper process (psfdeconv._offload) and run_exposure_set's PSFs built in it."""
+
+import logging
+import os
+import warnings
+
+import numpy as np
+import pytest
+from astropy.nddata import NDData
+
+import psfdeconv.pipeline as pipeline
+from psfdeconv._offload import HelperCall
+from psfdeconv.exceptions import InvalidInputError, InvalidPSFError, PSFDeconvWarning
+from psfdeconv.io import read_catalog
+from psfdeconv.pipeline import run_exposure_set
+
+
+def helper_work(n, *, warn=False, fail=False):
+    """Runs in the helper: its pid, a value, optionally a warning, a log
+    record and an error."""
+    logging.getLogger('psfdeconv.pipeline').info('helper says %d', n)
+    if warn:
+        warnings.warn(f'helper warning {n}', PSFDeconvWarning, stacklevel=2)
+    if fail:
+        raise InvalidPSFError(f'band {n!r}: no stars')
+    return os.getpid(), np.arange(n)
+
+
+def test_value_comes_from_another_process():
+    pid, value = HelperCall(helper_work, 4).result()
+    assert pid != os.getpid()
+    np.testing.assert_array_equal(value, np.arange(4))
+
+
+def test_warnings_and_log_records_come_back(caplog):
+    with caplog.at_level(logging.INFO, logger='psfdeconv.pipeline'), \
+            pytest.warns(PSFDeconvWarning, match='helper warning 3'):
+        pid, _ = HelperCall(helper_work, 3, warn=True).result()
+    assert pid != os.getpid()
+    assert any(record.getMessage() == 'helper says 3' for record in caplog.records)
+
+
+def test_error_is_raised_here_with_the_helpers_traceback():
+    with pytest.raises(InvalidPSFError, match="band 5: no stars") as info:
+        HelperCall(helper_work, 5, fail=True).result()
+    notes = '\n'.join(getattr(info.value, '__notes__', []))
+    assert 'In the helper process' in notes and 'helper_work' in notes
+
+
+def test_unpicklable_arguments_run_here():
+    call = HelperCall(helper_work, 2, warn=False, fail=False)
+    assert call.result()[0] != os.getpid()
+    # A lambda cannot be pickled: the call runs in this process instead.
+    local = HelperCall(lambda n: (os.getpid(), n), 7)
+    assert local.result() == (os.getpid(), 7)
+
+
+def test_function_the_helper_cannot_import_runs_here(caplog):
+    def nested(n):
+        return os.getpid(), n
+
+    # A nested function pickles by name but cannot be found by the helper.
+    with caplog.at_level(logging.DEBUG, logger='psfdeconv._offload'):
+        assert HelperCall(nested, 1).result() == (os.getpid(), 1)
+    assert any('calling it in this process' in record.getMessage()
+               for record in caplog.records)
+
+
+# --- run_exposure_set ----------------------------------------------------------------
+
+
+def test_psfs_in_a_helper_give_the_same_outputs(simulated_field, tiny_model, tmp_path,
+                                                monkeypatch):
+    exposures, _ = simulated_field
+    started = []
+    original = HelperCall.__init__
+
+    def counting(self, function, *args, **kwargs):
+        started.append(function.__name__)
+        original(self, function, *args, **kwargs)
+
+    monkeypatch.setattr(HelperCall, '__init__', counting)
+    here, _ = run_exposure_set(exposures, tmp_path / 'here', psfs='epsf', model=tiny_model,
+                               symmetries=1, psf_process=False)
+    assert started == []
+    helped, _ = run_exposure_set(exposures, tmp_path / 'helped', psfs='epsf',
+                                 model=tiny_model, symmetries=1, psf_process=True)
+    assert started == ['_build_psfs_with_progress']
+    assert len(here) == len(helped) > 0
+    assert here.meta['psf_source'] == helped.meta['psf_source']
+    for name in here.colnames:
+        a, b = np.asarray(here[name]), np.asarray(helped[name])
+        if a.dtype.kind == 'f':
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert np.array_equal(a, b), name
+    written = read_catalog(tmp_path / 'helped' / 'catalog.fits')
+    assert len(written) == len(helped)
+
+
+@pytest.mark.parametrize('setting', ['yes', 1, None])
+def test_psf_process_must_be_auto_or_a_bool(setting, simulated_field, tiny_model, tmp_path):
+    exposures, _ = simulated_field
+    with pytest.raises(InvalidInputError, match='psf_process'):
+        run_exposure_set(exposures, tmp_path / 'out', psfs='epsf', model=tiny_model,
+                         psf_process=setting)
+    assert not (tmp_path / 'out').exists()
+
+
+def large_band(n=1536):
+    return NDData(np.zeros((n, n), dtype=np.float32))
+
+
+def test_auto_uses_a_helper_for_large_epsf_bands_with_cpus_to_spare(monkeypatch):
+    wanted = pipeline._psf_process_wanted
+    bands = {'g': large_band(), 'r': large_band()}
+    monkeypatch.setattr(pipeline, 'cpu_share', lambda: 2)
+    assert wanted('auto', bands, 'epsf')
+    assert wanted('auto', bands, None)
+    # PSFs not built from the stars, or too few pixels of them: not worth a helper.
+    assert not wanted('auto', bands, 'moffat:fwhm=0.8arcsec,beta=3')
+    assert not wanted('auto', bands, {'g': 'epsf', 'r': 'psf=r.fits'})
+    assert not wanted('auto', {'g': large_band(512)}, 'epsf')
+    assert not wanted('auto', {'g': NDData(np.zeros((2048, 2048)), psf=np.ones((5, 5)))},
+                      None)
+    # Forced either way.
+    assert wanted(True, {'g': large_band(512)}, 'moffat:fwhm=0.8arcsec,beta=3')
+    assert not wanted(False, bands, 'epsf')
+    # One CPU (a batch worker's share): the helper would only compete.
+    monkeypatch.setattr(pipeline, 'cpu_share', lambda: 1)
+    assert not wanted('auto', bands, 'epsf')
+
+
+def test_cpu_share_follows_omp_num_threads(monkeypatch):
+    from psfdeconv._cpus import cpu_share, usable_cpus
+
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    assert cpu_share() == 1
+    monkeypatch.setenv('OMP_NUM_THREADS', 'many')
+    assert cpu_share() == usable_cpus()
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    assert cpu_share() == usable_cpus()
+
+
+@pytest.mark.parametrize(('option', 'value'), [('on', True), ('off', False),
+                                               ('auto', 'auto')])
+def test_cli_psf_process(option, value, monkeypatch, tmp_path):
+    from psfdeconv import cli
+
+    seen = {}
+
+    def fake_run(*args, **kwargs):
+        seen.update(kwargs)
+        raise InvalidInputError('stop here')
+
+    monkeypatch.setattr(pipeline, 'run_exposure_set', fake_run)
+    code = cli.main(['run', '--example', '--out', str(tmp_path / 'out'),
+                     '--psf-process', option])
+    assert code != 0
+    assert seen['psf_process'] == value
+
+
+def test_psfs_naming_other_bands_are_refused_before_the_helper_starts(
+        simulated_field, tiny_model, tmp_path, monkeypatch):
+    exposures, _ = simulated_field
+    monkeypatch.setattr(HelperCall, '__init__', lambda *args, **kwargs: pytest.fail(
+        'the helper started'))
+    with pytest.raises(InvalidInputError, match='give one PSF per band'):
+        run_exposure_set(exposures, tmp_path / 'out', psfs={'g': 'epsf'}, model=tiny_model,
+                         psf_process=True)
