@@ -26,6 +26,9 @@ field of 300 galaxies, about 3 minutes)::
     python benchmarks/bench_exposure.py [--field DIR] [--quick] [--skip-memory]
         [--skip-batch]
 
+``--psf-process-pairs N`` only times ``run_exposure_set`` with the ePSFs built in its
+own process and in a helper process (``psf_process``), alternated, N times each.
+
 ``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure`` (e.g.
 ``--size 3072 --n-galaxies 1600 --n-stars 150 --seed 7``) instead of simulating one.
 """
@@ -105,6 +108,29 @@ def run_vs_deconvolve(field, model, work, psf_process='auto'):
             'ratio': seconds_deconvolve / seconds_run, 'stages': stages.lines}
 
 
+def alternate_psf_process(field, model, work, pairs):
+    """Seconds of run_exposure_set on the field with the ePSFs built in the
+    run's process (``psf_process=False``) and in a helper (True), the two
+    alternated (False, True, True, False, ...) so that a drifting machine
+    affects both alike."""
+    import numpy as np
+
+    from psfdeconv.pipeline import run_exposure_set
+
+    exposures = {band: field / f'{band}.fits' for band in BANDS}
+    model.predict(np.zeros((8, model.stamp_size, model.stamp_size,
+                            len(model.kinds) * len(BANDS)), np.float32))
+    seconds = {False: [], True: []}
+    for k in range(pairs):
+        for setting in (False, True) if k % 2 == 0 else (True, False):
+            start = time.perf_counter()
+            run_exposure_set(exposures, work / f'alternate_{setting}', psfs='epsf',
+                             model=model, symmetries=1, overwrite=True,
+                             psf_process=setting)
+            seconds[setting].append(time.perf_counter() - start)
+    return seconds
+
+
 def rss_child(field, n, model_path):
     """In a fresh process: run_exposure_set on n catalogue sources; print its
     peak RSS."""
@@ -179,6 +205,9 @@ def main():
     parser.add_argument('--model', help='model .keras file (default: shipped)')
     parser.add_argument('--skip-memory', action='store_true')
     parser.add_argument('--skip-batch', action='store_true')
+    parser.add_argument('--psf-process-pairs', type=int, metavar='N',
+                        help='only time run_exposure_set with the ePSFs in its own process '
+                             'and in a helper, alternated, N times each')
     parser.add_argument('--rss-child', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -196,6 +225,14 @@ def main():
             field = tmp / 'field'
             make_field(field, size=size, n_galaxies=n_galaxies, n_stars=n_stars, seed=7)
         print(f'CPU: {os.cpu_count()} cores; field {field}')
+        if args.psf_process_pairs:
+            seconds = alternate_psf_process(field, model, tmp, args.psf_process_pairs)
+            for setting, how in ((False, 'in-process'), (True, 'helper')):
+                print(f'run_exposure_set, ePSFs {how}: '
+                      f'{" / ".join(f"{value:.1f}" for value in seconds[setting])} s')
+            print(f'speed-up of the helper (best of each): '
+                  f'{min(seconds[False]) / min(seconds[True]):.2f}')
+            return
         result = run_vs_deconvolve(field, model, tmp)
         print(f"run_exposure_set: {result['n']} sources in {result['run_seconds']:.1f} s "
               f"= {result['run_rate']:.1f} sources/s")
