@@ -52,6 +52,8 @@ class HelperCall:
         self._reply = None
         self._failure = None
         self._thread = None
+        self._process = None
+        self._cancelled = False
         try:
             payload = pickle.dumps((function.__module__, function.__qualname__, args, kwargs),
                                    protocol=pickle.HIGHEST_PROTOCOL)
@@ -69,25 +71,44 @@ class HelperCall:
         root = str(Path(__file__).resolve().parent.parent)
         env['PYTHONPATH'] = os.pathsep.join([root] + [path for path in sys.path if path])
         try:
-            done = subprocess.run([sys.executable, '-m', 'psfdeconv._offload'],
-                                  input=payload, capture_output=True, env=env, check=False)
-        except OSError as error:
-            self._failure = f'it could not start ({error})'
+            self._process = subprocess.Popen(
+                [sys.executable, '-m', 'psfdeconv._offload'], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            if self._cancelled:
+                self._process.kill()
+            stdout, stderr = self._process.communicate(payload)
+        except Exception as error:  # noqa: BLE001 - no interpreter, no pipe, killed
+            self._failure = f'it could not run ({error})'
             return
-        if done.returncode != 0 or not done.stdout:
-            stderr = done.stderr.decode(errors='replace').strip()[-2000:]
-            self._failure = f'it exited with status {done.returncode}: {stderr}'
+        if self._process.returncode != 0 or not stdout:
+            stderr = stderr.decode(errors='replace').strip()[-2000:]
+            self._failure = f'it exited with status {self._process.returncode}: {stderr}'
             return
         try:
-            self._reply = pickle.loads(done.stdout)
+            self._reply = pickle.loads(stdout)
         except Exception as error:  # noqa: BLE001 - any unpickling failure
             self._failure = f'its reply cannot be unpickled ({error})'
+
+    def cancel(self):
+        """Stop the helper if it is still running (after an error here, so
+        that it does not work on for nothing); nothing once it has ended."""
+        self._cancelled = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
 
     def result(self):
         """The function's return value (its exception raised, its warnings
         warned and its log records logged here)."""
         if self._thread is not None:
-            self._thread.join()
+            try:
+                self._thread.join()
+            except BaseException:  # e.g. KeyboardInterrupt while waiting
+                self.cancel()
+                raise
+        if self._cancelled:
+            raise RuntimeError(f'the helper process for {self._function.__qualname__} '
+                               f'was cancelled')
         if self._reply is None:
             log.debug('helper process for %s failed (%s); calling it in this process',
                       self._function.__qualname__, self._failure)

@@ -1583,12 +1583,16 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                                                        progress, pixel_scale=no_wcs_scale)
             start = _stage_start('finding the sources (detection, background, alignment)')
             with _progress_bar(progress, total=1, desc='sources', unit='stage') as bar:
-                setup = _catalog_setup(exposures, positions, psf_models, model=model,
-                                       size=None, reference_band=reference_band,
-                                       psf_size=None, subtract_background=True,
-                                       epsf_options=epsf_options,
-                                       detect_options=detect_options,
-                                       neighbours=neighbours, pixel_scale=pixel_scale)
+                try:
+                    setup = _catalog_setup(exposures, positions, psf_models, model=model,
+                                           size=None, reference_band=reference_band,
+                                           psf_size=None, subtract_background=True,
+                                           epsf_options=epsf_options,
+                                           detect_options=detect_options,
+                                           neighbours=neighbours, pixel_scale=pixel_scale)
+                finally:
+                    if isinstance(psf_models, HelperCall):
+                        psf_models.cancel()  # still running only after an error here
                 bar.update(1)
         log.debug('found %d sources in %.1f s', setup.n, time.perf_counter() - start)
         _check_strict(setup, strict)

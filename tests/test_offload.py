@@ -3,6 +3,7 @@
 
 import logging
 import os
+import time
 import warnings
 
 import numpy as np
@@ -65,6 +66,17 @@ def test_function_the_helper_cannot_import_runs_here(caplog):
         assert HelperCall(nested, 1).result() == (os.getpid(), 1)
     assert any('calling it in this process' in record.getMessage()
                for record in caplog.records)
+
+
+def test_cancel_stops_the_helper():
+    call = HelperCall(time.sleep, 120)
+    start = time.perf_counter()
+    call.cancel()
+    with pytest.raises(RuntimeError, match='cancelled'):
+        call.result()
+    assert time.perf_counter() - start < 60
+    if call._process is not None:
+        assert call._process.poll() is not None
 
 
 # --- run_exposure_set ----------------------------------------------------------------
@@ -169,3 +181,27 @@ def test_psfs_naming_other_bands_are_refused_before_the_helper_starts(
     with pytest.raises(InvalidInputError, match='give one PSF per band'):
         run_exposure_set(exposures, tmp_path / 'out', psfs={'g': 'epsf'}, model=tiny_model,
                          psf_process=True)
+
+
+def test_an_error_beside_the_helper_stops_it(simulated_field, tiny_model, tmp_path,
+                                             monkeypatch):
+    exposures, _ = simulated_field
+    calls = []
+    original = HelperCall.__init__
+
+    def keeping(self, *args, **kwargs):
+        calls.append(self)
+        original(self, *args, **kwargs)
+
+    def failing(*args, **kwargs):
+        raise InvalidInputError('the alignment failed')
+
+    monkeypatch.setattr(HelperCall, '__init__', keeping)
+    monkeypatch.setattr(pipeline, '_segmented_bands', failing)
+    with pytest.raises(InvalidInputError, match='the alignment failed'):
+        run_exposure_set(exposures, tmp_path / 'out', psfs='epsf', model=tiny_model,
+                         psf_process=True)
+    [call] = calls
+    assert call._cancelled
+    call._thread.join(timeout=60)
+    assert call._process is None or call._process.poll() is not None
