@@ -268,7 +268,7 @@ def _openvino_threads():
 _OPENVINO_CHUNK = 32
 
 
-def _openvino_runner(keras_model, precision='bf16'):
+def _openvino_runner(keras_model, precision='bf16', network=None):
     """The network converted to OpenVINO and compiled for the CPU at
     ``precision`` (``'bf16'`` or ``'f32'``).
 
@@ -280,10 +280,12 @@ def _openvino_runner(keras_model, precision='bf16'):
     On 2 cores of an Intel Xeon with AMX, ``deconvolve_stamps`` with one
     view ran 1.13-1.27 times faster this way in bfloat16 but 0.92 times as
     fast in float32, which therefore stays one latency-tuned stream, one
-    request per call (:doc:`/precision`).
+    request per call (:doc:`/precision`). ``network``: an OpenVINO model to
+    compile instead of the Keras model's conversion (the int8 one of
+    ``benchmarks/bench_int8.py``).
     """
     openvino = _import_openvino()
-    converted = openvino.convert_model(_graph(keras_model))
+    converted = openvino.convert_model(_graph(keras_model)) if network is None else network
     hint = 'THROUGHPUT' if precision == 'bf16' else 'LATENCY'
     config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': hint}
     threads = _openvino_threads()
