@@ -54,6 +54,10 @@ class HelperCall:
         self._thread = None
         self._process = None
         self._cancelled = False
+        if getattr(sys, 'frozen', False) or not sys.executable:
+            # A frozen application's executable is the application itself.
+            self._failure = 'there is no Python interpreter to start'
+            return
         try:
             payload = pickle.dumps((function.__module__, function.__qualname__, args, kwargs),
                                    protocol=pickle.HIGHEST_PROTOCOL)

@@ -57,6 +57,12 @@ def test_unpicklable_arguments_run_here():
     assert local.result() == (os.getpid(), 7)
 
 
+def test_without_an_interpreter_the_call_runs_here(monkeypatch):
+    # A frozen application (PyInstaller) would start itself, not Python.
+    monkeypatch.setattr('sys.frozen', True, raising=False)
+    assert HelperCall(helper_work, 2).result()[0] == os.getpid()
+
+
 def test_function_the_helper_cannot_import_runs_here(caplog):
     def nested(n):
         return os.getpid(), n
