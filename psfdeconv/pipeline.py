@@ -620,7 +620,10 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
                    neighbours='replace', pixel_scale=None):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
-    subtracted, aligned bands (a `_CatalogSetup`)."""
+    subtracted, aligned bands (a `_CatalogSetup`). ``psfs`` may be a
+    `~psfdeconv._offload.HelperCall` still building them
+    (`run_exposure_set`): it is waited for after the bands are aligned and
+    segmented."""
     import astropy.units as u
     from astropy.wcs.utils import wcs_to_celestial_frame
 
@@ -1661,11 +1664,14 @@ def _progress_bar(progress, *, total, desc, unit):
 
 
 #: Pixels, summed over the bands whose PSFs are built from their stars, from
-#: which ``psf_process='auto'`` builds them in a helper process: the helper
-#: takes about 2 s to start, an ePSF about 1 s per million pixels.
+#: which ``psf_process='auto'`` builds them in a helper process. An ePSF takes
+#: about 1 s per million pixels on 2 cores of an AMD EPYC, the helper about
+#: 0.4 s to start (and more to receive the bands): below this the overlap
+#: saves about a second, against one more process.
 _PSF_PROCESS_MIN_PIXELS = 4_000_000
 
 def _check_psf_process(setting):
+    """``psf_process`` is 'auto', True or False."""
     if not (isinstance(setting, bool) or (isinstance(setting, str) and setting == 'auto')):
         raise InvalidInputError(f"psf_process = {setting!r}; give 'auto', True or False.")
 
