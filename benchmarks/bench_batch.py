@@ -128,6 +128,14 @@ def matmul_gflops(n=4096, repeat=3):
     return 2 * n ** 3 / seconds / 1e9
 
 
+def warm_up(model):
+    """Build the network's graph (its first call) outside the timings."""
+    import numpy as np
+
+    model.predict(np.zeros((8, model.stamp_size, model.stamp_size,
+                            len(model.kinds) * len(BANDS)), np.float32))
+
+
 def group_throughput(field, galaxies, n, model, work):
     """Stamps/s of run_exposure_set, deconvolve_stamps and the forward pass
     on the same n stamps."""
@@ -143,9 +151,7 @@ def group_throughput(field, galaxies, n, model, work):
     sources = source_table(galaxies, n, seed=2)
     sources.write(work / 'sources.ecsv', overwrite=True)
     exposures = {band: field / f'{band}.fits' for band in BANDS}
-    # Warm up the network (graph building) outside the timings.
-    model.predict(np.zeros((8, model.stamp_size, model.stamp_size,
-                            len(model.kinds) * len(BANDS)), np.float32))
+    warm_up(model)
     seconds_epsf, (catalog, paths) = _best(
         run_exposure_set, exposures, work / 'group', work / 'sources.ecsv', 'epsf',
         model=model, overwrite=True)

@@ -47,7 +47,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_batch import _peak_rss_kb, make_field, source_table  # noqa: E402
+from bench_batch import _peak_rss_kb, make_field, source_table, warm_up  # noqa: E402
 
 BANDS = ('g', 'r', 'i')
 MOFFAT = 'moffat:fwhm=0.8arcsec,beta=3.5'
@@ -76,9 +76,7 @@ def run_vs_deconvolve(field, model, work, psf_process='auto'):
     from psfdeconv.psf import read_psf_image, render_psf
 
     exposures = {band: field / f'{band}.fits' for band in BANDS}
-    # Warm up the network (graph building) outside the timings.
-    model.predict(np.zeros((8, model.stamp_size, model.stamp_size,
-                            len(model.kinds) * len(BANDS)), np.float32))
+    warm_up(model)
     stages = _StageLog()
     logger = logging.getLogger('psfdeconv.pipeline')
     logger.addHandler(stages)
@@ -113,13 +111,10 @@ def alternate_psf_process(field, model, work, pairs):
     run's process (``psf_process=False``) and in a helper (True), the two
     alternated (False, True, True, False, ...) so that a drifting machine
     affects both alike."""
-    import numpy as np
-
     from psfdeconv.pipeline import run_exposure_set
 
     exposures = {band: field / f'{band}.fits' for band in BANDS}
-    model.predict(np.zeros((8, model.stamp_size, model.stamp_size,
-                            len(model.kinds) * len(BANDS)), np.float32))
+    warm_up(model)
     seconds = {False: [], True: []}
     for k in range(pairs):
         for setting in (False, True) if k % 2 == 0 else (True, False):
