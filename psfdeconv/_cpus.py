@@ -51,3 +51,36 @@ def run_in_threads(function, n_items, threads):
     with ThreadPoolExecutor(threads) as pool:
         for done in [pool.submit(function, share) for share in shares]:
             done.result()
+
+
+def overlapped(items, prepare, compute, finish, *, overlap=True):
+    """``[finish(p, compute(p)) for p in map(prepare, items)]``, each
+    ``compute`` in a worker thread while this thread finishes the item
+    before it and prepares the one after.
+
+    For a ``compute`` that releases the GIL (a network's forward pass)
+    between ``prepare`` and ``finish`` steps that leave CPUs idle (numpy
+    and scipy work, partly single-threaded): the two then share the CPUs
+    instead of taking turns. Each item goes through the same three calls
+    either way, so the results do not depend on ``overlap`` (False: all in
+    this thread).
+    """
+    if not overlap or len(items) < 2:
+        results = []
+        for item in items:
+            prepared = prepare(item)
+            results.append(finish(prepared, compute(prepared)))
+        return results
+    results = []
+    with ThreadPoolExecutor(1, thread_name_prefix='psfdeconv-compute') as pool:
+        pending = None
+        for item in items:
+            prepared = prepare(item)
+            # Queued behind the previous item's compute, which this thread
+            # finishes meanwhile.
+            future = pool.submit(compute, prepared)
+            if pending is not None:
+                results.append(finish(pending[0], pending[1].result()))
+            pending = (prepared, future)
+        results.append(finish(pending[0], pending[1].result()))
+    return results

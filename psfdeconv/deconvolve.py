@@ -38,11 +38,16 @@ leaves from the PSF is removed by a small counter-shear
 (`correct_psf_leakage`), and the size bias of faint galaxies by a
 dilation that depends on the signal-to-noise ratio (`correct_size_bias`).
 This module applies the corrections; `psfdeconv.calibrate` fits them.
+
+`deconvolve_stamps` works in steps of a few dozen stamps, and overlaps the
+network's forward pass on one step (in a worker thread: TensorFlow and
+OpenVINO release the GIL) with the NumPy and SciPy work on its neighbours,
+which leaves one of two cores idle much of the time on its own.
 """
 
 import numpy as np
 
-from ._cpus import run_in_threads, thread_count
+from ._cpus import cpu_share, overlapped, run_in_threads, thread_count
 from ._fourier import KernelTransforms, convolve_same
 from ._validation import check_psfs, pixel_scale_arcsec, positive_int
 from .exceptions import (
@@ -120,6 +125,29 @@ def validate_stamps(stamps, psfs, pixel_scale):
         raise InvalidPixelsError(f'stamps must be real numbers, got dtype '
                                  f'{stamps.dtype}.')
     stamps = stamps.astype(np.float64)
+    # One pass each for the largest and smallest values (NaN propagates);
+    # the pixels are located only when one is out of range.
+    if not (-MAX_PIXEL_VALUE <= stamps.min() and stamps.max() <= MAX_PIXEL_VALUE):
+        _refuse_stamp_pixels(stamps)
+    psfs = check_psfs(psfs, stamps.shape[-2:])
+    py, px = psfs.shape[-2:]
+    peak = psfs.reshape(psfs.shape[:2] + (-1,)).argmax(axis=-1)
+    peak_y, peak_x = np.divmod(peak, px)
+    off = (np.abs(peak_y - py // 2) > 1) | (np.abs(peak_x - px // 2) > 1)
+    if off.any():
+        i, b = (int(v) for v in np.argwhere(off)[0])
+        raise InvalidPSFError(
+            f'psfs[{i}, {b}] peaks at pixel (y, x) = ({peak_y[i, b]}, '
+            f'{peak_x[i, b]}), not at its centre ({py // 2}, {px // 2}); '
+            f'recentre the PSF.')
+
+    pixel_scale = _pixel_scale_array(pixel_scale, stamps.shape[0])
+    return stamps, psfs, pixel_scale
+
+
+def _refuse_stamp_pixels(stamps):
+    """Raise `~psfdeconv.exceptions.InvalidPixelsError` for the first
+    non-finite pixel, else the first beyond `MAX_PIXEL_VALUE`."""
     bad = ~np.isfinite(stamps)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -135,20 +163,6 @@ def validate_stamps(stamps, psfs, pixel_scale):
             f'beyond +-{MAX_PIXEL_VALUE:g}, where the float32 network and the flux fit '
             f'overflow; divide the stamps by a constant (or give them in a larger '
             f'flux unit) and multiply the fluxes back.')
-    psfs = check_psfs(psfs, stamps.shape[-2:])
-    py, px = psfs.shape[-2:]
-    peak = psfs.reshape(psfs.shape[:2] + (-1,)).argmax(axis=-1)
-    peak_y, peak_x = np.divmod(peak, px)
-    off = (np.abs(peak_y - py // 2) > 1) | (np.abs(peak_x - px // 2) > 1)
-    if off.any():
-        i, b = (int(v) for v in np.argwhere(off)[0])
-        raise InvalidPSFError(
-            f'psfs[{i}, {b}] peaks at pixel (y, x) = ({peak_y[i, b]}, '
-            f'{peak_x[i, b]}), not at its centre ({py // 2}, {px // 2}); '
-            f'recentre the PSF.')
-
-    pixel_scale = _pixel_scale_array(pixel_scale, stamps.shape[0])
-    return stamps, psfs, pixel_scale
 
 
 def normalize_psfs(psfs):
@@ -193,10 +207,9 @@ def _noise_sigma(residuals):
     def mad(part):
         # astropy's median_absolute_deviation, without its copies.
         values = rows[part]
-        values -= np.median(values, axis=-1, keepdims=True, overwrite_input=True)
+        values -= _median_rows(values)[:, None]
         np.abs(values, out=values)
-        sigma[part] = MAD_TO_SIGMA * np.median(values, axis=-1,
-                                               overwrite_input=True).astype(np.float64)
+        sigma[part] = MAD_TO_SIGMA * _median_rows(values).astype(np.float64)
 
     # numpy's partition releases the GIL.
     run_in_threads(mad, len(rows), thread_count(len(rows), _MIN_ROWS_PER_THREAD))
@@ -206,6 +219,26 @@ def _noise_sigma(residuals):
 
 #: Fewest images per thread of the noise estimate's medians (below, one thread).
 _MIN_ROWS_PER_THREAD = 128
+
+
+def _median_rows(values):
+    """``np.median(values, axis=-1)`` of a 2-D array, which it reorders.
+
+    One selection (`numpy.ndarray.partition` at the middle) where np.median
+    makes three (the two middle values, and the last for NaNs): below the
+    middle lie only values no larger than it, so the other middle value of
+    an even row is their maximum. The same values as np.median, in the
+    array's precision (a NaN anywhere gives NaN).
+    """
+    if not np.isfinite(values).all():
+        return np.median(values, axis=-1, overwrite_input=True)
+    half = values.shape[-1] // 2
+    values.partition(half, axis=-1)
+    upper = values[:, half]
+    if values.shape[-1] % 2:
+        return upper.copy()
+    # np.median's mean of the two: their sum in the array's precision, halved.
+    return (values[:, :half].max(axis=-1) + upper) / 2
 
 
 def refit_amplitude(model_images, observed, psfs, *, noise_sigma=None,
@@ -611,7 +644,8 @@ def remove_output_floor(output, method):
         raise ConfigError(f'output_floor must be one of {OUTPUT_FLOORS}, got '
                           f'{method!r}.')
     if method == 'median':
-        floor = np.median(output, axis=(-2, -1), keepdims=True)
+        floor = _median_rows(output.reshape(-1, output.shape[-2] * output.shape[-1])
+                             .copy()).reshape(output.shape[:-2] + (1, 1))
     else:
         ny, nx = output.shape[-2:]
         yy, xx = np.mgrid[:ny, :nx]
@@ -677,21 +711,30 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
 
     transforms = _SYMMETRY_TRANSFORMS[check_symmetries(symmetries)]
     n = stamps.shape[0]
-    output = np.zeros(stamps.shape, dtype=np.float32)
+    output = np.empty(stamps.shape, dtype=np.float32)
     # Features in chunks keep the FFT buffers bounded for large n.
     for start in range(0, n, 4 * batch_size):
         sl = slice(start, start + 4 * batch_size)
         cube, _ = make_cube(stamps[sl], psfs[sl], pixel_scale=pixel_scale[sl],
                             kinds=model.kinds, **model.feature_options,
                             psf_transforms=None if psf_transforms is None else psf_transforms[sl])
-        for transform in transforms:
-            # The cube of a flipped or turned stamp and PSF is the flipped or
-            # turned cube: built once, turned for each view (a view of the
-            # cube itself, no copy, for the identity).
-            view = np.ascontiguousarray(square_symmetry(cube, transform, axes=(1, 2)))
-            output[sl] += square_symmetry(model.predict(view, batch_size=batch_size,
-                                                         precision=precision),
-                                           transform, inverse=True)
+        output[sl] = _symmetric_predict(model, cube, transforms, batch_size=batch_size,
+                                        precision=precision)
+    return output
+
+
+def _symmetric_predict(model, cube, transforms, *, batch_size, precision):
+    """The network's output on ``cube`` averaged over the views of
+    ``transforms`` (`symmetric_output` of an input cube)."""
+    output = np.zeros((len(cube), model.n_bands) + cube.shape[1:3], dtype=np.float32)
+    for transform in transforms:
+        # The cube of a flipped or turned stamp and PSF is the flipped or
+        # turned cube: built once, turned for each view (a view of the
+        # cube itself, no copy, for the identity).
+        view = np.ascontiguousarray(square_symmetry(cube, transform, axes=(1, 2)))
+        output += square_symmetry(model.predict(view, batch_size=batch_size,
+                                                precision=precision),
+                                  transform, inverse=True)
     output /= len(transforms)
     return output
 
@@ -949,7 +992,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         broadcastable (a Quantity in a unit convertible to the stamps');
         estimated from the refit residuals if not given.
     batch_size : int, optional
-        Objects per network call.
+        Most objects per network call. The stamps go through in steps of at
+        most 32 objects (fewer with a smaller ``batch_size``): with two CPUs
+        or more, the network runs on one step in a worker thread while this
+        thread builds the next step's input cube and corrects and refits the
+        step before (the results do not depend on the steps).
     symmetries : {1, 2, 4, 8}, optional
         Average the network over this many symmetries of the square
         (`symmetric_output`); default: the model card's ``symmetries``
@@ -1037,6 +1084,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     >>> images.shape
     (4, 3, 64, 64)
     """
+    from .features import make_cube
     from .inference import resolve_precision
     from .model import load_model
 
@@ -1058,61 +1106,98 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     target_kernels = (None if target_psf is None else target_psf_images(
         target_psf, pixel_scale, len(stamps), stamps.shape[-2:]))
     outside = check_training_range(model, pixel_scale, psfs, strict=strict)
-    stamps32, psf_transforms = float32_work(stamps, psfs)
-    output = symmetric_output(model, stamps32, psfs, pixel_scale,
-                              symmetries=check_symmetries(symmetries, model),
-                              batch_size=batch_size, psf_transforms=psf_transforms,
-                              precision=precision)
-    output = remove_output_floor(output, model.card.get('output_floor'))
-    output = _correct_output(output, stamps32, psfs, noise_sigma, model.card, psf_transforms)
+    transforms = _SYMMETRY_TRANSFORMS[check_symmetries(symmetries, model)]
+    step = min(batch_size, _PIPELINE_STEP)
+
+    def prepare(sl):
+        stamps32, psf_transforms = float32_work(stamps[sl], psfs[sl])
+        cube, _ = make_cube(stamps32, None, pixel_scale=pixel_scale[sl], kinds=model.kinds,
+                            **model.feature_options, psf_transforms=psf_transforms)
+        return sl, stamps32, psf_transforms, cube
+
+    def network(prepared):
+        return _symmetric_predict(model, prepared[-1], transforms, batch_size=batch_size,
+                                  precision=precision)
+
+    def finish(prepared, output):
+        sl, stamps32, psf_transforms, _ = prepared
+        return _finish_stamps(
+            output, stamps32, psfs[sl], psf_transforms,
+            None if noise_sigma is None else noise_sigma[sl], model.card,
+            None if target_kernels is None else target_kernels[sl],
+            target_update=target_update, return_details=return_details)
+
+    # The network of one step overlaps the input cube of the next and the
+    # corrections and refits of the one before.
+    parts = overlapped([slice(start, start + step) for start in range(0, len(stamps), step)],
+                       prepare, network, finish, overlap=cpu_share() >= 2)
+    images = np.concatenate([part[0] for part in parts])
+    if unit is not None:
+        images = images * unit
+    if not return_details:
+        return images
+    details = {key: np.concatenate([part[1][key] for part in parts]) for key in parts[0][1]}
+    details.update(outside_training=outside, precision=resolved_precision)
+    if target_kernels is not None:
+        details['target_psf'] = target_kernels
+    if unit is not None:
+        details = {key: value * unit if key in _FLUX_DETAILS else value
+                   for key, value in details.items()}
+    return images, details
+
+
+#: Most objects per step of `deconvolve_stamps`, whose network runs on one
+#: step while the caller's thread makes the next step's input cube and refits
+#: the step before. Small steps leave little work unoverlapped at the start
+#: and end of a call, and keep each step's FFT buffers in the CPU's caches.
+#: On 2 cores (AMD EPYC Zen 4), 512 stamps, one view in bfloat16, steps of 16
+#: to 64 ran at about the same speed, 128 slower (:doc:`/benchmarks`).
+_PIPELINE_STEP = 32
+
+
+def _finish_stamps(output, stamps32, psfs, psf_transforms, noise_sigma, card, target_kernels,
+                   *, target_update, return_details):
+    """`deconvolve_stamps` after the network, for one step: the images and
+    the details that are per object."""
+    output = remove_output_floor(output, card.get('output_floor'))
+    output = _correct_output(output, stamps32, psfs, noise_sigma, card, psf_transforms)
     fit = refit_images(output, stamps32, psfs, noise_sigma, psf_transforms=psf_transforms,
                        return_reconvolved=return_details)
     images = fit.pop('images')
     reconvolved = fit.pop('reconvolved', None)
-    flux_corrected = correct_flux_bias(fit['flux'], fit['flux_err'],
-                                       model.card.get('flux_bias'))
+    flux_corrected = correct_flux_bias(fit['flux'], fit['flux_err'], card.get('flux_bias'))
     if return_details:
         # Before the detection gate empties the images of faint stamps.
         flux_residual, flux_residual_err, _ = residual_flux(
             images, stamps32, psfs, flux_corrected, fit['flux_err'], fit['noise_sigma'],
             reconvolved=reconvolved)
         del reconvolved
-    detected = apply_detection(images, fit['detection_snr'],
-                               model.card.get('detection'))
+    detected = apply_detection(images, fit['detection_snr'], card.get('detection'))
     shear = None
-    if return_details and model.card.get('shear_response'):
+    if return_details and card.get('shear_response'):
         from .shear_response import apply_shear_response
 
         # Measured on the pixel-grid images the response was fitted on,
         # before any target PSF.
         shear = apply_shear_response(images, psfs, fit['flux'], fit['flux_err'],
-                                     model.card['shear_response'])
+                                     card['shear_response'])
     if target_kernels is not None and target_update:
         images = residual_update(images, stamps32, psfs, target_kernels,
                                  fit['noise_sigma'])
     elif target_kernels is not None:
         images = convolve_to_target(images, target_kernels)
-    if unit is not None:
-        images = images * unit
     if not return_details:
-        return images
+        return images, None
     details = {
         **fit,
         'flux_corrected': flux_corrected,
         'flux_residual': flux_residual,
         'flux_residual_err': flux_residual_err,
         'network_output': output,
-        'outside_training': outside,
         'detected': detected,
-        'precision': resolved_precision,
     }
-    if target_kernels is not None:
-        details['target_psf'] = target_kernels
     if shear is not None:
         details.update(shear)
-    if unit is not None:
-        details = {key: value * unit if key in _FLUX_DETAILS else value
-                   for key, value in details.items()}
     return images, details
 
 
@@ -1154,7 +1239,12 @@ def psf_fwhm(psfs, pixel_scale):
     side = max(py, px)
     pad = [(0, 0)] * (psfs.ndim - 2) + [((side - py) // 2,) * 2, ((side - px) // 2,) * 2]
     square = np.pad(psfs, pad)
-    round_psfs = np.mean([square_symmetry(square, t) for t in range(8)], axis=0)
+    # The views added in turn, as np.mean of their stack adds them, without
+    # that stack (eight copies of the PSFs).
+    round_psfs = square.copy()
+    for transform in range(1, 8):
+        round_psfs += square_symmetry(square, transform)
+    round_psfs /= 8
     return _half_maximum_width(round_psfs) * np.asarray(pixel_scale, dtype=np.float64)
 
 

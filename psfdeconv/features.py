@@ -77,12 +77,11 @@ def _inverse_weight(psf_fft, regularization, power=None):
 
 def _scale_complex(values, weight, out=None):
     """``values * weight`` (complex times a broadcastable real array) into
-    ``out`` (``values`` itself if None), without casting ``weight`` to
-    complex."""
-    out = values if out is None else out
-    pairs = values.view(values.real.dtype).reshape(values.shape + (2,))
-    np.multiply(pairs, weight[..., None], out=out.view(out.real.dtype).reshape(out.shape + (2,)))
-    return out
+    ``out`` (``values`` itself if None)."""
+    # numpy multiplies by the real weight as by ``weight + 0j``: the same
+    # values as scaling the real and imaginary parts, and several times
+    # faster than a (..., 2) view of them, whose inner loop has length 2.
+    return np.multiply(values, weight, out=values if out is None else out)
 
 
 def inverse_filter_fft(psf_fft, regularization):

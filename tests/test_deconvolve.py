@@ -284,6 +284,55 @@ def test_deconvolve_stamps_shapes_and_fluxes(tiny_model, test_stamps):
     assert_allclose(known['flux'], details['flux'], rtol=1e-10)
 
 
+def test_deconvolve_stamps_in_overlapped_steps_is_one_pass(tiny_model, test_stamps,
+                                                          monkeypatch):
+    """The network of one step runs in a worker thread beside the cube of the
+    next and the corrections of the one before: every image and detail is
+    the same as in one step in one thread, with each card correction on."""
+    import json
+    import threading
+
+    import psfdeconv.deconvolve as deconvolve_module
+    from psfdeconv.model import DeconvolutionModel, default_model_path
+
+    shipped = json.loads(default_model_path().with_suffix('.json').read_text())
+    card = dict(tiny_model.card, **{key: shipped[key] for key in (
+        'output_floor', 'size_bias', 'psf_leakage', 'flux_bias', 'shear_response')})
+    model = DeconvolutionModel(tiny_model.keras_model, card, path=tiny_model.path)
+    sims = test_stamps
+    network_threads = []
+    predict = deconvolve_module._symmetric_predict
+
+    def spy(*args, **kwargs):
+        network_threads.append(threading.current_thread().name)
+        return predict(*args, **kwargs)
+
+    def run(step, cpus):
+        monkeypatch.setattr(deconvolve_module, '_PIPELINE_STEP', step)
+        monkeypatch.setattr(deconvolve_module, 'cpu_share', lambda: cpus)
+        network_threads.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return deconvolve_stamps(sims['observed'], sims['psf'] * 3.0,
+                                     pixel_scale=sims['pixel_scale'], model=model,
+                                     noise_sigma=sims['noise_sigma'] * [1, 1.1, 0.9],
+                                     target_psf=0.6, symmetries=2, return_details=True)
+
+    monkeypatch.setattr(deconvolve_module, '_symmetric_predict', spy)
+    images, details = run(100, 1)
+    assert network_threads == [threading.current_thread().name]
+    stepped_images, stepped = run(5, 2)
+    # 12 objects in steps of 5: three network calls, none in this thread.
+    assert len(network_threads) == 3
+    assert threading.current_thread().name not in network_threads
+    assert_array_equal(stepped_images, images)
+    assert stepped.keys() == details.keys() and 'shear_g1' in details
+    for key, value in details.items():
+        assert_array_equal(stepped[key], value, err_msg=key)
+    # The card's flux-bias correction ran in the steps.
+    assert not np.array_equal(details['flux_corrected'], details['flux'])
+
+
 def test_deconvolve_psfs_of_any_positive_sum(tiny_model, test_stamps):
     sims = test_stamps
     # float32: bfloat16 rounds the two slightly different cubes differently.

@@ -211,3 +211,55 @@ def test_an_error_beside_the_helper_stops_it(simulated_field, tiny_model, tmp_pa
     assert call._cancelled
     call._thread.join(timeout=60)
     assert call._process is None or call._process.poll() is not None
+
+
+# --- overlapped steps ------------------------------------------------------------------------
+
+def _record_steps(overlap, fail=None):
+    """`overlapped` over 5 items, recording the calls and the compute's threads."""
+    import threading
+
+    from psfdeconv._cpus import overlapped
+
+    calls, threads = [], set()
+
+    def prepare(item):
+        calls.append(('prepare', item))
+        if fail == ('prepare', item):
+            raise ValueError(f'prepare {item}')
+        return item * 10
+
+    def compute(prepared):
+        threads.add(threading.current_thread().name)
+        if fail == ('compute', prepared):
+            raise RuntimeError(f'compute {prepared}')
+        return prepared + 1
+
+    def finish(prepared, computed):
+        calls.append(('finish', prepared))
+        return (prepared, computed)
+
+    results = overlapped(list(range(5)), prepare, compute, finish, overlap=overlap)
+    return results, calls, threads
+
+
+def test_overlapped_computes_beside_the_next_prepare():
+    import threading
+
+    results, calls, threads = _record_steps(overlap=True)
+    assert results == [(10 * k, 10 * k + 1) for k in range(5)]
+    assert threading.current_thread().name not in threads and len(threads) == 1
+    # Item k + 1 is prepared before item k is finished (its compute runs meanwhile).
+    assert calls.index(('prepare', 1)) < calls.index(('finish', 0))
+    serial, serial_calls, serial_threads = _record_steps(overlap=False)
+    assert serial == results
+    assert serial_threads == {threading.current_thread().name}
+    assert serial_calls == [(name, item) for k in range(5)
+                            for name, item in (('prepare', k), ('finish', 10 * k))]
+
+
+@pytest.mark.parametrize('fail', [('compute', 20), ('prepare', 3)])
+def test_overlapped_raises_the_first_error(fail):
+    error = RuntimeError if fail[0] == 'compute' else ValueError
+    with pytest.raises(error, match=f'{fail[0]} {fail[1]}'):
+        _record_steps(overlap=True, fail=fail)
