@@ -193,3 +193,22 @@ def test_psf_fwhm_matches_galsim():
     expected = [galsim.Image(np.ascontiguousarray(p), scale=1.0).calculateFWHM() * 0.2
                 for p in round_psfs]
     assert_allclose(psf_fwhm(psfs, 0.2), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('n', [4096, 4095, 2, 1])
+def test_median_rows_is_numpy_median(dtype, n):
+    """One selection per row gives np.median's values exactly, ties and NaN included."""
+    from psfdeconv.deconvolve import _median_rows
+
+    rng = np.random.default_rng(n)
+    for scale in (1e-4, 1.0, 3e5):
+        values = (rng.normal(size=(40, n)) * scale).astype(dtype)
+        for rows in (values, np.round(values)):
+            expected = np.median(rows, axis=-1)
+            got = _median_rows(rows.copy())
+            assert got.dtype == expected.dtype
+            assert_array_equal(got, expected)
+    values[3, 0] = np.nan
+    values[5, -1] = np.inf
+    assert_array_equal(_median_rows(values.copy()), np.median(values, axis=-1))
