@@ -72,7 +72,8 @@ def overlapped(items, prepare, compute, finish, *, overlap=True):
             results.append(finish(prepared, compute(prepared)))
         return results
     results = []
-    with ThreadPoolExecutor(1, thread_name_prefix='psfdeconv-compute') as pool:
+    pool = ThreadPoolExecutor(1, thread_name_prefix='psfdeconv-compute')
+    try:
         pending = None
         for item in items:
             prepared = prepare(item)
@@ -83,4 +84,8 @@ def overlapped(items, prepare, compute, finish, *, overlap=True):
                 results.append(finish(pending[0], pending[1].result()))
             pending = (prepared, future)
         results.append(finish(pending[0], pending[1].result()))
+    finally:
+        # On an error or an interrupt, the queued compute does not start;
+        # the running one (a single step) is waited for.
+        pool.shutdown(cancel_futures=True)
     return results

@@ -263,3 +263,42 @@ def test_overlapped_raises_the_first_error(fail):
     error = RuntimeError if fail[0] == 'compute' else ValueError
     with pytest.raises(error, match=f'{fail[0]} {fail[1]}'):
         _record_steps(overlap=True, fail=fail)
+
+
+def test_overlapped_interrupt_does_not_start_the_queued_compute():
+    """An interrupt while this thread waits for a compute cancels the one
+    queued behind it (Ctrl-C does not wait for another network step)."""
+    import signal
+    import threading
+
+    from psfdeconv._cpus import overlapped
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    started, release = [], threading.Event()
+
+    def compute(item):
+        started.append(item)
+        if item == 0:
+            release.wait(10)
+        return item
+
+    def send_interrupt():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        # Compute 0 ends after the interrupt has reached this thread.
+        threading.Timer(0.3, release.set).start()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        # Sent while this thread waits for compute 0, with compute 1 queued.
+        threading.Timer(0.5, send_interrupt).start()
+        with pytest.raises(Interrupted):
+            overlapped([0, 1, 2], lambda item: item, compute, lambda prepared, computed: computed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    assert started == [0]
