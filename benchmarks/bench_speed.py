@@ -11,8 +11,10 @@ Prints one table of measurements and the ratios the speed targets are set on:
   the card's corrections) with the shipped 3-band model: the card's
   configuration (its symmetry views) in float32, one view in float32, and one
   view in ``precision='auto'`` (bfloat16 where the CPU has AVX512-BF16 or AMX), and
-  that through a 0.4 arcsec target PSF with its residual update;
-  target: ``deconvolve_stamps`` >= 0.7x the CAE forward;
+  that through a 0.4 arcsec target PSF with its residual update, and one view
+  in ``'auto'`` with its steps one after the other (``deconvolve_stamps`` runs
+  the network of one step in a worker thread beside the work on its
+  neighbours); target: ``deconvolve_stamps`` >= 0.7x the CAE forward;
 * **exposures** (`bench_exposure.run_vs_deconvolve`): ``run_exposure_set`` on a
   simulated 3-band field against ``deconvolve_stamps`` on the same stamps and
   PSFs (target >= 0.5), by default (the ePSFs built in a helper process while
@@ -97,8 +99,11 @@ def cae_forward_rate(n, batch_size=128):
 
 def stamp_rates(n, model):
     """Stamps/s of deconvolve_stamps in the card's configuration and with one
-    view, float32 and 'auto' precision, and with one view in 'auto' through a
-    0.4 arcsec target PSF, on n simulated stamps."""
+    view, float32 and 'auto' precision, with one view in 'auto' through a 0.4
+    arcsec target PSF, and with one view in 'auto' with its steps one after
+    the other (the network not overlapped with the work around it), on n
+    simulated stamps."""
+    import psfdeconv.deconvolve as deconvolve_module
     from psfdeconv.deconvolve import deconvolve_stamps
     from psfdeconv.inference import resolve_precision
     from psfdeconv.simulate import simulate_stamps
@@ -112,13 +117,19 @@ def stamp_rates(n, model):
                 f'1 view, auto ({auto[0]}, {auto[1]})': dict(symmetries=1,
                                                               precision='auto'),
                 '1 view, auto, target 0.4 arcsec (residual update)': dict(
-                    symmetries=1, precision='auto', target_psf=0.4)}
+                    symmetries=1, precision='auto', target_psf=0.4),
+                '1 view, auto, steps not overlapped': dict(symmetries=1, precision='auto',
+                                                           overlap=False)}
     rates = {}
     for name, options in variants.items():
-        deconvolve_stamps(observed[:32], psfs[:32], pixel_scale=scale[:32], model=model,
-                          **options)  # build the runner outside the timing
-        rates[name] = n / _best(deconvolve_stamps, observed, psfs, pixel_scale=scale,
-                                model=model, **options)
+        deconvolve_module._OVERLAP = options.pop('overlap', True)
+        try:
+            deconvolve_stamps(observed[:32], psfs[:32], pixel_scale=scale[:32], model=model,
+                              **options)  # build the runner outside the timing
+            rates[name] = n / _best(deconvolve_stamps, observed, psfs, pixel_scale=scale,
+                                    model=model, **options)
+        finally:
+            deconvolve_module._OVERLAP = True
     return rates
 
 

@@ -1,5 +1,5 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
-"""The CPUs this process may run on."""
+"""The CPUs this process may run on, and work spread over them in threads."""
 
 import os
 from concurrent.futures import ThreadPoolExecutor

@@ -1133,7 +1133,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     # The network of one step overlaps the input cube of the next and the
     # corrections and refits of the one before.
     parts = overlapped([slice(start, start + step) for start in range(0, len(stamps), step)],
-                       prepare, network, finish, overlap=cpu_share() >= 2)
+                       prepare, network, finish, overlap=_OVERLAP and cpu_share() >= 2)
     images = np.concatenate([part[0] for part in parts])
     if unit is not None:
         images = images * unit
@@ -1156,6 +1156,9 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
 #: On 2 cores (AMD EPYC Zen 4), 512 stamps, one view in bfloat16, steps of 16
 #: to 64 ran at about the same speed, 128 slower (:doc:`/benchmarks`).
 _PIPELINE_STEP = 32
+
+#: Whether `deconvolve_stamps` overlaps its steps (with two CPUs or more).
+_OVERLAP = True
 
 
 def _finish_stamps(output, stamps32, psfs, psf_transforms, noise_sigma, card, target_kernels,
