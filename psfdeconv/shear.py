@@ -233,14 +233,14 @@ def measure_ring_test(ring, *, model=None, symmetries=None, batch_size=64,
 
 def ring_test_table(n_galaxies, *, seed, shear=0.02, snr_range=(10.0, 300.0),
                     config=None, model=None, symmetries=None, chunk=50, directory=None,
-                    log=None):
+                    log=None, precision='float32'):
     """`simulate_ring_test` and `measure_ring_test` in chunks of galaxies.
 
     Parameters
     ----------
     n_galaxies, seed, shear, snr_range, config :
         As for `simulate_ring_test`.
-    model, symmetries :
+    model, symmetries, precision :
         As for `measure_ring_test`.
     chunk : int, optional
         Galaxies per call (the result does not depend on it).
@@ -278,7 +278,8 @@ def ring_test_table(n_galaxies, *, seed, shear=0.02, snr_range=(10.0, 300.0),
             continue
         ring = simulate_ring_test(n, shear=shear, snr_range=snr_range, seed=seed,
                                   config=config, start=start)
-        part = measure_ring_test(ring, model=model, symmetries=symmetries)
+        part = measure_ring_test(ring, model=model, symmetries=symmetries,
+                                 precision=precision)
         if path is not None:
             # Atomic, so that a killed run leaves no truncated chunk for the
             # resume to read.

@@ -273,3 +273,19 @@ def test_the_catalogue_has_shear_columns(shear_model, simulated_field, tiny_mode
     # A card without a response gives the columns, all NaN.
     plain, _ = deconvolve_catalog(exposures, psfs=psfs, model=tiny_model)
     assert np.isnan(np.asarray(plain['shear_g1_g'])).all()
+
+
+def test_ring_test_table_measures_in_the_given_precision(tiny_model, tmp_path):
+    from psfdeconv.shear import measure_ring_test, ring_test_table
+
+    ring = simulate_ring_test(1, seed=11, config=RESOLVED)
+    tables = {precision: ring_test_table(1, seed=11, config=RESOLVED, model=tiny_model,
+                                         precision=precision)
+              for precision in ('float32', 'bfloat16')}
+    direct = measure_ring_test(ring, model=tiny_model, precision='float32')
+    for name in direct.colnames:
+        assert_array_equal(tables['float32'][name], direct[name], err_msg=name)
+    # bfloat16 products move the deconvolved images, so their measured shapes.
+    raw = [name for name in direct.colnames if 'raw' in name or 'hsm' in name]
+    assert raw and any(not np.array_equal(tables['float32'][name], tables['bfloat16'][name],
+                                          equal_nan=True) for name in raw)

@@ -232,6 +232,9 @@ def main(argv=None):
     parser.add_argument('--n-per-galaxy', type=int, default=64)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--symmetries', type=int, default=None)
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'auto', 'bfloat16'),
+                        help="the network's arithmetic (deconvolve_stamps' precision)")
     parser.add_argument('--target-fwhm', type=float, default=None,
                         help='measure shapes after a Gaussian of this FWHM (arcsec)')
     parser.add_argument('--no-target-update', action='store_true',
@@ -253,7 +256,8 @@ def main(argv=None):
         sims['observed'], sims['psf'], pixel_scale=sims['pixel_scale'], model=model,
         noise_sigma=sims['noise_sigma'], symmetries=args.symmetries,
         target_psf=None if own_update else args.target_fwhm,
-        target_update=not args.no_target_update, return_details=True)
+        target_update=not args.no_target_update, return_details=True,
+        precision=args.precision)
     if own_update:
         # deconvolve_stamps' own last step, with another band coherence.
         from psfdeconv.target import residual_update, target_psf_images

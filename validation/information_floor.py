@@ -56,6 +56,9 @@ def main(argv=None):
                         help='deconvolve to a Gaussian target of this FWHM (arcsec)')
     parser.add_argument('--no-target-update', action='store_true',
                         help='only convolve the output with the target (no residual update)')
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'auto', 'bfloat16'),
+                        help="the network's arithmetic (deconvolve_stamps' precision)")
     parser.add_argument('--overwrite', action='store_true',
                         help='replace existing information_floor files')
     args = parser.parse_args(argv)
@@ -72,7 +75,8 @@ def main(argv=None):
     methods = {'model': deconvolve_stamps(sims['observed'], sims['psf'],
                                           pixel_scale=sims['pixel_scale'], model=model,
                                           target_psf=args.target_fwhm,
-                                          target_update=not args.no_target_update),
+                                          target_update=not args.no_target_update,
+                                          precision=args.precision),
                'wiener': wiener}
     rows, cols = np.asarray(floor['id']), np.asarray(floor['band'])
     observed_ok = hsm_moments(sims['observed'][rows, cols])['hsm_status'] == 0

@@ -31,7 +31,8 @@ def _table(args, model):
     return ring_test_table(args.n_galaxies, seed=args.seed, shear=args.shear,
                            snr_range=args.snr_range, model=model,
                            symmetries=args.symmetries, chunk=args.chunk,
-                           directory=args.out, log=lambda line: print(line, flush=True))
+                           directory=args.out, log=lambda line: print(line, flush=True),
+                           precision=args.precision)
 
 
 def _print(name, bias):
@@ -56,6 +57,9 @@ def main(argv=None):
                         default=(10.0, 20.0, 40.0, 80.0, 1e4))
     parser.add_argument('--model', default=None, help='.keras file (default: shipped)')
     parser.add_argument('--symmetries', type=int, default=None)
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'auto', 'bfloat16'),
+                        help="the network's arithmetic (deconvolve_stamps' precision)")
     parser.add_argument('--chunk', type=int, default=50, help='galaxies per table part')
     parser.add_argument('--out', required=True, help='directory of the table parts')
     parser.add_argument('--response', default=None,
