@@ -23,6 +23,9 @@ def main(argv=None):
     parser.add_argument('--n', type=int, default=2000)
     parser.add_argument('--model', default=None,
                         help='a .keras model (default: the shipped model of the band count)')
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'auto', 'bfloat16'),
+                        help="the network's arithmetic (deconvolve_stamps' precision)")
     args = parser.parse_args(argv)
 
     from astropy.stats import mad_std
@@ -36,7 +39,7 @@ def main(argv=None):
     model = psfdeconv.load_model(args.model, n_bands=observed.shape[1])
     images, details = psfdeconv.deconvolve_stamps(
         observed, psfs, pixel_scale=sims['pixel_scale'][source], model=model,
-        return_details=True)
+        return_details=True, precision=args.precision)
     # The weights k of the residual, recomputed from the refitted images; the gate
     # leaves out what it empties.
     fitted = details['network_output'] * details['amplitude'][..., None, None]
