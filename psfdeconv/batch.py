@@ -724,7 +724,7 @@ def run_batch(manifest, out_dir, *, psfs='epsf', model=None, scheduler=None,
               workers=None, resume=False, overwrite=False, reference_band=None,
               batch_size=128, chunk_size=None, symmetries=None, units=None,
               epsf_options=None, detect_options=None, pixel_scale=None,
-              progress=False, trust_model=False, precision='float32'):
+              progress=False, trust_model=False, precision='auto'):
     """Deconvolve every exposure group of a manifest, one dask task per group.
 
     Each group runs `psfdeconv.pipeline.run_exposure_set` into

@@ -233,14 +233,15 @@ def _add_symmetries_argument(parser):
                              'models; 1 runs the network once per stamp, fastest)')
 
 
-def _add_precision_argument(parser, default='float32'):
+def _add_precision_argument(parser, default='auto'):
     # inference.PRECISIONS, not imported: building the parser stays fast.
     parser.add_argument('--precision', choices=('auto', 'float32', 'bfloat16'),
                         default=default,
-                        help=f'arithmetic of the network (default: {default}, as the '
-                             f'model card was calibrated); auto is bfloat16 where the CPU '
-                             f'has it (AVX512-BF16 or AMX), faster, else float32; the '
-                             f'catalogue meta records what ran')
+                        help=f'arithmetic of the network (default: {default}); auto is '
+                             f'bfloat16 where the CPU has it (AVX512-BF16 or AMX), faster, '
+                             f'else float32; float32 is what the model card was calibrated '
+                             f'in, the same on every CPU; the catalogue meta records what '
+                             f'ran')
 
 
 def _add_target_fwhm_argument(parser):

@@ -973,7 +973,7 @@ def _check_noise_sigma(noise_sigma, shape):
 def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
                       noise_sigma=None, batch_size=128, symmetries=None,
                       target_psf=None, target_update=True, return_details=False,
-                      strict=False, precision='float32'):
+                      strict=False, precision='auto'):
     """Remove the PSF from multi-band stamps.
 
     Parameters
@@ -1047,12 +1047,14 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
         neither (the caller has checked), ``details['outside_training']``
         still says which stamps are outside.
     precision : {'auto', 'float32', 'bfloat16'}, optional
-        Arithmetic of the network: float32 by default (what the card's
-        calibrations were fitted with); ``'auto'`` is bfloat16 where the CPU
-        has it (faster; :doc:`/precision` gives its effect on fluxes and
-        shapes), else float32. ``details['precision']`` records the
-        ``(precision, runtime)`` that ran
-        (`~psfdeconv.inference.resolve_precision`).
+        Arithmetic of the network: ``'auto'`` (the default) is bfloat16
+        where the CPU has it (AVX512-BF16 or AMX), else float32. bfloat16 ran
+        one view 1.7 times as fast on a 2-core AMD Zen 4, moves fluxes by
+        about 0.1 %, and keeps the validation figures that have targets
+        within them (:doc:`/precision`); ``'float32'`` is what the card's
+        calibrations were fitted in, with the same results on every CPU.
+        ``details['precision']`` records the ``(precision, runtime)`` that
+        ran (`~psfdeconv.inference.resolve_precision`).
 
     Returns
     -------

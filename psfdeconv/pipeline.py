@@ -289,7 +289,7 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
                        epsf_options=None, detect_options=None, neighbours='replace',
                        batch_size=128, chunk_size=CHUNK_SIZE, strict=False,
                        symmetries=None, target_fwhm=None, pixel_scale=None,
-                       precision='float32'):
+                       precision='auto'):
     """Deconvolve the PSF from every galaxy of a multi-band exposure set.
 
     See the module docstring for the stages. The bands are given in the
@@ -360,8 +360,10 @@ def deconvolve_catalog(exposures, positions=None, psfs=None, *, model=None, size
         card's. Fewer run faster (the network's share of the run time
         scales with it) but leave the card's calibrations slightly off.
     precision : {'auto', 'float32', 'bfloat16'}, optional
-        Arithmetic of the network (`~psfdeconv.inference.resolve_precision`),
-        recorded in ``meta['model']`` (``precision`` and ``runtime``).
+        Arithmetic of the network, as for
+        `~psfdeconv.deconvolve.deconvolve_stamps` (``'auto'``: bfloat16 where
+        the CPU has it), recorded in ``meta['model']`` (``precision`` and
+        ``runtime``).
     target_fwhm : float or `~astropy.units.Quantity`, optional
         Deconvolve to a round Gaussian PSF of this FWHM (arcsec, or an
         angle) instead of to the pixel grid (``target_psf`` of
@@ -542,7 +544,7 @@ class _CatalogSetup:
     strict: bool = False
     symmetries: int = 1
     #: Network arithmetic (`~psfdeconv.inference.resolve_precision`).
-    precision: str = 'float32'
+    precision: str = 'auto'
     #: FWHM in arcsec of the Gaussian target PSF (None: the pixel grid).
     target_fwhm: float = None
     #: Whether the bands have celestial WCSs (False: one shared pixel grid,
@@ -1453,7 +1455,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                      chunk_size=CHUNK_SIZE, strict=False, neighbours='replace',
                      symmetries=None, target_fwhm=None, epsf_options=None,
                      detect_options=None, progress=None, pixel_scale=None,
-                     trust_model=False, precision='float32', plots=False,
+                     trust_model=False, precision='auto', plots=False,
                      psf_process='auto'):
     """Deconvolve one exposure set and write its outputs (``psfdeconv run``).
 

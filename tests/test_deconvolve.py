@@ -722,9 +722,11 @@ def test_calibrate_card_images_are_what_the_calibrated_card_gives(
                                      return_images=True)
         card = dict(tiny_model.card, **fit)
         calibrated = DeconvolutionModel(tiny_model.keras_model, card, path=tiny_model.path)
+        # float32, in which the calibration runs.
         expected, details = deconvolve_stamps(sims['observed'], sims['psf'],
                                               pixel_scale=sims['pixel_scale'],
-                                              model=calibrated, return_details=True)
+                                              model=calibrated, return_details=True,
+                                              precision='float32')
     assert fit['detection'] is not None and not details['detected'].all()
     assert fit['size_bias'] is not None and fit['size_bias']['n_objects'] >= 100
     assert_array_equal(images, expected)

@@ -103,7 +103,8 @@ def test_deconvolve_stamps_matches_float64_chain(sims):
     stamps, psfs, scale = sims
     model = psfdeconv.load_model()
     images, details = deconvolve_stamps(stamps, psfs, pixel_scale=scale, model=model,
-                                        symmetries=1, return_details=True)
+                                        symmetries=1, return_details=True,
+                                        precision='float32')
     cube, _ = make_cube(stamps, psfs, pixel_scale=scale, kinds=model.kinds,
                         **model.feature_options)
     output = remove_output_floor(model.predict(cube), model.card['output_floor'])
