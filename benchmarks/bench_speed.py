@@ -9,8 +9,8 @@ Prints one table of measurements and the ratios the speed targets are set on:
   filters, 9 channels, batch 128, ``predict_on_batch``) against
   ``deconvolve_stamps`` end to end (input cube, network, amplitude refits and
   the card's corrections) with the shipped 3-band model: the card's
-  configuration (its symmetry views) in float32, one view in float32, and one
-  view in ``precision='auto'`` (bfloat16 where the CPU has AVX512-BF16 or AMX), and
+  configuration (its symmetry views) and one view, each in float32 and in
+  ``precision='auto'`` (the default: bfloat16 where the CPU has AVX512-BF16 or AMX), and
   that through a 0.4 arcsec target PSF with its residual update, and one view
   in ``'auto'`` with its steps one after the other (``deconvolve_stamps`` runs
   the network of one step in a worker thread beside the work on its
@@ -99,7 +99,7 @@ def cae_forward_rate(n, batch_size=128):
 
 def stamp_rates(n, model):
     """Stamps/s of deconvolve_stamps in the card's configuration and with one
-    view, float32 and 'auto' precision, with one view in 'auto' through a 0.4
+    view, each in float32 and 'auto' precision, with one view in 'auto' through a 0.4
     arcsec target PSF, and with one view in 'auto' with its steps one after
     the other (the network not overlapped with the work around it), on n
     simulated stamps."""
@@ -113,6 +113,7 @@ def stamp_rates(n, model):
     views = model.card.get('symmetries') or 1
     auto = resolve_precision('auto')
     variants = {f'card ({views} views), float32': dict(precision='float32'),
+                f'card ({views} views), auto ({auto[0]}, {auto[1]})': dict(precision='auto'),
                 '1 view, float32': dict(symmetries=1, precision='float32'),
                 f'1 view, auto ({auto[0]}, {auto[1]})': dict(symmetries=1,
                                                               precision='auto'),
