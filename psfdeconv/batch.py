@@ -586,7 +586,7 @@ def _run_group(group, out_dir, model_ref, options):
             reference_band=options['reference_band'],
             batch_size=options['batch_size'], chunk_size=options['chunk_size'],
             overwrite=options['overwrite'], symmetries=options['symmetries'],
-            precision=options.get('precision', 'float32'), **extra)
+            precision=options.get('precision', 'auto'), **extra)
         row.update(status='ok', n_sources=len(catalog),
                    n_flagged=n_flagged(catalog['flags']),
                    seconds=time.perf_counter() - start, finished=_utc_now())
