@@ -1672,6 +1672,7 @@ def _progress_bar(progress, *, total, desc, unit):
 #: saves about a second, against one more process.
 _PSF_PROCESS_MIN_PIXELS = 4_000_000
 
+
 def _check_psf_process(setting):
     """``psf_process`` is 'auto', True or False."""
     if not (isinstance(setting, bool) or (isinstance(setting, str) and setting == 'auto')):
