@@ -179,9 +179,11 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     threshold and pixels of this module, when the caller already has it.
     """
     from astropy.table import QTable
-    from photutils.segmentation import SourceCatalog, deblend_sources, detect_sources
+    from photutils.segmentation import SourceCatalog, detect_sources
     from photutils.utils.exceptions import NoDetectionsWarning
     from scipy import ndimage
+
+    from .detection import deblend
 
     subtracted = image - background
     subtracted[mask] = 0.0
@@ -201,14 +203,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
         # hold no star candidate, need not be split.
         to_split = _bright_labels(subtracted, segm, rms, threshold_sigma) \
             if bright_only else None
-        with catch_warnings():
-            # photutils falls back to linear deblending thresholds for
-            # some segments and says so; that is not a problem here.
-            warnings.filterwarnings('ignore', message='The deblending mode',
-                                    category=Warning)
-            if to_split is None or len(to_split):
-                segm = deblend_sources(subtracted, segm, _DETECTION_NPIXELS,
-                                       labels=to_split, progress_bar=False)
+        segm = deblend(subtracted, segm, _DETECTION_NPIXELS, labels=to_split)
     measured = None
     if segm is not None and bright_only:
         measured = _bright_labels(subtracted, segm, rms, threshold_sigma)

@@ -83,6 +83,67 @@ def test_two_sources_in_one_segment_the_farther_from_its_centroid_is_blended():
     assert segments.tolist() == [1, 1, 0]
 
 
+def _deblend_field(seed):
+    """A noisy field of single, double and triple sources, a flat segment, a
+    segment with a non-positive minimum, and a NaN pixel."""
+    rng = np.random.default_rng(seed)
+    shape = (160, 220)
+    image = rng.normal(0.0, 1.0, shape)
+    for _ in range(25):
+        x0, y0 = rng.uniform(12, shape[1] - 12), rng.uniform(12, shape[0] - 12)
+        for _ in range(rng.integers(1, 4)):
+            image += gaussian(shape, x0 + rng.normal(0, 3), y0 + rng.normal(0, 3),
+                              rng.uniform(1.0, 3.0), rng.uniform(50, 3000))
+    image[5:9, 5:12] = 40.0                    # flat: never split
+    image[150:154, 200:212] = 40.0
+    image[152, 205] = -5.0                      # holes below zero: linear levels
+    image[151, 203] = np.nan
+    return image
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_deblend_hands_photutils_only_segments_that_split(seed):
+    """detection.deblend tests every segment's thresholds at once and deblends
+    only those that split: the result is photutils' deblending of all of them,
+    and of a subset when labels are given."""
+    import warnings
+
+    from photutils.segmentation import deblend_sources, detect_sources
+
+    from psfdeconv.detection import _splitting_labels, deblend
+
+    image = _deblend_field(seed)
+    mask = ~np.isfinite(image)
+    segments = detect_sources(np.where(mask, 0.0, image), 2.5, n_pixels=5, mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        every = deblend_sources(image, segments, 5, progress_bar=False)
+        subset = segments.labels[::2]
+        some = deblend_sources(image, segments, 5, labels=subset, progress_bar=False)
+    ours = deblend(image, segments, 5)
+    assert ours.n_labels > segments.n_labels  # some segments did split
+    np.testing.assert_array_equal(ours.data, every.data)
+    np.testing.assert_array_equal(deblend(image, segments, 5, labels=subset).data, some.data)
+    # The pre-selection is exact here: photutils splits every segment it names.
+    splitting = _splitting_labels(image, segments, 5, segments.labels)
+    split = [label for label in segments.labels
+             if np.unique(every.data[segments.data == label]).size > 1]
+    np.testing.assert_array_equal(splitting, split)
+
+
+def test_deblend_without_a_segment_that_splits_returns_a_copy():
+    from photutils.segmentation import detect_sources
+
+    from psfdeconv.detection import deblend
+
+    image = gaussian((60, 60), 30, 30, 2.0, 1000.0)
+    segments = detect_sources(image, 0.5, n_pixels=5)
+    result = deblend(image, segments, 5)
+    np.testing.assert_array_equal(result.data, segments.data)
+    assert result is not segments
+    assert deblend(image, None, 5) is None
+
+
 def test_segment_extents_and_image_edges():
     labels = np.zeros((50, 80), dtype=int)
     labels[10:21, 30:61] = 1    # 31 columns: 15 on each side of column 45
