@@ -141,10 +141,10 @@ def estimate_background(image, mask, *, mask_sources=False):
             shared[key] = (background, rms)
     if not mask_sources or not rms > 0:
         return background, rms
-    from photutils.segmentation import detect_sources
+    from .detection import segments_above
 
-    segments = detect_sources(np.where(mask, 0.0, image - background), 2.0 * rms,
-                              n_pixels=5, mask=mask)
+    segments = segments_above(np.where(mask, 0.0, image - background), 2.0 * rms, 5,
+                              mask=mask)
     if segments is None:
         return background, rms
     sources = segments.make_source_mask(size=SOURCE_MASK_DILATION)

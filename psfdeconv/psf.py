@@ -179,11 +179,10 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     threshold and pixels of this module, when the caller already has it.
     """
     from astropy.table import QTable
-    from photutils.segmentation import SourceCatalog, detect_sources
-    from photutils.utils.exceptions import NoDetectionsWarning
+    from photutils.segmentation import SourceCatalog
     from scipy import ndimage
 
-    from .detection import deblend
+    from .detection import deblend, segments_above
 
     subtracted = image - background
     subtracted[mask] = 0.0
@@ -191,11 +190,9 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
         segm = segments
     else:
         detection_sigma = min(_DETECTION_SIGMA, threshold_sigma)
-        with catch_warnings():
-            # An empty field is not an error here: it gives an empty table.
-            warnings.filterwarnings('ignore', category=NoDetectionsWarning)
-            segm = detect_sources(subtracted, detection_sigma * rms,
-                                  _DETECTION_NPIXELS, mask=mask)
+        # None for an empty field: an empty table, not an error.
+        segm = segments_above(subtracted, detection_sigma * rms, _DETECTION_NPIXELS,
+                              mask=mask)
     if segm is not None and segments is None:
         # Deblending splits a star from a galaxy it sits on (or from a
         # close companion), so that the isolation test below sees both.

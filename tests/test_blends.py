@@ -131,6 +131,32 @@ def test_deblend_hands_photutils_only_segments_that_split(seed):
     np.testing.assert_array_equal(splitting, split)
 
 
+@pytest.mark.parametrize('seed', [0, 1])
+def test_segments_above_is_photutils_detect_sources(seed):
+    """Same labels as photutils' detect_sources (connectivity 8) with a scalar or
+    per-pixel threshold, a mask and NaN pixels; None where nothing is detected."""
+    import warnings
+
+    from photutils.segmentation import detect_sources
+
+    from psfdeconv.detection import segments_above
+
+    image = _deblend_field(seed)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[40:60, 100:180] = True
+    threshold = 1.5 + 0.01 * np.arange(image.shape[1])[None, :]
+    for level in (2.0, threshold):
+        for masked in (None, mask):
+            ours = segments_above(image, level, 5, mask=masked)
+            theirs = detect_sources(image, level, n_pixels=5, mask=masked)
+            np.testing.assert_array_equal(ours.data, theirs.data)
+            np.testing.assert_array_equal(ours.labels, theirs.labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no NoDetectionsWarning
+        assert segments_above(image, 1e9, 5) is None
+        assert segments_above(np.zeros((30, 30)), 0.5, 1) is None
+
+
 def test_deblend_without_a_segment_that_splits_returns_a_copy():
     from photutils.segmentation import detect_sources
 
