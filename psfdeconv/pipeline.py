@@ -630,7 +630,6 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     from astropy.wcs.utils import wcs_to_celestial_frame
 
     from . import __version__
-    from ._units import common_flux_unit
     from .cutouts import make_cutouts
 
     if neighbours not in NEIGHBOUR_OPTIONS:
@@ -652,27 +651,29 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     if reference_band not in exposures:
         raise InvalidInputError(f'reference_band = {reference_band!r} is not one of '
                                 f'the bands {bands}; give one of them.')
-    band_scales, scale_source, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+    exposures, unit_conversion, band_scales, scale_source, use_wcs = _matched_bands(
+        exposures, reference_band, pixel_scale)
     if not use_wcs:
-        exposures = {band: _without_wcs(exposure) for band, exposure in exposures.items()}
         positions = _pixel_positions_only(positions, reference_band)
-    exposures, unit_conversion = common_flux_unit(exposures, reference_band, band_scales)
     reference = exposures[reference_band]
     scale = band_scales[reference_band]
 
-    # PSFs still being built in a helper process (run_exposure_set): the
-    # work that needs neither them nor the positions is done meanwhile.
+    # PSFs still being built in a helper process (run_exposure_set), and the
+    # sources detected there after them: the work that needs neither is
+    # done meanwhile.
     pending = isinstance(psfs, HelperCall)
+    detected = None
     if pending:
         aligned, reprojected, labels, combined, parents = _segmented_bands(
             exposures, reference_band, subtract_background=subtract_background,
             use_wcs=use_wcs)
-        psfs = psfs.result()
+        psfs, detected = psfs.result()
     psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
                                          pixel_scale=scale)
-    x_in, y_in, ids, positions_source = _positions(
-        positions, reference, reference_band,
-        _detect_options(detect_options, psf_models[reference_band], reference.shape))
+    if detected is None:
+        detected = _positions(positions, reference, reference_band, _detect_options(
+            detect_options, psf_models[reference_band], reference.shape))
+    x_in, y_in, ids, positions_source = detected
     n = x_in.size
     if n == 0:
         raise InvalidInputError('no positions given; give at least one source '
@@ -755,6 +756,20 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
         segment_at_edge=segment_at_edge,
         frame=wcs_to_celestial_frame(reference.wcs) if use_wcs else None,
         stamp_unit=stamp_unit, meta=meta, use_wcs=use_wcs)
+
+
+def _matched_bands(exposures, reference_band, pixel_scale):
+    """The bands as `_catalog_setup` works on them: without their WCS where a
+    band has no celestial one, in the reference band's flux-per-pixel unit
+    (`~psfdeconv._units.common_flux_unit`). ``(exposures, unit_conversion,
+    band_scales, scale_source, use_wcs)``."""
+    from ._units import common_flux_unit
+
+    band_scales, scale_source, use_wcs = _band_pixel_scales(exposures, pixel_scale)
+    if not use_wcs:
+        exposures = {band: _without_wcs(exposure) for band, exposure in exposures.items()}
+    exposures, unit_conversion = common_flux_unit(exposures, reference_band, band_scales)
+    return exposures, unit_conversion, band_scales, scale_source, use_wcs
 
 
 def _segmented_bands(exposures, reference_band, *, subtract_background, use_wcs):
@@ -1578,11 +1593,15 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
             if _psf_process_wanted(psf_process, exposures, psfs):
                 _check_psf_bands(exposures, psfs)
                 _stage_start(f'building the PSFs of {len(exposures)} band(s) in a helper '
-                             f'process')
+                             f'process' + (', then detecting the sources there'
+                                           if positions is None else ''))
                 # Waited for after the background, the alignment and the
                 # segments (_catalog_setup).
-                psf_models = HelperCall(_build_psfs_with_progress, exposures, psfs,
-                                        epsf_options, None, pixel_scale=no_wcs_scale)
+                psf_models = HelperCall(_psfs_and_detections, exposures, psfs, epsf_options,
+                                        no_wcs_scale=no_wcs_scale,
+                                        reference_band=reference_band,
+                                        detect_options=detect_options,
+                                        pixel_scale=pixel_scale, detect=positions is None)
             else:
                 psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options,
                                                        progress, pixel_scale=no_wcs_scale)
@@ -1702,6 +1721,31 @@ def _check_psf_bands(exposures, psfs):
     """A mapping of PSFs must name the bands: refused before any PSF is built."""
     if hasattr(psfs, 'items') and set(psfs) != set(exposures):
         build_psfs(exposures, psfs)  # raises the error naming the bands
+
+
+def _psfs_and_detections(exposures, psfs, epsf_options, *, no_wcs_scale, reference_band,
+                         detect_options, pixel_scale, detect):
+    """The helper process's part of `run_exposure_set`: the PSFs
+    (`_build_psfs_with_progress`), then, with ``detect``, the sources of the
+    reference band as `_catalog_setup` would detect them (`_positions`, on
+    the band as `_matched_bands` gives it, with the options `_detect_options`
+    makes of its PSF), else None: ``(psf_models, detected)``."""
+    models = _build_psfs_with_progress(exposures, psfs, epsf_options, None,
+                                       pixel_scale=no_wcs_scale)
+    if reference_band is None:
+        reference_band = next(iter(exposures))
+    if not detect or reference_band not in exposures:
+        return models, None  # the parent refuses a band that is not there
+    import warnings
+
+    from ._warnings import catch_warnings
+
+    with catch_warnings():
+        # The parent prepares the same bands and reports what it finds.
+        warnings.simplefilter('ignore')
+        reference = _matched_bands(exposures, reference_band, pixel_scale)[0][reference_band]
+    options = _detect_options(detect_options, models[reference_band], reference.shape)
+    return models, _positions(None, reference, reference_band, options)
 
 
 def _build_psfs_with_progress(exposures, psfs, epsf_options, progress, pixel_scale=None):

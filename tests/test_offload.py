@@ -88,25 +88,37 @@ def test_cancel_stops_the_helper():
 # --- run_exposure_set ----------------------------------------------------------------
 
 
-def test_psfs_in_a_helper_give_the_same_outputs(simulated_field, tiny_model, tmp_path,
-                                                monkeypatch):
-    exposures, _ = simulated_field
+@pytest.mark.parametrize(('psfs', 'catalogue'), [
+    ('epsf', False),
+    # The helper's detection uses the known PSF's FWHM, as the run's does.
+    ('moffat:fwhm=0.8arcsec,beta=3', False),
+    # Positions given: the helper builds the PSFs only.
+    ('epsf', True),
+])
+def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, simulated_field, tiny_model,
+                                                tmp_path, monkeypatch):
+    exposures, truth = simulated_field
     started = []
     original = HelperCall.__init__
 
     def counting(self, function, *args, **kwargs):
-        started.append(function.__name__)
+        started.append((function.__name__, kwargs.get('detect')))
         original(self, function, *args, **kwargs)
 
+    positions = None
+    if catalogue:
+        galaxies = truth[truth['kind'] == 'galaxy']
+        positions = np.column_stack([galaxies['x'].value, galaxies['y'].value])[:5]
     monkeypatch.setattr(HelperCall, '__init__', counting)
-    here, _ = run_exposure_set(exposures, tmp_path / 'here', psfs='epsf', model=tiny_model,
-                               symmetries=1, psf_process=False)
+    here, _ = run_exposure_set(exposures, tmp_path / 'here', positions, psfs=psfs,
+                               model=tiny_model, symmetries=1, psf_process=False)
     assert started == []
-    helped, _ = run_exposure_set(exposures, tmp_path / 'helped', psfs='epsf',
+    helped, _ = run_exposure_set(exposures, tmp_path / 'helped', positions, psfs=psfs,
                                  model=tiny_model, symmetries=1, psf_process=True)
-    assert started == ['_build_psfs_with_progress']
+    assert started == [('_psfs_and_detections', not catalogue)]
     assert len(here) == len(helped) > 0
     assert here.meta['psf_source'] == helped.meta['psf_source']
+    assert here.meta['positions'] == helped.meta['positions']
     for name in here.colnames:
         a, b = np.asarray(here[name]), np.asarray(helped[name])
         if a.dtype.kind == 'f':
@@ -115,6 +127,17 @@ def test_psfs_in_a_helper_give_the_same_outputs(simulated_field, tiny_model, tmp
             assert np.array_equal(a, b), name
     written = read_catalog(tmp_path / 'helped' / 'catalog.fits')
     assert len(written) == len(helped)
+
+
+def test_a_detection_error_in_the_helper_is_the_runs(simulated_field, tiny_model, tmp_path):
+    """Nothing detected (threshold far above the field): the helper's detection
+    raises the error the run's own would, after the PSFs."""
+    exposures, _ = simulated_field
+    for setting, out in ((False, 'here'), (True, 'helped')):
+        with pytest.raises(InvalidInputError, match='no galaxies were detected'):
+            run_exposure_set(exposures, tmp_path / out, psfs='epsf', model=tiny_model,
+                             detect_options={'threshold_sigma': 1e6}, psf_process=setting)
+        assert not (tmp_path / out / 'catalog.fits').exists()
 
 
 @pytest.mark.parametrize('setting', ['yes', 1, None])
