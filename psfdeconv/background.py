@@ -141,7 +141,7 @@ def estimate_background(image, mask, *, mask_sources=False):
             shared[key] = (background, rms)
     if not mask_sources or not rms > 0:
         return background, rms
-    from .detection import segments_above
+    from ._segments import segments_above
 
     segments = segments_above(np.where(mask, 0.0, image - background), 2.0 * rms, 5,
                               mask=mask)

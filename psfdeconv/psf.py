@@ -182,7 +182,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     from photutils.segmentation import SourceCatalog
     from scipy import ndimage
 
-    from .detection import deblend, segments_above
+    from ._segments import deblend, segments_above
 
     subtracted = image - background
     subtracted[mask] = 0.0

@@ -110,7 +110,8 @@ def test_deblend_hands_photutils_only_segments_that_split(seed):
 
     from photutils.segmentation import deblend_sources, detect_sources
 
-    from psfdeconv.detection import _splitting_labels, deblend
+    from psfdeconv._segments import _splitting_labels
+    from psfdeconv.detection import deblend
 
     image = _deblend_field(seed)
     mask = ~np.isfinite(image)

@@ -18,6 +18,7 @@ LAYERS = {
     'foundations': ('psfdeconv', 'psfdeconv._version', 'psfdeconv._warnings',
                     'psfdeconv.exceptions', 'psfdeconv._fourier', 'psfdeconv._validation',
                     'psfdeconv._units', 'psfdeconv._cpus', 'psfdeconv._offload',
+                    'psfdeconv._segments',
                     'psfdeconv.flags', 'psfdeconv.io', 'psfdeconv.io.'),
     'stages': ('psfdeconv.simulate', 'psfdeconv.background', 'psfdeconv.psf',
                'psfdeconv.detection', 'psfdeconv.cutouts', 'psfdeconv.features',
