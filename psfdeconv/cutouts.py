@@ -209,6 +209,16 @@ def _shifted_wcs(wcs, origin_x, origin_y, size):
     return shifted
 
 
+def _without_class_cache(wcs):
+    """A copy of a WCS without astropy's cache of its world coordinate classes
+    (built again when next needed). `~astropy.nddata.Cutout2D` deep-copies
+    the WCS of every stamp, and once the exposure's WCS has converted pixels
+    to sky coordinates that cache costs several times the rest of the copy."""
+    clean = wcs.deepcopy()
+    clean.__dict__.pop('_components_and_classes_cache', None)
+    return clean
+
+
 def _footprint_text(shape, wcs):
     ny, nx = shape
     text = (f'the {nx}x{ny} image covers -0.5 <= x < {nx - 0.5}, -0.5 <= y < '
@@ -291,6 +301,8 @@ def make_cutouts(exposure, positions, *, size=64):
     size = _check_size(size)
     data, bad, sigma, wcs = _exposure_parts(exposure)
     x, y = _positions_in_pixels(positions, wcs)
+    if wcs is not None:
+        wcs = _without_class_cache(wcs)
     n = x.size
     if n == 0:
         raise InvalidInputError('no positions given; give at least one source '

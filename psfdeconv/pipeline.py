@@ -1523,8 +1523,9 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         (``catalog_overview.png``, ``stamps.png``; ``--plots``), as part of
         the same transaction.
     psf_process : {'auto', True, False}, optional
-        Build the PSFs in a helper Python process while this one subtracts
-        the backgrounds, aligns the bands and segments them; the outputs are
+        Build the PSFs in a helper Python process, then detect the sources
+        there (with ``positions=None``), while this one subtracts the
+        backgrounds, aligns the bands and segments them; the outputs are
         the same. ``'auto'`` does so where the PSFs are built from the
         bands' stars (ePSFs, the default), the bands hold at least 4 million
         such pixels and this process may keep two CPUs or more busy
