@@ -1730,23 +1730,27 @@ def _psfs_and_detections(exposures, psfs, epsf_options, *, no_wcs_scale, referen
     (`_build_psfs_with_progress`), then, with ``detect``, the sources of the
     reference band as `_catalog_setup` would detect them (`_positions`, on
     the band as `_matched_bands` gives it, with the options `_detect_options`
-    makes of its PSF), else None: ``(psf_models, detected)``."""
-    models = _build_psfs_with_progress(exposures, psfs, epsf_options, None,
-                                       pixel_scale=no_wcs_scale)
-    if reference_band is None:
-        reference_band = next(iter(exposures))
-    if not detect or reference_band not in exposures:
-        return models, None  # the parent refuses a band that is not there
+    makes of its PSF), else None: ``(psf_models, detected)``. The ePSFs and
+    the detection share the background meshes of the bands, as in the
+    parent (`~psfdeconv.background.shared_estimates`)."""
     import warnings
 
     from ._warnings import catch_warnings
 
-    with catch_warnings():
-        # The parent prepares the same bands and reports what it finds.
-        warnings.simplefilter('ignore')
-        reference = _matched_bands(exposures, reference_band, pixel_scale)[0][reference_band]
-    options = _detect_options(detect_options, models[reference_band], reference.shape)
-    return models, _positions(None, reference, reference_band, options)
+    if reference_band is None:
+        reference_band = next(iter(exposures))
+    with shared_estimates():
+        models = _build_psfs_with_progress(exposures, psfs, epsf_options, None,
+                                           pixel_scale=no_wcs_scale)
+        if not detect or reference_band not in exposures:
+            return models, None  # the parent refuses a band that is not there
+        with catch_warnings():
+            # The parent prepares the same bands and reports what it finds.
+            warnings.simplefilter('ignore')
+            reference = _matched_bands(exposures, reference_band,
+                                       pixel_scale)[0][reference_band]
+        options = _detect_options(detect_options, models[reference_band], reference.shape)
+        return models, _positions(None, reference, reference_band, options)
 
 
 def _build_psfs_with_progress(exposures, psfs, epsf_options, progress, pixel_scale=None):

@@ -129,6 +129,29 @@ def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, simulated_field
     assert len(written) == len(helped)
 
 
+def test_the_helpers_psfs_and_detection_share_the_background_meshes(simulated_field,
+                                                                    monkeypatch):
+    """The helper's ePSFs and its detection start from the same first background mesh of
+    the reference band: computed once per band, as in the run's own process."""
+    import photutils.background
+
+    exposures, _ = simulated_field
+    meshes = []
+    original = photutils.background.Background2D
+
+    def counting(data, *args, **kwargs):
+        meshes.append(data.shape)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(photutils.background, 'Background2D', counting)
+    models, detected = pipeline._psfs_and_detections(
+        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
+        detect_options=None, pixel_scale=None, detect=True)
+    assert set(models) == set(exposures)
+    assert detected[0].size > 0
+    assert len(meshes) == len(exposures)
+
+
 def test_a_detection_error_in_the_helper_is_the_runs(simulated_field, tiny_model, tmp_path):
     """Nothing detected (threshold far above the field): the helper's detection
     raises the error the run's own would, after the PSFs."""
