@@ -110,7 +110,6 @@ def detect_galaxies(exposure, *, threshold_sigma=_DETECTION_SIGMA,
     >>> print(len(galaxies), galaxies.meta['n_stars'])
     3 8
     """
-
     import astropy.units as u
     from astropy.table import QTable
     from photutils.segmentation import SourceCatalog
