@@ -30,6 +30,9 @@ __all__ = ['segments_above', 'deblend']
 _DEBLEND_LEVELS = 32
 _DEBLEND_CONTRAST = 0.001
 
+#: photutils' connectivity 8, the footprint of every labelling here.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
 
 def segments_above(image, threshold, n_pixels, mask=None):
     """The 8-connected groups of at least ``n_pixels`` pixels above
@@ -74,7 +77,7 @@ def segments_above(image, threshold, n_pixels, mask=None):
         above = np.asarray(image) > threshold
     if mask is not None:
         above &= ~np.asarray(mask, dtype=bool)
-    groups, n_groups = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
+    groups, n_groups = ndimage.label(above, structure=_EIGHT_CONNECTED)
     if n_groups == 0:
         return None
     keep = np.bincount(groups.ravel(), minlength=n_groups + 1) >= n_pixels
@@ -200,8 +203,8 @@ def _splitting_labels(image, segments, n_pixels, labels):
         return labels
     indices = segments.get_indices(labels)
     # deblend_sources' own cut: two sources need n_pixels each.
-    labels = labels[np.asarray(segments.areas)[indices] >= 2 * n_pixels]
-    indices = segments.get_indices(labels)
+    large_enough = np.asarray(segments.areas)[indices] >= 2 * n_pixels
+    labels, indices = labels[large_enough], indices[large_enough]
     n_levels = _DEBLEND_LEVELS
     # Row 0 is the mosaic's empty pixels: no threshold is below infinity.
     thresholds = np.full((labels.size + 1, n_levels), np.inf)
@@ -209,38 +212,38 @@ def _splitting_labels(image, segments, n_pixels, labels):
     for owner, (label, index) in enumerate(zip(labels, indices, strict=True), start=1):
         box = segments.slices[index]
         inside = segments.data[box] == label
-        levels = _deblend_thresholds(image[box][inside], n_levels)
+        values = image[box][inside]
+        levels = _deblend_thresholds(values, n_levels)
         if levels is not None:
             thresholds[owner] = levels
-            boxes.append((owner, box, inside))
+            boxes.append((owner, inside, values))
     if not boxes:
         return labels[:0]
-    boxes.sort(key=lambda item: item[2].shape[0], reverse=True)
-    width = max(_MOSAIC_WIDTH, max(inside.shape[1] for _, _, inside in boxes))
+    boxes.sort(key=lambda item: item[1].shape[0], reverse=True)
+    width = max(_MOSAIC_WIDTH, max(inside.shape[1] for _, inside, _ in boxes))
     places = []
     x = y = shelf = 0
-    for owner, box, inside in boxes:
+    for owner, inside, values in boxes:
         height, wide = inside.shape
         if x + wide > width:
             y, x, shelf = y + shelf + 1, 0, 0
-        places.append((owner, box, inside, y, x))
+        places.append((owner, inside, values, y, x))
         x += wide + 1
         shelf = max(shelf, height)
     # Each mosaic pixel holds how many of its segment's thresholds it is
     # above, so that a level is one comparison of small integers.
     above_levels = np.zeros((y + shelf, width), dtype=np.uint8)
     owners = np.zeros(above_levels.shape, dtype=np.intp)
-    for owner, box, inside, y0, x0 in places:
+    for owner, inside, values, y0, x0 in places:
         height, wide = inside.shape
         with np.errstate(invalid='ignore'):
-            counts = (image[box][inside][:, None] > thresholds[owner]).sum(axis=1)
+            counts = (values[:, None] > thresholds[owner]).sum(axis=1)
         above_levels[y0:y0 + height, x0:x0 + wide][inside] = counts
         owners[y0:y0 + height, x0:x0 + wide][inside] = owner
     owners = owners.ravel()
-    structure = np.ones((3, 3), dtype=bool)
     splits = np.zeros(labels.size + 1, dtype=bool)
     for level in range(n_levels):
-        groups, n_groups = ndimage.label(above_levels > level, structure=structure)
+        groups, n_groups = ndimage.label(above_levels > level, structure=_EIGHT_CONNECTED)
         if n_groups < 2:
             continue
         groups = groups.ravel()
