@@ -64,9 +64,10 @@ class _StageLog(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def run_vs_deconvolve(field, model, work, psf_process='auto'):
-    """Sources/s of run_exposure_set on the field (``psf_process`` as for it)
-    and of deconvolve_stamps on the same stamps and PSFs; the stage log."""
+def run_vs_deconvolve(field, model, work, psf_process='auto', symmetries=1):
+    """Sources/s of run_exposure_set on the field (``psf_process`` and
+    ``symmetries`` as for it; None: the card's views) and of deconvolve_stamps
+    on the same stamps and PSFs with the same views; the stage log."""
     import numpy as np
 
     from psfdeconv.cutouts import make_cutouts
@@ -84,8 +85,8 @@ def run_vs_deconvolve(field, model, work, psf_process='auto'):
     try:
         start = time.perf_counter()
         catalog, paths = run_exposure_set(exposures, work / 'run', psfs='epsf',
-                                          model=model, symmetries=1, overwrite=True,
-                                          psf_process=psf_process)
+                                          model=model, symmetries=symmetries,
+                                          overwrite=True, psf_process=psf_process)
         seconds_run = time.perf_counter() - start
     finally:
         logger.removeHandler(stages)
@@ -98,7 +99,7 @@ def run_vs_deconvolve(field, model, work, psf_process='auto'):
     psfs = np.broadcast_to(psfs, (n,) + psfs.shape)
     start = time.perf_counter()
     deconvolve_stamps(stamps, psfs, pixel_scale=catalog.meta['pixel_scale'], model=model,
-                      symmetries=1)
+                      symmetries=symmetries)
     seconds_deconvolve = time.perf_counter() - start
     return {'n': n, 'run_seconds': seconds_run, 'run_rate': n / seconds_run,
             'deconvolve_seconds': seconds_deconvolve,

@@ -17,10 +17,11 @@ Prints one table of measurements and the ratios the speed targets are set on:
   neighbours); target: ``deconvolve_stamps`` >= 0.7x the CAE forward;
 * **exposures** (`bench_exposure.run_vs_deconvolve`): ``run_exposure_set`` on a
   simulated 3-band field against ``deconvolve_stamps`` on the same stamps and
-  PSFs (target >= 0.5), by default (the ePSFs built in a helper process while
-  the bands are background-subtracted, aligned and segmented) and with the
-  ePSFs built in the run's own process (``psf_process=False``), with its stage
-  timings, and its peak resident memory with 1x and 4x the sources, each in a
+  PSFs with the same views (target >= 0.5): with one view, the ePSFs built in
+  a helper process while the bands are background-subtracted, aligned and
+  segmented (the default) and in the run's own process (``psf_process=False``),
+  and in the default configuration (the card's views, the helper), with its
+  stage timings, and its peak resident memory with 1x and 4x the sources, each in a
   fresh process (target: flat);
 * **batch** (`bench_exposure.batch_workers`): ``run_batch`` on 4 groups with one
   worker process on one CPU (pinned by CPU affinity), one worker process with
@@ -168,13 +169,18 @@ def main():
                                              else (3072, 1600, 150))
                 field = tmp / 'field'
                 make_field(field, size=size, n_galaxies=n_galaxies, n_stars=n_stars, seed=7)
-            # The default (PSFs in a helper process where it pays), then the
-            # PSFs built in the run's own process, in the same run.
-            for psf_process, how in (('auto', 'default'), (False, 'PSFs in-process')):
-                result = run_vs_deconvolve(field, model, tmp, psf_process=psf_process)
-                rows.append((f'run_exposure_set, {result["n"]} sources, 1 view, {how} '
+            # One view with the PSFs in a helper process where it pays (the
+            # default), then in the run's own process, then the card's views
+            # (the default configuration), in the same run.
+            views = model.card.get('symmetries') or 1
+            for psf_process, symmetries, how in (
+                    ('auto', 1, '1 view'), (False, 1, '1 view, PSFs in-process'),
+                    ('auto', None, f"the card's {views} views (the defaults)")):
+                result = run_vs_deconvolve(field, model, tmp, psf_process=psf_process,
+                                           symmetries=symmetries)
+                rows.append((f'run_exposure_set, {result["n"]} sources, {how} '
                              f'(sources/s)', f'{result["run_rate"]:.1f}', ''))
-                rows.append(('deconvolve_stamps, same stamps, 1 view (sources/s)',
+                rows.append(('deconvolve_stamps, same stamps and views (sources/s)',
                              f'{result["deconvolve_rate"]:.1f}', ''))
                 rows.append(('  run / deconvolve_stamps', f'{result["ratio"]:.2f}',
                              '>= 0.5'))

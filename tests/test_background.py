@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from psfdeconv.background import estimate_background, shared_estimates, subtract_background
+from psfdeconv.background import (
+    BACKGROUND_BOX,
+    estimate_background,
+    mesh_image,
+    shared_estimates,
+    subtract_background,
+)
 from psfdeconv.detection import detect_galaxies
 from psfdeconv.psf import build_epsf
 from psfdeconv.simulate import simulate_exposure
@@ -74,3 +80,28 @@ def test_stages_give_the_same_results_shared(band):
         shared = stages()
     for a, b in zip(alone, shared, strict=True):
         assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('shape', [(384, 448), (300, 410), (130, 200)])
+def test_mesh_image_is_background2ds_background(shape):
+    """The two matrix products give Background2D's own cubic-spline zoom (its
+    crop to frames that are not whole boxes, its clip to the mesh's range)."""
+    from astropy.stats import SigmaClip
+    from photutils.background import Background2D
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    image = 5.0 + 0.01 * xx - 0.02 * yy + 3.0 * np.sin(xx / 40.0) + rng.normal(size=shape)
+    mask = np.zeros(shape, dtype=bool)
+    mask[20:90, 30:100] = True
+    bkg = Background2D(image, BACKGROUND_BOX, mask=mask, sigma_clip=SigmaClip(sigma=3.0))
+    expected = bkg.background
+    got = mesh_image(bkg.background_mesh, BACKGROUND_BOX, shape)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    assert got.min() >= bkg.background_mesh.min() and got.max() <= bkg.background_mesh.max()
+
+
+def test_mesh_image_of_a_flat_mesh_is_flat():
+    got = mesh_image(np.full((3, 4), 2.5), 16, (40, 60))
+    assert got.shape == (40, 60) and np.all(got == 2.5)
