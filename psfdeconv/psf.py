@@ -174,7 +174,9 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     ``threshold_sigma`` are deblended and measured: the others can be
     neither a star nor a locus source, and deblending a segment never gives
     a child brighter than its parent, so the bright rows are those of the
-    full table (their segments, and so the isolation test, are the same).
+    full table (their segments, and so the isolation test, are the same);
+    their ``centroid_shift`` is measured only where the other tests of a
+    compact source (`_select`) pass, NaN elsewhere.
     ``segments``: the deblended segmentation of this image at the detection
     threshold and pixels of this module, when the caller already has it.
     """
@@ -231,17 +233,13 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
 
     x = np.asarray(catalog.x_centroid, dtype=float)
     y = np.asarray(catalog.y_centroid, dtype=float)
-    # A star on a galaxy (or on a companion too close to deblend) has an
-    # isophotal centroid pulled away from its windowed (local) centroid.
-    x_win = np.asarray(catalog.x_centroid_win, dtype=float)
-    y_win = np.asarray(catalog.y_centroid_win, dtype=float)
-    centroid_shift = np.hypot(x - x_win, y - y_win)
     ny, nx = image.shape
     half_box = box_size // 2
     ix = np.round(x).astype(int)
     iy = np.round(y).astype(int)
     edge = ((ix - half_box < 0) | (iy - half_box < 0)
             | (ix + half_box > nx - 1) | (iy + half_box > ny - 1))
+    ellipticity = np.asarray(catalog.ellipticity, dtype=float)
     isolated = np.zeros(len(labels), dtype=bool)
     masked = np.zeros(len(labels), dtype=bool)
     for i, label in enumerate(labels):
@@ -258,6 +256,27 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
         raw_peak = np.asarray(ndimage.maximum(raw, segm.data, labels))
         saturated = raw_peak >= saturation
 
+    # A star on a galaxy (or on a companion too close to deblend) has an
+    # isophotal centroid pulled away from its windowed (local) centroid.
+    # photutils' windowed centroid (a Kron radius and flux, a half-light
+    # radius, then the iterations) is the dearest measurement here: with
+    # bright_only it is measured only where the other tests of `_select`'s
+    # compact sources pass (NaN elsewhere, which fails that test too).
+    windowed = np.ones(len(labels), dtype=bool)
+    if bright_only:
+        windowed = ((peak / rms >= threshold_sigma) & ~saturated & ~edge
+                    & (ellipticity < _MAX_ELLIPTICITY) & (fwhm > 0))
+    centroid_shift = np.full(len(labels), np.nan)
+    if windowed.all():
+        x_win = np.asarray(catalog.x_centroid_win, dtype=float)
+        y_win = np.asarray(catalog.y_centroid_win, dtype=float)
+        centroid_shift = np.hypot(x - x_win, y - y_win)
+    elif windowed.any():
+        tested = catalog.select_labels(labels[windowed])
+        x_win = np.asarray(tested.x_centroid_win, dtype=float).reshape(-1)
+        y_win = np.asarray(tested.y_centroid_win, dtype=float).reshape(-1)
+        centroid_shift[windowed] = np.hypot(x[windowed] - x_win, y[windowed] - y_win)
+
     table['id'] = labels
     table['x'] = x
     table['y'] = y
@@ -265,7 +284,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     table['peak'] = peak
     table['snr'] = peak / rms
     table['fwhm'] = fwhm
-    table['ellipticity'] = np.asarray(catalog.ellipticity, dtype=float)
+    table['ellipticity'] = ellipticity
     table['centroid_shift'] = centroid_shift
     table['saturated'] = saturated
     table['edge'] = edge
@@ -507,7 +526,7 @@ def point_sources(image, bad, background, rms, segments, *, threshold_sigma, met
     defaults): the same point-like rows and locus as
     ``find_stars(exposure, threshold_sigma=..., all_sources=True,
     psf_fwhm=...)``, without segmenting and deblending the image a second
-    time.
+    time (``centroid_shift`` is NaN where the other point-like tests fail).
     """
     table = _detect(image, bad, background, rms, threshold_sigma=threshold_sigma,
                     box_size=25, saturation=_saturation_level(None, meta),

@@ -211,6 +211,18 @@ def test_star_selection_splits_only_bright_segments_and_selects_the_same_stars(m
         assert len(found) >= 10
         assert_array_equal(np.sort(found['x']), np.sort(expected['x']))
         assert_array_equal(np.sort(found['y']), np.sort(expected['y']))
+    # The windowed centroids are measured only where the other compact tests
+    # pass, with the values of the whole table there.
+    shift = np.asarray(bright['centroid_shift'])
+    other_tests = (bright['_bright'] & ~bright['saturated'] & ~bright['edge']
+                   & (np.asarray(bright['ellipticity']) < psfmod._MAX_ELLIPTICITY)
+                   & (np.asarray(bright['fwhm']) > 0))
+    assert 0 < other_tests.sum() < len(bright)
+    assert np.isnan(shift[~other_tests]).all()
+    same_rows = np.searchsorted(np.asarray(everything['id']), np.asarray(bright['id']))
+    assert_array_equal(np.asarray(everything['id'])[same_rows], bright['id'])
+    assert_array_equal(shift[other_tests],
+                       np.asarray(everything['centroid_shift'])[same_rows][other_tests])
 
     split = []
     original = photutils.segmentation.deblend_sources
