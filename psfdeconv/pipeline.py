@@ -664,10 +664,16 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     pending = isinstance(psfs, HelperCall)
     detected = None
     if pending:
+        start = time.perf_counter()
         aligned, reprojected, labels, combined, parents = _segmented_bands(
             exposures, reference_band, subtract_background=subtract_background,
             use_wcs=use_wcs)
+        segmented = time.perf_counter()
+        log.debug('aligned and segmented the bands in %.1f s', segmented - start)
         psfs, detected = psfs.result()
+        log.debug("the helper's PSFs%s came back %.1f s later",
+                  ' and detections' if detected is not None else '',
+                  time.perf_counter() - segmented)
     psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
                                          pixel_scale=scale)
     if detected is None:
