@@ -96,7 +96,7 @@ def test_cancel_stops_the_helper():
     ('epsf', True),
 ])
 def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, simulated_field, tiny_model,
-                                                tmp_path, monkeypatch):
+                                                tmp_path, monkeypatch, caplog):
     exposures, truth = simulated_field
     started = []
     original = HelperCall.__init__
@@ -113,9 +113,16 @@ def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, simulated_field
     here, _ = run_exposure_set(exposures, tmp_path / 'here', positions, psfs=psfs,
                                model=tiny_model, symmetries=1, psf_process=False)
     assert started == []
-    helped, _ = run_exposure_set(exposures, tmp_path / 'helped', positions, psfs=psfs,
-                                 model=tiny_model, symmetries=1, psf_process=True)
+    with caplog.at_level(logging.DEBUG, logger='psfdeconv.pipeline'):
+        helped, _ = run_exposure_set(exposures, tmp_path / 'helped', positions, psfs=psfs,
+                                     model=tiny_model, symmetries=1, psf_process=True)
     assert started == [('_psfs_and_detections', not catalogue)]
+    # The log says when the run's own part of the set-up ended and how long the
+    # helper kept it waiting.
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith('aligned and segmented the bands in ') for m in messages)
+    came_back = "the helper's PSFs and detections" if not catalogue else "the helper's PSFs"
+    assert any(m.startswith(came_back + ' came back ') for m in messages)
     assert len(here) == len(helped) > 0
     assert here.meta['psf_source'] == helped.meta['psf_source']
     assert here.meta['positions'] == helped.meta['positions']
