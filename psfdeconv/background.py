@@ -180,6 +180,11 @@ def mesh_image(mesh, box_size, shape):
     `~numpy.ndarray`
         (ny, nx) float64.
 
+    Raises
+    ------
+    psfdeconv.exceptions.InvalidInputError
+        If the mesh is not 2-D or covers fewer pixels than ``shape``.
+
     Examples
     --------
     >>> import numpy as np
@@ -193,6 +198,14 @@ def mesh_image(mesh, box_size, shape):
     True
     """
     mesh = np.asarray(mesh, dtype=np.float64)
+    covered = tuple(int(n) * int(box_size) for n in mesh.shape)
+    if (mesh.ndim != 2 or len(shape) != 2
+            or any(n > m for n, m in zip(shape, covered, strict=True))):
+        from .exceptions import InvalidInputError
+
+        raise InvalidInputError(f'a mesh of shape {mesh.shape} with boxes of {box_size} '
+                                f'pixels covers {covered} pixels, not shape = '
+                                f'{tuple(shape)}; give the mesh of that image.')
     low, high = float(mesh.min()), float(mesh.max())
     if low == high:
         return np.full(shape, low)

@@ -105,3 +105,10 @@ def test_mesh_image_is_background2ds_background(shape):
 def test_mesh_image_of_a_flat_mesh_is_flat():
     got = mesh_image(np.full((3, 4), 2.5), 16, (40, 60))
     assert got.shape == (40, 60) and np.all(got == 2.5)
+
+
+def test_mesh_image_refuses_a_frame_larger_than_its_mesh():
+    from psfdeconv.exceptions import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r'covers \(48, 64\) pixels'):
+        mesh_image(np.ones((3, 4)), 16, (49, 60))
