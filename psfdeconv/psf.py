@@ -222,6 +222,8 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
         catalog = catalog.select_labels(measured)
     labels = np.asarray(catalog.labels)
     peak = np.asarray(catalog.max_value, dtype=float)
+    snr = peak / rms
+    bright = snr >= threshold_sigma
 
     # FWHM from the area above half the peak: unlike the second moments of
     # the segment it does not grow with the star's flux (Moffat wings).
@@ -264,15 +266,10 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     # compact sources pass (NaN elsewhere, which fails that test too).
     windowed = np.ones(len(labels), dtype=bool)
     if bright_only:
-        windowed = ((peak / rms >= threshold_sigma) & ~saturated & ~edge
-                    & (ellipticity < _MAX_ELLIPTICITY) & (fwhm > 0))
+        windowed = _compact_but_centroid(bright, saturated, edge, ellipticity, fwhm)
     centroid_shift = np.full(len(labels), np.nan)
-    if windowed.all():
-        x_win = np.asarray(catalog.x_centroid_win, dtype=float)
-        y_win = np.asarray(catalog.y_centroid_win, dtype=float)
-        centroid_shift = np.hypot(x - x_win, y - y_win)
-    elif windowed.any():
-        tested = catalog.select_labels(labels[windowed])
+    if windowed.any():
+        tested = catalog if windowed.all() else catalog.select_labels(labels[windowed])
         x_win = np.asarray(tested.x_centroid_win, dtype=float).reshape(-1)
         y_win = np.asarray(tested.y_centroid_win, dtype=float).reshape(-1)
         centroid_shift[windowed] = np.hypot(x[windowed] - x_win, y[windowed] - y_win)
@@ -282,7 +279,7 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     table['y'] = y
     table['flux'] = np.asarray(catalog.segment_flux, dtype=float)
     table['peak'] = peak
-    table['snr'] = peak / rms
+    table['snr'] = snr
     table['fwhm'] = fwhm
     table['ellipticity'] = ellipticity
     table['centroid_shift'] = centroid_shift
@@ -292,8 +289,15 @@ def _detect(image, mask, background, rms, *, threshold_sigma, box_size,
     table['isolated'] = isolated
     table['point_like'] = np.zeros(len(labels), dtype=bool)
     table['selected'] = np.zeros(len(labels), dtype=bool)
-    table['_bright'] = (table['snr'] >= threshold_sigma)
+    table['_bright'] = bright
     return table
+
+
+def _compact_but_centroid(bright, saturated, edge, ellipticity, fwhm):
+    """Every test of a compact source (`_select`) but the centroid shift:
+    bright, unsaturated, inside, round and with a FWHM."""
+    return (np.asarray(bright) & ~np.asarray(saturated) & ~np.asarray(edge)
+            & (np.asarray(ellipticity) < _MAX_ELLIPTICITY) & (np.asarray(fwhm) > 0))
 
 
 def _stellar_locus(fwhm):
@@ -332,9 +336,9 @@ def _select(table, *, fwhm_guess, max_stars, psf_fwhm=None):
     ``fwhm_guess`` if given, else the locus of the compact sources, or
     ``psf_fwhm`` where fewer than `_LOCUS_MIN_MEMBERS` of them make it."""
     fwhm = np.asarray(table['fwhm'])
-    compact = (table['_bright'] & ~table['saturated'] & ~table['edge']
-               & (table['ellipticity'] < _MAX_ELLIPTICITY) & (fwhm > 0)
-               & (table['centroid_shift']
+    compact = (_compact_but_centroid(table['_bright'], table['saturated'], table['edge'],
+                                     table['ellipticity'], fwhm)
+               & (np.asarray(table['centroid_shift'])
                   <= np.maximum(_MAX_CENTROID_SHIFT * fwhm, 0.2)))
     if fwhm_guess is not None:
         locus = float(fwhm_guess)
