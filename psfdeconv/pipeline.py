@@ -40,6 +40,8 @@ FITS (`run_exposure_set` does both, chunk by chunk).
 
 import dataclasses
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,6 +185,42 @@ def _detect_options(detect_options, reference_psf, shape):
         centre = ((shape[1] - 1) / 2, (shape[0] - 1) / 2)
         options.setdefault('psf_fwhm', half_peak_fwhm(reference_psf, centre))
     return options
+
+
+def _early_detection(reference, reference_band, detect_options):
+    """The sources of the reference band detected before its PSF is known:
+    ``(options, detected)``, with the options `_detect_options` gives for a
+    PSF built from the image's own stars (which need no PSF FWHM). The caller
+    uses them only if the PSF turns out to be such (the options agree), and
+    detects again otherwise. An error of the detection is returned, to be
+    raised after any error of the PSFs, as when detecting after them."""
+    options = dict(detect_options or {})
+    try:
+        return options, _positions(None, reference, reference_band, options)
+    except InvalidInputError as error:
+        return options, error
+
+
+class _DetectionClaim:
+    """Who detects the sources while a helper builds the PSFs: the helper once
+    its PSFs are done, or the run once its own set-up is, whichever comes
+    first (`take` creates a file exclusively, so exactly one of the two
+    processes gets True); the other one leaves the detection to it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def take(self, *, unwritable=False):
+        """Whether this process detects the sources; ``unwritable`` where the
+        claim cannot be written at all (the helper then detects, the run
+        waits for it)."""
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        except OSError:
+            return unwritable
+        return True
 
 
 def _positions(positions, reference, reference_band, detect_options):
@@ -619,13 +657,15 @@ def _dequantized(exposures):
 
 def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, psf_size,
                    subtract_background, epsf_options, detect_options,
-                   neighbours='replace', pixel_scale=None):
+                   neighbours='replace', pixel_scale=None, detection_claim=None):
     """Everything `deconvolve_catalog` does once per exposure set: the
     checked inputs, the PSF models, the positions and the background-
     subtracted, aligned bands (a `_CatalogSetup`). ``psfs`` may be a
     `~psfdeconv._offload.HelperCall` still building them
     (`run_exposure_set`): it is waited for after the bands are aligned and
-    segmented."""
+    segmented, and where that helper has not begun to detect the sources
+    (``detection_claim``, a `_DetectionClaim`) they are detected here
+    meanwhile."""
     import astropy.units as u
     from astropy.wcs.utils import wcs_to_celestial_frame
 
@@ -662,7 +702,7 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     # sources detected there after them: the work that needs neither is
     # done meanwhile.
     pending = isinstance(psfs, HelperCall)
-    detected = None
+    detected = early = None
     if pending:
         start = time.perf_counter()
         aligned, reprojected, labels, combined, parents = _segmented_bands(
@@ -670,15 +710,26 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
             use_wcs=use_wcs)
         segmented = time.perf_counter()
         log.debug('aligned and segmented the bands in %.1f s', segmented - start)
+        if positions is None and detection_claim is not None and detection_claim.take():
+            early = _early_detection(reference, reference_band, detect_options)
+            log.debug('detected the sources beside the helper in %.1f s',
+                      time.perf_counter() - segmented)
+        waited = time.perf_counter()
         psfs, detected = psfs.result()
         log.debug("the helper's PSFs%s came back %.1f s later",
                   ' and detections' if detected is not None else '',
-                  time.perf_counter() - segmented)
+                  time.perf_counter() - waited)
     psf_models, psf_sources = build_psfs(exposures, psfs, epsf_options=epsf_options,
                                          pixel_scale=scale)
     if detected is None:
-        detected = _positions(positions, reference, reference_band, _detect_options(
-            detect_options, psf_models[reference_band], reference.shape))
+        options = _detect_options(detect_options, psf_models[reference_band],
+                                  reference.shape)
+        if early is not None and early[0].keys() == options.keys():
+            if isinstance(early[1], Exception):
+                raise early[1]
+            detected = early[1]
+        else:
+            detected = _positions(positions, reference, reference_band, options)
     x_in, y_in, ids, positions_source = detected
     n = x_in.size
     if n == 0:
@@ -1595,20 +1646,25 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         # The ePSFs, the detection and the background subtraction start from
         # the same background mesh of each band: computed once (in each
         # process, with the PSFs in a helper one).
-        with shared_estimates():
+        with shared_estimates(), tempfile.TemporaryDirectory(prefix='psfdeconv-') as scratch:
             no_wcs_scale = None if use_wcs else next(iter(band_scales.values()))
+            detection_claim = None
             if _psf_process_wanted(psf_process, exposures, psfs):
                 _check_psf_bands(exposures, psfs)
                 _stage_start(f'building the PSFs of {len(exposures)} band(s) in a helper '
-                             f'process' + (', then detecting the sources there'
+                             f'process' + (', then detecting the sources there or here, '
+                                           'whichever is free first'
                                            if positions is None else ''))
                 # Waited for after the background, the alignment and the
-                # segments (_catalog_setup).
+                # segments (_catalog_setup), which may detect the sources
+                # meanwhile.
+                detection_claim = _DetectionClaim(Path(scratch) / 'detection')
                 psf_models = HelperCall(_psfs_and_detections, exposures, psfs, epsf_options,
                                         no_wcs_scale=no_wcs_scale,
                                         reference_band=reference_band,
                                         detect_options=detect_options,
-                                        pixel_scale=pixel_scale, detect=positions is None)
+                                        pixel_scale=pixel_scale, detect=positions is None,
+                                        claim=detection_claim)
             else:
                 psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options,
                                                        progress, pixel_scale=no_wcs_scale)
@@ -1620,7 +1676,8 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                                            psf_size=None, subtract_background=True,
                                            epsf_options=epsf_options,
                                            detect_options=detect_options,
-                                           neighbours=neighbours, pixel_scale=pixel_scale)
+                                           neighbours=neighbours, pixel_scale=pixel_scale,
+                                           detection_claim=detection_claim)
                 finally:
                     if isinstance(psf_models, HelperCall):
                         psf_models.cancel()  # still running only after an error here
@@ -1731,14 +1788,16 @@ def _check_psf_bands(exposures, psfs):
 
 
 def _psfs_and_detections(exposures, psfs, epsf_options, *, no_wcs_scale, reference_band,
-                         detect_options, pixel_scale, detect):
+                         detect_options, pixel_scale, detect, claim=None):
     """The helper process's part of `run_exposure_set`: the PSFs
-    (`_build_psfs_with_progress`), then, with ``detect``, the sources of the
-    reference band as `_catalog_setup` would detect them (`_positions`, on
-    the band as `_matched_bands` gives it, with the options `_detect_options`
-    makes of its PSF), else None: ``(psf_models, detected)``. The ePSFs and
-    the detection share the background meshes of the bands, as in the
-    parent (`~psfdeconv.background.shared_estimates`)."""
+    (`_build_psfs_with_progress`), then, with ``detect`` (and ``claim``, a
+    `_DetectionClaim`, taken here: the run has not begun to detect them
+    itself), the sources of the reference band as `_catalog_setup` would
+    detect them (`_positions`, on the band as `_matched_bands` gives it, with
+    the options `_detect_options` makes of its PSF), else None:
+    ``(psf_models, detected)``. The ePSFs and the detection share the
+    background meshes of the bands, as in the parent
+    (`~psfdeconv.background.shared_estimates`)."""
     import warnings
 
     from ._warnings import catch_warnings
@@ -1750,6 +1809,8 @@ def _psfs_and_detections(exposures, psfs, epsf_options, *, no_wcs_scale, referen
                                            pixel_scale=no_wcs_scale)
         if not detect or reference_band not in exposures:
             return models, None  # the parent refuses a band that is not there
+        if claim is not None and not claim.take(unwritable=True):
+            return models, None  # the run detects them
         with catch_warnings():
             # The parent prepares the same bands and reports what it finds.
             warnings.simplefilter('ignore')

@@ -13,6 +13,9 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from psfdeconv.cutouts import (
     _STRIP_ROWS,
+    _adaptive_region,
+    _pixel_shift,
+    _shift_taps,
     _shifted_wcs,
     align_bands,
     align_to_reference,
@@ -574,6 +577,102 @@ def test_reproject_region_threads_do_not_share_a_sip_wcs():
         threaded = reproject_region(planes, band_wcs, ref_wcs, (0, 0), ref_shape,
                                     conserve_flux=True, kernel='gaussian', threads=4)
         assert_array_equal(threaded, serial)
+
+
+def _shifted_tan(shape, shift, **kwargs):
+    """`tan_wcs` with its CRPIX moved by ``shift`` (x, y) pixels."""
+    wcs = tan_wcs(shape, **kwargs)
+    wcs.wcs.crpix = np.asarray(wcs.wcs.crpix) + shift
+    return wcs
+
+
+def test_pixel_shift_only_for_grids_that_differ_by_a_shift():
+    ref = tan_wcs((100, 120))
+    region = ((0, 0), (100, 120))
+    assert _pixel_shift(_shifted_tan((100, 120), (3.25, -7.5)), ref, *region) == (3.25, -7.5)
+    assert _pixel_shift(ref.deepcopy(), ref, *region) == (0.0, 0.0)
+    others = [tan_wcs((100, 120), rotation=0.01), tan_wcs((100, 120), scale=0.2001),
+              tan_wcs((100, 120), crval=(150.0, 2.0001)),
+              _sip_wcs((100, 120), scale=0.2, rotation=0.0, crpix_offset=(0.0, 0.0))]
+    for other in others:
+        assert _pixel_shift(other, ref, *region) is None
+    galactic = ref.deepcopy()
+    galactic.wcs.ctype = ['GLON-TAN', 'GLAT-TAN']
+    assert _pixel_shift(galactic, ref, *region) is None
+
+
+def test_shift_taps_are_the_hann_weights_of_the_shift():
+    """Between grids shifted by (0.25, -0.5) pixels the Hann window of reproject
+    weights 2 x 1 band pixels, (1 + cos(pi d)) per axis, normalised; with
+    conserve_flux (equal pixels) the same."""
+    ref = tan_wcs((100, 120))
+    band = _shifted_tan((100, 120), (10.25, -0.5))
+    for conserve_flux in (False, True):
+        taps = _shift_taps((1, 100, 120), band, ref, (10.25, -0.5),
+                           conserve_flux=conserve_flux, kernel='hann')
+        weights = {(dy, dx): w for dy, dx, w in taps}
+        hann = {d: 1 + np.cos(np.pi * d) for d in (0.25, 0.75)}
+        total = hann[0.25] + hann[0.75]
+        assert set(weights) == {(0, 10), (0, 11), (-1, 10), (-1, 11)}
+        assert_allclose(weights[(0, 10)], 0.5 * hann[0.25] / total, rtol=1e-7)
+        assert_allclose(weights[(-1, 11)], 0.5 * hann[0.75] / total, rtol=1e-7)
+
+
+@pytest.mark.parametrize('conserve_flux', [False, True])
+def test_reproject_region_of_a_shifted_grid_equals_reproject(conserve_flux):
+    """Grids that differ by a shift (sub-pixel, whole pixels, partial overlaps, a
+    band smaller than the region) take the weights of one resampled impulse:
+    reproject's values to 1e-8 of their scale, uncovered pixels NaN as reproject's,
+    for whole frames, regions and strips."""
+    rng = np.random.default_rng(11)
+    ref_wcs = tan_wcs((2 * _STRIP_ROWS + 30, 140))
+    cases = [((0.37, -0.21), (300, 150)), ((-12.0, 4.0), (290, 150)),
+             ((60.6, -80.3), (200, 100)), ((-3.5, 0.5), (60, 50))]
+    for shift, band_shape in cases:
+        band_wcs = _shifted_tan(band_shape, shift)
+        band_wcs.wcs.crpix = np.asarray(ref_wcs.wcs.crpix) + shift
+        planes = np.stack([rng.normal(3.0, 1.0, band_shape),
+                           (rng.random(band_shape) < 0.1).astype(float),
+                           np.ones(band_shape)])
+        for origin, shape in [((0, 0), ref_wcs.array_shape), ((-20, 40), (70, 90)),
+                              ((100, 500), (64, 64))]:
+            assert _pixel_shift(band_wcs, ref_wcs, origin, shape) is not None
+            fast = reproject_region(planes, band_wcs, ref_wcs, origin, shape,
+                                    conserve_flux=conserve_flux, kernel='hann')
+            expected = _adaptive_region(planes, band_wcs, ref_wcs, origin, shape,
+                                        conserve_flux=conserve_flux, kernel='hann',
+                                        threads=1)
+            assert_array_equal(np.isnan(fast), np.isnan(expected))
+            assert_allclose(fast, expected, rtol=0, atol=1e-8 * np.nanmax(np.abs(planes)))
+            if origin == (0, 0):  # each band covers part of the frame
+                assert 0 < np.isfinite(fast[0]).mean() < 1
+
+
+def test_align_bands_of_a_shifted_band_keeps_reproject_masks():
+    """align_bands of a band shifted by a fraction of a pixel: the masks, NaN and
+    uncertainties of reproject's resampling (the same mask pixels exactly)."""
+    import psfdeconv.cutouts as cutouts
+
+    rng = np.random.default_rng(12)
+    shape = (180, 160)
+    data = rng.normal(0.0, 1.0, shape) + gaussian_image(shape, SOURCES, 2.0)
+    mask = rng.random(shape) < 0.05
+    exposures = {'r': CCDData(np.zeros(shape), unit='adu', wcs=tan_wcs(shape)),
+                 'i': CCDData(data, unit='adu', mask=mask, wcs=_shifted_tan(shape, (0.4, -0.3)),
+                              uncertainty=StdDevUncertainty(np.full(shape, 1.5)))}
+    fast, _ = align_bands(exposures, reference='r')
+    original = cutouts._pixel_shift
+    cutouts._pixel_shift = lambda *args: None
+    try:
+        slow, _ = align_bands(exposures, reference='r')
+    finally:
+        cutouts._pixel_shift = original
+    assert fast['i'].meta['kernel'] == 'hann'
+    assert_array_equal(fast['i'].mask, slow['i'].mask)
+    assert_array_equal(np.isnan(fast['i'].data), np.isnan(slow['i'].data))
+    assert_allclose(fast['i'].data, slow['i'].data, rtol=0,
+                    atol=1e-8 * np.nanmax(np.abs(slow['i'].data)))
+    assert_allclose(fast['i'].uncertainty.array, slow['i'].uncertainty.array, rtol=1e-8)
 
 
 def test_align_to_reference_leaves_a_band_on_the_reference_grid_untouched():

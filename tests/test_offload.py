@@ -88,15 +88,48 @@ def test_cancel_stops_the_helper():
 # --- run_exposure_set ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(('psfs', 'catalogue'), [
-    ('epsf', False),
-    # The helper's detection uses the known PSF's FWHM, as the run's does.
-    ('moffat:fwhm=0.8arcsec,beta=3', False),
+def _detection_by(detector, monkeypatch):
+    """Decide who takes the detection claim: 'helper' (the run defers to it) or
+    'run' (the claim is taken as soon as it exists, before the helper starts)."""
+    claim = pipeline._DetectionClaim
+    if detector == 'helper':
+        monkeypatch.setattr(claim, 'take', lambda self, **kwargs: False)
+    elif detector == 'run':
+        original = claim.__init__
+
+        def taken(self, path):
+            original(self, path)
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+
+        monkeypatch.setattr(claim, '__init__', taken)
+        monkeypatch.setattr(claim, 'take', lambda self, **kwargs: True)
+
+
+def test_the_detection_claim_goes_to_one_taker(tmp_path):
+    """Of the run and its helper exactly one detects the sources: the first to
+    take the claim; where it cannot be written the helper detects and the run
+    waits for it."""
+    path = tmp_path / 'detection'
+    first, second = pipeline._DetectionClaim(path), pipeline._DetectionClaim(path)
+    assert first.take() is True
+    assert second.take() is False and second.take(unwritable=True) is False
+    unwritable = pipeline._DetectionClaim(tmp_path / 'missing' / 'detection')
+    assert unwritable.take() is False
+    assert unwritable.take(unwritable=True) is True
+
+
+@pytest.mark.parametrize(('psfs', 'catalogue', 'detector'), [
+    ('epsf', False, 'helper'),
+    ('epsf', False, 'run'),
+    # The detection uses the known PSF's FWHM, as the run's does (the run's early
+    # detection, made before the PSF is known, is made again).
+    ('moffat:fwhm=0.8arcsec,beta=3', False, 'helper'),
+    ('moffat:fwhm=0.8arcsec,beta=3', False, 'run'),
     # Positions given: the helper builds the PSFs only.
-    ('epsf', True),
+    ('epsf', True, None),
 ])
-def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, simulated_field, tiny_model,
-                                                tmp_path, monkeypatch, caplog):
+def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, detector, simulated_field,
+                                                tiny_model, tmp_path, monkeypatch, caplog):
     exposures, truth = simulated_field
     started = []
     original = HelperCall.__init__
@@ -113,16 +146,34 @@ def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, simulated_field
     here, _ = run_exposure_set(exposures, tmp_path / 'here', positions, psfs=psfs,
                                model=tiny_model, symmetries=1, psf_process=False)
     assert started == []
+    detections = []
+    original_positions = pipeline._positions
+
+    def counting_positions(*args, **kwargs):
+        detections.append(args[0] is None)
+        return original_positions(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, '_positions', counting_positions)
+    _detection_by(detector, monkeypatch)
     with caplog.at_level(logging.DEBUG, logger='psfdeconv.pipeline'):
         helped, _ = run_exposure_set(exposures, tmp_path / 'helped', positions, psfs=psfs,
                                      model=tiny_model, symmetries=1, psf_process=True)
     assert started == [('_psfs_and_detections', not catalogue)]
-    # The log says when the run's own part of the set-up ended and how long the
-    # helper kept it waiting.
+    # The log says when the run's own part of the set-up ended, whether it
+    # detected the sources meanwhile, and how long the helper kept it waiting.
     messages = [record.getMessage() for record in caplog.records]
     assert any(m.startswith('aligned and segmented the bands in ') for m in messages)
-    came_back = "the helper's PSFs and detections" if not catalogue else "the helper's PSFs"
+    early = any(m.startswith('detected the sources beside the helper in ') for m in messages)
+    assert early == (detector == 'run')
+    came_back = "the helper's PSFs and detections" if detector == 'helper' else \
+        "the helper's PSFs"
     assert any(m.startswith(came_back + ' came back ') for m in messages)
+    # Detections in this process: none where the helper detects; one where the
+    # run does, and another once the Moffat PSF's FWHM is known.
+    expected = {'helper': [], None: [False], 'run': [True]}[detector]
+    if detector == 'run' and psfs.startswith('moffat'):
+        expected = [True, True]
+    assert detections == expected
     assert len(here) == len(helped) > 0
     assert here.meta['psf_source'] == helped.meta['psf_source']
     assert here.meta['positions'] == helped.meta['positions']
