@@ -29,6 +29,11 @@ field of 300 galaxies, about 3 minutes)::
 ``--psf-process-pairs N`` only times ``run_exposure_set`` with the ePSFs built in its
 own process and in a helper process (``psf_process``), alternated, N times each.
 
+``--reproject-pairs N`` only times ``reproject_region`` of the r band's data, mask and
+ones planes onto the g band's grid (on the simulated field they differ by a shift), with
+the shift's weights and with ``reproject_adaptive`` pixel by pixel, alternated, N times
+each.
+
 ``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure`` (e.g.
 ``--size 3072 --n-galaxies 1600 --n-stars 150 --seed 7``) instead of simulating one.
 """
@@ -127,6 +132,37 @@ def alternate_psf_process(field, model, work, pairs):
     return seconds
 
 
+def alternate_reprojection(field, pairs):
+    """Seconds of reproject_region of the r band's three planes onto the g band's
+    grid: with the weights of the grids' shift and with reproject_adaptive (both
+    CPUs), alternated; the largest difference of the two."""
+    import numpy as np
+
+    from psfdeconv.cutouts import _adaptive_region, _pixel_shift, reproject_region
+    from psfdeconv.io import read_exposure
+
+    reference, band = (read_exposure(field / f'{name}.fits') for name in ('g', 'r'))
+    shape = reference.shape
+    if _pixel_shift(band.wcs, reference.wcs, (0, 0), shape) is None:
+        raise SystemExit('the g and r grids of this field differ by more than a shift')
+    planes = np.stack([np.asarray(band.data, dtype=float), np.zeros(band.shape),
+                       np.ones(band.shape)])
+    ways = {'shift': lambda: reproject_region(planes, band.wcs, reference.wcs, (0, 0),
+                                              shape, conserve_flux=True, kernel='hann'),
+            'adaptive': lambda: _adaptive_region(planes, band.wcs, reference.wcs, (0, 0),
+                                                 shape, conserve_flux=True, kernel='hann',
+                                                 threads=os.cpu_count())}
+    ways['shift']()  # the first call pays for the pages of its output
+    seconds, results = {'shift': [], 'adaptive': []}, {}
+    for k in range(pairs):
+        for name in ('shift', 'adaptive') if k % 2 == 0 else ('adaptive', 'shift'):
+            start = time.perf_counter()
+            results[name] = ways[name]()
+            seconds[name].append(time.perf_counter() - start)
+    difference = float(np.nanmax(np.abs(results['shift'] - results['adaptive'])))
+    return seconds, difference, float(np.nanmax(np.abs(results['adaptive'][0])))
+
+
 def rss_child(field, n, model_path):
     """In a fresh process: run_exposure_set on n catalogue sources; print its
     peak RSS."""
@@ -204,10 +240,23 @@ def main():
     parser.add_argument('--psf-process-pairs', type=int, metavar='N',
                         help='only time run_exposure_set with the ePSFs in its own process '
                              'and in a helper, alternated, N times each')
+    parser.add_argument('--reproject-pairs', type=int, metavar='N',
+                        help='only time the reprojection of a band of the field (--field) '
+                             'by its shift and pixel by pixel, alternated, N times each')
     parser.add_argument('--rss-child', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.field, args.rss_child, args.model)
+        return
+    if args.reproject_pairs:
+        if args.field is None:
+            parser.error('--reproject-pairs needs --field')
+        seconds, difference, peak = alternate_reprojection(args.field, args.reproject_pairs)
+        for name, values in seconds.items():
+            print(f'reproject_region, {name}: {" / ".join(f"{v:.2f}" for v in values)} s')
+        print(f"speed-up of the shift (best of each): "
+              f"{min(seconds['adaptive']) / min(seconds['shift']):.1f}")
+        print(f'largest difference {difference:.2e} (largest value {peak:.2e})')
         return
     from psfdeconv.model import default_model_path, load_model
 

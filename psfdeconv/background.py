@@ -16,6 +16,8 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import os
+import tempfile
 
 import numpy as np
 
@@ -30,14 +32,15 @@ BACKGROUND_BOX = 64
 #: `estimate_background` with ``mask_sources=True``.
 SOURCE_MASK_DILATION = 21
 
-#: Fingerprint of (image, mask) -> first estimate, inside `shared_estimates`
-#: (None outside). A context variable, so that threads (the batch runner's)
-#: never share one another's.
+#: Inside `shared_estimates` (None outside): the fingerprint of (image, mask)
+#: -> first estimate, and the directory shared with other processes (or
+#: None). A context variable, so that threads (the batch runner's) never
+#: share one another's.
 _SHARED = contextvars.ContextVar('psfdeconv_shared_backgrounds', default=None)
 
 
 @contextlib.contextmanager
-def shared_estimates():
+def shared_estimates(directory=None):
     """Share `estimate_background`'s first estimate of an image in a block.
 
     The ePSF (`psfdeconv.psf.build_epsf`), the detection
@@ -49,6 +52,12 @@ def shared_estimates():
     read-only. The results are those computed without the block; the
     estimates are dropped when it ends. Blocks may nest (the outer one
     holds them).
+
+    With ``directory``, each first estimate is also written there (its mesh,
+    a small file named by the fingerprint, written atomically), and an
+    estimate not yet made in this process is read from there if another
+    process wrote it: `psfdeconv.pipeline.run_exposure_set` and the helper
+    process that builds its ePSFs share the meshes of the bands that way.
 
     Examples
     --------
@@ -65,7 +74,7 @@ def shared_estimates():
     if _SHARED.get() is not None:
         yield
         return
-    token = _SHARED.set({})
+    token = _SHARED.set(({}, None if directory is None else str(directory)))
     try:
         yield
     finally:
@@ -116,6 +125,7 @@ def estimate_background(image, mask, *, mask_sources=False):
     from astropy.stats import SigmaClip, sigma_clipped_stats
 
     def estimate(mask, exclude_percentile):
+        """(mesh or the global median, rms)."""
         if min(image.shape) >= 2 * BACKGROUND_BOX:
             from photutils.background import Background2D
 
@@ -123,19 +133,30 @@ def estimate_background(image, mask, *, mask_sources=False):
                 bkg = Background2D(image, BACKGROUND_BOX, mask=mask,
                                    sigma_clip=SigmaClip(sigma=3.0),
                                    exclude_percentile=exclude_percentile)
-                return (mesh_image(bkg.background_mesh, BACKGROUND_BOX, image.shape),
+                return (np.asarray(bkg.background_mesh, dtype=np.float64),
                         float(bkg.background_rms_median))
             except ValueError:
                 pass  # e.g. every box clipped away: use global statistics
         _, median, std = sigma_clipped_stats(image, mask=mask, sigma=3.0)
         return float(median), float(std)
 
-    shared = _SHARED.get()
+    def expanded(estimate):
+        background, rms = estimate
+        if isinstance(background, np.ndarray):
+            background = mesh_image(background, BACKGROUND_BOX, image.shape)
+        return background, rms
+
+    shared, directory = _SHARED.get() or (None, None)
     key = None if shared is None else _fingerprint(image, mask)
     if key is not None and key in shared:
         background, rms = shared[key]
     else:
-        background, rms = estimate(mask, 10.0)
+        first = None if directory is None else _read_estimate(directory, key)
+        if first is None:
+            first = estimate(mask, 10.0)
+            if directory is not None:
+                _write_estimate(directory, key, first)
+        background, rms = expanded(first)
         if key is not None:
             if isinstance(background, np.ndarray):
                 # Shared by several callers: none may change it.
@@ -152,7 +173,45 @@ def estimate_background(image, mask, *, mask_sources=False):
     sources = segments.make_source_mask(size=SOURCE_MASK_DILATION)
     # Boxes are mostly masked around bright galaxies: keep those with half
     # their pixels free rather than 90 %.
-    return estimate(mask | sources, 50.0)
+    return expanded(estimate(mask | sources, 50.0))
+
+
+def _estimate_path(directory, key):
+    return os.path.join(directory, f'background-{key}.npy')
+
+
+def _write_estimate(directory, key, estimate):
+    """Write a first estimate (mesh or median, rms) for other processes:
+    into a temporary file renamed into place, so a reader finds a whole file
+    or none. A directory that cannot be written only loses the sharing."""
+    background, rms = estimate
+    values = np.append(np.ravel(background), rms)
+    shape = np.shape(background)
+    try:
+        handle, temporary = tempfile.mkstemp(dir=directory, suffix='.tmp')
+    except OSError:
+        return
+    try:
+        with os.fdopen(handle, 'wb') as stream:
+            np.save(stream, np.concatenate([[len(shape)], shape, values]).astype(np.float64))
+        os.replace(temporary, _estimate_path(directory, key))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+
+
+def _read_estimate(directory, key):
+    """The first estimate another process wrote (`_write_estimate`), or None."""
+    try:
+        values = np.load(_estimate_path(directory, key))
+    except (OSError, ValueError):
+        return None
+    ndim = int(values[0])
+    shape = tuple(int(n) for n in values[1:1 + ndim])
+    background = values[1 + ndim:-1]
+    if background.size != int(np.prod(shape)):
+        return None
+    return (background.reshape(shape) if ndim else float(background[0])), float(values[-1])
 
 
 def mesh_image(mesh, box_size, shape):

@@ -1644,9 +1644,12 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         # Checked before the PSFs are built (a Moffat FWHM in arcsec needs it).
         band_scales, _, use_wcs = _band_pixel_scales(exposures, pixel_scale)
         # The ePSFs, the detection and the background subtraction start from
-        # the same background mesh of each band: computed once (in each
-        # process, with the PSFs in a helper one).
-        with shared_estimates(), tempfile.TemporaryDirectory(prefix='psfdeconv-') as scratch:
+        # the same background mesh of each band: computed once, also with the
+        # PSFs in a helper process (which reads the meshes this one wrote in
+        # the scratch directory, and the other way round).
+        scratch_dir = tempfile.TemporaryDirectory(prefix='psfdeconv-',
+                                                  ignore_cleanup_errors=True)
+        with scratch_dir as scratch, shared_estimates(scratch):
             no_wcs_scale = None if use_wcs else next(iter(band_scales.values()))
             detection_claim = None
             if _psf_process_wanted(psf_process, exposures, psfs):
@@ -1664,7 +1667,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                                         reference_band=reference_band,
                                         detect_options=detect_options,
                                         pixel_scale=pixel_scale, detect=positions is None,
-                                        claim=detection_claim)
+                                        claim=detection_claim, shared=scratch)
             else:
                 psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options,
                                                        progress, pixel_scale=no_wcs_scale)
@@ -1788,7 +1791,7 @@ def _check_psf_bands(exposures, psfs):
 
 
 def _psfs_and_detections(exposures, psfs, epsf_options, *, no_wcs_scale, reference_band,
-                         detect_options, pixel_scale, detect, claim=None):
+                         detect_options, pixel_scale, detect, claim=None, shared=None):
     """The helper process's part of `run_exposure_set`: the PSFs
     (`_build_psfs_with_progress`), then, with ``detect`` (and ``claim``, a
     `_DetectionClaim`, taken here: the run has not begun to detect them
@@ -1797,14 +1800,15 @@ def _psfs_and_detections(exposures, psfs, epsf_options, *, no_wcs_scale, referen
     the options `_detect_options` makes of its PSF), else None:
     ``(psf_models, detected)``. The ePSFs and the detection share the
     background meshes of the bands, as in the parent
-    (`~psfdeconv.background.shared_estimates`)."""
+    (`~psfdeconv.background.shared_estimates`), and with the parent through
+    the directory ``shared``."""
     import warnings
 
     from ._warnings import catch_warnings
 
     if reference_band is None:
         reference_band = next(iter(exposures))
-    with shared_estimates():
+    with shared_estimates(shared):
         models = _build_psfs_with_progress(exposures, psfs, epsf_options, None,
                                            pixel_scale=no_wcs_scale)
         if not detect or reference_band not in exposures:

@@ -67,6 +67,61 @@ def test_nothing_shared_outside_the_block():
     assert outside is not inner and outside.flags.writeable
 
 
+def _counting_meshes(monkeypatch):
+    """A list that grows by one per Background2D mesh computed."""
+    import photutils.background
+
+    meshes = []
+    original = photutils.background.Background2D
+
+    def counting(data, *args, **kwargs):
+        meshes.append(data.shape)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(photutils.background, 'Background2D', counting)
+    return meshes
+
+
+@pytest.mark.parametrize('size', [256, 100])  # a mesh, and global statistics
+def test_estimates_shared_through_a_directory(size, tmp_path, monkeypatch):
+    """A first estimate written to the directory by one block (another process)
+    is read by the next instead of computed: the same values, bit for bit."""
+    image, bad = _image(size)
+    alone, rms_alone = estimate_background(image, bad)
+    meshes = _counting_meshes(monkeypatch)
+    with shared_estimates(tmp_path):
+        written, rms_written = estimate_background(image, bad)
+    assert len(list(tmp_path.glob('background-*.npy'))) == 1
+    computed = len(meshes)
+    with shared_estimates(tmp_path):
+        read, rms_read = estimate_background(image, bad)
+        # The masked estimate is this call's own; its first estimate is read.
+        masked, _ = estimate_background(image, bad, mask_sources=True)
+    assert len(meshes) == computed + (size >= 2 * BACKGROUND_BOX)
+    assert rms_read == rms_written == rms_alone
+    assert_array_equal(read, alone)
+    assert_array_equal(written, alone)
+    assert_array_equal(masked, estimate_background(image, bad, mask_sources=True)[0])
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_a_damaged_or_unwritable_shared_directory_only_loses_the_sharing(tmp_path):
+    image, bad = _image()
+    alone, rms_alone = estimate_background(image, bad)
+    with shared_estimates(tmp_path):
+        estimate_background(image, bad)
+    (path,) = tmp_path.glob('background-*.npy')
+    path.write_bytes(b'not an array')
+    with shared_estimates(tmp_path):
+        damaged, rms = estimate_background(image, bad)
+    assert_array_equal(damaged, alone)
+    assert rms == rms_alone
+    with shared_estimates(tmp_path / 'missing'):
+        unwritable, rms = estimate_background(image, bad)
+    assert_array_equal(unwritable, alone)
+    assert rms == rms_alone
+
+
 def test_stages_give_the_same_results_shared(band):
     """The ePSF, the detection and the subtraction, shared or not."""
     def stages():

@@ -210,6 +210,41 @@ def test_the_helpers_psfs_and_detection_share_the_background_meshes(simulated_fi
     assert len(meshes) == len(exposures)
 
 
+def test_the_helper_reads_the_meshes_the_run_wrote(simulated_field, monkeypatch, tmp_path):
+    """The run subtracts the backgrounds (writing each band's first mesh to the
+    scratch directory); the helper's ePSFs and detection then compute none
+    of their own, and come out as computed alone."""
+    import photutils.background
+
+    from psfdeconv.background import shared_estimates, subtract_background
+
+    exposures, _ = simulated_field
+    alone = pipeline._psfs_and_detections(
+        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
+        detect_options=None, pixel_scale=None, detect=True)
+    matched = pipeline._matched_bands(exposures, next(iter(exposures)), None)[0]
+    with shared_estimates(tmp_path):
+        for exposure in matched.values():
+            subtract_background(exposure)
+    assert len(list(tmp_path.glob('background-*.npy'))) == len(exposures)
+    meshes = []
+    original = photutils.background.Background2D
+
+    def counting(data, *args, **kwargs):
+        meshes.append(data.shape)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(photutils.background, 'Background2D', counting)
+    models, detected = pipeline._psfs_and_detections(
+        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
+        detect_options=None, pixel_scale=None, detect=True, shared=str(tmp_path))
+    assert meshes == []
+    for band in exposures:
+        np.testing.assert_array_equal(models[band].data, alone[0][band].data)
+    for got, expected in zip(detected, alone[1], strict=True):
+        assert np.array_equal(got, expected)
+
+
 def test_a_detection_error_in_the_helper_is_the_runs(simulated_field, tiny_model, tmp_path):
     """Nothing detected (threshold far above the field): the helper's detection
     raises the error the run's own would, after the PSFs."""
