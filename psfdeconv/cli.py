@@ -1151,10 +1151,11 @@ def _add_run_parser(sub):
                         'so that their light does not enter the flux and shape')
     _add_target_fwhm_argument(p)
     p.add_argument('--psf-process', choices=('auto', 'on', 'off'), default='auto',
-                   help='build the PSFs, then detect the sources, in a helper '
-                        'process while the bands are background-subtracted, aligned and '
-                        'segmented (same outputs); auto (default): for ePSFs from at '
-                        'least 4 million pixels where two CPUs are free')
+                   help='build the PSFs in a helper process while the bands are '
+                        'background-subtracted, aligned and segmented, the sources '
+                        'then detected by whichever is free first (same outputs); auto '
+                        '(default): for ePSFs from at least 4 million pixels where two '
+                        'CPUs are free')
     p.add_argument('--overwrite', action='store_true')
     p.set_defaults(func=_cmd_run)
 

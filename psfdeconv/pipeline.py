@@ -698,9 +698,9 @@ def _catalog_setup(exposures, positions, psfs, *, model, size, reference_band, p
     reference = exposures[reference_band]
     scale = band_scales[reference_band]
 
-    # PSFs still being built in a helper process (run_exposure_set), and the
-    # sources detected there after them: the work that needs neither is
-    # done meanwhile.
+    # PSFs still being built in a helper process (run_exposure_set): the work
+    # that does not need them is done meanwhile, the detection too if the
+    # helper has not begun it.
     pending = isinstance(psfs, HelperCall)
     detected = early = None
     if pending:
