@@ -193,6 +193,23 @@ def simulated_field():
     return exposures, truth
 
 
+@pytest.fixture
+def background_meshes(monkeypatch):
+    """A list that grows by the image shape of each photutils ``Background2D`` mesh
+    computed in this process during the test."""
+    import photutils.background
+
+    meshes = []
+    original = photutils.background.Background2D
+
+    def counting(data, *args, **kwargs):
+        meshes.append(data.shape)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(photutils.background, 'Background2D', counting)
+    return meshes
+
+
 @pytest.fixture(scope='session')
 def simulated_field_reused(simulated_field):
     """A context manager in which `psfdeconv.simulate.simulate_exposure`, called with

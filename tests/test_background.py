@@ -67,28 +67,13 @@ def test_nothing_shared_outside_the_block():
     assert outside is not inner and outside.flags.writeable
 
 
-def _counting_meshes(monkeypatch):
-    """A list that grows by one per Background2D mesh computed."""
-    import photutils.background
-
-    meshes = []
-    original = photutils.background.Background2D
-
-    def counting(data, *args, **kwargs):
-        meshes.append(data.shape)
-        return original(data, *args, **kwargs)
-
-    monkeypatch.setattr(photutils.background, 'Background2D', counting)
-    return meshes
-
-
 @pytest.mark.parametrize('size', [256, 100])  # a mesh, and global statistics
-def test_estimates_shared_through_a_directory(size, tmp_path, monkeypatch):
+def test_estimates_shared_through_a_directory(size, tmp_path, background_meshes):
     """A first estimate written to the directory by one block (another process)
     is read by the next instead of computed: the same values, bit for bit."""
     image, bad = _image(size)
     alone, rms_alone = estimate_background(image, bad)
-    meshes = _counting_meshes(monkeypatch)
+    meshes = background_meshes
     with shared_estimates(tmp_path):
         written, rms_written = estimate_background(image, bad)
     assert len(list(tmp_path.glob('background-*.npy'))) == 1

@@ -187,58 +187,41 @@ def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, detector, simul
     assert len(written) == len(helped)
 
 
+def _helper_part(exposures, **kwargs):
+    """The helper's `_psfs_and_detections` for ePSFs, with detection."""
+    return pipeline._psfs_and_detections(
+        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
+        detect_options=None, pixel_scale=None, detect=True, **kwargs)
+
+
 def test_the_helpers_psfs_and_detection_share_the_background_meshes(simulated_field,
-                                                                    monkeypatch):
+                                                                    background_meshes):
     """The helper's ePSFs and its detection start from the same first background mesh of
     the reference band: computed once per band, as in the run's own process."""
-    import photutils.background
-
     exposures, _ = simulated_field
-    meshes = []
-    original = photutils.background.Background2D
-
-    def counting(data, *args, **kwargs):
-        meshes.append(data.shape)
-        return original(data, *args, **kwargs)
-
-    monkeypatch.setattr(photutils.background, 'Background2D', counting)
-    models, detected = pipeline._psfs_and_detections(
-        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
-        detect_options=None, pixel_scale=None, detect=True)
+    models, detected = _helper_part(exposures)
     assert set(models) == set(exposures)
     assert detected[0].size > 0
-    assert len(meshes) == len(exposures)
+    assert len(background_meshes) == len(exposures)
 
 
-def test_the_helper_reads_the_meshes_the_run_wrote(simulated_field, monkeypatch, tmp_path):
+def test_the_helper_reads_the_meshes_the_run_wrote(simulated_field, background_meshes,
+                                                   tmp_path):
     """The run subtracts the backgrounds (writing each band's first mesh to the
     scratch directory); the helper's ePSFs and detection then compute none
     of their own, and come out as computed alone."""
-    import photutils.background
-
     from psfdeconv.background import shared_estimates, subtract_background
 
     exposures, _ = simulated_field
-    alone = pipeline._psfs_and_detections(
-        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
-        detect_options=None, pixel_scale=None, detect=True)
+    alone = _helper_part(exposures)
     matched = pipeline._matched_bands(exposures, next(iter(exposures)), None)[0]
     with shared_estimates(tmp_path):
         for exposure in matched.values():
             subtract_background(exposure)
     assert len(list(tmp_path.glob('background-*.npy'))) == len(exposures)
-    meshes = []
-    original = photutils.background.Background2D
-
-    def counting(data, *args, **kwargs):
-        meshes.append(data.shape)
-        return original(data, *args, **kwargs)
-
-    monkeypatch.setattr(photutils.background, 'Background2D', counting)
-    models, detected = pipeline._psfs_and_detections(
-        exposures, 'epsf', None, no_wcs_scale=None, reference_band=None,
-        detect_options=None, pixel_scale=None, detect=True, shared=str(tmp_path))
-    assert meshes == []
+    computed = len(background_meshes)
+    models, detected = _helper_part(exposures, shared=str(tmp_path))
+    assert len(background_meshes) == computed
     for band in exposures:
         np.testing.assert_array_equal(models[band].data, alone[0][band].data)
     for got, expected in zip(detected, alone[1], strict=True):
