@@ -9,7 +9,7 @@ and the background subtraction of the pipeline (`subtract_background`).
 
 Those three stages estimate the same first mesh of the same band;
 within `shared_estimates` (the pipeline's set-up) it is computed once per
-image and shared.
+image and shared, also with another process through a directory.
 """
 
 import contextlib
@@ -204,12 +204,12 @@ def _read_estimate(directory, key):
     """The first estimate another process wrote (`_write_estimate`), or None."""
     try:
         values = np.load(_estimate_path(directory, key))
-    except (OSError, ValueError):
-        return None
-    ndim = int(values[0])
-    shape = tuple(int(n) for n in values[1:1 + ndim])
-    background = values[1 + ndim:-1]
-    if background.size != int(np.prod(shape)):
+        ndim = int(values[0])
+        shape = tuple(int(n) for n in values[1:1 + ndim])
+        background = values[1 + ndim:-1]
+        if values.ndim != 1 or ndim not in (0, 2) or background.size != int(np.prod(shape)):
+            return None
+    except (OSError, ValueError, IndexError):
         return None
     return (background.reshape(shape) if ndim else float(background[0])), float(values[-1])
 

@@ -96,11 +96,15 @@ def test_a_damaged_or_unwritable_shared_directory_only_loses_the_sharing(tmp_pat
     with shared_estimates(tmp_path):
         estimate_background(image, bad)
     (path,) = tmp_path.glob('background-*.npy')
-    path.write_bytes(b'not an array')
-    with shared_estimates(tmp_path):
-        damaged, rms = estimate_background(image, bad)
-    assert_array_equal(damaged, alone)
-    assert rms == rms_alone
+    for damage in (b'not an array', np.zeros(0), np.array([2.0, 5.0, 5.0, 1.0])):
+        if isinstance(damage, bytes):
+            path.write_bytes(damage)
+        else:
+            np.save(path, damage)
+        with shared_estimates(tmp_path):
+            damaged, rms = estimate_background(image, bad)
+        assert_array_equal(damaged, alone)
+        assert rms == rms_alone
     with shared_estimates(tmp_path / 'missing'):
         unwritable, rms = estimate_background(image, bad)
     assert_array_equal(unwritable, alone)
