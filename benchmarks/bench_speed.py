@@ -105,13 +105,13 @@ def stamp_rates(n, model):
     the other (the network not overlapped with the work around it), on n
     simulated stamps."""
     import psfdeconv.deconvolve as deconvolve_module
-    from psfdeconv.deconvolve import deconvolve_stamps
+    from psfdeconv.deconvolve import check_symmetries, deconvolve_stamps
     from psfdeconv.inference import resolve_precision
     from psfdeconv.simulate import simulate_stamps
 
     sims = simulate_stamps(n, seed=1)
     observed, psfs, scale = sims['observed'], sims['psf'], sims['pixel_scale']
-    views = model.card.get('symmetries') or 1
+    views = check_symmetries(None, model)
     auto = resolve_precision('auto')
     variants = {f'card ({views} views), float32': dict(precision='float32'),
                 f'card ({views} views), auto ({auto[0]}, {auto[1]})': dict(precision='auto'),
@@ -147,6 +147,7 @@ def main():
                         help='side in pixels of each batch group')
     args = parser.parse_args()
 
+    from psfdeconv.deconvolve import check_symmetries
     from psfdeconv.model import default_model_path, load_model
 
     model_path = default_model_path(len(BANDS))
@@ -172,7 +173,7 @@ def main():
             # One view with the PSFs in a helper process where it pays (the
             # default), then in the run's own process, then the card's views
             # (the default configuration), in the same run.
-            views = model.card.get('symmetries') or 1
+            views = check_symmetries(None, model)
             for psf_process, symmetries, how in (
                     ('auto', 1, '1 view'), (False, 1, '1 view, PSFs in-process'),
                     ('auto', None, f"the card's {views} views (the defaults)")):

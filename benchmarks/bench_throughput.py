@@ -53,6 +53,7 @@ def main():
 
 
     import psfdeconv
+    from psfdeconv.deconvolve import check_symmetries
     from psfdeconv.evaluate import richardson_lucy_deconvolve, wiener_deconvolve
     from psfdeconv.features import make_cube
     from psfdeconv.simulate import simulate_stamps
@@ -74,7 +75,7 @@ def main():
     model.predict(cube[:64])  # build the graph once
     seconds, _ = _time(model.predict, cube, repeat=2)
     rates['network forward (float32, batch 128)'] = _rate(n, seconds)
-    symmetries = model.card.get('symmetries') or 1
+    symmetries = check_symmetries(None, model)
     seconds, _ = _time(psfdeconv.deconvolve_stamps, observed, psfs,
                        pixel_scale=scale, model=model, repeat=2)
     rates['deconvolve_stamps (end to end)'] = _rate(n, seconds)
