@@ -67,7 +67,7 @@ __all__ = ['deconvolve_stamps', 'validate_stamps', 'normalize_psfs',
            'detection_snr', 'apply_detection', 'correct_flux_bias',
            'light_radius', 'residual_flux', 'RESIDUAL_MISMATCH', 'RESIDUAL_APERTURE',
            'OUTPUT_FLOORS', 'remove_output_floor', 'SYMMETRY_COUNTS',
-           'check_symmetries', 'symmetric_output', 'psf_ellipticity',
+           'check_symmetries', 'symmetric_output', 'symmetric_predict', 'psf_ellipticity',
            'correct_psf_leakage', 'correct_size_bias', 'psf_fwhm',
            'outside_training_range', 'check_training_range', 'MAD_TO_SIGMA']
 
@@ -724,6 +724,21 @@ def symmetric_output(model, stamps, psfs, pixel_scale, *, symmetries=8,
         output[sl] = _symmetric_predict(model, cube, transforms, batch_size=batch_size,
                                         precision=precision)
     return output
+
+
+def symmetric_predict(model, cubes, *, symmetries=8, batch_size=128, precision='float32'):
+    """The network's output on input cubes averaged over symmetries of the
+    square: `symmetric_output` of cubes already built
+    (`~psfdeconv.features.make_cube`), e.g. the cached cubes of a training run.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        float32 (n, n_bands, ny, nx), in the network's scaled units.
+    """
+    transforms = _SYMMETRY_TRANSFORMS[check_symmetries(symmetries)]
+    return _symmetric_predict(model, cubes, transforms, batch_size=batch_size,
+                              precision=precision)
 
 
 def _symmetric_predict(model, cube, transforms, *, batch_size, precision):

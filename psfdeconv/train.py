@@ -38,7 +38,7 @@ from .transforms import square_symmetry
 
 __all__ = ['TrainConfig', 'train_model', 'split_indices', 'scaled_batch',
            'split_bands', 'augment_batch', 'build_cache', 'validation_objects',
-           'moment_loss']
+           'moment_loss', 'distilled_targets']
 
 #: Targets are the truth over this many times the inputs' scale (see
 #: `scaled_batch`).
@@ -117,6 +117,17 @@ class TrainConfig:
     #: and log size against the target's); 0 trains on the
     #: cross-entropy alone, as the paper.
     moment_loss_weight: float = 0.0
+    #: Distil a symmetry average into one network pass: the training
+    #: targets become the ``initial_weights`` network's output averaged over
+    #: this many views (`~psfdeconv.deconvolve.symmetric_output`, float32),
+    #: mixed with the truth's targets by ``distill_weight``. The teacher
+    #: runs once on the cached cubes (``cache_cubes``); the validation
+    #: targets stay the truth's, so the best epoch is the one closest to
+    #: the truth. None: the truth alone, as the paper.
+    distill_symmetries: int = None
+    #: Weight of the teacher's output in the distilled targets: 1 the
+    #: teacher alone, 0 the truth alone.
+    distill_weight: float = 1.0
 
     def __post_init__(self):
         self.kinds = check_kinds(self.kinds)
@@ -144,6 +155,17 @@ class TrainConfig:
         if not (np.isfinite(self.moment_loss_weight) and self.moment_loss_weight >= 0):
             raise ConfigError(f'moment_loss_weight must be a finite number >= 0, '
                               f'got {self.moment_loss_weight!r}.')
+        if self.distill_symmetries is not None:
+            check_symmetries(self.distill_symmetries)
+            if self.initial_weights is None or not self.cache_cubes:
+                raise ConfigError(
+                    f'distill_symmetries = {self.distill_symmetries} distils the '
+                    f'initial_weights network over the cached cubes: set '
+                    f'initial_weights to its .keras file (with its card) and '
+                    f'cache_cubes to true, or distill_symmetries to None.')
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f'distill_weight must be in [0, 1], got '
+                              f'{self.distill_weight!r}.')
 
     def to_dict(self):
         """JSON-serialisable dict."""
@@ -486,6 +508,13 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
             for key in ('observed', 'truth', 'psf'):
                 data.pop(key)
 
+    if config.distill_symmetries is not None and not nothing_left:
+        cubes, targets = caches['train']
+        caches['train'] = cubes, distilled_targets(
+            config.initial_weights, cubes, targets,
+            symmetries=config.distill_symmetries, weight=config.distill_weight,
+            batch_size=max(config.batch_size, 64))
+
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import keras
 
@@ -585,6 +614,54 @@ def train_model(simulation_path, out_dir, *, config=None, resume=False,
                 file_sha256(config.initial_weights)),
         })
     return model, card
+
+
+def distilled_targets(teacher, cubes, targets, *, symmetries, weight=1.0,
+                      batch_size=128, chunk=4096):
+    """Training targets that distil a network's symmetry average.
+
+    The teacher network runs in float32 on every view of ``cubes``; the
+    average of its outputs, turned back (`~psfdeconv.deconvolve.symmetric_output`
+    of the cubes), replaces ``targets`` in proportion ``weight``. Both are in
+    the network's scaled units (`scaled_batch`), clipped to [0, 1] as binary
+    cross-entropy requires.
+
+    Parameters
+    ----------
+    teacher : str, `~pathlib.Path` or `~psfdeconv.model.DeconvolutionModel`
+        The network whose average is learnt (a ``.keras`` file with its card).
+    cubes : `~numpy.ndarray`
+        (n, ny, nx, n_channels) input cubes (`scaled_batch`).
+    targets : `~numpy.ndarray`
+        (n, ny, nx, n_bands) truth targets; overwritten in place.
+    symmetries : {1, 2, 4, 8}
+        Views averaged (`~psfdeconv.deconvolve.symmetric_output`).
+    weight : float, optional
+        Weight of the teacher's average; the truth's is ``1 - weight``.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        ``targets``, float32.
+    """
+    from .deconvolve import symmetric_predict
+    from .model import DeconvolutionModel, load_model
+
+    model = teacher if isinstance(teacher, DeconvolutionModel) else load_model(teacher)
+    if model.n_bands != targets.shape[-1] or cubes.shape[1:] != tuple(
+            model.keras_model.input_shape[1:]):
+        raise ConfigError(f'the teacher {model!r} takes cubes of shape '
+                          f'{model.keras_model.input_shape[1:]} and gives '
+                          f'{model.n_bands} band(s); the training cubes are '
+                          f'{cubes.shape[1:]} with {targets.shape[-1]} band(s).')
+    check_symmetries(symmetries)
+    for start in range(0, len(cubes), chunk):
+        sl = slice(start, start + chunk)
+        average = symmetric_predict(model, cubes[sl], symmetries=symmetries,
+                                    batch_size=batch_size, precision='float32')
+        average = np.clip(average.transpose(0, 2, 3, 1), 0.0, 1.0)
+        targets[sl] = weight * average + (1.0 - weight) * targets[sl]
+    return targets
 
 
 def _run_finished(state, config):

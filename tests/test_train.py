@@ -77,6 +77,11 @@ def test_train_config_from_dict_round_trip():
     ({'target_headroom': 0.5}, 'target_headroom must be >= 1'),
     ({'moment_loss_weight': -0.1}, 'moment_loss_weight must be a finite number >= 0'),
     ({'moment_loss_weight': float('nan')}, 'moment_loss_weight must be a finite number >= 0'),
+    ({'distill_symmetries': 3, 'initial_weights': 'a.keras', 'cache_cubes': True},
+     'symmetries must be'),
+    ({'distill_symmetries': 4, 'cache_cubes': True}, 'set initial_weights to its .keras'),
+    ({'distill_symmetries': 4, 'initial_weights': 'a.keras'}, 'cache_cubes to true'),
+    ({'distill_weight': 1.5}, r'distill_weight must be in \[0, 1\]'),
 ])
 def test_train_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -515,3 +520,63 @@ def test_training_with_the_moment_term_resumes(tiny_simulation_path, tmp_path,
                           config=make_tiny_train_config(epochs=2, moment_loss_weight=0.05),
                           resume=True, verbose=0)
     assert [h['epoch'] for h in card['training']['history']] == [1, 2]
+
+
+# --- distillation of the symmetry average ------------------------------------------------------
+
+
+def test_distilled_targets_are_the_teachers_symmetry_average(tiny_model, tiny_simulation_path):
+    # The targets of a distilled run are the teacher's 4-view average of the same stamps, as
+    # deconvolve_stamps computes it (symmetric_output), in the targets' layout; a weight mixes
+    # them with the truth's.
+    from psfdeconv.deconvolve import symmetric_output
+    from psfdeconv.train import distilled_targets
+
+    sims = read_simulation(tiny_simulation_path, 0, 24)
+    cube, truth_target = scaled_batch(sims['observed'], sims['psf'], sims['pixel_scale'],
+                                      sims['truth'])
+    average = symmetric_output(tiny_model, sims['observed'], sims['psf'], sims['pixel_scale'],
+                               symmetries=4).transpose(0, 2, 3, 1)
+    expected = np.clip(average, 0.0, 1.0)
+    got = distilled_targets(tiny_model.path, cube, truth_target.copy(), symmetries=4,
+                            chunk=10)
+    assert got.dtype == np.float32
+    assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # Not the truth, and not one view: the average is of the four turns.
+    one_view = symmetric_output(tiny_model, sims['observed'], sims['psf'],
+                                sims['pixel_scale'], symmetries=1).transpose(0, 2, 3, 1)
+    assert np.abs(got - truth_target).max() > 1e-2
+    assert np.abs(got - np.clip(one_view, 0, 1)).max() > 1e-4
+    half = distilled_targets(tiny_model, cube, truth_target.copy(), symmetries=4, weight=0.5)
+    assert_allclose(half, 0.5 * expected + 0.5 * truth_target, atol=1e-6)
+    assert_array_equal(distilled_targets(tiny_model, cube, truth_target.copy(), symmetries=4,
+                                         weight=0.0), truth_target)
+
+
+def test_distilled_targets_refuse_another_network(tiny_model, tiny_simulation_path):
+    from psfdeconv.train import distilled_targets
+
+    sims = read_simulation(tiny_simulation_path, 0, 4)
+    cube, target = scaled_batch(sims['observed'], sims['psf'], sims['pixel_scale'],
+                                sims['truth'], kinds=('psf',))
+    with pytest.raises(ConfigError, match=r'takes cubes of shape \(64, 64, 9\)'):
+        distilled_targets(tiny_model, cube, target, symmetries=4)
+
+
+@pytest.mark.slow
+def test_distilled_training_records_its_teacher(tiny_training, tiny_simulation_path, tmp_path,
+                                                make_tiny_train_config):
+    # Same seed, start and steps: only the targets differ, so the weights do, and the card
+    # records the teacher's views. (Whether a student learns its teacher's average is a question
+    # for a real network, docs/validation.rst; this one's outputs barely depend on the view.)
+    options = dict(epochs=1, cache_cubes=True, learning_rate=1e-3,
+                   initial_weights=str(tiny_training.path))
+    plain, _ = train_model(tiny_simulation_path, tmp_path / 'plain', verbose=0,
+                           config=make_tiny_train_config(**options))
+    distilled, card = train_model(tiny_simulation_path, tmp_path / 'distilled', verbose=0,
+                                  config=make_tiny_train_config(distill_symmetries=4,
+                                                                **options))
+    assert card['training']['config']['distill_symmetries'] == 4
+    assert card['training']['config']['distill_weight'] == 1.0
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(plain.get_weights(), distilled.get_weights(), strict=True))

@@ -8,7 +8,9 @@ SNR bin (the simulation's matched-filter ``snr``), the HSM failure rate of the o
 ``flux_corrected`` / true flux and the stamps per second of the call. With several
 symmetry counts, the last line gives each count's e RMS over that of the last count
 listed, on the same band images (those every count measures), with a bootstrap error
-over objects::
+over objects. With several models, a last line per file gives every model's and count's
+e RMS over that of the first model with the last count, on the band images all of them
+measure (e.g. a network distilled to one pass against the average it learnt)::
 
     python validation/compare_models.py TEST.h5 [TEST2.h5 ...] --models A.keras B.keras
         [--n 600] [--symmetries 1 2 4 8]
@@ -30,7 +32,8 @@ def _rms(error1, error2):
 
 
 def compare(path, model, n, symmetries, n_bootstrap=300, seed=0):
-    """One result line per number of symmetries, then their paired e RMS ratios."""
+    """One result line per number of symmetries, then their paired e RMS ratios;
+    and the errors ``{views: (d1, d2, ok)}``."""
     import psfdeconv
     from psfdeconv.measure import hsm_moments
 
@@ -65,22 +68,31 @@ def compare(path, model, n, symmetries, n_bootstrap=300, seed=0):
                      f'flux med {np.median(flux) - 1:+.4f} {rate:.1f} stamps/s')
     if len(symmetries) > 1:
         reference = symmetries[-1]
-        common = np.logical_and.reduce([ok for _, _, ok in errors.values()])
-        rng = np.random.default_rng(seed)
-        draws = rng.integers(0, len(common), (n_bootstrap, len(common)))
+        ratios, n_common = paired_ratios(errors, reference, n_bootstrap=n_bootstrap, seed=seed)
+        lines.append(f'e RMS / that of symmetries {reference} ({n_common} band images): '
+                     + ', '.join(f'{views}: {ratio}' for views, ratio in ratios.items()
+                                 if views != reference))
+    return lines, errors
 
-        def draw_rms(d1, d2):
-            return np.array([_rms(d1[index][common[index]], d2[index][common[index]])
-                             for index in draws])
 
-        reference_rms = draw_rms(*errors[reference][:2])
-        ratios = []
-        for views in symmetries[:-1]:
-            values = draw_rms(*errors[views][:2]) / reference_rms
-            ratios.append(f'{views}: {np.mean(values):.4f} +- {np.std(values):.4f}')
-        lines.append(f'e RMS / that of symmetries {reference} ({common.sum()} band images): '
-                     + ', '.join(ratios))
-    return lines
+def paired_ratios(errors, reference, n_bootstrap=300, seed=0):
+    """Each entry's e RMS over that of ``reference``, on the band images every entry
+    measures, as 'mean +- bootstrap error' over the same resampled objects; and how
+    many band images that is."""
+    common = np.logical_and.reduce([ok for _, _, ok in errors.values()])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(common), (n_bootstrap, len(common)))
+
+    def draw_rms(d1, d2):
+        return np.array([_rms(d1[index][common[index]], d2[index][common[index]])
+                         for index in draws])
+
+    reference_rms = draw_rms(*errors[reference][:2])
+    ratios = {}
+    for key, (d1, d2, _) in errors.items():
+        values = draw_rms(d1, d2) / reference_rms
+        ratios[key] = f'{np.mean(values):.4f} +- {np.std(values):.4f}'
+    return ratios, int(common.sum())
 
 
 def main(argv=None):
@@ -94,10 +106,21 @@ def main(argv=None):
     import psfdeconv
 
     for path in args.sims:
+        every = {}
         for name in args.models:
             model = psfdeconv.load_model(None if name == 'shipped' else name)
-            for line in compare(path, model, args.n, args.symmetries):
+            lines, errors = compare(path, model, args.n, args.symmetries)
+            for line in lines:
                 print(f'{path} {name} {line}', flush=True)
+            every.update({(name, views): value for views, value in errors.items()})
+        if len(args.models) > 1:
+            reference = (args.models[0], args.symmetries[-1])
+            ratios, n_common = paired_ratios(every, reference)
+            print(f'{path} e RMS / that of {reference[0]} with symmetries {reference[1]} '
+                  f'({n_common} band images): '
+                  + ', '.join(f'{name} {views}: {ratio}'
+                              for (name, views), ratio in ratios.items()
+                              if (name, views) != reference), flush=True)
 
 
 if __name__ == '__main__':
