@@ -24,7 +24,9 @@
 #
 # Args: N_OBJECTS SEED END_SECONDS.  LOCALTEST=1 runs with this machine's
 # Python path instead of the unpacked site (a smoke test of the recipe).
-N=${1:-117000}; SEED=${2:-7}; END=${3:-520}; PY=${PY:-python3}
+# MODELS="3" trains the 3-band model alone (e.g. a distillation of its
+# symmetry average, data/README.md).
+N=${1:-117000}; SEED=${2:-7}; END=${3:-520}; PY=${PY:-python3}; MODELS=${MODELS:-3 1}
 OUT=${OUT:-/tmp/devout}; mkdir -p "$OUT" /tmp/site
 t0=$(date +%s)
 if [ -z "$LOCALTEST" ]; then
@@ -46,10 +48,10 @@ TRAIN='import json, sys
 from psfdeconv.train import TrainConfig, train_model
 values = json.load(open(sys.argv[1])); values["max_minutes"] = float(sys.argv[3])
 train_model(sys.argv[2], sys.argv[4], config=TrainConfig.from_dict(values), verbose=2)'
-for m in 3 1; do
+for m in $MODELS; do
   ( $PY -c "$TRAIN" .devsite/train$m.json $SIM "$MIN" /tmp/m$m > "$OUT/train$m.log" 2>&1
     # Files come back in parts of at most 15 MB.
     tar cf /tmp/m$m.tar -C /tmp/m$m best.keras state.json && split -b 15M /tmp/m$m.tar "$OUT/m$m.tar.part-" ) &
 done
 wait
-echo "all done at $(( $(date +%s) - t0 )) s"; ls -la "$OUT"; tail -n 4 "$OUT/train3.log" "$OUT/train1.log"
+echo "all done at $(( $(date +%s) - t0 )) s"; ls -la "$OUT"; for m in $MODELS; do tail -n 4 "$OUT/train$m.log"; done

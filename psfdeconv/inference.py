@@ -9,7 +9,8 @@ Two precisions are offered:
     (`tf.function` with a fixed input signature), compiled by OpenVINO's
     CPU plugin in float32 (``INFERENCE_PRECISION_HINT`` f32, a softplus
     output activation applied by NumPy) when the ``openvino`` package is
-    installed, else run by TensorFlow. Both equal the eager Keras call to
+    installed, else run by TensorFlow (under another Keras backend, such as
+    JAX on a GPU machine, by that backend). All equal the eager Keras call to
     float32 rounding (within 1e-5 of the largest output; OpenVINO's output
     does not depend on the batch size). OpenVINO
     is the faster of the two on CPUs without bfloat16 (1.6-1.7x TensorFlow
@@ -225,11 +226,25 @@ def _graph(keras_model):
 
 
 def _tensorflow_runner(keras_model):
-    """float32: the Keras model as one TensorFlow graph."""
+    """float32: the Keras model as one TensorFlow graph; under another Keras
+    backend (JAX on an accelerator machine, which has no TensorFlow), that
+    backend's compiled inference step."""
+    import keras
+
+    if keras.backend.backend() != 'tensorflow':
+        return _keras_runner(keras_model)
     forward = _graph(keras_model)
 
     def run(batch):
         return np.asarray(forward(batch), dtype=np.float32)
+
+    return run
+
+
+def _keras_runner(keras_model):
+    """The Keras model's own ``predict_on_batch``, in whatever backend runs it."""
+    def run(batch):
+        return np.asarray(keras_model.predict_on_batch(batch), dtype=np.float32)
 
     return run
 

@@ -93,6 +93,21 @@ def test_float32_graph_equals_eager(model, cube):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+def test_float32_under_another_keras_backend(model, cube, monkeypatch):
+    # Under JAX (an accelerator machine without TensorFlow) the 'tensorflow' runtime is
+    # Keras' own inference step: no TensorFlow graph, the same numbers.
+    import keras
+
+    from psfdeconv import inference
+
+    monkeypatch.setattr(keras.backend, 'backend', lambda: 'jax')
+    monkeypatch.setattr(inference, '_graph', None)  # never traced
+    got = inference._tensorflow_runner(model.keras_model)(cube)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), eager(model, cube), rtol=0,
+                               atol=1e-5)
+
+
 def test_float32_runtimes_agree(model, cube):
     from psfdeconv import inference
 
