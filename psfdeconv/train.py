@@ -654,7 +654,6 @@ def distilled_targets(teacher, cubes, targets, *, symmetries, weight=1.0,
                           f'{model.keras_model.input_shape[1:]} and gives '
                           f'{model.n_bands} band(s); the training cubes are '
                           f'{cubes.shape[1:]} with {targets.shape[-1]} band(s).')
-    check_symmetries(symmetries)
     for start in range(0, len(cubes), chunk):
         sl = slice(start, start + chunk)
         average = symmetric_predict(model, cubes[sl], symmetries=symmetries,

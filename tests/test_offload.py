@@ -95,11 +95,11 @@ def _detection_by(detector, monkeypatch):
     if detector == 'helper':
         monkeypatch.setattr(claim, 'take', lambda self, **kwargs: False)
     elif detector == 'run':
-        original = claim.__init__
+        original, original_take = claim.__init__, claim.take
 
         def taken(self, path):
             original(self, path)
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            assert original_take(self)  # the helper then finds it taken
 
         monkeypatch.setattr(claim, '__init__', taken)
         monkeypatch.setattr(claim, 'take', lambda self, **kwargs: True)
