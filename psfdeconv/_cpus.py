@@ -33,9 +33,10 @@ def cpu_share():
 
 
 def thread_count(n_items, min_per_thread):
-    """Threads for ``n_items`` independent pieces of work: one per usable CPU,
-    each with at least ``min_per_thread`` items (one thread below that)."""
-    return min(usable_cpus(), max(1, n_items // min_per_thread))
+    """Threads for ``n_items`` independent pieces of work: one per CPU of
+    this process's share (`cpu_share`), each with at least ``min_per_thread``
+    items (one thread below that)."""
+    return min(cpu_share(), max(1, n_items // min_per_thread))
 
 
 def run_in_threads(function, n_items, threads):

@@ -14,11 +14,16 @@ The transforms keep the precision of their inputs: float32 images give
 complex64 transforms (half the memory and time of complex128). Only the
 image's own rows are transformed along x (the padding rows are zero) and
 only the rows kept by the crop are transformed back, which saves about a
-third of each 2-D transform on stamps padded by a large PSF.
+third of each 2-D transform on stamps padded by a large PSF. The
+transforms run in `~psfdeconv._cpus.cpu_share` threads: scipy's
+``workers=-1`` counts every CPU of the machine, also those a batch worker
+process leaves to the others.
 """
 
 import numpy as np
 import scipy.fft
+
+from ._cpus import cpu_share
 
 __all__ = []
 
@@ -33,8 +38,8 @@ def image_fft(images, fft_shape):
     """Real FFT of zero-padded images, shape ``(..., fy, fx // 2 + 1)``."""
     # x first on the ny image rows, then y zero-padded to fy: the same
     # operations as rfft2 on the padded array, without the zero rows' work.
-    rows = scipy.fft.rfft(images, n=fft_shape[1], axis=-1, workers=-1)
-    return scipy.fft.fft(rows, n=fft_shape[0], axis=-2, workers=-1, overwrite_x=True)
+    rows = scipy.fft.rfft(images, n=fft_shape[1], axis=-1, workers=cpu_share())
+    return scipy.fft.fft(rows, n=fft_shape[0], axis=-2, workers=cpu_share(), overwrite_x=True)
 
 
 def kernel_fft(kernels, fft_shape):
@@ -55,20 +60,20 @@ def kernel_fft(kernels, fft_shape):
                     dtype=np.result_type(kernels.dtype, np.float32))
     rows[..., :kx - cx] = kernels[..., cx:]
     rows[..., fx - cx:] = kernels[..., :cx]
-    rows = scipy.fft.rfft(rows, axis=-1, workers=-1)
+    rows = scipy.fft.rfft(rows, axis=-1, workers=cpu_share())
     padded = np.zeros(kernels.shape[:-2] + (fy, rows.shape[-1]), dtype=rows.dtype)
     padded[..., :ky - cy, :] = rows[..., cy:, :]
     padded[..., fy - cy:, :] = rows[..., :cy, :]
-    return scipy.fft.fft(padded, axis=-2, workers=-1, overwrite_x=True)
+    return scipy.fft.fft(padded, axis=-2, workers=cpu_share(), overwrite_x=True)
 
 
 def inverse_fft(transform, fft_shape, image_shape):
     """Inverse of `image_fft`, cropped to the original image shape; may
     overwrite ``transform`` (callers pass temporaries)."""
     # y first, then x on the kept rows only (as irfft2, less the cropped rows).
-    columns = scipy.fft.ifft(transform, axis=-2, workers=-1,
+    columns = scipy.fft.ifft(transform, axis=-2, workers=cpu_share(),
                              overwrite_x=True)[..., :image_shape[0], :]
-    out = scipy.fft.irfft(columns, n=fft_shape[1], axis=-1, workers=-1)
+    out = scipy.fft.irfft(columns, n=fft_shape[1], axis=-1, workers=cpu_share())
     return out[..., :image_shape[1]]
 
 

@@ -50,6 +50,7 @@ it take turns for the forward pass (which TensorFlow already spreads over
 the CPU's cores) while the other threads cut, refit and measure.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -525,7 +526,7 @@ def _configure_threads(threads):
         except (ImportError, ValueError, AttributeError):
             return
     threads = max(1, int(threads))
-    for name in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+    for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)
     try:
         import tensorflow as tf
@@ -998,7 +999,7 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
                  len(todo), len(ids) - len(todo))
         try:
             if tasks and client is None:
-                _compute_locally(tasks, keys, finished, scheduler, workers)
+                _compute_locally(tasks, keys, finished, scheduler, workers, threads)
             elif tasks:
                 _compute_on_cluster(tasks, keys, finished, client)
         except Exception as exc:  # e.g. a worker process that died
@@ -1047,9 +1048,37 @@ def _manifest_value(manifest, name, row):
     return str(manifest[name][row]) if name in manifest.colnames else ''
 
 
-def _compute_locally(tasks, keys, finished, scheduler, workers):
+#: The thread-count variables of OpenMP and the BLAS libraries.
+_THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
+
+
+@contextlib.contextmanager
+def _worker_threads(threads):
+    """Set the thread-count variables to ``threads`` (an int) in this
+    process's environment, which processes started meanwhile inherit, and
+    restore them after.
+
+    A BLAS library reads its variable once, when numpy loads it: in a
+    worker process that is before `_configure_threads` runs, so the
+    variable must be in the environment the process starts with.
+    """
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(_THREAD_VARIABLES, str(threads)))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _compute_locally(tasks, keys, finished, scheduler, workers, threads=None):
     """Run the group tasks on a local dask scheduler, calling ``finished``
-    with each group's row as it completes."""
+    with each group's row as it completes; the worker processes of the
+    'processes' scheduler start with ``threads`` as their thread-count
+    variables."""
     import dask
     from dask.callbacks import Callback
 
@@ -1063,7 +1092,9 @@ def _compute_locally(tasks, keys, finished, scheduler, workers):
     if scheduler == 'processes':
         # One group per dispatch (dask's default sends 6 to one process).
         options['chunksize'] = 1
-    with Callback(posttask=posttask):
+    environment = (_worker_threads(threads) if scheduler == 'processes' and threads
+                   else contextlib.nullcontext())
+    with Callback(posttask=posttask), environment:
         dask.compute(*tasks, **options)
 
 

@@ -288,6 +288,25 @@ def test_default_workers_follow_the_cpu_affinity(tiny_model_path):
         os.sched_setaffinity(0, allowed)
 
 
+def test_worker_processes_start_with_their_thread_share(monkeypatch):
+    # numpy's BLAS reads its thread count when numpy loads, before the worker
+    # runs any task: the variables must be in the environment it starts with.
+    from psfdeconv.batch import _worker_threads
+
+    monkeypatch.setenv('OMP_NUM_THREADS', '7')
+    monkeypatch.delenv('OPENBLAS_NUM_THREADS', raising=False)
+    with _worker_threads(1):
+        child = subprocess.run(
+            [sys.executable, '-c', 'import os; print(os.environ["OMP_NUM_THREADS"], '
+             'os.environ["OPENBLAS_NUM_THREADS"], os.environ["MKL_NUM_THREADS"])'],
+            capture_output=True, text=True, check=True)
+    assert child.stdout.split() == ['1', '1', '1']
+    # Restored after: a variable that was set keeps its value, one that was not
+    # is removed again.
+    assert os.environ['OMP_NUM_THREADS'] == '7'
+    assert 'OPENBLAS_NUM_THREADS' not in os.environ
+
+
 @pytest.mark.slow
 def test_processes_batch(groups, reference, tiny_model, tmp_path):
     (groups / 'two.csv').write_text(

@@ -283,6 +283,40 @@ def test_cpu_share_follows_omp_num_threads(monkeypatch):
     assert cpu_share() == usable_cpus()
 
 
+def test_threaded_work_follows_the_cpu_share(monkeypatch):
+    # A batch worker process's share of the CPUs (OMP_NUM_THREADS) bounds the
+    # threads of its FFTs and of its per-image work, not the machine's CPU count
+    # (scipy's workers=-1): 2 workers on 2 CPUs must not run 4 threads.
+    import scipy.fft
+
+    from psfdeconv import _fourier
+    from psfdeconv._cpus import thread_count
+
+    used = []
+    for name in ('rfft', 'fft', 'ifft', 'irfft'):
+        original = getattr(scipy.fft, name)
+
+        def recording(*args, _original=original, workers=None, **kwargs):
+            used.append(workers)
+            return _original(*args, workers=workers, **kwargs)
+
+        monkeypatch.setattr(scipy.fft, name, recording)
+    images = np.ones((4, 20, 20), dtype=np.float32)
+    kernel = np.ones((5, 5), dtype=np.float32) / 25
+    for share in ('1', '3'):
+        monkeypatch.setenv('OMP_NUM_THREADS', share)
+        used.clear()
+        shape = _fourier.padded_shape(images.shape[1:], kernel.shape)
+        product = _fourier.image_fft(images, shape) * _fourier.kernel_fft(kernel, shape)
+        out = _fourier.inverse_fft(product, shape, images.shape[1:])
+        assert len(used) == 6
+        assert set(used) == {int(share)}
+        # A flat image stays flat away from its edges.
+        np.testing.assert_allclose(out[:, 8:12, 8:12], 1, rtol=1e-5)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    assert thread_count(10_000, 1) == 1
+
+
 @pytest.mark.parametrize(('option', 'value'), [('on', True), ('off', False),
                                                ('auto', 'auto')])
 def test_cli_psf_process(option, value, monkeypatch, tmp_path):
