@@ -706,13 +706,19 @@ def _check_options(scheduler, workers, resume, overwrite):
 
 
 def _load_batch_model(model, n_bands, verify=True):
+    """The batch's model: one in memory as it is, a file checked with its
+    card but without its network (``keras_model`` None: the groups load it
+    where they run, `_worker_model`), which spares this process TensorFlow's
+    start (seconds) when the groups run in worker processes."""
     from .model import DeconvolutionModel, default_model_path, load_model
 
     if isinstance(model, DeconvolutionModel):
         loaded = model
     elif model is None or isinstance(model, str | Path):
         path = default_model_path(n_bands) if model is None else Path(model)
-        loaded = load_model(path, n_bands=n_bands, verify=verify)
+        # Unverified, the network is loaded here: a file Keras cannot read
+        # fails the batch before its first group, not every group.
+        loaded = load_model(path, n_bands=n_bands, verify=verify, network=not verify)
     else:
         raise ModelFileError(f'model is a {type(model).__name__}; give a '
                              f'DeconvolutionModel (psfdeconv.load_model), the path '
@@ -879,8 +885,9 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
         raise ConfigError('the model has no file, so workers in other processes '
                           'cannot load it; save it (psfdeconv.model.save_model) and '
                           'give its path, or use scheduler="threads".')
-    with _MODELS_LOCK:
-        _MODELS[(model_path, loaded.sha256)] = _serial_model(loaded)
+    if loaded.keras_model is not None:
+        with _MODELS_LOCK:
+            _MODELS[(model_path, loaded.sha256)] = _serial_model(loaded)
 
     rows = {}
     if resume:

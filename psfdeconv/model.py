@@ -543,7 +543,7 @@ def check_model_file(path, card):
 class DeconvolutionModel:
     """A trained network together with its model card.
 
-    Use `load_model` to get one. The Keras model is loaded on first use.
+    Use `load_model` to get one from a file.
 
     Parameters
     ----------
@@ -636,7 +636,7 @@ class DeconvolutionModel:
                 f'sha256={str(self.sha256)[:12]}>')
 
 
-def load_model(path=None, *, n_bands=None, verify=True):
+def load_model(path=None, *, n_bands=None, verify=True, network=True):
     """Load a deconvolution model and its card, checking the file first.
 
     Parameters
@@ -655,6 +655,13 @@ def load_model(path=None, *, n_bands=None, verify=True):
         and catalogues record it (``meta['model']['verified']``). The card's
         values are checked for type and finiteness, and the archive's member
         sizes, either way.
+    network : bool, optional
+        False: check the file and its card as above, but do not load the
+        network with Keras (``keras_model`` is None, and TensorFlow is not
+        imported), for a process that only hands the file to others (the
+        worker processes of `~psfdeconv.batch.run_batch`). A model without
+        a card (``verify=False``) is loaded whole either way: its card is
+        made from the network.
 
     Returns
     -------
@@ -692,6 +699,10 @@ def load_model(path=None, *, n_bands=None, verify=True):
         raise _untrusted(path, f'has no card ({card_path.name} beside it)')
     if verify:
         _check_hashes(path, card)
+    if not network and card:
+        if not verify:
+            card['weights_sha256'] = weights_sha256(path)
+        return DeconvolutionModel(None, card, path=path, verified=bool(verify))
 
     keras = _keras()
     try:

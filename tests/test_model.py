@@ -234,6 +234,21 @@ def test_weights_checksum_mismatch(tiny_model_path, tmp_path):
     assert model.n_bands == 3
 
 
+def test_checked_without_the_network(tiny_model_path, tiny_model, tmp_path):
+    # network=False: the file's and card's checks, not Keras (for a batch's
+    # parent process, whose workers load the network).
+    light = load_model(tiny_model_path, network=False)
+    assert light.keras_model is None
+    assert light.card == tiny_model.card
+    assert light.sha256 == tiny_model.sha256
+    path = copy_model(tiny_model_path, tmp_path, 'modified')
+    edit_card(path, weights_sha256='0' * 64)
+    with pytest.raises(ModelFileError, match='SHA-256'):
+        load_model(path, network=False)
+    # Unverified, the weights' SHA-256 is the file's, as with the network.
+    assert load_model(path, verify=False, network=False).sha256 == tiny_model.sha256
+
+
 @pytest.mark.parametrize('changes', [{'n_bands': 2}, {'input_kinds': ['psf', 'ipsf']},
                                      {'stamp_size': 32}])
 def test_card_of_another_architecture(tiny_model_path, tmp_path, changes):
