@@ -197,12 +197,16 @@ def peak_rss(field, sizes, model_path):
     return results
 
 
-def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_stars=25):
+def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_stars=25,
+                  rounds=1):
     """Wall time of run_batch on n_groups small fields with worker processes
     (each starts TensorFlow and loads the model): ``times['1 cpu']``, one
     worker on one CPU (the process pinned with CPU affinity, which the worker
     inherits); ``times[1]``, one worker with every CPU (its TensorFlow,
-    FFT and reprojection threads); ``times[2]``, two workers."""
+    FFT and reprojection threads); ``times[2]``, two workers. With several
+    ``rounds`` (the three alternated), each is a list of the rounds' times;
+    ``groups[name]``, the groups' own seconds (summary column ``seconds``)
+    of each round, every worker's first group (which loads the model) apart."""
     from psfdeconv._cpus import usable_cpus
     from psfdeconv.batch import run_batch
 
@@ -214,20 +218,33 @@ def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_st
         lines.append(f'{group},{group}/g.fits,{group}/r.fits,{group}/i.fits')
     (root / 'groups.csv').write_text('\n'.join(lines) + '\n')
     allowed = os.sched_getaffinity(0)
-    times = {}
-    for name, workers, cpus in (('1 cpu', 1, {min(allowed)}), (1, 1, allowed),
-                                (2, 2, allowed)):
-        os.sched_setaffinity(0, cpus)
-        try:
-            assert usable_cpus() == len(cpus)
-            start = time.perf_counter()
-            summary = run_batch(root / 'groups.csv', root / f'out_{workers}_{len(cpus)}',
-                                model=model_path, scheduler='processes', workers=workers,
-                                symmetries=1, overwrite=True)
-            times[name] = time.perf_counter() - start
-        finally:
-            os.sched_setaffinity(0, allowed)
-    return times, int(summary['n_sources'].sum())
+    times, groups = {}, {}
+    for _ in range(rounds):
+        for name, workers, cpus in (('1 cpu', 1, {min(allowed)}), (1, 1, allowed),
+                                    (2, 2, allowed)):
+            os.sched_setaffinity(0, cpus)
+            try:
+                assert usable_cpus() == len(cpus)
+                start = time.perf_counter()
+                summary = run_batch(root / 'groups.csv',
+                                    root / f'out_{workers}_{len(cpus)}',
+                                    model=model_path, scheduler='processes',
+                                    workers=workers, symmetries=1, overwrite=True)
+                times.setdefault(name, []).append(time.perf_counter() - start)
+            finally:
+                os.sched_setaffinity(0, allowed)
+            # Groups finish in time order per worker; its first one loaded the model.
+            finished = [str(value) for value in summary['finished']]
+            seconds = getattr(summary['seconds'], 'value', summary['seconds'])
+            seen, first, rest = set(), [], []
+            for row in sorted(range(len(summary)), key=finished.__getitem__):
+                worker = str(summary['worker'][row])
+                (rest if worker in seen else first).append(float(seconds[row]))
+                seen.add(worker)
+            groups.setdefault(name, []).append({'first': first, 'rest': rest})
+    if rounds == 1:
+        times = {name: values[0] for name, values in times.items()}
+    return times, int(summary['n_sources'].sum()), groups
 
 
 def main():
@@ -293,7 +310,7 @@ def main():
                 print(f"peak RSS with {row['n']} sources: {row['max_rss_kb'] / 1e6:.2f} GB "
                       f"({row['seconds']:.0f} s)")
         if not args.skip_batch:
-            times, n_sources = batch_workers(tmp / 'batch', str(model_path))
+            times, n_sources, _ = batch_workers(tmp / 'batch', str(model_path))
             print(f'batch of 4 groups ({n_sources} sources): 1 worker on 1 CPU '
                   f'{times["1 cpu"]:.1f} s, on every CPU {times[1]:.1f} s, 2 workers '
                   f'{times[2]:.1f} s; speed-up {times["1 cpu"] / times[2]:.2f} over the '
