@@ -200,7 +200,8 @@ def peak_rss(field, sizes, model_path):
 def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_stars=25,
                   rounds=1):
     """Wall time of run_batch on n_groups small fields with worker processes
-    (each starts TensorFlow and loads the model): ``times['1 cpu']``, one
+    (each starts TensorFlow and loads the model; more than 4 groups reuse the
+    4 fields in turn): ``times['1 cpu']``, one
     worker on one CPU (the process pinned with CPU affinity, which the worker
     inherits); ``times[1]``, one worker with every CPU (its TensorFlow,
     FFT and reprojection threads); ``times[2]``, two workers. With several
@@ -211,11 +212,15 @@ def batch_workers(root, model_path, *, n_groups=4, size=512, n_galaxies=40, n_st
     from psfdeconv.batch import run_batch
 
     lines = ['id,g,r,i']
+    # At most 4 fields (a simulation each, minutes), which more groups reuse in
+    # turn; fields already in root (an earlier run's, --batch-dir) are kept.
+    for k in range(min(n_groups, 4)):
+        if not (root / f'f{k}' / 'i.fits').exists():
+            make_field(root / f'f{k}', size=size, n_galaxies=n_galaxies, n_stars=n_stars,
+                       seed=200 + k)
     for k in range(n_groups):
-        group = f'f{k}'
-        make_field(root / group, size=size, n_galaxies=n_galaxies, n_stars=n_stars,
-                   seed=200 + k)
-        lines.append(f'{group},{group}/g.fits,{group}/r.fits,{group}/i.fits')
+        field = f'f{k % 4}'
+        lines.append(f'g{k},{field}/g.fits,{field}/r.fits,{field}/i.fits')
     (root / 'groups.csv').write_text('\n'.join(lines) + '\n')
     allowed = os.sched_getaffinity(0)
     times, groups = {}, {}

@@ -35,7 +35,13 @@ Prints one table of measurements and the ratios the speed targets are set on:
 Usage (about 25 minutes on 2 cores with the defaults)::
 
     python benchmarks/bench_speed.py [--n 512] [--field DIR] [--quick]
-        [--skip-exposure] [--skip-memory] [--skip-batch] [--batch-field 1024]
+        [--skip-stamps] [--skip-exposure] [--skip-memory] [--skip-batch]
+        [--batch-field 1024] [--batch-groups 4] [--batch-rounds 1] [--batch-dir DIR]
+
+``--batch-groups N`` runs N groups (more than 4 reuse the 4 simulated fields in
+turn); ``--batch-rounds R`` alternates the three batch measurements R times and
+gives the best of each and each round's ratio; ``--batch-dir DIR`` keeps the
+simulated batch fields there, and reuses those it finds.
 
 ``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure --size 3072
 --n-galaxies 1600 --n-stars 150 --seed 7 DIR``; ``--quick`` simulates a
@@ -151,6 +157,8 @@ def main():
                         help='groups of the batch (each a simulated field)')
     parser.add_argument('--batch-rounds', type=int, default=1,
                         help='rounds of the three batch measurements, alternated')
+    parser.add_argument('--batch-dir', type=Path,
+                        help='where the batch fields are simulated, or reused if there')
     parser.add_argument('--skip-stamps', action='store_true')
     args = parser.parse_args()
 
@@ -208,7 +216,7 @@ def main():
         if not args.skip_batch:
             sources = {512: (40, 25), 1024: (250, 60)}[args.batch_field]
             times, n_sources, groups = batch_workers(
-                tmp / 'batch', str(model_path), n_groups=args.batch_groups,
+                args.batch_dir or tmp / 'batch', str(model_path), n_groups=args.batch_groups,
                 size=args.batch_field, n_galaxies=sources[0], n_stars=sources[1],
                 rounds=args.batch_rounds)
             if args.batch_rounds == 1:
