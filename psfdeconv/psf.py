@@ -558,6 +558,7 @@ def _star_positions(stars):
 
 def _build_epsf_from_positions(subtracted, bad, x, y, *, size, oversampling,
                                maxiters, min_stars, where=''):
+    from astropy.modeling.fitting import LevMarLSQFitter
     from astropy.nddata import NDData
     from astropy.table import Table
     from photutils.psf import EPSFBuilder, ImagePSF, extract_stars
@@ -581,7 +582,12 @@ def _build_epsf_from_positions(subtracted, bad, x, y, *, size, oversampling,
     catalog = Table({'x': x[inside], 'y': y[inside]})
     stars = extract_stars(NDData(subtracted, mask=bad), catalog,
                           size=(size, size))
+    # Each iteration fits every star's centre and flux: MINPACK's
+    # Levenberg-Marquardt finds the minimum of photutils' default (TRF) in
+    # about half the time, the ePSF within 1e-6 of its peak
+    # (benchmarks/bench_epsf.py).
     builder = EPSFBuilder(oversampling=oversampling, maxiters=maxiters,
+                          fitter=LevMarLSQFitter(calc_uncertainties=False),
                           progress_bar=False)
     with catch_warnings():
         # Stars whose fit fails are excluded one warning each; the count
