@@ -193,6 +193,10 @@ def get_runner(model, precision='float32'):
     with _BUILD_LOCK:
         cache = model.__dict__.setdefault('_runners', {})
         keras_model = model.keras_model
+        if keras_model is None:
+            raise ConfigError(f'the model {getattr(model, "path", None) or ""} was loaded '
+                              f'without its network (load_model(..., network=False)); '
+                              f'load it with load_model(path) to run it.')
         cached = cache.get(resolved)
         # Rebuilt if the Keras model was replaced on the same object.
         if cached is None or cached[0] is not keras_model:

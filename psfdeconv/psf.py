@@ -584,7 +584,7 @@ def _build_epsf_from_positions(subtracted, bad, x, y, *, size, oversampling,
                           size=(size, size))
     # Each iteration fits every star's centre and flux: MINPACK's
     # Levenberg-Marquardt finds the minimum of photutils' default (TRF) in
-    # about half the time, the ePSF within 1e-6 of its peak
+    # 0.6 of the time, the ePSF within 2e-7 of its peak
     # (benchmarks/bench_epsf.py).
     builder = EPSFBuilder(oversampling=oversampling, maxiters=maxiters,
                           fitter=LevMarLSQFitter(calc_uncertainties=False),

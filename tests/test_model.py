@@ -241,6 +241,8 @@ def test_checked_without_the_network(tiny_model_path, tiny_model, tmp_path):
     assert light.keras_model is None
     assert light.card == tiny_model.card
     assert light.sha256 == tiny_model.sha256
+    with pytest.raises(ConfigError, match='without its network'):
+        light.predict(np.zeros((1, 64, 64, 9), np.float32))
     path = copy_model(tiny_model_path, tmp_path, 'modified')
     edit_card(path, weights_sha256='0' * 64)
     with pytest.raises(ModelFileError, match='SHA-256'):
