@@ -49,9 +49,11 @@ def star_cutouts(path):
     stars = psf.find_stars(image, mask=bad, box_size=25, threshold_sigma=10.0)
     keep = np.asarray(stars['selected'], dtype=bool)
     x, y = np.asarray(stars['x'])[keep], np.asarray(stars['y'])[keep]
+    # The cutouts that build_epsf keeps: whole 25x25 boxes about the rounded centres.
     half = 12
-    inside = ((x >= half) & (y >= half) & (x <= image.shape[1] - 1 - half)
-              & (y <= image.shape[0] - 1 - half))
+    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
+    inside = ((ix - half >= 0) & (iy - half >= 0) & (ix + half <= image.shape[1] - 1)
+              & (iy + half <= image.shape[0] - 1))
     subtracted = image - background
     subtracted[bad] = 0.0
     return extract_stars(NDData(subtracted, mask=bad),

@@ -38,8 +38,9 @@ def image_fft(images, fft_shape):
     """Real FFT of zero-padded images, shape ``(..., fy, fx // 2 + 1)``."""
     # x first on the ny image rows, then y zero-padded to fy: the same
     # operations as rfft2 on the padded array, without the zero rows' work.
-    rows = scipy.fft.rfft(images, n=fft_shape[1], axis=-1, workers=cpu_share())
-    return scipy.fft.fft(rows, n=fft_shape[0], axis=-2, workers=cpu_share(), overwrite_x=True)
+    workers = cpu_share()
+    rows = scipy.fft.rfft(images, n=fft_shape[1], axis=-1, workers=workers)
+    return scipy.fft.fft(rows, n=fft_shape[0], axis=-2, workers=workers, overwrite_x=True)
 
 
 def kernel_fft(kernels, fft_shape):
@@ -60,20 +61,22 @@ def kernel_fft(kernels, fft_shape):
                     dtype=np.result_type(kernels.dtype, np.float32))
     rows[..., :kx - cx] = kernels[..., cx:]
     rows[..., fx - cx:] = kernels[..., :cx]
-    rows = scipy.fft.rfft(rows, axis=-1, workers=cpu_share())
+    workers = cpu_share()
+    rows = scipy.fft.rfft(rows, axis=-1, workers=workers)
     padded = np.zeros(kernels.shape[:-2] + (fy, rows.shape[-1]), dtype=rows.dtype)
     padded[..., :ky - cy, :] = rows[..., cy:, :]
     padded[..., fy - cy:, :] = rows[..., :cy, :]
-    return scipy.fft.fft(padded, axis=-2, workers=cpu_share(), overwrite_x=True)
+    return scipy.fft.fft(padded, axis=-2, workers=workers, overwrite_x=True)
 
 
 def inverse_fft(transform, fft_shape, image_shape):
     """Inverse of `image_fft`, cropped to the original image shape; may
     overwrite ``transform`` (callers pass temporaries)."""
     # y first, then x on the kept rows only (as irfft2, less the cropped rows).
-    columns = scipy.fft.ifft(transform, axis=-2, workers=cpu_share(),
+    workers = cpu_share()
+    columns = scipy.fft.ifft(transform, axis=-2, workers=workers,
                              overwrite_x=True)[..., :image_shape[0], :]
-    out = scipy.fft.irfft(columns, n=fft_shape[1], axis=-1, workers=cpu_share())
+    out = scipy.fft.irfft(columns, n=fft_shape[1], axis=-1, workers=workers)
     return out[..., :image_shape[1]]
 
 

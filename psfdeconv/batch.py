@@ -706,10 +706,11 @@ def _check_options(scheduler, workers, resume, overwrite):
 
 
 def _load_batch_model(model, n_bands, verify=True):
-    """The batch's model: one in memory as it is, a file checked with its
-    card but without its network (``keras_model`` None: the groups load it
+    """The batch's model: one in memory as it is; a file verified against
+    its card without its network (``keras_model`` None: the groups load it
     where they run, `_worker_model`), which spares this process TensorFlow's
-    start (seconds) when the groups run in worker processes."""
+    start (seconds) when the groups run in worker processes; an unverified
+    file loaded whole."""
     from .model import DeconvolutionModel, default_model_path, load_model
 
     if isinstance(model, DeconvolutionModel):

@@ -288,7 +288,7 @@ def test_default_workers_follow_the_cpu_affinity(tiny_model_path):
         os.sched_setaffinity(0, allowed)
 
 
-def test_batch_process_checks_the_model_without_tensorflow(tiny_model_path):
+def test_batch_process_checks_the_model_without_tensorflow(tiny_model_path, tiny_model):
     # The groups load the network where they run: a verified model file is only
     # checked in the batch's own process, which then need not start TensorFlow
     # (seconds) before its worker processes do.
@@ -297,9 +297,7 @@ def test_batch_process_checks_the_model_without_tensorflow(tiny_model_path):
             'print(model.keras_model is None, model.sha256, "tensorflow" in sys.modules)')
     child = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                            check=True)
-    from psfdeconv.model import load_model
-
-    assert child.stdout.split() == ['True', load_model(tiny_model_path).sha256, 'False']
+    assert child.stdout.split() == ['True', tiny_model.sha256, 'False']
 
 
 def test_worker_processes_start_with_their_thread_share(monkeypatch):
