@@ -44,7 +44,7 @@ gives the best of each and each round's ratio; ``--batch-dir DIR`` keeps the
 simulated batch fields there, and reuses those it finds.
 
 ``--field DIR`` reuses a field written by ``psfdeconv simulate-exposure --size 3072
---n-galaxies 1600 --n-stars 150 --seed 7 DIR``; ``--quick`` simulates a
+--n-galaxies 1600 --n-stars 150 --seed 7 --out DIR``; ``--quick`` simulates a
 1024-pixel field of 300 galaxies instead of the 3072-pixel one.
 """
 

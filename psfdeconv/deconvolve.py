@@ -1116,7 +1116,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     if noise_sigma is not None:
         noise_sigma = _check_noise_sigma(noise_sigma, stamps.shape[:2])
     if model is None:
-        model = load_model(n_bands=stamps.shape[1])
+        model = load_model(n_bands=stamps.shape[1], network='lazy')
     model.check_bands(stamps.shape[1])
     if stamps.shape[-2:] != (model.stamp_size, model.stamp_size):
         raise ShapeMismatchError(
