@@ -551,8 +551,8 @@ class DeconvolutionModel:
 
     Parameters
     ----------
-    keras_model : `keras.Model`
-        The network.
+    keras_model : `keras.Model` or None
+        The network; None for one loaded later (``load_network``) or never.
     card : dict
         The model card (see `save_model`).
     path : `~pathlib.Path`, optional
@@ -560,6 +560,9 @@ class DeconvolutionModel:
     verified : bool, optional
         Whether its checksums were verified (False: loaded with
         ``verify=False``, ``--trust-model``).
+    load_network : callable, optional
+        Where ``keras_model`` is None: returns the Keras network on the
+        first use of `keras_model` (``load_model(..., network='lazy')``).
     """
 
     def __init__(self, keras_model, card, path=None, *, verified=True, load_network=None):
