@@ -24,7 +24,9 @@ Two precisions are offered:
     weights). The output layer stays float32 in both.
 
 ``'auto'`` picks bfloat16 where the CPU has it (`cpu_has_bfloat16`) and
-float32 elsewhere; float32 is the default of every function and command.
+float32 elsewhere; it is the default of `~psfdeconv.deconvolve_stamps`, the
+pipeline, the batch and the command line (`DeconvolutionModel.predict
+<psfdeconv.model.DeconvolutionModel.predict>` and the calibrations run float32).
 `resolve_precision` says what a setting gives on this machine, as
 ``(precision, runtime)``. Calibrations
 are fitted in float32: :doc:`/precision` gives the effect of bfloat16 on
