@@ -48,6 +48,15 @@ import numpy as np
 import psfdeconv
 from psfdeconv.model import load_model
 times['import psfdeconv'] = time.perf_counter() - start
+
+
+def first_call(runner, name):
+    cubes = np.random.default_rng(0).random((32, 64, 64, 9), dtype=np.float32)
+    start = time.perf_counter()
+    runner(cubes)
+    times[name] = time.perf_counter() - start
+
+
 if sys.argv[1] == 'checks':
     start = time.perf_counter()
     load_model(network=False)
@@ -56,13 +65,9 @@ if sys.argv[1] == 'checks':
 elif sys.argv[1] == 'cached':
     from psfdeconv.inference import get_runner
     start = time.perf_counter()
-    model = load_model(network='lazy')
-    runner, resolved = get_runner(model, 'auto')
+    runner, resolved = get_runner(load_model(network='lazy'), 'auto')
     times["load_model(network='lazy') + cached runner"] = time.perf_counter() - start
-    cubes = np.random.default_rng(0).random((32, 64, 64, 9), dtype=np.float32)
-    start = time.perf_counter()
-    runner(cubes)
-    times['first call of the cached runner, 32 stamps'] = time.perf_counter() - start
+    first_call(runner, 'first call of the cached runner, 32 stamps')
     times['TensorFlow imported with the cache'] = 'tensorflow' in sys.modules
 else:
     from psfdeconv.inference import get_runner
@@ -72,10 +77,7 @@ else:
     start = time.perf_counter()
     runner, resolved = get_runner(model, 'auto')
     times['first runner (precision auto)'] = time.perf_counter() - start
-    cubes = np.random.default_rng(0).random((32, 64, 64, 9), dtype=np.float32)
-    start = time.perf_counter()
-    runner(cubes)
-    times['first call, 32 stamps'] = time.perf_counter() - start
+    first_call(runner, 'first call, 32 stamps')
     times['runtime'] = ' '.join(resolved)
 print(json.dumps(times))
 '''
