@@ -45,6 +45,8 @@ carry their SHA-256 digests and are checked against them and against the
 model card at every use; a mismatch converts the network again.
 """
 
+import atexit
+import gc
 import hashlib
 import json
 import logging
@@ -53,6 +55,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from importlib import metadata
 from pathlib import Path
 
@@ -317,6 +320,34 @@ def _openvino_threads():
         return 0
 
 
+class _Compiled:
+    """A runner's compiled network, which `_release_compiled` can drop."""
+
+    __slots__ = ('network', '__weakref__')
+
+    def __init__(self, network):
+        self.network = network
+
+
+#: The compiled networks of the runners alive in this process, released at
+#: exit by `_release_compiled`.
+_COMPILED = weakref.WeakSet()
+
+
+@atexit.register
+def _release_compiled():
+    """Release the compiled networks before the interpreter shuts down.
+
+    Left to the interpreter's final clean-up, a compiled network (its
+    streams' threads) can be destroyed after the OpenVINO libraries it needs
+    are gone, which aborted the process at exit ("terminate called without an
+    active exception") now and then.
+    """
+    for holder in list(_COMPILED):
+        holder.network = None
+    gc.collect()
+
+
 #: Most stamps per OpenVINO inference request of one runner call.
 _OPENVINO_CHUNK = 32
 
@@ -355,8 +386,12 @@ def _compiled_runner(network, precision):
     compiled = openvino.Core().compile_model(network, 'CPU', config)
     n_requests = 1 if hint == 'LATENCY' else max(
         1, int(compiled.get_property('OPTIMAL_NUMBER_OF_INFER_REQUESTS')))
+    holder = _Compiled(compiled)
+    _COMPILED.add(holder)
+    del compiled
 
     def run(batch):
+        compiled = holder.network
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         chunk = min(_OPENVINO_CHUNK, -(-len(batch) // n_requests))
         if n_requests == 1 or len(batch) <= chunk:

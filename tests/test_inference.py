@@ -434,3 +434,21 @@ def test_unwritable_cache_is_skipped(tiny_model_path, tmp_path, monkeypatch):
     model = load_model(tiny_model_path, network='lazy')
     out = model.predict(np.ones((2, 64, 64, 9), np.float32))
     assert out.shape == (2, 3, 64, 64) and model.network_loaded
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_compiled_networks_are_not_kept_past_their_runner(tiny_model_path):
+    # Registered for their release at exit, weakly: a dropped model's compiled network goes.
+    import gc
+
+    from psfdeconv import inference
+    from psfdeconv.model import load_model
+
+    gc.collect()
+    before = len(inference._COMPILED)
+    model = load_model(tiny_model_path, network='lazy')
+    model.predict(np.zeros((1, 64, 64, 9), np.float32), precision='bfloat16')
+    assert len(inference._COMPILED) == before + 1
+    del model
+    gc.collect()
+    assert len(inference._COMPILED) == before
