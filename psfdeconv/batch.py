@@ -487,12 +487,16 @@ def _worker_model(path, sha256, n_bands, verify=True, threads=None, precision=No
     lock, before the group's own work, because TensorFlow's import (where
     the network is not cached for OpenVINO) is not safe beside other
     threads' imports."""
-    from .inference import get_runner
+    from .inference import get_runner, use_default_network_cache
     from .model import load_model
 
     key = (path, sha256)
     with _MODELS_LOCK:
         _configure_threads(threads)
+        if threads is not None:
+            # A worker process of the batch's (processes or a cluster): its
+            # network from OpenVINO's cached conversion, without TensorFlow.
+            use_default_network_cache()
         model = _MODELS.get(key)
         if model is None:
             if path is None:

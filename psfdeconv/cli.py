@@ -1279,8 +1279,13 @@ def _add_command(sub, name, *, help, description, examples, notes=None):
 
 def main(argv=None):
     """Run the command line; returns the exit code."""
+    from .inference import use_default_network_cache
+
     args = _parser().parse_args(argv)
     restore_logging = _configure_logging(verbose=args.verbose, quiet=args.quiet)
+    # Each command is a new process: OpenVINO's conversions kept on disk spare
+    # it TensorFlow's start (PSFDECONV_CACHE_DIR, where set, decides).
+    use_default_network_cache()
     # SIGTERM unwinds like Ctrl-C, so temporary files are removed.
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -65,7 +65,7 @@ from .exceptions import ConfigError
 
 __all__ = ['PRECISIONS', 'RUNTIMES', 'cpu_has_bfloat16', 'openvino_available',
            'available_runtimes', 'resolve_precision', 'get_runner',
-           'network_cache_dir', 'CACHE_DIR_VARIABLE']
+           'network_cache_dir', 'use_default_network_cache', 'CACHE_DIR_VARIABLE']
 
 log = logging.getLogger(__name__)
 
@@ -464,13 +464,16 @@ def _model_openvino_runner(model, precision):
 
 
 def network_cache_dir():
-    """The directory of OpenVINO conversions of model files.
+    """The directory of OpenVINO conversions of model files, or None.
 
     ``PSFDECONV_CACHE_DIR`` (`CACHE_DIR_VARIABLE`) where it is set (``off``
-    or empty: no cache), else ``networks`` in psfdeconv's directory of
+    or empty: no cache). Else, in the processes that psfdeconv starts itself
+    (the command line, the worker processes of a batch:
+    `use_default_network_cache`), ``networks`` in psfdeconv's directory of
     astropy's cache location (``~/.cache/psfdeconv/networks`` on Linux, or
-    under ``XDG_CACHE_HOME``). Each entry is a few MB; the directory can be
-    removed at any time.
+    under ``XDG_CACHE_HOME``); in a Python session of the user's, none
+    unless the variable names one. Each entry is a few MB; the directory can
+    be removed at any time.
 
     Returns
     -------
@@ -493,12 +496,31 @@ def network_cache_dir():
     if value is not None:
         value = value.strip()
         return None if value.lower() in ('', 'off') else Path(value).expanduser()
+    if not _DEFAULT_CACHE:
+        return None
     from astropy.config import get_cache_dir_path
 
     try:
         return get_cache_dir_path('psfdeconv', ensure_exists=False) / 'networks'
     except OSError:  # no home directory to put it in
         return None
+
+
+#: Whether `network_cache_dir` defaults to psfdeconv's cache location in this
+#: process (`use_default_network_cache`).
+_DEFAULT_CACHE = []
+
+
+def use_default_network_cache():
+    """Use psfdeconv's cache location for converted networks in this process
+    where ``PSFDECONV_CACHE_DIR`` is not set (`network_cache_dir`).
+
+    Called by the command line and by the worker processes of a batch, which
+    load the network once each; a long Python session of the user's keeps its
+    runners in memory and leaves the cache to ``PSFDECONV_CACHE_DIR``.
+    """
+    if not _DEFAULT_CACHE:
+        _DEFAULT_CACHE.append(True)
 
 
 def _version(package):

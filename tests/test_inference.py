@@ -403,13 +403,19 @@ def test_no_cache_without_a_file_or_when_off(tiny_training, tiny_model, tmp_path
         monkeypatch.setenv('PSFDECONV_CACHE_DIR', off)
         assert inference.network_cache_dir() is None
         assert inference._cache_entry(tiny_model, logits=False)[0] is None
+    # Unset: none in a user's session; psfdeconv's location in the processes it starts.
     monkeypatch.delenv('PSFDECONV_CACHE_DIR')
+    monkeypatch.setattr(inference, '_DEFAULT_CACHE', [])
+    assert inference.network_cache_dir() is None
+    inference.use_default_network_cache()
     assert inference.network_cache_dir().parts[-2:] == ('psfdeconv', 'networks')
 
 
-def test_cache_key_follows_the_weights_and_configuration(tiny_model):
+def test_cache_key_follows_the_weights_and_configuration(tiny_model, tmp_path, monkeypatch):
     from psfdeconv import inference
     from psfdeconv.model import DeconvolutionModel
+
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(tmp_path))
 
     def entry(**changes):
         model = DeconvolutionModel(None, dict(tiny_model.card, **changes),
