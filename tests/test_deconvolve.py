@@ -540,6 +540,24 @@ def test_light_radius_of_a_gaussian():
     assert_array_equal(light_radius(stack, 0.9)[1:], 0.0)
 
 
+@pytest.mark.parametrize('shape', [(64, 64), (9, 12), (1, 1)])
+def test_light_radius_counts_whole_annuli(shape):
+    # Against the light within each radius summed pixel by pixel, in float32
+    # and float64, on positive images of irregular light.
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0.0, 1.0, (4, 2) + shape) ** 8
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx]
+    annulus = np.ceil(np.hypot(yy - ny // 2, xx - nx // 2))
+    for dtype in (np.float32, np.float64):
+        stack = images.astype(dtype)
+        for fraction in (0.3, 0.5, 0.9):
+            enclosed = np.stack([stack[..., annulus <= r].sum(-1, dtype=np.float64)
+                                 for r in range(int(annulus.max()) + 1)], axis=-1)
+            expected = np.argmax(enclosed >= fraction * enclosed[..., -1:], axis=-1)
+            assert_array_equal(light_radius(stack, fraction), expected)
+
+
 def _missing_wings(n, noise, seed):
     """Stamps of an exponential galaxy (1000 counts) and models that lack its
     light beyond 4 pixels."""
