@@ -213,8 +213,9 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     """Segmentation map of the sources in aligned, background-subtracted bands.
 
     The bands are combined into one signal-to-noise image (each divided by
-    its sigma-clipped standard deviation, summed over the bands valid at a
-    pixel, divided by the square root of their number), segmented with
+    its sigma-clipped standard deviation, `~psfdeconv.background.clipped_stats`,
+    summed over the bands valid at a pixel, divided by the square root of their
+    number), segmented with
     `~photutils.segmentation.detect_sources`, so that a neighbour bright in
     any band is found, and deblended (`deblend`), so that a source inside a
     brighter one's light has a segment of its own.
@@ -262,7 +263,7 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
     >>> int(labels.max()), labels[20, 20] != labels[40, 45]
     (2, np.True_)
     """
-    from astropy.stats import sigma_clipped_stats
+    from .background import clipped_stats
 
     images = [np.asarray(image, dtype=float) for image in images]
     if masks is None:
@@ -275,7 +276,7 @@ def neighbour_segments(images, *, masks=None, threshold_sigma=_NEIGHBOUR_SIGMA,
             valid &= ~np.asarray(mask, dtype=bool)
         if not valid.any():
             continue
-        _, _, std = sigma_clipped_stats(image, mask=~valid, sigma=3.0)
+        _, _, std = clipped_stats(image, ~valid, sigma=3.0)
         if std > 0:
             combined += np.where(valid, image, 0.0) / std
             count += valid

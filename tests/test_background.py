@@ -3,10 +3,12 @@
 
 import numpy as np
 import pytest
+from astropy.utils.exceptions import AstropyUserWarning
 from numpy.testing import assert_array_equal
 
 from psfdeconv.background import (
     BACKGROUND_BOX,
+    clipped_stats,
     estimate_background,
     mesh_image,
     shared_estimates,
@@ -22,6 +24,31 @@ def band():
     exposures, _ = simulate_exposure((256, 256), n_galaxies=6, n_stars=20, seed=11,
                                      bands=('r',))
     return exposures['r']
+
+
+@pytest.mark.parametrize('maxiters', [1, 2, 5, 20])
+def test_clipped_stats_are_astropys(maxiters):
+    from astropy.stats import sigma_clipped_stats
+
+    rng = np.random.default_rng(maxiters)
+    # Skewed sky with sources, a masked region, NaN and inf.
+    image = rng.normal(0.0, 1.0, (300, 300)) + rng.exponential(0.3, (300, 300))
+    image[50:80, 50:80] += rng.uniform(0, 500, (30, 30))
+    image[5, :7] = np.nan
+    image[9, 3] = np.inf
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[200:, 250:] = True
+    for sigma in (2.5, 3.0):
+        with pytest.warns(AstropyUserWarning, match='invalid values'):
+            expected = sigma_clipped_stats(image, mask=mask, sigma=sigma, maxiters=maxiters)
+        ours = clipped_stats(image, mask, sigma=sigma, maxiters=maxiters)
+        assert np.allclose(ours, expected, rtol=1e-12, atol=0)
+    # Few distinct values: the clipped set is decided by ties, as astropy's.
+    levels = rng.integers(0, 4, 5000).astype(float)
+    levels[:3] = 40.0
+    assert np.allclose(clipped_stats(levels, maxiters=maxiters),
+                       sigma_clipped_stats(levels, maxiters=maxiters), rtol=1e-12, atol=0)
+    assert np.isnan(clipped_stats(image, np.ones(image.shape, dtype=bool))).all()
 
 
 def _image(size=256, seed=0):
