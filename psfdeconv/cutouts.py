@@ -3,10 +3,10 @@
 Stamps from exposures: cutouts, band alignment and PSF resampling.
 
 `make_cutouts` cuts square stamps around sources of one exposure (one
-band) with `~astropy.nddata.Cutout2D` in ``'partial'`` mode, so that a
-source near the edge keeps its stamp (padded with zeros, masked, flagged)
-instead of being dropped. The mask and the uncertainty are cut with the
-same slices as the data.
+band), the stamps and WCS `~astropy.nddata.Cutout2D` makes in ``'partial'``
+mode, so that a source near the edge keeps its stamp (padded with zeros,
+masked, flagged) instead of being dropped. The mask and the uncertainty are
+cut with the same slices as the data.
 
 **Centre convention.** The deconvolution expects a source on the stamp's
 pixel ``(size // 2, size // 2)`` (numpy ``[row, column]``, 0-based), up to
@@ -20,9 +20,9 @@ exactly on it. `~astropy.nddata.Cutout2D` itself does not do this for even
 sizes: it places the stamp's lower edge at ``ceil(x - size / 2)``, which
 for ``size = 64`` puts a source at ``x = 50.1`` on stamp pixel 31.1 (an
 offset of -0.9 from pixel 32) but one at ``x = 50.0`` on pixel 32.
-`make_cutouts` therefore hands Cutout2D the nearest integer pixel, for
-which its rounding is exact for even and odd sizes alike, and reports the
-sources' true positions separately.
+`make_cutouts` therefore cuts the stamp Cutout2D cuts at the nearest integer
+pixel, for which its rounding is exact for even and odd sizes alike, and
+reports the sources' true positions separately.
 
 **Flags** (bits of the ``flags`` array of `make_cutouts`):
 
@@ -198,8 +198,8 @@ def _check_size(size):
 
 def _shifted_wcs(wcs, origin_x, origin_y, size):
     """The WCS of a cutout whose pixel (0, 0) is exposure pixel
-    (origin_x, origin_y): what `~astropy.nddata.Cutout2D` builds, for
-    stamps that do not overlap the image (where Cutout2D refuses)."""
+    (origin_x, origin_y): what `~astropy.nddata.Cutout2D` builds (which
+    also refuses stamps that do not overlap the image)."""
     from astropy.wcs import Sip
 
     shifted = wcs.deepcopy()
@@ -213,9 +213,9 @@ def _shifted_wcs(wcs, origin_x, origin_y, size):
 
 def _without_class_cache(wcs):
     """A copy of a WCS without astropy's cache of its world coordinate classes
-    (built again when next needed). `~astropy.nddata.Cutout2D` deep-copies
-    the WCS of every stamp, and once the exposure's WCS has converted pixels
-    to sky coordinates that cache costs several times the rest of the copy."""
+    (built again when next needed). Every stamp's WCS is a deep copy of it
+    (`_shifted_wcs`), and once the exposure's WCS has converted pixels to
+    sky coordinates that cache costs several times the rest of the copy."""
     clean = wcs.deepcopy()
     clean.__dict__.pop('_components_and_classes_cache', None)
     return clean
@@ -236,16 +236,18 @@ def _footprint_text(shape, wcs):
 
 # --- Cutouts ---------------------------------------------------------------------
 
-def make_cutouts(exposure, positions, *, size=64):
+def make_cutouts(exposure, positions, *, size=64, stamp_wcs=True):
     """Square stamps around sources of one exposure.
 
-    Each stamp is cut with `~astropy.nddata.Cutout2D` (``mode='partial'``,
+    Each stamp is the cutout `~astropy.nddata.Cutout2D` makes (``mode='partial'``,
     ``fill_value=0``) at the exposure pixel nearest to the source, so that the
     source lands on stamp pixel ``(size // 2, size // 2)`` up to its
-    sub-pixel offset (see the module docstring for why the position given to
-    Cutout2D is rounded first). The mask and the uncertainty are cut with the
-    same ``slices_original``/``slices_cutout``. Edge sources are padded and
-    flagged, never dropped; sources off the image get an empty, masked stamp.
+    sub-pixel offset (see the module docstring for why the position is
+    rounded first), with its WCS; the data, the mask and the uncertainty are
+    cut by slicing the exposure's arrays over the stamp's overlap with the
+    image (a Cutout2D object per stamp cost ten times as much). Edge sources
+    are padded and flagged, never dropped; sources off the image get an
+    empty, masked stamp.
 
     Parameters
     ----------
@@ -259,6 +261,9 @@ def make_cutouts(exposure, positions, *, size=64):
         (pixel centres at integers, as photutils and astropy).
     size : int, optional
         Side of the stamps in pixels.
+    stamp_wcs : bool, optional
+        Make each stamp's WCS (the ``wcs`` list); False leaves it None, for
+        callers that need only the pixels (faster).
 
     Returns
     -------
@@ -274,7 +279,7 @@ def make_cutouts(exposure, positions, *, size=64):
         ``x_stamp``, ``y_stamp``: float64 (n,) the positions in the stamps;
         ``origin``: int64 (n, 2) the (x, y) exposure pixel of each stamp's
         pixel (0, 0); ``wcs``: list of n `~astropy.wcs.WCS` (None without
-        an exposure WCS); ``size``: the stamp side.
+        an exposure WCS or with ``stamp_wcs=False``); ``size``: the stamp side.
 
     Raises
     ------
@@ -298,12 +303,10 @@ def make_cutouts(exposure, positions, *, size=64):
     >>> print(int(stamps['mask'][1].sum()), bool(stamps['flags'][1] & FLAG_EDGE))
     682 True
     """
-    from astropy.nddata import Cutout2D
-
     size = _check_size(size)
     data, bad, sigma, wcs = _exposure_parts(exposure)
     x, y = _positions_in_pixels(positions, wcs)
-    if wcs is not None:
+    if wcs is not None and stamp_wcs:
         wcs = _without_class_cache(wcs)
     n = x.size
     if n == 0:
@@ -328,32 +331,30 @@ def make_cutouts(exposure, positions, *, size=64):
     masks = np.ones((n, size, size), dtype=bool)
     sigmas = None if sigma is None else np.full((n, size, size), np.inf)
     flags = np.zeros(n, dtype=np.int32)
-    wcs_list = []
-    for i in range(n):
-        ox, oy = (int(v) for v in origin[i])
-        if off_image[i]:
-            flags[i] = FLAG_OFF_IMAGE | FLAG_EDGE
-            wcs_list.append(None if wcs is None else _shifted_wcs(wcs, ox, oy, size))
-            continue
-        cutout = Cutout2D(data, (int(centre_x[i]), int(centre_y[i])), size,
-                          wcs=wcs, mode='partial', fill_value=0.0, copy=True)
-        inside, outside = cutout.slices_cutout, cutout.slices_original
-        stamp_bad = np.ones((size, size), dtype=bool)
+    flags[off_image] = FLAG_OFF_IMAGE | FLAG_EDGE
+    # Each stamp's overlap with the image: exposure pixels [low, high) per axis.
+    low_x, low_y = np.maximum(origin, 0).T
+    high_x = np.minimum(origin[:, 0] + size, nx)
+    high_y = np.minimum(origin[:, 1] + size, ny)
+    for i in np.flatnonzero(~off_image):
+        ox, oy = int(origin[i, 0]), int(origin[i, 1])
+        outside = (slice(int(low_y[i]), int(high_y[i])), slice(int(low_x[i]), int(high_x[i])))
+        inside = (slice(int(low_y[i]) - oy, int(high_y[i]) - oy),
+                  slice(int(low_x[i]) - ox, int(high_x[i]) - ox))
+        stamp_bad = masks[i]
         stamp_bad[inside] = bad[outside]
-        stamp = cutout.data
-        stamp[stamp_bad] = 0.0  # off the image and NaN/inf pixels
-        stamps[i] = stamp
-        masks[i] = stamp_bad
+        stamps[i][inside] = data[outside]
+        stamps[i][stamp_bad] = 0.0  # off the image and NaN/inf pixels
         if sigmas is not None:
             sigmas[i][inside] = sigma[outside]
             sigmas[i][stamp_bad] = np.inf
-        on_image = np.zeros((size, size), dtype=bool)
-        on_image[inside] = True
-        if not on_image.all():
-            flags[i] |= FLAG_EDGE
-        if stamp_bad[on_image].any():
+        if stamp_bad[inside].any():
             flags[i] |= FLAG_MASKED
-        wcs_list.append(cutout.wcs)
+    partial = (low_x > origin[:, 0]) | (low_y > origin[:, 1]) | \
+        (high_x < origin[:, 0] + size) | (high_y < origin[:, 1] + size)
+    flags[partial & ~off_image] |= FLAG_EDGE
+    wcs_list = [None] * n if wcs is None or not stamp_wcs else \
+        [_shifted_wcs(wcs, int(ox), int(oy), size) for ox, oy in origin]
     return {
         'data': stamps,
         'mask': masks,

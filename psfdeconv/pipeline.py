@@ -1243,7 +1243,10 @@ def _cut_sources(setup, index, factor=1):
     noise = np.full((n, len(bands)), np.nan)
     empty = np.zeros((n, len(bands)), dtype=bool)
     for b, band in enumerate(bands):
-        cut = make_cutouts(aligned[band], xy, size=stamp_size)
+        # Only the reference band's stamps need their WCS (the catalogue's and
+        # the output stamps').
+        cut = make_cutouts(aligned[band], xy, size=stamp_size,
+                           stamp_wcs=band == reference_band)
         cut = {key: value[:n] if isinstance(value, np.ndarray | list) else value
                for key, value in cut.items()}
         if band == reference_band:
@@ -1284,7 +1287,7 @@ def _cut_sources(setup, index, factor=1):
         # (their measurements are set to NaN below).
         noise_sigma = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
     if segments is not None:
-        labels = make_cutouts(segments, xy, size=stamp_size)['data'][:n]
+        labels = make_cutouts(segments, xy, size=stamp_size, stamp_wcs=False)['data'][:n]
         sigma = noise.copy()
         for b in range(len(bands)):
             missing = ~np.isfinite(sigma[:, b])

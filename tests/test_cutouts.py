@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
 from astropy.nddata import CCDData, Cutout2D, NDData, StdDevUncertainty
-from astropy.wcs import WCS
+from astropy.wcs import WCS, Sip
 from numpy.testing import assert_allclose, assert_array_equal
 
 from psfdeconv.cutouts import (
@@ -218,6 +218,37 @@ def test_off_image_source_gets_an_empty_masked_stamp(exposure, sky, wcs):
         assert np.all(stamps['data'][i] == 0)
         x, y = stamps['wcs'][i].world_to_pixel(positions[i])
         assert_allclose([x, y], [stamps['x_stamp'][i], stamps['y_stamp'][i]], atol=1e-6)
+
+
+@pytest.mark.parametrize('size', [SIZE, 33])
+def test_stamps_and_their_wcs_are_cutout2ds(wcs, size):
+    # Interior, edge and corner sources, with a SIP distortion in the WCS.
+    distorted = tan_wcs(SHAPE)
+    distorted.wcs.ctype = ['RA---TAN-SIP', 'DEC--TAN-SIP']
+    distorted.sip = Sip(np.array([[0, 0, 2e-6], [0, 1e-6, 0], [3e-6, 0, 0]]),
+                        np.array([[0, 0, -1e-6], [0, 2e-6, 0], [1e-6, 0, 0]]),
+                        None, None, distorted.wcs.crpix)
+    data = np.random.default_rng(2).normal(size=SHAPE)
+    positions = np.array([[60.0, 70.0], [1.2, 3.0], [168.6, 148.9], [100.0, 149.0]])
+    stamps = make_cutouts(NDData(data, wcs=distorted), positions, size=size)
+    pixels_only = make_cutouts(NDData(data, wcs=distorted), positions, size=size,
+                               stamp_wcs=False)
+    for key in ('data', 'mask', 'flags', 'origin'):
+        assert_array_equal(pixels_only[key], stamps[key])
+    assert pixels_only['wcs'] == [None] * len(positions)
+    for i, (x, y) in enumerate(positions):
+        centre = (int(np.floor(x + 0.5)), int(np.floor(y + 0.5)))
+        cutout = Cutout2D(data, centre, size, wcs=distorted, mode='partial', fill_value=0.0)
+        assert_array_equal(stamps['data'][i], cutout.data)
+        assert_array_equal(stamps['wcs'][i].wcs.crpix, cutout.wcs.wcs.crpix)
+        assert_array_equal(stamps['wcs'][i].sip.crpix, cutout.wcs.sip.crpix)
+        assert stamps['wcs'][i].array_shape == cutout.wcs.array_shape
+        corner = stamps['wcs'][i].pixel_to_world(0, size - 1)
+        assert corner.separation(cutout.wcs.pixel_to_world(0, size - 1)).arcsec < 1e-9
+        on_image = np.zeros((size, size), dtype=bool)
+        on_image[cutout.slices_cutout] = True
+        assert bool(stamps['flags'][i] & FLAG_EDGE) == (not on_image.all())
+        assert bool(stamps['flags'][i] & FLAG_EDGE) == (i > 0)
 
 
 def test_shifted_wcs_matches_cutout2d(wcs):
