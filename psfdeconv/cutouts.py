@@ -245,7 +245,7 @@ def make_cutouts(exposure, positions, *, size=64, stamp_wcs=True):
     sub-pixel offset (see the module docstring for why the position is
     rounded first), with its WCS; the data, the mask and the uncertainty are
     cut by slicing the exposure's arrays over the stamp's overlap with the
-    image (a Cutout2D object per stamp cost ten times as much). Edge sources
+    image (a Cutout2D object per stamp took twice as long). Edge sources
     are padded and flagged, never dropped; sources off the image get an
     empty, masked stamp.
 

@@ -428,9 +428,11 @@ def _enclosed(images):
     the light within each whole radius about the stamp centre (`_annuli`).
 
     Summed per annulus by `numpy.add.reduceat`, not as a product with a
-    one-hot matrix: that matrix product ran in the BLAS library's threads,
-    which spun against the network's beside `deconvolve_stamps` (10 times
-    slower there than alone on 2 cores).
+    one-hot matrix: that product runs in the BLAS library's threads, which
+    spin after each call and took the cores of the network running beside
+    it in `deconvolve_stamps` (on 2 cores the product was 3.4 times slower
+    there than alone, and the network 15 % slower beside it:
+    ``benchmarks/bench_setup_parts.py``).
     """
     order, starts, counts = _annuli(np.shape(images)[-2:])
     flat = np.reshape(images, np.shape(images)[:-2] + (-1,))
