@@ -14,7 +14,7 @@ Three parts of ``psfdeconv run`` against what they replace, on a field.
   whether the stamps are the same;
 * **annulus sums beside the network**: the light within each radius of
   96 stamps (`psfdeconv.deconvolve.light_radius`'s sums, as the refit's
-  ``flux_residual`` takes them) by ``numpy.add.reduceat`` against a product
+  ``flux_residual`` takes them: ``numpy.add.reduceat``) against a product
   with a one-hot matrix (which runs in the BLAS library's threads), alone and
   while another thread runs the shipped network in a loop, as the overlapped
   steps of ``deconvolve_stamps`` do, with the network's stamps/s meanwhile
@@ -105,6 +105,7 @@ def cutouts(band, rounds, n=2000, size=64):
 
 
 def annulus_sums(rounds, steps=500):
+    from psfdeconv.deconvolve import _enclosed
     from psfdeconv.model import load_model
     from psfdeconv.simulate import simulate_stamps
 
@@ -116,18 +117,15 @@ def annulus_sums(rounds, steps=500):
     annulus = np.ceil(np.hypot(yy - ny // 2, xx - nx // 2)).astype(int).ravel()
     matrix = np.zeros((annulus.size, annulus.max() + 1), dtype=np.float32)
     matrix[np.arange(annulus.size), annulus] = 1.0
-    order = np.argsort(annulus, kind='stable')
-    starts = np.searchsorted(annulus[order], np.arange(annulus.max() + 1))
     flat = stamps.reshape(stamps.shape[:2] + (-1,))
 
-    def matrix_product():
+    def matrix_product():  # the sums as residual_flux made them before
         for _ in range(steps):
             np.cumsum(flat @ matrix, axis=-1, dtype=np.float64)
 
-    def reduceat():
+    def reduceat():  # psfdeconv's own
         for _ in range(steps):
-            np.cumsum(np.add.reduceat(flat[..., order], starts, axis=-1, dtype=np.float64),
-                      axis=-1)
+            _enclosed(stamps)
 
     variants = {'one-hot matrix product': matrix_product, 'reduceat': reduceat}
     alone = alternate(variants, rounds)

@@ -430,8 +430,8 @@ def _enclosed(images):
     Summed per annulus by `numpy.add.reduceat`, not as a product with a
     one-hot matrix: that product runs in the BLAS library's threads, which
     spin after each call and took the cores of the network running beside
-    it in `deconvolve_stamps` (on 2 cores the product was 3.4 times slower
-    there than alone, and the network 15 % slower beside it:
+    it in `deconvolve_stamps` (on 2 cores the product was 3-4 times slower
+    there than alone, and the network a fifth slower beside it:
     ``benchmarks/bench_setup_parts.py``).
     """
     order, starts, counts = _annuli(np.shape(images)[-2:])
