@@ -35,6 +35,7 @@ precision and runtime); each takes float32 cubes of any batch size and
 returns float32 arrays.
 """
 
+import collections
 import sys
 import threading
 
@@ -321,20 +322,31 @@ def _openvino_runner(keras_model, precision='bf16', network=None):
             # Requests are made per call: one is not safe to share between threads.
             result = compiled.create_infer_request().infer({0: batch})
             return np.array(result[0], dtype=np.float32)
-        starts = range(0, len(batch), chunk)
-        outputs = [None] * len(starts)
-
-        def done(request, k):
-            outputs[k] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-
-        queue = openvino.AsyncInferQueue(compiled, n_requests)
-        queue.set_callback(done)
-        for k, start in enumerate(starts):
-            queue.start_async({0: batch[start:start + chunk]}, k)
-        queue.wait_all()
+        # The chunks go round n_requests requests, each started again once it
+        # has returned its previous chunk. No Python callback runs in
+        # OpenVINO's threads (an AsyncInferQueue's does: one still waiting for
+        # the GIL when its compiled network was released hung the process, or
+        # aborted it at exit, "terminate called without an active exception").
+        pending, outputs = collections.deque(), []
+        for start in range(0, len(batch), chunk):
+            if len(pending) < n_requests:
+                request = compiled.create_infer_request()
+            else:
+                request = pending.popleft()
+                outputs.append(_finished_output(request))
+            request.start_async({0: batch[start:start + chunk]})
+            pending.append(request)
+        outputs.extend(_finished_output(request) for request in pending)
         return np.concatenate(outputs)
 
     return run
+
+
+def _finished_output(request):
+    """The output of an OpenVINO inference request once it has finished (a
+    copy: the request's own memory is reused by its next start)."""
+    request.wait()
+    return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
 def _openvino_float32_runner(keras_model):
