@@ -315,25 +315,34 @@ def _openvino_runner(keras_model, precision='bf16', network=None):
     n_requests = 1 if hint == 'LATENCY' else max(
         1, int(compiled.get_property('OPTIMAL_NUMBER_OF_INFER_REQUESTS')))
 
+    local = threading.local()
+
+    def thread_requests():
+        # A request is not safe to share between threads, and takes
+        # milliseconds to make (its tensors): each thread keeps its own.
+        requests = getattr(local, 'requests', None)
+        if requests is None:
+            requests = local.requests = [compiled.create_infer_request()
+                                         for _ in range(n_requests)]
+        return requests
+
     def run(batch):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         chunk = min(_OPENVINO_CHUNK, -(-len(batch) // n_requests))
+        requests = thread_requests()
         if n_requests == 1 or len(batch) <= chunk:
-            # Requests are made per call: one is not safe to share between threads.
-            result = compiled.create_infer_request().infer({0: batch})
+            result = requests[0].infer({0: batch})
             return np.array(result[0], dtype=np.float32)
-        # The chunks go round n_requests requests, each started again once it
-        # has returned its previous chunk. No Python callback runs in
-        # OpenVINO's threads (an AsyncInferQueue's does: one still waiting for
-        # the GIL when its compiled network was released hung the process, or
-        # aborted it at exit, "terminate called without an active exception").
+        # The chunks go round the requests, each started again once it has
+        # returned its previous chunk. No Python callback runs in OpenVINO's
+        # threads (an AsyncInferQueue's does: one still waiting for the GIL
+        # when its compiled network was released hung the process, or aborted
+        # it at exit, "terminate called without an active exception").
         pending, outputs = collections.deque(), []
-        for start in range(0, len(batch), chunk):
-            if len(pending) < n_requests:
-                request = compiled.create_infer_request()
-            else:
-                request = pending.popleft()
-                outputs.append(_finished_output(request))
+        for k, start in enumerate(range(0, len(batch), chunk)):
+            if len(pending) == n_requests:
+                outputs.append(_finished_output(pending.popleft()))
+            request = requests[k % n_requests]
             request.start_async({0: batch[start:start + chunk]})
             pending.append(request)
         outputs.extend(_finished_output(request) for request in pending)

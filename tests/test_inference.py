@@ -145,6 +145,24 @@ def test_openvino_bfloat16_chunks_give_one_request_values(model, cube, monkeypat
     assert chunked.shape == ones.shape and np.array_equal(chunked, ones)
 
 
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_openvino_runner_from_several_threads(model, cube, monkeypatch):
+    # Each thread runs its own inference requests (kept between its calls):
+    # concurrent calls, chunked or not, give what each gives alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from psfdeconv import inference
+
+    monkeypatch.setattr(inference, '_OPENVINO_CHUNK', 2)
+    run = inference._openvino_runner(model.keras_model)
+    batches = [cube, cube[::-1], cube[:1], cube[1:4]] * 3
+    alone = [run(batch) for batch in batches[:4]]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, batches))
+    for k, got in enumerate(together):
+        assert np.array_equal(got, alone[k % 4])
+
+
 #: Builds an OpenVINO runner in a fresh interpreter and prints the forks it
 #: made, whether a client ID appeared under HOME, and whether the telemetry
 #: package is importable afterwards.
