@@ -14,7 +14,8 @@ and output. The helper's warnings are warned again here, its log records
 logged again here and its exception raised here (with the helper's traceback
 as a note). Where no outcome comes back (the helper could not start, import,
 unpickle or pickle, or died), the function is called in this process, so the
-result never depends on the helper.
+result never depends on the helper. A `Helper` is started before its call is
+ready, and imports the modules it will need meanwhile.
 """
 import importlib
 import logging
@@ -48,13 +49,21 @@ class HelperCall:
     """
 
     def __init__(self, function, *args, **kwargs):
+        self._start(None, function, args, kwargs)
+
+    def _start(self, helper, function, args, kwargs):
+        """Send the call to ``helper`` (a `Helper`), or to a helper started
+        now where it is None."""
         self._function, self._args, self._kwargs = function, args, kwargs
         self._reply = None
         self._failure = None
         self._thread = None
         self._process = None
         self._cancelled = False
-        if getattr(sys, 'frozen', False) or not sys.executable:
+        if helper is not None and helper.failure is not None:
+            self._failure = helper.failure
+            return
+        if helper is None and (getattr(sys, 'frozen', False) or not sys.executable):
             # A frozen application's executable is the application itself.
             self._failure = 'there is no Python interpreter to start'
             return
@@ -63,21 +72,16 @@ class HelperCall:
                                    protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # noqa: BLE001 - any pickling failure
             self._failure = f'the arguments cannot be pickled ({error})'
+            if helper is not None:
+                helper._stop()
             return
-        self._thread = threading.Thread(target=self._run, args=(payload,), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(payload, helper), daemon=True,
                                         name='psfdeconv-helper')
         self._thread.start()
 
-    def _run(self, payload):
-        env = dict(os.environ)
-        # The helper imports what this process imports (this copy of
-        # psfdeconv first), also modules found through a changed sys.path.
-        root = str(Path(__file__).resolve().parent.parent)
-        env['PYTHONPATH'] = os.pathsep.join([root] + [path for path in sys.path if path])
+    def _run(self, payload, helper):
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, '-m', 'psfdeconv._offload'], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            self._process = _start_helper(()) if helper is None else helper.process
             if self._cancelled:
                 self._process.kill()
             stdout, stderr = self._process.communicate(payload)
@@ -130,6 +134,71 @@ class HelperCall:
         return value
 
 
+class Helper:
+    """A helper process started ahead of its one call: it imports ``modules``
+    while this process prepares the call's arguments, then waits for `call`.
+    `close` stops it where no call comes.
+
+    Examples
+    --------
+    >>> from psfdeconv._offload import Helper
+    >>> helper = Helper(['fractions'])
+    >>> helper.call(pow, 3, 4).result()
+    81
+    """
+
+    def __init__(self, modules=()):
+        self.process = None
+        self.failure = None
+        self._used = False
+        if getattr(sys, 'frozen', False) or not sys.executable:
+            # A frozen application's executable is the application itself.
+            self.failure = 'there is no Python interpreter to start'
+            return
+        try:
+            self.process = _start_helper(modules)
+        except Exception as error:  # noqa: BLE001 - no interpreter, no pipe
+            self.failure = f'it could not run ({error})'
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def call(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` in this helper: a `HelperCall`."""
+        if self._used:
+            raise RuntimeError('a helper process takes one call')
+        self._used = True
+        call = HelperCall.__new__(HelperCall)
+        call._start(self, function, args, kwargs)
+        return call
+
+    def close(self):
+        """Stop the helper if it has not been given a call."""
+        if not self._used:
+            self._used = True
+            self._stop()
+
+    def _stop(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def _start_helper(modules):
+    """The helper's process (``python -m psfdeconv._offload MODULE...``)."""
+    env = dict(os.environ)
+    # The helper imports what this process imports (this copy of
+    # psfdeconv first), also modules found through a changed sys.path.
+    root = str(Path(__file__).resolve().parent.parent)
+    env['PYTHONPATH'] = os.pathsep.join([root] + [path for path in sys.path if path])
+    return subprocess.Popen([sys.executable, '-m', 'psfdeconv._offload', *modules],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+
+
 class _Records(logging.Handler):
     """Keeps the helper's log records, made picklable."""
 
@@ -151,7 +220,13 @@ def _serve():
     reply_stream = sys.stdout.buffer
     # Nothing the function prints may corrupt the reply.
     sys.stdout = sys.stderr
-    module, qualname, args, kwargs = pickle.load(sys.stdin.buffer)
+    # Imported while the caller prepares the call (`Helper`).
+    for name in sys.argv[1:]:
+        importlib.import_module(name)
+    try:
+        module, qualname, args, kwargs = pickle.load(sys.stdin.buffer)
+    except EOFError:
+        return  # closed without a call
     function = importlib.import_module(module)
     for name in qualname.split('.'):
         function = getattr(function, name)

@@ -38,6 +38,7 @@ FITS (`run_exposure_set` does both, chunk by chunk).
 `psfdeconv.flags` (the cutout flags are set when they hold in any band).
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -48,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ._cpus import cpu_share
-from ._offload import HelperCall
+from ._offload import Helper, HelperCall
 from ._validation import angle_arcsec, check_output_location, positive_int
 from .background import shared_estimates
 from .cutouts import align_to_reference
@@ -1590,6 +1591,9 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
         bands' stars (ePSFs, the default), the bands hold at least 4 million
         such pixels and this process may keep two CPUs or more busy
         (``OMP_NUM_THREADS``, else its CPU affinity); ``--psf-process``.
+        The helper starts before the bands are read, so that its imports
+        overlap the reading, and is stopped where the bands turn out too
+        small for it.
     progress : bool, optional
         Draw a `tqdm` progress bar on standard error for each long stage:
         the PSFs (per band), the sources (detection, background, alignment)
@@ -1633,7 +1637,7 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
     # Refuse before any work rather than after it.
     for path in paths.values():
         check_writable(path, overwrite=overwrite)
-    with output_lock(out_dir):
+    with output_lock(out_dir), _early_helper(psf_process, exposures, psfs) as helper:
         if not overwrite:
             # Again under the lock: another run may have finished meanwhile.
             for path in paths.values():
@@ -1665,13 +1669,14 @@ def run_exposure_set(exposures, out_dir, positions=None, psfs='epsf', *, model=N
                 # segments (_catalog_setup), which may detect the sources
                 # meanwhile.
                 detection_claim = _DetectionClaim(Path(scratch) / 'detection')
-                psf_models = HelperCall(_psfs_and_detections, exposures, psfs, epsf_options,
-                                        no_wcs_scale=no_wcs_scale,
-                                        reference_band=reference_band,
-                                        detect_options=detect_options,
-                                        pixel_scale=pixel_scale, detect=positions is None,
-                                        claim=detection_claim, shared=scratch)
+                psf_models = (helper or Helper()).call(
+                    _psfs_and_detections, exposures, psfs, epsf_options,
+                    no_wcs_scale=no_wcs_scale, reference_band=reference_band,
+                    detect_options=detect_options, pixel_scale=pixel_scale,
+                    detect=positions is None, claim=detection_claim, shared=scratch)
             else:
+                if helper is not None:
+                    helper.close()  # not needed: stopped at once
                 psf_models = _build_psfs_with_progress(exposures, psfs, epsf_options,
                                                        progress, pixel_scale=no_wcs_scale)
             start = _stage_start('finding the sources (detection, background, alignment)')
@@ -1760,6 +1765,31 @@ def _progress_bar(progress, *, total, desc, unit):
 #: 0.4 s to start (and more to receive the bands): below this the overlap
 #: saves about a second, against one more process.
 _PSF_PROCESS_MIN_PIXELS = 4_000_000
+
+
+#: What the helper of ``psf_process`` imports while the bands are read: the
+#: module of its function and the photutils modules its first ePSF would
+#: otherwise import (1.1 s on an AMD EPYC).
+_PSF_HELPER_IMPORTS = (__name__, 'photutils.psf', 'photutils.segmentation')
+
+
+def _early_helper(setting, exposures, psfs):
+    """The helper process of `run_exposure_set`, started before the bands
+    are read where it may be wanted (`_psf_process_wanted` decides once they
+    are), so that its imports overlap the reading; else a context that gives
+    None. The helper is stopped on leaving the context unless it was given
+    its call."""
+    if hasattr(psfs, 'items') and set(psfs) != set(exposures):
+        wanted = False  # refused once the bands are read (_check_psf_bands)
+    elif isinstance(setting, bool):
+        wanted = setting
+    else:
+        values = psfs.values() if hasattr(psfs, 'items') else [psfs]
+        wanted = cpu_share() >= 2 and any(
+            value is None or (isinstance(value, str) and
+                              value.strip().lower().startswith('epsf'))
+            for value in values)
+    return Helper(_PSF_HELPER_IMPORTS) if wanted else contextlib.nullcontext()
 
 
 def _check_psf_process(setting):

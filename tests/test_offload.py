@@ -11,7 +11,7 @@ import pytest
 from astropy.nddata import NDData
 
 import psfdeconv.pipeline as pipeline
-from psfdeconv._offload import HelperCall
+from psfdeconv._offload import Helper, HelperCall
 from psfdeconv.exceptions import InvalidInputError, InvalidPSFError, PSFDeconvWarning
 from psfdeconv.io import read_catalog
 from psfdeconv.pipeline import run_exposure_set
@@ -85,6 +85,35 @@ def test_cancel_stops_the_helper():
         assert call._process.poll() is not None
 
 
+def test_helper_started_ahead_imports_then_takes_one_call():
+    helper = Helper(['fractions', 'psfdeconv.exceptions'])
+    pid, value = helper.call(helper_work, 3).result()
+    assert pid != os.getpid() and pid == helper.process.pid
+    np.testing.assert_array_equal(value, np.arange(3))
+    with pytest.raises(RuntimeError, match='one call'):
+        helper.call(helper_work, 1)
+    helper.close()  # given its call: nothing to stop
+
+
+def test_helper_without_a_call_is_stopped():
+    with Helper(['fractions']) as helper:
+        process = helper.process
+        assert process.poll() is None
+    assert process.poll() is not None
+    # Also when its call cannot be sent: the call runs here.
+    helper = Helper()
+    assert helper.call(lambda n: (os.getpid(), n), 4).result() == (os.getpid(), 4)
+    assert helper.process.wait(timeout=60) is not None
+
+
+def test_helper_that_cannot_import_its_modules_leaves_the_call_here(caplog):
+    helper = Helper(['psfdeconv_no_such_module'])
+    with caplog.at_level(logging.DEBUG, logger='psfdeconv._offload'):
+        assert helper.call(helper_work, 2).result()[0] == os.getpid()
+    assert any('psfdeconv_no_such_module' in record.getMessage()
+               for record in caplog.records)
+
+
 # --- run_exposure_set ----------------------------------------------------------------
 
 
@@ -132,17 +161,17 @@ def test_psfs_in_a_helper_give_the_same_outputs(psfs, catalogue, detector, simul
                                                 tiny_model, tmp_path, monkeypatch, caplog):
     exposures, truth = simulated_field
     started = []
-    original = HelperCall.__init__
+    original = HelperCall._start
 
-    def counting(self, function, *args, **kwargs):
+    def counting(self, helper, function, args, kwargs):
         started.append((function.__name__, kwargs.get('detect')))
-        original(self, function, *args, **kwargs)
+        original(self, helper, function, args, kwargs)
 
     positions = None
     if catalogue:
         galaxies = truth[truth['kind'] == 'galaxy']
         positions = np.column_stack([galaxies['x'].value, galaxies['y'].value])[:5]
-    monkeypatch.setattr(HelperCall, '__init__', counting)
+    monkeypatch.setattr(HelperCall, '_start', counting)
     here, _ = run_exposure_set(exposures, tmp_path / 'here', positions, psfs=psfs,
                                model=tiny_model, symmetries=1, psf_process=False)
     assert started == []
@@ -272,6 +301,56 @@ def test_auto_uses_a_helper_for_large_epsf_bands_with_cpus_to_spare(monkeypatch)
     assert not wanted('auto', bands, 'epsf')
 
 
+def test_helper_starts_before_the_bands_are_read_wherever_it_may_be_wanted(monkeypatch):
+    # Started on what is known before reading (the setting, the PSFs asked
+    # for, the CPUs): wherever _psf_process_wanted can say yes once the bands
+    # are read, a helper is already running.
+    import contextlib
+
+    started = []
+    monkeypatch.setattr(pipeline, 'Helper', lambda modules: started.append(modules) or
+                        contextlib.nullcontext('helper'))
+    monkeypatch.setattr(pipeline, 'cpu_share', lambda: 2)
+    bands = {'g': large_band(), 'r': large_band()}
+
+    def early(setting, psfs):
+        with pipeline._early_helper(setting, bands, psfs) as helper:
+            return helper == 'helper'
+
+    for setting, psfs in [('auto', 'epsf'), ('auto', None), ('auto', {'g': 'epsf', 'r': 'x'}),
+                          (True, 'moffat:fwhm=0.8arcsec,beta=3')]:
+        assert early(setting, psfs), (setting, psfs)
+    for setting, psfs in [('auto', 'moffat:fwhm=0.8arcsec,beta=3'), (False, 'epsf'),
+                          (True, {'g': 'epsf'})]:
+        assert not early(setting, psfs), (setting, psfs)
+        assert not pipeline._psf_process_wanted(setting, bands, psfs) or \
+            hasattr(psfs, 'items')
+    assert started and all('photutils.psf' in modules for modules in started)
+    monkeypatch.setattr(pipeline, 'cpu_share', lambda: 1)
+    assert not early('auto', 'epsf')
+
+
+def test_helper_not_wanted_after_reading_is_stopped(simulated_field, tiny_model, tmp_path,
+                                                    monkeypatch):
+    # A field too small for a helper: the one started before reading is stopped.
+    exposures, _ = simulated_field
+    helpers = []
+
+    class Recorded(Helper):
+        def __init__(self, modules=()):
+            super().__init__(modules)
+            helpers.append(self)
+
+    monkeypatch.setattr(pipeline, 'Helper', Recorded)
+    monkeypatch.setattr(pipeline, 'cpu_share', lambda: 2)
+    assert not pipeline._psf_process_wanted('auto', exposures, 'epsf')
+    catalog, _ = run_exposure_set(exposures, tmp_path / 'out', psfs='epsf', model=tiny_model,
+                                  symmetries=1)
+    assert len(catalog) > 0
+    [helper] = helpers
+    assert helper.process.poll() is not None
+
+
 def test_cpu_share_follows_omp_num_threads(monkeypatch):
     from psfdeconv._cpus import cpu_share, usable_cpus
 
@@ -338,8 +417,9 @@ def test_cli_psf_process(option, value, monkeypatch, tmp_path):
 def test_psfs_naming_other_bands_are_refused_before_the_helper_starts(
         simulated_field, tiny_model, tmp_path, monkeypatch):
     exposures, _ = simulated_field
-    monkeypatch.setattr(HelperCall, '__init__', lambda *args, **kwargs: pytest.fail(
-        'the helper started'))
+    for cls, name in ((HelperCall, '_start'), (Helper, '__init__')):
+        monkeypatch.setattr(cls, name, lambda *args, **kwargs: pytest.fail(
+            'the helper started'))
     with pytest.raises(InvalidInputError, match='give one PSF per band'):
         run_exposure_set(exposures, tmp_path / 'out', psfs={'g': 'epsf'}, model=tiny_model,
                          psf_process=True)
@@ -349,16 +429,16 @@ def test_an_error_beside_the_helper_stops_it(simulated_field, tiny_model, tmp_pa
                                              monkeypatch):
     exposures, _ = simulated_field
     calls = []
-    original = HelperCall.__init__
+    original = HelperCall._start
 
-    def keeping(self, *args, **kwargs):
+    def keeping(self, *args):
         calls.append(self)
-        original(self, *args, **kwargs)
+        original(self, *args)
 
     def failing(*args, **kwargs):
         raise InvalidInputError('the alignment failed')
 
-    monkeypatch.setattr(HelperCall, '__init__', keeping)
+    monkeypatch.setattr(HelperCall, '_start', keeping)
     monkeypatch.setattr(pipeline, '_segmented_bands', failing)
     with pytest.raises(InvalidInputError, match='the alignment failed'):
         run_exposure_set(exposures, tmp_path / 'out', psfs='epsf', model=tiny_model,
