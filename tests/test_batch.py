@@ -533,3 +533,62 @@ def test_chunks_do_not_change_the_catalog(groups, tiny_model, tmp_path):
         run_exposure_set(exposures, tmp_path / 'none', positions, MOFFAT, model=tiny_model,
                          chunk_size=0)
     assert not (tmp_path / 'none').exists()  # refused before any work
+
+
+def test_worker_cpu_sets_split_the_allowed_cpus(monkeypatch):
+    from psfdeconv import batch
+
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {7, 0, 1, 2, 3, 6}, raising=False)
+    assert batch._worker_cpu_sets(2, 3) == [[0, 1, 2], [3, 6, 7]]
+    assert batch._worker_cpu_sets(3, 2) == [[0, 1], [2, 3], [6, 7]]
+    # One worker keeps the affinity it inherits; workers that do not fill the
+    # CPUs exactly (fewer threads, or more than there are CPUs) are not pinned.
+    assert batch._worker_cpu_sets(1, 6) is None
+    assert batch._worker_cpu_sets(2, 2) is None
+    assert batch._worker_cpu_sets(4, 2) is None
+    assert batch._worker_cpu_sets(2, None) is None
+
+
+def test_pin_worker_takes_the_next_cpu_set_or_stays_unpinned(monkeypatch):
+    import queue
+
+    from psfdeconv import batch
+
+    pinned = []
+    monkeypatch.setattr(os, 'sched_setaffinity', lambda pid, cpus: pinned.append(cpus),
+                        raising=False)
+    cpu_sets = queue.Queue()
+    cpu_sets.put([1])
+    batch._pin_worker(cpu_sets)
+    assert pinned == [[1]]
+
+    def empty(timeout):
+        raise queue.Empty
+
+    monkeypatch.setattr(cpu_sets, 'get', empty)
+    batch._pin_worker(cpu_sets)  # no set left: unpinned, no error
+    assert pinned == [[1]]
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_getaffinity') or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs 2 CPUs and CPU affinity')
+def test_worker_processes_keep_to_their_own_cpus():
+    # Two worker processes of the 'processes' scheduler, on two CPUs: each
+    # task sees its worker's affinity, one CPU, not both.
+    import dask
+
+    from psfdeconv.batch import _compute_locally
+
+    allowed = os.sched_getaffinity(0)
+    two = set(sorted(allowed)[:2])
+    tasks = [dask.delayed(os.sched_getaffinity, pure=False)(0, dask_key_name=f'cpus-{k}')
+             for k in range(4)]
+    seen = []
+    os.sched_setaffinity(0, two)
+    try:
+        _compute_locally(tasks, {f'cpus-{k}': k for k in range(4)}, seen.append,
+                         'processes', 2, threads=1)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert len(seen) == 4
+    assert all(len(cpus) == 1 and cpus <= two for cpus in seen)
