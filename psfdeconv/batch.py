@@ -1134,9 +1134,9 @@ def _pin_worker(cpu_sets):
 
     Unpinned, the threads of two workers (each its main thread, its network
     thread and OpenVINO's) move between the CPUs and slow each other: on
-    2 cores of an AMD EPYC, two processes each running groups on one thread
-    took 6.8 s per group unpinned against 5.8 s pinned, as fast as one
-    alone (``benchmarks/bench_speed.py``, the batch rows).
+    2 cores of an AMD EPYC, a batch's later groups took 6.1 s beside the
+    other worker unpinned, 5.6 s pinned and 5.5 s for one worker alone
+    (``benchmarks/bench_speed.py``, the batch rows).
     """
     import queue
 
