@@ -36,6 +36,8 @@ returns float32 arrays.
 """
 
 import collections
+import contextlib
+import ctypes
 import sys
 import threading
 
@@ -311,7 +313,8 @@ def _openvino_runner(keras_model, precision='bf16', network=None):
     threads = _openvino_threads()
     if threads:
         config['INFERENCE_NUM_THREADS'] = threads
-    compiled = openvino.Core().compile_model(converted, 'CPU', config)
+    with _kept_sigaltstack():
+        compiled = openvino.Core().compile_model(converted, 'CPU', config)
     n_requests = 1 if hint == 'LATENCY' else max(
         1, int(compiled.get_property('OPTIMAL_NUMBER_OF_INFER_REQUESTS')))
 
@@ -349,6 +352,40 @@ def _openvino_runner(keras_model, precision='bf16', network=None):
         return np.concatenate(outputs)
 
     return run
+
+
+class _SignalStack(ctypes.Structure):
+    """``stack_t`` of ``sigaltstack(2)``."""
+
+    _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int),
+                ('ss_size', ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _kept_sigaltstack():
+    """Give this thread back its alternate signal stack after the block.
+
+    OpenVINO's CPU plugin gives the thread that compiles a network a new
+    alternate signal stack, and unmaps it when the network is released,
+    restoring the old one only where the releasing thread is the compiling
+    one. A network released by another thread (the garbage collector runs
+    in any) left the compiling thread's alternate stack unmapped, and its
+    next signal (Ctrl-C: Python's handlers run on that stack) killed the
+    process with SIGSEGV. Only the compiling thread's stack is restored;
+    OpenVINO's own stack then goes unused until it is unmapped.
+    """
+    if not sys.platform.startswith('linux'):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    previous = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(previous)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(previous), None)
 
 
 def _finished_output(request):

@@ -200,6 +200,68 @@ def test_openvino_sends_no_telemetry(tmp_path):
     assert result.stdout.split()[-2:] == ['0', 'False']
 
 
+#: Builds an OpenVINO runner in the main thread, releases it in another thread,
+#: then interrupts the main thread (Ctrl-C), whose Python handler runs on the
+#: thread's alternate signal stack.
+_SIGNAL_SCRIPT = """
+import gc, signal, threading, time
+import keras, numpy as np
+from psfdeconv import inference
+inputs = keras.Input((8, 8, 2))
+network = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding='same')(inputs))
+holder = [inference._openvino_runner(network)]
+holder[0](np.ones((4, 8, 8, 2), np.float32))
+release = threading.Thread(target=lambda: (holder.clear(), gc.collect()))
+release.start()
+release.join()
+caught = []
+signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident,
+                                           signal.SIGINT)).start()
+time.sleep(1)
+print('caught', caught)
+"""
+
+
+@pytest.mark.skipif(not openvino_available() or not sys.platform.startswith('linux'),
+                    reason='needs OpenVINO on Linux')
+def test_interrupt_after_a_network_released_by_another_thread():
+    # OpenVINO unmaps the alternate signal stack it gave the compiling thread
+    # when another thread releases the network: the interrupt crashed (SIGSEGV).
+    import os
+    import subprocess
+
+    result = subprocess.run([sys.executable, '-c', _SIGNAL_SCRIPT], capture_output=True,
+                            text=True, timeout=300, check=False,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split()[-2:] == ['caught', '[2]']
+
+
+@pytest.mark.skipif(not openvino_available() or not sys.platform.startswith('linux'),
+                    reason='needs OpenVINO on Linux')
+def test_compiling_keeps_the_threads_alternate_signal_stack():
+    import ctypes
+
+    import keras
+
+    from psfdeconv import inference
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def current():
+        stack = inference._SignalStack()
+        assert libc.sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+    inputs = keras.Input((8, 8, 2))
+    network = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding='same')(inputs))
+    before = current()
+    run = inference._openvino_runner(network)
+    assert current() == before
+    assert run(np.ones((2, 8, 8, 2), np.float32)).shape == (2, 8, 8, 1)
+
+
 def test_runner_is_cached(model):
     first, _ = get_runner(model, 'float32')
     second, _ = get_runner(model, 'float32')
