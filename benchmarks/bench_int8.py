@@ -116,8 +116,7 @@ def main():
                'bfloat16': deconvolve_stamps(test['observed'], test['psf'],
                                              precision='bfloat16', **kwargs)}
     # The int8 network in the bfloat16 runner's place.
-    model._runners[inference.resolve_precision('bfloat16')] = (model.keras_model,
-                                                               runners['int8'])
+    model._runners[inference.resolve_precision('bfloat16')] = runners['int8']
     results['int8'] = deconvolve_stamps(test['observed'], test['psf'], precision='bfloat16',
                                         **kwargs)
     measured = {name: _flux_and_shapes(*result) for name, result in results.items()}

@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from functools import partial
@@ -481,22 +482,29 @@ def _serial_model(model):
     return serial
 
 
-def _worker_model(path, sha256, n_bands, verify=True, threads=None):
+def _worker_model(path, sha256, n_bands, verify=True, threads=None, precision=None):
     """The model of a batch in this process, loaded on first use (after
-    `_configure_threads`, under a lock: TensorFlow's import is not safe in
-    two threads at once)."""
+    `_configure_threads`), with its runner at ``precision`` built: under a
+    lock, before the group's own work, because TensorFlow's import (where
+    the network is not cached for OpenVINO) is not safe beside other
+    threads' imports."""
+    from .inference import get_runner, use_default_network_cache
     from .model import load_model
 
     key = (path, sha256)
     with _MODELS_LOCK:
         _configure_threads(threads)
+        if threads is not None:
+            # A worker process of the batch's (processes or a cluster): its
+            # network from OpenVINO's cached conversion, without TensorFlow.
+            use_default_network_cache()
         model = _MODELS.get(key)
         if model is None:
             if path is None:
                 raise ModelFileError('the batch\'s model exists only in the memory of '
                                      'the process that started the batch; give it as '
                                      'a .keras file to run on processes or a cluster.')
-            model = load_model(path, n_bands=n_bands, verify=verify)
+            model = load_model(path, n_bands=n_bands, verify=verify, network='lazy')
             if sha256 and model.sha256 != sha256:
                 raise ModelFileError(f'model {path} has weights SHA-256 '
                                      f'{model.sha256} in this worker but '
@@ -506,6 +514,8 @@ def _worker_model(path, sha256, n_bands, verify=True, threads=None):
             if len(_MODELS) >= 4:
                 _MODELS.clear()
             _MODELS[key] = model
+        if precision is not None:
+            get_runner(model, precision)
     return model
 
 
@@ -529,13 +539,17 @@ def _configure_threads(threads):
     threads = max(1, int(threads))
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    try:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    except (ImportError, RuntimeError):
-        pass  # another backend, or TensorFlow already running in this process
+    # Read by TensorFlow when it starts, if it does: a network cached by
+    # OpenVINO runs without it (psfdeconv.inference).
+    os.environ['TF_NUM_INTRAOP_THREADS'] = str(threads)
+    os.environ['TF_NUM_INTEROP_THREADS'] = str(min(2, threads))
+    if 'tensorflow' in sys.modules:
+        try:
+            tf = sys.modules['tensorflow']
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        except (AttributeError, RuntimeError):
+            pass  # TensorFlow already running in this process
 
 
 #: The hidden temporary files of `psfdeconv.io.atomic_path` (``.NAME.XXXXXXXX.tmp``).
@@ -576,7 +590,8 @@ def _run_group(group, out_dir, model_ref, options):
     row = _row(group['id'], worker=f'{socket.gethostname()}:{os.getpid()}')
     group_dir = Path(out_dir) / group['id']
     try:
-        model = _worker_model(*model_ref, threads=options['threads'])
+        model = _worker_model(*model_ref, threads=options['threads'],
+                              precision=options.get('precision', 'auto'))
         extra = {key: options[key] for key in ('epsf_options', 'detect_options')
                  if options.get(key)}
         if options.get('pixel_scale') is not None:
@@ -708,10 +723,10 @@ def _check_options(scheduler, workers, resume, overwrite):
 
 def _load_batch_model(model, n_bands, verify=True):
     """The batch's model: one in memory as it is; a file verified against
-    its card without its network (``keras_model`` None: the groups load it
-    where they run, `_worker_model`), which spares this process TensorFlow's
-    start (seconds) when the groups run in worker processes; an unverified
-    file loaded whole."""
+    its card with its network left to first use (``network='lazy'``: the
+    groups load it where they run, `_worker_model`), which spares this
+    process TensorFlow's start (seconds) when the groups run in worker
+    processes; an unverified file loaded whole."""
     from .model import DeconvolutionModel, default_model_path, load_model
 
     if isinstance(model, DeconvolutionModel):
@@ -720,7 +735,8 @@ def _load_batch_model(model, n_bands, verify=True):
         path = default_model_path(n_bands) if model is None else Path(model)
         # Unverified, the network is loaded here: a file Keras cannot read
         # fails the batch before its first group, not every group.
-        loaded = load_model(path, n_bands=n_bands, verify=verify, network=not verify)
+        loaded = load_model(path, n_bands=n_bands, verify=verify,
+                            network='lazy' if verify else True)
     else:
         raise ModelFileError(f'model is a {type(model).__name__}; give a '
                              f'DeconvolutionModel (psfdeconv.load_model), the path '
@@ -887,7 +903,7 @@ def _run_batch_locked(manifest, out_dir, bands, *, psfs, model, scheduler, worke
         raise ConfigError('the model has no file, so workers in other processes '
                           'cannot load it; save it (psfdeconv.model.save_model) and '
                           'give its path, or use scheduler="threads".')
-    if loaded.keras_model is not None:
+    if loaded.has_network:
         with _MODELS_LOCK:
             _MODELS[(model_path, loaded.sha256)] = _serial_model(loaded)
 

@@ -222,7 +222,10 @@ def _require_network(args):
 def _load(path, n_bands=None, verify=True):
     from .model import load_model
 
-    return load_model(path, n_bands=n_bands, verify=verify)
+    # A verified network is loaded where it first runs: from OpenVINO's
+    # cached conversion, where there is one, without starting TensorFlow.
+    return load_model(path, n_bands=n_bands, verify=verify,
+                      network='lazy' if verify else True)
 
 
 def _add_symmetries_argument(parser):
@@ -691,8 +694,12 @@ def _cmd_info(args):
     paths = [Path(args.model)] if args.model else sorted(
         default_model_path().parent.glob('*.keras'))
     models = [_model_info(path) for path in paths]
+    from .inference import network_cache_dir
+
+    cache = network_cache_dir()
     if args.json:
         print(json.dumps({'versions': versions, 'precision': _precision_text(),
+                          'network_cache': None if cache is None else str(cache),
                           'models': models}, indent=2))
     else:
         print(f'psfdeconv {versions["psfdeconv"]}')
@@ -701,6 +708,8 @@ def _cmd_info(args):
             if name != 'psfdeconv':
                 print(f'  {name:<{width}s}  {version}')
         print(f'  {"precision":<{width}s}  {_precision_text()}')
+        # Where OpenVINO's conversions of the models are kept (PSFDECONV_CACHE_DIR).
+        print(f"  {'network cache':<{width}s}  {cache or 'off'}")
         for info in models:
             print()
             _print_model_info(info)
@@ -1270,8 +1279,13 @@ def _add_command(sub, name, *, help, description, examples, notes=None):
 
 def main(argv=None):
     """Run the command line; returns the exit code."""
+    from .inference import use_default_network_cache
+
     args = _parser().parse_args(argv)
     restore_logging = _configure_logging(verbose=args.verbose, quiet=args.quiet)
+    # Each command is a new process: OpenVINO's conversions kept on disk spare
+    # it TensorFlow's start (PSFDECONV_CACHE_DIR, where set, decides).
+    use_default_network_cache()
     # SIGTERM unwinds like Ctrl-C, so temporary files are removed.
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -1128,7 +1128,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     (4, 3, 64, 64)
     """
     from .features import make_cube
-    from .inference import resolve_precision
+    from .inference import get_runner, resolve_precision
     from .model import load_model
 
     # A bad precision is refused before any work.
@@ -1139,7 +1139,7 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
     if noise_sigma is not None:
         noise_sigma = _check_noise_sigma(noise_sigma, stamps.shape[:2])
     if model is None:
-        model = load_model(n_bands=stamps.shape[1])
+        model = load_model(n_bands=stamps.shape[1], network='lazy')
     model.check_bands(stamps.shape[1])
     if stamps.shape[-2:] != (model.stamp_size, model.stamp_size):
         raise ShapeMismatchError(
@@ -1170,6 +1170,11 @@ def deconvolve_stamps(stamps, psfs, *, pixel_scale, model=None,
             None if target_kernels is None else target_kernels[sl],
             target_update=target_update, return_details=return_details)
 
+    # The runner is built here, in the calling thread, as when models were
+    # loaded whole: a lazily loaded network (load_model(..., network='lazy'))
+    # would otherwise start TensorFlow in the compute thread below.
+    if getattr(model, 'has_network', False):
+        get_runner(model, precision)
     # The network of one step overlaps the input cube of the next and the
     # corrections and refits of the one before.
     parts = overlapped([slice(start, start + step) for start in range(0, len(stamps), step)],

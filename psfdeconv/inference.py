@@ -24,7 +24,9 @@ Two precisions are offered:
     weights). The output layer stays float32 in both.
 
 ``'auto'`` picks bfloat16 where the CPU has it (`cpu_has_bfloat16`) and
-float32 elsewhere; float32 is the default of every function and command.
+float32 elsewhere; it is the default of `~psfdeconv.deconvolve_stamps`, the
+pipeline, the batch and the command line (`DeconvolutionModel.predict
+<psfdeconv.model.DeconvolutionModel.predict>` and the calibrations run float32).
 `resolve_precision` says what a setting gives on this machine, as
 ``(precision, runtime)``. Calibrations
 are fitted in float32: :doc:`/precision` gives the effect of bfloat16 on
@@ -33,20 +35,39 @@ fluxes and shapes.
 The runners are built on first use and kept on the model (one per
 precision and runtime); each takes float32 cubes of any batch size and
 returns float32 arrays.
+
+OpenVINO's conversion of a model file's network is kept on disk
+(`network_cache_dir`), keyed by the file's weights and configuration and the
+versions that made it: a process that finds it there compiles it without
+starting Keras and TensorFlow (seconds at each start of a process: each
+``psfdeconv run``, each worker of ``psfdeconv batch``). The cached files
+carry their SHA-256 digests and are checked against them and against the
+model card at every use; a mismatch converts the network again.
 """
 
 import collections
 import contextlib
 import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
 import sys
+import tempfile
 import threading
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
 from .exceptions import ConfigError
 
 __all__ = ['PRECISIONS', 'RUNTIMES', 'cpu_has_bfloat16', 'openvino_available',
-           'available_runtimes', 'resolve_precision', 'get_runner']
+           'available_runtimes', 'resolve_precision', 'get_runner',
+           'network_cache_dir', 'use_default_network_cache', 'CACHE_DIR_VARIABLE']
+
+log = logging.getLogger(__name__)
 
 #: Values of the ``precision`` options.
 PRECISIONS = ('auto', 'float32', 'bfloat16')
@@ -54,6 +75,11 @@ PRECISIONS = ('auto', 'float32', 'bfloat16')
 RUNTIMES = ('tensorflow', 'openvino')
 #: /proc/cpuinfo flags of x86 CPUs with bfloat16 dot products.
 _BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16'})
+#: Environment variable naming the directory of converted networks
+#: (`network_cache_dir`); ``off`` (or empty) turns the cache off.
+CACHE_DIR_VARIABLE = 'PSFDECONV_CACHE_DIR'
+#: Layout of a cache entry; part of its key.
+_CACHE_LAYOUT = 1
 
 
 def cpu_has_bfloat16(cpuinfo='/proc/cpuinfo'):
@@ -194,22 +220,22 @@ def get_runner(model, precision='float32'):
     # One build per model and precision, also when threads of a batch ask at
     # once: a conversion (OpenVINO, a mixed-precision clone) is not thread-safe.
     with _BUILD_LOCK:
-        cache = model.__dict__.setdefault('_runners', {})
-        keras_model = model.keras_model
-        if keras_model is None:
+        if not model.has_network:
             raise ConfigError(f'the model {getattr(model, "path", None) or ""} was loaded '
                               f'without its network (load_model(..., network=False)); '
                               f'load it with load_model(path) to run it.')
-        cached = cache.get(resolved)
-        # Rebuilt if the Keras model was replaced on the same object.
-        if cached is None or cached[0] is not keras_model:
-            build = {('float32', 'tensorflow'): _tensorflow_runner,
-                     ('bfloat16', 'tensorflow'): _mixed_bfloat16_runner,
-                     ('float32', 'openvino'): _openvino_float32_runner,
-                     ('bfloat16', 'openvino'): _openvino_runner}[resolved]
-            cached = (keras_model, build(keras_model))
-            cache[resolved] = cached
-    return cached[1], resolved
+        # Replacing the model's Keras network empties this cache.
+        cache = model.__dict__.setdefault('_runners', {})
+        runner = cache.get(resolved)
+        if runner is None:
+            if resolved[1] == 'openvino':
+                runner = _model_openvino_runner(model, resolved[0])
+            elif resolved[0] == 'float32':
+                runner = _tensorflow_runner(model.keras_model)
+            else:
+                runner = _mixed_bfloat16_runner(model.keras_model)
+            cache[resolved] = runner
+    return runner, resolved
 
 
 _BUILD_LOCK = threading.Lock()
@@ -279,11 +305,19 @@ def _mixed_bfloat16_runner(keras_model):
 
 
 def _openvino_threads():
-    """TensorFlow's intra-op thread limit (set by a batch's ``threads``), or 0:
+    """The thread limit of the network: TensorFlow's intra-op setting where
+    TensorFlow runs and has one, else ``TF_NUM_INTRAOP_THREADS`` (which a
+    batch worker sets before TensorFlow starts, if it does), else 0:
     OpenVINO's default, one thread per core."""
-    import tensorflow as tf
-
-    return int(tf.config.threading.get_intra_op_parallelism_threads())
+    if 'tensorflow' in sys.modules:
+        threads = int(sys.modules['tensorflow'].config.threading
+                      .get_intra_op_parallelism_threads())
+        if threads:
+            return threads
+    try:
+        return max(0, int(os.environ.get('TF_NUM_INTRAOP_THREADS', '')))
+    except ValueError:
+        return 0
 
 
 #: Most stamps per OpenVINO inference request of one runner call.
@@ -291,8 +325,19 @@ _OPENVINO_CHUNK = 32
 
 
 def _openvino_runner(keras_model, precision='bf16', network=None):
-    """The network converted to OpenVINO and compiled for the CPU at
-    ``precision`` (``'bf16'`` or ``'f32'``).
+    """The Keras network converted to OpenVINO and compiled for the CPU at
+    ``precision`` (``'bf16'`` or ``'f32'``, `_compiled_runner`).
+    ``network``: an OpenVINO model to compile instead of the Keras model's
+    conversion (the int8 one of ``benchmarks/bench_int8.py``).
+    """
+    openvino = _import_openvino()
+    converted = openvino.convert_model(_graph(keras_model)) if network is None else network
+    return _compiled_runner(converted, precision)
+
+
+def _compiled_runner(network, precision):
+    """An OpenVINO model compiled for the CPU at ``precision`` (``'bf16'`` or
+    ``'f32'``).
 
     bfloat16 is compiled for throughput: OpenVINO splits the cores into
     streams (2 on 2 cores; one where a batch worker has one thread), and
@@ -302,22 +347,18 @@ def _openvino_runner(keras_model, precision='bf16', network=None):
     On 2 cores of an Intel Xeon with AMX, ``deconvolve_stamps`` with one
     view ran 1.13-1.27 times faster this way in bfloat16 but 0.92 times as
     fast in float32, which therefore stays one latency-tuned stream, one
-    request per call (:doc:`/precision`). ``network``: an OpenVINO model to
-    compile instead of the Keras model's conversion (the int8 one of
-    ``benchmarks/bench_int8.py``).
+    request per call (:doc:`/precision`).
     """
     openvino = _import_openvino()
-    converted = openvino.convert_model(_graph(keras_model)) if network is None else network
     hint = 'THROUGHPUT' if precision == 'bf16' else 'LATENCY'
     config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': hint}
     threads = _openvino_threads()
     if threads:
         config['INFERENCE_NUM_THREADS'] = threads
     with _kept_sigaltstack():
-        compiled = openvino.Core().compile_model(converted, 'CPU', config)
+        compiled = openvino.Core().compile_model(network, 'CPU', config)
     n_requests = 1 if hint == 'LATENCY' else max(
         1, int(compiled.get_property('OPTIMAL_NUMBER_OF_INFER_REQUESTS')))
-
     local = threading.local()
 
     def thread_requests():
@@ -395,25 +436,230 @@ def _finished_output(request):
     return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
-def _openvino_float32_runner(keras_model):
-    """float32 by OpenVINO, with a softplus output layer's activation applied
-    by NumPy: OpenVINO's softplus is an approximation (it flushes outputs
-    below ~1e-9 to zero and moves the fluxes of bright galaxies by up to
-    1e-3), while everything before it matches TensorFlow to 1e-6."""
+def _logits_network(keras_model):
+    """The network without its output layer's softplus (the same layer with a
+    linear activation and the same weights), or None where the output layer
+    has another activation.
+
+    OpenVINO's softplus is an approximation (it flushes outputs below ~1e-9
+    to zero and moves the fluxes of bright galaxies by up to 1e-3), while
+    everything before it matches TensorFlow to 1e-6: in float32 the softplus
+    is applied by NumPy (`_with_softplus`).
+    """
     import keras
 
     last = keras_model.layers[-1]
     if getattr(last, 'activation', None) is not keras.activations.softplus:
-        return _openvino_runner(keras_model, precision='f32')
+        return None
     config = last.get_config()
     config.update(activation='linear', name=f'{last.name}_logits')
     logits_layer = last.__class__.from_config(config)
     logits = logits_layer(last.input)
     logits_layer.set_weights(last.get_weights())
-    run_logits = _openvino_runner(keras.Model(keras_model.inputs, logits), precision='f32')
+    return keras.Model(keras_model.inputs, logits)
 
+
+def _with_softplus(run_logits):
     def run(batch):
         # softplus(x) = log(1 + exp(x)), overflow-free.
         return np.logaddexp(np.float32(0), run_logits(batch), dtype=np.float32)
 
     return run
+
+
+def _openvino_float32_runner(keras_model):
+    """float32 by OpenVINO, with a softplus output layer's activation applied
+    by NumPy (`_logits_network`)."""
+    logits = _logits_network(keras_model)
+    if logits is None:
+        return _openvino_runner(keras_model, precision='f32')
+    return _with_softplus(_openvino_runner(logits, precision='f32'))
+
+
+def _model_openvino_runner(model, precision):
+    """The OpenVINO runner of a `~psfdeconv.model.DeconvolutionModel` at
+    ``precision`` (``'float32'`` or ``'bfloat16'``), its network read from
+    the cache of conversions where it is there (`_openvino_network`)."""
+    network, softplus = _openvino_network(model, logits=precision == 'float32')
+    run = _compiled_runner(network, 'f32' if precision == 'float32' else 'bf16')
+    return _with_softplus(run) if softplus else run
+
+
+def network_cache_dir():
+    """The directory of OpenVINO conversions of model files, or None.
+
+    ``PSFDECONV_CACHE_DIR`` (`CACHE_DIR_VARIABLE`) where it is set (``off``
+    or empty: no cache). Else, in the processes that psfdeconv starts itself
+    (the command line, the worker processes of a batch:
+    `use_default_network_cache`), ``networks`` in psfdeconv's directory of
+    astropy's cache location (``~/.cache/psfdeconv/networks`` on Linux, or
+    under ``XDG_CACHE_HOME``); in a Python session of the user's, none
+    unless the variable names one. Each entry is a few MB; the directory can
+    be removed at any time.
+
+    Returns
+    -------
+    `~pathlib.Path` or None
+        None where the cache is off.
+
+    Examples
+    --------
+    >>> import os
+    >>> from unittest import mock
+    >>> from psfdeconv.inference import network_cache_dir
+    >>> with mock.patch.dict(os.environ, {'PSFDECONV_CACHE_DIR': '/scratch/networks'}):
+    ...     print(network_cache_dir())
+    /scratch/networks
+    >>> with mock.patch.dict(os.environ, {'PSFDECONV_CACHE_DIR': 'off'}):
+    ...     print(network_cache_dir())
+    None
+    """
+    value = os.environ.get(CACHE_DIR_VARIABLE)
+    if value is not None:
+        value = value.strip()
+        return None if value.lower() in ('', 'off') else Path(value).expanduser()
+    if not _DEFAULT_CACHE:
+        return None
+    from astropy.config import get_cache_dir_path
+
+    try:
+        return get_cache_dir_path('psfdeconv', ensure_exists=False) / 'networks'
+    except OSError:  # no home directory to put it in
+        return None
+
+
+#: Whether `network_cache_dir` defaults to psfdeconv's cache location in this
+#: process (`use_default_network_cache`).
+_DEFAULT_CACHE = []
+
+
+def use_default_network_cache():
+    """Use psfdeconv's cache location for converted networks in this process
+    where ``PSFDECONV_CACHE_DIR`` is not set (`network_cache_dir`).
+
+    Called by the command line and by the worker processes of a batch, which
+    load the network once each; a long Python session of the user's keeps its
+    runners in memory and leaves the cache to ``PSFDECONV_CACHE_DIR``.
+    """
+    if not _DEFAULT_CACHE:
+        _DEFAULT_CACHE.append(True)
+
+
+def _version(package):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cache_key(model, logits):
+    """What decides a conversion: the file's weights and Keras configuration,
+    the variant, and the versions of the software that converts it."""
+    from . import __version__
+
+    card = model.card
+    return {'layout': _CACHE_LAYOUT, 'weights_sha256': card.get('weights_sha256'),
+            'config_sha256': card.get('config_sha256'), 'logits': bool(logits),
+            'openvino': _import_openvino().__version__, 'keras': _version('keras'),
+            'psfdeconv': __version__}
+
+
+def _cache_entry(model, logits):
+    """The cache directory of a model's conversion, or None: no cache, or a
+    model without a file and both checksums (built in memory)."""
+    root = network_cache_dir()
+    key = _cache_key(model, logits)
+    if root is None or model.path is None or not (key['weights_sha256'] and
+                                                  key['config_sha256']):
+        return None, key
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return root / digest[:32], key
+
+
+def _file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_cached_network(entry, key, model):
+    """The cached OpenVINO model of ``entry`` and whether NumPy applies the
+    softplus, or None where it is missing or fails a check (its files'
+    digests, its key, its shapes against the model card)."""
+    manifest_path = entry / 'manifest.json'
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest['key'] != key or any(
+                _file_digest(entry / name) != digest
+                for name, digest in manifest['sha256'].items()):
+            raise ValueError('its files or key differ from its manifest')
+        network = _import_openvino().Core().read_model(entry / 'network.xml')
+        model.check_network_shapes(_shape(network.inputs[0]), _shape(network.outputs[0]))
+        return network, bool(manifest['softplus'])
+    except Exception as exc:  # any damage: convert again
+        log.warning('the cached network %s of %s is damaged (%s); converting the '
+                    'network again.', entry, model.path, exc)
+        return None
+
+
+def _shape(port):
+    return tuple(None if dim.is_dynamic else dim.get_length()
+                 for dim in port.get_partial_shape())
+
+
+def _write_cached_network(entry, key, network, softplus, *, replace=False):
+    """Save a conversion as ``entry`` atomically: written in a temporary
+    directory beside it, which is then renamed. ``replace``: the entry there
+    is damaged and is replaced; else an entry another process wrote
+    meanwhile is kept. A cache that cannot be written is skipped."""
+    openvino = _import_openvino()
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f'.{entry.name}.', dir=entry.parent))
+    except OSError as exc:
+        log.info('not caching the converted network in %s: %s', entry.parent, exc)
+        return
+    try:
+        openvino.save_model(network, staging / 'network.xml', compress_to_fp16=False)
+        manifest = {'key': key, 'softplus': bool(softplus),
+                    'sha256': {name: _file_digest(staging / name)
+                               for name in ('network.xml', 'network.bin')}}
+        (staging / 'manifest.json').write_text(json.dumps(manifest, indent=1))
+        if replace and entry.exists():
+            # Moved aside, then removed: the rename below needs the name free.
+            aside = Path(tempfile.mkdtemp(prefix=f'.{entry.name}.old.', dir=entry.parent))
+            os.replace(entry, aside / 'entry')
+            shutil.rmtree(aside, ignore_errors=True)
+        os.rename(staging, entry)
+    except OSError as exc:  # another process's entry came first, or a full disk
+        log.info('not caching the converted network as %s: %s', entry, exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _openvino_network(model, logits):
+    """A model's network as an OpenVINO model, and whether NumPy applies its
+    output's softplus (``logits``: float32, `_logits_network`): from the
+    cache (`network_cache_dir`) where it is there, else converted from the
+    Keras network (which loads it) and cached."""
+    entry, key = _cache_entry(model, logits)
+    if entry is not None:
+        cached = _read_cached_network(entry, key, model)
+        if cached is not None:
+            return cached
+        damaged = entry.exists()
+    keras_model = model.keras_model
+    softplus = False
+    if logits:
+        without_softplus = _logits_network(keras_model)
+        softplus = without_softplus is not None
+        keras_model = without_softplus if softplus else keras_model
+    network = _import_openvino().convert_model(_graph(keras_model))
+    if entry is not None:
+        _write_cached_network(entry, key, network, softplus, replace=damaged)
+        # What later processes will compile, so that this one runs the same (and
+        # the conversion, which holds TensorFlow's graph, is let go).
+        cached = _read_cached_network(entry, key, model)
+        if cached is not None:
+            return cached
+    return network, softplus

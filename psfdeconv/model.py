@@ -31,6 +31,7 @@ Keras and TensorFlow are imported only when a model is built or loaded.
 import hashlib
 import json
 import os
+import threading
 import zipfile
 from pathlib import Path
 
@@ -62,6 +63,9 @@ _HASH_KEYS = ('weights_sha256', 'config_sha256', 'card_sha256')
 MAX_MEMBER_BYTES = 200 * 2 ** 20
 #: Largest uncompressed/compressed ratio of a member above 1 MiB.
 MAX_COMPRESSION_RATIO = 50
+#: One Keras load of a ``network='lazy'`` model at a time, also when threads
+#: ask for it at once.
+_NETWORK_LOCK = threading.Lock()
 
 
 def _keras():
@@ -547,8 +551,8 @@ class DeconvolutionModel:
 
     Parameters
     ----------
-    keras_model : `keras.Model`
-        The network.
+    keras_model : `keras.Model` or None
+        The network; None for one loaded later (``load_network``) or never.
     card : dict
         The model card (see `save_model`).
     path : `~pathlib.Path`, optional
@@ -556,15 +560,48 @@ class DeconvolutionModel:
     verified : bool, optional
         Whether its checksums were verified (False: loaded with
         ``verify=False``, ``--trust-model``).
+    load_network : callable, optional
+        Where ``keras_model`` is None: returns the Keras network on the
+        first use of `keras_model` (``load_model(..., network='lazy')``).
     """
 
-    def __init__(self, keras_model, card, path=None, *, verified=True):
-        self.keras_model = keras_model
+    def __init__(self, keras_model, card, path=None, *, verified=True, load_network=None):
+        self._keras_model = keras_model
+        self._load_network = None if keras_model is not None else load_network
         self.card = card
         self.path = path
         self.verified = verified
         # Compiled runners by (precision, runtime): psfdeconv.inference.get_runner.
         self._runners = {}
+
+    @property
+    def keras_model(self):
+        """The Keras network (`keras.Model`), loaded on first use where the
+        model was loaded with ``network='lazy'``; None for ``network=False``."""
+        if self._keras_model is None and self._load_network is not None:
+            with _NETWORK_LOCK:
+                if self._keras_model is None:
+                    self._keras_model = self._load_network()
+        return self._keras_model
+
+    @keras_model.setter
+    def keras_model(self, keras_model):
+        # Runners built from the network it replaces are dropped.
+        self._keras_model = keras_model
+        self._load_network = None
+        self._runners = {}
+
+    @property
+    def has_network(self):
+        """Whether the network can run: loaded, or to be loaded on first use
+        (False for a model loaded with ``network=False``)."""
+        return self._keras_model is not None or self._load_network is not None
+
+    @property
+    def network_loaded(self):
+        """Whether Keras has loaded the network in this process (False for a
+        ``network='lazy'`` model before its first use of `keras_model`)."""
+        return self._keras_model is not None
 
     @property
     def kinds(self):
@@ -590,6 +627,14 @@ class DeconvolutionModel:
     def sha256(self):
         """SHA-256 of the weights (the model's identity)."""
         return self.card.get('weights_sha256')
+
+    def check_network_shapes(self, input_shape, output_shape):
+        """Raise `~psfdeconv.exceptions.ModelFileError` unless a network's
+        input and output shapes, ``(None, ny, nx, channels)``, are those the
+        card describes (stamp size, bands x input kinds, one output per
+        band): for a network not loaded by Keras (OpenVINO's cached
+        conversion, `~psfdeconv.inference`)."""
+        _check_network_shapes(input_shape, output_shape, self.card, self.path)
 
     def check_bands(self, n_bands):
         """Raise `~psfdeconv.exceptions.BandCountError` unless ``n_bands``
@@ -655,13 +700,18 @@ def load_model(path=None, *, n_bands=None, verify=True, network=True):
         and catalogues record it (``meta['model']['verified']``). The card's
         values are checked for type and finiteness, and the archive's member
         sizes, either way.
-    network : bool, optional
-        False: check the file and its card as above, but do not load the
-        network with Keras (``keras_model`` is None, and TensorFlow is not
-        imported), for a process that only hands the file to others (the
-        worker processes of `~psfdeconv.batch.run_batch`). A model without
-        a card (``verify=False``) is loaded whole either way: its card is
-        made from the network.
+    network : {True, 'lazy', False}, optional
+        True: load the network with Keras now. ``'lazy'``: check the file
+        and its card as above, and load the network on first use of
+        `DeconvolutionModel.keras_model`; OpenVINO runs it from the
+        conversion cached for this file where there is one
+        (`~psfdeconv.inference.network_cache_dir`) without starting Keras
+        or TensorFlow (the worker processes of
+        `~psfdeconv.batch.run_batch`). False: the checks alone, for a
+        process that only hands the file to others (``keras_model`` is
+        None, and the model cannot run). A model without a card
+        (``verify=False``) is loaded whole either way: its card is made
+        from the network.
 
     Returns
     -------
@@ -699,11 +749,35 @@ def load_model(path=None, *, n_bands=None, verify=True, network=True):
         raise _untrusted(path, f'has no card ({card_path.name} beside it)')
     if verify:
         _check_hashes(path, card)
-    if not network and card:
+    if network not in (True, False, 'lazy'):
+        raise ConfigError(f"network must be True, 'lazy' or False, got {network!r}.")
+    if network is not True and card:
         if not verify:
             card['weights_sha256'] = weights_sha256(path)
-        return DeconvolutionModel(None, card, path=path, verified=bool(verify))
+            card['config_sha256'] = config_sha256(path)
+        loader = None
+        if network == 'lazy':
+            def loader():
+                keras_model = _load_keras_model(path)
+                _check_architecture(keras_model, card, path)
+                return keras_model
+        return DeconvolutionModel(None, card, path=path, verified=bool(verify),
+                                  load_network=loader)
 
+    keras_model = _load_keras_model(path)
+    if not card:
+        card = _card_from_keras(keras_model)
+    _check_architecture(keras_model, card, path)
+    if not verify:
+        # The identity of what was actually used, not what a card claims.
+        card['weights_sha256'] = weights_sha256(path)
+        card['config_sha256'] = config_sha256(path)
+    return DeconvolutionModel(keras_model, card, path=path, verified=bool(verify))
+
+
+def _load_keras_model(path):
+    """Keras' own load of a checked ``.keras`` file (``safe_mode``), its
+    failures as `~psfdeconv.exceptions.ModelFileError`."""
     keras = _keras()
     try:
         keras_model = keras.saving.load_model(path, compile=False,
@@ -718,14 +792,7 @@ def load_model(path=None, *, n_bands=None, verify=True, network=True):
     except Exception as exc:  # Keras raises many types on bad configs
         raise ModelFileError(f'model file {path} cannot be loaded by Keras '
                              f'({exception_text(exc)}).') from None
-
-    if not card:
-        card = _card_from_keras(keras_model)
-    _check_architecture(keras_model, card, path)
-    if not verify:
-        # The identity of what was actually used, not what a card claims.
-        card['weights_sha256'] = weights_sha256(path)
-    return DeconvolutionModel(keras_model, card, path=path, verified=bool(verify))
+    return keras_model
 
 
 def _card_from_keras(keras_model):
@@ -742,19 +809,22 @@ def _card_from_keras(keras_model):
 
 
 def _check_architecture(keras_model, card, path):
+    _check_network_shapes(keras_model.input_shape, keras_model.output_shape, card, path)
+
+
+def _check_network_shapes(input_shape, output_shape, card, path=None):
     try:
-        _, ny, nx, n_channels = keras_model.input_shape
-        n_out = keras_model.output_shape[-1]
-    except (TypeError, ValueError):
+        _, ny, nx, n_channels = input_shape
+        n_out = output_shape[-1]
+    except (TypeError, ValueError, IndexError):
         raise ModelFileError(f'model file {path} is not an image-to-image '
-                             f'network (input {keras_model.input_shape}).'
-                             ) from None
+                             f'network (input {input_shape}).') from None
     expected_channels = len(card['input_kinds']) * int(card['n_bands'])
     if (n_channels != expected_channels or n_out != int(card['n_bands'])
             or ny != int(card['stamp_size'])):
         raise ModelFileError(
-            f'model file {path} has input {keras_model.input_shape} and '
-            f'output {keras_model.output_shape}, but its card describes '
+            f'model file {path} has input {tuple(input_shape)} and '
+            f'output {tuple(output_shape)}, but its card describes '
             f'{card["n_bands"]} bands x kinds {card["input_kinds"]} on '
             f'{card["stamp_size"]}-pixel stamps: wrong architecture for '
             f'this card.')

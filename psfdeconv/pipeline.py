@@ -114,7 +114,10 @@ def _as_model(model, *, n_bands=None, verify=True):
     from .model import DeconvolutionModel, load_model
 
     if model is None or isinstance(model, str | Path):
-        return load_model(model, n_bands=n_bands, verify=verify)
+        # A verified network is loaded where it first runs (from OpenVINO's
+        # cached conversion, where there is one, without TensorFlow).
+        return load_model(model, n_bands=n_bands, verify=verify,
+                          network='lazy' if verify else True)
     if isinstance(model, DeconvolutionModel):
         return model
     raise ModelFileError(f'model is a {type(model).__name__}; give a '

@@ -18,6 +18,10 @@ if 'KERAS_HOME' not in os.environ:
     _keras_home = tempfile.mkdtemp(prefix='psfdeconv-keras-home-')
     os.environ['KERAS_HOME'] = _keras_home
     atexit.register(shutil.rmtree, _keras_home, ignore_errors=True)
+# No cache of OpenVINO's conversions (psfdeconv.inference.network_cache_dir), also where the
+# command line runs in this process: the suite never writes to ~/.cache, and the tests of the
+# cache give it their own directories.
+os.environ.setdefault('PSFDECONV_CACHE_DIR', 'off')
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 # Hides TensorFlow's C++ INFO and WARNING lines (not the absl ones printed at import).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -33,6 +33,7 @@ from psfdeconv.exceptions import (
     StaleLockWarning,
 )
 from psfdeconv.flags import FLAG_NEIGHBOURS
+from psfdeconv.inference import openvino_available
 from psfdeconv.io import read_catalog, read_stamps
 from psfdeconv.pipeline import deconvolve_catalog, run_exposure_set
 from psfdeconv.simulate import simulate_exposure, write_exposure_set
@@ -294,10 +295,36 @@ def test_batch_process_checks_the_model_without_tensorflow(tiny_model_path, tiny
     # (seconds) before its worker processes do.
     code = ('import sys; from psfdeconv.batch import _load_batch_model; '
             f'model = _load_batch_model({str(tiny_model_path)!r}, 3); '
-            'print(model.keras_model is None, model.sha256, "tensorflow" in sys.modules)')
+            'print(model.network_loaded, model.sha256, "tensorflow" in sys.modules)')
     child = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                            check=True)
-    assert child.stdout.split() == ['True', tiny_model.sha256, 'False']
+    assert child.stdout.split() == ['False', tiny_model.sha256, 'False']
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_worker_runs_the_cached_network_without_tensorflow(tiny_model_path, tiny_model,
+                                                           tmp_path, monkeypatch):
+    # A worker process whose model was converted before (by any process) compiles the
+    # cached conversion: it starts neither TensorFlow nor Keras, and keeps to its threads.
+    from psfdeconv.model import load_model
+
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(tmp_path / 'cache'))
+    cubes = np.random.default_rng(2).random((4, 64, 64, 9), dtype=np.float32)
+    expected = load_model(tiny_model_path, network='lazy').predict(cubes, precision='auto')
+    np.save(tmp_path / 'cubes.npy', cubes)
+    code = ('import os, sys; import numpy as np; '
+            'from psfdeconv.batch import _worker_model; '
+            f'model = _worker_model({str(tiny_model_path)!r}, {tiny_model.sha256!r}, 3, '
+            'threads=1); '
+            f'out = model.predict(np.load({str(tmp_path / "cubes.npy")!r}), precision="auto"); '
+            f'np.save({str(tmp_path / "out.npy")!r}, out); '
+            'print("tensorflow" in sys.modules, "keras" in sys.modules, '
+            'os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["OMP_NUM_THREADS"])')
+    child = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                           check=False)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split() == ['False', 'False', '1', '1']
+    assert np.array_equal(np.load(tmp_path / 'out.npy'), expected)
 
 
 def test_worker_processes_start_with_their_thread_share(monkeypatch):

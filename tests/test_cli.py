@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +224,10 @@ def test_info_json(tiny_model_path, capsys):
     assert model['training']['n_train_stamps'] == card['training']['n_train_stamps']
     # The shipped models: their card's metrics as they are.
     assert main(['info', '--json']) == 0
-    models = json.loads(capsys.readouterr().out)['models']
+    report = json.loads(capsys.readouterr().out)
+    # The suite has no cache of converted networks (tests/conftest.py).
+    assert os.environ['PSFDECONV_CACHE_DIR'] == 'off' and report['network_cache'] is None
+    models = report['models']
     assert len(models) >= 2
     assert all(model['check'] == 'verified' for model in models)
     for model in models:

@@ -167,17 +167,18 @@ def test_openvino_runner_from_several_threads(model, cube, monkeypatch):
 #: made, whether a client ID appeared under HOME, and whether the telemetry
 #: package is importable afterwards.
 _TELEMETRY_SCRIPT = """
-import os, pathlib, sys, types
+import os, pathlib, sys
 import numpy as np
 forks = []
 os.register_at_fork(before=lambda: forks.append(1))
 import keras
 from psfdeconv.inference import get_runner
+from psfdeconv.model import DeconvolutionModel
 inputs = keras.Input((8, 8, 2))
 network = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding='same',
                                                   activation='softplus')(inputs))
 for precision in ('float32', 'bfloat16'):
-    runner, resolved = get_runner(types.SimpleNamespace(keras_model=network), precision)
+    runner, resolved = get_runner(DeconvolutionModel(network, {}), precision)
     assert resolved[1] == 'openvino', resolved
     runner(np.ones((2, 8, 8, 2), np.float32))
 import openvino_telemetry
@@ -359,3 +360,163 @@ def test_cli_precision_float32_recorded(tmp_path):
                  '--out', str(out)]) == 0
     model = read_catalog(out / 'catalog.fits').meta['model']
     assert (model['precision'], model['runtime']) == resolve_precision('float32')
+
+
+# --- OpenVINO's conversions cached on disk ----------------------------------------------------
+
+#: Runs a lazily loaded model file's network in a fresh interpreter at two precisions; prints
+#: whether TensorFlow and Keras were imported, and saves the outputs.
+_CACHED_RUN_SCRIPT = """
+import sys
+import numpy as np
+from psfdeconv.model import load_model
+model = load_model(sys.argv[1], network='lazy')
+channels = len(model.kinds) * model.n_bands
+cubes = np.random.default_rng(5).random((6, model.stamp_size, model.stamp_size, channels),
+                                        dtype=np.float32)
+np.savez(sys.argv[2], **{precision: model.predict(cubes, precision=precision)
+                         for precision in ('float32', 'bfloat16')})
+print('tensorflow' in sys.modules, 'keras' in sys.modules, model.network_loaded)
+"""
+
+
+def _cached_run(model_path, out, cache):
+    import os
+    import subprocess
+
+    env = dict(os.environ, PSFDECONV_CACHE_DIR=str(cache))
+    child = subprocess.run([sys.executable, '-c', _CACHED_RUN_SCRIPT, str(model_path),
+                            str(out)], env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert child.returncode == 0, child.stderr[-2000:]
+    with np.load(out) as outputs:
+        return child.stdout.split()[-3:], dict(outputs)
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_cached_network_runs_without_tensorflow(tiny_model_path, tmp_path):
+    # The first process converts the network (Keras, TensorFlow) and caches the
+    # conversion; the next compiles the cached one without starting either, to the
+    # same outputs in float32 (softplus by NumPy) and in bfloat16.
+    cache = tmp_path / 'cache'
+    first, converted = _cached_run(tiny_model_path, tmp_path / 'first.npz', cache)
+    assert first == ['True', 'True', 'True']
+    assert len(list(cache.iterdir())) == 2  # one entry per precision
+    again, cached = _cached_run(tiny_model_path, tmp_path / 'again.npz', cache)
+    assert again == ['False', 'False', 'False']
+    # And as a process without the cache, which runs its own conversion.
+    uncached = _cached_run(tiny_model_path, tmp_path / 'uncached.npz', 'off')[1]
+    for precision in ('float32', 'bfloat16'):
+        assert np.array_equal(cached[precision], converted[precision]), precision
+        assert np.array_equal(uncached[precision], converted[precision]), precision
+    assert converted['float32'].min() > 0  # the softplus was applied
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_damaged_cached_network_is_converted_again(tiny_model_path, tiny_model, tmp_path,
+                                                   monkeypatch, caplog):
+    from psfdeconv.model import load_model
+
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(tmp_path / 'cache'))
+    cubes = np.random.default_rng(6).random(
+        (3, tiny_model.stamp_size, tiny_model.stamp_size, 9), dtype=np.float32)
+    expected = load_model(tiny_model_path, network='lazy').predict(cubes)
+    (entry,) = (tmp_path / 'cache').iterdir()
+    weights = entry / 'network.bin'
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    with caplog.at_level('WARNING', logger='psfdeconv.inference'):
+        got = load_model(tiny_model_path, network='lazy').predict(cubes)
+    assert np.array_equal(got, expected)
+    assert 'is damaged' in caplog.text and 'differ from its manifest' in caplog.text
+    # Replaced by a good conversion, which the next process reads.
+    assert weights.read_bytes() != bytes(damaged)
+    caplog.clear()
+    model = load_model(tiny_model_path, network='lazy')
+    assert np.array_equal(model.predict(cubes), expected)
+    assert not model.network_loaded and 'damaged' not in caplog.text
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_cached_network_of_another_shape_is_refused(tiny_model_path, tiny_model, tmp_path,
+                                                    monkeypatch, caplog):
+    # A conversion whose files match their manifest but not the model card (here the
+    # card claims 2 bands) is not used: the network is converted from the file.
+    import json
+
+    from psfdeconv import inference
+    from psfdeconv.model import DeconvolutionModel, load_model
+
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(tmp_path / 'cache'))
+    # The 3-band entry.
+    load_model(tiny_model_path, network='lazy').predict(np.zeros((1, 64, 64, 9), np.float32))
+    card = dict(tiny_model.card, n_bands=2, input_kinds=['psf', 'ipsf', 'ipsf1'])
+    wrong = DeconvolutionModel(None, card, path=tiny_model.path,
+                               load_network=lambda: tiny_model.keras_model)
+    entry, key = inference._cache_entry(wrong, logits=False)
+    # The 3-band conversion under the 2-band card's key, its manifest consistent.
+    (right,) = [path for path in (tmp_path / 'cache').iterdir() if path != entry]
+    manifest = json.loads((right / 'manifest.json').read_text())
+    manifest['key'] = key
+    entry.mkdir()
+    for name in ('network.xml', 'network.bin'):
+        (entry / name).write_bytes((right / name).read_bytes())
+    (entry / 'manifest.json').write_text(json.dumps(manifest))
+    with caplog.at_level('WARNING', logger='psfdeconv.inference'):
+        assert inference._read_cached_network(entry, key, wrong) is None
+    assert 'but its card describes 2 bands' in caplog.text
+
+
+def test_no_cache_without_a_file_or_when_off(tiny_training, tiny_model, tmp_path,
+                                             monkeypatch):
+    from psfdeconv import inference
+    from psfdeconv.model import DeconvolutionModel
+
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(tmp_path / 'cache'))
+    assert inference.network_cache_dir() == tmp_path / 'cache'
+    # A network built in memory has no file to key its conversion on.
+    in_memory = DeconvolutionModel(tiny_training.keras_model, dict(tiny_training.card))
+    assert inference._cache_entry(in_memory, logits=False)[0] is None
+    assert inference._cache_entry(tiny_model, logits=False)[0].parent == tmp_path / 'cache'
+    for off in ('off', 'OFF', ''):
+        monkeypatch.setenv('PSFDECONV_CACHE_DIR', off)
+        assert inference.network_cache_dir() is None
+        assert inference._cache_entry(tiny_model, logits=False)[0] is None
+    # Unset: none in a user's session; psfdeconv's location in the processes it starts.
+    monkeypatch.delenv('PSFDECONV_CACHE_DIR')
+    monkeypatch.setattr(inference, '_DEFAULT_CACHE', [])
+    assert inference.network_cache_dir() is None
+    inference.use_default_network_cache()
+    assert inference.network_cache_dir().parts[-2:] == ('psfdeconv', 'networks')
+
+
+def test_cache_key_follows_the_weights_and_configuration(tiny_model, tmp_path, monkeypatch):
+    from psfdeconv import inference
+    from psfdeconv.model import DeconvolutionModel
+
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(tmp_path))
+
+    def entry(**changes):
+        model = DeconvolutionModel(None, dict(tiny_model.card, **changes),
+                                   path=tiny_model.path, load_network=lambda: None)
+        return inference._cache_entry(model, logits=False)[0]
+
+    assert entry() == inference._cache_entry(tiny_model, logits=False)[0]
+    assert entry(weights_sha256='0' * 64) != entry()
+    assert entry(config_sha256='0' * 64) != entry()
+    assert inference._cache_entry(tiny_model, logits=True)[0] != entry()
+
+
+@pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO')
+def test_unwritable_cache_is_skipped(tiny_model_path, tmp_path, monkeypatch):
+    # A cache location that cannot be made (a file in the way): the network runs,
+    # converted as without a cache.
+    from psfdeconv.model import load_model
+
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a directory')
+    monkeypatch.setenv('PSFDECONV_CACHE_DIR', str(blocker / 'cache'))
+    model = load_model(tiny_model_path, network='lazy')
+    out = model.predict(np.ones((2, 64, 64, 9), np.float32))
+    assert out.shape == (2, 3, 64, 64) and model.network_loaded

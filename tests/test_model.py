@@ -251,6 +251,55 @@ def test_checked_without_the_network(tiny_model_path, tiny_model, tmp_path):
     assert load_model(path, verify=False, network=False).sha256 == tiny_model.sha256
 
 
+def test_network_loaded_on_first_use(tiny_model_path, tiny_model, tmp_path):
+    # network='lazy': the checks now, Keras at the first use of keras_model (or never,
+    # where OpenVINO runs a cached conversion: tests/test_inference.py).
+    lazy = load_model(tiny_model_path, network='lazy')
+    assert lazy.has_network and not lazy.network_loaded
+    assert lazy.card == tiny_model.card
+    assert lazy.keras_model.count_params() == tiny_model.keras_model.count_params()
+    assert lazy.network_loaded
+    cubes = np.random.default_rng(1).random((2, 64, 64, 9), dtype=np.float32)
+    np.testing.assert_array_equal(lazy.predict(cubes, precision='float32'),
+                                  tiny_model.predict(cubes, precision='float32'))
+    # A checksum mismatch is refused at once, as with the network.
+    path = copy_model(tiny_model_path, tmp_path, 'modified')
+    edit_card(path, weights_sha256='0' * 64)
+    with pytest.raises(ModelFileError, match='SHA-256'):
+        load_model(path, network='lazy')
+    with pytest.raises(ConfigError, match="network must be True, 'lazy' or False"):
+        load_model(tiny_model_path, network='later')
+    assert not load_model(tiny_model_path, network=False).has_network
+
+
+def test_lazy_network_that_keras_cannot_read(tiny_model_path, tmp_path):
+    # Unverified (no checksums to stop it), a network Keras refuses fails where it is
+    # first used, with the load's own error.
+    path = copy_model(tiny_model_path, tmp_path, 'unknown')
+    with zipfile.ZipFile(tiny_model_path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members['config.json'])
+    config['config']['layers'][1]['class_name'] = 'NoSuchLayer'
+    members['config.json'] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, 'w') as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    lazy = load_model(path, verify=False, network='lazy')
+    assert lazy.has_network and not lazy.network_loaded
+    with pytest.raises(ModelFileError, match='cannot be loaded by Keras'):
+        lazy.keras_model  # noqa: B018
+
+
+def test_replacing_the_network_drops_its_runners(tiny_model_path, tiny_training):
+    from psfdeconv.inference import get_runner
+
+    model = load_model(tiny_model_path)
+    first, _ = get_runner(model, 'float32')
+    assert get_runner(model, 'float32')[0] is first
+    model.keras_model = tiny_training.keras_model
+    assert model.network_loaded and get_runner(model, 'float32')[0] is not first
+
+
 @pytest.mark.parametrize('changes', [{'n_bands': 2}, {'input_kinds': ['psf', 'ipsf']},
                                      {'stamp_size': 32}])
 def test_card_of_another_architecture(tiny_model_path, tmp_path, changes):
