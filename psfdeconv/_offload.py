@@ -63,9 +63,8 @@ class HelperCall:
         if helper is not None and helper.failure is not None:
             self._failure = helper.failure
             return
-        if helper is None and (getattr(sys, 'frozen', False) or not sys.executable):
-            # A frozen application's executable is the application itself.
-            self._failure = 'there is no Python interpreter to start'
+        if helper is None and _no_interpreter():
+            self._failure = _no_interpreter()
             return
         try:
             payload = pickle.dumps((function.__module__, function.__qualname__, args, kwargs),
@@ -151,9 +150,8 @@ class Helper:
         self.process = None
         self.failure = None
         self._used = False
-        if getattr(sys, 'frozen', False) or not sys.executable:
-            # A frozen application's executable is the application itself.
-            self.failure = 'there is no Python interpreter to start'
+        self.failure = _no_interpreter()
+        if self.failure:
             return
         try:
             self.process = _start_helper(modules)
@@ -185,6 +183,14 @@ class Helper:
         if self.process is not None:
             self.process.kill()
             self.process.communicate()
+
+
+def _no_interpreter():
+    """Why no helper can be started here, or None."""
+    if getattr(sys, 'frozen', False) or not sys.executable:
+        # A frozen application's executable is the application itself.
+        return 'there is no Python interpreter to start'
+    return None
 
 
 def _start_helper(modules):

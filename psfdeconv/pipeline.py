@@ -1782,16 +1782,10 @@ def _early_helper(setting, exposures, psfs):
     are), so that its imports overlap the reading; else a context that gives
     None. The helper is stopped on leaving the context unless it was given
     its call."""
-    if hasattr(psfs, 'items') and set(psfs) != set(exposures):
-        wanted = False  # refused once the bands are read (_check_psf_bands)
-    elif isinstance(setting, bool):
-        wanted = setting
-    else:
-        values = psfs.values() if hasattr(psfs, 'items') else [psfs]
-        wanted = cpu_share() >= 2 and any(
-            value is None or (isinstance(value, str) and
-                              value.strip().lower().startswith('epsf'))
-            for value in values)
+    # A mapping naming other bands is refused once the bands are read
+    # (_check_psf_bands); the pixels are counted then.
+    wanted = (not (hasattr(psfs, 'items') and set(psfs) != set(exposures)) and
+              _psf_process_wanted(setting, exposures, psfs, min_pixels=0))
     return Helper(_PSF_HELPER_IMPORTS) if wanted else contextlib.nullcontext()
 
 
@@ -1801,16 +1795,19 @@ def _check_psf_process(setting):
         raise InvalidInputError(f"psf_process = {setting!r}; give 'auto', True or False.")
 
 
-def _psf_process_wanted(setting, exposures, psfs):
-    """Whether `run_exposure_set` builds the PSFs in a helper process."""
+def _psf_process_wanted(setting, exposures, psfs, *, min_pixels=_PSF_PROCESS_MIN_PIXELS):
+    """Whether `run_exposure_set` builds the PSFs in a helper process: some
+    band's PSF is built from its stars, and those bands hold ``min_pixels``
+    (0: not counted, for bands not read yet, `_early_helper`)."""
     if isinstance(setting, bool):
         return setting
     if cpu_share() < 2:
         return False
     per_band = psfs if hasattr(psfs, 'items') else dict.fromkeys(exposures, psfs)
-    pixels = sum(exposure.data.size for band, exposure in exposures.items()
-                 if _psf_from_stars(exposure, per_band.get(band)))
-    return pixels >= _PSF_PROCESS_MIN_PIXELS
+    from_stars = [exposure for band, exposure in exposures.items()
+                  if _psf_from_stars(exposure, per_band.get(band))]
+    return bool(from_stars) and (
+        min_pixels == 0 or sum(exposure.data.size for exposure in from_stars) >= min_pixels)
 
 
 def _psf_from_stars(exposure, value):
